@@ -1,0 +1,83 @@
+//! Chat templates: the model's own Jinja template rendered with minijinja,
+//! with the Python-string methods real templates call (`strip`, `startswith`).
+
+use minijinja::{context, Environment, Error, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+use crate::error::EngineError;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// ChatML, for models whose file carries no template.
+const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl ChatTemplate {
+    pub fn new(source: Option<&str>, bos_token: &str, eos_token: &str) -> Result<Self, EngineError> {
+        let mut env = Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
+            Err(Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template_owned("chat", source.unwrap_or(CHATML).to_owned())
+            .map_err(|e| EngineError::Tokenizer(format!("invalid chat template: {e}")))?;
+        Ok(ChatTemplate { env, bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned() })
+    }
+
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, EngineError> {
+        let tmpl = self.env.get_template("chat").expect("template was added at construction");
+        tmpl.render(context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+        })
+        // A template that rejects the conversation (e.g. roles out of order)
+        // is the caller's input problem, not an engine failure.
+        .map_err(|e| EngineError::InvalidParams(format!("chat template rejected the messages: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(role: &str, content: &str) -> ChatMessage {
+        ChatMessage { role: role.into(), content: content.into() }
+    }
+
+    #[test]
+    fn renders_smollm2_template_with_default_system_prompt() {
+        let src = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+        let t = ChatTemplate::new(Some(src), "", "").unwrap();
+        let out = t.render(&[msg("user", "Hi")], true).unwrap();
+        assert_eq!(out, "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn supports_python_methods_and_raise_exception() {
+        let src = "{{ bos_token }}{% for m in messages %}{% if m.role == 'bad' %}{{ raise_exception('roles must alternate') }}{% endif %}{{ m.content.strip() }}{% endfor %}";
+        let t = ChatTemplate::new(Some(src), "<s>", "</s>").unwrap();
+        assert_eq!(t.render(&[msg("user", "  x  ")], false).unwrap(), "<s>x");
+        let err = t.render(&[msg("bad", "x")], false).unwrap_err();
+        assert_eq!(err.code(), "InvalidParams");
+        assert!(err.to_string().contains("roles must alternate"));
+    }
+
+    #[test]
+    fn falls_back_to_chatml() {
+        let t = ChatTemplate::new(None, "", "").unwrap();
+        assert_eq!(t.render(&[msg("user", "a")], true).unwrap(), "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n");
+    }
+}

@@ -1,0 +1,375 @@
+//! The `cpu` backend's kernels: quantized matrix times int8-quantized
+//! activations, with SIMD paths chosen at run time by CPU feature detection
+//! (AVX-512 VNNI, AVX2, scalar), never by a build flag.
+//!
+//! Decode is a GEMV that reads every weight byte once per step; with several
+//! tokens in a batch each weight row is loaded once and reused for every
+//! token while it sits in L1. Rows are split across rayon's worker threads.
+
+use std::sync::OnceLock;
+
+use memmap2::Mmap;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+use crate::quant::{dequantize_row, dot_scalar, ActRow, QType, QuantizedActs, QK};
+
+/// Instruction-set path of the dot-product kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The best path this CPU supports.
+    pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let avx2 = is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c");
+                if avx2 && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                    return Isa::Avx512Vnni;
+                }
+                if avx2 {
+                    return Isa::Avx2;
+                }
+            }
+            Isa::Scalar
+        })
+    }
+
+    /// Every path this CPU can run (for tests and benchmarks).
+    pub fn available() -> Vec<Isa> {
+        let best = Isa::detect();
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|&i| i as u8 <= best as u8).collect()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+}
+
+/// Weight bytes: borrowed from the memory-mapped model file or owned.
+pub enum Bytes {
+    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+    Owned(Vec<u8>),
+}
+
+impl Bytes {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped { map, offset, len } => &map[*offset..*offset + *len],
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// A weight matrix of `rows` output features by `cols` input features, each
+/// row stored contiguously in its (possibly quantized) format.
+pub struct QMatrix {
+    pub qtype: QType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Bytes,
+}
+
+impl QMatrix {
+    pub fn row_bytes(&self) -> usize {
+        self.qtype.row_bytes(self.cols)
+    }
+    pub fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.data.as_slice()[r * rb..(r + 1) * rb]
+    }
+    /// Dequantized copy of one row (embedding lookup).
+    pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
+        dequantize_row(self.qtype, self.row(r), out);
+    }
+    pub fn n_bytes(&self) -> usize {
+        self.row_bytes() * self.rows
+    }
+}
+
+/// Raw pointer that may be shared across the workers of one matmul: each
+/// worker writes a disjoint set of output elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// A method (not field access) so closures capture the Send wrapper.
+    fn at(self, i: usize) -> *mut f32 {
+        unsafe { self.0.add(i) }
+    }
+}
+
+/// `out[t][r] = Σ_c w[r][c] * x[t][c]` for `n = x.len() / cols` tokens.
+/// `xq` is scratch for the quantized activations.
+pub fn matmul(w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out: &mut [f32]) {
+    matmul_with(Isa::detect(), w, x, xq, out)
+}
+
+pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out: &mut [f32]) {
+    let n = x.len() / w.cols;
+    assert_eq!(x.len(), n * w.cols);
+    assert_eq!(out.len(), n * w.rows);
+    let rows = w.rows;
+    let outp = OutPtr(out.as_mut_ptr());
+    // Enough chunks to balance two or more workers, few enough that the
+    // scheduling cost stays small next to the work.
+    let chunk = rows.div_ceil(rayon::current_num_threads() * 4).max(16);
+
+    if !w.qtype.is_quantized() {
+        (0..rows).into_par_iter().with_min_len(chunk).for_each_init(
+            || vec![0.0f32; w.cols],
+            |buf, r| {
+                w.dequantize_row_into(r, buf);
+                for t in 0..n {
+                    let xr = &x[t * w.cols..(t + 1) * w.cols];
+                    let v: f32 = dot_f32(buf, xr);
+                    // SAFETY: (t, r) pairs are distinct across workers.
+                    unsafe { *outp.at(t * rows + r) = v };
+                }
+            },
+        );
+        return;
+    }
+
+    xq.quantize(x, w.cols);
+    let xq = &*xq;
+    let dot = dot_fn(isa, w.qtype);
+    (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        for r in c * chunk..((c + 1) * chunk).min(rows) {
+            let wr = w.row(r);
+            for t in 0..n {
+                let v = dot(wr, xq.row(t));
+                // SAFETY: row ranges are disjoint across workers.
+                unsafe { *outp.at(t * rows + r) = v };
+            }
+        }
+    });
+}
+
+/// Plain f32 dot product, written so that LLVM vectorizes it.
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+type DotFn = fn(&[u8], ActRow) -> f32;
+
+/// The dot kernel for a weight format on an instruction-set path.
+pub fn dot_fn(isa: Isa, qtype: QType) -> DotFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match (isa, qtype) {
+            (Isa::Avx2, QType::Q4_0) => return |w, a| unsafe { x86::dot_q4::<false>(w, a) },
+            (Isa::Avx2, QType::Q4_1) => return |w, a| unsafe { x86::dot_q4::<true>(w, a) },
+            (Isa::Avx2, QType::Q8_0) => return |w, a| unsafe { x86::dot_q8(w, a) },
+            (Isa::Avx512Vnni, QType::Q4_0) => return |w, a| unsafe { x86::dot_q4_vnni::<false>(w, a) },
+            (Isa::Avx512Vnni, QType::Q4_1) => return |w, a| unsafe { x86::dot_q4_vnni::<true>(w, a) },
+            (Isa::Avx512Vnni, QType::Q8_0) => return |w, a| unsafe { x86::dot_q8_vnni(w, a) },
+            _ => {}
+        }
+    }
+    let _ = isa;
+    match qtype {
+        QType::Q4_0 => |w, a| dot_scalar(QType::Q4_0, w, a),
+        QType::Q4_1 => |w, a| dot_scalar(QType::Q4_1, w, a),
+        QType::Q8_0 => |w, a| dot_scalar(QType::Q8_0, w, a),
+        other => panic!("no integer dot kernel for {other:?}"),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! Callers must have checked the CPU features (see `Isa::detect`).
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn f16_to_f32(p: *const u8) -> f32 {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// The 32 nibbles of a Q4 block as bytes: low nibbles are elements 0..16,
+    /// high nibbles 16..32.
+    #[inline(always)]
+    unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
+        let raw = _mm_loadu_si128(p as *const __m128i);
+        let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+        _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+    }
+
+    /// Q4 block correction: Q4_1 adds `m * Σa`, Q4_0 subtracts `8 * d * Σa`.
+    #[inline(always)]
+    unsafe fn q4_corr<const Q4_1: bool>(blk: *const u8, d: f32, s: f32) -> f32 {
+        if Q4_1 {
+            f16_to_f32(blk.add(2)) * s
+        } else {
+            -8.0 * d * s
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4<const Q4_1: bool>(w: &[u8], a: ActRow) -> f32 {
+        let bb = if Q4_1 { 20 } else { 18 };
+        let head = bb - 16;
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        let mut corr = 0.0f32;
+        let wp = w.as_ptr();
+        let ap = a.qs.as_ptr();
+        for b in 0..a.d.len() {
+            let blk = wp.add(b * bb);
+            let wv = unpack_nibbles(blk.add(head));
+            let av = _mm256_loadu_si256(ap.add(b * QK) as *const __m256i);
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av), ones);
+            let d = f16_to_f32(blk);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * *a.d.get_unchecked(b)), acc);
+            corr += q4_corr::<Q4_1>(blk, d, *a.s.get_unchecked(b));
+        }
+        hsum(acc) + corr
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q8(w: &[u8], a: ActRow) -> f32 {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        let wp = w.as_ptr();
+        let ap = a.qs.as_ptr();
+        for b in 0..a.d.len() {
+            let blk = wp.add(b * 34);
+            let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+            let av = _mm256_loadu_si256(ap.add(b * QK) as *const __m256i);
+            // maddubs needs one unsigned operand: move w's sign onto a.
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv)), ones);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(f16_to_f32(blk) * *a.d.get_unchecked(b)), acc);
+        }
+        hsum(acc)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub unsafe fn dot_q4_vnni<const Q4_1: bool>(w: &[u8], a: ActRow) -> f32 {
+        let bb = if Q4_1 { 20 } else { 18 };
+        let head = bb - 16;
+        let mut acc = _mm256_setzero_ps();
+        let mut corr = 0.0f32;
+        let wp = w.as_ptr();
+        let ap = a.qs.as_ptr();
+        for b in 0..a.d.len() {
+            let blk = wp.add(b * bb);
+            let wv = unpack_nibbles(blk.add(head));
+            let av = _mm256_loadu_si256(ap.add(b * QK) as *const __m256i);
+            let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, av);
+            let d = f16_to_f32(blk);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * *a.d.get_unchecked(b)), acc);
+            corr += q4_corr::<Q4_1>(blk, d, *a.s.get_unchecked(b));
+        }
+        hsum(acc) + corr
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub unsafe fn dot_q8_vnni(w: &[u8], a: ActRow) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let wp = w.as_ptr();
+        let ap = a.qs.as_ptr();
+        for b in 0..a.d.len() {
+            let blk = wp.add(b * 34);
+            let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+            let av = _mm256_loadu_si256(ap.add(b * QK) as *const __m256i);
+            let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(f16_to_f32(blk) * *a.d.get_unchecked(b)), acc);
+        }
+        hsum(acc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::quantize_row;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn matrix(qtype: QType, rows: usize, cols: usize, seed: u64) -> QMatrix {
+        let data = rand_vec(rows * cols, seed).chunks(cols).flat_map(|r| quantize_row(qtype, r)).collect();
+        QMatrix { qtype, rows, cols, data: Bytes::Owned(data) }
+    }
+
+    #[test]
+    fn every_simd_path_matches_the_scalar_reference() {
+        for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+            // Odd sizes: a single block, a non-power-of-two block count, and
+            // an output count that does not split evenly across workers.
+            for (rows, cols, n) in [(1, 32, 1), (37, 96, 3), (130, 576, 1), (65, 1536, 5)] {
+                let w = matrix(qtype, rows, cols, rows as u64 * 7 + cols as u64);
+                let x = rand_vec(n * cols, 99);
+                let mut xq = QuantizedActs::default();
+                let mut want = vec![0.0; n * rows];
+                matmul_with(Isa::Scalar, &w, &x, &mut xq, &mut want);
+                for isa in Isa::available() {
+                    let mut got = vec![0.0; n * rows];
+                    matmul_with(isa, &w, &x, &mut xq, &mut got);
+                    for (g, e) in got.iter().zip(&want) {
+                        assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{isa:?} {qtype:?} {rows}x{cols}: {g} vs {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn float_matrices_use_an_exact_path() {
+        for qtype in [QType::F32, QType::F16, QType::BF16] {
+            let w = matrix(qtype, 9, 64, 5);
+            let x = rand_vec(2 * 64, 6);
+            let mut out = vec![0.0; 18];
+            matmul(&w, &x, &mut QuantizedActs::default(), &mut out);
+            let mut row = vec![0.0; 64];
+            for r in 0..9 {
+                w.dequantize_row_into(r, &mut row);
+                for t in 0..2 {
+                    let e: f32 = row.iter().zip(&x[t * 64..]).map(|(a, b)| a * b).sum();
+                    assert!((out[t * 9 + r] - e).abs() < 1e-4);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! mlx-serving engine: GGUF loading, CPU kernels, model code, tokenizer,
+//! sampler and the per-model engine thread. No napi here: the Node binding
+//! is a thin crate on top, and everything below is tested with `cargo test`.
+
+pub mod chat;
+pub mod cpu;
+pub mod error;
+pub mod gguf;
+pub mod models;
+pub mod quant;
+pub mod sampler;
+pub mod tokenizer;
+
+pub use error::{EngineError, Result};

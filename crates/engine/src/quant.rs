@@ -1,0 +1,311 @@
+//! Weight formats (ggml block layouts) and the scalar reference math over them.
+//!
+//! Activations are quantized per block of 32 to int8 (`QuantizedActs`), so a
+//! weight block times an activation block is one integer dot product plus a
+//! couple of float multiplies. The SIMD versions live in `cpu::kernels` and are
+//! tested against the scalar functions here.
+
+use half::{bf16, f16};
+
+/// Elements per block of every quantized format we read (Q4_0, Q4_1, Q8_0).
+pub const QK: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl QType {
+    pub fn from_ggml(id: u32) -> Option<QType> {
+        Some(match id {
+            0 => QType::F32,
+            1 => QType::F16,
+            2 => QType::Q4_0,
+            3 => QType::Q4_1,
+            8 => QType::Q8_0,
+            30 => QType::BF16,
+            _ => return None,
+        })
+    }
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            QType::F32 => 0,
+            QType::F16 => 1,
+            QType::Q4_0 => 2,
+            QType::Q4_1 => 3,
+            QType::Q8_0 => 8,
+            QType::BF16 => 30,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            QType::F32 => "F32",
+            QType::F16 => "F16",
+            QType::BF16 => "BF16",
+            QType::Q4_0 => "Q4_0",
+            QType::Q4_1 => "Q4_1",
+            QType::Q8_0 => "Q8_0",
+        }
+    }
+    /// Elements per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            QType::F32 | QType::F16 | QType::BF16 => 1,
+            _ => QK,
+        }
+    }
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QType::F32 => 4,
+            QType::F16 | QType::BF16 => 2,
+            QType::Q4_0 => 2 + QK / 2,
+            QType::Q4_1 => 4 + QK / 2,
+            QType::Q8_0 => 2 + QK,
+        }
+    }
+    pub fn row_bytes(self, n_cols: usize) -> usize {
+        n_cols / self.block_size() * self.block_bytes()
+    }
+    pub fn is_quantized(self) -> bool {
+        self.block_size() > 1
+    }
+}
+
+#[inline]
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+/// Dequantizes one row of `n` elements (a multiple of the block size).
+pub fn dequantize_row(qtype: QType, src: &[u8], dst: &mut [f32]) {
+    match qtype {
+        QType::F32 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        QType::F16 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        QType::BF16 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        QType::Q4_0 | QType::Q4_1 => {
+            let bb = qtype.block_bytes();
+            let head = bb - QK / 2;
+            for (out, blk) in dst.chunks_exact_mut(QK).zip(src.chunks_exact(bb)) {
+                let d = f16_at(blk, 0);
+                let (m, off) = if qtype == QType::Q4_1 { (f16_at(blk, 2), 0.0) } else { (0.0, -8.0) };
+                for j in 0..QK / 2 {
+                    let q = blk[head + j];
+                    out[j] = ((q & 0x0F) as f32 + off) * d + m;
+                    out[j + QK / 2] = ((q >> 4) as f32 + off) * d + m;
+                }
+            }
+        }
+        QType::Q8_0 => {
+            for (out, blk) in dst.chunks_exact_mut(QK).zip(src.chunks_exact(2 + QK)) {
+                let d = f16_at(blk, 0);
+                for j in 0..QK {
+                    out[j] = blk[2 + j] as i8 as f32 * d;
+                }
+            }
+        }
+    }
+}
+
+/// Quantizes `n` floats (a multiple of 32) into ggml's block layout; used to
+/// write test models and to check the kernels on real block data.
+pub fn quantize_row(qtype: QType, src: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(qtype.row_bytes(src.len()));
+    match qtype {
+        QType::F32 => src.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        QType::F16 => src.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+        QType::BF16 => src.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        QType::Q4_0 => {
+            for blk in src.chunks_exact(QK) {
+                // Like ggml: the value of largest magnitude maps to -8.
+                let mx = blk.iter().copied().fold(0.0f32, |a, v| if v.abs() > a.abs() { v } else { a });
+                let d = mx / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                for j in 0..QK / 2 {
+                    let q0 = ((blk[j] * id + 8.5) as i32).clamp(0, 15) as u8;
+                    let q1 = ((blk[j + QK / 2] * id + 8.5) as i32).clamp(0, 15) as u8;
+                    out.push(q0 | (q1 << 4));
+                }
+            }
+        }
+        QType::Q4_1 => {
+            for blk in src.chunks_exact(QK) {
+                let mn = blk.iter().copied().fold(f32::INFINITY, f32::min);
+                let mx = blk.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let d = (mx - mn) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                out.extend_from_slice(&f16::from_f32(mn).to_le_bytes());
+                for j in 0..QK / 2 {
+                    let q0 = (((blk[j] - mn) * id + 0.5) as i32).clamp(0, 15) as u8;
+                    let q1 = (((blk[j + QK / 2] - mn) * id + 0.5) as i32).clamp(0, 15) as u8;
+                    out.push(q0 | (q1 << 4));
+                }
+            }
+        }
+        QType::Q8_0 => {
+            for blk in src.chunks_exact(QK) {
+                let amax = blk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                for v in blk {
+                    out.push((v * id).round() as i8 as u8);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Activations of `n_rows` vectors quantized to int8 per block of 32:
+/// value ≈ `q * d`; `s = d * Σq` serves the min/offset terms of Q4_1 and Q4_0.
+#[derive(Default, Debug, Clone)]
+pub struct QuantizedActs {
+    pub n_rows: usize,
+    pub n_cols: usize,
+    pub qs: Vec<i8>,
+    pub d: Vec<f32>,
+    pub s: Vec<f32>,
+}
+
+impl QuantizedActs {
+    /// Quantizes `x` (`n_rows * n_cols` floats, `n_cols` a multiple of 32),
+    /// reusing this buffer's allocations.
+    pub fn quantize(&mut self, x: &[f32], n_cols: usize) {
+        debug_assert_eq!(n_cols % QK, 0);
+        let n_rows = x.len() / n_cols;
+        let nb = x.len() / QK;
+        self.n_rows = n_rows;
+        self.n_cols = n_cols;
+        self.qs.resize(x.len(), 0);
+        self.d.resize(nb, 0.0);
+        self.s.resize(nb, 0.0);
+        for (b, blk) in x.chunks_exact(QK).enumerate() {
+            let amax = blk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, v) in self.qs[b * QK..(b + 1) * QK].iter_mut().zip(blk) {
+                let qi = (v * id).round() as i32;
+                *q = qi as i8;
+                sum += qi;
+            }
+            self.d[b] = d;
+            self.s[b] = d * sum as f32;
+        }
+    }
+
+    pub fn row(&self, r: usize) -> ActRow<'_> {
+        let nb = self.n_cols / QK;
+        ActRow {
+            qs: &self.qs[r * self.n_cols..(r + 1) * self.n_cols],
+            d: &self.d[r * nb..(r + 1) * nb],
+            s: &self.s[r * nb..(r + 1) * nb],
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct ActRow<'a> {
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    pub s: &'a [f32],
+}
+
+/// Scalar reference: dot product of one quantized weight row with one
+/// quantized activation row.
+pub fn dot_scalar(qtype: QType, w: &[u8], a: ActRow) -> f32 {
+    let nb = a.d.len();
+    let mut acc = 0.0f32;
+    match qtype {
+        QType::Q4_0 | QType::Q4_1 => {
+            let bb = qtype.block_bytes();
+            let head = bb - QK / 2;
+            for b in 0..nb {
+                let blk = &w[b * bb..(b + 1) * bb];
+                let qa = &a.qs[b * QK..(b + 1) * QK];
+                let mut isum = 0i32;
+                for j in 0..QK / 2 {
+                    let q = blk[head + j];
+                    isum += (q & 0x0F) as i32 * qa[j] as i32 + (q >> 4) as i32 * qa[j + QK / 2] as i32;
+                }
+                let d = f16_at(blk, 0);
+                acc += d * a.d[b] * isum as f32;
+                acc += if qtype == QType::Q4_1 { f16_at(blk, 2) * a.s[b] } else { -8.0 * d * a.s[b] };
+            }
+        }
+        QType::Q8_0 => {
+            for b in 0..nb {
+                let blk = &w[b * 34..(b + 1) * 34];
+                let qa = &a.qs[b * QK..(b + 1) * QK];
+                let isum: i32 = (0..QK).map(|j| blk[2 + j] as i8 as i32 * qa[j] as i32).sum();
+                acc += f16_at(blk, 0) * a.d[b] * isum as f32;
+            }
+        }
+        QType::F32 | QType::F16 | QType::BF16 => unreachable!("float weights use the f32 path"),
+    }
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn quantize_dequantize_round_trip_is_close() {
+        let x = rand_vec(256, 1);
+        for (qt, tol) in [(QType::Q4_0, 0.15), (QType::Q4_1, 0.08), (QType::Q8_0, 0.01), (QType::F16, 1e-3), (QType::BF16, 1e-2)] {
+            let q = quantize_row(qt, &x);
+            assert_eq!(q.len(), qt.row_bytes(x.len()));
+            let mut y = vec![0.0; x.len()];
+            dequantize_row(qt, &q, &mut y);
+            let err = x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(err < tol, "{qt:?} max error {err}");
+        }
+    }
+
+    #[test]
+    fn scalar_dot_matches_float_dot_of_dequantized_values() {
+        let w = rand_vec(128, 2);
+        let x = rand_vec(128, 3);
+        let mut acts = QuantizedActs::default();
+        acts.quantize(&x, 128);
+        for qt in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+            let q = quantize_row(qt, &w);
+            let mut wd = vec![0.0; 128];
+            dequantize_row(qt, &q, &mut wd);
+            let reference: f32 = wd.iter().zip(&x).map(|(a, b)| a * b).sum();
+            let got = dot_scalar(qt, &q, acts.row(0));
+            assert!((got - reference).abs() < 0.05, "{qt:?}: {got} vs {reference}");
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! Token sampling: penalties, then greedy or temperature with top-k, top-p and
+//! min-p, from a seeded generator so the same seed gives the same output.
+
+use std::collections::HashMap;
+
+use crate::error::EngineError;
+
+/// Tokens looked back over for the repetition penalties (llama.cpp's default).
+pub const PENALTY_WINDOW: usize = 64;
+/// After temperature, logits this far below the maximum carry less than
+/// 1e-6 of the total probability even over a 150k vocabulary, so they are
+/// dropped before sorting.
+const LOGIT_CUTOFF: f32 = 25.0;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means off.
+    pub top_k: usize,
+    /// 1 means off.
+    pub top_p: f32,
+    /// 0 means off.
+    pub min_p: f32,
+    /// 1 means off.
+    pub repetition_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |m: String| Err(EngineError::InvalidParams(m));
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad(format!("temperature must be a finite number >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("topP must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad(format!("minP must be in [0, 1], got {}", self.min_p));
+        }
+        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
+            return bad(format!("repetitionPenalty must be a finite number > 0, got {}", self.repetition_penalty));
+        }
+        for (name, v) in [("presencePenalty", self.presence_penalty), ("frequencyPenalty", self.frequency_penalty)] {
+            if !v.is_finite() || !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// xoshiro256**: small, fast, and reproducible across platforms.
+#[derive(Debug, Clone)]
+pub struct Rng([u64; 4]);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        // SplitMix64 spreads any seed (even 0) over the whole state.
+        let mut z = seed;
+        let mut next = || {
+            z = z.wrapping_add(0x9E3779B97F4A7C15);
+            let mut x = z;
+            x = (x ^ (x >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94D049BB133111EB);
+            x ^ (x >> 31)
+        };
+        Rng([next(), next(), next(), next()])
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        let s = &mut self.0;
+        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        result
+    }
+    /// Uniform in [0, 1).
+    pub fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+    candidates: Vec<(u32, f32)>,
+}
+
+/// The chosen token and its log-probability under the model's distribution
+/// (before penalties and temperature), as OpenAI's `logprobs` reports it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: f32,
+}
+
+fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    logits[i] - max - sum.ln()
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let seed = params.seed.unwrap_or_else(|| {
+            use std::time::{SystemTime, UNIX_EPOCH};
+            static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+            t ^ COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed).wrapping_mul(0x9E3779B97F4A7C15)
+        });
+        Sampler { params, rng: Rng::new(seed), candidates: Vec::new() }
+    }
+
+    /// Picks the next token. `history` is the sequence so far (prompt and
+    /// output); its last `PENALTY_WINDOW` tokens feed the penalties.
+    /// `logits` is modified in place.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> Sampled {
+        let p = &self.params;
+        let raw_logprob_of = |logits: &[f32], t: usize| log_softmax_at(logits, t);
+        // The reported log-probability is of the unpenalized distribution.
+        let mut raw = None;
+        if p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            raw = Some(logits.to_vec());
+            let window = &history[history.len().saturating_sub(PENALTY_WINDOW)..];
+            let mut counts: HashMap<u32, u32> = HashMap::new();
+            for &t in window {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (&t, &c) in &counts {
+                let Some(l) = logits.get_mut(t as usize) else { continue };
+                *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                *l -= p.presence_penalty + p.frequency_penalty * c as f32;
+            }
+        }
+        let token = if p.temperature == 0.0 {
+            argmax(logits)
+        } else {
+            self.sample_temperature(logits)
+        };
+        let logprob = raw_logprob_of(raw.as_deref().unwrap_or(logits), token as usize);
+        Sampled { token, logprob }
+    }
+
+    fn sample_temperature(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        let inv_t = 1.0 / p.temperature;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) * inv_t;
+        let c = &mut self.candidates;
+        c.clear();
+        c.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l * inv_t))
+                .filter(|&(_, l)| l >= max - LOGIT_CUTOFF),
+        );
+        if p.top_k > 0 && p.top_k < c.len() {
+            c.select_nth_unstable_by(p.top_k - 1, |a, b| b.1.total_cmp(&a.1));
+            c.truncate(p.top_k);
+        }
+        c.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        // Softmax over the survivors (all within LOGIT_CUTOFF of the max).
+        let mut sum = 0.0f32;
+        for e in c.iter_mut() {
+            e.1 = (e.1 - max).exp();
+            sum += e.1;
+        }
+        for e in c.iter_mut() {
+            e.1 /= sum;
+        }
+        if p.min_p > 0.0 {
+            let floor = c[0].1 * p.min_p;
+            let keep = c.iter().take_while(|e| e.1 >= floor).count().max(1);
+            c.truncate(keep);
+        }
+        if p.top_p < 1.0 {
+            let mut cum = 0.0;
+            let mut keep = c.len();
+            for (i, e) in c.iter().enumerate() {
+                cum += e.1;
+                if cum >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            c.truncate(keep);
+        }
+        let total: f32 = c.iter().map(|e| e.1).sum();
+        let mut r = self.rng.next_f32() * total;
+        for e in c.iter() {
+            if r < e.1 {
+                return e.0;
+            }
+            r -= e.1;
+        }
+        c.last().map(|e| e.0).unwrap_or(0)
+    }
+}
+
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams { seed: Some(7), ..Default::default() };
+        f(&mut p);
+        p
+    }
+
+    #[test]
+    fn greedy_picks_the_maximum_and_reports_its_logprob() {
+        let mut s = Sampler::new(SamplingParams::default());
+        let mut logits = vec![0.0, 2.0, 1.0];
+        let out = s.sample(&mut logits, &[]);
+        assert_eq!(out.token, 1);
+        let expected = 2.0 - (1.0f32 + 2f32.exp() + 1f32.exp()).ln();
+        assert!((out.logprob - expected).abs() < 1e-5);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_different_seed_differs() {
+        let logits: Vec<f32> = (0..100).map(|i| (i % 7) as f32 * 0.3).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(params(|p| {
+                p.temperature = 1.0;
+                p.seed = Some(seed);
+            }));
+            (0..50).map(|_| s.sample(&mut logits.clone(), &[]).token).collect::<Vec<_>>()
+        };
+        assert_eq!(run(1), run(1));
+        assert_ne!(run(1), run(2));
+    }
+
+    #[test]
+    fn top_k_and_top_p_and_min_p_restrict_the_support() {
+        let logits = vec![3.0, 2.9, 0.0, -1.0, -2.0];
+        for (p, allowed) in [
+            (params(|p| { p.temperature = 1.0; p.top_k = 2; }), vec![0, 1]),
+            (params(|p| { p.temperature = 1.0; p.top_p = 0.5; }), vec![0]),
+            (params(|p| { p.temperature = 1.0; p.min_p = 0.5; }), vec![0, 1]),
+        ] {
+            let mut s = Sampler::new(p);
+            for _ in 0..200 {
+                let t = s.sample(&mut logits.clone(), &[]).token;
+                assert!(allowed.contains(&t), "{t} not in {allowed:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn temperature_sampling_follows_the_distribution() {
+        let logits = vec![0.0, 1.0f32.ln() + 0.0, 2.0f32.ln()]; // weights 1 : 1 : 2
+        let mut s = Sampler::new(params(|p| p.temperature = 1.0));
+        let mut counts = [0u32; 3];
+        for _ in 0..20000 {
+            counts[s.sample(&mut logits.clone(), &[]).token as usize] += 1;
+        }
+        let frac = counts[2] as f32 / 20000.0;
+        assert!((frac - 0.5).abs() < 0.02, "{counts:?}");
+    }
+
+    #[test]
+    fn penalties_discourage_recent_tokens() {
+        let mut s = Sampler::new(params(|p| p.repetition_penalty = 2.0));
+        // Token 0 wins without the penalty; halving its logit lets token 1 win.
+        assert_eq!(s.sample(&mut vec![3.0, 2.0], &[0]).token, 1);
+        let mut s = Sampler::new(params(|p| p.presence_penalty = 1.5));
+        assert_eq!(s.sample(&mut vec![3.0, 2.0], &[0]).token, 1);
+        let mut s = Sampler::new(params(|p| p.frequency_penalty = 0.4));
+        assert_eq!(s.sample(&mut vec![3.0, 2.0], &[0, 0, 0]).token, 1);
+        assert_eq!(s.sample(&mut vec![3.0, 2.0], &[0]).token, 0);
+    }
+
+    #[test]
+    fn validation_rejects_bad_values() {
+        for p in [
+            params(|p| p.temperature = f32::NAN),
+            params(|p| p.temperature = -1.0),
+            params(|p| p.top_p = 0.0),
+            params(|p| p.top_p = 1.5),
+            params(|p| p.min_p = 2.0),
+            params(|p| p.repetition_penalty = 0.0),
+            params(|p| p.presence_penalty = 5.0),
+        ] {
+            assert_eq!(p.validate().unwrap_err().code(), "InvalidParams", "{p:?}");
+        }
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,365 @@
+//! Tokenizer built from GGUF metadata (`tokenizer.ggml.*`) on the
+//! `tokenizers` crate, plus streaming detokenization that never emits broken
+//! UTF-8.
+//!
+//! Pre-tokenization follows llama.cpp's per-`tokenizer.ggml.pre` regexes so
+//! that token ids match llama.cpp's for the same file.
+
+use std::collections::HashMap;
+
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+use crate::error::EngineError;
+use crate::gguf::{GgufFile, MetaValue};
+
+/// GPT-2's word split, as llama.cpp writes it.
+const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// ggml token types.
+const TOKEN_CONTROL: i64 = 3;
+const TOKEN_USER_DEFINED: i64 = 4;
+
+/// Texts that end a turn in common chat formats; llama.cpp treats these as
+/// end-of-generation too when the file marks them as control tokens.
+const END_OF_TURN_TEXTS: &[&str] =
+    &["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "</s>"];
+
+pub struct Tokenizer {
+    /// Splits out control tokens written in the text (`<|im_start|>`).
+    with_special: tokenizers::Tokenizer,
+    /// Treats control-token texts as plain text.
+    plain: tokenizers::Tokenizer,
+    /// Bytes each token contributes to output text (control tokens: none).
+    pieces: Vec<Vec<u8>>,
+    texts: Vec<String>,
+    pub bos_id: Option<u32>,
+    pub eos_id: Option<u32>,
+    /// Every id that ends generation (EOS, EOT and end-of-turn controls).
+    pub eog_ids: Vec<u32>,
+    pub add_bos: bool,
+    pub chat_template: Option<String>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer").field("vocab", &self.pieces.len()).field("eos", &self.eos_id).finish()
+    }
+}
+
+/// GPT-2's reversible byte-to-character map: printable bytes map to
+/// themselves, the rest to code points from 256 up.
+fn byte_level_decode_table() -> HashMap<char, u8> {
+    let mut printable: Vec<u8> = (b'!'..=b'~').chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut map: HashMap<char, u8> = printable.iter().map(|&b| (char::from(b), b)).collect();
+    let mut next = 256u32;
+    printable.sort_unstable();
+    for b in 0..=255u8 {
+        if printable.binary_search(&b).is_err() {
+            map.insert(char::from_u32(next).unwrap(), b);
+            next += 1;
+        }
+    }
+    map
+}
+
+fn strings(g: &GgufFile, key: &str) -> Result<Vec<String>, EngineError> {
+    let arr = g
+        .get(key)
+        .and_then(MetaValue::as_array)
+        .ok_or_else(|| EngineError::Tokenizer(format!("GGUF has no '{key}' array")))?;
+    arr.iter()
+        .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| EngineError::Tokenizer(format!("'{key}' holds a non-string"))))
+        .collect()
+}
+
+impl Tokenizer {
+    pub fn from_gguf(g: &GgufFile) -> Result<Self, EngineError> {
+        let model = g.get_str("tokenizer.ggml.model").unwrap_or("");
+        if model != "gpt2" {
+            return Err(EngineError::Tokenizer(format!(
+                "tokenizer model '{model}' is not supported yet (byte-level BPE 'gpt2' is)"
+            )));
+        }
+        let tokens = strings(g, "tokenizer.ggml.tokens")?;
+        let merges = strings(g, "tokenizer.ggml.merges")?;
+        let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(MetaValue::as_array) {
+            Some(a) => a.iter().map(|v| v.as_u64().map(|x| x as i64).unwrap_or(1)).collect(),
+            None => vec![1; tokens.len()],
+        };
+        if types.len() != tokens.len() {
+            return Err(EngineError::Tokenizer("token_type and tokens differ in length".into()));
+        }
+
+        let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let merges: Vec<(String, String)> = merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                    .ok_or_else(|| EngineError::Tokenizer(format!("malformed merge '{m}'")))
+            })
+            .collect::<Result<_, _>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
+            .build()
+            .map_err(|e| EngineError::Tokenizer(format!("cannot build BPE: {e}")))?;
+
+        let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("default");
+        let split = |re: &str| -> Result<PreTokenizerWrapper, EngineError> {
+            Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
+                .map(PreTokenizerWrapper::Split)
+                .map_err(|e| EngineError::Tokenizer(format!("bad pre-tokenizer regex: {e}")))
+        };
+        let byte_level = PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false));
+        let mut steps = match pre {
+            // Digits split one by one first, then GPT-2's word split.
+            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+                vec![split(r"\p{N}")?, split(GPT2_REGEX)?]
+            }
+            "llama-bpe" | "llama3" | "falcon3" | "pixtral" => vec![split(LLAMA3_REGEX)?],
+            "qwen2" | "qwen35" | "stablelm2" | "deepseek-r1-qwen" => vec![split(QWEN2_REGEX)?],
+            "default" | "gpt2" | "gpt-2" | "mpt" | "olmo" | "jais" => vec![split(GPT2_REGEX)?],
+            other => {
+                return Err(EngineError::Tokenizer(format!("pre-tokenizer '{other}' is not supported yet")));
+            }
+        };
+        steps.push(byte_level.clone());
+
+        let mut base = tokenizers::Tokenizer::new(bpe);
+        base.with_pre_tokenizer(Some(Sequence::new(steps)));
+        base.with_decoder(Some(ByteLevel::default()));
+
+        let specials: Vec<AddedToken> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == TOKEN_CONTROL || t == TOKEN_USER_DEFINED)
+            .map(|(i, &t)| AddedToken::from(tokens[i].clone(), t == TOKEN_CONTROL))
+            .collect();
+        base.add_special_tokens(&specials);
+        let with_special = base.clone();
+        let mut plain = base;
+        // llama.cpp splits user-defined tokens out of text always, control
+        // tokens only when asked to parse specials.
+        plain.set_encode_special_tokens(true);
+
+        let table = byte_level_decode_table();
+        let pieces = tokens
+            .iter()
+            .zip(&types)
+            .map(|(t, &ty)| match ty {
+                TOKEN_CONTROL => Vec::new(),
+                TOKEN_USER_DEFINED => t.as_bytes().to_vec(),
+                _ => t.chars().map(|c| table.get(&c).copied()).collect::<Option<Vec<u8>>>().unwrap_or_else(|| t.as_bytes().to_vec()),
+            })
+            .collect();
+
+        let id = |key: &str| g.get_u64(key).filter(|&i| (i as usize) < tokens.len()).map(|i| i as u32);
+        let bos_id = id("tokenizer.ggml.bos_token_id");
+        let eos_id = id("tokenizer.ggml.eos_token_id");
+        let mut eog_ids: Vec<u32> = [eos_id, id("tokenizer.ggml.eot_token_id"), id("tokenizer.ggml.eom_token_id")]
+            .into_iter()
+            .flatten()
+            .collect();
+        for (i, t) in tokens.iter().enumerate() {
+            if types[i] == TOKEN_CONTROL && END_OF_TURN_TEXTS.contains(&t.as_str()) && !eog_ids.contains(&(i as u32)) {
+                eog_ids.push(i as u32);
+            }
+        }
+        let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(MetaValue::as_bool).unwrap_or(false);
+        let chat_template = g.get_str("tokenizer.chat_template").map(str::to_owned);
+        Ok(Tokenizer { with_special, plain, pieces, texts: tokens, bos_id, eos_id, eog_ids, add_bos, chat_template })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.pieces.len()
+    }
+
+    /// Token ids of `text`. `parse_special` splits out control-token texts
+    /// (what a rendered chat template needs); `add_bos` prepends BOS when the
+    /// model has one.
+    pub fn encode(&self, text: &str, add_bos: bool, parse_special: bool) -> Result<Vec<u32>, EngineError> {
+        let tk = if parse_special { &self.with_special } else { &self.plain };
+        let enc = tk.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if add_bos {
+            ids.extend(self.bos_id);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// The text a token renders to (control tokens: none).
+    pub fn piece(&self, id: u32) -> &[u8] {
+        self.pieces.get(id as usize).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The token's vocabulary entry, as the template sees special tokens.
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        self.texts.get(id as usize).map(String::as_str)
+    }
+
+    pub fn is_eog(&self, id: u32) -> bool {
+        self.eog_ids.contains(&id)
+    }
+
+    /// Decodes a whole sequence (lossy for invalid UTF-8).
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.piece(i).iter().copied()).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+/// Turns a stream of token byte pieces into text, holding back a trailing
+/// incomplete UTF-8 sequence until the bytes that complete it arrive.
+#[derive(Default, Debug)]
+pub struct StreamDecoder {
+    pending: Vec<u8>,
+}
+
+impl StreamDecoder {
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    out.push_str(s);
+                    self.pending.clear();
+                    return out;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    out.push_str(std::str::from_utf8(&self.pending[..valid]).unwrap());
+                    match e.error_len() {
+                        // Incomplete sequence at the end: wait for more bytes.
+                        None => {
+                            self.pending.drain(..valid);
+                            return out;
+                        }
+                        // Bytes that can never be valid: replace and go on.
+                        Some(n) => {
+                            out.push(char::REPLACEMENT_CHARACTER);
+                            self.pending.drain(..valid + n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whatever is still held back, at the end of the stream.
+    pub fn finish(&mut self) -> String {
+        let s = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        s
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::gguf::writer::write;
+
+    /// A tiny byte-level BPE vocabulary: all 256 byte tokens, a few merges, and
+    /// ChatML control tokens.
+    pub fn tiny_tokenizer_metadata() -> Vec<(&'static str, MetaValue)> {
+        let table = byte_level_decode_table();
+        let mut by_byte: Vec<(u8, char)> = table.iter().map(|(&c, &b)| (b, c)).collect();
+        by_byte.sort();
+        let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
+        let mut types = vec![3i32, 3, 3];
+        for (_, c) in &by_byte {
+            tokens.push(c.to_string());
+            types.push(1);
+        }
+        let merges = ["h e", "l l", "he ll", "Ġ w", "o r"];
+        for m in merges {
+            tokens.push(m.replace(' ', ""));
+            types.push(1);
+        }
+        vec![
+            ("tokenizer.ggml.model", MetaValue::Str("gpt2".into())),
+            ("tokenizer.ggml.pre", MetaValue::Str("smollm".into())),
+            ("tokenizer.ggml.tokens", MetaValue::Array(tokens.into_iter().map(MetaValue::Str).collect())),
+            ("tokenizer.ggml.token_type", MetaValue::Array(types.into_iter().map(MetaValue::I32).collect())),
+            ("tokenizer.ggml.merges", MetaValue::Array(merges.iter().map(|m| MetaValue::Str(m.to_string())).collect())),
+            ("tokenizer.ggml.bos_token_id", MetaValue::U32(1)),
+            ("tokenizer.ggml.eos_token_id", MetaValue::U32(2)),
+            (
+                "tokenizer.chat_template",
+                MetaValue::Str(
+                    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into(),
+                ),
+            ),
+        ]
+    }
+
+    pub fn tiny_tokenizer() -> Tokenizer {
+        let bytes = write(&tiny_tokenizer_metadata(), &[]);
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), bytes).unwrap();
+        Tokenizer::from_gguf(&GgufFile::open(f.path()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn round_trips_ascii_unicode_emoji_and_whitespace() {
+        let tk = tiny_tokenizer();
+        for text in ["hello world", "héllo wörld ✓", "emoji 🦀🚀 ok", "  tabs\tand\n\nnewlines  ", "fn main() { 42 }", ""] {
+            let ids = tk.encode(text, false, false).unwrap();
+            assert_eq!(tk.decode(&ids), text);
+        }
+    }
+
+    #[test]
+    fn applies_merges_and_isolates_digits() {
+        let tk = tiny_tokenizer();
+        let ids = tk.encode("hello 123", false, false).unwrap();
+        let pieces: Vec<String> = ids.iter().map(|&i| tk.token_text(i).unwrap().to_owned()).collect();
+        assert_eq!(pieces, ["hell", "o", "Ġ", "1", "2", "3"]);
+    }
+
+    #[test]
+    fn control_tokens_split_only_when_asked() {
+        let tk = tiny_tokenizer();
+        assert_eq!(tk.encode("<|im_start|>", false, true).unwrap(), vec![1]);
+        assert!(tk.encode("<|im_start|>", false, false).unwrap().len() > 1);
+        assert_eq!(tk.encode("hi", true, false).unwrap()[0], 1);
+        assert!(tk.is_eog(2));
+        // Control tokens render as nothing in output text.
+        assert_eq!(tk.decode(&[1, 2]), "");
+    }
+
+    #[test]
+    fn stream_decoder_never_splits_a_character() {
+        let text = "añ🦀z";
+        let mut dec = StreamDecoder::default();
+        let mut out = String::new();
+        for b in text.as_bytes() {
+            let s = dec.push(&[*b]);
+            assert!(!s.contains('\u{FFFD}'));
+            out.push_str(&s);
+        }
+        out.push_str(&dec.finish());
+        assert_eq!(out, text);
+        // Invalid bytes become one replacement character each, and decoding goes on.
+        let mut dec = StreamDecoder::default();
+        assert_eq!(dec.push(&[b'a', 0xFF, b'b']), "a\u{FFFD}b");
+    }
+
+    #[test]
+    fn rejects_unsupported_tokenizer_models() {
+        let mut md = tiny_tokenizer_metadata();
+        md[0].1 = MetaValue::Str("llama".into());
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), write(&md, &[])).unwrap();
+        let err = Tokenizer::from_gguf(&GgufFile::open(f.path()).unwrap()).unwrap_err();
+        assert_eq!(err.code(), "TokenizerError");
+    }
+}
