@@ -4,6 +4,7 @@
 
 pub mod chat;
 pub mod cpu;
+pub mod engine;
 pub mod error;
 pub mod gguf;
 pub mod models;
@@ -12,3 +13,4 @@ pub mod sampler;
 pub mod tokenizer;
 
 pub use error::{EngineError, Result};
+pub use engine::{Engine, Event, GenerateRequest, Input, ModelInfo, RequestHandle, Stats};

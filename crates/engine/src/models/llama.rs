@@ -11,7 +11,7 @@ use super::{ops, BatchToken, KvCache, Model, ModelConfig};
 use crate::cpu::{dot_f32, matmul, Bytes, QMatrix};
 use crate::error::EngineError;
 use crate::gguf::GgufFile;
-use crate::quant::{dequantize_row, QType, QuantizedActs};
+use crate::quant::{dequantize_row, QuantizedActs};
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -261,7 +261,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::gguf::writer::{write, TensorSpec};
     use crate::gguf::MetaValue;
-    use crate::quant::quantize_row;
+    use crate::quant::{quantize_row, QType};
 
     pub struct TinyLlama {
         pub vocab: usize,

@@ -1,0 +1,792 @@
+//! The engine: loaded models, each owned by one worker thread that runs all
+//! of that model's requests together (every step is one batched forward of
+//! the running sequences' next tokens plus a chunk of waiting prompts).
+//!
+//! Callers talk to a worker by messages; each request gets its own channel of
+//! `Event`s. Validation, chat templating and tokenization happen on the
+//! caller's thread, before the request reaches the worker.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::error::EngineError;
+use crate::gguf::GgufFile;
+use crate::models::{load_gguf, BatchToken, KvCache, Model};
+use crate::sampler::{Sampler, SamplingParams};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+/// Prompt tokens prefilled per step across all sequences: bounds how long a
+/// step (and so every running stream's next token) can take.
+const PREFILL_CHUNK: usize = 256;
+/// Output tokens when the request names no limit.
+pub const DEFAULT_MAX_TOKENS: usize = 512;
+
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub id: String,
+    pub path: PathBuf,
+    pub architecture: String,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub weight_bytes: usize,
+    pub file_type: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum Input {
+    Prompt(String),
+    Tokens(Vec<u32>),
+    Messages(Vec<ChatMessage>),
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub model: String,
+    pub input: Input,
+    /// `None`: `DEFAULT_MAX_TOKENS`, bounded by the context.
+    pub max_tokens: Option<i64>,
+    pub sampling: SamplingParams,
+    pub stop_sequences: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// EOS, a stop token or a stop sequence.
+    Stop,
+    /// `max_tokens` or the end of the context.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Stats {
+    pub n_prompt_tokens: usize,
+    pub n_generated_tokens: usize,
+    pub t_first_token_ms: f64,
+    pub t_total_ms: f64,
+    /// Output tokens per second after the first token.
+    pub decode_tokens_per_s: f64,
+    pub finish_reason: FinishReason,
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// One sampled token and the text it released (possibly empty: held back
+    /// for UTF-8 or a possible stop sequence).
+    Token { text: String, token_id: u32, logprob: f32 },
+    Done(Stats),
+    Error(EngineError),
+}
+
+/// The caller's side of one request.
+pub struct RequestHandle {
+    pub id: u64,
+    pub events: UnboundedReceiver<Event>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl RequestHandle {
+    /// A clonable way to cancel the request from elsewhere.
+    pub fn canceller(&self) -> Canceller {
+        Canceller(self.cancel.clone())
+    }
+}
+
+impl Drop for RequestHandle {
+    fn drop(&mut self) {
+        // Nobody is listening any more: free the sequence.
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone)]
+pub struct Canceller(Arc<AtomicBool>);
+impl Canceller {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Counters shared between a worker and the engine.
+#[derive(Default, Debug)]
+struct Counters {
+    running: AtomicUsize,
+    completed: AtomicU64,
+    generated_tokens: AtomicU64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EngineStats {
+    pub n_models: usize,
+    pub n_running: usize,
+    pub n_completed: u64,
+    pub n_generated_tokens: u64,
+}
+
+struct Job {
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    sampling: SamplingParams,
+    stop_sequences: Vec<String>,
+    stop_token_ids: Vec<u32>,
+    deadline: Option<(Instant, u64)>,
+    t_submit: Instant,
+    cancel: Arc<AtomicBool>,
+    events: UnboundedSender<Event>,
+}
+
+enum Msg {
+    Job(Box<Job>),
+    Shutdown,
+}
+
+struct Worker {
+    info: ModelInfo,
+    tokenizer: Arc<Tokenizer>,
+    template: ChatTemplate,
+    tx: mpsc::Sender<Msg>,
+    counters: Arc<Counters>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Worker {
+    fn stop(&self) {
+        let _ = self.tx.send(Msg::Shutdown);
+        if let Some(t) = self.thread.lock().unwrap().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Engine {
+    models: Mutex<HashMap<String, Arc<Worker>>>,
+    next_request: AtomicU64,
+}
+
+fn model_id_for(path: &Path) -> String {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    stem.to_owned()
+}
+
+impl Engine {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Loads a GGUF model and starts its worker. Loading a path that is
+    /// already loaded returns the existing model.
+    pub fn load_model(&self, path: impl AsRef<Path>, id: Option<String>) -> Result<ModelInfo, EngineError> {
+        let path = path.as_ref();
+        let canonical = std::fs::canonicalize(path)
+            .map_err(|e| EngineError::ModelLoad { path: path.display().to_string(), reason: format!("cannot open: {e}") })?;
+        let id = id.unwrap_or_else(|| model_id_for(path));
+        if id.is_empty() {
+            return Err(EngineError::InvalidParams("model id must not be empty".into()));
+        }
+        if let Some(w) = self.models.lock().unwrap().get(&id) {
+            if w.info.path == canonical {
+                return Ok(w.info.clone());
+            }
+            return Err(EngineError::InvalidParams(format!(
+                "model id '{id}' is already loaded from {}",
+                w.info.path.display()
+            )));
+        }
+
+        let g = GgufFile::open(&canonical)?;
+        let model: Arc<dyn Model> = Arc::from(load_gguf(&g)?);
+        let tokenizer = Tokenizer::from_gguf(&g).map_err(|e| EngineError::ModelLoad {
+            path: canonical.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        if tokenizer.vocab_size() > model.config().vocab_size {
+            return Err(EngineError::ModelLoad {
+                path: canonical.display().to_string(),
+                reason: format!("tokenizer has {} tokens but the model {}", tokenizer.vocab_size(), model.config().vocab_size),
+            });
+        }
+        let text_of = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_owned();
+        let template = ChatTemplate::new(tokenizer.chat_template.as_deref(), &text_of(tokenizer.bos_id), &text_of(tokenizer.eos_id))
+            .map_err(|e| EngineError::ModelLoad { path: canonical.display().to_string(), reason: e.to_string() })?;
+        let cfg = model.config();
+        let info = ModelInfo {
+            id: id.clone(),
+            path: canonical,
+            architecture: cfg.architecture.clone(),
+            context_length: cfg.context_length,
+            vocab_size: cfg.vocab_size,
+            weight_bytes: model.weight_bytes(),
+            file_type: g.tensor("blk.0.attn_q.weight").map(|t| t.qtype.name()).unwrap_or("?").to_owned(),
+        };
+        let tokenizer = Arc::new(tokenizer);
+        let (tx, rx) = mpsc::channel();
+        let counters = Arc::new(Counters::default());
+        let thread = {
+            let (tokenizer, counters) = (tokenizer.clone(), counters.clone());
+            std::thread::Builder::new()
+                .name(format!("mlx-serving:{id}"))
+                .spawn(move || WorkerLoop::new(model, tokenizer, counters).run(rx))
+                .map_err(|e| EngineError::Internal(format!("cannot start model thread: {e}")))?
+        };
+        let worker = Arc::new(Worker { info: info.clone(), tokenizer, template, tx, counters, thread: Mutex::new(Some(thread)) });
+
+        let mut models = self.models.lock().unwrap();
+        if let Some(existing) = models.get(&id) {
+            // Another caller loaded the same id meanwhile; keep theirs.
+            let existing = existing.clone();
+            drop(models);
+            worker.stop();
+            return Ok(existing.info.clone());
+        }
+        models.insert(id, worker);
+        Ok(info)
+    }
+
+    /// Stops the model's worker; its running requests end with `Cancelled`.
+    pub fn unload_model(&self, id: &str) -> Result<(), EngineError> {
+        let w = self.models.lock().unwrap().remove(id).ok_or_else(|| EngineError::ModelNotLoaded(id.to_owned()))?;
+        w.stop();
+        Ok(())
+    }
+
+    pub fn list_models(&self) -> Vec<ModelInfo> {
+        let mut v: Vec<_> = self.models.lock().unwrap().values().map(|w| w.info.clone()).collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    pub fn model_info(&self, id: &str) -> Option<ModelInfo> {
+        self.models.lock().unwrap().get(id).map(|w| w.info.clone())
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let models = self.models.lock().unwrap();
+        let mut s = EngineStats { n_models: models.len(), ..Default::default() };
+        for w in models.values() {
+            s.n_running += w.counters.running.load(Ordering::Relaxed);
+            s.n_completed += w.counters.completed.load(Ordering::Relaxed);
+            s.n_generated_tokens += w.counters.generated_tokens.load(Ordering::Relaxed);
+        }
+        s
+    }
+
+    fn worker(&self, id: &str) -> Result<Arc<Worker>, EngineError> {
+        self.models.lock().unwrap().get(id).cloned().ok_or_else(|| EngineError::ModelNotLoaded(id.to_owned()))
+    }
+
+    /// Token ids of `text`, with control tokens parsed as in a prompt.
+    pub fn tokenize(&self, model: &str, text: &str, add_bos: Option<bool>) -> Result<Vec<u32>, EngineError> {
+        let w = self.worker(model)?;
+        w.tokenizer.encode(text, add_bos.unwrap_or(w.tokenizer.add_bos), true)
+    }
+
+    pub fn detokenize(&self, model: &str, ids: &[u32]) -> Result<String, EngineError> {
+        Ok(self.worker(model)?.tokenizer.decode(ids))
+    }
+
+    /// The prompt a request's chat messages render to.
+    pub fn apply_chat_template(&self, model: &str, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        self.worker(model)?.template.render(messages, true)
+    }
+
+    /// Validates and queues a request; its tokens arrive on the handle.
+    pub fn submit(&self, req: GenerateRequest) -> Result<RequestHandle, EngineError> {
+        let t_submit = Instant::now();
+        let w = self.worker(&req.model)?;
+        let bad = |m: String| Err(EngineError::InvalidParams(m));
+        req.sampling.validate()?;
+        if let Some(m) = req.max_tokens {
+            if m <= 0 {
+                return bad(format!("maxTokens must be a positive integer, got {m}"));
+            }
+        }
+        if req.stop_sequences.iter().any(String::is_empty) {
+            return bad("stop sequences must not be empty strings".into());
+        }
+        let tk = &w.tokenizer;
+        let prompt = match &req.input {
+            Input::Prompt(text) => tk.encode(text, tk.add_bos, true)?,
+            Input::Tokens(ids) => {
+                if let Some(&bad_id) = ids.iter().find(|&&t| t as usize >= w.info.vocab_size) {
+                    return bad(format!("token id {bad_id} is outside the vocabulary (size {})", w.info.vocab_size));
+                }
+                ids.clone()
+            }
+            Input::Messages(msgs) => {
+                if msgs.is_empty() {
+                    return bad("messages must not be empty".into());
+                }
+                let text = w.template.render(msgs, true)?;
+                // Templates write BOS themselves when the model wants one.
+                tk.encode(&text, false, true)?
+            }
+        };
+        if prompt.is_empty() {
+            return bad("the prompt is empty".into());
+        }
+        let ctx = w.info.context_length;
+        if prompt.len() >= ctx {
+            return bad(format!("the prompt has {} tokens but the context holds {ctx}", prompt.len()));
+        }
+        let room = ctx - prompt.len();
+        let max_tokens = req.max_tokens.map(|m| m as usize).unwrap_or(DEFAULT_MAX_TOKENS).min(room);
+
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed) + 1;
+        let (events_tx, events_rx) = unbounded_channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let job = Job {
+            prompt,
+            max_tokens,
+            sampling: req.sampling,
+            stop_sequences: req.stop_sequences,
+            stop_token_ids: req.stop_token_ids,
+            deadline: req.timeout_ms.map(|ms| (t_submit + Duration::from_millis(ms), ms)),
+            t_submit,
+            cancel: cancel.clone(),
+            events: events_tx,
+        };
+        w.tx.send(Msg::Job(Box::new(job))).map_err(|_| EngineError::ModelNotLoaded(req.model.clone()))?;
+        Ok(RequestHandle { id, events: events_rx, cancel })
+    }
+
+    /// Stops every worker; running requests end with `Cancelled`.
+    pub fn shutdown(&self) {
+        let workers: Vec<_> = self.models.lock().unwrap().drain().map(|(_, w)| w).collect();
+        for w in workers {
+            w.stop();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Holds back output text that could be the start of a stop sequence.
+struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+}
+
+impl StopMatcher {
+    /// Returns the text safe to emit, and whether a stop sequence matched
+    /// (the stop sequence itself and anything after it are dropped).
+    fn push(&mut self, text: &str) -> (String, bool) {
+        self.held.push_str(text);
+        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+            let out = self.held[..at].to_owned();
+            self.held.clear();
+            return (out, true);
+        }
+        // Keep the longest suffix that is a prefix of some stop sequence.
+        let mut keep = 0;
+        for s in &self.stops {
+            if let Some(i) = (1..s.len()).rev().find(|&i| s.is_char_boundary(i) && self.held.ends_with(&s[..i])) {
+                keep = keep.max(i);
+            }
+        }
+        let cut = self.held.len() - keep;
+        let out = self.held[..cut].to_owned();
+        self.held.drain(..cut);
+        (out, false)
+    }
+    fn flush(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+/// State of one request inside the worker.
+struct Sequence {
+    job: Box<Job>,
+    cache: KvCache,
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    n_prefilled: usize,
+    n_generated: usize,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stop: StopMatcher,
+    t_first_token: Option<Instant>,
+}
+
+impl Sequence {
+    fn prefilling(&self) -> bool {
+        self.n_prefilled < self.job.prompt.len()
+    }
+}
+
+enum Outcome {
+    Continue,
+    Finished(FinishReason),
+    Failed(EngineError),
+    /// The caller went away: drop silently.
+    Abandoned,
+}
+
+struct WorkerLoop {
+    model: Arc<dyn Model>,
+    tokenizer: Arc<Tokenizer>,
+    counters: Arc<Counters>,
+    running: Vec<Sequence>,
+}
+
+impl WorkerLoop {
+    fn new(model: Arc<dyn Model>, tokenizer: Arc<Tokenizer>, counters: Arc<Counters>) -> Self {
+        WorkerLoop { model, tokenizer, counters, running: Vec::new() }
+    }
+
+    fn admit(&mut self, job: Box<Job>) {
+        let sampler = Sampler::new(job.sampling.clone());
+        let stop = StopMatcher { stops: job.stop_sequences.clone(), held: String::new() };
+        self.running.push(Sequence {
+            cache: self.model.new_cache(),
+            tokens: job.prompt.clone(),
+            n_prefilled: 0,
+            n_generated: 0,
+            sampler,
+            decoder: StreamDecoder::default(),
+            stop,
+            t_first_token: None,
+            job,
+        });
+        self.counters.running.store(self.running.len(), Ordering::Relaxed);
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            // Idle: block for work. Busy: take whatever arrived, then step.
+            if self.running.is_empty() {
+                match rx.recv() {
+                    Ok(Msg::Job(j)) => self.admit(j),
+                    Ok(Msg::Shutdown) | Err(_) => break,
+                }
+            }
+            let mut shutdown = false;
+            while let Ok(msg) = rx.try_recv() {
+                match msg {
+                    Msg::Job(j) => self.admit(j),
+                    Msg::Shutdown => shutdown = true,
+                }
+            }
+            if shutdown {
+                for s in self.running.drain(..) {
+                    let _ = s.job.events.send(Event::Error(EngineError::Cancelled));
+                }
+                break;
+            }
+            self.step();
+        }
+        self.counters.running.store(0, Ordering::Relaxed);
+    }
+
+    /// One batched forward: a token for every decoding sequence, then prompt
+    /// chunks up to the budget.
+    fn step(&mut self) {
+        self.retire(|s| {
+            if s.job.cancel.load(Ordering::Relaxed) || s.job.events.is_closed() {
+                return Some(Outcome::Abandoned);
+            }
+            match s.job.deadline {
+                Some((at, ms)) if Instant::now() >= at => Some(Outcome::Failed(EngineError::Timeout(ms))),
+                _ => None,
+            }
+        });
+        if self.running.is_empty() {
+            return;
+        }
+
+        let mut batch = Vec::new();
+        let mut budget = PREFILL_CHUNK;
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if !s.prefilling() {
+                let pos = s.tokens.len() - 1;
+                batch.push(BatchToken { token: s.tokens[pos], pos, seq: i, logits: true });
+            }
+        }
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if s.prefilling() && budget > 0 {
+                let end = (s.n_prefilled + budget).min(s.job.prompt.len());
+                for pos in s.n_prefilled..end {
+                    batch.push(BatchToken { token: s.tokens[pos], pos, seq: i, logits: pos + 1 == s.job.prompt.len() });
+                }
+                budget -= end - s.n_prefilled;
+                s.n_prefilled = end;
+            }
+        }
+
+        let model = self.model.clone();
+        let mut caches: Vec<&mut KvCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&batch, &mut caches)));
+        drop(caches);
+        let mut logits = match result {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => return self.fail_all(EngineError::Generation(e.to_string())),
+            Err(_) => return self.fail_all(EngineError::Internal("model forward panicked".into())),
+        };
+
+        let vocab = self.model.config().vocab_size;
+        let mut outcomes: Vec<Option<Outcome>> = (0..self.running.len()).map(|_| None).collect();
+        let mut row = 0;
+        for bt in batch.iter().filter(|b| b.logits) {
+            let s = &mut self.running[bt.seq];
+            let l = &mut logits[row * vocab..(row + 1) * vocab];
+            row += 1;
+            outcomes[bt.seq] = Some(Self::emit(&self.tokenizer, &self.counters, s, l));
+        }
+        let mut it = outcomes.into_iter();
+        self.retire(|_| match it.next().flatten() {
+            Some(Outcome::Continue) | None => None,
+            other => other,
+        });
+    }
+
+    /// Samples the next token of `s` and sends what it releases.
+    fn emit(tk: &Tokenizer, counters: &Counters, s: &mut Sequence, logits: &mut [f32]) -> Outcome {
+        let sampled = s.sampler.sample(logits, &s.tokens);
+        let tok = sampled.token;
+        if s.t_first_token.is_none() {
+            s.t_first_token = Some(Instant::now());
+        }
+        if tk.is_eog(tok) || s.job.stop_token_ids.contains(&tok) {
+            return Outcome::Finished(FinishReason::Stop);
+        }
+        s.tokens.push(tok);
+        s.n_generated += 1;
+        counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        let text = s.decoder.push(tk.piece(tok));
+        let (text, stopped) = s.stop.push(&text);
+        if s.job.events.send(Event::Token { text, token_id: tok, logprob: sampled.logprob }).is_err() {
+            return Outcome::Abandoned;
+        }
+        if stopped {
+            Outcome::Finished(FinishReason::Stop)
+        } else if s.n_generated >= s.job.max_tokens {
+            Outcome::Finished(FinishReason::Length)
+        } else {
+            Outcome::Continue
+        }
+    }
+
+    /// Removes the sequences for which `decide` gives an outcome, telling
+    /// their callers how they ended.
+    fn retire(&mut self, mut decide: impl FnMut(&Sequence) -> Option<Outcome>) {
+        let mut kept = Vec::with_capacity(self.running.len());
+        for mut s in self.running.drain(..) {
+            match decide(&s) {
+                None | Some(Outcome::Continue) => kept.push(s),
+                Some(Outcome::Abandoned) => {}
+                Some(Outcome::Failed(e)) => {
+                    let _ = s.job.events.send(Event::Error(e));
+                }
+                Some(Outcome::Finished(reason)) => {
+                    // Text held back for UTF-8 or a possible stop sequence
+                    // that never completed belongs to the output.
+                    let mut tail = s.decoder.finish();
+                    let (mut out, stopped) = s.stop.push(&tail);
+                    if !stopped {
+                        out.push_str(&s.stop.flush());
+                    }
+                    tail = out;
+                    if !tail.is_empty() {
+                        let last = *s.tokens.last().unwrap();
+                        let _ = s.job.events.send(Event::Token { text: tail, token_id: last, logprob: 0.0 });
+                    }
+                    let now = Instant::now();
+                    let t_first = s.t_first_token.unwrap_or(now);
+                    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                    let decode_s = (now - t_first).as_secs_f64();
+                    let stats = Stats {
+                        n_prompt_tokens: s.job.prompt.len(),
+                        n_generated_tokens: s.n_generated,
+                        t_first_token_ms: ms(t_first - s.job.t_submit),
+                        t_total_ms: ms(now - s.job.t_submit),
+                        decode_tokens_per_s: if s.n_generated > 1 && decode_s > 0.0 {
+                            (s.n_generated - 1) as f64 / decode_s
+                        } else {
+                            0.0
+                        },
+                        finish_reason: reason,
+                    };
+                    let _ = s.job.events.send(Event::Done(stats));
+                    self.counters.completed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        self.running = kept;
+        self.counters.running.store(self.running.len(), Ordering::Relaxed);
+    }
+
+    fn fail_all(&mut self, e: EngineError) {
+        self.retire(|_| Some(Outcome::Failed(e.clone())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::MetaValue;
+    use crate::models::llama::tests::{tiny_llama_gguf, TinyLlama};
+    use crate::tokenizer::tests::tiny_tokenizer_metadata;
+
+    fn tiny_engine() -> (Engine, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let md: Vec<(&'static str, MetaValue)> = tiny_tokenizer_metadata();
+        let n_vocab = md.iter().find(|(k, _)| *k == "tokenizer.ggml.tokens").unwrap().1.as_array().unwrap().len();
+        let bytes = tiny_llama_gguf(&TinyLlama { vocab: n_vocab, dim: 64, n_layers: 2 }, md);
+        std::fs::write(dir.path().join("tiny.gguf"), bytes).unwrap();
+        let e = Engine::new();
+        e.load_model(dir.path().join("tiny.gguf"), None).unwrap();
+        (e, dir)
+    }
+
+    fn req(input: Input) -> GenerateRequest {
+        GenerateRequest {
+            model: "tiny".into(),
+            input,
+            max_tokens: Some(8),
+            sampling: SamplingParams::default(),
+            stop_sequences: vec![],
+            stop_token_ids: vec![],
+            timeout_ms: None,
+        }
+    }
+
+    fn collect(mut h: RequestHandle) -> (Vec<u32>, String, Result<Stats, EngineError>) {
+        let (mut ids, mut text) = (vec![], String::new());
+        while let Some(ev) = h.events.blocking_recv() {
+            match ev {
+                Event::Token { text: t, token_id, .. } => {
+                    ids.push(token_id);
+                    text.push_str(&t);
+                }
+                Event::Done(s) => return (ids, text, Ok(s)),
+                Event::Error(e) => return (ids, text, Err(e)),
+            }
+        }
+        panic!("stream ended without Done or Error");
+    }
+
+    #[test]
+    fn greedy_generation_is_deterministic_and_concurrent_streams_match_solo_runs() {
+        let (e, _d) = tiny_engine();
+        let solo = collect(e.submit(req(Input::Prompt("hello world".into()))).unwrap());
+        assert_eq!(solo.2.as_ref().unwrap().n_generated_tokens, solo.0.len());
+        let handles: Vec<_> = (0..4).map(|_| e.submit(req(Input::Prompt("hello world".into()))).unwrap()).collect();
+        for h in handles {
+            assert_eq!(collect(h).0, solo.0);
+        }
+    }
+
+    #[test]
+    fn bad_input_gets_invalid_params_and_unknown_model_not_loaded() {
+        let (e, _d) = tiny_engine();
+        let mut r = req(Input::Prompt("x".into()));
+        r.max_tokens = Some(0);
+        assert_eq!(e.submit(r).err().unwrap().code(), "InvalidParams");
+        let mut r = req(Input::Prompt("x".into()));
+        r.sampling.temperature = f32::NAN;
+        assert_eq!(e.submit(r).err().unwrap().code(), "InvalidParams");
+        assert_eq!(e.submit(req(Input::Prompt("".into()))).err().unwrap().code(), "InvalidParams");
+        assert_eq!(e.submit(req(Input::Tokens(vec![1_000_000]))).err().unwrap().code(), "InvalidParams");
+        assert_eq!(e.submit(req(Input::Prompt("x ".repeat(300)))).err().unwrap().code(), "InvalidParams");
+        let mut r = req(Input::Prompt("x".into()));
+        r.model = "nope".into();
+        assert_eq!(e.submit(r).err().unwrap().code(), "ModelNotLoaded");
+        // The engine still works afterwards.
+        assert!(collect(e.submit(req(Input::Prompt("hello".into()))).unwrap()).2.is_ok());
+    }
+
+    #[test]
+    fn cancel_and_timeout_end_a_stream_and_free_it() {
+        let (e, _d) = tiny_engine();
+        let mut r = req(Input::Prompt("hello".into()));
+        r.max_tokens = Some(200);
+        let h = e.submit(r.clone()).unwrap();
+        h.canceller().cancel();
+        drop(h);
+        r.timeout_ms = Some(0);
+        let (_, _, res) = collect(e.submit(r).unwrap());
+        assert_eq!(res.unwrap_err().code(), "Timeout");
+        for _ in 0..100 {
+            if e.stats().n_running == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(e.stats().n_running, 0);
+    }
+
+    #[test]
+    fn stop_sequences_are_not_emitted() {
+        let (e, _d) = tiny_engine();
+        let seeded = |seed| {
+            let mut r = req(Input::Prompt("hello".into()));
+            r.max_tokens = Some(32);
+            r.sampling = SamplingParams { temperature: 1.5, seed: Some(seed), ..Default::default() };
+            r
+        };
+        // A random model may end at once; take the first seed that talks.
+        let (seed, chars, k) = (0..100)
+            .find_map(|seed| {
+                let (_, text, _) = collect(e.submit(seeded(seed)).unwrap());
+                let chars: Vec<char> = text.chars().collect();
+                // The first character that did not occur before it.
+                let k = (1..chars.len()).find(|&k| !chars[..k].contains(&chars[k]))?;
+                Some((seed, chars, k))
+            })
+            .expect("no seed gave a usable output");
+        // The same seeded run with that character as a stop sequence ends right before it.
+        let mut r = seeded(seed);
+        r.stop_sequences = vec![chars[k].to_string()];
+        let (_, text2, res) = collect(e.submit(r).unwrap());
+        assert_eq!(res.unwrap().finish_reason, FinishReason::Stop);
+        assert_eq!(text2, chars[..k].iter().collect::<String>());
+    }
+
+    #[test]
+    fn stop_matcher_holds_back_partial_matches() {
+        let mut m = StopMatcher { stops: vec!["END".into()], held: String::new() };
+        assert_eq!(m.push("abE"), ("ab".into(), false));
+        assert_eq!(m.push("N"), ("".into(), false));
+        assert_eq!(m.push("Dx"), ("".into(), true));
+        let mut m = StopMatcher { stops: vec!["END".into()], held: String::new() };
+        assert_eq!(m.push("EN"), ("".into(), false));
+        assert_eq!(m.push("o"), ("ENo".into(), false));
+        assert_eq!(m.push("E"), ("".into(), false));
+        assert_eq!(m.flush(), "E");
+    }
+
+    #[test]
+    fn chat_messages_use_the_template_and_unload_stops_the_model() {
+        let (e, _d) = tiny_engine();
+        let msgs = vec![ChatMessage { role: "user".into(), content: "hi".into() }];
+        assert!(e.apply_chat_template("tiny", &msgs).unwrap().ends_with("<|im_start|>assistant\n"));
+        assert!(collect(e.submit(req(Input::Messages(msgs))).unwrap()).2.is_ok());
+        assert_eq!(e.submit(req(Input::Messages(vec![]))).err().unwrap().code(), "InvalidParams");
+        e.unload_model("tiny").unwrap();
+        assert_eq!(e.unload_model("tiny").unwrap_err().code(), "ModelNotLoaded");
+        assert!(e.list_models().is_empty());
+    }
+}
