@@ -1,1 +1,360 @@
+//! Node binding for the mlx-serving engine. Thin by design: it converts
+//! arguments, turns engine events into JS objects behind awaitable streams,
+//! and maps `EngineError` to stable codes. The TypeScript layer (`lib/`)
+//! builds the public API on top.
 
+use std::sync::Arc;
+
+use mlx_serving_engine::chat::ChatMessage;
+use mlx_serving_engine::cpu::Isa;
+use mlx_serving_engine::engine::{Canceller, Event, GenerateRequest, Input, ModelInfo, RequestHandle, Stats};
+use mlx_serving_engine::sampler::SamplingParams;
+use mlx_serving_engine::{Engine, EngineError};
+use napi::bindgen_prelude::*;
+use napi::tokio;
+use napi_derive::napi;
+
+/// The one mapping from engine errors to JS errors: the message starts with
+/// the stable code, which the TypeScript layer lifts into `error.code`.
+fn js_error(e: EngineError) -> Error {
+    Error::new(Status::GenericFailure, format!("{}: {e}", e.code()))
+}
+
+fn invalid(msg: String) -> Error {
+    js_error(EngineError::InvalidParams(msg))
+}
+
+#[napi(object)]
+pub struct NativeModelInfo {
+    pub id: String,
+    pub path: String,
+    pub architecture: String,
+    pub context_length: u32,
+    pub vocab_size: u32,
+    pub weight_bytes: f64,
+    pub file_type: String,
+}
+
+impl From<ModelInfo> for NativeModelInfo {
+    fn from(m: ModelInfo) -> Self {
+        NativeModelInfo {
+            id: m.id,
+            path: m.path.display().to_string(),
+            architecture: m.architecture,
+            context_length: m.context_length as u32,
+            vocab_size: m.vocab_size as u32,
+            weight_bytes: m.weight_bytes as f64,
+            file_type: m.file_type,
+        }
+    }
+}
+
+#[napi(object)]
+pub struct NativeMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// Generation parameters as JS sends them; numbers arrive as f64 and are
+/// checked here (integers, ranges) before they reach the engine.
+#[napi(object)]
+pub struct NativeGenerateParams {
+    pub model: String,
+    pub prompt: Option<String>,
+    pub prompt_tokens: Option<Vec<u32>>,
+    pub messages: Option<Vec<NativeMessage>>,
+    pub max_tokens: Option<f64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<f64>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub seed: Option<f64>,
+    pub stop_sequences: Option<Vec<String>>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub timeout_ms: Option<f64>,
+}
+
+fn whole(name: &str, v: f64, min: f64) -> Result<f64> {
+    if !v.is_finite() || v.fract() != 0.0 || v < min || v > 9_007_199_254_740_991.0 {
+        return Err(invalid(format!("{name} must be an integer >= {min}, got {v}")));
+    }
+    Ok(v)
+}
+
+impl TryFrom<NativeGenerateParams> for GenerateRequest {
+    type Error = Error;
+    fn try_from(p: NativeGenerateParams) -> Result<Self> {
+        let input = match (p.prompt, p.prompt_tokens, p.messages) {
+            (Some(text), None, None) => Input::Prompt(text),
+            (None, Some(ids), None) => Input::Tokens(ids),
+            (None, None, Some(msgs)) => {
+                Input::Messages(msgs.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect())
+            }
+            (None, None, None) => return Err(invalid("either prompt or messages is required".into())),
+            _ => return Err(invalid("give either prompt or messages, not both".into())),
+        };
+        let max_tokens = match p.max_tokens {
+            // Zero and negatives get the engine's own message.
+            Some(v) if v.is_finite() && v.fract() == 0.0 => Some(v.clamp(i64::MIN as f64, i64::MAX as f64) as i64),
+            Some(v) => return Err(invalid(format!("maxTokens must be a positive integer, got {v}"))),
+            None => None,
+        };
+        let d = SamplingParams::default();
+        let f = |v: Option<f64>, dflt: f32| v.map(|x| x as f32).unwrap_or(dflt);
+        let sampling = SamplingParams {
+            temperature: f(p.temperature, d.temperature),
+            top_p: f(p.top_p, d.top_p),
+            top_k: p.top_k.map(|k| whole("topK", k, 0.0)).transpose()?.map_or(0, |k| k as usize),
+            min_p: f(p.min_p, d.min_p),
+            repetition_penalty: f(p.repetition_penalty, d.repetition_penalty),
+            presence_penalty: f(p.presence_penalty, d.presence_penalty),
+            frequency_penalty: f(p.frequency_penalty, d.frequency_penalty),
+            seed: p.seed.map(|s| whole("seed", s, 0.0)).transpose()?.map(|s| s as u64),
+        };
+        let timeout_ms = match p.timeout_ms {
+            Some(t) if t.is_finite() && t > 0.0 => Some(t.ceil() as u64),
+            Some(t) => return Err(invalid(format!("timeoutMs must be a positive number, got {t}"))),
+            None => None,
+        };
+        Ok(GenerateRequest {
+            model: p.model,
+            input,
+            max_tokens,
+            sampling,
+            stop_sequences: p.stop_sequences.unwrap_or_default(),
+            stop_token_ids: p.stop_token_ids.unwrap_or_default(),
+            timeout_ms,
+        })
+    }
+}
+
+#[napi(object)]
+pub struct NativeStats {
+    pub prompt_tokens: u32,
+    pub tokens_generated: u32,
+    pub time_to_first_token: f64,
+    pub total_time: f64,
+    pub tokens_per_second: f64,
+    pub finish_reason: String,
+}
+
+impl From<Stats> for NativeStats {
+    fn from(s: Stats) -> Self {
+        NativeStats {
+            prompt_tokens: s.n_prompt_tokens as u32,
+            tokens_generated: s.n_generated_tokens as u32,
+            time_to_first_token: s.t_first_token_ms,
+            total_time: s.t_total_ms,
+            tokens_per_second: s.decode_tokens_per_s,
+            finish_reason: s.finish_reason.as_str().to_owned(),
+        }
+    }
+}
+
+/// One stream event: `kind` is `token`, `done` or `error`.
+#[napi(object)]
+pub struct NativeChunk {
+    pub kind: String,
+    pub text: Option<String>,
+    pub token_id: Option<u32>,
+    pub logprob: Option<f64>,
+    pub stats: Option<NativeStats>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+}
+
+impl From<Event> for NativeChunk {
+    fn from(e: Event) -> Self {
+        let mut c = NativeChunk {
+            kind: String::new(),
+            text: None,
+            token_id: None,
+            logprob: None,
+            stats: None,
+            error_code: None,
+            error_message: None,
+        };
+        match e {
+            Event::Token { text, token_id, logprob } => {
+                c.kind = "token".into();
+                c.text = Some(text);
+                c.token_id = Some(token_id);
+                c.logprob = Some(logprob as f64);
+            }
+            Event::Done(s) => {
+                c.kind = "done".into();
+                c.stats = Some(s.into());
+            }
+            Event::Error(e) => {
+                c.kind = "error".into();
+                c.error_code = Some(e.code().into());
+                c.error_message = Some(e.to_string());
+            }
+        }
+        c
+    }
+}
+
+/// The events of one generation request.
+#[napi]
+pub struct NativeStream {
+    handle: tokio::sync::Mutex<RequestHandle>,
+    canceller: Canceller,
+    request_id: f64,
+}
+
+#[napi]
+impl NativeStream {
+    #[napi(getter)]
+    pub fn request_id(&self) -> f64 {
+        self.request_id
+    }
+
+    /// Waits for at least one event and returns every event ready by then;
+    /// an empty array means the stream has ended.
+    #[napi]
+    pub async fn next(&self) -> Vec<NativeChunk> {
+        let mut h = self.handle.lock().await;
+        let mut out = Vec::new();
+        if let Some(first) = h.events.recv().await {
+            out.push(first.into());
+            while let Ok(ev) = h.events.try_recv() {
+                out.push(ev.into());
+            }
+        }
+        out
+    }
+
+    /// Stops the request at the next step; the stream then ends.
+    #[napi]
+    pub fn cancel(&self) {
+        self.canceller.cancel();
+    }
+}
+
+#[napi(object)]
+pub struct NativeEngineStats {
+    pub models: u32,
+    pub running: u32,
+    pub completed: f64,
+    pub generated_tokens: f64,
+}
+
+#[napi]
+pub struct NativeEngine {
+    inner: Arc<Engine>,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> std::result::Result<T, EngineError> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| js_error(EngineError::Internal(format!("worker task failed: {e}"))))?
+        .map_err(js_error)
+}
+
+#[napi]
+impl NativeEngine {
+    #[napi(constructor)]
+    pub fn new() -> Self {
+        NativeEngine { inner: Arc::new(Engine::new()) }
+    }
+
+    /// Loads a GGUF file (off the JS thread).
+    #[napi]
+    pub async fn load_model(&self, path: String, id: Option<String>) -> Result<NativeModelInfo> {
+        let e = self.inner.clone();
+        blocking(move || e.load_model(&path, id)).await.map(Into::into)
+    }
+
+    #[napi]
+    pub async fn unload_model(&self, id: String) -> Result<()> {
+        let e = self.inner.clone();
+        blocking(move || e.unload_model(&id)).await
+    }
+
+    #[napi]
+    pub fn list_models(&self) -> Vec<NativeModelInfo> {
+        self.inner.list_models().into_iter().map(Into::into).collect()
+    }
+
+    #[napi]
+    pub fn get_model_info(&self, id: String) -> Option<NativeModelInfo> {
+        self.inner.model_info(&id).map(Into::into)
+    }
+
+    #[napi]
+    pub async fn tokenize(&self, model: String, text: String, add_bos: Option<bool>) -> Result<Vec<u32>> {
+        let e = self.inner.clone();
+        blocking(move || e.tokenize(&model, &text, add_bos)).await
+    }
+
+    #[napi]
+    pub fn detokenize(&self, model: String, tokens: Vec<u32>) -> Result<String> {
+        self.inner.detokenize(&model, &tokens).map_err(js_error)
+    }
+
+    #[napi]
+    pub fn apply_chat_template(&self, model: String, messages: Vec<NativeMessage>) -> Result<String> {
+        let msgs: Vec<ChatMessage> = messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect();
+        self.inner.apply_chat_template(&model, &msgs).map_err(js_error)
+    }
+
+    /// Validates, templates and tokenizes (off the JS thread), then queues
+    /// the request.
+    #[napi]
+    pub async fn generate(&self, params: NativeGenerateParams) -> Result<NativeStream> {
+        let req = GenerateRequest::try_from(params)?;
+        let e = self.inner.clone();
+        let handle = blocking(move || e.submit(req)).await?;
+        Ok(NativeStream { canceller: handle.canceller(), request_id: handle.id as f64, handle: tokio::sync::Mutex::new(handle) })
+    }
+
+    #[napi]
+    pub fn stats(&self) -> NativeEngineStats {
+        let s = self.inner.stats();
+        NativeEngineStats {
+            models: s.n_models as u32,
+            running: s.n_running as u32,
+            completed: s.n_completed as f64,
+            generated_tokens: s.n_generated_tokens as f64,
+        }
+    }
+
+    /// Stops every model; running requests end with `Cancelled`.
+    #[napi]
+    pub async fn shutdown(&self) -> Result<()> {
+        let e = self.inner.clone();
+        blocking(move || {
+            e.shutdown();
+            Ok(())
+        })
+        .await
+    }
+}
+
+impl Default for NativeEngine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[napi(object)]
+pub struct NativeRuntimeInfo {
+    pub version: String,
+    pub backend: String,
+    pub isa: String,
+    pub threads: u32,
+}
+
+#[napi]
+pub fn runtime_info() -> NativeRuntimeInfo {
+    NativeRuntimeInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        backend: "cpu".into(),
+        isa: Isa::detect().name().into(),
+        threads: mlx_serving_engine::cpu::n_threads() as u32,
+    }
+}

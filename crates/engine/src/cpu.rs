@@ -58,6 +58,11 @@ impl Isa {
     }
 }
 
+/// Worker threads the kernels split work across.
+pub fn n_threads() -> usize {
+    rayon::current_num_threads()
+}
+
 /// Weight bytes: borrowed from the memory-mapped model file or owned.
 pub enum Bytes {
     Mapped { map: Arc<Mmap>, offset: usize, len: usize },
