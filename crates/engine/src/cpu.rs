@@ -8,6 +8,7 @@
 
 use std::sync::OnceLock;
 
+use half::f16;
 use memmap2::Mmap;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -180,6 +181,26 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `Σ a[i] * b[i]` with `b` in f16 (attention scores over the KV cache).
+#[inline]
+pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::detect() != Isa::Scalar {
+        return unsafe { x86::dot_f16(a, b) };
+    }
+    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
+}
+
+/// `out[i] += s * v[i]` with `v` in f16 (attention-weighted values).
+#[inline]
+pub fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::detect() != Isa::Scalar {
+        return unsafe { x86::axpy_f16(out, s, v) };
+    }
+    out.iter_mut().zip(v).for_each(|(o, y)| *o += s * y.to_f32());
+}
+
 type DotFn = fn(&[u8], ActRow) -> f32;
 
 /// The dot kernel for a weight format on an instruction-set path.
@@ -241,6 +262,39 @@ mod x86 {
             f16_to_f32(blk.add(2)) * s
         } else {
             -8.0 * d * s
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+        let n = a.len().min(b.len());
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            let bv = _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().add(i) as *const __m128i));
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), bv, acc);
+            i += 8;
+        }
+        let mut sum = hsum(acc);
+        for j in i..n {
+            sum += a[j] * b[j].to_f32();
+        }
+        sum
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {
+        let n = out.len().min(v.len());
+        let sv = _mm256_set1_ps(s);
+        let mut i = 0;
+        while i + 8 <= n {
+            let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i));
+            let o = out.as_mut_ptr().add(i);
+            _mm256_storeu_ps(o, _mm256_fmadd_ps(sv, vv, _mm256_loadu_ps(o)));
+            i += 8;
+        }
+        for j in i..n {
+            out[j] += s * v[j].to_f32();
         }
     }
 
@@ -356,6 +410,21 @@ mod tests {
                         assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{isa:?} {qtype:?} {rows}x{cols}: {g} vs {e}");
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn f16_attention_helpers_match_scalar() {
+        for n in [1, 7, 8, 64, 70] {
+            let a = rand_vec(n, 1);
+            let b: Vec<f16> = rand_vec(n, 2).iter().map(|&v| f16::from_f32(v)).collect();
+            let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y.to_f32()).sum();
+            assert!((dot_f16(&a, &b) - want).abs() < 1e-5);
+            let mut out = a.clone();
+            axpy_f16(&mut out, 0.5, &b);
+            for i in 0..n {
+                assert!((out[i] - (a[i] + 0.5 * b[i].to_f32())).abs() < 1e-6);
             }
         }
     }

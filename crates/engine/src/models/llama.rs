@@ -8,10 +8,15 @@
 use rayon::prelude::*;
 
 use super::{ops, BatchToken, KvCache, Model, ModelConfig};
-use crate::cpu::{dot_f32, matmul, Bytes, QMatrix};
+use half::f16;
+
+use crate::cpu::{axpy_f16, dot_f16, matmul, Bytes, QMatrix};
 use crate::error::EngineError;
 use crate::gguf::GgufFile;
 use crate::quant::{dequantize_row, QuantizedActs};
+
+/// Largest head size the attention kernel's stack buffer holds.
+const MAX_HEAD_DIM: usize = 256;
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -85,6 +90,9 @@ impl Llama {
             return Err(load_err(g, format!("{n_heads} heads / {n_kv_heads} kv heads do not divide width {dim}")));
         }
         let head_dim = dim / n_heads;
+        if head_dim > MAX_HEAD_DIM {
+            return Err(load_err(g, format!("head size {head_dim} exceeds {MAX_HEAD_DIM}")));
+        }
         let rope_dim = req("rope.dimension_count").unwrap_or(head_dim);
         if rope_dim > head_dim || rope_dim % 2 != 0 {
             return Err(load_err(g, format!("rope dimension {rope_dim} does not fit head size {head_dim}")));
@@ -167,15 +175,20 @@ impl Llama {
             let bt = batch[t];
             let cache = caches[bt.seq];
             let (keys, values) = (cache.keys(layer), cache.values(layer));
-            let qh = &q[j * hd..(j + 1) * hd];
+            // Query and weights rounded to f16 like the f16 cache, as llama.cpp does.
+            let mut qh = [0.0f32; MAX_HEAD_DIM];
+            let qh = &mut qh[..hd];
+            for (d, &s) in qh.iter_mut().zip(&q[j * hd..(j + 1) * hd]) {
+                *d = f16::from_f32(s).to_f32();
+            }
             let off = (h / group) * hd;
             scores.clear();
-            scores.extend((0..=bt.pos).map(|p| dot_f32(qh, &keys[p * kv_dim + off..p * kv_dim + off + hd]) * scale));
+            scores.extend((0..=bt.pos).map(|p| dot_f16(qh, &keys[p * kv_dim + off..p * kv_dim + off + hd]) * scale));
             ops::softmax(scores);
             o.fill(0.0);
             for (p, &s) in scores.iter().enumerate() {
-                let v = &values[p * kv_dim + off..p * kv_dim + off + hd];
-                o.iter_mut().zip(v).for_each(|(a, &b)| *a += s * b);
+                let s = f16::from_f32(s).to_f32();
+                axpy_f16(o, s, &values[p * kv_dim + off..p * kv_dim + off + hd]);
             }
         });
     }

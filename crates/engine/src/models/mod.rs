@@ -3,6 +3,9 @@
 
 pub mod llama;
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
 use crate::error::EngineError;
 use crate::gguf::GgufFile;
 
@@ -44,13 +47,14 @@ pub trait Model: Send + Sync {
     }
 }
 
-/// Keys and values of one sequence, f32, `[layer][pos][kv_dim]`, grown as
-/// the sequence grows.
+/// Keys and values of one sequence, `[layer][pos][kv_dim]`, grown as the
+/// sequence grows. Stored as f16 like llama.cpp's default cache: half the
+/// memory of f32, and the same rounding as the peer we compare against.
 #[derive(Debug, Default)]
 pub struct KvCache {
     kv_dim: usize,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
     len: usize,
 }
 
@@ -66,7 +70,7 @@ impl KvCache {
         self.len == 0
     }
     pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|l| l.capacity() * 4).sum()
+        self.k.iter().chain(&self.v).map(|l| l.capacity() * 2).sum()
     }
     /// Forgets positions from `len` on (a re-used prefix keeps its values).
     pub fn truncate(&mut self, len: usize) {
@@ -79,18 +83,18 @@ impl KvCache {
         let d = self.kv_dim;
         for (buf, src) in [(&mut self.k[layer], k), (&mut self.v[layer], v)] {
             if buf.len() < (pos + 1) * d {
-                buf.resize((pos + 1) * d, 0.0);
+                buf.resize((pos + 1) * d, f16::ZERO);
             }
-            buf[pos * d..(pos + 1) * d].copy_from_slice(src);
+            buf[pos * d..(pos + 1) * d].convert_from_f32_slice(src);
         }
         if layer == 0 {
             self.len = self.len.max(pos + 1);
         }
     }
-    pub(crate) fn keys(&self, layer: usize) -> &[f32] {
+    pub(crate) fn keys(&self, layer: usize) -> &[f16] {
         &self.k[layer]
     }
-    pub(crate) fn values(&self, layer: usize) -> &[f32] {
+    pub(crate) fn values(&self, layer: usize) -> &[f16] {
         &self.v[layer]
     }
 }

