@@ -1,0 +1,141 @@
+/**
+ * Every bad input gets a clear error with a stable code, and nothing else
+ * breaks: a stream running throughout keeps going and the process stays up.
+ */
+import assert from 'node:assert/strict';
+import { copyFileSync, mkdtempSync, openSync, readFileSync, writeFileSync, closeSync, ftruncateSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import * as path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+
+import { createEngine, defaultModelPath, EngineClientError, type Engine, type GeneratorParams } from '../lib/index';
+
+const MODEL = 'default';
+
+function isCode(code: string, ...mustMention: string[]) {
+  return (e: unknown) => {
+    assert.ok(e instanceof EngineClientError, `expected EngineClientError, got ${e}`);
+    assert.equal(e.code, code, e.message);
+    for (const m of mustMention) assert.ok(e.message.includes(m), `"${e.message}" should mention "${m}"`);
+    return true;
+  };
+}
+
+/** A minimal GGUF with one tensor of the given ggml type id. */
+function ggufWithTensorType(typeId: number, arch = 'llama'): Buffer {
+  const parts: Buffer[] = [];
+  const u32 = (v: number) => { const b = Buffer.alloc(4); b.writeUInt32LE(v); parts.push(b); };
+  const u64 = (v: number) => { const b = Buffer.alloc(8); b.writeBigUInt64LE(BigInt(v)); parts.push(b); };
+  const str = (s: string) => { u64(Buffer.byteLength(s)); parts.push(Buffer.from(s)); };
+  parts.push(Buffer.from('GGUF'));
+  u32(3); u64(1); u64(1);
+  str('general.architecture'); u32(8); str(arch);
+  str('token_embd.weight'); u32(2); u64(256); u64(1); u32(typeId); u64(0);
+  const header = Buffer.concat(parts);
+  const pad = Buffer.alloc((32 - (header.length % 32)) % 32);
+  return Buffer.concat([header, pad, Buffer.alloc(1024)]);
+}
+
+describe('bad input', () => {
+  let engine: Engine;
+  let dir: string;
+  let background: Promise<string>;
+
+  before(async () => {
+    engine = await createEngine();
+    await engine.loadModel('default');
+    dir = mkdtempSync(path.join(tmpdir(), 'mlx-serving-bad-'));
+    // A stream that runs through every case below and must finish normally.
+    background = engine.generate({ model: MODEL, messages: [{ role: 'user', content: 'Write a poem about mountains.' }], maxTokens: 120 });
+  });
+
+  after(async () => {
+    await engine.shutdown();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  test('model files that cannot load give ModelLoadError naming the file and the reason', async () => {
+    const missing = path.join(dir, 'missing.gguf');
+    await assert.rejects(engine.loadModel(missing), isCode('ModelLoadError', missing, 'cannot open'));
+
+    const text = path.join(dir, 'notes.gguf');
+    writeFileSync(text, 'this is not a model\n');
+    await assert.rejects(engine.loadModel(text), isCode('ModelLoadError', text, 'not a GGUF file'));
+
+    await assert.rejects(engine.loadModel(dir), isCode('ModelLoadError', 'directory'));
+
+    const truncated = path.join(dir, 'truncated.gguf');
+    copyFileSync(defaultModelPath(), truncated);
+    const fd = openSync(truncated, 'r+');
+    ftruncateSync(fd, 50 * 1024 * 1024);
+    closeSync(fd);
+    await assert.rejects(engine.loadModel(truncated), isCode('ModelLoadError', truncated, 'truncated'));
+
+    const headerOnly = path.join(dir, 'header-only.gguf');
+    writeFileSync(headerOnly, readFileSync(defaultModelPath()).subarray(0, 4096));
+    await assert.rejects(engine.loadModel(headerOnly), isCode('ModelLoadError', headerOnly, 'exceeds the file'));
+
+    const corrupted = path.join(dir, 'corrupted.gguf');
+    const bytes = Buffer.from(readFileSync(defaultModelPath()).subarray(0, 1 << 20));
+    bytes.writeBigUInt64LE(0xffffffffffffn, 8); // absurd tensor count
+    writeFileSync(corrupted, bytes);
+    await assert.rejects(engine.loadModel(corrupted), isCode('ModelLoadError', corrupted, 'exceed'));
+
+    const arch = path.join(dir, 'mamba.gguf');
+    writeFileSync(arch, ggufWithTensorType(0, 'mamba'));
+    await assert.rejects(engine.loadModel(arch), isCode('ModelLoadError', arch, "unsupported architecture 'mamba'"));
+
+    const q6k = path.join(dir, 'q6k.gguf');
+    writeFileSync(q6k, ggufWithTensorType(14));
+    await assert.rejects(engine.loadModel(q6k), isCode('ModelLoadError', q6k, 'unsupported tensor type Q6_K'));
+
+    await assert.rejects(engine.loadModel({ model: '' }), isCode('InvalidParams'));
+    assert.equal(engine.listModels().length, 1);
+  });
+
+  test('unknown model ids give ModelNotLoaded', async () => {
+    await assert.rejects(engine.generate({ model: 'nope', prompt: 'hi' }), isCode('ModelNotLoaded', 'nope'));
+    await assert.rejects(engine.tokenize({ model: 'nope', text: 'hi' }), isCode('ModelNotLoaded'));
+    await assert.rejects(engine.unloadModel('nope'), isCode('ModelNotLoaded'));
+  });
+
+  test('bad generation parameters give InvalidParams', async () => {
+    const base = { model: MODEL, prompt: 'Hello' };
+    const cases: [string, GeneratorParams][] = [
+      ['maxTokens', { ...base, maxTokens: 0 }],
+      ['maxTokens', { ...base, maxTokens: -5 }],
+      ['maxTokens', { ...base, maxTokens: 2.5 }],
+      ['maxTokens', { ...base, maxTokens: NaN }],
+      ['temperature', { ...base, temperature: NaN }],
+      ['temperature', { ...base, temperature: -0.5 }],
+      ['topP', { ...base, topP: 0 }],
+      ['topP', { ...base, topP: 1.5 }],
+      ['topK', { ...base, topK: -1 }],
+      ['minP', { ...base, minP: 3 }],
+      ['repetitionPenalty', { ...base, repetitionPenalty: 0 }],
+      ['seed', { ...base, seed: -1 }],
+      ['prompt or messages', { model: MODEL }],
+      ['not both', { model: MODEL, prompt: 'x', messages: [{ role: 'user', content: 'y' }] }],
+      ['messages must not be empty', { model: MODEL, messages: [] }],
+      ['messages', { model: MODEL, messages: [{ role: 'user' }] as any }],
+      ['prompt is empty', { model: MODEL, prompt: '' }],
+      ['outside the vocabulary', { model: MODEL, prompt: { tokens: [10_000_000] } }],
+      ['stop sequences', { ...base, stopSequences: [''] }],
+      ['context holds 8192', { model: MODEL, prompt: 'hello '.repeat(9000) }],
+    ];
+    for (const [mention, params] of cases) {
+      await assert.rejects(engine.generate(params), isCode('InvalidParams', mention), `${mention}: ${JSON.stringify(params).slice(0, 80)}`);
+    }
+    await assert.rejects(engine.generate({ model: MODEL, prompt: 'x' }, { timeoutMs: -1 }), isCode('InvalidParams', 'timeoutMs'));
+    await assert.rejects(engine.generate(null as any), isCode('InvalidParams'));
+  });
+
+  test('the stream running throughout finished normally and the engine is idle', async () => {
+    const text = await background;
+    assert.ok(text.length > 20, text);
+    const health = await engine.healthCheck();
+    assert.equal(health.status, 'healthy');
+    assert.equal(health.activeRequests, 0);
+    assert.ok((await engine.generate({ model: MODEL, prompt: 'Still working?', maxTokens: 4 })).length > 0);
+  });
+});
