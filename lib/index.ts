@@ -117,6 +117,8 @@ export interface GeneratorParams {
   seed?: number;
   stopSequences?: string[];
   stopTokenIds?: number[];
+  /** Generate past end-of-generation tokens (benchmarks). */
+  ignoreEos?: boolean;
 }
 
 export interface GenerationStats {
@@ -204,6 +206,7 @@ function toNativeParams(p: GeneratorParams): NativeGenerateParams {
     seed: p.seed,
     stopSequences: p.stopSequences,
     stopTokenIds: p.stopTokenIds,
+    ignoreEos: p.ignoreEos,
   };
   if (typeof p.prompt === 'string') out.prompt = p.prompt;
   else if (p.prompt !== undefined) {

@@ -74,6 +74,7 @@ pub struct NativeGenerateParams {
     pub seed: Option<f64>,
     pub stop_sequences: Option<Vec<String>>,
     pub stop_token_ids: Option<Vec<u32>>,
+    pub ignore_eos: Option<bool>,
     pub timeout_ms: Option<f64>,
 }
 
@@ -126,6 +127,7 @@ impl TryFrom<NativeGenerateParams> for GenerateRequest {
             sampling,
             stop_sequences: p.stop_sequences.unwrap_or_default(),
             stop_token_ids: p.stop_token_ids.unwrap_or_default(),
+            ignore_eos: p.ignore_eos.unwrap_or(false),
             timeout_ms,
         })
     }

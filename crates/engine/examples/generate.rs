@@ -23,6 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         sampling: SamplingParams::default(),
         stop_sequences: vec![],
         stop_token_ids: vec![],
+        ignore_eos: false,
         timeout_ms: None,
     })?;
     while let Some(ev) = h.events.blocking_recv() {

@@ -153,18 +153,30 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
 
     xq.quantize(x, w.cols);
     let xq = &*xq;
-    let dot = dot_fn(isa, w.qtype);
+    let tile = tile_fn(isa, w.qtype);
+    let rb = w.row_bytes();
+    let wdata = w.data.as_slice();
     (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
-        for r in c * chunk..((c + 1) * chunk).min(rows) {
-            let wr = w.row(r);
-            for t in 0..n {
-                let v = dot(wr, xq.row(t));
-                // SAFETY: row ranges are disjoint across workers.
-                unsafe { *outp.at(t * rows + r) = v };
+        let mut res = [0.0f32; TILE];
+        let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(rows));
+        // Up to TILE tokens share each unpacked weight block; the chunk's
+        // rows stay in cache across the token tiles.
+        for t0 in (0..n).step_by(TILE) {
+            let nt = TILE.min(n - t0);
+            let acts: [ActRow; TILE] = std::array::from_fn(|i| xq.row(t0 + i.min(nt - 1)));
+            for (r, wr) in wdata[r0 * rb..r1 * rb].chunks_exact(rb).enumerate() {
+                tile(wr, &acts[..nt], &mut res[..nt]);
+                for (i, &v) in res[..nt].iter().enumerate() {
+                    // SAFETY: row ranges are disjoint across workers.
+                    unsafe { *outp.at((t0 + i) * rows + r0 + r) = v };
+                }
             }
         }
     });
 }
+
+/// Tokens multiplied against one weight row at a time (the GEMM tile).
+pub const TILE: usize = 4;
 
 /// Plain f32 dot product, written so that LLVM vectorizes it.
 #[inline]
@@ -201,30 +213,55 @@ pub fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {
     out.iter_mut().zip(v).for_each(|(o, y)| *o += s * y.to_f32());
 }
 
-type DotFn = fn(&[u8], ActRow) -> f32;
+/// `out[i] = w · acts[i]` for up to `TILE` activation rows.
+pub type TileFn = fn(&[u8], &[ActRow], &mut [f32]);
 
-/// The dot kernel for a weight format on an instruction-set path.
-pub fn dot_fn(isa: Isa, qtype: QType) -> DotFn {
+/// The tile kernel for a weight format on an instruction-set path.
+pub fn tile_fn(isa: Isa, qtype: QType) -> TileFn {
     #[cfg(target_arch = "x86_64")]
     {
         match (isa, qtype) {
-            (Isa::Avx2, QType::Q4_0) => return |w, a| unsafe { x86::dot_q4::<false>(w, a) },
-            (Isa::Avx2, QType::Q4_1) => return |w, a| unsafe { x86::dot_q4::<true>(w, a) },
-            (Isa::Avx2, QType::Q8_0) => return |w, a| unsafe { x86::dot_q8(w, a) },
-            (Isa::Avx512Vnni, QType::Q4_0) => return |w, a| unsafe { x86::dot_q4_vnni::<false>(w, a) },
-            (Isa::Avx512Vnni, QType::Q4_1) => return |w, a| unsafe { x86::dot_q4_vnni::<true>(w, a) },
-            (Isa::Avx512Vnni, QType::Q8_0) => return |w, a| unsafe { x86::dot_q8_vnni(w, a) },
+            (Isa::Avx2, QType::Q4_0) => return |w, a, o| tile!(x86::q4_avx2 [false], w, a, o),
+            (Isa::Avx2, QType::Q4_1) => return |w, a, o| tile!(x86::q4_avx2 [true], w, a, o),
+            (Isa::Avx2, QType::Q8_0) => return |w, a, o| tile!(x86::q8_avx2 [], w, a, o),
+            (Isa::Avx512Vnni, QType::Q4_0) => return |w, a, o| tile!(x86::q4_vnni [false], w, a, o),
+            (Isa::Avx512Vnni, QType::Q4_1) => return |w, a, o| tile!(x86::q4_vnni [true], w, a, o),
+            (Isa::Avx512Vnni, QType::Q8_0) => return |w, a, o| tile!(x86::q8_vnni [], w, a, o),
             _ => {}
         }
     }
     let _ = isa;
     match qtype {
-        QType::Q4_0 => |w, a| dot_scalar(QType::Q4_0, w, a),
-        QType::Q4_1 => |w, a| dot_scalar(QType::Q4_1, w, a),
-        QType::Q8_0 => |w, a| dot_scalar(QType::Q8_0, w, a),
-        other => panic!("no integer dot kernel for {other:?}"),
+        QType::Q4_0 => |w, a, o| scalar_tile(QType::Q4_0, w, a, o),
+        QType::Q4_1 => |w, a, o| scalar_tile(QType::Q4_1, w, a, o),
+        QType::Q8_0 => |w, a, o| scalar_tile(QType::Q8_0, w, a, o),
+        other => panic!("no integer kernel for {other:?}"),
     }
 }
+
+fn scalar_tile(qtype: QType, w: &[u8], acts: &[ActRow], out: &mut [f32]) {
+    for (o, a) in out.iter_mut().zip(acts) {
+        *o = dot_scalar(qtype, w, *a);
+    }
+}
+
+/// Calls a kernel monomorphized for the tile's token count.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile {
+    ($($seg:ident)::+ [$($g:tt),*], $w:expr, $a:expr, $o:expr) => {{
+        // SAFETY: `tile_fn` hands out x86 kernels only for detected features.
+        unsafe {
+            match $a.len() {
+                1 => $o.copy_from_slice(&$($seg)::+::<$($g,)* 1>($w, $a.try_into().unwrap())),
+                2 => $o.copy_from_slice(&$($seg)::+::<$($g,)* 2>($w, $a.try_into().unwrap())),
+                3 => $o.copy_from_slice(&$($seg)::+::<$($g,)* 3>($w, $a.try_into().unwrap())),
+                _ => $o.copy_from_slice(&$($seg)::+::<$($g,)* 4>($w, $a.try_into().unwrap())),
+            }
+        }
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+use tile;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -253,16 +290,6 @@ mod x86 {
         let raw = _mm_loadu_si128(p as *const __m128i);
         let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
         _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
-    }
-
-    /// Q4 block correction: Q4_1 adds `m * Σa`, Q4_0 subtracts `8 * d * Σa`.
-    #[inline(always)]
-    unsafe fn q4_corr<const Q4_1: bool>(blk: *const u8, d: f32, s: f32) -> f32 {
-        if Q4_1 {
-            f16_to_f32(blk.add(2)) * s
-        } else {
-            -8.0 * d * s
-        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -298,78 +325,67 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4<const Q4_1: bool>(w: &[u8], a: ActRow) -> f32 {
-        let bb = if Q4_1 { 20 } else { 18 };
-        let head = bb - 16;
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        let mut corr = 0.0f32;
-        let wp = w.as_ptr();
-        let ap = a.qs.as_ptr();
-        for b in 0..a.d.len() {
-            let blk = wp.add(b * bb);
-            let wv = unpack_nibbles(blk.add(head));
-            let av = _mm256_loadu_si256(ap.add(b * QK) as *const __m256i);
-            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av), ones);
-            let d = f16_to_f32(blk);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * *a.d.get_unchecked(b)), acc);
-            corr += q4_corr::<Q4_1>(blk, d, *a.s.get_unchecked(b));
-        }
-        hsum(acc) + corr
+    /// Q4_0/Q4_1 and Q8_0 tile kernels for one instruction set: each weight
+    /// block is unpacked once and multiplied with `NT` activation rows.
+    /// `$mul(w, a)` is the unsigned-by-signed int8 dot product into 8 i32 lanes.
+    macro_rules! kernels {
+        ($q4:ident, $q8:ident, $features:literal, $mul:expr) => {
+            #[target_feature(enable = $features)]
+            pub unsafe fn $q4<const Q4_1: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
+                let bb = if Q4_1 { 20 } else { 18 };
+                let head = bb - 16;
+                let mut acc = [_mm256_setzero_ps(); NT];
+                let mut corr = [0.0f32; NT];
+                let nb = a[0].d.len();
+                let wp = w.as_ptr();
+                for b in 0..nb {
+                    let blk = wp.add(b * bb);
+                    let wv = unpack_nibbles(blk.add(head));
+                    let d = f16_to_f32(blk);
+                    let m = if Q4_1 { f16_to_f32(blk.add(2)) } else { -8.0 * d };
+                    for t in 0..NT {
+                        let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
+                        let p = $mul(wv, av);
+                        let scale = _mm256_set1_ps(d * *a[t].d.get_unchecked(b));
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
+                        corr[t] += m * *a[t].s.get_unchecked(b);
+                    }
+                }
+                std::array::from_fn(|t| hsum(acc[t]) + corr[t])
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn $q8<const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
+                let mut acc = [_mm256_setzero_ps(); NT];
+                let nb = a[0].d.len();
+                let wp = w.as_ptr();
+                for b in 0..nb {
+                    let blk = wp.add(b * 34);
+                    let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                    // The int8 products need one unsigned operand: move w's sign onto a.
+                    let wabs = _mm256_sign_epi8(wv, wv);
+                    let d = f16_to_f32(blk);
+                    for t in 0..NT {
+                        let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
+                        let p = $mul(wabs, _mm256_sign_epi8(av, wv));
+                        let scale = _mm256_set1_ps(d * *a[t].d.get_unchecked(b));
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
+                    }
+                }
+                std::array::from_fn(|t| hsum(acc[t]))
+            }
+        };
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q8(w: &[u8], a: ActRow) -> f32 {
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        let wp = w.as_ptr();
-        let ap = a.qs.as_ptr();
-        for b in 0..a.d.len() {
-            let blk = wp.add(b * 34);
-            let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-            let av = _mm256_loadu_si256(ap.add(b * QK) as *const __m256i);
-            // maddubs needs one unsigned operand: move w's sign onto a.
-            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv)), ones);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(f16_to_f32(blk) * *a.d.get_unchecked(b)), acc);
-        }
-        hsum(acc)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    pub unsafe fn dot_q4_vnni<const Q4_1: bool>(w: &[u8], a: ActRow) -> f32 {
-        let bb = if Q4_1 { 20 } else { 18 };
-        let head = bb - 16;
-        let mut acc = _mm256_setzero_ps();
-        let mut corr = 0.0f32;
-        let wp = w.as_ptr();
-        let ap = a.qs.as_ptr();
-        for b in 0..a.d.len() {
-            let blk = wp.add(b * bb);
-            let wv = unpack_nibbles(blk.add(head));
-            let av = _mm256_loadu_si256(ap.add(b * QK) as *const __m256i);
-            let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, av);
-            let d = f16_to_f32(blk);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * *a.d.get_unchecked(b)), acc);
-            corr += q4_corr::<Q4_1>(blk, d, *a.s.get_unchecked(b));
-        }
-        hsum(acc) + corr
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    pub unsafe fn dot_q8_vnni(w: &[u8], a: ActRow) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let wp = w.as_ptr();
-        let ap = a.qs.as_ptr();
-        for b in 0..a.d.len() {
-            let blk = wp.add(b * 34);
-            let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-            let av = _mm256_loadu_si256(ap.add(b * QK) as *const __m256i);
-            let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(f16_to_f32(blk) * *a.d.get_unchecked(b)), acc);
-        }
-        hsum(acc)
-    }
+    kernels!(q4_avx2, q8_avx2, "avx2,fma,f16c", |w, a| _mm256_madd_epi16(
+        _mm256_maddubs_epi16(w, a),
+        _mm256_set1_epi16(1)
+    ));
+    kernels!(q4_vnni, q8_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", |w, a| _mm256_dpbusd_epi32(
+        _mm256_setzero_si256(),
+        w,
+        a
+    ));
 }
 
 #[cfg(test)]

@@ -57,6 +57,8 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     pub stop_sequences: Vec<String>,
     pub stop_token_ids: Vec<u32>,
+    /// Keep generating past end-of-generation tokens (benchmarks, like vLLM's `ignore_eos`).
+    pub ignore_eos: bool,
     pub timeout_ms: Option<u64>,
 }
 
@@ -148,6 +150,7 @@ struct Job {
     sampling: SamplingParams,
     stop_sequences: Vec<String>,
     stop_token_ids: Vec<u32>,
+    ignore_eos: bool,
     deadline: Option<(Instant, u64)>,
     t_submit: Instant,
     cancel: Arc<AtomicBool>,
@@ -360,6 +363,7 @@ impl Engine {
             sampling: req.sampling,
             stop_sequences: req.stop_sequences,
             stop_token_ids: req.stop_token_ids,
+            ignore_eos: req.ignore_eos,
             deadline: req.timeout_ms.map(|ms| (t_submit + Duration::from_millis(ms), ms)),
             t_submit,
             cancel: cancel.clone(),
@@ -538,7 +542,10 @@ impl WorkerLoop {
 
         let model = self.model.clone();
         let mut caches: Vec<&mut KvCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&batch, &mut caches)));
+        // Run the forward as a rayon job: this thread then waits once per
+        // step instead of once per matmul, and the kernels' parallel loops
+        // start from inside the pool.
+        let result = rayon::scope(|_| std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&batch, &mut caches))));
         drop(caches);
         let mut logits = match result {
             Ok(Ok(l)) => l,
@@ -569,7 +576,7 @@ impl WorkerLoop {
         if s.t_first_token.is_none() {
             s.t_first_token = Some(Instant::now());
         }
-        if tk.is_eog(tok) || s.job.stop_token_ids.contains(&tok) {
+        if (tk.is_eog(tok) && !s.job.ignore_eos) || s.job.stop_token_ids.contains(&tok) {
             return Outcome::Finished(FinishReason::Stop);
         }
         s.tokens.push(tok);
@@ -669,6 +676,7 @@ mod tests {
             sampling: SamplingParams::default(),
             stop_sequences: vec![],
             stop_token_ids: vec![],
+            ignore_eos: false,
             timeout_ms: None,
         }
     }

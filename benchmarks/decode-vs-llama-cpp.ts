@@ -1,0 +1,122 @@
+/**
+ * Single-stream speed against llama.cpp (node-llama-cpp), same GGUF file, same
+ * thread count, same process, measured alternately so both see the same
+ * machine state. Prints one table with the ratio and writes JSON.
+ *
+ *   npx tsx benchmarks/decode-vs-llama-cpp.ts [--model path.gguf] [--runs 3] [--decode 128]
+ *
+ * TTFT: prompt tokens in, first output token out (prefill of the whole
+ * prompt). Decode: output tokens per second after the first, greedy, with
+ * end-of-generation ignored so both engines produce the same count.
+ */
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { cpus } from 'node:os';
+import * as path from 'node:path';
+import { parseArgs } from 'node:util';
+
+import { createEngine, defaultModelPath } from '../lib/index';
+
+const { values: args } = parseArgs({
+  options: {
+    model: { type: 'string', default: defaultModelPath() },
+    runs: { type: 'string', default: '3' },
+    decode: { type: 'string', default: '128' },
+    threads: { type: 'string', default: String(Math.min(cpus().length, Number(process.env.RAYON_NUM_THREADS ?? 1e9))) },
+  },
+});
+const RUNS = Number(args.runs);
+const N_DECODE = Number(args.decode);
+const THREADS = Number(args.threads);
+const PROMPT_LENGTHS = [15, 128, 512];
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+
+const TEXT =
+  'The river wound through the valley, carrying snowmelt from the mountains past villages, mills and ' +
+  'orchards. Travellers who followed it spoke of markets where traders sold wool, salt, copper and ' +
+  'spices, of bridges built by forgotten kings, and of a library whose shelves held maps of every ' +
+  'road between the northern forests and the southern sea. ';
+
+interface Measure {
+  ttftMs: number;
+  decodeTokPerS: number;
+}
+
+async function main(): Promise<void> {
+  process.env.RAYON_NUM_THREADS ??= String(THREADS);
+  const engine = await createEngine();
+  const model = await engine.loadModel({ model: args.model!, modelId: 'bench' });
+  const rt = await engine.getRuntimeInfo();
+
+  const { getLlama } = await import('node-llama-cpp');
+  const llama = await getLlama({ gpu: false, build: 'never', logLevel: 'error' as never });
+  const lcModel = await llama.loadModel({ modelPath: args.model! });
+  const lcContext = await lcModel.createContext({ contextSize: 2048, threads: THREADS });
+
+  const corpus = (await engine.tokenize({ model: 'bench', text: TEXT.repeat(20) })).tokens;
+
+  async function ours(prompt: number[], nDecode: number): Promise<Measure> {
+    let stats: { timeToFirstToken: number; tokensPerSecond: number } | undefined;
+    for await (const c of engine.createGenerator({ model: 'bench', prompt: { tokens: prompt }, maxTokens: nDecode, ignoreEos: true })) {
+      if (c.type === 'metadata') stats = c.stats;
+      if (c.type === 'error') throw new Error(c.error.message);
+    }
+    return { ttftMs: stats!.timeToFirstToken, decodeTokPerS: stats!.tokensPerSecond };
+  }
+
+  async function theirs(prompt: number[], nDecode: number): Promise<Measure> {
+    const seq = lcContext.getSequence();
+    const t0 = performance.now();
+    let tFirst = 0;
+    let n = 0;
+    for await (const _ of seq.evaluate(prompt as never, { temperature: 0 })) {
+      if (++n === 1) tFirst = performance.now();
+      if (n >= nDecode) break;
+    }
+    const tEnd = performance.now();
+    seq.dispose();
+    return { ttftMs: tFirst - t0, decodeTokPerS: ((n - 1) * 1000) / (tEnd - tFirst) };
+  }
+
+  // Warm both (page in weights, first-call costs).
+  await ours(corpus.slice(0, 32), 8);
+  await theirs(corpus.slice(0, 32), 8);
+
+  const rows: { metric: string; ours: number; llamaCpp: number; ratio: number; better: 'higher' | 'lower' }[] = [];
+  for (const len of PROMPT_LENGTHS) {
+    const prompt = corpus.slice(0, len);
+    const a: Measure[] = [];
+    const b: Measure[] = [];
+    for (let r = 0; r < RUNS; r++) {
+      a.push(await ours(prompt, N_DECODE));
+      b.push(await theirs(prompt, N_DECODE));
+    }
+    const [ttftA, ttftB] = [median(a.map((m) => m.ttftMs)), median(b.map((m) => m.ttftMs))];
+    const [decA, decB] = [median(a.map((m) => m.decodeTokPerS)), median(b.map((m) => m.decodeTokPerS))];
+    // Ratios read "ours relative to llama.cpp, >1 is better for us".
+    rows.push({ metric: `TTFT ms, ${len}-token prompt`, ours: ttftA, llamaCpp: ttftB, ratio: ttftB / ttftA, better: 'lower' });
+    rows.push({ metric: `decode tok/s after ${len} tokens`, ours: decA, llamaCpp: decB, ratio: decA / decB, better: 'higher' });
+  }
+
+  console.log(`\nmodel ${path.basename(args.model!)} (${model.quantization}), ${THREADS} threads, ${rt.isa}, median of ${RUNS}, ${N_DECODE} decoded tokens`);
+  console.log('| metric | mlx-serving | node-llama-cpp | speed ratio (>1: we are faster) |');
+  console.log('| --- | ---: | ---: | ---: |');
+  for (const r of rows) console.log(`| ${r.metric} | ${r.ours.toFixed(1)} | ${r.llamaCpp.toFixed(1)} | ${r.ratio.toFixed(2)}x |`);
+
+  const out = path.join(__dirname, 'results', 'decode-vs-llama-cpp.json');
+  mkdirSync(path.dirname(out), { recursive: true });
+  writeFileSync(
+    out,
+    JSON.stringify({ date: new Date().toISOString(), model: args.model, threads: THREADS, isa: rt.isa, runs: RUNS, nDecode: N_DECODE, rows }, null, 2),
+  );
+  console.log(`\nwritten to ${path.relative(process.cwd(), out)}`);
+
+  await lcContext.dispose();
+  await lcModel.dispose();
+  await engine.shutdown();
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});
