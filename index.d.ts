@@ -79,6 +79,7 @@ export interface NativeGenerateParams {
   seed?: number
   stopSequences?: Array<string>
   stopTokenIds?: Array<number>
+  ignoreEos?: boolean
   timeoutMs?: number
 }
 
