@@ -10,13 +10,15 @@ use rayon::prelude::*;
 use super::{ops, BatchToken, KvCache, Model, ModelConfig};
 use half::f16;
 
-use crate::cpu::{axpy_f16, dot_f16, matmul, Bytes, QMatrix};
+use crate::cpu::{dot_f32, f16_to_f32, matmul, Bytes, QMatrix};
 use crate::error::EngineError;
 use crate::gguf::GgufFile;
 use crate::quant::{dequantize_row, QuantizedActs};
 
-/// Largest head size the attention kernel's stack buffer holds.
+/// Largest head size and query heads per KV head that the attention
+/// kernel's stack buffer holds.
 const MAX_HEAD_DIM: usize = 256;
+const MAX_GROUP: usize = 16;
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -90,8 +92,8 @@ impl Llama {
             return Err(load_err(g, format!("{n_heads} heads / {n_kv_heads} kv heads do not divide width {dim}")));
         }
         let head_dim = dim / n_heads;
-        if head_dim > MAX_HEAD_DIM {
-            return Err(load_err(g, format!("head size {head_dim} exceeds {MAX_HEAD_DIM}")));
+        if head_dim > MAX_HEAD_DIM || n_heads / n_kv_heads > MAX_GROUP {
+            return Err(load_err(g, format!("head size {head_dim} or group {} too large", n_heads / n_kv_heads)));
         }
         let rope_dim = req("rope.dimension_count").unwrap_or(head_dim);
         if rope_dim > head_dim || rope_dim % 2 != 0 {
@@ -164,33 +166,55 @@ impl Llama {
         }
     }
 
-    /// Causal attention of every (token, head) over its sequence's cache.
+    /// Causal attention of every token over its sequence's cache. Work is
+    /// split by (token, KV head) so each cached key and value is converted
+    /// from f16 once for all the query heads that share it.
     fn attention(&self, layer: usize, q: &[f32], batch: &[BatchToken], caches: &[&KvCache], out: &mut [f32]) {
         let hd = self.cfg.head_dim;
-        let kv_dim = self.cfg.n_kv_heads * hd;
-        let group = self.n_heads / self.cfg.n_kv_heads;
+        let n_kv = self.cfg.n_kv_heads;
+        let kv_dim = n_kv * hd;
+        let group = self.n_heads / n_kv;
         let scale = 1.0 / (hd as f32).sqrt();
-        out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores: &mut Vec<f32>, (j, o)| {
-            let (t, h) = (j / self.n_heads, j % self.n_heads);
-            let bt = batch[t];
-            let cache = caches[bt.seq];
-            let (keys, values) = (cache.keys(layer), cache.values(layer));
-            // Query and weights rounded to f16 like the f16 cache, as llama.cpp does.
-            let mut qh = [0.0f32; MAX_HEAD_DIM];
-            let qh = &mut qh[..hd];
-            for (d, &s) in qh.iter_mut().zip(&q[j * hd..(j + 1) * hd]) {
-                *d = f16::from_f32(s).to_f32();
-            }
-            let off = (h / group) * hd;
-            scores.clear();
-            scores.extend((0..=bt.pos).map(|p| dot_f16(qh, &keys[p * kv_dim + off..p * kv_dim + off + hd]) * scale));
-            ops::softmax(scores);
-            o.fill(0.0);
-            for (p, &s) in scores.iter().enumerate() {
-                let s = f16::from_f32(s).to_f32();
-                axpy_f16(o, s, &values[p * kv_dim + off..p * kv_dim + off + hd]);
-            }
-        });
+        out.par_chunks_mut(group * hd).enumerate().for_each_init(
+            || (Vec::new(), vec![0.0f32; hd]),
+            |(scores, row): &mut (Vec<f32>, Vec<f32>), (j, o)| {
+                let (t, kvh) = (j / n_kv, j % n_kv);
+                let bt = batch[t];
+                let cache = caches[bt.seq];
+                let (keys, values) = (cache.keys(layer), cache.values(layer));
+                let n_pos = bt.pos + 1;
+                // Queries rounded to f16 like the f16 cache, as llama.cpp does.
+                let mut qg = [0.0f32; MAX_HEAD_DIM * MAX_GROUP];
+                let qg = &mut qg[..group * hd];
+                let q0 = (t * self.n_heads + kvh * group) * hd;
+                for (d, &v) in qg.iter_mut().zip(&q[q0..q0 + group * hd]) {
+                    *d = f16::from_f32(v).to_f32();
+                }
+                let off = kvh * hd;
+                scores.clear();
+                scores.resize(group * n_pos, 0.0);
+                for p in 0..n_pos {
+                    f16_to_f32(&keys[p * kv_dim + off..p * kv_dim + off + hd], row);
+                    for g in 0..group {
+                        scores[g * n_pos + p] = dot_f32(&qg[g * hd..(g + 1) * hd], row) * scale;
+                    }
+                }
+                for g in 0..group {
+                    let sg = &mut scores[g * n_pos..(g + 1) * n_pos];
+                    ops::softmax(sg);
+                    // Weights rounded to f16 too (llama.cpp multiplies them with f16 values).
+                    sg.iter_mut().for_each(|w| *w = f16::from_f32(*w).to_f32());
+                }
+                o.fill(0.0);
+                for p in 0..n_pos {
+                    f16_to_f32(&values[p * kv_dim + off..p * kv_dim + off + hd], row);
+                    for g in 0..group {
+                        let w = scores[g * n_pos + p];
+                        o[g * hd..(g + 1) * hd].iter_mut().zip(row.iter()).for_each(|(a, &v)| *a += w * v);
+                    }
+                }
+            },
+        );
     }
 }
 

@@ -1,0 +1,40 @@
+//! Times the model's forward pass alone (no engine, no sampling): prefill of
+//! N prompt tokens and single-token decode steps, median of several runs.
+//! `cargo run --release --example forward_timing -- model.gguf 512`
+
+use std::time::Instant;
+
+use mlx_serving_engine::gguf::GgufFile;
+use mlx_serving_engine::models::{load_gguf, BatchToken};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let path = args.next().unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
+    let n_prompt: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(512);
+    let runs = 5;
+    let g = GgufFile::open(&path)?;
+    let m = load_gguf(&g)?;
+    let vocab = m.config().vocab_size as u32;
+    let prompt: Vec<u32> = (0..n_prompt as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let mut cache = m.new_cache();
+        let batch: Vec<_> =
+            prompt.iter().enumerate().map(|(pos, &token)| BatchToken { token, pos, seq: 0, logits: pos + 1 == n_prompt }).collect();
+        let t = Instant::now();
+        rayon::scope(|_| m.forward(&batch, &mut [&mut cache]))?;
+        prefill.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        for i in 0..32 {
+            let bt = BatchToken { token: (i * 31 + 5) % vocab, pos: n_prompt + i as usize, seq: 0, logits: true };
+            rayon::scope(|_| m.forward(&[bt], &mut [&mut cache]))?;
+        }
+        decode.push(32.0 / t.elapsed().as_secs_f64());
+    }
+    println!("prefill {n_prompt} tokens: {:.1} ms; decode after it: {:.1} tok/s (median of {runs})", median(prefill), median(decode));
+    Ok(())
+}
