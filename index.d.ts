@@ -25,8 +25,17 @@ export declare class NativeEngine {
    */
   generate(params: NativeGenerateParams): Promise<NativeStream>
   stats(): NativeEngineStats
+  startServer(opts: NativeServerOptions): Promise<NativeServer>
   /** Stops every model; running requests end with `Cancelled`. */
   shutdown(): Promise<void>
+}
+
+/** The OpenAI-compatible HTTP server, running on the addon's tokio runtime. */
+export declare class NativeServer {
+  get host(): string
+  get port(): number
+  /** Stops accepting connections; in-flight requests get `grace_ms` to finish. */
+  close(graceMs?: number | undefined | null): Promise<void>
 }
 
 /** The events of one generation request. */
@@ -103,6 +112,14 @@ export interface NativeRuntimeInfo {
   backend: string
   isa: string
   threads: number
+}
+
+export interface NativeServerOptions {
+  host?: string
+  port?: number
+  apiKey?: string
+  maxConcurrent?: number
+  bodyLimitBytes?: number
 }
 
 export interface NativeStats {

@@ -164,6 +164,27 @@ export interface RuntimeInfo {
   arch: string;
 }
 
+export interface ServerOptions {
+  /** Default 127.0.0.1 (loopback only). */
+  host?: string;
+  /** Default 8080; 0 picks a free port. */
+  port?: number;
+  /** When set, `/v1/*` requires `Authorization: Bearer <apiKey>`. */
+  apiKey?: string;
+  /** Generations at once; more get HTTP 429 with Retry-After. Default 64. */
+  maxConcurrent?: number;
+  /** Largest request body; more gets HTTP 413. Default 4 MiB. */
+  bodyLimitBytes?: number;
+}
+
+export interface HttpServer {
+  url: string;
+  host: string;
+  port: number;
+  /** Stops accepting connections; in-flight requests get `graceMs` (default 5000) to finish. */
+  close(graceMs?: number): Promise<void>;
+}
+
 export interface ModelCacheStats {
   models: { id: string; weightBytes: number; lastAccess: number }[];
   totalWeightBytes: number;
@@ -431,6 +452,14 @@ export class Engine extends EventEmitter {
       lastAccess: this.lastAccess.get(m.id) ?? 0,
     }));
     return { models, totalWeightBytes: models.reduce((a, m) => a + m.weightBytes, 0) };
+  }
+
+  /** Starts the OpenAI-compatible HTTP server (Rust, in this process) over this engine's models. */
+  async startServer(options: ServerOptions = {}): Promise<HttpServer> {
+    this.ensureOpen();
+    const s = await call(() => this.native.startServer(options));
+    const host = s.host.includes(':') ? `[${s.host}]` : s.host;
+    return { url: `http://${host}:${s.port}`, host: s.host, port: s.port, close: (graceMs?: number) => s.close(graceMs) };
   }
 
   async shutdown(): Promise<void> {

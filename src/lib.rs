@@ -128,6 +128,7 @@ impl TryFrom<NativeGenerateParams> for GenerateRequest {
             stop_sequences: p.stop_sequences.unwrap_or_default(),
             stop_token_ids: p.stop_token_ids.unwrap_or_default(),
             ignore_eos: p.ignore_eos.unwrap_or(false),
+            top_logprobs: 0,
             timeout_ms,
         })
     }
@@ -180,11 +181,11 @@ impl From<Event> for NativeChunk {
             error_message: None,
         };
         match e {
-            Event::Token { text, token_id, logprob } => {
+            Event::Token { text, token_id, logprob, .. } => {
                 c.kind = "token".into();
                 c.text = Some(text);
                 c.token_id = Some(token_id);
-                c.logprob = Some(logprob as f64);
+                c.logprob = logprob.map(f64::from);
             }
             Event::Done(s) => {
                 c.kind = "done".into();
@@ -325,6 +326,26 @@ impl NativeEngine {
         }
     }
 
+    #[napi]
+    pub async fn start_server(&self, opts: NativeServerOptions) -> Result<NativeServer> {
+        let d = mlx_serving_server::ServerOptions::default();
+        let port = opts.port.unwrap_or(d.port as u32);
+        if port > u16::MAX as u32 {
+            return Err(invalid(format!("port must be at most 65535, got {port}")));
+        }
+        let o = mlx_serving_server::ServerOptions {
+            host: opts.host.unwrap_or(d.host),
+            port: port as u16,
+            api_key: opts.api_key.filter(|k| !k.is_empty()),
+            max_concurrent: opts.max_concurrent.map_or(d.max_concurrent, |m| m.max(1) as usize),
+            body_limit_bytes: opts.body_limit_bytes.map_or(d.body_limit_bytes, |b| b as usize),
+        };
+        let s = mlx_serving_server::start(self.inner.clone(), o)
+            .await
+            .map_err(|e| js_error(EngineError::InvalidParams(format!("cannot listen: {e}"))))?;
+        Ok(NativeServer { host: s.addr.ip().to_string(), port: s.addr.port() as u32, inner: tokio::sync::Mutex::new(Some(s)) })
+    }
+
     /// Stops every model; running requests end with `Cancelled`.
     #[napi]
     pub async fn shutdown(&self) -> Result<()> {
@@ -340,6 +361,42 @@ impl NativeEngine {
 impl Default for NativeEngine {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[napi(object)]
+pub struct NativeServerOptions {
+    pub host: Option<String>,
+    pub port: Option<u32>,
+    pub api_key: Option<String>,
+    pub max_concurrent: Option<u32>,
+    pub body_limit_bytes: Option<u32>,
+}
+
+/// The OpenAI-compatible HTTP server, running on the addon's tokio runtime.
+#[napi]
+pub struct NativeServer {
+    inner: tokio::sync::Mutex<Option<mlx_serving_server::RunningServer>>,
+    host: String,
+    port: u32,
+}
+
+#[napi]
+impl NativeServer {
+    #[napi(getter)]
+    pub fn host(&self) -> String {
+        self.host.clone()
+    }
+    #[napi(getter)]
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+    /// Stops accepting connections; in-flight requests get `grace_ms` to finish.
+    #[napi]
+    pub async fn close(&self, grace_ms: Option<u32>) {
+        if let Some(s) = self.inner.lock().await.take() {
+            s.stop(std::time::Duration::from_millis(grace_ms.unwrap_or(5000) as u64)).await;
+        }
     }
 }
 

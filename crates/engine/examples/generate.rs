@@ -24,6 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         stop_sequences: vec![],
         stop_token_ids: vec![],
         ignore_eos: false,
+        top_logprobs: 0,
         timeout_ms: None,
     })?;
     while let Some(ev) = h.events.blocking_recv() {

@@ -21,7 +21,7 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::EngineError;
 use crate::gguf::GgufFile;
 use crate::models::{load_gguf, BatchToken, KvCache, Model};
-use crate::sampler::{Sampler, SamplingParams};
+use crate::sampler::{top_logprobs, Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Prompt tokens prefilled per step across all sequences: bounds how long a
@@ -59,8 +59,13 @@ pub struct GenerateRequest {
     pub stop_token_ids: Vec<u32>,
     /// Keep generating past end-of-generation tokens (benchmarks, like vLLM's `ignore_eos`).
     pub ignore_eos: bool,
+    /// Alternatives reported with each token (OpenAI's `top_logprobs`).
+    pub top_logprobs: usize,
     pub timeout_ms: Option<u64>,
 }
+
+/// Most alternatives a request may ask for per token (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
@@ -93,8 +98,9 @@ pub struct Stats {
 #[derive(Debug, Clone)]
 pub enum Event {
     /// One sampled token and the text it released (possibly empty: held back
-    /// for UTF-8 or a possible stop sequence).
-    Token { text: String, token_id: u32, logprob: f32 },
+    /// for UTF-8 or a possible stop sequence). At the end, text held back
+    /// for a stop sequence that never completed arrives with `logprob: None`.
+    Token { text: String, token_id: u32, logprob: Option<f32>, top_logprobs: Vec<(u32, f32)> },
     Done(Stats),
     Error(EngineError),
 }
@@ -151,6 +157,7 @@ struct Job {
     stop_sequences: Vec<String>,
     stop_token_ids: Vec<u32>,
     ignore_eos: bool,
+    top_logprobs: usize,
     deadline: Option<(Instant, u64)>,
     t_submit: Instant,
     cancel: Arc<AtomicBool>,
@@ -323,6 +330,9 @@ impl Engine {
                 return bad(format!("maxTokens must be a positive integer, got {m}"));
             }
         }
+        if req.top_logprobs > MAX_TOP_LOGPROBS {
+            return bad(format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {}", req.top_logprobs));
+        }
         if req.stop_sequences.iter().any(String::is_empty) {
             return bad("stop sequences must not be empty strings".into());
         }
@@ -364,6 +374,7 @@ impl Engine {
             stop_sequences: req.stop_sequences,
             stop_token_ids: req.stop_token_ids,
             ignore_eos: req.ignore_eos,
+            top_logprobs: req.top_logprobs,
             deadline: req.timeout_ms.map(|ms| (t_submit + Duration::from_millis(ms), ms)),
             t_submit,
             cancel: cancel.clone(),
@@ -571,6 +582,8 @@ impl WorkerLoop {
 
     /// Samples the next token of `s` and sends what it releases.
     fn emit(tk: &Tokenizer, counters: &Counters, s: &mut Sequence, logits: &mut [f32]) -> Outcome {
+        // Alternatives come from the model's own distribution, before sampling edits the logits.
+        let top = top_logprobs(logits, s.job.top_logprobs);
         let sampled = s.sampler.sample(logits, &s.tokens);
         let tok = sampled.token;
         if s.t_first_token.is_none() {
@@ -584,7 +597,8 @@ impl WorkerLoop {
         counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
         let text = s.decoder.push(tk.piece(tok));
         let (text, stopped) = s.stop.push(&text);
-        if s.job.events.send(Event::Token { text, token_id: tok, logprob: sampled.logprob }).is_err() {
+        let ev = Event::Token { text, token_id: tok, logprob: Some(sampled.logprob), top_logprobs: top };
+        if s.job.events.send(ev).is_err() {
             return Outcome::Abandoned;
         }
         if stopped {
@@ -618,7 +632,8 @@ impl WorkerLoop {
                     tail = out;
                     if !tail.is_empty() {
                         let last = *s.tokens.last().unwrap();
-                        let _ = s.job.events.send(Event::Token { text: tail, token_id: last, logprob: 0.0 });
+                        let ev = Event::Token { text: tail, token_id: last, logprob: None, top_logprobs: Vec::new() };
+                        let _ = s.job.events.send(ev);
                     }
                     let now = Instant::now();
                     let t_first = s.t_first_token.unwrap_or(now);
@@ -677,6 +692,7 @@ mod tests {
             stop_sequences: vec![],
             stop_token_ids: vec![],
             ignore_eos: false,
+            top_logprobs: 0,
             timeout_ms: None,
         }
     }

@@ -117,10 +117,27 @@ pub struct Sampled {
     pub logprob: f32,
 }
 
-fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
+/// `log Σ exp(l)`, computed stably.
+fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
-    logits[i] - max - sum.ln()
+    max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln()
+}
+
+/// The `n` most likely tokens and their log-probabilities, most likely first.
+pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let lse = log_sum_exp(logits);
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let n = n.min(idx.len());
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    if n < idx.len() {
+        idx.select_nth_unstable_by(n - 1, by_logit);
+        idx.truncate(n);
+    }
+    idx.sort_unstable_by(by_logit);
+    idx.into_iter().map(|i| (i, logits[i as usize] - lse)).collect()
 }
 
 impl Sampler {
@@ -139,7 +156,7 @@ impl Sampler {
     /// `logits` is modified in place.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> Sampled {
         let p = &self.params;
-        let raw_logprob_of = |logits: &[f32], t: usize| log_softmax_at(logits, t);
+        let raw_logprob_of = |logits: &[f32], t: usize| logits[t] - log_sum_exp(logits);
         // The reported log-probability is of the unpenalized distribution.
         let mut raw = None;
         if p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
@@ -248,6 +265,16 @@ mod tests {
         assert_eq!(out.token, 1);
         let expected = 2.0 - (1.0f32 + 2f32.exp() + 1f32.exp()).ln();
         assert!((out.logprob - expected).abs() < 1e-5);
+    }
+
+    #[test]
+    fn top_logprobs_are_sorted_and_normalised() {
+        let logits = vec![1.0, 3.0, 2.0, 3.0];
+        let top = top_logprobs(&logits, 3);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        let total: f32 = top_logprobs(&logits, 10).iter().map(|t| t.1.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5);
+        assert!(top_logprobs(&logits, 0).is_empty());
     }
 
     #[test]

@@ -1,0 +1,494 @@
+//! OpenAI-compatible HTTP server over the engine: `/v1/chat/completions`
+//! and `/v1/completions` (SSE streaming and not), `/v1/models`, `/health`,
+//! `/metrics` (Prometheus), and a live dashboard at `/`.
+//!
+//! Admission: at most `max_concurrent` generations run; past that a request
+//! gets `429` with `Retry-After` at once instead of queueing without bound.
+//! A client that disconnects drops its response stream, which cancels the
+//! generation in the engine.
+
+mod metrics;
+pub mod openai;
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, Stream};
+use mlx_serving_engine::engine::{Event, FinishReason, RequestHandle, Stats};
+use mlx_serving_engine::{Engine, EngineError};
+use serde_json::{json, Value};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+pub use metrics::{Metrics, Snapshot};
+use openai::Parsed;
+
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub host: String,
+    pub port: u16,
+    /// Bearer token required on `/v1/*` when set.
+    pub api_key: Option<String>,
+    /// Generations running at once; more get 429.
+    pub max_concurrent: usize,
+    pub body_limit_bytes: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions { host: "127.0.0.1".into(), port: 8080, api_key: None, max_concurrent: 64, body_limit_bytes: 4 << 20 }
+    }
+}
+
+struct AppState {
+    engine: Arc<Engine>,
+    opts: ServerOptions,
+    permits: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+    draining: AtomicBool,
+    next_id: AtomicU64,
+}
+
+/// A server running on the current tokio runtime.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    state: Arc<AppState>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningServer {
+    pub fn metrics_snapshot(&self) -> Snapshot {
+        let stats = self.state.engine.stats();
+        self.state.metrics.snapshot(&stats, stats.n_running)
+    }
+
+    /// Stops accepting connections and waits up to `grace` for in-flight
+    /// requests; streams still running then are cut.
+    pub async fn stop(mut self, grace: Duration) {
+        self.state.draining.store(true, Ordering::Relaxed);
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if tokio::time::timeout(grace, &mut self.task).await.is_err() {
+            self.task.abort();
+        }
+    }
+}
+
+pub async fn start(engine: Arc<Engine>, opts: ServerOptions) -> std::io::Result<RunningServer> {
+    let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port)).await?;
+    let addr = listener.local_addr()?;
+    let state = Arc::new(AppState {
+        permits: Arc::new(Semaphore::new(opts.max_concurrent.max(1))),
+        engine,
+        metrics: Arc::new(Metrics::default()),
+        draining: AtomicBool::new(false),
+        next_id: AtomicU64::new(1),
+        opts,
+    });
+    let v1 = Router::new()
+        .route("/chat/completions", post(chat_completions))
+        .route("/completions", post(completions))
+        .route("/models", get(list_models))
+        .layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    let app = Router::new()
+        .nest("/v1", v1)
+        .route("/health", get(health))
+        .route("/metrics", get(prometheus))
+        .route("/dashboard/data", get(dashboard_data))
+        .route("/", get(|| async { Html(include_str!("dashboard.html")) }))
+        .fallback(|| async { error_response(StatusCode::NOT_FOUND, "NotFound", "no such endpoint".into()) })
+        .layer(DefaultBodyLimit::max(state.opts.body_limit_bytes))
+        .with_state(state.clone());
+
+    // Sample the engine's counters once a second for rolling rates.
+    let sampler = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                state.metrics.sample(&state.engine.stats());
+            }
+        })
+    };
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await;
+        sampler.abort();
+    });
+    Ok(RunningServer { addr, state, shutdown: Some(tx), task })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// An OpenAI-style error body.
+fn error_response(status: StatusCode, code: &str, message: String) -> Response {
+    let kind = if status.is_client_error() { "invalid_request_error" } else { "server_error" };
+    let body = json!({ "error": { "message": message, "type": kind, "param": null, "code": code } });
+    (status, Json(body)).into_response()
+}
+
+fn engine_error_response(e: &EngineError) -> Response {
+    let status = match e {
+        EngineError::InvalidParams(_) | EngineError::Tokenizer(_) => StatusCode::BAD_REQUEST,
+        EngineError::ModelNotLoaded(_) => StatusCode::NOT_FOUND,
+        EngineError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+        EngineError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+        EngineError::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error_response(status, e.code(), e.to_string())
+}
+
+async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &state.opts.api_key {
+        let ok = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| constant_time_eq(given.as_bytes(), key.as_bytes()));
+        if !ok {
+            return error_response(StatusCode::UNAUTHORIZED, "Unauthorized", "missing or invalid API key".into());
+        }
+    }
+    next.run(req).await
+}
+
+/// Compares without an early exit, so response time does not leak the key.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let stats = state.engine.stats();
+    if state.draining.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "draining" }))).into_response();
+    }
+    if stats.n_models == 0 {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "loading" }))).into_response();
+    }
+    Json(json!({ "status": "ok", "models": stats.n_models, "running": stats.n_running })).into_response()
+}
+
+async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let data: Vec<Value> = state
+        .engine
+        .list_models()
+        .into_iter()
+        .map(|m| json!({ "id": m.id, "object": "model", "created": unix_now(), "owned_by": "mlx-serving", "max_model_len": m.context_length }))
+        .collect();
+    Json(json!({ "object": "list", "data": data }))
+}
+
+async fn prometheus(State(state): State<Arc<AppState>>) -> Response {
+    let stats = state.engine.stats();
+    let model = state.engine.list_models().first().map(|m| m.id.clone()).unwrap_or_default();
+    let body = state.metrics.render(&stats, &model, stats.n_running);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+async fn dashboard_data(State(state): State<Arc<AppState>>) -> Json<Snapshot> {
+    let stats = state.engine.stats();
+    Json(state.metrics.snapshot(&stats, stats.n_running))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Api {
+    Chat,
+    Completion,
+}
+
+async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    generate(state, openai::parse_chat(&body), Api::Chat).await
+}
+
+async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    generate(state, openai::parse_completion(&body), Api::Completion).await
+}
+
+async fn generate(state: Arc<AppState>, parsed: Result<Parsed, String>, api: Api) -> Response {
+    let parsed = match parsed {
+        Ok(p) => p,
+        Err(msg) => {
+            state.metrics.bad_request();
+            return error_response(StatusCode::BAD_REQUEST, "InvalidParams", msg);
+        }
+    };
+    if state.engine.model_info(&parsed.req.model).is_none() {
+        state.metrics.bad_request();
+        let known: Vec<String> = state.engine.list_models().into_iter().map(|m| m.id).collect();
+        let msg = format!("model '{}' is not loaded (available: {})", parsed.req.model, known.join(", "));
+        return error_response(StatusCode::NOT_FOUND, "ModelNotLoaded", msg);
+    }
+    let Ok(permit) = state.permits.clone().try_acquire_owned() else {
+        state.metrics.rejected();
+        let mut r = error_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Overloaded",
+            format!("{} generations are already running; retry shortly", state.opts.max_concurrent),
+        );
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    };
+    let model = parsed.req.model.clone();
+    let engine = state.engine.clone();
+    let req = parsed.req;
+    // Templating and tokenization can take a moment on long prompts.
+    let handle = match tokio::task::spawn_blocking(move || engine.submit(req)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            if matches!(e, EngineError::InvalidParams(_) | EngineError::Tokenizer(_)) {
+                state.metrics.bad_request();
+            }
+            return engine_error_response(&e);
+        }
+        Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e.to_string()),
+    };
+    let id = format!("{}-{:x}", if api == Api::Chat { "chatcmpl" } else { "cmpl" }, state.next_id.fetch_add(1, Ordering::Relaxed));
+    let run = Run {
+        state: state.clone(),
+        handle,
+        _permit: permit,
+        id,
+        model,
+        api,
+        created: unix_now(),
+        logprobs: parsed.logprobs,
+        include_usage: parsed.include_usage,
+        t_start: Instant::now(),
+        finished: false,
+    };
+    if parsed.stream {
+        Sse::new(run.into_sse()).keep_alive(KeepAlive::default()).into_response()
+    } else {
+        run.collect().await
+    }
+}
+
+/// One generation being served. Dropping it (client gone) drops the engine
+/// handle, which cancels the sequence.
+struct Run {
+    state: Arc<AppState>,
+    handle: RequestHandle,
+    _permit: OwnedSemaphorePermit,
+    id: String,
+    model: String,
+    api: Api,
+    created: u64,
+    logprobs: bool,
+    include_usage: bool,
+    t_start: Instant,
+    finished: bool,
+}
+
+impl Run {
+    fn token_text(&self, id: u32) -> String {
+        self.state.engine.detokenize(&self.model, &[id]).unwrap_or_default()
+    }
+
+    fn logprob_entry(&self, token_id: u32, logprob: f32, top: &[(u32, f32)]) -> Value {
+        let text = self.token_text(token_id);
+        match self.api {
+            Api::Chat => json!({
+                "token": text, "logprob": logprob, "bytes": text.as_bytes(),
+                "top_logprobs": top.iter().map(|&(t, lp)| {
+                    let s = self.token_text(t);
+                    json!({ "token": s, "logprob": lp, "bytes": s.as_bytes() })
+                }).collect::<Vec<_>>(),
+            }),
+            Api::Completion => json!({
+                "token": text, "logprob": logprob,
+                "top": top.iter().map(|&(t, lp)| (self.token_text(t), Value::from(lp))).collect::<serde_json::Map<_, _>>(),
+            }),
+        }
+    }
+
+    fn usage(stats: &Stats) -> Value {
+        json!({
+            "prompt_tokens": stats.n_prompt_tokens,
+            "completion_tokens": stats.n_generated_tokens,
+            "total_tokens": stats.n_prompt_tokens + stats.n_generated_tokens,
+        })
+    }
+
+    fn record(&mut self, stats: &Stats) {
+        self.finished = true;
+        let e2e = self.t_start.elapsed().as_secs_f64();
+        self.state.metrics.request_done(
+            stats.n_prompt_tokens,
+            stats.n_generated_tokens,
+            stats.t_first_token_ms / 1e3,
+            e2e,
+            stats.finish_reason == FinishReason::Stop,
+        );
+    }
+
+    fn record_failure(&mut self) {
+        self.finished = true;
+        self.state.metrics.request_failed();
+    }
+
+    /// A streaming chunk carrying `text` (and its logprob entry).
+    fn delta_chunk(&self, text: &str, logprob: Option<Value>, finish: Option<&str>, first: bool) -> Value {
+        match self.api {
+            Api::Chat => {
+                let mut delta = serde_json::Map::new();
+                if first {
+                    delta.insert("role".into(), "assistant".into());
+                }
+                if !text.is_empty() || (first && finish.is_none()) {
+                    delta.insert("content".into(), text.into());
+                }
+                json!({
+                    "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                    "choices": [{ "index": 0, "delta": delta,
+                        "logprobs": logprob.map(|l| json!({ "content": [l] })), "finish_reason": finish }],
+                })
+            }
+            Api::Completion => {
+                let lp = logprob.map(|l| {
+                    json!({ "tokens": [l["token"]], "token_logprobs": [l["logprob"]], "top_logprobs": [l["top"]], "text_offset": [0] })
+                });
+                json!({
+                    "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                    "choices": [{ "index": 0, "text": text, "logprobs": lp, "finish_reason": finish }],
+                })
+            }
+        }
+    }
+
+    fn into_sse(self) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+        struct St {
+            run: Run,
+            out: VecDeque<SseEvent>,
+            first: bool,
+            done: bool,
+        }
+        let data = |v: &Value| SseEvent::default().data(v.to_string());
+        stream::unfold(St { run: self, out: VecDeque::new(), first: true, done: false }, move |mut st| async move {
+            loop {
+                if let Some(ev) = st.out.pop_front() {
+                    return Some((Ok(ev), st));
+                }
+                if st.done {
+                    return None;
+                }
+                match st.run.handle.events.recv().await {
+                    Some(Event::Token { text, token_id, logprob, top_logprobs }) => {
+                        let lp = match (st.run.logprobs, logprob) {
+                            (true, Some(l)) => Some(st.run.logprob_entry(token_id, l, &top_logprobs)),
+                            _ => None,
+                        };
+                        // Tokens that release no text (held back) send nothing yet.
+                        if !text.is_empty() || lp.is_some() || st.first {
+                            let chunk = st.run.delta_chunk(&text, lp, None, st.first);
+                            st.first = false;
+                            st.out.push_back(data(&chunk));
+                        }
+                    }
+                    Some(Event::Done(stats)) => {
+                        st.run.record(&stats);
+                        let reason = stats.finish_reason.as_str();
+                        let mut last = st.run.delta_chunk("", None, Some(reason), st.first);
+                        if st.run.include_usage {
+                            last["usage"] = Value::Null;
+                        }
+                        st.out.push_back(data(&last));
+                        if st.run.include_usage {
+                            let obj = if st.run.api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
+                            let usage = json!({ "id": st.run.id, "object": obj, "created": st.run.created,
+                                "model": st.run.model, "choices": [], "usage": Run::usage(&stats) });
+                            st.out.push_back(data(&usage));
+                        }
+                        st.out.push_back(SseEvent::default().data("[DONE]"));
+                        st.done = true;
+                    }
+                    Some(Event::Error(e)) => {
+                        st.run.record_failure();
+                        let err = json!({ "error": { "message": e.to_string(), "type": "server_error", "code": e.code() } });
+                        st.out.push_back(data(&err));
+                        st.out.push_back(SseEvent::default().data("[DONE]"));
+                        st.done = true;
+                    }
+                    None => {
+                        // The engine dropped the request (model unloaded, shutdown).
+                        st.run.record_failure();
+                        let err = json!({ "error": { "message": "generation ended unexpectedly", "type": "server_error", "code": "Cancelled" } });
+                        st.out.push_back(data(&err));
+                        st.done = true;
+                    }
+                }
+            }
+        })
+    }
+
+    async fn collect(mut self) -> Response {
+        let mut text = String::new();
+        let mut entries = Vec::new();
+        loop {
+            match self.handle.events.recv().await {
+                Some(Event::Token { text: t, token_id, logprob, top_logprobs }) => {
+                    text.push_str(&t);
+                    if let (true, Some(l)) = (self.logprobs, logprob) {
+                        entries.push(self.logprob_entry(token_id, l, &top_logprobs));
+                    }
+                }
+                Some(Event::Done(stats)) => {
+                    self.record(&stats);
+                    let reason = stats.finish_reason.as_str();
+                    let body = match self.api {
+                        Api::Chat => json!({
+                            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                            "choices": [{ "index": 0, "message": { "role": "assistant", "content": text },
+                                "logprobs": self.logprobs.then(|| json!({ "content": entries })), "finish_reason": reason }],
+                            "usage": Run::usage(&stats),
+                        }),
+                        Api::Completion => {
+                            let lp = self.logprobs.then(|| {
+                                json!({
+                                    "tokens": entries.iter().map(|e| e["token"].clone()).collect::<Vec<_>>(),
+                                    "token_logprobs": entries.iter().map(|e| e["logprob"].clone()).collect::<Vec<_>>(),
+                                    "top_logprobs": entries.iter().map(|e| e["top"].clone()).collect::<Vec<_>>(),
+                                })
+                            });
+                            json!({
+                                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                                "choices": [{ "index": 0, "text": text, "logprobs": lp, "finish_reason": reason }],
+                                "usage": Run::usage(&stats),
+                            })
+                        }
+                    };
+                    return Json(body).into_response();
+                }
+                Some(Event::Error(e)) => {
+                    self.record_failure();
+                    return engine_error_response(&e);
+                }
+                None => {
+                    self.record_failure();
+                    return engine_error_response(&EngineError::Cancelled);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Serving metrics: Prometheus text with vLLM's metric names (so existing
+//! dashboards work) plus `mlx_serving_*`, and rolling values for the live
+//! dashboard.
+
+use std::collections::VecDeque;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use mlx_serving_engine::engine::EngineStats;
+use serde::Serialize;
+
+/// Histogram bucket upper bounds in seconds (vLLM's TTFT buckets, trimmed).
+const BUCKETS_S: &[f64] = &[0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+/// How far back the dashboard's rolling values look.
+const WINDOW: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+struct Histogram {
+    counts: Vec<u64>,
+    sum: f64,
+    n: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, v: f64) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; BUCKETS_S.len()];
+        }
+        for (c, &b) in self.counts.iter_mut().zip(BUCKETS_S) {
+            if v <= b {
+                *c += 1;
+            }
+        }
+        self.sum += v;
+        self.n += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, &b) in BUCKETS_S.iter().enumerate() {
+            let c = self.counts.get(i).copied().unwrap_or(0);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.n);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.n);
+    }
+}
+
+struct Finished {
+    at: Instant,
+    ttft_s: f64,
+    ok: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    ttft: Histogram,
+    e2e: Histogram,
+    prompt_tokens: u64,
+    generation_tokens: u64,
+    finished_stop: u64,
+    finished_length: u64,
+    failed: u64,
+    rejected: u64,
+    bad_requests: u64,
+    recent: VecDeque<Finished>,
+    /// (time, engine's generated-token counter), sampled for tokens/s.
+    token_samples: VecDeque<(Instant, u64)>,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+/// One instant of the dashboard's series.
+#[derive(Serialize, Debug, Default)]
+pub struct Snapshot {
+    pub ttft_p95_ms: Option<f64>,
+    pub tokens_per_s: f64,
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_usage: f64,
+    pub error_rate: f64,
+    pub requests_per_min: usize,
+    pub models: usize,
+}
+
+impl Metrics {
+    pub fn request_done(&self, prompt_tokens: usize, generated: usize, ttft_s: f64, e2e_s: f64, stopped: bool) {
+        let mut m = self.inner.lock().unwrap();
+        m.ttft.observe(ttft_s);
+        m.e2e.observe(e2e_s);
+        m.prompt_tokens += prompt_tokens as u64;
+        m.generation_tokens += generated as u64;
+        if stopped {
+            m.finished_stop += 1;
+        } else {
+            m.finished_length += 1;
+        }
+        m.recent.push_back(Finished { at: Instant::now(), ttft_s, ok: true });
+    }
+
+    pub fn request_failed(&self) {
+        let mut m = self.inner.lock().unwrap();
+        m.failed += 1;
+        m.recent.push_back(Finished { at: Instant::now(), ttft_s: f64::NAN, ok: false });
+    }
+
+    pub fn rejected(&self) {
+        self.inner.lock().unwrap().rejected += 1;
+    }
+
+    pub fn bad_request(&self) {
+        self.inner.lock().unwrap().bad_requests += 1;
+    }
+
+    /// Records the engine's token counter; called about once a second.
+    pub fn sample(&self, stats: &EngineStats) {
+        let mut m = self.inner.lock().unwrap();
+        let now = Instant::now();
+        m.token_samples.push_back((now, stats.n_generated_tokens));
+        while m.token_samples.front().is_some_and(|s| now - s.0 > Duration::from_secs(15)) {
+            m.token_samples.pop_front();
+        }
+        while m.recent.front().is_some_and(|r| now - r.at > WINDOW) {
+            m.recent.pop_front();
+        }
+    }
+
+    pub fn snapshot(&self, stats: &EngineStats, running: usize) -> Snapshot {
+        let m = self.inner.lock().unwrap();
+        let now = Instant::now();
+        let recent: Vec<&Finished> = m.recent.iter().filter(|r| now - r.at <= WINDOW).collect();
+        let mut ttfts: Vec<f64> = recent.iter().filter(|r| r.ok).map(|r| r.ttft_s * 1e3).collect();
+        ttfts.sort_by(f64::total_cmp);
+        // Nearest-rank P95.
+        let ttft_p95_ms = (!ttfts.is_empty()).then(|| ttfts[((ttfts.len() as f64 * 0.95).ceil() as usize).max(1) - 1]);
+        let errors = recent.iter().filter(|r| !r.ok).count();
+        let tokens_per_s = match (m.token_samples.front(), m.token_samples.back()) {
+            (Some(a), Some(b)) if b.0 > a.0 => (b.1 - a.1) as f64 / (b.0 - a.0).as_secs_f64(),
+            _ => 0.0,
+        };
+        Snapshot {
+            ttft_p95_ms,
+            tokens_per_s,
+            running,
+            waiting: 0,
+            kv_usage: 0.0,
+            error_rate: if recent.is_empty() { 0.0 } else { errors as f64 / recent.len() as f64 },
+            requests_per_min: recent.len(),
+            models: stats.n_models,
+        }
+    }
+
+    pub fn render(&self, stats: &EngineStats, model: &str, running: usize) -> String {
+        let m = self.inner.lock().unwrap();
+        let l = format!("model_name=\"{}\"", model.replace(['"', '\\', '\n'], "_"));
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, series: &[(&str, f64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (extra, v) in series {
+                let labels = if extra.is_empty() { l.clone() } else { format!("{l},{extra}") };
+                let _ = writeln!(out, "{name}{{{labels}}} {v}");
+            }
+        };
+        metric("vllm:num_requests_running", "gauge", "Requests being generated.", &[("", running as f64)]);
+        metric("vllm:num_requests_waiting", "gauge", "Requests waiting to be scheduled.", &[("", 0.0)]);
+        metric("vllm:prompt_tokens_total", "counter", "Prompt tokens processed.", &[("", m.prompt_tokens as f64)]);
+        metric("vllm:generation_tokens_total", "counter", "Tokens generated.", &[("", stats.n_generated_tokens as f64)]);
+        metric(
+            "vllm:request_success_total",
+            "counter",
+            "Requests finished successfully.",
+            &[("finished_reason=\"stop\"", m.finished_stop as f64), ("finished_reason=\"length\"", m.finished_length as f64)],
+        );
+        metric("mlx_serving_requests_failed_total", "counter", "Requests that ended in an error.", &[("", m.failed as f64)]);
+        metric("mlx_serving_requests_rejected_total", "counter", "Requests refused with 429 (overloaded).", &[("", m.rejected as f64)]);
+        metric("mlx_serving_bad_requests_total", "counter", "Requests refused with 4xx for bad input.", &[("", m.bad_requests as f64)]);
+        metric("mlx_serving_models_loaded", "gauge", "Models loaded in the engine.", &[("", stats.n_models as f64)]);
+        m.ttft.render(&mut out, "vllm:time_to_first_token_seconds", "Time to first token.", &l);
+        m.e2e.render(&mut out, "vllm:e2e_request_latency_seconds", "End-to-end request latency.", &l);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text_and_rolling_values() {
+        let m = Metrics::default();
+        m.request_done(10, 5, 0.03, 0.2, true);
+        m.request_done(10, 7, 0.3, 0.9, false);
+        m.request_failed();
+        let stats = EngineStats { n_models: 1, n_generated_tokens: 12, ..Default::default() };
+        let text = m.render(&stats, "default", 0);
+        assert!(text.contains("vllm:generation_tokens_total{model_name=\"default\"} 12"));
+        assert!(text.contains("vllm:time_to_first_token_seconds_bucket{model_name=\"default\",le=\"0.05\"} 1"));
+        assert!(text.contains("vllm:time_to_first_token_seconds_count{model_name=\"default\"} 2"));
+        assert!(text.contains("finished_reason=\"length\"} 1"));
+        let s = m.snapshot(&stats, 0);
+        assert_eq!(s.ttft_p95_ms, Some(300.0));
+        assert!((s.error_rate - 1.0 / 3.0).abs() < 1e-9);
+    }
+}
