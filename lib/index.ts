@@ -459,7 +459,18 @@ export class Engine extends EventEmitter {
     this.ensureOpen();
     const s = await call(() => this.native.startServer(options));
     const host = s.host.includes(':') ? `[${s.host}]` : s.host;
-    return { url: `http://${host}:${s.port}`, host: s.host, port: s.port, close: (graceMs?: number) => s.close(graceMs) };
+    // The server runs on Rust threads; like a net.Server, keep the process
+    // alive while it listens.
+    const keepAlive = setInterval(() => {}, 2 ** 30);
+    return {
+      url: `http://${host}:${s.port}`,
+      host: s.host,
+      port: s.port,
+      close: async (graceMs?: number) => {
+        clearInterval(keepAlive);
+        await s.close(graceMs);
+      },
+    };
   }
 
   async shutdown(): Promise<void> {

@@ -1,0 +1,104 @@
+#!/usr/bin/env node
+// mlx-serving CLI: `serve` runs the OpenAI-compatible HTTP server (Rust, in
+// the native addon) over one model.
+'use strict';
+
+const { parseArgs } = require('node:util');
+const { createEngine } = require('../dist/index.js');
+
+const HELP = `Usage: mlx-serving serve [options]
+
+Serve a model over an OpenAI-compatible HTTP API.
+
+Options:
+  --model <path|default>  GGUF file, or 'default' for the embedded SmolLM2-135M-Instruct
+                          (env MODEL_PATH when not given; else 'default')
+  --host <addr>           address to bind (default 127.0.0.1: loopback only)
+  --port <n>              port (default 8080; 0 picks a free one)
+  --api-key <key>         require 'Authorization: Bearer <key>' on /v1/*
+  --max-concurrent <n>    generations at once; more get 429 (env MAX_CONCURRENT, default 64)
+  -h, --help              show this help
+
+Environment: PRELOAD_MODEL=true runs a warm-up generation before the server
+reports healthy. /health answers 503 until the model is loaded.
+`;
+
+function fail(msg) {
+  process.stderr.write(`mlx-serving: ${msg}\n\n${HELP}`);
+  process.exit(2);
+}
+
+function intOption(name, value, min, max) {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < min || n > max) fail(`${name} must be an integer in [${min}, ${max}], got '${value}'`);
+  return n;
+}
+
+async function serve(values) {
+  const model = values.model ?? process.env.MODEL_PATH ?? 'default';
+  const port = intOption('--port', values.port ?? '8080', 0, 65535);
+  const maxConcurrent = intOption('--max-concurrent', values['max-concurrent'] ?? process.env.MAX_CONCURRENT ?? '64', 1, 100000);
+  const engine = await createEngine();
+  // Listen first so /health can say 503 while the model loads.
+  const server = await engine.startServer({ host: values.host ?? '127.0.0.1', port, apiKey: values['api-key'], maxConcurrent });
+  let stopping = false;
+  const stop = async (signal) => {
+    if (stopping) return;
+    stopping = true;
+    process.stderr.write(`\n${signal}: finishing in-flight requests (up to 5 s)...\n`);
+    await server.close(5000);
+    await engine.shutdown();
+    process.exit(0);
+  };
+  process.on('SIGINT', () => stop('SIGINT'));
+  process.on('SIGTERM', () => stop('SIGTERM'));
+
+  process.stderr.write(`loading ${model}...\n`);
+  let handle;
+  try {
+    handle = await engine.loadModel({ model });
+  } catch (e) {
+    process.stderr.write(`mlx-serving: ${e.code ?? 'Error'}: ${e.message}\n`);
+    await server.close(0);
+    await engine.shutdown();
+    process.exit(1);
+  }
+  if (/^(1|true|yes)$/i.test(process.env.PRELOAD_MODEL ?? '')) await engine.warmupModel(handle.id);
+  const auth = values['api-key'] ? ` -H 'Authorization: Bearer ${values['api-key']}'` : '';
+  process.stdout.write(
+    `mlx-serving: serving '${handle.id}' at ${server.url} (dashboard: ${server.url}/)\n\n` +
+      `curl ${server.url}/v1/chat/completions -H 'Content-Type: application/json'${auth} \\\n` +
+      `  -d '{"model": "${handle.id}", "messages": [{"role": "user", "content": "Hello!"}], "stream": true}'\n\n`,
+  );
+}
+
+async function main() {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      allowPositionals: true,
+      options: {
+        model: { type: 'string' },
+        host: { type: 'string' },
+        port: { type: 'string' },
+        'api-key': { type: 'string' },
+        'max-concurrent': { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+      },
+    });
+  } catch (e) {
+    fail(e.message);
+  }
+  const { values, positionals } = parsed;
+  if (values.help || positionals.length === 0) {
+    process.stdout.write(HELP);
+    return;
+  }
+  if (positionals[0] !== 'serve' || positionals.length > 1) fail(`unknown command '${positionals.join(' ')}'`);
+  await serve(values);
+}
+
+main().catch((e) => {
+  process.stderr.write(`mlx-serving: ${e.stack ?? e}\n`);
+  process.exit(1);
+});
