@@ -10,7 +10,7 @@
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
 export declare class NativeEngine {
-  constructor()
+  constructor(options?: NativeEngineOptions | undefined | null)
   /** Loads a GGUF file (off the JS thread). */
   loadModel(path: string, id?: string | undefined | null): Promise<NativeModelInfo>
   unloadModel(id: string): Promise<void>
@@ -61,9 +61,17 @@ export interface NativeChunk {
   errorMessage?: string
 }
 
+export interface NativeEngineOptions {
+  /** A `runtime.yaml`; defaults apply without one. */
+  configPath?: string
+  /** Overrides `streaming.maxConcurrentStreams` (the CLI's `--max-concurrent`). */
+  maxConcurrentStreams?: number
+}
+
 export interface NativeEngineStats {
   models: number
   running: number
+  waiting: number
   completed: number
   generatedTokens: number
 }

@@ -3,6 +3,9 @@
  * determinism, abort, timeouts, concurrency, events and lifecycle.
  */
 import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
 import { createEngine, EngineClientError, type Engine, type GeneratorChunk } from '../lib/index';
@@ -212,6 +215,33 @@ describe('engine API on the default model', () => {
     for await (const c of gen) last = c;
     assert.ok(last?.type === 'error' && last.error.code === 'Cancelled');
   });
+});
+
+test('runtime config: batching.maxBatchSize queues, maxConcurrentStreams refuses, bad files are rejected', async () => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'mlx-serving-cfg-'));
+  const cfg = path.join(dir, 'runtime.yaml');
+  writeFileSync(cfg, 'streaming:\n  maxConcurrentStreams: 2\nbatching:\n  maxBatchSize: 1\n');
+  const engine = await createEngine({ configPath: cfg });
+  try {
+    await engine.loadModel('default');
+    const long = { model: 'default', prompt: 'Tell a story.', maxTokens: 60, ignoreEos: true };
+    const a = engine.generate(long);
+    const b = engine.generate(long);
+    let sawWaiting = false;
+    for (let i = 0; i < 200 && !sawWaiting; i++) {
+      const h = await engine.healthCheck();
+      sawWaiting = h.activeRequests === 1 && h.waitingRequests === 1;
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    assert.ok(sawWaiting, 'the second request should wait for the first');
+    await assert.rejects(engine.generate({ model: 'default', prompt: 'x' }), (e: unknown) => e instanceof EngineClientError && e.code === 'Overloaded');
+    assert.equal((await a).length > 0 && (await b).length > 0, true);
+  } finally {
+    await engine.shutdown();
+  }
+  writeFileSync(cfg, 'batching:\n  maxBatchSize: 0\n');
+  await assert.rejects(createEngine({ configPath: cfg }), (e: unknown) => e instanceof EngineClientError && e.code === 'InvalidParams' && /batching\.maxBatchSize: must be at least 1/.test(e.message));
+  rmSync(dir, { recursive: true, force: true });
 });
 
 test('shutdown ends running streams and rejects later calls', async () => {

@@ -5,7 +5,8 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
@@ -246,6 +247,17 @@ test('CLI: --help, serve on a free port, SIGTERM exits cleanly', async () => {
 
   const bad = spawn(process.execPath, [cli, 'serve', '--port', 'abc']);
   assert.equal(await new Promise((r) => bad.on('exit', r)), 2);
+
+  // A config with a misspelt key is refused with the key's path.
+  const dir = mkdtempSync(path.join(tmpdir(), 'mlx-serving-cfg-'));
+  const cfg = path.join(dir, 'runtime.yaml');
+  writeFileSync(cfg, 'streaming:\n  maxConcurentStreams: 3\n');
+  const badCfg = spawn(process.execPath, [cli, 'serve', '--port', '0', '--config', cfg]);
+  let errText = '';
+  badCfg.stderr.on('data', (d) => (errText += d));
+  assert.equal(await new Promise((r) => badCfg.on('exit', r)), 2);
+  assert.match(errText, /streaming: unknown field `maxConcurentStreams`/);
+  rmSync(dir, { recursive: true, force: true });
 
   const proc = spawn(process.execPath, [cli, 'serve', '--port', '0'], { env: { ...process.env, MAX_CONCURRENT: '4' } });
   let out = '';

@@ -4,7 +4,7 @@
 'use strict';
 
 const { parseArgs } = require('node:util');
-const { createEngine } = require('../dist/index.js');
+const { createEngine, defaultConfigPath } = require('../dist/index.js');
 
 const HELP = `Usage: mlx-serving serve [options]
 
@@ -15,8 +15,10 @@ Options:
                           (env MODEL_PATH when not given; else 'default')
   --host <addr>           address to bind (default 127.0.0.1: loopback only)
   --port <n>              port (default 8080; 0 picks a free one)
+  --config <file>         runtime settings (default: the package's config/runtime.yaml)
   --api-key <key>         require 'Authorization: Bearer <key>' on /v1/*
-  --max-concurrent <n>    generations at once; more get 429 (env MAX_CONCURRENT, default 64)
+  --max-concurrent <n>    generations at once; more get 429 (env MAX_CONCURRENT;
+                          default streaming.maxConcurrentStreams from the config)
   -h, --help              show this help
 
 Environment: PRELOAD_MODEL=true runs a warm-up generation before the server
@@ -37,8 +39,15 @@ function intOption(name, value, min, max) {
 async function serve(values) {
   const model = values.model ?? process.env.MODEL_PATH ?? 'default';
   const port = intOption('--port', values.port ?? '8080', 0, 65535);
-  const maxConcurrent = intOption('--max-concurrent', values['max-concurrent'] ?? process.env.MAX_CONCURRENT ?? '64', 1, 100000);
-  const engine = await createEngine();
+  const mc = values['max-concurrent'] ?? process.env.MAX_CONCURRENT;
+  const maxConcurrent = mc === undefined ? undefined : intOption('--max-concurrent', mc, 1, 100000);
+  let engine;
+  try {
+    engine = await createEngine({ configPath: values.config ?? defaultConfigPath(), maxConcurrentStreams: maxConcurrent });
+  } catch (e) {
+    process.stderr.write(`mlx-serving: ${e.message}\n`);
+    process.exit(2);
+  }
   // Listen first so /health can say 503 while the model loads.
   const server = await engine.startServer({ host: values.host ?? '127.0.0.1', port, apiKey: values['api-key'], maxConcurrent });
   let stopping = false;
@@ -82,6 +91,7 @@ async function main() {
         host: { type: 'string' },
         port: { type: 'string' },
         'api-key': { type: 'string' },
+        config: { type: 'string' },
         'max-concurrent': { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },

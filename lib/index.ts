@@ -74,8 +74,17 @@ export function defaultModelPath(): string {
 }
 
 export interface EngineOptions {
-  /** Reserved for the scheduler's settings; accepted for API compatibility. */
+  /** A `runtime.yaml` (see `config/runtime.yaml`); built-in defaults without one. */
+  configPath?: string;
+  /** Overrides `streaming.maxConcurrentStreams`. */
+  maxConcurrentStreams?: number;
+  /** Other mlx-serving options are accepted for compatibility. */
   [key: string]: unknown;
+}
+
+/** The package's own `config/runtime.yaml`. */
+export function defaultConfigPath(): string {
+  return path.join(__dirname, '..', 'config', 'runtime.yaml');
 }
 
 export interface LoadModelOptions {
@@ -151,6 +160,7 @@ export interface HealthStatus {
   status: 'healthy' | 'unhealthy';
   modelsLoaded: number;
   activeRequests: number;
+  waitingRequests: number;
   uptimeMs: number;
 }
 
@@ -281,9 +291,13 @@ export class Engine extends EventEmitter {
   private closed = false;
   private nextRequest = 0;
 
-  constructor(_options: EngineOptions = {}) {
+  constructor(options: EngineOptions = {}) {
     super();
-    this.native = new native.NativeEngine();
+    try {
+      this.native = new native.NativeEngine({ configPath: options.configPath, maxConcurrentStreams: options.maxConcurrentStreams });
+    } catch (e) {
+      throw fromNative(e);
+    }
   }
 
   private ensureOpen(): void {
@@ -436,6 +450,7 @@ export class Engine extends EventEmitter {
       status: this.closed ? 'unhealthy' : 'healthy',
       modelsLoaded: s.models,
       activeRequests: s.running,
+      waitingRequests: s.waiting,
       uptimeMs: Date.now() - this.startedAt,
     };
   }

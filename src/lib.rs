@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use mlx_serving_engine::chat::ChatMessage;
+use mlx_serving_engine::config::RuntimeConfig;
 use mlx_serving_engine::cpu::Isa;
 use mlx_serving_engine::engine::{Canceller, Event, GenerateRequest, Input, ModelInfo, RequestHandle, Stats};
 use mlx_serving_engine::sampler::SamplingParams;
@@ -207,6 +208,8 @@ pub struct NativeStream {
     handle: tokio::sync::Mutex<RequestHandle>,
     canceller: Canceller,
     request_id: f64,
+    /// Most events per `next()` (`streaming.batchSize`).
+    batch_size: usize,
 }
 
 #[napi]
@@ -224,7 +227,8 @@ impl NativeStream {
         let mut out = Vec::new();
         if let Some(first) = h.events.recv().await {
             out.push(first.into());
-            while let Ok(ev) = h.events.try_recv() {
+            while out.len() < self.batch_size {
+                let Ok(ev) = h.events.try_recv() else { break };
                 out.push(ev.into());
             }
         }
@@ -242,6 +246,7 @@ impl NativeStream {
 pub struct NativeEngineStats {
     pub models: u32,
     pub running: u32,
+    pub waiting: u32,
     pub completed: f64,
     pub generated_tokens: f64,
 }
@@ -249,6 +254,14 @@ pub struct NativeEngineStats {
 #[napi]
 pub struct NativeEngine {
     inner: Arc<Engine>,
+}
+
+#[napi(object)]
+pub struct NativeEngineOptions {
+    /// A `runtime.yaml`; defaults apply without one.
+    pub config_path: Option<String>,
+    /// Overrides `streaming.maxConcurrentStreams` (the CLI's `--max-concurrent`).
+    pub max_concurrent_streams: Option<u32>,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> std::result::Result<T, EngineError> + Send + 'static) -> Result<T> {
@@ -261,8 +274,18 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> std::result::Result<T, 
 #[napi]
 impl NativeEngine {
     #[napi(constructor)]
-    pub fn new() -> Self {
-        NativeEngine { inner: Arc::new(Engine::new()) }
+    pub fn new(options: Option<NativeEngineOptions>) -> Result<Self> {
+        let mut config = match options.as_ref().and_then(|o| o.config_path.as_deref()) {
+            Some(path) => RuntimeConfig::from_file(path).map_err(js_error)?,
+            None => RuntimeConfig::default(),
+        };
+        if let Some(m) = options.as_ref().and_then(|o| o.max_concurrent_streams) {
+            if m == 0 {
+                return Err(invalid("maxConcurrentStreams must be at least 1".into()));
+            }
+            config.streaming.max_concurrent_streams = m as usize;
+        }
+        Ok(NativeEngine { inner: Arc::new(Engine::with_config(config)) })
     }
 
     /// Loads a GGUF file (off the JS thread).
@@ -312,7 +335,12 @@ impl NativeEngine {
         let req = GenerateRequest::try_from(params)?;
         let e = self.inner.clone();
         let handle = blocking(move || e.submit(req)).await?;
-        Ok(NativeStream { canceller: handle.canceller(), request_id: handle.id as f64, handle: tokio::sync::Mutex::new(handle) })
+        Ok(NativeStream {
+            canceller: handle.canceller(),
+            request_id: handle.id as f64,
+            handle: tokio::sync::Mutex::new(handle),
+            batch_size: self.inner.config().streaming.batch_size,
+        })
     }
 
     #[napi]
@@ -321,6 +349,7 @@ impl NativeEngine {
         NativeEngineStats {
             models: s.n_models as u32,
             running: s.n_running as u32,
+            waiting: s.n_waiting as u32,
             completed: s.n_completed as f64,
             generated_tokens: s.n_generated_tokens as f64,
         }
@@ -337,7 +366,9 @@ impl NativeEngine {
             host: opts.host.unwrap_or(d.host),
             port: port as u16,
             api_key: opts.api_key.filter(|k| !k.is_empty()),
-            max_concurrent: opts.max_concurrent.map_or(d.max_concurrent, |m| m.max(1) as usize),
+            max_concurrent: opts
+                .max_concurrent
+                .map_or(self.inner.config().streaming.max_concurrent_streams, |m| m.max(1) as usize),
             body_limit_bytes: opts.body_limit_bytes.map_or(d.body_limit_bytes, |b| b as usize),
         };
         let s = mlx_serving_server::start(self.inner.clone(), o)
@@ -358,11 +389,6 @@ impl NativeEngine {
     }
 }
 
-impl Default for NativeEngine {
-    fn default() -> Self {
-        Self::new()
-    }
-}
 
 #[napi(object)]
 pub struct NativeServerOptions {

@@ -411,16 +411,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::quant::quantize_row;
-
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::quant::tests::rand_vec;
 
     fn matrix(qtype: QType, rows: usize, cols: usize, seed: u64) -> QMatrix {
         let data = rand_vec(rows * cols, seed).chunks(cols).flat_map(|r| quantize_row(qtype, r)).collect();

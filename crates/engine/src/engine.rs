@@ -6,7 +6,7 @@
 //! `Event`s. Validation, chat templating and tokenization happen on the
 //! caller's thread, before the request reaches the worker.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::chat::{ChatMessage, ChatTemplate};
+use crate::config::RuntimeConfig;
 use crate::error::EngineError;
 use crate::gguf::GgufFile;
 use crate::models::{load_gguf, BatchToken, KvCache, Model};
@@ -27,8 +28,6 @@ use crate::tokenizer::{StreamDecoder, Tokenizer};
 /// Prompt tokens prefilled per step across all sequences: bounds how long a
 /// step (and so every running stream's next token) can take.
 const PREFILL_CHUNK: usize = 256;
-/// Output tokens when the request names no limit.
-pub const DEFAULT_MAX_TOKENS: usize = 512;
 
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
@@ -52,7 +51,7 @@ pub enum Input {
 pub struct GenerateRequest {
     pub model: String,
     pub input: Input,
-    /// `None`: `DEFAULT_MAX_TOKENS`, bounded by the context.
+    /// `None`: the config's `streaming.maxTokens`, bounded by the context.
     pub max_tokens: Option<i64>,
     pub sampling: SamplingParams,
     pub stop_sequences: Vec<String>,
@@ -138,6 +137,11 @@ impl Canceller {
 #[derive(Default, Debug)]
 struct Counters {
     running: AtomicUsize,
+    waiting: AtomicUsize,
+    /// Submitted and not yet finished (queued in the channel, waiting or running).
+    in_flight: AtomicUsize,
+    /// Milliseconds since the engine started, at the last submit (LRU).
+    last_used_ms: AtomicU64,
     completed: AtomicU64,
     generated_tokens: AtomicU64,
 }
@@ -146,6 +150,7 @@ struct Counters {
 pub struct EngineStats {
     pub n_models: usize,
     pub n_running: usize,
+    pub n_waiting: usize,
     pub n_completed: u64,
     pub n_generated_tokens: u64,
 }
@@ -162,6 +167,16 @@ struct Job {
     t_submit: Instant,
     cancel: Arc<AtomicBool>,
     events: UnboundedSender<Event>,
+    _in_flight: InFlight,
+}
+
+/// Counts a request as in flight until its job is dropped, however it ends.
+struct InFlight(Arc<Counters>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 enum Msg {
@@ -187,10 +202,17 @@ impl Worker {
     }
 }
 
-#[derive(Default)]
 pub struct Engine {
+    config: RuntimeConfig,
     models: Mutex<HashMap<String, Arc<Worker>>>,
     next_request: AtomicU64,
+    t_start: Instant,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Self::with_config(RuntimeConfig::default())
+    }
 }
 
 fn model_id_for(path: &Path) -> String {
@@ -201,6 +223,44 @@ fn model_id_for(path: &Path) -> String {
 impl Engine {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    pub fn with_config(config: RuntimeConfig) -> Self {
+        Engine { config, models: Mutex::default(), next_request: AtomicU64::new(0), t_start: Instant::now() }
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// Makes room for one more model: evicts the least recently used model
+    /// with nothing in flight, or refuses when every model is busy.
+    fn evict_for_one_more(&self) -> Result<(), EngineError> {
+        let max = self.config.model_cache.max_models;
+        loop {
+            let victim = {
+                let models = self.models.lock().unwrap();
+                if models.len() < max {
+                    return Ok(());
+                }
+                models
+                    .values()
+                    .filter(|w| w.counters.in_flight.load(Ordering::Relaxed) == 0)
+                    .min_by_key(|w| w.counters.last_used_ms.load(Ordering::Relaxed))
+                    .map(|w| w.info.id.clone())
+            };
+            match victim {
+                Some(id) => {
+                    // Another caller may have removed it meanwhile; loop and re-check.
+                    let _ = self.unload_model(&id);
+                }
+                None => {
+                    return Err(EngineError::Overloaded(format!(
+                        "model_cache.maxModels ({max}) models are loaded and all are serving requests"
+                    )))
+                }
+            }
+        }
     }
 
     /// Loads a GGUF model and starts its worker. Loading a path that is
@@ -223,6 +283,7 @@ impl Engine {
             )));
         }
 
+        self.evict_for_one_more()?;
         let g = GgufFile::open(&canonical)?;
         let model: Arc<dyn Model> = Arc::from(load_gguf(&g)?);
         let tokenizer = Tokenizer::from_gguf(&g).map_err(|e| EngineError::ModelLoad {
@@ -251,11 +312,13 @@ impl Engine {
         let tokenizer = Arc::new(tokenizer);
         let (tx, rx) = mpsc::channel();
         let counters = Arc::new(Counters::default());
+        counters.last_used_ms.store(self.t_start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let max_batch = self.config.max_batch();
         let thread = {
             let (tokenizer, counters) = (tokenizer.clone(), counters.clone());
             std::thread::Builder::new()
                 .name(format!("mlx-serving:{id}"))
-                .spawn(move || WorkerLoop::new(model, tokenizer, counters).run(rx))
+                .spawn(move || WorkerLoop::new(model, tokenizer, counters, max_batch).run(rx))
                 .map_err(|e| EngineError::Internal(format!("cannot start model thread: {e}")))?
         };
         let worker = Arc::new(Worker { info: info.clone(), tokenizer, template, tx, counters, thread: Mutex::new(Some(thread)) });
@@ -294,6 +357,7 @@ impl Engine {
         let mut s = EngineStats { n_models: models.len(), ..Default::default() };
         for w in models.values() {
             s.n_running += w.counters.running.load(Ordering::Relaxed);
+            s.n_waiting += w.counters.waiting.load(Ordering::Relaxed);
             s.n_completed += w.counters.completed.load(Ordering::Relaxed);
             s.n_generated_tokens += w.counters.generated_tokens.load(Ordering::Relaxed);
         }
@@ -362,7 +426,23 @@ impl Engine {
             return bad(format!("the prompt has {} tokens but the context holds {ctx}", prompt.len()));
         }
         let room = ctx - prompt.len();
-        let max_tokens = req.max_tokens.map(|m| m as usize).unwrap_or(DEFAULT_MAX_TOKENS).min(room);
+        let cap = self.config.streaming.max_tokens;
+        if let Some(m) = req.max_tokens {
+            if m as u64 > cap as u64 {
+                return bad(format!("maxTokens {m} exceeds the configured limit streaming.maxTokens = {cap}"));
+            }
+        }
+        let max_tokens = req.max_tokens.map(|m| m as usize).unwrap_or(cap).min(room);
+        let timeout_ms = req.timeout_ms.or(Some(self.config.streaming.request_timeout).filter(|&t| t > 0));
+
+        // Admission: a bounded number of requests in flight per model.
+        let limit = self.config.streaming.max_concurrent_streams;
+        if w.counters.in_flight.fetch_add(1, Ordering::Relaxed) >= limit {
+            w.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return Err(EngineError::Overloaded(format!("{limit} requests are in flight (streaming.maxConcurrentStreams)")));
+        }
+        let in_flight = InFlight(w.counters.clone());
+        w.counters.last_used_ms.store(self.t_start.elapsed().as_millis() as u64, Ordering::Relaxed);
 
         let id = self.next_request.fetch_add(1, Ordering::Relaxed) + 1;
         let (events_tx, events_rx) = unbounded_channel();
@@ -375,10 +455,11 @@ impl Engine {
             stop_token_ids: req.stop_token_ids,
             ignore_eos: req.ignore_eos,
             top_logprobs: req.top_logprobs,
-            deadline: req.timeout_ms.map(|ms| (t_submit + Duration::from_millis(ms), ms)),
+            deadline: timeout_ms.map(|ms| (t_submit + Duration::from_millis(ms), ms)),
             t_submit,
             cancel: cancel.clone(),
             events: events_tx,
+            _in_flight: in_flight,
         };
         w.tx.send(Msg::Job(Box::new(job))).map_err(|_| EngineError::ModelNotLoaded(req.model.clone()))?;
         Ok(RequestHandle { id, events: events_rx, cancel })
@@ -465,14 +546,45 @@ struct WorkerLoop {
     tokenizer: Arc<Tokenizer>,
     counters: Arc<Counters>,
     running: Vec<Sequence>,
+    /// Admitted, not yet running (the batch is full), in arrival order.
+    waiting: VecDeque<Box<Job>>,
+    max_batch: usize,
 }
 
 impl WorkerLoop {
-    fn new(model: Arc<dyn Model>, tokenizer: Arc<Tokenizer>, counters: Arc<Counters>) -> Self {
-        WorkerLoop { model, tokenizer, counters, running: Vec::new() }
+    fn new(model: Arc<dyn Model>, tokenizer: Arc<Tokenizer>, counters: Arc<Counters>, max_batch: usize) -> Self {
+        WorkerLoop { model, tokenizer, counters, running: Vec::new(), waiting: VecDeque::new(), max_batch: max_batch.max(1) }
     }
 
     fn admit(&mut self, job: Box<Job>) {
+        self.waiting.push_back(job);
+        self.counters.waiting.store(self.waiting.len(), Ordering::Relaxed);
+    }
+
+    /// Moves waiting requests into the batch while it has room; drops the
+    /// ones whose caller left or whose deadline passed while they waited.
+    fn fill(&mut self) {
+        let now = Instant::now();
+        self.waiting.retain(|j| {
+            if j.cancel.load(Ordering::Relaxed) || j.events.is_closed() {
+                return false;
+            }
+            match j.deadline {
+                Some((at, ms)) if now >= at => {
+                    let _ = j.events.send(Event::Error(EngineError::Timeout(ms)));
+                    false
+                }
+                _ => true,
+            }
+        });
+        while self.running.len() < self.max_batch {
+            let Some(job) = self.waiting.pop_front() else { break };
+            self.start(job);
+        }
+        self.counters.waiting.store(self.waiting.len(), Ordering::Relaxed);
+    }
+
+    fn start(&mut self, job: Box<Job>) {
         let sampler = Sampler::new(job.sampling.clone());
         let stop = StopMatcher { stops: job.stop_sequences.clone(), held: String::new() };
         self.running.push(Sequence {
@@ -492,7 +604,7 @@ impl WorkerLoop {
     fn run(mut self, rx: mpsc::Receiver<Msg>) {
         loop {
             // Idle: block for work. Busy: take whatever arrived, then step.
-            if self.running.is_empty() {
+            if self.running.is_empty() && self.waiting.is_empty() {
                 match rx.recv() {
                     Ok(Msg::Job(j)) => self.admit(j),
                     Ok(Msg::Shutdown) | Err(_) => break,
@@ -509,11 +621,16 @@ impl WorkerLoop {
                 for s in self.running.drain(..) {
                     let _ = s.job.events.send(Event::Error(EngineError::Cancelled));
                 }
+                for j in self.waiting.drain(..) {
+                    let _ = j.events.send(Event::Error(EngineError::Cancelled));
+                }
                 break;
             }
+            self.fill();
             self.step();
         }
         self.counters.running.store(0, Ordering::Relaxed);
+        self.counters.waiting.store(0, Ordering::Relaxed);
     }
 
     /// One batched forward: a token for every decoding sequence, then prompt
@@ -673,12 +790,16 @@ mod tests {
     use crate::tokenizer::tests::tiny_tokenizer_metadata;
 
     fn tiny_engine() -> (Engine, tempfile::TempDir) {
+        tiny_engine_with(RuntimeConfig::default())
+    }
+
+    fn tiny_engine_with(config: RuntimeConfig) -> (Engine, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let md: Vec<(&'static str, MetaValue)> = tiny_tokenizer_metadata();
         let n_vocab = md.iter().find(|(k, _)| *k == "tokenizer.ggml.tokens").unwrap().1.as_array().unwrap().len();
         let bytes = tiny_llama_gguf(&TinyLlama { vocab: n_vocab, dim: 64, n_layers: 2 }, md);
         std::fs::write(dir.path().join("tiny.gguf"), bytes).unwrap();
-        let e = Engine::new();
+        let e = Engine::with_config(config);
         e.load_model(dir.path().join("tiny.gguf"), None).unwrap();
         (e, dir)
     }
@@ -787,6 +908,86 @@ mod tests {
         let (_, text2, res) = collect(e.submit(r).unwrap());
         assert_eq!(res.unwrap().finish_reason, FinishReason::Stop);
         assert_eq!(text2, chars[..k].iter().collect::<String>());
+    }
+
+    fn config(f: impl FnOnce(&mut RuntimeConfig)) -> RuntimeConfig {
+        let mut c = RuntimeConfig::default();
+        f(&mut c);
+        c
+    }
+
+    fn long(e: &Engine) -> RequestHandle {
+        let mut r = req(Input::Prompt("hello".into()));
+        r.max_tokens = Some(200);
+        r.ignore_eos = true;
+        e.submit(r).unwrap()
+    }
+
+    #[test]
+    fn past_max_batch_size_requests_wait_then_run() {
+        let (e, _d) = tiny_engine_with(config(|c| c.batching.max_batch_size = 1));
+        let a = long(&e);
+        let b = long(&e);
+        let mut saw_waiting = false;
+        for _ in 0..200 {
+            let s = e.stats();
+            if s.n_running == 1 && s.n_waiting == 1 {
+                saw_waiting = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(saw_waiting, "{:?}", e.stats());
+        // Both finish: the waiting one runs once the first is done.
+        assert_eq!(collect(a).2.unwrap().n_generated_tokens, 200);
+        assert_eq!(collect(b).2.unwrap().n_generated_tokens, 200);
+        assert_eq!(e.stats().n_waiting, 0);
+    }
+
+    #[test]
+    fn admission_refuses_past_max_concurrent_streams_and_caps_max_tokens() {
+        let (e, _d) = tiny_engine_with(config(|c| {
+            c.streaming.max_concurrent_streams = 2;
+            c.streaming.max_tokens = 300;
+        }));
+        let (a, b) = (long(&e), long(&e));
+        assert_eq!(e.submit(req(Input::Prompt("x".into()))).err().unwrap().code(), "Overloaded");
+        drop(a);
+        drop(b);
+        // Cancelled jobs leave flight once the worker drops them.
+        let mut admitted = None;
+        for _ in 0..200 {
+            if let Ok(h) = e.submit(req(Input::Prompt("x".into()))) {
+                admitted = Some(h);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(collect(admitted.expect("never admitted again")).2.is_ok());
+        let mut r = req(Input::Prompt("x".into()));
+        r.max_tokens = Some(301);
+        assert!(e.submit(r).err().unwrap().to_string().contains("streaming.maxTokens"));
+    }
+
+    #[test]
+    fn model_cache_evicts_the_least_recently_used_idle_model() {
+        let (e, d) = tiny_engine_with(config(|c| c.model_cache.max_models = 2));
+        let path = d.path().join("tiny.gguf");
+        e.load_model(&path, Some("b".into())).unwrap();
+        // "tiny" is older and idle: loading a third model evicts it.
+        e.load_model(&path, Some("c".into())).unwrap();
+        let ids: Vec<String> = e.list_models().into_iter().map(|m| m.id).collect();
+        assert_eq!(ids, ["b", "c"]);
+        // A model with a request in flight is never evicted.
+        let mut rb = req(Input::Prompt("x".into()));
+        rb.model = "b".into();
+        rb.max_tokens = Some(200);
+        rb.ignore_eos = true;
+        let hb = e.submit(rb.clone()).unwrap();
+        rb.model = "c".into();
+        let hc = e.submit(rb).unwrap();
+        assert_eq!(e.load_model(&path, Some("d".into())).unwrap_err().code(), "Overloaded");
+        drop((hb, hc));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! is a thin crate on top, and everything below is tested with `cargo test`.
 
 pub mod chat;
+pub mod config;
 pub mod cpu;
 pub mod engine;
 pub mod error;

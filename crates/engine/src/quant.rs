@@ -289,10 +289,11 @@ pub fn dot_scalar(qtype: QType, w: &[u8], a: ActRow) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    /// Deterministic values in [-1, 1) for kernel tests.
+    pub(crate) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {

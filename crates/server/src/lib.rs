@@ -40,7 +40,8 @@ pub struct ServerOptions {
     pub port: u16,
     /// Bearer token required on `/v1/*` when set.
     pub api_key: Option<String>,
-    /// Generations running at once; more get 429.
+    /// Generations running at once; more get 429 (the engine's
+    /// `streaming.maxConcurrentStreams` refuses past its own limit too).
     pub max_concurrent: usize,
     pub body_limit_bytes: usize,
 }

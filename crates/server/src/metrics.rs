@@ -131,6 +131,7 @@ impl Metrics {
     }
 
     pub fn snapshot(&self, stats: &EngineStats, running: usize) -> Snapshot {
+        let waiting = stats.n_waiting;
         let m = self.inner.lock().unwrap();
         let now = Instant::now();
         let recent: Vec<&Finished> = m.recent.iter().filter(|r| now - r.at <= WINDOW).collect();
@@ -147,7 +148,7 @@ impl Metrics {
             ttft_p95_ms,
             tokens_per_s,
             running,
-            waiting: 0,
+            waiting,
             kv_usage: 0.0,
             error_rate: if recent.is_empty() { 0.0 } else { errors as f64 / recent.len() as f64 },
             requests_per_min: recent.len(),
@@ -167,7 +168,7 @@ impl Metrics {
             }
         };
         metric("vllm:num_requests_running", "gauge", "Requests being generated.", &[("", running as f64)]);
-        metric("vllm:num_requests_waiting", "gauge", "Requests waiting to be scheduled.", &[("", 0.0)]);
+        metric("vllm:num_requests_waiting", "gauge", "Requests waiting to be scheduled.", &[("", stats.n_waiting as f64)]);
         metric("vllm:prompt_tokens_total", "counter", "Prompt tokens processed.", &[("", m.prompt_tokens as f64)]);
         metric("vllm:generation_tokens_total", "counter", "Tokens generated.", &[("", stats.n_generated_tokens as f64)]);
         metric(

@@ -1,0 +1,162 @@
+//! `config/runtime.yaml`: the engine's serving settings. Unknown keys and bad
+//! values are errors that name the key's path, never silently ignored.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::EngineError;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    pub streaming: Streaming,
+    pub batching: Batching,
+    pub model_cache: ModelCache,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct Streaming {
+    /// Generations running or waiting at once; more are refused (`Overloaded`, HTTP 429).
+    pub max_concurrent_streams: usize,
+    /// Most stream events handed to a consumer in one delivery.
+    pub batch_size: usize,
+    /// Default per-request timeout in ms (0: none); a request's own `timeoutMs` wins.
+    pub request_timeout: u64,
+    /// Output tokens of a request that names none, and the most one may ask for.
+    pub max_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct Batching {
+    /// `false`: one sequence per forward step (no continuous batching).
+    pub enabled: bool,
+    /// Sequences decoded together per step; more wait, in arrival order.
+    pub max_batch_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct ModelCache {
+    /// Models loaded at once; loading one more evicts the least recently used idle one.
+    pub max_models: usize,
+    pub eviction_policy: EvictionPolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvictionPolicy {
+    Lru,
+}
+
+impl Default for Streaming {
+    fn default() -> Self {
+        Streaming { max_concurrent_streams: 64, batch_size: 64, request_timeout: 0, max_tokens: 2048 }
+    }
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Batching { enabled: true, max_batch_size: 32 }
+    }
+}
+
+impl Default for ModelCache {
+    fn default() -> Self {
+        ModelCache { max_models: 4, eviction_policy: EvictionPolicy::Lru }
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { streaming: Streaming::default(), batching: Batching::default(), model_cache: ModelCache::default() }
+    }
+}
+
+impl RuntimeConfig {
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, EngineError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| EngineError::InvalidParams(format!("cannot read config {}: {e}", path.display())))?;
+        Self::from_yaml(&text).map_err(|e| EngineError::InvalidParams(format!("config {}: {e}", path.display())))
+    }
+
+    /// Parses and validates; errors read `key.path: reason`.
+    pub fn from_yaml(text: &str) -> Result<Self, String> {
+        // An empty file is the defaults.
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let cfg: RuntimeConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            if path == "." { inner } else { format!("{path}: {inner}") }
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("streaming.maxConcurrentStreams", self.streaming.max_concurrent_streams),
+            ("streaming.batchSize", self.streaming.batch_size),
+            ("streaming.maxTokens", self.streaming.max_tokens),
+            ("batching.maxBatchSize", self.batching.max_batch_size),
+            ("model_cache.maxModels", self.model_cache.max_models),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(format!("{key}: must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sequences one forward step may hold.
+    pub fn max_batch(&self) -> usize {
+        if self.batching.enabled {
+            self.batching.max_batch_size
+        } else {
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_committed_file() {
+        let text = include_str!("../../../config/runtime.yaml");
+        let cfg = RuntimeConfig::from_yaml(text).unwrap();
+        assert!(cfg.streaming.max_concurrent_streams > 0);
+        assert_eq!(cfg.model_cache.eviction_policy, EvictionPolicy::Lru);
+    }
+
+    #[test]
+    fn missing_sections_take_defaults() {
+        let cfg = RuntimeConfig::from_yaml("batching:\n  enabled: false\n").unwrap();
+        assert_eq!(cfg.max_batch(), 1);
+        assert_eq!(cfg.streaming, Streaming::default());
+        assert_eq!(RuntimeConfig::from_yaml("").unwrap(), RuntimeConfig::default());
+    }
+
+    #[test]
+    fn errors_name_the_key_path() {
+        for (yaml, want) in [
+            ("streaming:\n  maxConcurentStreams: 3\n", "streaming: unknown field `maxConcurentStreams`"),
+            ("streaming:\n  maxTokens: lots\n", "streaming.maxTokens: invalid type"),
+            ("batching:\n  maxBatchSize: 0\n", "batching.maxBatchSize: must be at least 1"),
+            ("model_cache:\n  evictionPolicy: fifo\n", "model_cache.evictionPolicy: unknown variant `fifo`"),
+            ("scheduler: {}\n", "unknown field `scheduler`"),
+            ("- not a map\n", "invalid type"),
+        ] {
+            let err = RuntimeConfig::from_yaml(yaml).unwrap_err();
+            assert!(err.contains(want), "{yaml:?}: {err}");
+        }
+    }
+}
