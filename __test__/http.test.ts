@@ -176,6 +176,7 @@ describe('HTTP server', () => {
       'vllm:time_to_first_token_seconds_bucket',
       'vllm:e2e_request_latency_seconds_count',
       'mlx_serving_requests_rejected_total{model_name="default"} 1',
+      'mlx_serving_kv_cache_bytes',
     ]) {
       assert.ok(text.includes(name), name);
     }

@@ -142,6 +142,8 @@ struct Counters {
     in_flight: AtomicUsize,
     /// Milliseconds since the engine started, at the last submit (LRU).
     last_used_ms: AtomicU64,
+    /// Bytes held by the running sequences' KV caches.
+    kv_bytes: AtomicUsize,
     completed: AtomicU64,
     generated_tokens: AtomicU64,
 }
@@ -151,6 +153,7 @@ pub struct EngineStats {
     pub n_models: usize,
     pub n_running: usize,
     pub n_waiting: usize,
+    pub kv_bytes: usize,
     pub n_completed: u64,
     pub n_generated_tokens: u64,
 }
@@ -358,6 +361,7 @@ impl Engine {
         for w in models.values() {
             s.n_running += w.counters.running.load(Ordering::Relaxed);
             s.n_waiting += w.counters.waiting.load(Ordering::Relaxed);
+            s.kv_bytes += w.counters.kv_bytes.load(Ordering::Relaxed);
             s.n_completed += w.counters.completed.load(Ordering::Relaxed);
             s.n_generated_tokens += w.counters.generated_tokens.load(Ordering::Relaxed);
         }
@@ -631,6 +635,7 @@ impl WorkerLoop {
         }
         self.counters.running.store(0, Ordering::Relaxed);
         self.counters.waiting.store(0, Ordering::Relaxed);
+        self.counters.kv_bytes.store(0, Ordering::Relaxed);
     }
 
     /// One batched forward: a token for every decoding sequence, then prompt
@@ -732,7 +737,14 @@ impl WorkerLoop {
     fn retire(&mut self, mut decide: impl FnMut(&Sequence) -> Option<Outcome>) {
         let mut kept = Vec::with_capacity(self.running.len());
         for mut s in self.running.drain(..) {
-            match decide(&s) {
+            let outcome = decide(&s);
+            if !matches!(outcome, None | Some(Outcome::Continue)) {
+                // Counters first, so a caller that sees its last event also
+                // sees the engine without its sequence.
+                self.counters.running.fetch_sub(1, Ordering::Relaxed);
+                self.counters.kv_bytes.fetch_sub(s.cache.bytes().min(self.counters.kv_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+            }
+            match outcome {
                 None | Some(Outcome::Continue) => kept.push(s),
                 Some(Outcome::Abandoned) => {}
                 Some(Outcome::Failed(e)) => {
@@ -775,6 +787,8 @@ impl WorkerLoop {
         }
         self.running = kept;
         self.counters.running.store(self.running.len(), Ordering::Relaxed);
+        let kv: usize = self.running.iter().map(|s| s.cache.bytes()).sum();
+        self.counters.kv_bytes.store(kv, Ordering::Relaxed);
     }
 
     fn fail_all(&mut self, e: EngineError) {
@@ -938,10 +952,26 @@ mod tests {
             std::thread::sleep(Duration::from_millis(2));
         }
         assert!(saw_waiting, "{:?}", e.stats());
+        for _ in 0..200 {
+            if e.stats().kv_bytes > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(e.stats().kv_bytes > 0);
         // Both finish: the waiting one runs once the first is done.
         assert_eq!(collect(a).2.unwrap().n_generated_tokens, 200);
         assert_eq!(collect(b).2.unwrap().n_generated_tokens, 200);
         assert_eq!(e.stats().n_waiting, 0);
+        // Finished sequences give their KV cache back (the counter is
+        // updated just after the last event is sent).
+        for _ in 0..200 {
+            if e.stats().kv_bytes == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(e.stats().kv_bytes, 0);
     }
 
     #[test]

@@ -82,7 +82,9 @@ pub struct Snapshot {
     pub tokens_per_s: f64,
     pub running: usize,
     pub waiting: usize,
-    pub kv_usage: f64,
+    /// KV cache held by running sequences, MiB (a usage ratio needs the
+    /// paged cache's budget, which does not exist yet).
+    pub kv_mib: f64,
     pub error_rate: f64,
     pub requests_per_min: usize,
     pub models: usize,
@@ -149,7 +151,7 @@ impl Metrics {
             tokens_per_s,
             running,
             waiting,
-            kv_usage: 0.0,
+            kv_mib: stats.kv_bytes as f64 / (1 << 20) as f64,
             error_rate: if recent.is_empty() { 0.0 } else { errors as f64 / recent.len() as f64 },
             requests_per_min: recent.len(),
             models: stats.n_models,
@@ -181,6 +183,7 @@ impl Metrics {
         metric("mlx_serving_requests_rejected_total", "counter", "Requests refused with 429 (overloaded).", &[("", m.rejected as f64)]);
         metric("mlx_serving_bad_requests_total", "counter", "Requests refused with 4xx for bad input.", &[("", m.bad_requests as f64)]);
         metric("mlx_serving_models_loaded", "gauge", "Models loaded in the engine.", &[("", stats.n_models as f64)]);
+        metric("mlx_serving_kv_cache_bytes", "gauge", "Bytes of KV cache held by running sequences.", &[("", stats.kv_bytes as f64)]);
         m.ttft.render(&mut out, "vllm:time_to_first_token_seconds", "Time to first token.", &l);
         m.e2e.render(&mut out, "vllm:e2e_request_latency_seconds", "End-to-end request latency.", &l);
         out
