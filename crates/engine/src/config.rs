@@ -9,6 +9,7 @@ use crate::error::EngineError;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 pub struct RuntimeConfig {
     pub streaming: Streaming,
     pub batching: Batching,
@@ -69,11 +70,6 @@ impl Default for ModelCache {
     }
 }
 
-impl Default for RuntimeConfig {
-    fn default() -> Self {
-        RuntimeConfig { streaming: Streaming::default(), batching: Batching::default(), model_cache: ModelCache::default() }
-    }
-}
 
 impl RuntimeConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, EngineError> {

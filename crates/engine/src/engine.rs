@@ -688,11 +688,8 @@ impl WorkerLoop {
 
         let vocab = self.model.config().vocab_size;
         let mut outcomes: Vec<Option<Outcome>> = (0..self.running.len()).map(|_| None).collect();
-        let mut row = 0;
-        for bt in batch.iter().filter(|b| b.logits) {
+        for (bt, l) in batch.iter().filter(|b| b.logits).zip(logits.chunks_exact_mut(vocab)) {
             let s = &mut self.running[bt.seq];
-            let l = &mut logits[row * vocab..(row + 1) * vocab];
-            row += 1;
             outcomes[bt.seq] = Some(Self::emit(&self.tokenizer, &self.counters, s, l));
         }
         let mut it = outcomes.into_iter();

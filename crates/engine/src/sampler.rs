@@ -323,12 +323,12 @@ mod tests {
     fn penalties_discourage_recent_tokens() {
         let mut s = Sampler::new(params(|p| p.repetition_penalty = 2.0));
         // Token 0 wins without the penalty; halving its logit lets token 1 win.
-        assert_eq!(s.sample(&mut vec![3.0, 2.0], &[0]).token, 1);
+        assert_eq!(s.sample(&mut [3.0, 2.0], &[0]).token, 1);
         let mut s = Sampler::new(params(|p| p.presence_penalty = 1.5));
-        assert_eq!(s.sample(&mut vec![3.0, 2.0], &[0]).token, 1);
+        assert_eq!(s.sample(&mut [3.0, 2.0], &[0]).token, 1);
         let mut s = Sampler::new(params(|p| p.frequency_penalty = 0.4));
-        assert_eq!(s.sample(&mut vec![3.0, 2.0], &[0, 0, 0]).token, 1);
-        assert_eq!(s.sample(&mut vec![3.0, 2.0], &[0]).token, 0);
+        assert_eq!(s.sample(&mut [3.0, 2.0], &[0, 0, 0]).token, 1);
+        assert_eq!(s.sample(&mut [3.0, 2.0], &[0]).token, 0);
     }
 
     #[test]
