@@ -175,31 +175,37 @@ impl Llama {
         let kv_dim = n_kv * hd;
         let group = self.n_heads / n_kv;
         let scale = 1.0 / (hd as f32).sqrt();
-        out.par_chunks_mut(group * hd).enumerate().for_each_init(
+        // Few tasks (decode of one or two sequences): split each KV head's
+        // query heads apart too, so every core gets work; the shared key and
+        // value rows are then widened once per query head instead of once.
+        let split = if batch.len() * n_kv < 4 * crate::cpu::n_threads() { group } else { 1 };
+        let gs = group / split;
+        out.par_chunks_mut(gs * hd).enumerate().for_each_init(
             || (Vec::new(), vec![0.0f32; hd]),
             |(scores, row): &mut (Vec<f32>, Vec<f32>), (j, o)| {
-                let (t, kvh) = (j / n_kv, j % n_kv);
+                let (t, rem) = (j / (n_kv * split), j % (n_kv * split));
+                let (kvh, sub) = (rem / split, rem % split);
                 let bt = batch[t];
                 let cache = caches[bt.seq];
                 let (keys, values) = (cache.keys(layer), cache.values(layer));
                 let n_pos = bt.pos + 1;
                 // Queries rounded to f16 like the f16 cache, as llama.cpp does.
                 let mut qg = [0.0f32; MAX_HEAD_DIM * MAX_GROUP];
-                let qg = &mut qg[..group * hd];
-                let q0 = (t * self.n_heads + kvh * group) * hd;
-                for (d, &v) in qg.iter_mut().zip(&q[q0..q0 + group * hd]) {
+                let qg = &mut qg[..gs * hd];
+                let q0 = (t * self.n_heads + kvh * group + sub * gs) * hd;
+                for (d, &v) in qg.iter_mut().zip(&q[q0..q0 + gs * hd]) {
                     *d = f16::from_f32(v).to_f32();
                 }
                 let off = kvh * hd;
                 scores.clear();
-                scores.resize(group * n_pos, 0.0);
+                scores.resize(gs * n_pos, 0.0);
                 for p in 0..n_pos {
                     f16_to_f32(&keys[p * kv_dim + off..p * kv_dim + off + hd], row);
-                    for g in 0..group {
+                    for g in 0..gs {
                         scores[g * n_pos + p] = dot_f32(&qg[g * hd..(g + 1) * hd], row) * scale;
                     }
                 }
-                for g in 0..group {
+                for g in 0..gs {
                     let sg = &mut scores[g * n_pos..(g + 1) * n_pos];
                     ops::softmax(sg);
                     // Weights rounded to f16 too (llama.cpp multiplies them with f16 values).
@@ -208,7 +214,7 @@ impl Llama {
                 o.fill(0.0);
                 for p in 0..n_pos {
                     f16_to_f32(&values[p * kv_dim + off..p * kv_dim + off + hd], row);
-                    for g in 0..group {
+                    for g in 0..gs {
                         let w = scores[g * n_pos + p];
                         o[g * hd..(g + 1) * hd].iter_mut().zip(row.iter()).for_each(|(a, &v)| *a += w * v);
                     }
