@@ -11,6 +11,7 @@ pub mod gguf;
 pub mod models;
 pub mod quant;
 pub mod sampler;
+mod stop;
 pub mod tokenizer;
 
 pub use error::{EngineError, Result};

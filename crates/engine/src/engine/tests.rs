@@ -1,0 +1,235 @@
+//! Engine tests on a tiny random llama written by the tests themselves.
+
+use super::*;
+use crate::gguf::MetaValue;
+use crate::models::llama::tests::{tiny_llama_gguf, TinyLlama};
+use crate::tokenizer::tests::tiny_tokenizer_metadata;
+
+fn tiny_engine() -> (Engine, tempfile::TempDir) {
+    tiny_engine_with(RuntimeConfig::default())
+}
+
+fn tiny_engine_with(config: RuntimeConfig) -> (Engine, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let md: Vec<(&'static str, MetaValue)> = tiny_tokenizer_metadata();
+    let n_vocab = md.iter().find(|(k, _)| *k == "tokenizer.ggml.tokens").unwrap().1.as_array().unwrap().len();
+    let bytes = tiny_llama_gguf(&TinyLlama { vocab: n_vocab, dim: 64, n_layers: 2 }, md);
+    std::fs::write(dir.path().join("tiny.gguf"), bytes).unwrap();
+    let e = Engine::with_config(config);
+    e.load_model(dir.path().join("tiny.gguf"), None).unwrap();
+    (e, dir)
+}
+
+fn req(input: Input) -> GenerateRequest {
+    GenerateRequest {
+        model: "tiny".into(),
+        input,
+        max_tokens: Some(8),
+        sampling: SamplingParams::default(),
+        stop_sequences: vec![],
+        stop_token_ids: vec![],
+        ignore_eos: false,
+        top_logprobs: 0,
+        timeout_ms: None,
+    }
+}
+
+fn collect(mut h: RequestHandle) -> (Vec<u32>, String, Result<Stats, EngineError>) {
+    let (mut ids, mut text) = (vec![], String::new());
+    while let Some(ev) = h.events.blocking_recv() {
+        match ev {
+            Event::Token { text: t, token_id, .. } => {
+                ids.push(token_id);
+                text.push_str(&t);
+            }
+            Event::Done(s) => return (ids, text, Ok(s)),
+            Event::Error(e) => return (ids, text, Err(e)),
+        }
+    }
+    panic!("stream ended without Done or Error");
+}
+
+#[test]
+fn greedy_generation_is_deterministic_and_concurrent_streams_match_solo_runs() {
+    let (e, _d) = tiny_engine();
+    let solo = collect(e.submit(req(Input::Prompt("hello world".into()))).unwrap());
+    assert_eq!(solo.2.as_ref().unwrap().n_generated_tokens, solo.0.len());
+    let handles: Vec<_> = (0..4).map(|_| e.submit(req(Input::Prompt("hello world".into()))).unwrap()).collect();
+    for h in handles {
+        assert_eq!(collect(h).0, solo.0);
+    }
+}
+
+#[test]
+fn bad_input_gets_invalid_params_and_unknown_model_not_loaded() {
+    let (e, _d) = tiny_engine();
+    let mut r = req(Input::Prompt("x".into()));
+    r.max_tokens = Some(0);
+    assert_eq!(e.submit(r).err().unwrap().code(), "InvalidParams");
+    let mut r = req(Input::Prompt("x".into()));
+    r.sampling.temperature = f32::NAN;
+    assert_eq!(e.submit(r).err().unwrap().code(), "InvalidParams");
+    assert_eq!(e.submit(req(Input::Prompt("".into()))).err().unwrap().code(), "InvalidParams");
+    assert_eq!(e.submit(req(Input::Tokens(vec![1_000_000]))).err().unwrap().code(), "InvalidParams");
+    assert_eq!(e.submit(req(Input::Prompt("x ".repeat(300)))).err().unwrap().code(), "InvalidParams");
+    let mut r = req(Input::Prompt("x".into()));
+    r.model = "nope".into();
+    assert_eq!(e.submit(r).err().unwrap().code(), "ModelNotLoaded");
+    // The engine still works afterwards.
+    assert!(collect(e.submit(req(Input::Prompt("hello".into()))).unwrap()).2.is_ok());
+}
+
+#[test]
+fn cancel_and_timeout_end_a_stream_and_free_it() {
+    let (e, _d) = tiny_engine();
+    let mut r = req(Input::Prompt("hello".into()));
+    r.max_tokens = Some(200);
+    let h = e.submit(r.clone()).unwrap();
+    h.canceller().cancel();
+    drop(h);
+    r.timeout_ms = Some(0);
+    let (_, _, res) = collect(e.submit(r).unwrap());
+    assert_eq!(res.unwrap_err().code(), "Timeout");
+    for _ in 0..100 {
+        if e.stats().n_running == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(e.stats().n_running, 0);
+}
+
+#[test]
+fn stop_sequences_are_not_emitted() {
+    let (e, _d) = tiny_engine();
+    let seeded = |seed| {
+        let mut r = req(Input::Prompt("hello".into()));
+        r.max_tokens = Some(32);
+        r.sampling = SamplingParams { temperature: 1.5, seed: Some(seed), ..Default::default() };
+        r
+    };
+    // A random model may end at once; take the first seed that talks.
+    let (seed, chars, k) = (0..100)
+        .find_map(|seed| {
+            let (_, text, _) = collect(e.submit(seeded(seed)).unwrap());
+            let chars: Vec<char> = text.chars().collect();
+            // The first character that did not occur before it.
+            let k = (1..chars.len()).find(|&k| !chars[..k].contains(&chars[k]))?;
+            Some((seed, chars, k))
+        })
+        .expect("no seed gave a usable output");
+    // The same seeded run with that character as a stop sequence ends right before it.
+    let mut r = seeded(seed);
+    r.stop_sequences = vec![chars[k].to_string()];
+    let (_, text2, res) = collect(e.submit(r).unwrap());
+    assert_eq!(res.unwrap().finish_reason, FinishReason::Stop);
+    assert_eq!(text2, chars[..k].iter().collect::<String>());
+}
+
+fn config(f: impl FnOnce(&mut RuntimeConfig)) -> RuntimeConfig {
+    let mut c = RuntimeConfig::default();
+    f(&mut c);
+    c
+}
+
+fn long(e: &Engine) -> RequestHandle {
+    let mut r = req(Input::Prompt("hello".into()));
+    r.max_tokens = Some(200);
+    r.ignore_eos = true;
+    e.submit(r).unwrap()
+}
+
+#[test]
+fn past_max_batch_size_requests_wait_then_run() {
+    let (e, _d) = tiny_engine_with(config(|c| c.batching.max_batch_size = 1));
+    let a = long(&e);
+    let b = long(&e);
+    let mut saw_waiting = false;
+    for _ in 0..200 {
+        let s = e.stats();
+        if s.n_running == 1 && s.n_waiting == 1 {
+            saw_waiting = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(saw_waiting, "{:?}", e.stats());
+    for _ in 0..200 {
+        if e.stats().kv_bytes > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(e.stats().kv_bytes > 0);
+    // Both finish: the waiting one runs once the first is done.
+    assert_eq!(collect(a).2.unwrap().n_generated_tokens, 200);
+    assert_eq!(collect(b).2.unwrap().n_generated_tokens, 200);
+    assert_eq!(e.stats().n_waiting, 0);
+    // Finished sequences give their KV cache back (the counter is
+    // updated just after the last event is sent).
+    for _ in 0..200 {
+        if e.stats().kv_bytes == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(e.stats().kv_bytes, 0);
+}
+
+#[test]
+fn admission_refuses_past_max_concurrent_streams_and_caps_max_tokens() {
+    let (e, _d) = tiny_engine_with(config(|c| {
+        c.streaming.max_concurrent_streams = 2;
+        c.streaming.max_tokens = 300;
+    }));
+    let (a, b) = (long(&e), long(&e));
+    assert_eq!(e.submit(req(Input::Prompt("x".into()))).err().unwrap().code(), "Overloaded");
+    drop(a);
+    drop(b);
+    // Cancelled jobs leave flight once the worker drops them.
+    let mut admitted = None;
+    for _ in 0..200 {
+        if let Ok(h) = e.submit(req(Input::Prompt("x".into()))) {
+            admitted = Some(h);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(collect(admitted.expect("never admitted again")).2.is_ok());
+    let mut r = req(Input::Prompt("x".into()));
+    r.max_tokens = Some(301);
+    assert!(e.submit(r).err().unwrap().to_string().contains("streaming.maxTokens"));
+}
+
+#[test]
+fn model_cache_evicts_the_least_recently_used_idle_model() {
+    let (e, d) = tiny_engine_with(config(|c| c.model_cache.max_models = 2));
+    let path = d.path().join("tiny.gguf");
+    e.load_model(&path, Some("b".into())).unwrap();
+    // "tiny" is older and idle: loading a third model evicts it.
+    e.load_model(&path, Some("c".into())).unwrap();
+    let ids: Vec<String> = e.list_models().into_iter().map(|m| m.id).collect();
+    assert_eq!(ids, ["b", "c"]);
+    // A model with a request in flight is never evicted.
+    let mut rb = req(Input::Prompt("x".into()));
+    rb.model = "b".into();
+    rb.max_tokens = Some(200);
+    rb.ignore_eos = true;
+    let hb = e.submit(rb.clone()).unwrap();
+    rb.model = "c".into();
+    let hc = e.submit(rb).unwrap();
+    assert_eq!(e.load_model(&path, Some("d".into())).unwrap_err().code(), "Overloaded");
+    drop((hb, hc));
+}
+
+#[test]
+fn chat_messages_use_the_template_and_unload_stops_the_model() {
+    let (e, _d) = tiny_engine();
+    let msgs = vec![ChatMessage { role: "user".into(), content: "hi".into() }];
+    assert!(e.apply_chat_template("tiny", &msgs).unwrap().ends_with("<|im_start|>assistant\n"));
+    assert!(collect(e.submit(req(Input::Messages(msgs))).unwrap()).2.is_ok());
+    assert_eq!(e.submit(req(Input::Messages(vec![]))).err().unwrap().code(), "InvalidParams");
+    e.unload_model("tiny").unwrap();
+    assert_eq!(e.unload_model("tiny").unwrap_err().code(), "ModelNotLoaded");
+    assert!(e.list_models().is_empty());
+}
