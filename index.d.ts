@@ -25,6 +25,8 @@ export declare class NativeEngine {
    */
   generate(params: NativeGenerateParams): Promise<NativeStream>
   stats(): NativeEngineStats
+  /** TTFT, inter-token and end-to-end latency histograms (vLLM's bucket edges). */
+  latencyHistograms(): NativeLatencyHistograms
   startServer(opts: NativeServerOptions): Promise<NativeServer>
   /** Stops every model; running requests end with `Cancelled`. */
   shutdown(): Promise<void>
@@ -74,6 +76,13 @@ export interface NativeEngineStats {
   waiting: number
   completed: number
   generatedTokens: number
+  kvBlocksTotal: number
+  kvBlocksUsed: number
+  kvBlocksCached: number
+  kvBytes: number
+  prefixCacheQueries: number
+  prefixCacheHits: number
+  preemptions: number
 }
 
 /**
@@ -98,6 +107,23 @@ export interface NativeGenerateParams {
   stopTokenIds?: Array<number>
   ignoreEos?: boolean
   timeoutMs?: number
+  /** `urgent`, `default` or `background`. */
+  priority?: string
+  cacheSalt?: string
+}
+
+/** A cumulative histogram: `counts[i]` values were `<= edges[i]` seconds. */
+export interface NativeHistogram {
+  edges: Array<number>
+  counts: Array<number>
+  sum: number
+  count: number
+}
+
+export interface NativeLatencyHistograms {
+  ttft: NativeHistogram
+  itl: NativeHistogram
+  e2e: NativeHistogram
 }
 
 export interface NativeMessage {

@@ -199,7 +199,7 @@ describe('HTTP server', () => {
       await page.waitForFunction(() => document.getElementById('v-tokens_per_s')?.textContent !== '–');
       await page.waitForTimeout(2500); // a few polls, so the series have lines
       assert.match((await page.textContent('#status')) ?? '', /1 model\(s\) loaded/);
-      assert.equal(await page.locator('canvas').count(), 6);
+      assert.equal(await page.locator('canvas').count(), 7);
       const out = path.join(ROOT, 'benchmarks', 'results', 'dashboard.png');
       mkdirSync(path.dirname(out), { recursive: true });
       await page.screenshot({ path: out });

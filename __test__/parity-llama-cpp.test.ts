@@ -1,7 +1,12 @@
 /**
  * Parity with llama.cpp (node-llama-cpp 3.21.1) on the real default model, in
- * one process: tokenization must match exactly, and greedy continuations
- * must match token for token for at least 16 tokens.
+ * one process: tokenization must match exactly; greedy continuations must
+ * match token for token for 16 tokens, except where llama.cpp itself is
+ * unsure (top-2 within CLEAR_MARGIN_NATS): there the two engines' different
+ * but equally valid summation orders (which differ between instruction sets,
+ * AVX2 or AVX-512, in both engines) may pick either token, and the
+ * continuations part ways. Teacher forcing then checks every later position
+ * where llama.cpp's choice is clear.
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
@@ -23,7 +28,7 @@ const TOKENIZE_CASES = [
   '<|im_start|>user\nhi<|im_end|>',
 ];
 
-/** Prompts whose 16 greedy tokens have clear top-1 margins all the way. */
+/** Prompts whose 16 greedy tokens have clear top-1 margins on AVX-512 (some meet near ties on AVX2). */
 const PROMPTS = [
   '<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n',
   '<|im_start|>user\nWrite a haiku about autumn.<|im_end|>\n<|im_start|>assistant\n',
@@ -79,43 +84,52 @@ describe('parity with llama.cpp on the default model', () => {
     }
   });
 
-  test(`greedy continuations match llama.cpp for ${MIN_MATCHING_TOKENS} tokens`, async () => {
+  /** llama.cpp's greedy tokens for a prompt, each with its top-2 margin in nats. */
+  async function llamaCppSteps(prefix: number[]): Promise<{ token: number; margin: number }[]> {
+    const seq = lcContext.getSequence();
+    const steps: { token: number; margin: number }[] = [];
+    for await (const out of seq.evaluateWithMetadata(prefix, { probabilities: true }, { temperature: 0 })) {
+      const [p1, p2] = [...(out.probabilities as Map<number, number>).values()].sort((a, b) => b - a);
+      steps.push({ token: out.token, margin: Math.log(p1) - Math.log(p2 ?? 1e-30) });
+      if (steps.length >= MIN_MATCHING_TOKENS) break;
+    }
+    seq.dispose();
+    return steps;
+  }
+
+  test(`greedy continuations match llama.cpp for ${MIN_MATCHING_TOKENS} tokens or up to a near tie`, async () => {
     const mismatches: string[] = [];
+    let whole = 0;
     for (const prompt of PROMPTS) {
       const tokens = Array.from(lcModel.tokenize(prompt, true) as number[]);
-      const seq = lcContext.getSequence();
-      const theirs: number[] = [];
-      for await (const t of seq.evaluate(tokens, { temperature: 0 })) {
-        theirs.push(t);
-        if (theirs.length >= MIN_MATCHING_TOKENS) break;
-      }
-      seq.dispose();
-
+      const theirs = await llamaCppSteps(tokens);
       const ours: number[] = [];
       for await (const c of engine.createGenerator({ model: 'default', prompt: { tokens }, maxTokens: MIN_MATCHING_TOKENS })) {
         if (c.type === 'token') ours.push(c.tokenId);
         if (c.type === 'error') assert.fail(c.error.message);
       }
       // Both stop before an end-of-generation token, so lengths must agree too.
-      if (JSON.stringify(ours) !== JSON.stringify(theirs)) {
-        mismatches.push(`${JSON.stringify(prompt)}:\n  ours   ${ours}\n  theirs ${theirs}`);
+      const split = theirs.findIndex((s, i) => s.token !== ours[i]);
+      if (split === -1 && ours.length === theirs.length) {
+        whole++;
+        continue;
+      }
+      const at = split === -1 ? theirs.length : split;
+      if (at >= theirs.length || theirs[at].margin >= CLEAR_MARGIN_NATS) {
+        mismatches.push(
+          `${JSON.stringify(prompt)} parts at step ${at} (llama.cpp margin ${theirs[at]?.margin.toFixed(3)}):\n  ours   ${ours}\n  theirs ${theirs.map((s) => s.token)}`,
+        );
       }
     }
     assert.deepEqual(mismatches, [], mismatches.join('\n'));
+    assert.ok(whole >= PROMPTS.length / 2, `only ${whole} of ${PROMPTS.length} prompts matched without meeting a near tie`);
   });
 
   test('teacher-forced top-1 matches llama.cpp wherever its margin is clear', async () => {
     let checked = 0;
-    for (const prompt of NEAR_TIE_PROMPTS) {
+    for (const prompt of [...NEAR_TIE_PROMPTS, ...PROMPTS]) {
       const prefix = Array.from(lcModel.tokenize(prompt, true) as number[]);
-      const seq = lcContext.getSequence();
-      const steps: { token: number; margin: number }[] = [];
-      for await (const out of seq.evaluateWithMetadata(prefix, { probabilities: true }, { temperature: 0 })) {
-        const [p1, p2] = [...(out.probabilities as Map<number, number>).values()].sort((a, b) => b - a);
-        steps.push({ token: out.token, margin: Math.log(p1) - Math.log(p2 ?? 1e-30) });
-        if (steps.length >= MIN_MATCHING_TOKENS) break;
-      }
-      seq.dispose();
+      const steps = await llamaCppSteps(prefix);
       for (let i = 0; i < steps.length; i++) {
         if (steps[i].margin < CLEAR_MARGIN_NATS) continue;
         const tokens = [...prefix, ...steps.slice(0, i).map((s) => s.token)];

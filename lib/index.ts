@@ -150,7 +150,10 @@ export type GeneratorChunk =
 export interface GenerateOptions {
   signal?: AbortSignal;
   timeoutMs?: number;
+  /** Scheduling class: `urgent` runs first; `background` is preempted first. */
   priority?: 'urgent' | 'default' | 'background';
+  /** Requests with different salts never share prefix-cache blocks (tenant isolation). */
+  cacheSalt?: string;
   requestId?: string;
   /** Streaming callback, called for every token chunk (`generate` only). */
   onToken?: (chunk: Extract<GeneratorChunk, { type: 'token' }>) => void;
@@ -193,6 +196,31 @@ export interface HttpServer {
   port: number;
   /** Stops accepting connections; in-flight requests get `graceMs` (default 5000) to finish. */
   close(graceMs?: number): Promise<void>;
+}
+
+/** A cumulative latency histogram: `counts[i]` requests took at most `edges[i]` seconds. */
+export interface LatencyHistogram {
+  edges: number[];
+  counts: number[];
+  sum: number;
+  count: number;
+}
+
+/** The scheduler's live state and latency histograms (vLLM's definitions and bucket edges). */
+export interface EngineMetrics {
+  running: number;
+  waiting: number;
+  completed: number;
+  generatedTokens: number;
+  kvCache: { blocksTotal: number; blocksUsed: number; blocksCached: number; bytesUsed: number; usage: number };
+  prefixCache: { queries: number; hits: number; hitRate: number };
+  preemptions: number;
+  /** Submission to first token. */
+  ttft: LatencyHistogram;
+  /** Between consecutive tokens of a request. */
+  itl: LatencyHistogram;
+  /** Submission to the end of a request. */
+  e2e: LatencyHistogram;
 }
 
 export interface ModelCacheStats {
@@ -377,6 +405,8 @@ export class Engine extends EventEmitter {
     }
     const nativeParams = toNativeParams(params);
     if (options.timeoutMs !== undefined) nativeParams.timeoutMs = options.timeoutMs;
+    if (options.priority !== undefined) nativeParams.priority = options.priority;
+    if (options.cacheSalt !== undefined) nativeParams.cacheSalt = options.cacheSalt;
     let stream: NativeStream;
     try {
       stream = await call(() => this.native.generate(nativeParams));
@@ -452,6 +482,33 @@ export class Engine extends EventEmitter {
       activeRequests: s.running,
       waitingRequests: s.waiting,
       uptimeMs: Date.now() - this.startedAt,
+    };
+  }
+
+  getMetrics(): EngineMetrics {
+    const s = this.native.stats();
+    const h = this.native.latencyHistograms();
+    return {
+      running: s.running,
+      waiting: s.waiting,
+      completed: s.completed,
+      generatedTokens: s.generatedTokens,
+      kvCache: {
+        blocksTotal: s.kvBlocksTotal,
+        blocksUsed: s.kvBlocksUsed,
+        blocksCached: s.kvBlocksCached,
+        bytesUsed: s.kvBytes,
+        usage: s.kvBlocksTotal ? s.kvBlocksUsed / s.kvBlocksTotal : 0,
+      },
+      prefixCache: {
+        queries: s.prefixCacheQueries,
+        hits: s.prefixCacheHits,
+        hitRate: s.prefixCacheQueries ? s.prefixCacheHits / s.prefixCacheQueries : 0,
+      },
+      preemptions: s.preemptions,
+      ttft: h.ttft,
+      itl: h.itl,
+      e2e: h.e2e,
     };
   }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use mlx_serving_engine::chat::ChatMessage;
 use mlx_serving_engine::config::RuntimeConfig;
 use mlx_serving_engine::cpu::Isa;
-use mlx_serving_engine::engine::{Canceller, Event, GenerateRequest, Input, ModelInfo, RequestHandle, Stats};
+use mlx_serving_engine::engine::{Canceller, Event, GenerateRequest, Input, ModelInfo, Priority, RequestHandle, Stats};
 use mlx_serving_engine::sampler::SamplingParams;
 use mlx_serving_engine::{Engine, EngineError};
 use napi::bindgen_prelude::*;
@@ -77,6 +77,9 @@ pub struct NativeGenerateParams {
     pub stop_token_ids: Option<Vec<u32>>,
     pub ignore_eos: Option<bool>,
     pub timeout_ms: Option<f64>,
+    /// `urgent`, `default` or `background`.
+    pub priority: Option<String>,
+    pub cache_salt: Option<String>,
 }
 
 fn whole(name: &str, v: f64, min: f64) -> Result<f64> {
@@ -131,6 +134,8 @@ impl TryFrom<NativeGenerateParams> for GenerateRequest {
             ignore_eos: p.ignore_eos.unwrap_or(false),
             top_logprobs: 0,
             timeout_ms,
+            priority: p.priority.as_deref().map(Priority::parse).transpose().map_err(js_error)?.unwrap_or_default(),
+            cache_salt: p.cache_salt,
         })
     }
 }
@@ -225,10 +230,10 @@ impl NativeStream {
     pub async fn next(&self) -> Vec<NativeChunk> {
         let mut h = self.handle.lock().await;
         let mut out = Vec::new();
-        if let Some(first) = h.events.recv().await {
+        if let Some(first) = h.recv().await {
             out.push(first.into());
             while out.len() < self.batch_size {
-                let Ok(ev) = h.events.try_recv() else { break };
+                let Some(ev) = h.try_recv() else { break };
                 out.push(ev.into());
             }
         }
@@ -249,6 +254,41 @@ pub struct NativeEngineStats {
     pub waiting: u32,
     pub completed: f64,
     pub generated_tokens: f64,
+    pub kv_blocks_total: f64,
+    pub kv_blocks_used: f64,
+    pub kv_blocks_cached: f64,
+    pub kv_bytes: f64,
+    pub prefix_cache_queries: f64,
+    pub prefix_cache_hits: f64,
+    pub preemptions: f64,
+}
+
+/// A cumulative histogram: `counts[i]` values were `<= edges[i]` seconds.
+#[napi(object)]
+pub struct NativeHistogram {
+    pub edges: Vec<f64>,
+    pub counts: Vec<f64>,
+    pub sum: f64,
+    pub count: f64,
+}
+
+impl From<&mlx_serving_engine::metrics::Histogram> for NativeHistogram {
+    fn from(h: &mlx_serving_engine::metrics::Histogram) -> Self {
+        NativeHistogram {
+            edges: h.edges.to_vec(),
+            counts: h.counts.iter().map(|&c| c as f64).collect(),
+            sum: h.sum,
+            count: h.count as f64,
+        }
+    }
+}
+
+#[napi(object)]
+pub struct NativeLatencyHistograms {
+    pub ttft: NativeHistogram,
+    pub itl: NativeHistogram,
+    #[napi(js_name = "e2e")]
+    pub e2e: NativeHistogram,
 }
 
 #[napi]
@@ -352,7 +392,21 @@ impl NativeEngine {
             waiting: s.n_waiting as u32,
             completed: s.n_completed as f64,
             generated_tokens: s.n_generated_tokens as f64,
+            kv_blocks_total: s.kv_blocks_total as f64,
+            kv_blocks_used: s.kv_blocks_used as f64,
+            kv_blocks_cached: s.kv_blocks_cached as f64,
+            kv_bytes: s.kv_bytes as f64,
+            prefix_cache_queries: s.prefix_cache_queries as f64,
+            prefix_cache_hits: s.prefix_cache_hits as f64,
+            preemptions: s.n_preemptions as f64,
         }
+    }
+
+    /// TTFT, inter-token and end-to-end latency histograms (vLLM's bucket edges).
+    #[napi]
+    pub fn latency_histograms(&self) -> NativeLatencyHistograms {
+        let h = self.inner.latency_histograms();
+        NativeLatencyHistograms { ttft: (&h.ttft).into(), itl: (&h.itl).into(), e2e: (&h.e2e).into() }
     }
 
     #[napi]

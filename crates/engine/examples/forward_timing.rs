@@ -22,16 +22,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        let mut cache = m.new_cache();
+        let bs = 16;
+        let n_blocks = (n_prompt + 32).div_ceil(bs);
+        let mut kv = m.new_kv_store(bs, n_blocks);
+        let table: Vec<u32> = (0..n_blocks as u32).collect();
         let batch: Vec<_> =
             prompt.iter().enumerate().map(|(pos, &token)| BatchToken { token, pos, seq: 0, logits: pos + 1 == n_prompt }).collect();
         let t = Instant::now();
-        rayon::scope(|_| m.forward(&batch, &mut [&mut cache]))?;
+        rayon::scope(|_| m.forward(&batch, &mut kv, &[&table]))?;
         prefill.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
         for i in 0..32 {
             let bt = BatchToken { token: (i * 31 + 5) % vocab, pos: n_prompt + i as usize, seq: 0, logits: true };
-            rayon::scope(|_| m.forward(&[bt], &mut [&mut cache]))?;
+            rayon::scope(|_| m.forward(&[bt], &mut kv, &[&table]))?;
         }
         decode.push(32.0 / t.elapsed().as_secs_f64());
     }

@@ -26,8 +26,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ignore_eos: false,
         top_logprobs: 0,
         timeout_ms: None,
+        priority: Default::default(),
+        cache_salt: None,
     })?;
-    while let Some(ev) = h.events.blocking_recv() {
+    while let Some(ev) = h.blocking_recv() {
         match ev {
             Event::Token { text, .. } => {
                 print!("{text}");

@@ -14,6 +14,47 @@ pub struct RuntimeConfig {
     pub streaming: Streaming,
     pub batching: Batching,
     pub model_cache: ModelCache,
+    pub scheduler: Scheduler,
+    pub kv_cache: KvCacheConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct Scheduler {
+    /// Prompt tokens prefilled per step across all sequences; decode tokens
+    /// are scheduled first, so running streams never wait behind a long prompt.
+    pub prefill_chunk: usize,
+    /// Requests admitted but not yet running; more are refused (`Overloaded`).
+    pub max_queued_requests: usize,
+    /// Prompt tokens of the queued requests; more are refused (`Overloaded`).
+    pub max_queued_tokens: usize,
+    /// Token events a consumer may leave unread before its sequence pauses
+    /// (backpressure on that stream alone).
+    pub stream_buffer: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct KvCacheConfig {
+    /// Memory for each model's paged KV cache, MiB (touched only as used).
+    #[serde(rename = "memoryMiB")]
+    pub memory_mib: f64,
+    /// Positions per block.
+    pub block_size: usize,
+    /// Reuse the cached blocks of earlier prompts that start the same way.
+    pub prefix_caching: bool,
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        Scheduler { prefill_chunk: 256, max_queued_requests: 256, max_queued_tokens: 262_144, stream_buffer: 256 }
+    }
+}
+
+impl Default for KvCacheConfig {
+    fn default() -> Self {
+        KvCacheConfig { memory_mib: 1024.0, block_size: 16, prefix_caching: true }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -102,13 +143,30 @@ impl RuntimeConfig {
             ("streaming.maxTokens", self.streaming.max_tokens),
             ("batching.maxBatchSize", self.batching.max_batch_size),
             ("model_cache.maxModels", self.model_cache.max_models),
+            ("scheduler.prefillChunk", self.scheduler.prefill_chunk),
+            ("scheduler.maxQueuedRequests", self.scheduler.max_queued_requests),
+            ("scheduler.maxQueuedTokens", self.scheduler.max_queued_tokens),
+            ("scheduler.streamBuffer", self.scheduler.stream_buffer),
+            ("kv_cache.blockSize", self.kv_cache.block_size),
         ];
         for (key, v) in positive {
             if v == 0 {
                 return Err(format!("{key}: must be at least 1"));
             }
         }
+        let mib = self.kv_cache.memory_mib;
+        if !(mib > 0.0 && mib <= 1048576.0) {
+            return Err(format!("kv_cache.memoryMiB: must be above 0 and at most 1048576, got {mib}"));
+        }
+        if self.kv_cache.block_size > 1024 {
+            return Err(format!("kv_cache.blockSize: must be at most 1024, got {}", self.kv_cache.block_size));
+        }
         Ok(())
+    }
+
+    /// Bytes of each model's KV cache.
+    pub fn kv_cache_bytes(&self) -> usize {
+        (self.kv_cache.memory_mib * 1048576.0) as usize
     }
 
     /// Sequences one forward step may hold.
@@ -148,7 +206,10 @@ mod tests {
             ("streaming:\n  maxTokens: lots\n", "streaming.maxTokens: invalid type"),
             ("batching:\n  maxBatchSize: 0\n", "batching.maxBatchSize: must be at least 1"),
             ("model_cache:\n  evictionPolicy: fifo\n", "model_cache.evictionPolicy: unknown variant `fifo`"),
-            ("scheduler: {}\n", "unknown field `scheduler`"),
+            ("schedular: {}\n", "unknown field `schedular`"),
+            ("kv_cache:\n  blockSize: 0\n", "kv_cache.blockSize: must be at least 1"),
+            ("kv_cache:\n  memoryMiB: -1\n", "kv_cache.memoryMiB: must be above 0"),
+            ("kv_cache:\n  memoryMiB: .nan\n", "kv_cache.memoryMiB: must be above 0"),
             ("- not a map\n", "invalid type"),
         ] {
             let err = RuntimeConfig::from_yaml(yaml).unwrap_err();

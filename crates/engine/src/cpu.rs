@@ -24,8 +24,27 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best path this CPU supports.
+    /// The path the kernels take: the best this CPU supports, or a lower one
+    /// named by `MLX_SERVING_ISA` (`scalar`, `avx2`, `avx512vnni`) to compare
+    /// paths or work around a CPU problem.
     pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            let best = Self::best();
+            let wanted = std::env::var("MLX_SERVING_ISA").ok();
+            match wanted.as_deref().and_then(|w| Isa::all().into_iter().find(|i| i.name() == w)) {
+                Some(i) if i as u8 <= best as u8 => i,
+                _ => best,
+            }
+        })
+    }
+
+    fn all() -> [Isa; 3] {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]
+    }
+
+    /// The best path this CPU supports.
+    fn best() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
@@ -51,8 +70,8 @@ impl Isa {
 
     /// Every path this CPU can run (for tests and benchmarks).
     pub fn available() -> Vec<Isa> {
-        let best = Isa::detect();
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|&i| i as u8 <= best as u8).collect()
+        let best = Isa::best();
+        Isa::all().into_iter().filter(|&i| i as u8 <= best as u8).collect()
     }
 
     pub fn name(self) -> &'static str {

@@ -5,6 +5,15 @@
 //! Callers talk to a worker by messages; each request gets its own channel of
 //! `Event`s. Validation, chat templating and tokenization happen on the
 //! caller's thread, before the request reaches the worker.
+//!
+//! The worker is a continuous-batching scheduler over a paged KV cache (see
+//! `kv.rs`): requests wait in priority order, join the batch when it has room
+//! and the cache has blocks for their prompt, reuse cached prefix blocks,
+//! prefill in chunks after the decode tokens of every running sequence, and
+//! leave the batch the moment they finish or are cancelled. When the cache
+//! runs out of blocks, the lowest-priority, most recent sequence is
+//! preempted: its blocks are released (full ones stay in the prefix cache)
+//! and it is recomputed later from its tokens.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -21,14 +30,12 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::config::RuntimeConfig;
 use crate::error::EngineError;
 use crate::gguf::GgufFile;
-use crate::models::{load_gguf, BatchToken, KvCache, Model};
+use crate::kv::{BlockId, BlockPool, KvStore};
+use crate::metrics::{Histograms, LatencyMetrics};
+use crate::models::{load_gguf, BatchToken, Model};
 use crate::sampler::{top_logprobs, Sampler, SamplingParams};
 use crate::stop::StopMatcher;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
-
-/// Prompt tokens prefilled per step across all sequences: bounds how long a
-/// step (and so every running stream's next token) can take.
-const PREFILL_CHUNK: usize = 256;
 
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
@@ -62,6 +69,31 @@ pub struct GenerateRequest {
     /// Alternatives reported with each token (OpenAI's `top_logprobs`).
     pub top_logprobs: usize,
     pub timeout_ms: Option<u64>,
+    pub priority: Priority,
+    /// Sequences with different salts never share prefix-cache blocks
+    /// (tenants that must not learn about each other's prompts).
+    pub cache_salt: Option<String>,
+}
+
+/// Scheduling class: the waiting queue serves `Urgent` first, and
+/// preemption takes `Background` sequences first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Priority {
+    Urgent = 0,
+    #[default]
+    Default = 1,
+    Background = 2,
+}
+
+impl Priority {
+    pub fn parse(s: &str) -> Result<Self, EngineError> {
+        match s {
+            "urgent" => Ok(Priority::Urgent),
+            "default" => Ok(Priority::Default),
+            "background" => Ok(Priority::Background),
+            other => Err(EngineError::InvalidParams(format!("priority must be urgent, default or background, got '{other}'"))),
+        }
+    }
 }
 
 /// Most alternatives a request may ask for per token (OpenAI's limit).
@@ -108,11 +140,37 @@ pub enum Event {
 /// The caller's side of one request.
 pub struct RequestHandle {
     pub id: u64,
-    pub events: UnboundedReceiver<Event>,
+    events: UnboundedReceiver<Event>,
+    /// Token events sent and not yet received: the worker pauses the
+    /// sequence while this is at `scheduler.streamBuffer`.
+    unread: Arc<AtomicUsize>,
     cancel: Arc<AtomicBool>,
 }
 
 impl RequestHandle {
+    fn counted(&self, ev: Option<Event>) -> Option<Event> {
+        if let Some(Event::Token { .. }) = ev {
+            self.unread.fetch_sub(1, Ordering::Relaxed);
+        }
+        ev
+    }
+
+    pub async fn recv(&mut self) -> Option<Event> {
+        let ev = self.events.recv().await;
+        self.counted(ev)
+    }
+
+    pub fn blocking_recv(&mut self) -> Option<Event> {
+        let ev = self.events.blocking_recv();
+        self.counted(ev)
+    }
+
+    /// The next event if one is ready.
+    pub fn try_recv(&mut self) -> Option<Event> {
+        let ev = self.events.try_recv().ok();
+        self.counted(ev)
+    }
+
     /// A clonable way to cancel the request from elsewhere.
     pub fn canceller(&self) -> Canceller {
         Canceller(self.cancel.clone())
@@ -143,8 +201,19 @@ struct Counters {
     in_flight: AtomicUsize,
     /// Milliseconds since the engine started, at the last submit (LRU).
     last_used_ms: AtomicU64,
-    /// Bytes held by the running sequences' KV caches.
-    kv_bytes: AtomicUsize,
+    /// Submitted and not yet running, and their prompt tokens.
+    queued: AtomicUsize,
+    queued_tokens: AtomicUsize,
+    /// Blocks of the paged KV cache: total, referenced by sequences, and
+    /// unreferenced but kept for their cached prefix.
+    kv_blocks_total: AtomicUsize,
+    kv_blocks_used: AtomicUsize,
+    kv_blocks_cached: AtomicUsize,
+    kv_block_bytes: AtomicUsize,
+    /// Prompt tokens looked up in the prefix cache, and found there.
+    prefix_queries: AtomicU64,
+    prefix_hits: AtomicU64,
+    preemptions: AtomicU64,
     completed: AtomicU64,
     generated_tokens: AtomicU64,
 }
@@ -154,9 +223,27 @@ pub struct EngineStats {
     pub n_models: usize,
     pub n_running: usize,
     pub n_waiting: usize,
+    /// Bytes of KV blocks referenced by sequences.
     pub kv_bytes: usize,
+    pub kv_blocks_total: usize,
+    pub kv_blocks_used: usize,
+    pub kv_blocks_cached: usize,
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
+    pub n_preemptions: u64,
     pub n_completed: u64,
     pub n_generated_tokens: u64,
+}
+
+impl EngineStats {
+    /// Fraction of KV blocks referenced by sequences (vLLM's `kv_cache_usage_perc`, 0..1).
+    pub fn kv_usage(&self) -> f64 {
+        if self.kv_blocks_total == 0 {
+            0.0
+        } else {
+            self.kv_blocks_used as f64 / self.kv_blocks_total as f64
+        }
+    }
 }
 
 struct Job {
@@ -167,11 +254,22 @@ struct Job {
     stop_token_ids: Vec<u32>,
     ignore_eos: bool,
     top_logprobs: usize,
+    priority: Priority,
+    cache_salt: Option<String>,
     deadline: Option<(Instant, u64)>,
     t_submit: Instant,
     cancel: Arc<AtomicBool>,
+    unread: Arc<AtomicUsize>,
     events: UnboundedSender<Event>,
     _in_flight: InFlight,
+    /// Present until the request first runs.
+    queued: Option<Queued>,
+}
+
+impl Job {
+    fn abandoned(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.events.is_closed()
+    }
 }
 
 /// Counts a request as in flight until its job is dropped, however it ends.
@@ -180,6 +278,16 @@ struct InFlight(Arc<Counters>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a request and its prompt tokens as queued until it first runs or ends.
+struct Queued(Arc<Counters>, usize);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::Relaxed);
+        self.0.queued_tokens.fetch_sub(self.1, Ordering::Relaxed);
     }
 }
 
@@ -211,6 +319,7 @@ pub struct Engine {
     models: Mutex<HashMap<String, Arc<Worker>>>,
     next_request: AtomicU64,
     t_start: Instant,
+    latency: Arc<LatencyMetrics>,
 }
 
 impl Default for Engine {
@@ -230,7 +339,13 @@ impl Engine {
     }
 
     pub fn with_config(config: RuntimeConfig) -> Self {
-        Engine { config, models: Mutex::default(), next_request: AtomicU64::new(0), t_start: Instant::now() }
+        Engine {
+            config,
+            models: Mutex::default(),
+            next_request: AtomicU64::new(0),
+            t_start: Instant::now(),
+            latency: Arc::default(),
+        }
     }
 
     pub fn config(&self) -> &RuntimeConfig {
@@ -317,12 +432,28 @@ impl Engine {
         let (tx, rx) = mpsc::channel();
         let counters = Arc::new(Counters::default());
         counters.last_used_ms.store(self.t_start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let max_batch = self.config.max_batch();
+        let kv_cfg = &self.config.kv_cache;
+        let n_blocks = self.config.kv_cache_bytes() / (model.kv_bytes_per_position() * kv_cfg.block_size).max(1);
+        if n_blocks < 2 {
+            return Err(EngineError::ModelLoad {
+                path: info.path.display().to_string(),
+                reason: format!("kv_cache.memoryMiB = {} holds fewer than two blocks of this model", kv_cfg.memory_mib),
+            });
+        }
+        let kv = model.new_kv_store(kv_cfg.block_size, n_blocks);
+        let pool = BlockPool::new(n_blocks, kv_cfg.block_size, kv_cfg.prefix_caching);
+        counters.kv_blocks_total.store(n_blocks, Ordering::Relaxed);
+        counters.kv_block_bytes.store(kv.block_bytes(), Ordering::Relaxed);
+        let settings = Settings {
+            max_batch: self.config.max_batch(),
+            prefill_chunk: self.config.scheduler.prefill_chunk,
+            stream_buffer: self.config.scheduler.stream_buffer,
+        };
         let thread = {
-            let (tokenizer, counters) = (tokenizer.clone(), counters.clone());
+            let (tokenizer, counters, latency) = (tokenizer.clone(), counters.clone(), self.latency.clone());
             std::thread::Builder::new()
                 .name(format!("mlx-serving:{id}"))
-                .spawn(move || WorkerLoop::new(model, tokenizer, counters, max_batch).run(rx))
+                .spawn(move || WorkerLoop::new(model, tokenizer, counters, latency, kv, pool, settings).run(rx))
                 .map_err(|e| EngineError::Internal(format!("cannot start model thread: {e}")))?
         };
         let worker = Arc::new(Worker { info: info.clone(), tokenizer, template, tx, counters, thread: Mutex::new(Some(thread)) });
@@ -362,11 +493,24 @@ impl Engine {
         for w in models.values() {
             s.n_running += w.counters.running.load(Ordering::Relaxed);
             s.n_waiting += w.counters.waiting.load(Ordering::Relaxed);
-            s.kv_bytes += w.counters.kv_bytes.load(Ordering::Relaxed);
+            let c = &w.counters;
+            let used = c.kv_blocks_used.load(Ordering::Relaxed);
+            s.kv_bytes += used * c.kv_block_bytes.load(Ordering::Relaxed);
+            s.kv_blocks_used += used;
+            s.kv_blocks_total += c.kv_blocks_total.load(Ordering::Relaxed);
+            s.kv_blocks_cached += c.kv_blocks_cached.load(Ordering::Relaxed);
+            s.prefix_cache_queries += c.prefix_queries.load(Ordering::Relaxed);
+            s.prefix_cache_hits += c.prefix_hits.load(Ordering::Relaxed);
+            s.n_preemptions += c.preemptions.load(Ordering::Relaxed);
             s.n_completed += w.counters.completed.load(Ordering::Relaxed);
             s.n_generated_tokens += w.counters.generated_tokens.load(Ordering::Relaxed);
         }
         s
+    }
+
+    /// TTFT, inter-token and end-to-end latency histograms of every request so far.
+    pub fn latency_histograms(&self) -> Histograms {
+        self.latency.snapshot()
     }
 
     fn worker(&self, id: &str) -> Result<Arc<Worker>, EngineError> {
@@ -440,18 +584,40 @@ impl Engine {
         let max_tokens = req.max_tokens.map(|m| m as usize).unwrap_or(cap).min(room);
         let timeout_ms = req.timeout_ms.or(Some(self.config.streaming.request_timeout).filter(|&t| t > 0));
 
-        // Admission: a bounded number of requests in flight per model.
+        let c = &w.counters;
+        let kv_positions = c.kv_blocks_total.load(Ordering::Relaxed) * self.config.kv_cache.block_size;
+        if prompt.len() >= kv_positions {
+            return bad(format!("the prompt has {} tokens but the KV cache holds {kv_positions} (kv_cache.memoryMiB)", prompt.len()));
+        }
+
+        // Admission: a bounded number of requests in flight per model, and a
+        // bounded queue of requests and prompt tokens waiting to run.
         let limit = self.config.streaming.max_concurrent_streams;
-        if w.counters.in_flight.fetch_add(1, Ordering::Relaxed) >= limit {
-            w.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if c.in_flight.fetch_add(1, Ordering::Relaxed) >= limit {
+            c.in_flight.fetch_sub(1, Ordering::Relaxed);
             return Err(EngineError::Overloaded(format!("{limit} requests are in flight (streaming.maxConcurrentStreams)")));
         }
-        let in_flight = InFlight(w.counters.clone());
+        let in_flight = InFlight(c.clone());
+        let sched = &self.config.scheduler;
+        let n_queued = c.queued.fetch_add(1, Ordering::Relaxed);
+        let n_tokens = c.queued_tokens.fetch_add(prompt.len(), Ordering::Relaxed);
+        let queued = Queued(c.clone(), prompt.len());
+        if n_queued >= sched.max_queued_requests {
+            return Err(EngineError::Overloaded(format!("{n_queued} requests are queued (scheduler.maxQueuedRequests)")));
+        }
+        // A queue holding nothing admits any prompt the cache can hold.
+        if n_queued > 0 && n_tokens + prompt.len() > sched.max_queued_tokens {
+            return Err(EngineError::Overloaded(format!(
+                "{n_tokens} prompt tokens are queued; {} more exceed scheduler.maxQueuedTokens",
+                prompt.len()
+            )));
+        }
         w.counters.last_used_ms.store(self.t_start.elapsed().as_millis() as u64, Ordering::Relaxed);
 
         let id = self.next_request.fetch_add(1, Ordering::Relaxed) + 1;
         let (events_tx, events_rx) = unbounded_channel();
         let cancel = Arc::new(AtomicBool::new(false));
+        let unread = Arc::new(AtomicUsize::new(0));
         let job = Job {
             prompt,
             max_tokens,
@@ -460,14 +626,18 @@ impl Engine {
             stop_token_ids: req.stop_token_ids,
             ignore_eos: req.ignore_eos,
             top_logprobs: req.top_logprobs,
+            priority: req.priority,
+            cache_salt: req.cache_salt,
             deadline: timeout_ms.map(|ms| (t_submit + Duration::from_millis(ms), ms)),
             t_submit,
             cancel: cancel.clone(),
+            unread: unread.clone(),
             events: events_tx,
             _in_flight: in_flight,
+            queued: Some(queued),
         };
         w.tx.send(Msg::Job(Box::new(job))).map_err(|_| EngineError::ModelNotLoaded(req.model.clone()))?;
-        Ok(RequestHandle { id, events: events_rx, cancel })
+        Ok(RequestHandle { id, events: events_rx, unread, cancel })
     }
 
     /// Stops every worker; running requests end with `Cancelled`.
@@ -488,20 +658,83 @@ impl Drop for Engine {
 /// State of one request inside the worker.
 struct Sequence {
     job: Box<Job>,
-    cache: KvCache,
+    /// Admission order: ties within a priority go to the earliest.
+    arrival: u64,
     /// Prompt then generated tokens.
     tokens: Vec<u32>,
-    n_prefilled: usize,
+    /// Block table: the KV cache blocks of positions `0..n_cached`, and room
+    /// for the positions being computed this step.
+    blocks: Vec<BlockId>,
+    /// Prefix-cache keys of the full blocks at the front of `blocks`.
+    keys: Vec<u64>,
+    /// Positions whose keys and values are in `blocks`.
+    n_cached: usize,
     n_generated: usize,
     sampler: Sampler,
     decoder: StreamDecoder,
     stop: StopMatcher,
     t_first_token: Option<Instant>,
+    t_last_token: Option<Instant>,
 }
 
 impl Sequence {
-    fn prefilling(&self) -> bool {
-        self.n_prefilled < self.job.prompt.len()
+    /// Tokens still to run through the model before the next one is sampled
+    /// (the whole prompt at first, then 1 per step; more after preemption).
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.n_cached
+    }
+
+    fn salt_key(&self, pool: &BlockPool) -> u64 {
+        pool.salt_key(self.job.cache_salt.as_deref())
+    }
+
+    fn release_blocks(&mut self, pool: &mut BlockPool) {
+        for b in self.blocks.drain(..) {
+            pool.release(b);
+        }
+        self.keys.clear();
+        self.n_cached = 0;
+    }
+
+    /// Takes the cached blocks of the longest prefix found in the prefix
+    /// cache. At least one token is always left to compute, since sampling
+    /// needs its logits.
+    fn reuse_prefix(&mut self, pool: &mut BlockPool) {
+        let bs = pool.block_size();
+        let mut prev = self.salt_key(pool);
+        for chunk in self.tokens[..self.tokens.len() - 1].chunks_exact(bs) {
+            let key = pool.key(prev, chunk);
+            let Some(b) = pool.lookup(key) else { break };
+            self.blocks.push(b);
+            self.keys.push(key);
+            prev = key;
+        }
+        self.n_cached = self.blocks.len() * bs;
+    }
+
+    /// Blocks still needed to hold `n_positions` positions.
+    fn blocks_short(&self, bs: usize, n_positions: usize) -> usize {
+        n_positions.div_ceil(bs).saturating_sub(self.blocks.len())
+    }
+
+    /// Allocates the blocks to hold `n_positions` positions; the caller has
+    /// checked that the pool has them.
+    fn grow(&mut self, pool: &mut BlockPool, n_positions: usize) {
+        for _ in 0..self.blocks_short(pool.block_size(), n_positions) {
+            self.blocks.push(pool.allocate().expect("blocks are counted before they are allocated"));
+        }
+    }
+
+    /// Makes the blocks that became full findable in the prefix cache.
+    fn register_full_blocks(&mut self, pool: &mut BlockPool) {
+        let bs = pool.block_size();
+        while self.keys.len() < self.n_cached / bs {
+            let i = self.keys.len();
+            let prev = self.keys.last().copied().unwrap_or_else(|| self.salt_key(pool));
+            let key = pool.key(prev, &self.tokens[i * bs..(i + 1) * bs]);
+            pool.register(self.blocks[i], key);
+            self.keys.push(key);
+        }
     }
 }
 
@@ -513,169 +746,316 @@ enum Outcome {
     Abandoned,
 }
 
+struct Settings {
+    max_batch: usize,
+    prefill_chunk: usize,
+    stream_buffer: usize,
+}
+
 struct WorkerLoop {
     model: Arc<dyn Model>,
     tokenizer: Arc<Tokenizer>,
     counters: Arc<Counters>,
+    latency: Arc<LatencyMetrics>,
+    kv: KvStore,
+    pool: BlockPool,
     running: Vec<Sequence>,
-    /// Admitted, not yet running (the batch is full), in arrival order.
-    waiting: VecDeque<Box<Job>>,
-    max_batch: usize,
+    /// Admitted, not running (batch full, no blocks, or preempted); one
+    /// queue per priority, in arrival order.
+    waiting: [VecDeque<Sequence>; 3],
+    settings: Settings,
+    next_arrival: u64,
 }
 
 impl WorkerLoop {
-    fn new(model: Arc<dyn Model>, tokenizer: Arc<Tokenizer>, counters: Arc<Counters>, max_batch: usize) -> Self {
-        WorkerLoop { model, tokenizer, counters, running: Vec::new(), waiting: VecDeque::new(), max_batch: max_batch.max(1) }
+    fn new(
+        model: Arc<dyn Model>,
+        tokenizer: Arc<Tokenizer>,
+        counters: Arc<Counters>,
+        latency: Arc<LatencyMetrics>,
+        kv: KvStore,
+        pool: BlockPool,
+        settings: Settings,
+    ) -> Self {
+        WorkerLoop {
+            model,
+            tokenizer,
+            counters,
+            latency,
+            kv,
+            pool,
+            running: Vec::new(),
+            waiting: Default::default(),
+            settings: Settings { max_batch: settings.max_batch.max(1), ..settings },
+            next_arrival: 0,
+        }
+    }
+
+    fn n_waiting(&self) -> usize {
+        self.waiting.iter().map(VecDeque::len).sum()
     }
 
     fn admit(&mut self, job: Box<Job>) {
-        self.waiting.push_back(job);
-        self.counters.waiting.store(self.waiting.len(), Ordering::Relaxed);
+        self.next_arrival += 1;
+        let seq = Sequence {
+            arrival: self.next_arrival,
+            tokens: job.prompt.clone(),
+            blocks: Vec::new(),
+            keys: Vec::new(),
+            n_cached: 0,
+            n_generated: 0,
+            sampler: Sampler::new(job.sampling.clone()),
+            decoder: StreamDecoder::default(),
+            stop: StopMatcher::new(job.stop_sequences.clone()),
+            t_first_token: None,
+            t_last_token: None,
+            job,
+        };
+        self.waiting[seq.job.priority as usize].push_back(seq);
     }
 
-    /// Moves waiting requests into the batch while it has room; drops the
-    /// ones whose caller left or whose deadline passed while they waited.
+    /// Publishes the scheduler's state; called before any final event is
+    /// sent, so a caller that sees its request end sees the engine without it.
+    fn publish(&self) {
+        let c = &self.counters;
+        c.running.store(self.running.len(), Ordering::Relaxed);
+        c.waiting.store(self.n_waiting(), Ordering::Relaxed);
+        c.kv_blocks_used.store(self.pool.used(), Ordering::Relaxed);
+        c.kv_blocks_cached.store(self.pool.cached(), Ordering::Relaxed);
+        c.prefix_queries.store(self.pool.queries, Ordering::Relaxed);
+        c.prefix_hits.store(self.pool.hits, Ordering::Relaxed);
+    }
+
+    /// Drops waiting requests whose caller left or whose deadline passed,
+    /// then moves waiting sequences into the batch, highest priority first,
+    /// while the batch has room and the cache has blocks for their prompt.
     fn fill(&mut self) {
         let now = Instant::now();
-        self.waiting.retain(|j| {
-            if j.cancel.load(Ordering::Relaxed) || j.events.is_closed() {
-                return false;
-            }
-            match j.deadline {
-                Some((at, ms)) if now >= at => {
-                    let _ = j.events.send(Event::Error(EngineError::Timeout(ms)));
-                    false
+        for q in self.waiting.iter_mut() {
+            q.retain(|s| {
+                if s.job.abandoned() {
+                    return false;
                 }
-                _ => true,
-            }
-        });
-        while self.running.len() < self.max_batch {
-            let Some(job) = self.waiting.pop_front() else { break };
-            self.start(job);
+                match s.job.deadline {
+                    Some((at, ms)) if now >= at => {
+                        let _ = s.job.events.send(Event::Error(EngineError::Timeout(ms)));
+                        false
+                    }
+                    _ => true,
+                }
+            });
         }
-        self.counters.waiting.store(self.waiting.len(), Ordering::Relaxed);
-    }
-
-    fn start(&mut self, job: Box<Job>) {
-        let sampler = Sampler::new(job.sampling.clone());
-        let stop = StopMatcher::new(job.stop_sequences.clone());
-        self.running.push(Sequence {
-            cache: self.model.new_cache(),
-            tokens: job.prompt.clone(),
-            n_prefilled: 0,
-            n_generated: 0,
-            sampler,
-            decoder: StreamDecoder::default(),
-            stop,
-            t_first_token: None,
-            job,
-        });
-        self.counters.running.store(self.running.len(), Ordering::Relaxed);
+        while self.running.len() < self.settings.max_batch {
+            let Some(p) = (0..3).find(|&p| !self.waiting[p].is_empty()) else { break };
+            let mut s = self.waiting[p].pop_front().unwrap();
+            s.reuse_prefix(&mut self.pool);
+            // Room for the whole prompt and the first generated token: a
+            // sequence admitted now is never preempted by its own prefill.
+            if s.blocks_short(self.pool.block_size(), s.tokens.len() + 1) > self.pool.available() {
+                s.release_blocks(&mut self.pool);
+                self.waiting[p].push_front(s);
+                break;
+            }
+            if s.job.queued.take().is_some() {
+                // First run (not a preempted one coming back).
+                self.pool.queries += s.tokens.len() as u64;
+                self.pool.hits += s.n_cached as u64;
+            }
+            self.running.push(s);
+        }
     }
 
     fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        let mut paused = false;
         loop {
-            // Idle: block for work. Busy: take whatever arrived, then step.
-            if self.running.is_empty() && self.waiting.is_empty() {
+            // Idle: block for work. Paused (nothing could run, e.g. every
+            // consumer is behind): wait briefly. Busy: take what arrived, step.
+            let first = if self.running.is_empty() && self.n_waiting() == 0 {
                 match rx.recv() {
-                    Ok(Msg::Job(j)) => self.admit(j),
-                    Ok(Msg::Shutdown) | Err(_) => break,
+                    Ok(m) => Some(m),
+                    Err(_) => break,
                 }
-            }
+            } else if paused {
+                match rx.recv_timeout(Duration::from_millis(2)) {
+                    Ok(m) => Some(m),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => Some(Msg::Shutdown),
+                }
+            } else {
+                None
+            };
             let mut shutdown = false;
-            while let Ok(msg) = rx.try_recv() {
+            for msg in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
                 match msg {
                     Msg::Job(j) => self.admit(j),
                     Msg::Shutdown => shutdown = true,
                 }
             }
             if shutdown {
-                for s in self.running.drain(..) {
-                    let _ = s.job.events.send(Event::Error(EngineError::Cancelled));
-                }
-                for j in self.waiting.drain(..) {
-                    let _ = j.events.send(Event::Error(EngineError::Cancelled));
-                }
                 break;
             }
             self.fill();
-            self.step();
+            paused = !self.step();
+            self.publish();
         }
-        self.counters.running.store(0, Ordering::Relaxed);
-        self.counters.waiting.store(0, Ordering::Relaxed);
-        self.counters.kv_bytes.store(0, Ordering::Relaxed);
+        let mut all: Vec<Sequence> = self.running.drain(..).collect();
+        all.extend(self.waiting.iter_mut().flat_map(|q| q.drain(..)));
+        for s in all.iter_mut() {
+            s.release_blocks(&mut self.pool);
+        }
+        self.publish();
+        for s in all {
+            let _ = s.job.events.send(Event::Error(EngineError::Cancelled));
+        }
     }
 
-    /// One batched forward: a token for every decoding sequence, then prompt
-    /// chunks up to the budget.
-    fn step(&mut self) {
+    /// Picks the sequence to preempt: lowest priority, then latest arrival.
+    fn victim(&self) -> usize {
+        (0..self.running.len()).max_by_key(|&i| (self.running[i].job.priority, self.running[i].arrival)).unwrap()
+    }
+
+    fn preempt(&mut self, i: usize) {
+        // `remove`, not `swap_remove`: the batch keeps its arrival order.
+        let mut s = self.running.remove(i);
+        s.release_blocks(&mut self.pool);
+        self.counters.preemptions.fetch_add(1, Ordering::Relaxed);
+        self.waiting[s.job.priority as usize].push_front(s);
+    }
+
+    /// One batched forward: the next token of every decoding sequence, then
+    /// prompt chunks up to the budget. Returns whether anything ran.
+    fn step(&mut self) -> bool {
+        let now = Instant::now();
         self.retire(|s| {
-            if s.job.cancel.load(Ordering::Relaxed) || s.job.events.is_closed() {
+            if s.job.abandoned() {
                 return Some(Outcome::Abandoned);
             }
             match s.job.deadline {
-                Some((at, ms)) if Instant::now() >= at => Some(Outcome::Failed(EngineError::Timeout(ms))),
+                Some((at, ms)) if now >= at => Some(Outcome::Failed(EngineError::Timeout(ms))),
                 _ => None,
             }
         });
         if self.running.is_empty() {
-            return;
+            return false;
         }
+        let buffer = self.settings.stream_buffer;
+        let can_run = |s: &Sequence| s.job.unread.load(Ordering::Relaxed) < buffer;
 
+        // Decode first: every running sequence with one pending token gets a
+        // slot; preempt until the cache has the blocks they need.
+        loop {
+            let need: usize = self
+                .running
+                .iter()
+                .filter(|s| s.pending() == 1 && can_run(s))
+                .map(|s| s.blocks_short(self.pool.block_size(), s.n_cached + 1))
+                .sum();
+            if need <= self.pool.available() {
+                break;
+            }
+            if self.running.len() == 1 {
+                // A lone sequence that fills the whole cache ends here.
+                self.retire(|_| Some(Outcome::Finished(FinishReason::Length)));
+                return true;
+            }
+            let v = self.victim();
+            self.preempt(v);
+        }
         let mut batch = Vec::new();
-        let mut budget = PREFILL_CHUNK;
         for (i, s) in self.running.iter_mut().enumerate() {
-            if !s.prefilling() {
-                let pos = s.tokens.len() - 1;
+            if s.pending() == 1 && can_run(s) {
+                let pos = s.n_cached;
                 batch.push(BatchToken { token: s.tokens[pos], pos, seq: i, logits: true });
+                s.grow(&mut self.pool, pos + 1);
             }
         }
+        // Then prompt chunks, in batch order, as far as budget and blocks go.
+        let mut budget = self.settings.prefill_chunk;
+        let bs = self.pool.block_size();
         for (i, s) in self.running.iter_mut().enumerate() {
-            if s.prefilling() && budget > 0 {
-                let end = (s.n_prefilled + budget).min(s.job.prompt.len());
-                for pos in s.n_prefilled..end {
-                    batch.push(BatchToken { token: s.tokens[pos], pos, seq: i, logits: pos + 1 == s.job.prompt.len() });
-                }
-                budget -= end - s.n_prefilled;
-                s.n_prefilled = end;
+            if s.pending() < 2 || budget == 0 || !can_run(s) {
+                continue;
             }
+            let room = (s.blocks.len() + self.pool.available()) * bs - s.n_cached;
+            let take = s.pending().min(budget).min(room);
+            if take == 0 {
+                break;
+            }
+            let (start, end) = (s.n_cached, s.n_cached + take);
+            for pos in start..end {
+                batch.push(BatchToken { token: s.tokens[pos], pos, seq: i, logits: pos + 1 == s.tokens.len() });
+            }
+            s.grow(&mut self.pool, end);
+            budget -= take;
+        }
+        if batch.is_empty() {
+            // Every sequence is paused on its consumer, or prompts wait for
+            // blocks that running sequences hold: preempt the newest so the
+            // oldest can progress.
+            if self.running.iter().any(|s| s.pending() > 1 && can_run(s)) && self.running.len() > 1 {
+                let v = self.victim();
+                self.preempt(v);
+                return true;
+            }
+            return false;
         }
 
         let model = self.model.clone();
-        let mut caches: Vec<&mut KvCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
+        let tables: Vec<&[BlockId]> = self.running.iter().map(|s| s.blocks.as_slice()).collect();
+        let kv = &mut self.kv;
         // Run the forward as a rayon job: this thread then waits once per
         // step instead of once per matmul, and the kernels' parallel loops
         // start from inside the pool.
-        let result = rayon::scope(|_| std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&batch, &mut caches))));
-        drop(caches);
+        let result = rayon::scope(|_| std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&batch, kv, &tables))));
+        drop(tables);
         let mut logits = match result {
             Ok(Ok(l)) => l,
-            Ok(Err(e)) => return self.fail_all(EngineError::Generation(e.to_string())),
-            Err(_) => return self.fail_all(EngineError::Internal("model forward panicked".into())),
+            Ok(Err(e)) => {
+                self.fail_all(EngineError::Generation(e.to_string()));
+                return true;
+            }
+            Err(_) => {
+                self.fail_all(EngineError::Internal("model forward panicked".into()));
+                return true;
+            }
         };
+        for bt in &batch {
+            let s = &mut self.running[bt.seq];
+            s.n_cached = s.n_cached.max(bt.pos + 1);
+        }
+        for s in self.running.iter_mut() {
+            s.register_full_blocks(&mut self.pool);
+        }
 
         let vocab = self.model.config().vocab_size;
         let mut outcomes: Vec<Option<Outcome>> = (0..self.running.len()).map(|_| None).collect();
         for (bt, l) in batch.iter().filter(|b| b.logits).zip(logits.chunks_exact_mut(vocab)) {
             let s = &mut self.running[bt.seq];
-            outcomes[bt.seq] = Some(Self::emit(&self.tokenizer, &self.counters, s, l));
+            outcomes[bt.seq] = Some(Self::emit(&self.tokenizer, &self.counters, &self.latency, s, l));
         }
         let mut it = outcomes.into_iter();
         self.retire(|_| match it.next().flatten() {
             Some(Outcome::Continue) | None => None,
             other => other,
         });
+        true
     }
 
     /// Samples the next token of `s` and sends what it releases.
-    fn emit(tk: &Tokenizer, counters: &Counters, s: &mut Sequence, logits: &mut [f32]) -> Outcome {
+    fn emit(tk: &Tokenizer, counters: &Counters, latency: &LatencyMetrics, s: &mut Sequence, logits: &mut [f32]) -> Outcome {
         // Alternatives come from the model's own distribution, before sampling edits the logits.
         let top = top_logprobs(logits, s.job.top_logprobs);
         let sampled = s.sampler.sample(logits, &s.tokens);
         let tok = sampled.token;
-        if s.t_first_token.is_none() {
-            s.t_first_token = Some(Instant::now());
+        let now = Instant::now();
+        match s.t_last_token {
+            None => {
+                s.t_first_token = Some(now);
+                latency.record(|h| h.ttft.observe((now - s.job.t_submit).as_secs_f64()));
+            }
+            Some(last) => latency.record(|h| h.itl.observe((now - last).as_secs_f64())),
         }
+        s.t_last_token = Some(now);
         if (tk.is_eog(tok) && !s.job.ignore_eos) || s.job.stop_token_ids.contains(&tok) {
             return Outcome::Finished(FinishReason::Stop);
         }
@@ -685,6 +1065,7 @@ impl WorkerLoop {
         let text = s.decoder.push(tk.piece(tok));
         let (text, stopped) = s.stop.push(&text);
         let ev = Event::Token { text, token_id: tok, logprob: Some(sampled.logprob), top_logprobs: top };
+        s.job.unread.fetch_add(1, Ordering::Relaxed);
         if s.job.events.send(ev).is_err() {
             return Outcome::Abandoned;
         }
@@ -697,63 +1078,64 @@ impl WorkerLoop {
         }
     }
 
-    /// Removes the sequences for which `decide` gives an outcome, telling
-    /// their callers how they ended.
+    /// Removes the sequences for which `decide` gives an outcome, frees
+    /// their blocks, and tells their callers how they ended.
     fn retire(&mut self, mut decide: impl FnMut(&Sequence) -> Option<Outcome>) {
+        let mut ended = Vec::new();
         let mut kept = Vec::with_capacity(self.running.len());
-        for mut s in self.running.drain(..) {
-            let outcome = decide(&s);
-            if !matches!(outcome, None | Some(Outcome::Continue)) {
-                // Counters first, so a caller that sees its last event also
-                // sees the engine without its sequence.
-                self.counters.running.fetch_sub(1, Ordering::Relaxed);
-                self.counters.kv_bytes.fetch_sub(s.cache.bytes().min(self.counters.kv_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
-            }
-            match outcome {
+        for s in std::mem::take(&mut self.running) {
+            match decide(&s) {
                 None | Some(Outcome::Continue) => kept.push(s),
-                Some(Outcome::Abandoned) => {}
-                Some(Outcome::Failed(e)) => {
-                    let _ = s.job.events.send(Event::Error(e));
-                }
-                Some(Outcome::Finished(reason)) => {
-                    // Text held back for UTF-8 or a possible stop sequence
-                    // that never completed belongs to the output.
-                    let mut tail = s.decoder.finish();
-                    let (mut out, stopped) = s.stop.push(&tail);
-                    if !stopped {
-                        out.push_str(&s.stop.flush());
-                    }
-                    tail = out;
-                    if !tail.is_empty() {
-                        let last = *s.tokens.last().unwrap();
-                        let ev = Event::Token { text: tail, token_id: last, logprob: None, top_logprobs: Vec::new() };
-                        let _ = s.job.events.send(ev);
-                    }
-                    let now = Instant::now();
-                    let t_first = s.t_first_token.unwrap_or(now);
-                    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-                    let decode_s = (now - t_first).as_secs_f64();
-                    let stats = Stats {
-                        n_prompt_tokens: s.job.prompt.len(),
-                        n_generated_tokens: s.n_generated,
-                        t_first_token_ms: ms(t_first - s.job.t_submit),
-                        t_total_ms: ms(now - s.job.t_submit),
-                        decode_tokens_per_s: if s.n_generated > 1 && decode_s > 0.0 {
-                            (s.n_generated - 1) as f64 / decode_s
-                        } else {
-                            0.0
-                        },
-                        finish_reason: reason,
-                    };
-                    let _ = s.job.events.send(Event::Done(stats));
-                    self.counters.completed.fetch_add(1, Ordering::Relaxed);
-                }
+                Some(outcome) => ended.push((s, outcome)),
             }
         }
         self.running = kept;
-        self.counters.running.store(self.running.len(), Ordering::Relaxed);
-        let kv: usize = self.running.iter().map(|s| s.cache.bytes()).sum();
-        self.counters.kv_bytes.store(kv, Ordering::Relaxed);
+        for (s, _) in ended.iter_mut() {
+            s.release_blocks(&mut self.pool);
+        }
+        // Counters first, so a caller that sees its last event also sees the
+        // engine without its sequence.
+        self.publish();
+        for (s, outcome) in ended {
+            match outcome {
+                Outcome::Continue | Outcome::Abandoned => {}
+                Outcome::Failed(e) => {
+                    let _ = s.job.events.send(Event::Error(e));
+                }
+                Outcome::Finished(reason) => self.finish(s, reason),
+            }
+        }
+    }
+
+    fn finish(&self, mut s: Sequence, reason: FinishReason) {
+        // Text held back for UTF-8 or a possible stop sequence that never
+        // completed belongs to the output.
+        let tail = s.decoder.finish();
+        let (mut tail, stopped) = s.stop.push(&tail);
+        if !stopped {
+            tail.push_str(&s.stop.flush());
+        }
+        if !tail.is_empty() {
+            let last = *s.tokens.last().unwrap();
+            let ev = Event::Token { text: tail, token_id: last, logprob: None, top_logprobs: Vec::new() };
+            s.job.unread.fetch_add(1, Ordering::Relaxed);
+            let _ = s.job.events.send(ev);
+        }
+        let now = Instant::now();
+        let t_first = s.t_first_token.unwrap_or(now);
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let decode_s = (now - t_first).as_secs_f64();
+        let stats = Stats {
+            n_prompt_tokens: s.job.prompt.len(),
+            n_generated_tokens: s.n_generated,
+            t_first_token_ms: ms(t_first - s.job.t_submit),
+            t_total_ms: ms(now - s.job.t_submit),
+            decode_tokens_per_s: if s.n_generated > 1 && decode_s > 0.0 { (s.n_generated - 1) as f64 / decode_s } else { 0.0 },
+            finish_reason: reason,
+        };
+        self.latency.record(|h| h.e2e.observe((now - s.job.t_submit).as_secs_f64()));
+        self.counters.completed.fetch_add(1, Ordering::Relaxed);
+        let _ = s.job.events.send(Event::Done(stats));
     }
 
     fn fail_all(&mut self, e: EngineError) {

@@ -8,6 +8,8 @@ pub mod cpu;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod kv;
+pub mod metrics;
 pub mod models;
 pub mod quant;
 pub mod sampler;

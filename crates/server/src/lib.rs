@@ -15,7 +15,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -204,7 +204,7 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
 async fn prometheus(State(state): State<Arc<AppState>>) -> Response {
     let stats = state.engine.stats();
     let model = state.engine.list_models().first().map(|m| m.id.clone()).unwrap_or_default();
-    let body = state.metrics.render(&stats, &model, stats.n_running);
+    let body = state.metrics.render(&stats, &state.engine.latency_histograms(), &model, stats.n_running);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -276,7 +276,6 @@ async fn generate(state: Arc<AppState>, parsed: Result<Parsed, String>, api: Api
         created: unix_now(),
         logprobs: parsed.logprobs,
         include_usage: parsed.include_usage,
-        t_start: Instant::now(),
         finished: false,
     };
     if parsed.stream {
@@ -298,7 +297,6 @@ struct Run {
     created: u64,
     logprobs: bool,
     include_usage: bool,
-    t_start: Instant,
     finished: bool,
 }
 
@@ -334,12 +332,10 @@ impl Run {
 
     fn record(&mut self, stats: &Stats) {
         self.finished = true;
-        let e2e = self.t_start.elapsed().as_secs_f64();
         self.state.metrics.request_done(
             stats.n_prompt_tokens,
             stats.n_generated_tokens,
             stats.t_first_token_ms / 1e3,
-            e2e,
             stats.finish_reason == FinishReason::Stop,
         );
     }
@@ -394,7 +390,7 @@ impl Run {
                 if st.done {
                     return None;
                 }
-                match st.run.handle.events.recv().await {
+                match st.run.handle.recv().await {
                     Some(Event::Token { text, token_id, logprob, top_logprobs }) => {
                         let lp = match (st.run.logprobs, logprob) {
                             (true, Some(l)) => Some(st.run.logprob_entry(token_id, l, &top_logprobs)),
@@ -447,7 +443,7 @@ impl Run {
         let mut text = String::new();
         let mut entries = Vec::new();
         loop {
-            match self.handle.events.recv().await {
+            match self.handle.recv().await {
                 Some(Event::Token { text: t, token_id, logprob, top_logprobs }) => {
                     text.push_str(&t);
                     if let (true, Some(l)) = (self.logprobs, logprob) {

@@ -8,44 +8,20 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use mlx_serving_engine::engine::EngineStats;
+use mlx_serving_engine::metrics::{Histogram, Histograms};
 use serde::Serialize;
 
-/// Histogram bucket upper bounds in seconds (vLLM's TTFT buckets, trimmed).
-const BUCKETS_S: &[f64] = &[0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
 /// How far back the dashboard's rolling values look.
 const WINDOW: Duration = Duration::from_secs(60);
 
-#[derive(Default)]
-struct Histogram {
-    counts: Vec<u64>,
-    sum: f64,
-    n: u64,
-}
-
-impl Histogram {
-    fn observe(&mut self, v: f64) {
-        if self.counts.is_empty() {
-            self.counts = vec![0; BUCKETS_S.len()];
-        }
-        for (c, &b) in self.counts.iter_mut().zip(BUCKETS_S) {
-            if v <= b {
-                *c += 1;
-            }
-        }
-        self.sum += v;
-        self.n += 1;
+fn render_histogram(out: &mut String, h: &Histogram, name: &str, help: &str, labels: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (c, b) in h.counts.iter().zip(h.edges) {
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {c}");
     }
-
-    fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (i, &b) in BUCKETS_S.iter().enumerate() {
-            let c = self.counts.get(i).copied().unwrap_or(0);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {c}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.n);
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.n);
-    }
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
 }
 
 struct Finished {
@@ -56,8 +32,6 @@ struct Finished {
 
 #[derive(Default)]
 struct Inner {
-    ttft: Histogram,
-    e2e: Histogram,
     prompt_tokens: u64,
     generation_tokens: u64,
     finished_stop: u64,
@@ -82,19 +56,18 @@ pub struct Snapshot {
     pub tokens_per_s: f64,
     pub running: usize,
     pub waiting: usize,
-    /// KV cache held by running sequences, MiB (a usage ratio needs the
-    /// paged cache's budget, which does not exist yet).
-    pub kv_mib: f64,
+    /// Share of the paged KV cache's blocks held by sequences, percent.
+    pub kv_usage_pct: f64,
+    /// Share of prompt tokens found in the prefix cache since start, percent.
+    pub prefix_hit_pct: f64,
     pub error_rate: f64,
     pub requests_per_min: usize,
     pub models: usize,
 }
 
 impl Metrics {
-    pub fn request_done(&self, prompt_tokens: usize, generated: usize, ttft_s: f64, e2e_s: f64, stopped: bool) {
+    pub fn request_done(&self, prompt_tokens: usize, generated: usize, ttft_s: f64, stopped: bool) {
         let mut m = self.inner.lock().unwrap();
-        m.ttft.observe(ttft_s);
-        m.e2e.observe(e2e_s);
         m.prompt_tokens += prompt_tokens as u64;
         m.generation_tokens += generated as u64;
         if stopped {
@@ -151,14 +124,19 @@ impl Metrics {
             tokens_per_s,
             running,
             waiting,
-            kv_mib: stats.kv_bytes as f64 / (1 << 20) as f64,
+            kv_usage_pct: stats.kv_usage() * 100.0,
+            prefix_hit_pct: if stats.prefix_cache_queries == 0 {
+                0.0
+            } else {
+                stats.prefix_cache_hits as f64 * 100.0 / stats.prefix_cache_queries as f64
+            },
             error_rate: if recent.is_empty() { 0.0 } else { errors as f64 / recent.len() as f64 },
             requests_per_min: recent.len(),
             models: stats.n_models,
         }
     }
 
-    pub fn render(&self, stats: &EngineStats, model: &str, running: usize) -> String {
+    pub fn render(&self, stats: &EngineStats, hist: &Histograms, model: &str, running: usize) -> String {
         let m = self.inner.lock().unwrap();
         let l = format!("model_name=\"{}\"", model.replace(['"', '\\', '\n'], "_"));
         let mut out = String::new();
@@ -183,9 +161,14 @@ impl Metrics {
         metric("mlx_serving_requests_rejected_total", "counter", "Requests refused with 429 (overloaded).", &[("", m.rejected as f64)]);
         metric("mlx_serving_bad_requests_total", "counter", "Requests refused with 4xx for bad input.", &[("", m.bad_requests as f64)]);
         metric("mlx_serving_models_loaded", "gauge", "Models loaded in the engine.", &[("", stats.n_models as f64)]);
-        metric("mlx_serving_kv_cache_bytes", "gauge", "Bytes of KV cache held by running sequences.", &[("", stats.kv_bytes as f64)]);
-        m.ttft.render(&mut out, "vllm:time_to_first_token_seconds", "Time to first token.", &l);
-        m.e2e.render(&mut out, "vllm:e2e_request_latency_seconds", "End-to-end request latency.", &l);
+        metric("mlx_serving_kv_cache_bytes", "gauge", "Bytes of KV cache blocks held by sequences.", &[("", stats.kv_bytes as f64)]);
+        metric("vllm:kv_cache_usage_perc", "gauge", "Fraction of KV cache blocks in use (0-1).", &[("", stats.kv_usage())]);
+        metric("vllm:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.", &[("", stats.prefix_cache_queries as f64)]);
+        metric("vllm:prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.", &[("", stats.prefix_cache_hits as f64)]);
+        metric("vllm:num_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.", &[("", stats.n_preemptions as f64)]);
+        render_histogram(&mut out, &hist.ttft, "vllm:time_to_first_token_seconds", "Time to first token.", &l);
+        render_histogram(&mut out, &hist.itl, "vllm:inter_token_latency_seconds", "Time between consecutive output tokens.", &l);
+        render_histogram(&mut out, &hist.e2e, "vllm:e2e_request_latency_seconds", "End-to-end request latency.", &l);
         out
     }
 }
@@ -197,13 +180,17 @@ mod tests {
     #[test]
     fn renders_prometheus_text_and_rolling_values() {
         let m = Metrics::default();
-        m.request_done(10, 5, 0.03, 0.2, true);
-        m.request_done(10, 7, 0.3, 0.9, false);
+        m.request_done(10, 5, 0.03, true);
+        m.request_done(10, 7, 0.3, false);
         m.request_failed();
-        let stats = EngineStats { n_models: 1, n_generated_tokens: 12, ..Default::default() };
-        let text = m.render(&stats, "default", 0);
+        let stats = EngineStats { n_models: 1, n_generated_tokens: 12, kv_blocks_total: 4, kv_blocks_used: 1, ..Default::default() };
+        let mut hist = Histograms::default();
+        hist.ttft.observe(0.03);
+        hist.ttft.observe(0.3);
+        let text = m.render(&stats, &hist, "default", 0);
+        assert!(text.contains("vllm:kv_cache_usage_perc{model_name=\"default\"} 0.25"));
         assert!(text.contains("vllm:generation_tokens_total{model_name=\"default\"} 12"));
-        assert!(text.contains("vllm:time_to_first_token_seconds_bucket{model_name=\"default\",le=\"0.05\"} 1"));
+        assert!(text.contains("vllm:time_to_first_token_seconds_bucket{model_name=\"default\",le=\"0.04\"} 1"));
         assert!(text.contains("vllm:time_to_first_token_seconds_count{model_name=\"default\"} 2"));
         assert!(text.contains("finished_reason=\"length\"} 1"));
         let s = m.snapshot(&stats, 0);

@@ -4,7 +4,7 @@
 //! 400 that names them, never silently ignored.
 
 use mlx_serving_engine::chat::ChatMessage;
-use mlx_serving_engine::engine::{GenerateRequest, Input};
+use mlx_serving_engine::engine::{GenerateRequest, Input, Priority};
 use mlx_serving_engine::sampler::SamplingParams;
 use serde::Deserialize;
 use serde_json::Value;
@@ -48,6 +48,10 @@ pub struct Common {
     pub n: Option<i64>,
     #[serde(default)]
     pub ignore_eos: bool,
+    /// `urgent`, `default` or `background` (scheduling class).
+    pub priority: Option<String>,
+    /// Requests with different salts never share prefix-cache blocks.
+    pub cache_salt: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +145,11 @@ fn common_to_request(c: Common, input: Input, default_max: Option<i64>) -> Resul
             ignore_eos: c.ignore_eos,
             top_logprobs: 0,
             timeout_ms: None,
+            priority: match c.priority.as_deref() {
+                None => Priority::Default,
+                Some(p) => Priority::parse(p).map_err(|e| e.to_string())?,
+            },
+            cache_salt: c.cache_salt,
         },
         c.stream,
         include_usage,

@@ -31,12 +31,18 @@ fn req(input: Input) -> GenerateRequest {
         ignore_eos: false,
         top_logprobs: 0,
         timeout_ms: None,
+        priority: Priority::Default,
+        cache_salt: None,
     }
 }
 
 fn collect(mut h: RequestHandle) -> (Vec<u32>, String, Result<Stats, EngineError>) {
+    collect_from(&mut h)
+}
+
+fn collect_from(h: &mut RequestHandle) -> (Vec<u32>, String, Result<Stats, EngineError>) {
     let (mut ids, mut text) = (vec![], String::new());
-    while let Some(ev) = h.events.blocking_recv() {
+    while let Some(ev) = h.blocking_recv() {
         match ev {
             Event::Token { text: t, token_id, .. } => {
                 ids.push(token_id);
@@ -232,4 +238,139 @@ fn chat_messages_use_the_template_and_unload_stops_the_model() {
     e.unload_model("tiny").unwrap();
     assert_eq!(e.unload_model("tiny").unwrap_err().code(), "ModelNotLoaded");
     assert!(e.list_models().is_empty());
+}
+
+/// Waits (briefly) until the worker has published a state that satisfies `ok`.
+fn wait_for(e: &Engine, ok: impl Fn(&EngineStats) -> bool) -> EngineStats {
+    for _ in 0..500 {
+        let s = e.stats();
+        if ok(&s) {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    e.stats()
+}
+
+fn idle(s: &EngineStats) -> bool {
+    s.n_running == 0 && s.n_waiting == 0 && s.kv_blocks_used == 0
+}
+
+fn greedy(prompt: &str, n: i64) -> GenerateRequest {
+    let mut r = req(Input::Prompt(prompt.into()));
+    r.max_tokens = Some(n);
+    r.ignore_eos = true;
+    r
+}
+
+#[test]
+fn prefix_cache_hit_gives_the_cold_output_and_is_counted() {
+    let (e, _d) = tiny_engine_with(config(|c| c.kv_cache.block_size = 4));
+    let prompt = "hello world, this is a long shared prefix of several blocks; then a question";
+    let cold = collect(e.submit(greedy(prompt, 12)).unwrap());
+    let s0 = wait_for(&e, idle);
+    assert!(s0.prefix_cache_queries > 0 && s0.prefix_cache_hits == 0, "{s0:?}");
+    assert!(s0.kv_blocks_cached > 0, "finished blocks stay cached: {s0:?}");
+    let warm = collect(e.submit(greedy(prompt, 12)).unwrap());
+    assert_eq!(warm.0, cold.0);
+    let s1 = wait_for(&e, idle);
+    let n_prompt = cold.2.unwrap().n_prompt_tokens as u64;
+    // All full blocks but the one holding the last prompt token are reused.
+    assert_eq!(s1.prefix_cache_hits, (n_prompt - 1) / 4 * 4, "{s1:?}");
+    // Another salt shares nothing, and still gives the same output.
+    let mut salted = greedy(prompt, 12);
+    salted.cache_salt = Some("tenant-b".into());
+    assert_eq!(collect(e.submit(salted).unwrap()).0, cold.0);
+    assert_eq!(wait_for(&e, idle).prefix_cache_hits, s1.prefix_cache_hits);
+}
+
+#[test]
+fn preemption_when_blocks_run_out_keeps_outputs_and_frees_every_block() {
+    let prompts = ["hello", "world wide", "x y z", "a longer prompt here"];
+    let (solo_e, _d0) = tiny_engine();
+    let solo: Vec<_> = prompts.iter().map(|p| collect(solo_e.submit(greedy(p, 60)).unwrap()).0).collect();
+    // 12 blocks of 16 positions: four sequences of ~65 positions need 20.
+    let (e, _d) = tiny_engine_with(config(|c| {
+        c.kv_cache.block_size = 16;
+        c.kv_cache.memory_mib = (12 * 16 * 256) as f64 / 1048576.0;
+    }));
+    assert_eq!(e.stats().kv_blocks_total, 12);
+    let handles: Vec<_> = prompts.iter().map(|p| e.submit(greedy(p, 60)).unwrap()).collect();
+    for (h, want) in handles.into_iter().zip(&solo) {
+        assert_eq!(&collect(h).0, want);
+    }
+    let s = wait_for(&e, idle);
+    assert!(s.n_preemptions > 0, "{s:?}");
+    assert!(idle(&s), "{s:?}");
+}
+
+#[test]
+fn urgent_requests_jump_the_queue_and_background_waits() {
+    let (e, _d) = tiny_engine_with(config(|c| c.batching.max_batch_size = 1));
+    let first = long(&e);
+    wait_for(&e, |s| s.n_running == 1);
+    let mut bg = greedy("hello", 4);
+    bg.priority = Priority::Background;
+    let bg = e.submit(bg).unwrap();
+    let mut urgent = greedy("hello", 4);
+    urgent.priority = Priority::Urgent;
+    let urgent = e.submit(urgent).unwrap();
+    let (_, _, u) = collect(urgent);
+    let (_, _, b) = collect(bg);
+    // Both waited for `first`; the urgent one then ran first.
+    assert!(u.unwrap().t_total_ms < b.unwrap().t_total_ms);
+    drop(first);
+}
+
+#[test]
+fn the_queue_is_bounded_in_requests_and_tokens() {
+    let (e, _d) = tiny_engine_with(config(|c| {
+        c.batching.max_batch_size = 1;
+        c.scheduler.max_queued_requests = 2;
+        c.scheduler.max_queued_tokens = 40;
+    }));
+    let running = long(&e);
+    wait_for(&e, |s| s.n_running == 1);
+    let q1 = e.submit(greedy("hello", 2)).unwrap();
+    let err = e.submit(greedy(&"word ".repeat(45), 2)).err().unwrap();
+    assert_eq!(err.code(), "Overloaded");
+    assert!(err.to_string().contains("maxQueuedTokens"), "{err}");
+    let q2 = e.submit(greedy("hello", 2)).unwrap();
+    let err = e.submit(greedy("hello", 2)).err().unwrap();
+    assert!(err.to_string().contains("maxQueuedRequests"), "{err}");
+    drop(running);
+    assert!(collect(q1).2.is_ok() && collect(q2).2.is_ok());
+    assert!(idle(&wait_for(&e, idle)));
+}
+
+#[test]
+fn a_consumer_that_stops_reading_pauses_only_its_own_stream() {
+    let (e, _d) = tiny_engine_with(config(|c| c.scheduler.stream_buffer = 4));
+    let mut slow = e.submit(greedy("hello", 100)).unwrap();
+    // The other stream runs to the end while `slow` is never read.
+    let fast = collect(e.submit(greedy("world", 50)).unwrap());
+    assert_eq!(fast.0.len(), 50);
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(slow.unread.load(Ordering::Relaxed), 4, "the worker stops at the buffer's size");
+    assert_eq!(e.stats().n_running, 1, "paused, not dropped");
+    // Reading resumes it, and it completes.
+    let (ids, _, res) = collect_from(&mut slow);
+    assert_eq!(ids.len(), 100);
+    assert!(res.is_ok());
+    assert!(idle(&wait_for(&e, idle)));
+}
+
+#[test]
+fn cancelled_and_timed_out_requests_leave_no_blocks_in_use() {
+    let (e, _d) = tiny_engine();
+    let handles: Vec<_> = (0..6).map(|_| long(&e)).collect();
+    wait_for(&e, |s| s.n_running == 6 && s.kv_blocks_used > 0);
+    let mut r = greedy("hello", 200);
+    r.timeout_ms = Some(20);
+    assert_eq!(collect(e.submit(r).unwrap()).2.unwrap_err().code(), "Timeout");
+    drop(handles);
+    let s = wait_for(&e, idle);
+    assert!(idle(&s), "{s:?}");
+    let h = e.latency_histograms();
+    assert!(h.ttft.count >= 7 && h.itl.count > 0, "{h:?}");
 }

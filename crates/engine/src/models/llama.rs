@@ -7,7 +7,8 @@
 
 use rayon::prelude::*;
 
-use super::{ops, BatchToken, KvCache, Model, ModelConfig};
+use super::{ops, BatchToken, Model, ModelConfig};
+use crate::kv::{BlockId, KvStore};
 use half::f16;
 
 use crate::cpu::{dot_f32, f16_to_f32, matmul, Bytes, QMatrix};
@@ -169,12 +170,13 @@ impl Llama {
     /// Causal attention of every token over its sequence's cache. Work is
     /// split by (token, KV head) so each cached key and value is converted
     /// from f16 once for all the query heads that share it.
-    fn attention(&self, layer: usize, q: &[f32], batch: &[BatchToken], caches: &[&KvCache], out: &mut [f32]) {
+    fn attention(&self, layer: usize, q: &[f32], batch: &[BatchToken], kv: &KvStore, tables: &[&[BlockId]], out: &mut [f32]) {
         let hd = self.cfg.head_dim;
         let n_kv = self.cfg.n_kv_heads;
         let kv_dim = n_kv * hd;
         let group = self.n_heads / n_kv;
         let scale = 1.0 / (hd as f32).sqrt();
+        let bs = kv.block_size();
         // Few tasks (decode of one or two sequences): split each KV head's
         // query heads apart too, so every core gets work; the shared key and
         // value rows are then widened once per query head instead of once.
@@ -186,9 +188,8 @@ impl Llama {
                 let (t, rem) = (j / (n_kv * split), j % (n_kv * split));
                 let (kvh, sub) = (rem / split, rem % split);
                 let bt = batch[t];
-                let cache = caches[bt.seq];
-                let (keys, values) = (cache.keys(layer), cache.values(layer));
                 let n_pos = bt.pos + 1;
+                let blocks = &tables[bt.seq][..n_pos.div_ceil(bs)];
                 // Queries rounded to f16 like the f16 cache, as llama.cpp does.
                 let mut qg = [0.0f32; MAX_HEAD_DIM * MAX_GROUP];
                 let qg = &mut qg[..gs * hd];
@@ -199,10 +200,14 @@ impl Llama {
                 let off = kvh * hd;
                 scores.clear();
                 scores.resize(gs * n_pos, 0.0);
-                for p in 0..n_pos {
-                    f16_to_f32(&keys[p * kv_dim + off..p * kv_dim + off + hd], row);
-                    for g in 0..gs {
-                        scores[g * n_pos + p] = dot_f32(&qg[g * hd..(g + 1) * hd], row) * scale;
+                for (bi, &b) in blocks.iter().enumerate() {
+                    let keys = kv.block(layer, b).0;
+                    for slot in 0..bs.min(n_pos - bi * bs) {
+                        f16_to_f32(&keys[slot * kv_dim + off..slot * kv_dim + off + hd], row);
+                        let p = bi * bs + slot;
+                        for g in 0..gs {
+                            scores[g * n_pos + p] = dot_f32(&qg[g * hd..(g + 1) * hd], row) * scale;
+                        }
                     }
                 }
                 for g in 0..gs {
@@ -212,11 +217,15 @@ impl Llama {
                     sg.iter_mut().for_each(|w| *w = f16::from_f32(*w).to_f32());
                 }
                 o.fill(0.0);
-                for p in 0..n_pos {
-                    f16_to_f32(&values[p * kv_dim + off..p * kv_dim + off + hd], row);
-                    for g in 0..gs {
-                        let w = scores[g * n_pos + p];
-                        o[g * hd..(g + 1) * hd].iter_mut().zip(row.iter()).for_each(|(a, &v)| *a += w * v);
+                for (bi, &b) in blocks.iter().enumerate() {
+                    let values = kv.block(layer, b).1;
+                    for slot in 0..bs.min(n_pos - bi * bs) {
+                        f16_to_f32(&values[slot * kv_dim + off..slot * kv_dim + off + hd], row);
+                        let p = bi * bs + slot;
+                        for g in 0..gs {
+                            let w = scores[g * n_pos + p];
+                            o[g * hd..(g + 1) * hd].iter_mut().zip(row.iter()).for_each(|(a, &v)| *a += w * v);
+                        }
                     }
                 }
             },
@@ -238,16 +247,11 @@ impl Model for Llama {
         l + self.embed.n_bytes() + self.output.as_ref().map_or(0, QMatrix::n_bytes)
     }
 
-    fn forward(&self, batch: &[BatchToken], caches: &mut [&mut KvCache]) -> Result<Vec<f32>, EngineError> {
+    fn forward(&self, batch: &[BatchToken], kv: &mut KvStore, tables: &[&[BlockId]]) -> Result<Vec<f32>, EngineError> {
         let n = batch.len();
         let (dim, hd) = (self.dim, self.cfg.head_dim);
         let kv_dim = self.cfg.n_kv_heads * hd;
-        for bt in batch {
-            let len = caches.get(bt.seq).map(|c| c.len()).ok_or_else(|| EngineError::Internal("batch names a missing cache".into()))?;
-            if bt.pos > len + n || bt.token as usize >= self.cfg.vocab_size {
-                return Err(EngineError::Internal(format!("bad batch token {bt:?} (cache holds {len})")));
-            }
-        }
+        super::check_batch(&self.cfg, batch, kv, tables)?;
         let mut x = vec![0.0f32; n * dim];
         for (t, bt) in batch.iter().enumerate() {
             self.embed.dequantize_row_into(bt.token as usize, &mut x[t * dim..(t + 1) * dim]);
@@ -270,10 +274,9 @@ impl Model for Llama {
             self.rope(&mut q, self.n_heads, batch);
             self.rope(&mut k, self.cfg.n_kv_heads, batch);
             for (t, bt) in batch.iter().enumerate() {
-                caches[bt.seq].write(li, bt.pos, &k[t * kv_dim..(t + 1) * kv_dim], &v[t * kv_dim..(t + 1) * kv_dim]);
+                kv.write(li, tables[bt.seq], bt.pos, &k[t * kv_dim..(t + 1) * kv_dim], &v[t * kv_dim..(t + 1) * kv_dim]);
             }
-            let shared: Vec<&KvCache> = caches.iter().map(|c| &**c).collect();
-            self.attention(li, &q, batch, &shared, &mut att);
+            self.attention(li, &q, batch, kv, tables, &mut att);
             matmul(&l.wo, &att, &mut xq, &mut proj);
             ops::add_in_place(&mut x, &proj);
 
@@ -381,6 +384,19 @@ pub(crate) mod tests {
         (Llama::from_gguf(&g).unwrap(), f)
     }
 
+    /// A store of `n_seqs` sequences of up to 32 positions, blocks of 4
+    /// handed out in a scattered order so tables are not contiguous.
+    fn store_for(m: &Llama, n_seqs: usize) -> (KvStore, Vec<Vec<BlockId>>) {
+        let per = 8;
+        let kv = m.new_kv_store(4, n_seqs * per);
+        let tables = (0..n_seqs).map(|s| (0..per).map(|i| ((i * n_seqs + s) as BlockId * 5) % (n_seqs * per) as BlockId).collect()).collect();
+        (kv, tables)
+    }
+
+    fn refs(t: &[Vec<BlockId>]) -> Vec<&[BlockId]> {
+        t.iter().map(Vec::as_slice).collect()
+    }
+
     #[test]
     fn whole_prompt_logits_equal_incremental_decoding() {
         let spec = TinyLlama { vocab: 96, dim: 64, n_layers: 4 };
@@ -388,20 +404,19 @@ pub(crate) mod tests {
         let prompt: Vec<u32> = vec![5, 17, 3, 88, 42, 42, 7, 60, 1, 33];
 
         // One forward over the whole prompt, logits for every position.
-        let mut cache = m.new_cache();
+        let (mut kv, t) = store_for(&m, 1);
         let batch: Vec<BatchToken> =
             prompt.iter().enumerate().map(|(pos, &token)| BatchToken { token, pos, seq: 0, logits: true }).collect();
-        let all = m.forward(&batch, &mut [&mut cache]).unwrap();
+        let all = m.forward(&batch, &mut kv, &refs(&t)).unwrap();
 
         // Then token by token with the KV cache.
-        let mut cache2 = m.new_cache();
+        let (mut kv2, t2) = store_for(&m, 1);
         for (pos, &token) in prompt.iter().enumerate() {
-            let one = m.forward(&[BatchToken { token, pos, seq: 0, logits: true }], &mut [&mut cache2]).unwrap();
+            let one = m.forward(&[BatchToken { token, pos, seq: 0, logits: true }], &mut kv2, &refs(&t2)).unwrap();
             let want = &all[pos * spec.vocab..(pos + 1) * spec.vocab];
             let max_diff = one.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
             assert!(max_diff < 1e-4, "position {pos}: logits differ by {max_diff}");
         }
-        assert_eq!(cache2.len(), prompt.len());
         // Sanity: the model is not degenerate (logits vary across the vocab).
         let spread = all[..spec.vocab].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
             - all[..spec.vocab].iter().fold(f32::INFINITY, |a, &b| a.min(b));
@@ -412,20 +427,23 @@ pub(crate) mod tests {
     fn sequences_in_one_batch_do_not_see_each_other() {
         let spec = TinyLlama { vocab: 96, dim: 64, n_layers: 2 };
         let (m, _f) = load(&tiny_llama_gguf(&spec, vec![]));
-        let (a, b) = ([1u32, 2, 3], [9u32, 8]);
+        let (a, b) = ([1u32, 2, 3, 4, 5, 6], [9u32, 8]);
         let solo = |toks: &[u32]| {
-            let mut c = m.new_cache();
+            let (mut kv, t) = store_for(&m, 1);
             let batch: Vec<_> = toks.iter().enumerate().map(|(pos, &token)| BatchToken { token, pos, seq: 0, logits: pos + 1 == toks.len() }).collect();
-            m.forward(&batch, &mut [&mut c]).unwrap()
+            m.forward(&batch, &mut kv, &refs(&t)).unwrap()
         };
-        let (mut ca, mut cb) = (m.new_cache(), m.new_cache());
-        let mut batch: Vec<_> = a.iter().enumerate().map(|(pos, &token)| BatchToken { token, pos, seq: 0, logits: pos == 2 }).collect();
+        let (mut kv, t) = store_for(&m, 2);
+        let mut batch: Vec<_> = a.iter().enumerate().map(|(pos, &token)| BatchToken { token, pos, seq: 0, logits: pos == 5 }).collect();
         batch.extend(b.iter().enumerate().map(|(pos, &token)| BatchToken { token, pos, seq: 1, logits: pos == 1 }));
-        let both = m.forward(&batch, &mut [&mut ca, &mut cb]).unwrap();
+        let both = m.forward(&batch, &mut kv, &refs(&t)).unwrap();
         for (got, want) in both.chunks(spec.vocab).zip([solo(&a), solo(&b)]) {
             let d = got.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
             assert!(d < 1e-4, "{d}");
         }
+        // A position outside the table is refused, not written out of bounds.
+        let far = [BatchToken { token: 1, pos: 32, seq: 0, logits: true }];
+        assert!(m.forward(&far, &mut kv, &refs(&t)).is_err());
     }
 
     #[test]

@@ -3,11 +3,9 @@
 
 pub mod llama;
 
-use half::f16;
-use half::slice::HalfFloatSliceExt;
-
 use crate::error::EngineError;
 use crate::gguf::GgufFile;
+use crate::kv::{BlockId, KvStore};
 
 /// Shape facts the engine needs about a loaded model.
 #[derive(Debug, Clone)]
@@ -38,65 +36,32 @@ pub trait Model: Send + Sync {
     fn config(&self) -> &ModelConfig;
     /// Bytes of weights this model holds.
     fn weight_bytes(&self) -> usize;
-    /// Runs the batch, appending every token's keys and values to its
-    /// sequence's cache; returns `vocab_size` logits per token that asked.
-    fn forward(&self, batch: &[BatchToken], caches: &mut [&mut KvCache]) -> Result<Vec<f32>, EngineError>;
-    fn new_cache(&self) -> KvCache {
+    /// Runs the batch, writing every token's keys and values into its
+    /// sequence's blocks (`tables[bt.seq]` must cover `bt.pos`); returns
+    /// `vocab_size` logits per token that asked.
+    fn forward(&self, batch: &[BatchToken], kv: &mut KvStore, tables: &[&[BlockId]]) -> Result<Vec<f32>, EngineError>;
+    /// Bytes of keys and values one position takes in the cache.
+    fn kv_bytes_per_position(&self) -> usize {
         let c = self.config();
-        KvCache::new(c.n_layers, c.n_kv_heads * c.head_dim)
+        c.n_layers * 2 * c.n_kv_heads * c.head_dim * 2
+    }
+    fn new_kv_store(&self, block_size: usize, n_blocks: usize) -> KvStore {
+        let c = self.config();
+        KvStore::new(c.n_layers, c.n_kv_heads * c.head_dim, block_size, n_blocks)
     }
 }
 
-/// Keys and values of one sequence, `[layer][pos][kv_dim]`, grown as the
-/// sequence grows. Stored as f16 like llama.cpp's default cache: half the
-/// memory of f32, and the same rounding as the peer we compare against.
-#[derive(Debug, Default)]
-pub struct KvCache {
-    kv_dim: usize,
-    k: Vec<Vec<f16>>,
-    v: Vec<Vec<f16>>,
-    len: usize,
-}
-
-impl KvCache {
-    pub fn new(n_layers: usize, kv_dim: usize) -> Self {
-        KvCache { kv_dim, k: vec![Vec::new(); n_layers], v: vec![Vec::new(); n_layers], len: 0 }
-    }
-    /// Positions filled.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|l| l.capacity() * 2).sum()
-    }
-    /// Forgets positions from `len` on (a re-used prefix keeps its values).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-        for l in self.k.iter_mut().chain(self.v.iter_mut()) {
-            l.truncate(self.len * self.kv_dim);
+/// Rejects a batch that names a missing block table, a position its table
+/// does not cover, or a token outside the vocabulary.
+pub(crate) fn check_batch(cfg: &ModelConfig, batch: &[BatchToken], kv: &KvStore, tables: &[&[BlockId]]) -> Result<(), EngineError> {
+    for bt in batch {
+        let table = tables.get(bt.seq).ok_or_else(|| EngineError::Internal("batch names a missing block table".into()))?;
+        let covered = table.len() * kv.block_size();
+        if bt.pos >= covered || bt.token as usize >= cfg.vocab_size || table.iter().any(|&b| b as usize >= kv.n_blocks()) {
+            return Err(EngineError::Internal(format!("bad batch token {bt:?} (its blocks cover {covered} positions)")));
         }
     }
-    pub(crate) fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let d = self.kv_dim;
-        for (buf, src) in [(&mut self.k[layer], k), (&mut self.v[layer], v)] {
-            if buf.len() < (pos + 1) * d {
-                buf.resize((pos + 1) * d, f16::ZERO);
-            }
-            buf[pos * d..(pos + 1) * d].convert_from_f32_slice(src);
-        }
-        if layer == 0 {
-            self.len = self.len.max(pos + 1);
-        }
-    }
-    pub(crate) fn keys(&self, layer: usize) -> &[f16] {
-        &self.k[layer]
-    }
-    pub(crate) fn values(&self, layer: usize) -> &[f16] {
-        &self.v[layer]
-    }
+    Ok(())
 }
 
 /// Loads a GGUF model by its `general.architecture`.
