@@ -11,6 +11,15 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 
 export declare class NativeEngine {
   constructor(options?: NativeEngineOptions | undefined | null)
+  /** Why `name` is on or off for a request id under the flags in force. */
+  evaluateFeature(name: string, requestId: string): NativeFlagDecision
+  /**
+   * Re-reads the flags file; when it is unreadable or invalid the flags
+   * in force stay and the error says why.
+   */
+  reloadFeatureFlags(): void
+  /** Requests per gated feature, on and off, since start. */
+  featureFlagCounts(): Array<NativeFlagCount>
   /** Loads a GGUF file (off the JS thread). */
   loadModel(path: string, id?: string | undefined | null): Promise<NativeModelInfo>
   unloadModel(id: string): Promise<void>
@@ -68,6 +77,8 @@ export interface NativeEngineOptions {
   configPath?: string
   /** Overrides `streaming.maxConcurrentStreams` (the CLI's `--max-concurrent`). */
   maxConcurrentStreams?: number
+  /** A `feature-flags.yaml`: requests then consult its flags. */
+  featureFlagsPath?: string
 }
 
 export interface NativeEngineStats {
@@ -83,6 +94,24 @@ export interface NativeEngineStats {
   prefixCacheQueries: number
   prefixCacheHits: number
   preemptions: number
+}
+
+export interface NativeFlagCount {
+  feature: string
+  enabled: boolean
+  requests: number
+}
+
+/** A feature-flag decision for one request. */
+export interface NativeFlagDecision {
+  enabled: boolean
+  /**
+   * `enabled`, `kill_switch`, `phase5_disabled`, `phase5_rollout_excluded`,
+   * `unknown_feature`, `feature_disabled`, `rollout_excluded` or `sub_feature_disabled`.
+   */
+  reason: string
+  /** The request's bucket (0-9999) in the rollout that decided, if one did. */
+  bucket?: number
 }
 
 /**
@@ -110,6 +139,8 @@ export interface NativeGenerateParams {
   /** `urgent`, `default` or `background`. */
   priority?: string
   cacheSalt?: string
+  /** Feature-flag decisions hash it (sticky per id). */
+  requestId?: string
 }
 
 /** A cumulative histogram: `counts[i]` values were `<= edges[i]` seconds. */
@@ -163,6 +194,8 @@ export interface NativeStats {
   totalTime: number
   tokensPerSecond: number
   finishReason: string
+  /** Gated Phase 5 features that were on for the request. */
+  features: Array<string>
 }
 
 export declare function runtimeInfo(): NativeRuntimeInfo

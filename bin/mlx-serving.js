@@ -4,7 +4,7 @@
 'use strict';
 
 const { parseArgs } = require('node:util');
-const { createEngine, defaultConfigPath } = require('../dist/index.js');
+const { createEngine, defaultConfigPath, defaultFeatureFlagsPath } = require('../dist/index.js');
 
 const HELP = `Usage: mlx-serving serve [options]
 
@@ -16,6 +16,8 @@ Options:
   --host <addr>           address to bind (default 127.0.0.1: loopback only)
   --port <n>              port (default 8080; 0 picks a free one)
   --config <file>         runtime settings (default: the package's config/runtime.yaml)
+  --feature-flags <file>  Phase 5 feature flags, re-read when the file changes
+                          (default: the package's config/feature-flags.yaml)
   --api-key <key>         require 'Authorization: Bearer <key>' on /v1/*
   --max-concurrent <n>    generations at once; more get 429 (env MAX_CONCURRENT;
                           default streaming.maxConcurrentStreams from the config)
@@ -23,6 +25,8 @@ Options:
 
 Environment: PRELOAD_MODEL=true runs a warm-up generation before the server
 reports healthy. /health answers 503 until the model is loaded.
+PHASE5_ENABLED, PHASE5_TTFT_ENABLED, PHASE5_QOS_ENABLED (true/false) and
+PHASE5_ROLLOUT_PERCENT (0-100) override the feature-flags file.
 `;
 
 function fail(msg) {
@@ -43,7 +47,16 @@ async function serve(values) {
   const maxConcurrent = mc === undefined ? undefined : intOption('--max-concurrent', mc, 1, 100000);
   let engine;
   try {
-    engine = await createEngine({ configPath: values.config ?? defaultConfigPath(), maxConcurrentStreams: maxConcurrent });
+    engine = await createEngine({
+      configPath: values.config ?? defaultConfigPath(),
+      maxConcurrentStreams: maxConcurrent,
+      featureFlagsPath: values['feature-flags'] ?? defaultFeatureFlagsPath(),
+      watchFeatureFlags: true,
+    });
+    engine.on('flags:reloaded', ({ path }) => process.stderr.write(`mlx-serving: feature flags reloaded from ${path}\n`));
+    engine.on('flags:error', ({ path, error }) =>
+      process.stderr.write(`mlx-serving: feature flags in ${path} rejected, previous flags stay: ${error.message}\n`),
+    );
   } catch (e) {
     process.stderr.write(`mlx-serving: ${e.message}\n`);
     process.exit(2);
@@ -92,6 +105,7 @@ async function main() {
         port: { type: 'string' },
         'api-key': { type: 'string' },
         config: { type: 'string' },
+        'feature-flags': { type: 'string' },
         'max-concurrent': { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },

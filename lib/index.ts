@@ -6,7 +6,7 @@
  * generators, `EngineClientError` with stable codes, AbortSignal support.
  */
 import { EventEmitter } from 'node:events';
-import { existsSync } from 'node:fs';
+import { existsSync, unwatchFile, watchFile } from 'node:fs';
 import * as path from 'node:path';
 
 import type {
@@ -65,6 +65,14 @@ async function call<T>(f: () => Promise<T> | T): Promise<T> {
   }
 }
 
+function callSync<T>(f: () => T): T {
+  try {
+    return f();
+  } catch (e) {
+    throw fromNative(e);
+  }
+}
+
 /** The default model's file name, as setup unpacks it into `models/`. */
 export const DEFAULT_MODEL_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf';
 
@@ -78,8 +86,37 @@ export interface EngineOptions {
   configPath?: string;
   /** Overrides `streaming.maxConcurrentStreams`. */
   maxConcurrentStreams?: number;
+  /**
+   * A `feature-flags.yaml` (see `config/feature-flags.yaml`): each request's
+   * Phase 5 features are then decided by its `requestId`. Without one, every
+   * feature follows the runtime config.
+   */
+  featureFlagsPath?: string;
+  /** Re-read the flags file when it changes (a bad file keeps the flags in force and emits `flags:error`). */
+  watchFeatureFlags?: boolean;
   /** Other mlx-serving options are accepted for compatibility. */
   [key: string]: unknown;
+}
+
+/** The package's own `config/feature-flags.yaml`. */
+export function defaultFeatureFlagsPath(): string {
+  return path.join(__dirname, '..', 'config', 'feature-flags.yaml');
+}
+
+/** A feature-flag decision and its reason (see `config/feature-flags.yaml` for the rule). */
+export interface FeatureDecision {
+  enabled: boolean;
+  reason:
+    | 'enabled'
+    | 'kill_switch'
+    | 'phase5_disabled'
+    | 'phase5_rollout_excluded'
+    | 'unknown_feature'
+    | 'feature_disabled'
+    | 'rollout_excluded'
+    | 'sub_feature_disabled';
+  /** The request's bucket (0-9999) in the rollout that decided, when one did. */
+  bucket?: number;
 }
 
 /** The package's own `config/runtime.yaml`. */
@@ -140,6 +177,8 @@ export interface GenerationStats {
   /** Milliseconds from submission to the end. */
   totalTime: number;
   finishReason: 'stop' | 'length';
+  /** Gated Phase 5 features that were on for this request (empty without a flags file). */
+  features: string[];
 }
 
 export type GeneratorChunk =
@@ -215,6 +254,8 @@ export interface EngineMetrics {
   kvCache: { blocksTotal: number; blocksUsed: number; blocksCached: number; bytesUsed: number; usage: number };
   prefixCache: { queries: number; hits: number; hitRate: number };
   preemptions: number;
+  /** Requests per gated feature, on and off (empty without a flags file). */
+  featureFlags: { feature: string; enabled: boolean; requests: number }[];
   /** Submission to first token. */
   ttft: LatencyHistogram;
   /** Between consecutive tokens of a request. */
@@ -298,6 +339,7 @@ function fromChunk(c: NativeChunk): GeneratorChunk {
           tokensPerSecond: s.tokensPerSecond,
           totalTime: s.totalTime,
           finishReason: s.finishReason as 'stop' | 'length',
+          features: s.features,
         },
       };
     }
@@ -319,13 +361,48 @@ export class Engine extends EventEmitter {
   private closed = false;
   private nextRequest = 0;
 
+  private flagsWatcher?: () => void;
+
   constructor(options: EngineOptions = {}) {
     super();
     try {
-      this.native = new native.NativeEngine({ configPath: options.configPath, maxConcurrentStreams: options.maxConcurrentStreams });
+      this.native = new native.NativeEngine({
+        configPath: options.configPath,
+        maxConcurrentStreams: options.maxConcurrentStreams,
+        featureFlagsPath: options.featureFlagsPath,
+      });
     } catch (e) {
       throw fromNative(e);
     }
+    const flagsPath = options.featureFlagsPath;
+    if (options.watchFeatureFlags && flagsPath) {
+      // Polling (not fs.watch): editors replace files by rename, which inotify watches lose.
+      const onChange = () => {
+        try {
+          this.reloadFeatureFlags();
+          this.emit('flags:reloaded', { path: flagsPath });
+        } catch (error) {
+          this.emit('flags:error', { path: flagsPath, error });
+        }
+      };
+      watchFile(flagsPath, { interval: 500, persistent: false }, onChange);
+      this.flagsWatcher = () => unwatchFile(flagsPath, onChange);
+    }
+  }
+
+  /** Whether a Phase 5 feature (`ttft_pipeline`, `ttft_pipeline.kv_prefetch`, ...) is on for this request id. */
+  isFeatureEnabled(name: string, requestId: string): boolean {
+    return this.evaluateFeature(name, requestId).enabled;
+  }
+
+  evaluateFeature(name: string, requestId: string): FeatureDecision {
+    const d = callSync(() => this.native.evaluateFeature(name, requestId));
+    return { enabled: d.enabled, reason: d.reason as FeatureDecision['reason'], bucket: d.bucket ?? undefined };
+  }
+
+  /** Re-reads the flags file; throws `InvalidParams` (and keeps the flags in force) when it is bad. */
+  reloadFeatureFlags(): void {
+    callSync(() => this.native.reloadFeatureFlags());
   }
 
   private ensureOpen(): void {
@@ -407,6 +484,7 @@ export class Engine extends EventEmitter {
     if (options.timeoutMs !== undefined) nativeParams.timeoutMs = options.timeoutMs;
     if (options.priority !== undefined) nativeParams.priority = options.priority;
     if (options.cacheSalt !== undefined) nativeParams.cacheSalt = options.cacheSalt;
+    nativeParams.requestId = requestId;
     let stream: NativeStream;
     try {
       stream = await call(() => this.native.generate(nativeParams));
@@ -506,6 +584,7 @@ export class Engine extends EventEmitter {
         hitRate: s.prefixCacheQueries ? s.prefixCacheHits / s.prefixCacheQueries : 0,
       },
       preemptions: s.preemptions,
+      featureFlags: this.native.featureFlagCounts(),
       ttft: h.ttft,
       itl: h.itl,
       e2e: h.e2e,
@@ -548,6 +627,7 @@ export class Engine extends EventEmitter {
   async shutdown(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.flagsWatcher?.();
     await call(() => this.native.shutdown());
   }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use mlx_serving_engine::chat::ChatMessage;
 use mlx_serving_engine::config::RuntimeConfig;
+use mlx_serving_engine::flags::FlagStore;
 use mlx_serving_engine::cpu::Isa;
 use mlx_serving_engine::engine::{Canceller, Event, GenerateRequest, Input, ModelInfo, Priority, RequestHandle, Stats};
 use mlx_serving_engine::sampler::SamplingParams;
@@ -80,6 +81,8 @@ pub struct NativeGenerateParams {
     /// `urgent`, `default` or `background`.
     pub priority: Option<String>,
     pub cache_salt: Option<String>,
+    /// Feature-flag decisions hash it (sticky per id).
+    pub request_id: Option<String>,
 }
 
 fn whole(name: &str, v: f64, min: f64) -> Result<f64> {
@@ -136,6 +139,7 @@ impl TryFrom<NativeGenerateParams> for GenerateRequest {
             timeout_ms,
             priority: p.priority.as_deref().map(Priority::parse).transpose().map_err(js_error)?.unwrap_or_default(),
             cache_salt: p.cache_salt,
+            request_id: p.request_id,
         })
     }
 }
@@ -148,6 +152,8 @@ pub struct NativeStats {
     pub total_time: f64,
     pub tokens_per_second: f64,
     pub finish_reason: String,
+    /// Gated Phase 5 features that were on for the request.
+    pub features: Vec<String>,
 }
 
 impl From<Stats> for NativeStats {
@@ -159,6 +165,7 @@ impl From<Stats> for NativeStats {
             total_time: s.t_total_ms,
             tokens_per_second: s.decode_tokens_per_s,
             finish_reason: s.finish_reason.as_str().to_owned(),
+            features: s.features,
         }
     }
 }
@@ -302,6 +309,26 @@ pub struct NativeEngineOptions {
     pub config_path: Option<String>,
     /// Overrides `streaming.maxConcurrentStreams` (the CLI's `--max-concurrent`).
     pub max_concurrent_streams: Option<u32>,
+    /// A `feature-flags.yaml`: requests then consult its flags.
+    pub feature_flags_path: Option<String>,
+}
+
+/// A feature-flag decision for one request.
+#[napi(object)]
+pub struct NativeFlagDecision {
+    pub enabled: bool,
+    /// `enabled`, `kill_switch`, `phase5_disabled`, `phase5_rollout_excluded`,
+    /// `unknown_feature`, `feature_disabled`, `rollout_excluded` or `sub_feature_disabled`.
+    pub reason: String,
+    /// The request's bucket (0-9999) in the rollout that decided, if one did.
+    pub bucket: Option<u32>,
+}
+
+#[napi(object)]
+pub struct NativeFlagCount {
+    pub feature: String,
+    pub enabled: bool,
+    pub requests: f64,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> std::result::Result<T, EngineError> + Send + 'static) -> Result<T> {
@@ -325,7 +352,41 @@ impl NativeEngine {
             }
             config.streaming.max_concurrent_streams = m as usize;
         }
-        Ok(NativeEngine { inner: Arc::new(Engine::with_config(config)) })
+        let mut engine = Engine::with_config(config);
+        if let Some(path) = options.as_ref().and_then(|o| o.feature_flags_path.as_deref()) {
+            engine = engine.with_feature_flags(FlagStore::open(path).map_err(js_error)?);
+        }
+        Ok(NativeEngine { inner: Arc::new(engine) })
+    }
+
+    fn flags(&self) -> Result<&FlagStore> {
+        self.inner
+            .feature_flags()
+            .ok_or_else(|| invalid("no feature flags file was given (createEngine({ featureFlagsPath }))".into()))
+    }
+
+    /// Why `name` is on or off for a request id under the flags in force.
+    #[napi]
+    pub fn evaluate_feature(&self, name: String, request_id: String) -> Result<NativeFlagDecision> {
+        let d = self.flags()?.current().evaluate(&name, &request_id);
+        Ok(NativeFlagDecision { enabled: d.enabled, reason: d.reason.as_str().to_owned(), bucket: d.bucket })
+    }
+
+    /// Re-reads the flags file; when it is unreadable or invalid the flags
+    /// in force stay and the error says why.
+    #[napi]
+    pub fn reload_feature_flags(&self) -> Result<()> {
+        self.flags()?.reload().map_err(js_error)
+    }
+
+    /// Requests per gated feature, on and off, since start.
+    #[napi]
+    pub fn feature_flag_counts(&self) -> Vec<NativeFlagCount> {
+        self.inner
+            .feature_flag_counts()
+            .into_iter()
+            .map(|(feature, enabled, n)| NativeFlagCount { feature, enabled, requests: n as f64 })
+            .collect()
     }
 
     /// Loads a GGUF file (off the JS thread).

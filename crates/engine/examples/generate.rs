@@ -28,6 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         timeout_ms: None,
         priority: Default::default(),
         cache_salt: None,
+        request_id: None,
     })?;
     while let Some(ev) = h.blocking_recv() {
         match ev {

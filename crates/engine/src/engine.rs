@@ -29,6 +29,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::config::RuntimeConfig;
 use crate::error::EngineError;
+use crate::flags::FlagStore;
 use crate::gguf::GgufFile;
 use crate::kv::{BlockId, BlockPool, KvStore};
 use crate::metrics::{Histograms, LatencyMetrics};
@@ -73,7 +74,14 @@ pub struct GenerateRequest {
     /// Sequences with different salts never share prefix-cache blocks
     /// (tenants that must not learn about each other's prompts).
     pub cache_salt: Option<String>,
+    /// The caller's request id: feature-flag decisions hash it, so a
+    /// request id always gets the same flags. `None`: the engine's own id.
+    pub request_id: Option<String>,
 }
+
+/// The feature flags the engine consults per request, and what each gates.
+/// `ttft_pipeline.kv_prefetch`: the request reuses and feeds the prefix cache.
+pub const GATED_FEATURES: &[&str] = &["ttft_pipeline.kv_prefetch"];
 
 /// Scheduling class: the waiting queue serves `Urgent` first, and
 /// preemption takes `Background` sequences first.
@@ -125,6 +133,8 @@ pub struct Stats {
     /// Output tokens per second after the first token.
     pub decode_tokens_per_s: f64,
     pub finish_reason: FinishReason,
+    /// The gated features that were on for this request.
+    pub features: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -256,6 +266,9 @@ struct Job {
     top_logprobs: usize,
     priority: Priority,
     cache_salt: Option<String>,
+    /// Whether the request reuses and feeds the prefix cache.
+    prefix_cache: bool,
+    features: Vec<String>,
     deadline: Option<(Instant, u64)>,
     t_submit: Instant,
     cancel: Arc<AtomicBool>,
@@ -320,6 +333,9 @@ pub struct Engine {
     next_request: AtomicU64,
     t_start: Instant,
     latency: Arc<LatencyMetrics>,
+    flags: Option<Arc<FlagStore>>,
+    /// Requests per (gated feature, on) since start.
+    flag_counts: Mutex<std::collections::BTreeMap<(String, bool), u64>>,
 }
 
 impl Default for Engine {
@@ -345,11 +361,28 @@ impl Engine {
             next_request: AtomicU64::new(0),
             t_start: Instant::now(),
             latency: Arc::default(),
+            flags: None,
+            flag_counts: Mutex::default(),
         }
     }
 
     pub fn config(&self) -> &RuntimeConfig {
         &self.config
+    }
+
+    /// Makes requests consult these feature flags (see `flags.rs`).
+    pub fn with_feature_flags(mut self, flags: FlagStore) -> Self {
+        self.flags = Some(Arc::new(flags));
+        self
+    }
+
+    pub fn feature_flags(&self) -> Option<&FlagStore> {
+        self.flags.as_deref()
+    }
+
+    /// How many requests had each gated feature on and off.
+    pub fn feature_flag_counts(&self) -> Vec<(String, bool, u64)> {
+        self.flag_counts.lock().unwrap().iter().map(|((f, on), n)| (f.clone(), *on, *n)).collect()
     }
 
     /// Makes room for one more model: evicts the least recently used model
@@ -615,6 +648,22 @@ impl Engine {
         w.counters.last_used_ms.store(self.t_start.elapsed().as_millis() as u64, Ordering::Relaxed);
 
         let id = self.next_request.fetch_add(1, Ordering::Relaxed) + 1;
+        // Without a flags file every gated feature follows the runtime config.
+        let mut features = Vec::new();
+        let mut prefix_cache = true;
+        if let Some(store) = &self.flags {
+            let flags = store.current();
+            let rid = req.request_id.clone().unwrap_or_else(|| id.to_string());
+            let mut counts = self.flag_counts.lock().unwrap();
+            for &name in GATED_FEATURES {
+                let on = flags.evaluate(name, &rid).enabled;
+                *counts.entry((name.to_owned(), on)).or_default() += 1;
+                if on {
+                    features.push(name.to_owned());
+                }
+            }
+            prefix_cache = features.iter().any(|f| f == "ttft_pipeline.kv_prefetch");
+        }
         let (events_tx, events_rx) = unbounded_channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let unread = Arc::new(AtomicUsize::new(0));
@@ -628,6 +677,8 @@ impl Engine {
             top_logprobs: req.top_logprobs,
             priority: req.priority,
             cache_salt: req.cache_salt,
+            prefix_cache,
+            features,
             deadline: timeout_ms.map(|ms| (t_submit + Duration::from_millis(ms), ms)),
             t_submit,
             cancel: cancel.clone(),
@@ -700,6 +751,9 @@ impl Sequence {
     /// cache. At least one token is always left to compute, since sampling
     /// needs its logits.
     fn reuse_prefix(&mut self, pool: &mut BlockPool) {
+        if !self.job.prefix_cache {
+            return;
+        }
         let bs = pool.block_size();
         let mut prev = self.salt_key(pool);
         for chunk in self.tokens[..self.tokens.len() - 1].chunks_exact(bs) {
@@ -727,6 +781,9 @@ impl Sequence {
 
     /// Makes the blocks that became full findable in the prefix cache.
     fn register_full_blocks(&mut self, pool: &mut BlockPool) {
+        if !self.job.prefix_cache {
+            return;
+        }
         let bs = pool.block_size();
         while self.keys.len() < self.n_cached / bs {
             let i = self.keys.len();
@@ -856,7 +913,7 @@ impl WorkerLoop {
                 self.waiting[p].push_front(s);
                 break;
             }
-            if s.job.queued.take().is_some() {
+            if s.job.queued.take().is_some() && s.job.prefix_cache {
                 // First run (not a preempted one coming back).
                 self.pool.queries += s.tokens.len() as u64;
                 self.pool.hits += s.n_cached as u64;
@@ -1132,6 +1189,7 @@ impl WorkerLoop {
             t_total_ms: ms(now - s.job.t_submit),
             decode_tokens_per_s: if s.n_generated > 1 && decode_s > 0.0 { (s.n_generated - 1) as f64 / decode_s } else { 0.0 },
             finish_reason: reason,
+            features: std::mem::take(&mut s.job.features),
         };
         self.latency.record(|h| h.e2e.observe((now - s.job.t_submit).as_secs_f64()));
         self.counters.completed.fetch_add(1, Ordering::Relaxed);

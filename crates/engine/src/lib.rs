@@ -7,6 +7,7 @@ pub mod config;
 pub mod cpu;
 pub mod engine;
 pub mod error;
+pub mod flags;
 pub mod gguf;
 pub mod kv;
 pub mod metrics;

@@ -204,7 +204,8 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
 async fn prometheus(State(state): State<Arc<AppState>>) -> Response {
     let stats = state.engine.stats();
     let model = state.engine.list_models().first().map(|m| m.id.clone()).unwrap_or_default();
-    let body = state.metrics.render(&stats, &state.engine.latency_histograms(), &model, stats.n_running);
+    let e = &state.engine;
+    let body = state.metrics.render(&stats, &e.latency_histograms(), &e.feature_flag_counts(), &model, stats.n_running);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

@@ -136,7 +136,8 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self, stats: &EngineStats, hist: &Histograms, model: &str, running: usize) -> String {
+    /// `flags`: requests per (gated feature, on) from the engine.
+    pub fn render(&self, stats: &EngineStats, hist: &Histograms, flags: &[(String, bool, u64)], model: &str, running: usize) -> String {
         let m = self.inner.lock().unwrap();
         let l = format!("model_name=\"{}\"", model.replace(['"', '\\', '\n'], "_"));
         let mut out = String::new();
@@ -166,6 +167,10 @@ impl Metrics {
         metric("vllm:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.", &[("", stats.prefix_cache_queries as f64)]);
         metric("vllm:prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.", &[("", stats.prefix_cache_hits as f64)]);
         metric("vllm:num_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.", &[("", stats.n_preemptions as f64)]);
+        let flag_series: Vec<(String, f64)> =
+            flags.iter().map(|(f, on, n)| (format!("feature=\"{f}\",enabled=\"{on}\""), *n as f64)).collect();
+        let flag_refs: Vec<(&str, f64)> = flag_series.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric("mlx_serving_feature_flag_requests_total", "counter", "Requests per gated Phase 5 feature, on and off.", &flag_refs);
         render_histogram(&mut out, &hist.ttft, "vllm:time_to_first_token_seconds", "Time to first token.", &l);
         render_histogram(&mut out, &hist.itl, "vllm:inter_token_latency_seconds", "Time between consecutive output tokens.", &l);
         render_histogram(&mut out, &hist.e2e, "vllm:e2e_request_latency_seconds", "End-to-end request latency.", &l);
@@ -187,7 +192,9 @@ mod tests {
         let mut hist = Histograms::default();
         hist.ttft.observe(0.03);
         hist.ttft.observe(0.3);
-        let text = m.render(&stats, &hist, "default", 0);
+        let flags = [("ttft_pipeline.kv_prefetch".to_string(), true, 3)];
+        let text = m.render(&stats, &hist, &flags, "default", 0);
+        assert!(text.contains("mlx_serving_feature_flag_requests_total{model_name=\"default\",feature=\"ttft_pipeline.kv_prefetch\",enabled=\"true\"} 3"));
         assert!(text.contains("vllm:kv_cache_usage_perc{model_name=\"default\"} 0.25"));
         assert!(text.contains("vllm:generation_tokens_total{model_name=\"default\"} 12"));
         assert!(text.contains("vllm:time_to_first_token_seconds_bucket{model_name=\"default\",le=\"0.04\"} 1"));

@@ -52,6 +52,9 @@ pub struct Common {
     pub priority: Option<String>,
     /// Requests with different salts never share prefix-cache blocks.
     pub cache_salt: Option<String>,
+    /// OpenAI's end-user id: feature-flag rollouts hash it, so a user sees
+    /// the same variant on every request.
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,6 +153,7 @@ fn common_to_request(c: Common, input: Input, default_max: Option<i64>) -> Resul
                 Some(p) => Priority::parse(p).map_err(|e| e.to_string())?,
             },
             cache_salt: c.cache_salt,
+            request_id: c.user,
         },
         c.stream,
         include_usage,

@@ -33,6 +33,7 @@ fn req(input: Input) -> GenerateRequest {
         timeout_ms: None,
         priority: Priority::Default,
         cache_salt: None,
+        request_id: None,
     }
 }
 
@@ -373,4 +374,41 @@ fn cancelled_and_timed_out_requests_leave_no_blocks_in_use() {
     assert!(idle(&s), "{s:?}");
     let h = e.latency_histograms();
     assert!(h.ttft.count >= 7 && h.itl.count > 0, "{h:?}");
+}
+
+#[test]
+fn feature_flags_gate_the_prefix_cache_per_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flags.yaml");
+    std::fs::write(
+        &path,
+        "phase5: {enabled: true, rollout_percentage: 100, hash_seed: p}\n\
+         features:\n  ttft_pipeline: {enabled: true, rollout_percentage: 50, hash_seed: t, kv_prefetch: true}\n",
+    )
+    .unwrap();
+    let (e, _d) = tiny_engine_with(config(|c| c.kv_cache.block_size = 4));
+    let e = e.with_feature_flags(crate::flags::FlagStore::open(&path).unwrap());
+    let flags = e.feature_flags().unwrap().current();
+    let id_with = |on: bool| (0..).map(|i| format!("r{i}")).find(|id| flags.evaluate("ttft_pipeline.kv_prefetch", id).enabled == on).unwrap();
+    let prompt = "hello world, this is a long shared prefix of several blocks";
+    let run = |rid: String| {
+        let mut r = greedy(prompt, 4);
+        r.request_id = Some(rid);
+        let out = collect(e.submit(r).unwrap());
+        (out.0, out.2.unwrap().features)
+    };
+    // Baseline requests neither feed nor use the cache.
+    let (base, f) = run(id_with(false));
+    assert!(f.is_empty());
+    let (again, _) = run(id_with(false));
+    let s = wait_for(&e, idle);
+    assert_eq!((s.prefix_cache_queries, s.prefix_cache_hits, s.kv_blocks_cached), (0, 0, 0), "{s:?}");
+    // Phase 5 requests do, with the same output.
+    let (p1, f) = run(id_with(true));
+    assert_eq!(f, ["ttft_pipeline.kv_prefetch"]);
+    let (p2, _) = run(id_with(true));
+    assert!(wait_for(&e, idle).prefix_cache_hits > 0);
+    assert!(base == again && again == p1 && p1 == p2);
+    let counts = e.feature_flag_counts();
+    assert_eq!(counts, [("ttft_pipeline.kv_prefetch".to_string(), false, 2), ("ttft_pipeline.kv_prefetch".to_string(), true, 2)]);
 }
