@@ -5,7 +5,6 @@
 use std::io::Write;
 
 use mlx_serving_engine::chat::ChatMessage;
-use mlx_serving_engine::sampler::SamplingParams;
 use mlx_serving_engine::{Engine, Event, GenerateRequest, Input};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -17,18 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let info = engine.load_model(&path, Some("m".into()))?;
     eprintln!("loaded {} ({}, {} MB of weights)", info.id, info.architecture, info.weight_bytes >> 20);
     let mut h = engine.submit(GenerateRequest {
-        model: "m".into(),
-        input: Input::Messages(vec![ChatMessage { role: "user".into(), content: prompt }]),
         max_tokens: Some(max_tokens),
-        sampling: SamplingParams::default(),
-        stop_sequences: vec![],
-        stop_token_ids: vec![],
-        ignore_eos: false,
-        top_logprobs: 0,
-        timeout_ms: None,
-        priority: Default::default(),
-        cache_salt: None,
-        request_id: None,
+        ..GenerateRequest::new("m", Input::Messages(vec![ChatMessage { role: "user".into(), content: prompt }]))
     })?;
     while let Some(ev) = h.blocking_recv() {
         match ev {

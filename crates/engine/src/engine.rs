@@ -79,6 +79,26 @@ pub struct GenerateRequest {
     pub request_id: Option<String>,
 }
 
+impl GenerateRequest {
+    /// Greedy, default limits, no stops: set the fields that differ.
+    pub fn new(model: impl Into<String>, input: Input) -> Self {
+        GenerateRequest {
+            model: model.into(),
+            input,
+            max_tokens: None,
+            sampling: SamplingParams::default(),
+            stop_sequences: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            top_logprobs: 0,
+            timeout_ms: None,
+            priority: Priority::Default,
+            cache_salt: None,
+            request_id: None,
+        }
+    }
+}
+
 /// The feature flags the engine consults per request, and what each gates.
 /// `ttft_pipeline.kv_prefetch`: the request reuses and feeds the prefix cache.
 pub const GATED_FEATURES: &[&str] = &["ttft_pipeline.kv_prefetch"];

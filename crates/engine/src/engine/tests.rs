@@ -21,20 +21,7 @@ fn tiny_engine_with(config: RuntimeConfig) -> (Engine, tempfile::TempDir) {
 }
 
 fn req(input: Input) -> GenerateRequest {
-    GenerateRequest {
-        model: "tiny".into(),
-        input,
-        max_tokens: Some(8),
-        sampling: SamplingParams::default(),
-        stop_sequences: vec![],
-        stop_token_ids: vec![],
-        ignore_eos: false,
-        top_logprobs: 0,
-        timeout_ms: None,
-        priority: Priority::Default,
-        cache_salt: None,
-        request_id: None,
-    }
+    GenerateRequest { max_tokens: Some(8), ..GenerateRequest::new("tiny", input) }
 }
 
 fn collect(mut h: RequestHandle) -> (Vec<u32>, String, Result<Stats, EngineError>) {

@@ -173,7 +173,6 @@ impl Llama {
     fn attention(&self, layer: usize, q: &[f32], batch: &[BatchToken], kv: &KvStore, tables: &[&[BlockId]], out: &mut [f32]) {
         let hd = self.cfg.head_dim;
         let n_kv = self.cfg.n_kv_heads;
-        let kv_dim = n_kv * hd;
         let group = self.n_heads / n_kv;
         let scale = 1.0 / (hd as f32).sqrt();
         let bs = kv.block_size();
@@ -200,16 +199,12 @@ impl Llama {
                 let off = kvh * hd;
                 scores.clear();
                 scores.resize(gs * n_pos, 0.0);
-                for (bi, &b) in blocks.iter().enumerate() {
-                    let keys = kv.block(layer, b).0;
-                    for slot in 0..bs.min(n_pos - bi * bs) {
-                        f16_to_f32(&keys[slot * kv_dim + off..slot * kv_dim + off + hd], row);
-                        let p = bi * bs + slot;
-                        for g in 0..gs {
-                            scores[g * n_pos + p] = dot_f32(&qg[g * hd..(g + 1) * hd], row) * scale;
-                        }
+                for_each_position(kv, layer, blocks, n_pos, false, off, hd, |p, key| {
+                    f16_to_f32(key, row);
+                    for g in 0..gs {
+                        scores[g * n_pos + p] = dot_f32(&qg[g * hd..(g + 1) * hd], row) * scale;
                     }
-                }
+                });
                 for g in 0..gs {
                     let sg = &mut scores[g * n_pos..(g + 1) * n_pos];
                     ops::softmax(sg);
@@ -217,19 +212,40 @@ impl Llama {
                     sg.iter_mut().for_each(|w| *w = f16::from_f32(*w).to_f32());
                 }
                 o.fill(0.0);
-                for (bi, &b) in blocks.iter().enumerate() {
-                    let values = kv.block(layer, b).1;
-                    for slot in 0..bs.min(n_pos - bi * bs) {
-                        f16_to_f32(&values[slot * kv_dim + off..slot * kv_dim + off + hd], row);
-                        let p = bi * bs + slot;
-                        for g in 0..gs {
-                            let w = scores[g * n_pos + p];
-                            o[g * hd..(g + 1) * hd].iter_mut().zip(row.iter()).for_each(|(a, &v)| *a += w * v);
-                        }
+                for_each_position(kv, layer, blocks, n_pos, true, off, hd, |p, value| {
+                    f16_to_f32(value, row);
+                    for g in 0..gs {
+                        let w = scores[g * n_pos + p];
+                        o[g * hd..(g + 1) * hd].iter_mut().zip(row.iter()).for_each(|(a, &v)| *a += w * v);
                     }
-                }
+                });
             },
         );
+    }
+}
+
+/// Calls `f(position, row)` for positions `0..n_pos` of a sequence, with the
+/// `hd` elements at `off` of each position's key (or value) row of `layer`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn for_each_position(
+    kv: &KvStore,
+    layer: usize,
+    blocks: &[BlockId],
+    n_pos: usize,
+    values: bool,
+    off: usize,
+    hd: usize,
+    mut f: impl FnMut(usize, &[f16]),
+) {
+    let bs = kv.block_size();
+    for (bi, &b) in blocks.iter().enumerate() {
+        let (k, v) = kv.block(layer, b);
+        let rows = if values { v } else { k };
+        let stride = rows.len() / bs;
+        for slot in 0..bs.min(n_pos - bi * bs) {
+            f(bi * bs + slot, &rows[slot * stride + off..slot * stride + off + hd]);
+        }
     }
 }
 
