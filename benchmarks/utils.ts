@@ -1,0 +1,135 @@
+/**
+ * Statistics and small helpers for the benchmark scripts.
+ *
+ * Percentiles use the nearest-rank method: the P-th percentile of n sorted
+ * values is the value at rank ceil(P/100 * n) (1-based), so it is always an
+ * observed value and P100 is the maximum. The confidence interval of the mean
+ * is the normal approximation mean ± 1.96 * s / sqrt(n), with s the sample
+ * standard deviation (n - 1 in the denominator).
+ */
+import { mkdirSync, writeFileSync } from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+
+import type { ResourceSample, Stats } from './types';
+
+export function percentile(sorted: number[], p: number): number {
+  if (!sorted.length) return NaN;
+  const rank = Math.ceil((p / 100) * sorted.length);
+  return sorted[Math.min(sorted.length, Math.max(1, rank)) - 1];
+}
+
+export function mean(xs: number[]): number {
+  return xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : NaN;
+}
+
+export function stdDev(xs: number[]): number {
+  if (xs.length < 2) return 0;
+  const m = mean(xs);
+  return Math.sqrt(xs.reduce((a, x) => a + (x - m) ** 2, 0) / (xs.length - 1));
+}
+
+export function stats(values: number[]): Stats {
+  const xs = values.filter(Number.isFinite);
+  const sorted = [...xs].sort((a, b) => a - b);
+  const m = mean(xs);
+  const half = xs.length ? (1.96 * stdDev(xs)) / Math.sqrt(xs.length) : NaN;
+  return {
+    n: xs.length,
+    mean: m,
+    median: percentile(sorted, 50),
+    p95: percentile(sorted, 95),
+    p99: percentile(sorted, 99),
+    min: sorted[0] ?? NaN,
+    max: sorted[sorted.length - 1] ?? NaN,
+    stdDev: stdDev(xs),
+    ci95: [m - half, m + half],
+  };
+}
+
+/** A seeded generator (so runs with the same seed send the same workload). */
+export function rng(seed: number): () => number {
+  let s = seed >>> 0 || 1;
+  return () => {
+    s ^= s << 13;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    return (s >>> 0) / 2 ** 32;
+  };
+}
+
+/** Exponential inter-arrival gap (ms) of a Poisson process at `ratePerS`. */
+export function poissonGapMs(rand: () => number, ratePerS: number): number {
+  return (-Math.log(1 - rand()) / ratePerS) * 1000;
+}
+
+/** Samples this process's CPU share of the machine and memory every `everyMs`. */
+export class ResourceMonitor {
+  readonly samples: ResourceSample[] = [];
+  private timer?: NodeJS.Timeout;
+  private last = { cpu: process.cpuUsage(), at: performance.now() };
+  private readonly t0 = performance.now();
+
+  start(everyMs = 500): this {
+    this.timer = setInterval(() => this.sample(), everyMs);
+    return this;
+  }
+
+  private sample(): void {
+    const now = performance.now();
+    const cpu = process.cpuUsage();
+    const usedUs = cpu.user - this.last.cpu.user + (cpu.system - this.last.cpu.system);
+    const wallUs = (now - this.last.at) * 1000;
+    this.last = { cpu, at: now };
+    this.samples.push({
+      atMs: now - this.t0,
+      cpuPct: wallUs > 0 ? (usedUs / (wallUs * os.cpus().length)) * 100 : 0,
+      rssMiB: process.memoryUsage().rss / 2 ** 20,
+      systemMemPct: (1 - os.freemem() / os.totalmem()) * 100,
+    });
+  }
+
+  stop(): { avgCpuPct: number; peakCpuPct: number; peakRssMiB: number; peakSystemMemPct: number } {
+    clearInterval(this.timer);
+    this.sample();
+    const s = this.samples;
+    return {
+      avgCpuPct: mean(s.map((x) => x.cpuPct)),
+      peakCpuPct: Math.max(...s.map((x) => x.cpuPct)),
+      peakRssMiB: Math.max(...s.map((x) => x.rssMiB)),
+      peakSystemMemPct: Math.max(...s.map((x) => x.systemMemPct)),
+    };
+  }
+}
+
+export function fmt(v: number, digits = 1): string {
+  return Number.isFinite(v) ? v.toFixed(digits) : '-';
+}
+
+/** Prints a markdown table. */
+export function table(header: string[], rows: (string | number)[][]): string {
+  const line = (cells: (string | number)[]) => `| ${cells.join(' | ')} |`;
+  return [line(header), line(header.map(() => '---')), ...rows.map(line)].join('\n');
+}
+
+/** Writes `benchmarks/results/<name>-<timestamp>.json` and returns its path. */
+export function writeResult(name: string, data: unknown): string {
+  const dir = path.join(__dirname, 'results');
+  mkdirSync(dir, { recursive: true });
+  const file = path.join(dir, `${name}-${new Date().toISOString().replace(/[:.]/g, '-')}.json`);
+  writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), host: { cpus: os.cpus().length, totalMemGiB: os.totalmem() / 2 ** 30 }, ...(data as object) }, null, 2));
+  return file;
+}
+
+let lastProgress = 0;
+/** Progress on one terminal line (stderr, so stdout keeps only the report); every 2 s when not a terminal. */
+export function progress(msg: string): void {
+  if (process.stderr.isTTY) process.stderr.write(`\r\x1b[K${msg}`);
+  else if (performance.now() - lastProgress > 2000) {
+    lastProgress = performance.now();
+    process.stderr.write(`${msg}\n`);
+  }
+}
+export function progressDone(): void {
+  if (process.stderr.isTTY) process.stderr.write('\n');
+}
