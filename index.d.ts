@@ -90,6 +90,7 @@ export interface NativeEngineStats {
   kvBlocksTotal: number
   kvBlocksUsed: number
   kvBlocksCached: number
+  kvBlocksPinned: number
   kvBytes: number
   prefixCacheQueries: number
   prefixCacheHits: number
@@ -141,6 +142,8 @@ export interface NativeGenerateParams {
   cacheSalt?: string
   /** Feature-flag decisions hash it (sticky per id). */
   requestId?: string
+  /** Keep the prompt's KV blocks cached while the model is loaded. */
+  pinPrefix?: boolean
 }
 
 /** A cumulative histogram: `counts[i]` values were `<= edges[i]` seconds. */
@@ -170,6 +173,7 @@ export interface NativeModelInfo {
   vocabSize: number
   weightBytes: number
   fileType: string
+  warmupMs: number
 }
 
 export interface NativeRuntimeInfo {

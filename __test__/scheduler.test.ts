@@ -26,7 +26,7 @@ async function ids(engine: Engine, params: GeneratorParams): Promise<number[]> {
 /** The worker publishes its state just before final events; poll briefly for idle. */
 async function idle(engine: Engine): Promise<ReturnType<Engine['getMetrics']>> {
   let m = engine.getMetrics();
-  for (let i = 0; i < 200 && (m.running || m.waiting || m.kvCache.blocksUsed); i++) {
+  for (let i = 0; i < 200 && (m.running || m.waiting || m.kvCache.blocksUsed > m.kvCache.blocksPinned); i++) {
     await new Promise((r) => setTimeout(r, 5));
     m = engine.getMetrics();
   }
@@ -62,7 +62,7 @@ describe('scheduler on the default model', () => {
     const batched = await Promise.all(PROMPTS.map((p) => ids(engine, { model: MODEL, prompt: p, maxTokens: 24, ignoreEos: true })));
     assert.deepEqual(batched, solo);
     const m = await idle(engine);
-    assert.equal(m.kvCache.blocksUsed, 0);
+    assert.equal(m.kvCache.blocksUsed, m.kvCache.blocksPinned);
     assert.ok(m.ttft.count >= 32 && m.itl.count > 0 && m.e2e.count >= 32, 'histograms observed every request');
   });
 
@@ -90,6 +90,18 @@ describe('scheduler on the default model', () => {
     assert.equal(engine.getMetrics().prefixCache.hits, after.hits);
   });
 
+  test('warmupModel pins a system prompt: its blocks stay referenced and later chats reuse them', async () => {
+    const system = 'You are the assistant of a small museum. Mention opening hours (10:00 to 18:00) when asked. '.repeat(6);
+    await engine.warmupModel(MODEL, { messages: [[{ role: 'system', content: system }]] });
+    const m0 = await idle(engine);
+    assert.ok(m0.kvCache.blocksPinned >= 4, `pinned ${m0.kvCache.blocksPinned}`);
+    assert.equal(m0.kvCache.blocksUsed, m0.kvCache.blocksPinned, 'only pinned blocks stay referenced');
+    await ids(engine, { model: MODEL, messages: [{ role: 'system', content: system }, { role: 'user', content: 'When do you open?' }], maxTokens: 4 });
+    const m1 = await idle(engine);
+    assert.ok(m1.prefixCache.hits - m0.prefixCache.hits >= m0.kvCache.blocksPinned * 16 - 16, `hits ${m1.prefixCache.hits - m0.prefixCache.hits}`);
+    assert.ok(engine.getModelInfo(MODEL)!.warmupMs > 0, 'loading warmed the model up');
+  });
+
   test('cancelled and timed-out requests leave no KV blocks in use', async () => {
     const long: GeneratorParams = { model: MODEL, prompt: 'Tell me a long story.', maxTokens: 400, ignoreEos: true };
     const ctl = new AbortController();
@@ -107,7 +119,7 @@ describe('scheduler on the default model', () => {
     assert.ok(a?.type === 'error' && a.error.code === 'Cancelled', JSON.stringify(a));
     assert.ok(t?.type === 'error' && t.error.code === 'Timeout', JSON.stringify(t));
     const m = await idle(engine);
-    assert.equal(m.kvCache.blocksUsed, 0);
+    assert.equal(m.kvCache.blocksUsed, m.kvCache.blocksPinned);
     assert.equal(m.running + m.waiting, 0);
   });
 });

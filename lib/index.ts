@@ -141,6 +141,8 @@ export interface ModelHandle {
   quantization: string;
   backend: 'cpu';
   state: 'ready';
+  /** Milliseconds the load-time warmup took (0 when `ttft_pipeline.warmup` is off). */
+  warmupMs: number;
 }
 
 export interface ChatMessage {
@@ -251,7 +253,8 @@ export interface EngineMetrics {
   waiting: number;
   completed: number;
   generatedTokens: number;
-  kvCache: { blocksTotal: number; blocksUsed: number; blocksCached: number; bytesUsed: number; usage: number };
+  /** Blocks: total, referenced (pinned included), cached for reuse, pinned by `warmupModel`. */
+  kvCache: { blocksTotal: number; blocksUsed: number; blocksCached: number; blocksPinned: number; bytesUsed: number; usage: number };
   prefixCache: { queries: number; hits: number; hitRate: number };
   preemptions: number;
   /** Requests per gated feature, on and off (empty without a flags file). */
@@ -280,6 +283,7 @@ function toHandle(m: NativeModelInfo): ModelHandle {
     quantization: m.fileType,
     backend: 'cpu',
     state: 'ready',
+    warmupMs: m.warmupMs,
   };
 }
 
@@ -545,10 +549,30 @@ export class Engine extends EventEmitter {
   }
 
   /** Runs one short generation so kernels, caches and pages are warm. */
-  async warmupModel(id: string, options: { prompts?: string[] } = {}): Promise<void> {
-    const prompts = options.prompts?.length ? options.prompts : ['Hello'];
-    for (const prompt of prompts) {
-      await this.generate({ model: id, prompt, maxTokens: 2 });
+  /**
+   * Loading already warms every kernel path up. This also pins known prefixes
+   * in the prefix cache for as long as the model is loaded (never evicted):
+   * `prompts` as raw text, `messages` as chat conversations rendered with the
+   * model's template (a system prompt: `[{ role: 'system', content }]`).
+   * Requests that start the same way then skip those tokens' prefill.
+   */
+  async warmupModel(id: string, options: { prompts?: string[]; messages?: ChatMessage[][] } = {}): Promise<void> {
+    this.ensureOpen();
+    const inputs: GeneratorParams[] = [
+      ...(options.prompts ?? []).map((prompt) => ({ model: id, prompt, maxTokens: 1 })),
+      ...(options.messages ?? []).map((messages) => ({ model: id, messages, maxTokens: 1 })),
+    ];
+    if (!inputs.length) inputs.push({ model: id, prompt: 'Hello', maxTokens: 1 });
+    for (const params of inputs) {
+      const nativeParams = toNativeParams(params);
+      nativeParams.pinPrefix = options.prompts !== undefined || options.messages !== undefined;
+      const stream = await call(() => this.native.generate(nativeParams));
+      for (;;) {
+        const chunks = await stream.next();
+        if (!chunks.length) break;
+        const err = chunks.find((c) => c.kind === 'error');
+        if (err) throw new EngineClientError((err.errorCode ?? 'InternalError') as ErrorCode, err.errorMessage ?? '');
+      }
     }
   }
 
@@ -575,6 +599,7 @@ export class Engine extends EventEmitter {
         blocksTotal: s.kvBlocksTotal,
         blocksUsed: s.kvBlocksUsed,
         blocksCached: s.kvBlocksCached,
+        blocksPinned: s.kvBlocksPinned,
         bytesUsed: s.kvBytes,
         usage: s.kvBlocksTotal ? s.kvBlocksUsed / s.kvBlocksTotal : 0,
       },

@@ -35,6 +35,7 @@ pub struct NativeModelInfo {
     pub vocab_size: u32,
     pub weight_bytes: f64,
     pub file_type: String,
+    pub warmup_ms: f64,
 }
 
 impl From<ModelInfo> for NativeModelInfo {
@@ -47,6 +48,7 @@ impl From<ModelInfo> for NativeModelInfo {
             vocab_size: m.vocab_size as u32,
             weight_bytes: m.weight_bytes as f64,
             file_type: m.file_type,
+            warmup_ms: m.warmup_ms,
         }
     }
 }
@@ -83,6 +85,8 @@ pub struct NativeGenerateParams {
     pub cache_salt: Option<String>,
     /// Feature-flag decisions hash it (sticky per id).
     pub request_id: Option<String>,
+    /// Keep the prompt's KV blocks cached while the model is loaded.
+    pub pin_prefix: Option<bool>,
 }
 
 fn whole(name: &str, v: f64, min: f64) -> Result<f64> {
@@ -140,6 +144,7 @@ impl TryFrom<NativeGenerateParams> for GenerateRequest {
             priority: p.priority.as_deref().map(Priority::parse).transpose().map_err(js_error)?.unwrap_or_default(),
             cache_salt: p.cache_salt,
             request_id: p.request_id,
+            pin_prefix: p.pin_prefix.unwrap_or(false),
         })
     }
 }
@@ -264,6 +269,7 @@ pub struct NativeEngineStats {
     pub kv_blocks_total: f64,
     pub kv_blocks_used: f64,
     pub kv_blocks_cached: f64,
+    pub kv_blocks_pinned: f64,
     pub kv_bytes: f64,
     pub prefix_cache_queries: f64,
     pub prefix_cache_hits: f64,
@@ -456,6 +462,7 @@ impl NativeEngine {
             kv_blocks_total: s.kv_blocks_total as f64,
             kv_blocks_used: s.kv_blocks_used as f64,
             kv_blocks_cached: s.kv_blocks_cached as f64,
+            kv_blocks_pinned: s.kv_blocks_pinned as f64,
             kv_bytes: s.kv_bytes as f64,
             prefix_cache_queries: s.prefix_cache_queries as f64,
             prefix_cache_hits: s.prefix_cache_hits as f64,

@@ -47,6 +47,8 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     pub weight_bytes: usize,
     pub file_type: String,
+    /// Time the load-time warmup took (0 when it was off).
+    pub warmup_ms: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +79,9 @@ pub struct GenerateRequest {
     /// The caller's request id: feature-flag decisions hash it, so a
     /// request id always gets the same flags. `None`: the engine's own id.
     pub request_id: Option<String>,
+    /// Keep the prompt's full KV blocks in the prefix cache for as long as
+    /// the model is loaded (a known system prompt), never evicted.
+    pub pin_prefix: bool,
 }
 
 impl GenerateRequest {
@@ -95,6 +100,7 @@ impl GenerateRequest {
             priority: Priority::Default,
             cache_salt: None,
             request_id: None,
+            pin_prefix: false,
         }
     }
 }
@@ -239,6 +245,7 @@ struct Counters {
     kv_blocks_total: AtomicUsize,
     kv_blocks_used: AtomicUsize,
     kv_blocks_cached: AtomicUsize,
+    kv_blocks_pinned: AtomicUsize,
     kv_block_bytes: AtomicUsize,
     /// Prompt tokens looked up in the prefix cache, and found there.
     prefix_queries: AtomicU64,
@@ -258,6 +265,8 @@ pub struct EngineStats {
     pub kv_blocks_total: usize,
     pub kv_blocks_used: usize,
     pub kv_blocks_cached: usize,
+    /// Blocks of pinned prefixes (counted in `kv_blocks_used` too).
+    pub kv_blocks_pinned: usize,
     pub prefix_cache_queries: u64,
     pub prefix_cache_hits: u64,
     pub n_preemptions: u64,
@@ -288,6 +297,7 @@ struct Job {
     cache_salt: Option<String>,
     /// Whether the request reuses and feeds the prefix cache.
     prefix_cache: bool,
+    pin_prefix: bool,
     features: Vec<String>,
     deadline: Option<(Instant, u64)>,
     t_submit: Instant,
@@ -400,6 +410,19 @@ impl Engine {
         self.flags.as_deref()
     }
 
+    /// Load-time warmup (`ttft_pipeline.warmup`): on without a flags file;
+    /// with one, when Phase 5 and the TTFT pipeline are on (not per request:
+    /// a model is loaded for everyone).
+    fn warmup_enabled(&self) -> bool {
+        let Some(store) = &self.flags else { return true };
+        let f = store.current();
+        !f.emergency.kill_switch
+            && f.phase5.enabled
+            && f.phase5.rollout_percentage > 0.0
+            && f.features.get("ttft_pipeline").is_some_and(|t| t.enabled && t.rollout_percentage > 0.0)
+            && f.option("ttft_pipeline", "warmup") == Some(true)
+    }
+
     /// How many requests had each gated feature on and off.
     pub fn feature_flag_counts(&self) -> Vec<(String, bool, u64)> {
         self.flag_counts.lock().unwrap().iter().map(|((f, on), n)| (f.clone(), *on, *n)).collect()
@@ -479,6 +502,7 @@ impl Engine {
             context_length: cfg.context_length,
             vocab_size: cfg.vocab_size,
             weight_bytes: model.weight_bytes(),
+            warmup_ms: 0.0,
             file_type: g.tensor("blk.0.attn_q.weight").map(|t| t.qtype.name()).unwrap_or("?").to_owned(),
         };
         let tokenizer = Arc::new(tokenizer);
@@ -502,13 +526,23 @@ impl Engine {
             prefill_chunk: self.config.scheduler.prefill_chunk,
             stream_buffer: self.config.scheduler.stream_buffer,
         };
+        let warm = self.warmup_enabled();
+        let (ready_tx, ready_rx) = mpsc::channel();
         let thread = {
             let (tokenizer, counters, latency) = (tokenizer.clone(), counters.clone(), self.latency.clone());
             std::thread::Builder::new()
                 .name(format!("mlx-serving:{id}"))
-                .spawn(move || WorkerLoop::new(model, tokenizer, counters, latency, kv, pool, settings).run(rx))
+                .spawn(move || {
+                    let mut w = WorkerLoop::new(model, tokenizer, counters, latency, kv, pool, settings);
+                    let took = if warm { w.warm_up() } else { Duration::ZERO };
+                    let _ = ready_tx.send(took);
+                    w.run(rx)
+                })
                 .map_err(|e| EngineError::Internal(format!("cannot start model thread: {e}")))?
         };
+        // Loading returns once the model is warm: the first request is then no slower than the tenth.
+        let mut info = info;
+        info.warmup_ms = ready_rx.recv().map_err(|_| EngineError::Internal("model thread ended during warmup".into()))?.as_secs_f64() * 1e3;
         let worker = Arc::new(Worker { info: info.clone(), tokenizer, template, tx, counters, thread: Mutex::new(Some(thread)) });
 
         let mut models = self.models.lock().unwrap();
@@ -552,6 +586,7 @@ impl Engine {
             s.kv_blocks_used += used;
             s.kv_blocks_total += c.kv_blocks_total.load(Ordering::Relaxed);
             s.kv_blocks_cached += c.kv_blocks_cached.load(Ordering::Relaxed);
+            s.kv_blocks_pinned += c.kv_blocks_pinned.load(Ordering::Relaxed);
             s.prefix_cache_queries += c.prefix_queries.load(Ordering::Relaxed);
             s.prefix_cache_hits += c.prefix_hits.load(Ordering::Relaxed);
             s.n_preemptions += c.preemptions.load(Ordering::Relaxed);
@@ -698,6 +733,7 @@ impl Engine {
             priority: req.priority,
             cache_salt: req.cache_salt,
             prefix_cache,
+            pin_prefix: req.pin_prefix,
             features,
             deadline: timeout_ms.map(|ms| (t_submit + Duration::from_millis(ms), ms)),
             t_submit,
@@ -842,6 +878,8 @@ struct WorkerLoop {
     waiting: [VecDeque<Sequence>; 3],
     settings: Settings,
     next_arrival: u64,
+    /// References held on pinned prefix blocks.
+    pinned: Vec<BlockId>,
 }
 
 impl WorkerLoop {
@@ -865,7 +903,37 @@ impl WorkerLoop {
             waiting: Default::default(),
             settings: Settings { max_batch: settings.max_batch.max(1), ..settings },
             next_arrival: 0,
+            pinned: Vec::new(),
         }
+    }
+
+    /// Runs every batch shape the kernels specialise on once (1-4 tokens:
+    /// the GEMM tile's remainders; 8 and 64: parallel activation
+    /// quantization and full tiles; several sequences: the attention split)
+    /// and the tokenizer, so the first request pays no first-touch costs
+    /// (weight pages, thread start, lazy regex compilation).
+    fn warm_up(&mut self) -> Duration {
+        let t = Instant::now();
+        let _ = self.tokenizer.encode("Warm up the tokenizer: 123, héllo!", false, true);
+        let vocab = self.model.config().vocab_size as u32;
+        let bs = self.pool.block_size();
+        for (n_seqs, n_tokens) in [(1usize, 1usize), (2, 1), (3, 1), (4, 1), (8, 1), (1, 5), (1, 8), (1, 64)] {
+            let per_seq = n_tokens.div_ceil(bs);
+            if n_seqs * per_seq > self.pool.available() {
+                continue;
+            }
+            let tables: Vec<Vec<BlockId>> = (0..n_seqs).map(|_| (0..per_seq).filter_map(|_| self.pool.allocate()).collect()).collect();
+            let batch: Vec<BatchToken> = (0..n_seqs)
+                .flat_map(|seq| (0..n_tokens).map(move |pos| BatchToken { token: (seq * 31 + pos * 7) as u32 % vocab, pos, seq, logits: pos + 1 == n_tokens }))
+                .collect();
+            let refs: Vec<&[BlockId]> = tables.iter().map(Vec::as_slice).collect();
+            let (model, kv) = (&self.model, &mut self.kv);
+            let _ = rayon::scope(|_| std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&batch, kv, &refs))));
+            for b in tables.into_iter().flatten() {
+                self.pool.release(b);
+            }
+        }
+        t.elapsed()
     }
 
     fn n_waiting(&self) -> usize {
@@ -899,6 +967,7 @@ impl WorkerLoop {
         c.waiting.store(self.n_waiting(), Ordering::Relaxed);
         c.kv_blocks_used.store(self.pool.used(), Ordering::Relaxed);
         c.kv_blocks_cached.store(self.pool.cached(), Ordering::Relaxed);
+        c.kv_blocks_pinned.store(self.pinned.len(), Ordering::Relaxed);
         c.prefix_queries.store(self.pool.queries, Ordering::Relaxed);
         c.prefix_hits.store(self.pool.hits, Ordering::Relaxed);
     }
@@ -979,6 +1048,9 @@ impl WorkerLoop {
         all.extend(self.waiting.iter_mut().flat_map(|q| q.drain(..)));
         for s in all.iter_mut() {
             s.release_blocks(&mut self.pool);
+        }
+        for b in self.pinned.drain(..) {
+            self.pool.release(b);
         }
         self.publish();
         for s in all {
@@ -1167,7 +1239,19 @@ impl WorkerLoop {
             }
         }
         self.running = kept;
-        for (s, _) in ended.iter_mut() {
+        for (s, outcome) in ended.iter_mut() {
+            if s.job.pin_prefix && matches!(outcome, Outcome::Finished(_)) {
+                // One more reference per full block: it never becomes evictable.
+                for &key in &s.keys {
+                    if let Some(b) = self.pool.lookup(key) {
+                        if !self.pinned.contains(&b) {
+                            self.pinned.push(b);
+                        } else {
+                            self.pool.release(b);
+                        }
+                    }
+                }
+            }
             s.release_blocks(&mut self.pool);
         }
         // Counters first, so a caller that sees its last event also sees the

@@ -154,6 +154,7 @@ fn common_to_request(c: Common, input: Input, default_max: Option<i64>) -> Resul
             },
             cache_salt: c.cache_salt,
             request_id: c.user,
+            pin_prefix: false,
         },
         c.stream,
         include_usage,

@@ -399,3 +399,28 @@ fn feature_flags_gate_the_prefix_cache_per_request_id() {
     let counts = e.feature_flag_counts();
     assert_eq!(counts, [("ttft_pipeline.kv_prefetch".to_string(), false, 2), ("ttft_pipeline.kv_prefetch".to_string(), true, 2)]);
 }
+
+#[test]
+fn load_warms_up_and_pinned_prefixes_survive_eviction() {
+    // 24 blocks of 4 positions.
+    let (e, _d) = tiny_engine_with(config(|c| {
+        c.kv_cache.block_size = 4;
+        c.kv_cache.memory_mib = (24 * 4 * 256) as f64 / 1048576.0;
+    }));
+    assert!(e.model_info("tiny").unwrap().warmup_ms > 0.0);
+    let system = "you are a helpful assistant who answers briefly";
+    let mut pin = greedy(system, 1);
+    pin.pin_prefix = true;
+    collect(e.submit(pin).unwrap()).2.unwrap();
+    let pinned = wait_for(&e, |s| s.kv_blocks_pinned > 0).kv_blocks_pinned;
+    assert!(pinned >= 2, "{pinned}");
+    // Other prompts churn through every unpinned block, evicting the rest of the cache.
+    for i in 0..12 {
+        collect(e.submit(greedy(&format!("unrelated prompt number {i} with some words"), 20)).unwrap()).2.unwrap();
+    }
+    let before = wait_for(&e, idle).prefix_cache_hits;
+    collect(e.submit(greedy(&format!("{system} and more"), 2)).unwrap()).2.unwrap();
+    let s = wait_for(&e, idle);
+    assert!(s.prefix_cache_hits >= before + pinned as u64 * 4, "{s:?}");
+    assert_eq!(s.kv_blocks_used, pinned, "pinned blocks stay referenced, nothing else: {s:?}");
+}
