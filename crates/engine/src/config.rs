@@ -16,6 +16,37 @@ pub struct RuntimeConfig {
     pub model_cache: ModelCache,
     pub scheduler: Scheduler,
     pub kv_cache: KvCacheConfig,
+    pub limits: Limits,
+}
+
+/// Per-request caps, so one request cannot take the machine: each breach is
+/// an `InvalidParams` error naming the limit.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct Limits {
+    /// Prompt tokens (also bounded by the model's context and the KV cache).
+    pub max_prompt_tokens: usize,
+    /// Characters of prompt text or of all chat messages together, checked
+    /// before tokenizing (tokenizing costs time too).
+    pub max_prompt_chars: usize,
+    pub max_messages: usize,
+    pub max_stop_sequences: usize,
+    /// Characters of each stop sequence.
+    pub max_stop_sequence_chars: usize,
+    pub max_stop_token_ids: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_prompt_tokens: 32_768,
+            max_prompt_chars: 1 << 20,
+            max_messages: 1024,
+            max_stop_sequences: 16,
+            max_stop_sequence_chars: 256,
+            max_stop_token_ids: 64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -148,6 +179,10 @@ impl RuntimeConfig {
             ("scheduler.maxQueuedTokens", self.scheduler.max_queued_tokens),
             ("scheduler.streamBuffer", self.scheduler.stream_buffer),
             ("kv_cache.blockSize", self.kv_cache.block_size),
+            ("limits.maxPromptTokens", self.limits.max_prompt_tokens),
+            ("limits.maxPromptChars", self.limits.max_prompt_chars),
+            ("limits.maxMessages", self.limits.max_messages),
+            ("limits.maxStopSequenceChars", self.limits.max_stop_sequence_chars),
         ];
         for (key, v) in positive {
             if v == 0 {

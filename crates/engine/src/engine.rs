@@ -637,6 +637,27 @@ impl Engine {
         if req.stop_sequences.iter().any(String::is_empty) {
             return bad("stop sequences must not be empty strings".into());
         }
+        let lim = &self.config.limits;
+        let over = |what: &str, n: usize, max: usize, key: &str| -> Result<(), EngineError> {
+            if n > max {
+                return Err(EngineError::InvalidParams(format!("{what}: {n} exceeds the limit of {max} (limits.{key})")));
+            }
+            Ok(())
+        };
+        over("stop sequences", req.stop_sequences.len(), lim.max_stop_sequences, "maxStopSequences")?;
+        for s in &req.stop_sequences {
+            over("stop sequence characters", s.chars().count(), lim.max_stop_sequence_chars, "maxStopSequenceChars")?;
+        }
+        over("stop token ids", req.stop_token_ids.len(), lim.max_stop_token_ids, "maxStopTokenIds")?;
+        match &req.input {
+            Input::Prompt(text) => over("prompt characters", text.len(), lim.max_prompt_chars, "maxPromptChars")?,
+            Input::Tokens(ids) => over("prompt tokens", ids.len(), lim.max_prompt_tokens, "maxPromptTokens")?,
+            Input::Messages(msgs) => {
+                over("messages", msgs.len(), lim.max_messages, "maxMessages")?;
+                let chars = msgs.iter().map(|m| m.content.len() + m.role.len()).sum();
+                over("message characters", chars, lim.max_prompt_chars, "maxPromptChars")?;
+            }
+        }
         let tk = &w.tokenizer;
         let prompt = match &req.input {
             Input::Prompt(text) => tk.encode(text, tk.add_bos, true)?,
@@ -658,6 +679,7 @@ impl Engine {
         if prompt.is_empty() {
             return bad("the prompt is empty".into());
         }
+        over("prompt tokens", prompt.len(), lim.max_prompt_tokens, "maxPromptTokens")?;
         let ctx = w.info.context_length;
         if prompt.len() >= ctx {
             return bad(format!("the prompt has {} tokens but the context holds {ctx}", prompt.len()));

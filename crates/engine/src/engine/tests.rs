@@ -424,3 +424,32 @@ fn load_warms_up_and_pinned_prefixes_survive_eviction() {
     assert!(s.prefix_cache_hits >= before + pinned as u64 * 4, "{s:?}");
     assert_eq!(s.kv_blocks_used, pinned, "pinned blocks stay referenced, nothing else: {s:?}");
 }
+
+#[test]
+fn per_request_limits_give_invalid_params_naming_the_limit() {
+    let (e, _d) = tiny_engine_with(config(|c| {
+        c.limits.max_prompt_tokens = 20;
+        c.limits.max_prompt_chars = 200;
+        c.limits.max_messages = 2;
+        c.limits.max_stop_sequences = 2;
+        c.limits.max_stop_sequence_chars = 5;
+        c.limits.max_stop_token_ids = 1;
+    }));
+    let msg = |role: &str| ChatMessage { role: role.into(), content: "hi".into() };
+    let cases: Vec<(GenerateRequest, &str)> = vec![
+        (req(Input::Tokens(vec![1; 21])), "limits.maxPromptTokens"),
+        (req(Input::Prompt("word ".repeat(30))), "limits.maxPromptTokens"),
+        (req(Input::Prompt("x".repeat(201))), "limits.maxPromptChars"),
+        (req(Input::Messages(vec![msg("system"), msg("user"), msg("user")])), "limits.maxMessages"),
+        (GenerateRequest { stop_sequences: vec!["a".into(), "b".into(), "c".into()], ..req(Input::Prompt("x".into())) }, "limits.maxStopSequences"),
+        (GenerateRequest { stop_sequences: vec!["toolong".into()], ..req(Input::Prompt("x".into())) }, "limits.maxStopSequenceChars"),
+        (GenerateRequest { stop_token_ids: vec![1, 2], ..req(Input::Prompt("x".into())) }, "limits.maxStopTokenIds"),
+    ];
+    for (r, key) in cases {
+        let err = e.submit(r).err().unwrap();
+        assert_eq!(err.code(), "InvalidParams");
+        assert!(err.to_string().contains(key), "{err}");
+    }
+    assert!(collect(e.submit(req(Input::Prompt("hello".into()))).unwrap()).2.is_ok());
+    assert!(idle(&wait_for(&e, idle)));
+}

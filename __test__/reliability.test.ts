@@ -1,0 +1,95 @@
+/**
+ * Overload and slow clients over real HTTP on the default model: far more
+ * simultaneous requests than capacity get 429 and nothing else, the admitted
+ * ones complete, health stays green, and the engine ends idle with no KV
+ * blocks in use; a client that never reads its stream holds back only itself.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+
+import { createEngine, type Engine, type HttpServer } from '../lib/index';
+
+describe('overload and slow clients', () => {
+  let engine: Engine;
+  let server: HttpServer;
+
+  before(async () => {
+    engine = await createEngine();
+    await engine.loadModel('default');
+    server = await engine.startServer({ port: 0, maxConcurrent: 8 });
+  });
+
+  after(async () => {
+    await server.close(1000);
+    await engine.shutdown();
+  });
+
+  async function idle() {
+    let m = engine.getMetrics();
+    for (let i = 0; i < 400 && (m.running || m.waiting || m.kvCache.blocksUsed > m.kvCache.blocksPinned); i++) {
+      await new Promise((r) => setTimeout(r, 10));
+      m = engine.getMetrics();
+    }
+    return m;
+  }
+
+  test('200 simultaneous requests against 8 slots: 200 or 429 only, admitted ones complete, health stays green', async () => {
+    const body = JSON.stringify({ model: 'default', prompt: 'Count to ten:', max_tokens: 8, ignore_eos: true });
+    let healthBad = 0;
+    let polling = true;
+    const health = (async () => {
+      while (polling) {
+        if ((await fetch(`${server.url}/health`)).status !== 200) healthBad++;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    })();
+    const results = await Promise.all(
+      Array.from({ length: 200 }, async () => {
+        const t0 = performance.now();
+        const res = await fetch(`${server.url}/v1/completions`, { method: 'POST', headers: { 'Content-Type': 'application/json' }, body });
+        const json = await res.json();
+        return { status: res.status, ms: performance.now() - t0, json };
+      }),
+    );
+    polling = false;
+    await health;
+    const statuses = new Set(results.map((r) => r.status));
+    assert.deepEqual([...statuses].filter((s) => s !== 200 && s !== 429), []);
+    const ok = results.filter((r) => r.status === 200);
+    const refused = results.filter((r) => r.status === 429);
+    assert.ok(ok.length >= 8 && refused.length > 0, `${ok.length} admitted, ${refused.length} refused`);
+    for (const r of ok) assert.equal(r.json.usage.completion_tokens, 8);
+    for (const r of refused) assert.equal(r.json.error.code, 'Overloaded');
+    // Refusals do not wait for generation: the slowest refusal beats the median admitted request.
+    const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+    assert.ok(Math.max(...refused.map((r) => r.ms)) < median(ok.map((r) => r.ms)) + 1000);
+    assert.equal(healthBad, 0);
+    const m = await idle();
+    assert.equal(m.running + m.waiting, 0);
+    assert.equal(m.kvCache.blocksUsed, m.kvCache.blocksPinned);
+  });
+
+  test('a client that never reads its stream does not stall the others, and leaves nothing behind', async () => {
+    const ctl = new AbortController();
+    const stalled = await fetch(`${server.url}/v1/completions`, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ model: 'default', prompt: 'Tell a long story:', max_tokens: 2000, ignore_eos: true, stream: true }),
+      signal: ctl.signal,
+    });
+    assert.equal(stalled.status, 200);
+    // Never read `stalled.body`. Others still get full answers.
+    for (let i = 0; i < 3; i++) {
+      const res = await fetch(`${server.url}/v1/completions`, {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ model: 'default', prompt: `Item ${i}:`, max_tokens: 16, ignore_eos: true }),
+      });
+      assert.equal((await res.json()).usage.completion_tokens, 16);
+    }
+    ctl.abort();
+    const m = await idle();
+    assert.equal(m.running + m.waiting, 0);
+    assert.equal(m.kvCache.blocksUsed, m.kvCache.blocksPinned);
+  });
+});
