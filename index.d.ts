@@ -92,6 +92,7 @@ export interface NativeEngineStats {
   kvBlocksCached: number
   kvBlocksPinned: number
   kvBytes: number
+  kvBytesTouched: number
   prefixCacheQueries: number
   prefixCacheHits: number
   preemptions: number

@@ -3,8 +3,11 @@
  * simultaneous requests than capacity get 429 and nothing else, the admitted
  * ones complete, health stays green, and the engine ends idle with no KV
  * blocks in use; a client that never reads its stream holds back only itself.
+ * And a minute of the soak's mixed load must leave memory flat.
  */
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
 import { createEngine, type Engine, type HttpServer } from '../lib/index';
@@ -92,4 +95,18 @@ describe('overload and slow clients', () => {
     assert.equal(m.running + m.waiting, 0);
     assert.equal(m.kvCache.blocksUsed, m.kvCache.blocksPinned);
   });
+});
+
+test('soak, CI-sized: a minute of mixed load leaves memory flat and the engine idle', async () => {
+  const { code, stdout, stderr } = await new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
+    execFile(
+      process.execPath,
+      ['--import', 'tsx', path.join(__dirname, '..', 'benchmarks', 'soak.ts'), '--duration', '60', '--warm', '0.5', '--max-growth-mib', '48'],
+      { cwd: path.join(__dirname, '..'), timeout: 180_000 },
+      (err, stdout, stderr) => resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr }),
+    );
+  });
+  assert.equal(code, 0, stdout + stderr);
+  assert.match(stdout, /: FLAT/);
+  assert.match(stdout, /End state: idle, no KV blocks in use/);
 });

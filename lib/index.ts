@@ -253,8 +253,12 @@ export interface EngineMetrics {
   waiting: number;
   completed: number;
   generatedTokens: number;
-  /** Blocks: total, referenced (pinned included), cached for reuse, pinned by `warmupModel`. */
-  kvCache: { blocksTotal: number; blocksUsed: number; blocksCached: number; blocksPinned: number; bytesUsed: number; usage: number };
+  /**
+   * KV blocks: total, referenced (pinned included), cached for reuse, pinned by `warmupModel`;
+   * bytes of referenced blocks, and bytes ever written (the pools' resident memory, which grows to
+   * `kv_cache.memoryMiB` per model as the prefix cache fills, then stays).
+   */
+  kvCache: { blocksTotal: number; blocksUsed: number; blocksCached: number; blocksPinned: number; bytesUsed: number; bytesTouched: number; usage: number };
   prefixCache: { queries: number; hits: number; hitRate: number };
   preemptions: number;
   /** Requests per gated feature, on and off (empty without a flags file). */
@@ -600,6 +604,7 @@ export class Engine extends EventEmitter {
         blocksUsed: s.kvBlocksUsed,
         blocksCached: s.kvBlocksCached,
         blocksPinned: s.kvBlocksPinned,
+        bytesTouched: s.kvBytesTouched,
         bytesUsed: s.kvBytes,
         usage: s.kvBlocksTotal ? s.kvBlocksUsed / s.kvBlocksTotal : 0,
       },

@@ -246,6 +246,7 @@ struct Counters {
     kv_blocks_used: AtomicUsize,
     kv_blocks_cached: AtomicUsize,
     kv_blocks_pinned: AtomicUsize,
+    kv_blocks_touched: AtomicUsize,
     kv_block_bytes: AtomicUsize,
     /// Prompt tokens looked up in the prefix cache, and found there.
     prefix_queries: AtomicU64,
@@ -267,6 +268,8 @@ pub struct EngineStats {
     pub kv_blocks_cached: usize,
     /// Blocks of pinned prefixes (counted in `kv_blocks_used` too).
     pub kv_blocks_pinned: usize,
+    /// Bytes of KV blocks written at least once (resident memory of the pools).
+    pub kv_bytes_touched: usize,
     pub prefix_cache_queries: u64,
     pub prefix_cache_hits: u64,
     pub n_preemptions: u64,
@@ -360,6 +363,10 @@ impl Worker {
 pub struct Engine {
     config: RuntimeConfig,
     models: Mutex<HashMap<String, Arc<Worker>>>,
+    /// Held while a model loads: concurrent loads of one id then share the
+    /// first one's result instead of each reading the weights (and its KV
+    /// pool) before all but one are thrown away.
+    loading: Mutex<()>,
     next_request: AtomicU64,
     t_start: Instant,
     latency: Arc<LatencyMetrics>,
@@ -388,6 +395,7 @@ impl Engine {
         Engine {
             config,
             models: Mutex::default(),
+            loading: Mutex::default(),
             next_request: AtomicU64::new(0),
             t_start: Instant::now(),
             latency: Arc::default(),
@@ -468,6 +476,7 @@ impl Engine {
         if id.is_empty() {
             return Err(EngineError::InvalidParams("model id must not be empty".into()));
         }
+        let _loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(w) = self.models.lock().unwrap().get(&id) {
             if w.info.path == canonical {
                 return Ok(w.info.clone());
@@ -587,6 +596,7 @@ impl Engine {
             s.kv_blocks_total += c.kv_blocks_total.load(Ordering::Relaxed);
             s.kv_blocks_cached += c.kv_blocks_cached.load(Ordering::Relaxed);
             s.kv_blocks_pinned += c.kv_blocks_pinned.load(Ordering::Relaxed);
+            s.kv_bytes_touched += c.kv_blocks_touched.load(Ordering::Relaxed) * c.kv_block_bytes.load(Ordering::Relaxed);
             s.prefix_cache_queries += c.prefix_queries.load(Ordering::Relaxed);
             s.prefix_cache_hits += c.prefix_hits.load(Ordering::Relaxed);
             s.n_preemptions += c.preemptions.load(Ordering::Relaxed);
@@ -990,6 +1000,7 @@ impl WorkerLoop {
         c.kv_blocks_used.store(self.pool.used(), Ordering::Relaxed);
         c.kv_blocks_cached.store(self.pool.cached(), Ordering::Relaxed);
         c.kv_blocks_pinned.store(self.pinned.len(), Ordering::Relaxed);
+        c.kv_blocks_touched.store(self.pool.touched(), Ordering::Relaxed);
         c.prefix_queries.store(self.pool.queries, Ordering::Relaxed);
         c.prefix_hits.store(self.pool.hits, Ordering::Relaxed);
     }

@@ -89,6 +89,9 @@ pub struct BlockPool {
     evictable: BTreeMap<u64, BlockId>,
     tick_of: Vec<u64>,
     tick: u64,
+    /// Blocks ever handed out: `0..high_water` (free blocks are reused last
+    /// in, first out, so memory is touched from the bottom up).
+    high_water: usize,
     /// Keys come from a per-pool random hasher: nobody outside the process
     /// can craft two prompts whose blocks collide.
     hasher: RandomState,
@@ -109,6 +112,7 @@ impl BlockPool {
             evictable: BTreeMap::new(),
             tick_of: vec![0; n_blocks],
             tick: 0,
+            high_water: 0,
             hasher: RandomState::new(),
             prefix_caching,
             queries: 0,
@@ -137,6 +141,13 @@ impl BlockPool {
     /// Unreferenced blocks kept for their cached prefix.
     pub fn cached(&self) -> usize {
         self.evictable.len()
+    }
+
+    /// Blocks whose memory has been written at least once: what the pool
+    /// costs in resident memory (it grows to the whole pool as the prefix
+    /// cache fills, then stays).
+    pub fn touched(&self) -> usize {
+        self.high_water
     }
 
     /// The key of the block that ends a prefix: chains the previous block's
@@ -168,6 +179,7 @@ impl BlockPool {
             }
         };
         self.refs[b as usize] = 1;
+        self.high_water = self.high_water.max(b as usize + 1);
         Some(b)
     }
 
