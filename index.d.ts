@@ -96,6 +96,8 @@ export interface NativeEngineStats {
   prefixCacheQueries: number
   prefixCacheHits: number
   preemptions: number
+  breakersOpen: number
+  breakerTransitions: number
 }
 
 export interface NativeFlagCount {

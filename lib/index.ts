@@ -261,6 +261,8 @@ export interface EngineMetrics {
   kvCache: { blocksTotal: number; blocksUsed: number; blocksCached: number; blocksPinned: number; bytesUsed: number; bytesTouched: number; usage: number };
   prefixCache: { queries: number; hits: number; hitRate: number };
   preemptions: number;
+  /** Models whose breaker is open or half-open (they answer `Overloaded` at once), and state changes so far. */
+  circuitBreakers: { open: number; transitions: number };
   /** Requests per gated feature, on and off (empty without a flags file). */
   featureFlags: { feature: string; enabled: boolean; requests: number }[];
   /** Submission to first token. */
@@ -614,6 +616,7 @@ export class Engine extends EventEmitter {
         hitRate: s.prefixCacheQueries ? s.prefixCacheHits / s.prefixCacheQueries : 0,
       },
       preemptions: s.preemptions,
+      circuitBreakers: { open: s.breakersOpen, transitions: s.breakerTransitions },
       featureFlags: this.native.featureFlagCounts(),
       ttft: h.ttft,
       itl: h.itl,

@@ -17,6 +17,30 @@ pub struct RuntimeConfig {
     pub scheduler: Scheduler,
     pub kv_cache: KvCacheConfig,
     pub limits: Limits,
+    pub qos: Qos,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct Qos {
+    pub circuit_breaker: CircuitBreakerConfig,
+}
+
+/// Per model: fail fast after consecutive engine failures, then probe.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct CircuitBreakerConfig {
+    pub enabled: bool,
+    /// Consecutive failed requests (the model's forward failed) that open it.
+    pub failure_threshold: u32,
+    /// How long it stays open before one probe request is let through.
+    pub open_ms: u64,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        CircuitBreakerConfig { enabled: true, failure_threshold: 5, open_ms: 10_000 }
+    }
 }
 
 /// Per-request caps, so one request cannot take the machine: each breach is
@@ -183,6 +207,7 @@ impl RuntimeConfig {
             ("limits.maxPromptChars", self.limits.max_prompt_chars),
             ("limits.maxMessages", self.limits.max_messages),
             ("limits.maxStopSequenceChars", self.limits.max_stop_sequence_chars),
+            ("qos.circuitBreaker.failureThreshold", self.qos.circuit_breaker.failure_threshold as usize),
         ];
         for (key, v) in positive {
             if v == 0 {

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use crate::breaker::{self, Admission, Breaker};
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::config::RuntimeConfig;
 use crate::error::EngineError;
@@ -254,6 +255,9 @@ struct Counters {
     preemptions: AtomicU64,
     completed: AtomicU64,
     generated_tokens: AtomicU64,
+    /// Forward passes to fail on purpose (tests of the failure paths).
+    #[cfg(test)]
+    inject_failures: AtomicUsize,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -275,6 +279,9 @@ pub struct EngineStats {
     pub n_preemptions: u64,
     pub n_completed: u64,
     pub n_generated_tokens: u64,
+    /// Models whose circuit breaker is open or half-open.
+    pub n_breakers_open: usize,
+    pub n_breaker_transitions: u64,
 }
 
 impl EngineStats {
@@ -310,6 +317,31 @@ struct Job {
     _in_flight: InFlight,
     /// Present until the request first runs.
     queued: Option<Queued>,
+    /// Tells the model's circuit breaker how the request ended (when dropped).
+    ticket: BreakerTicket,
+}
+
+/// A request's place in its model's circuit breaker: settled by the worker
+/// when the request ends, or as neutral (a client-side ending) if dropped
+/// unsettled (abandoned while waiting, shutdown).
+struct BreakerTicket {
+    breaker: Arc<Breaker>,
+    admission: Admission,
+    settled: bool,
+}
+
+impl BreakerTicket {
+    fn settle(&mut self, outcome: breaker::Outcome) {
+        if !std::mem::replace(&mut self.settled, true) {
+            self.breaker.record(self.admission, outcome, Instant::now());
+        }
+    }
+}
+
+impl Drop for BreakerTicket {
+    fn drop(&mut self) {
+        self.settle(breaker::Outcome::Neutral);
+    }
 }
 
 impl Job {
@@ -348,6 +380,7 @@ struct Worker {
     template: ChatTemplate,
     tx: mpsc::Sender<Msg>,
     counters: Arc<Counters>,
+    breaker: Arc<Breaker>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -552,7 +585,8 @@ impl Engine {
         // Loading returns once the model is warm: the first request is then no slower than the tenth.
         let mut info = info;
         info.warmup_ms = ready_rx.recv().map_err(|_| EngineError::Internal("model thread ended during warmup".into()))?.as_secs_f64() * 1e3;
-        let worker = Arc::new(Worker { info: info.clone(), tokenizer, template, tx, counters, thread: Mutex::new(Some(thread)) });
+        let breaker = Arc::new(Breaker::new(self.config.qos.circuit_breaker));
+        let worker = Arc::new(Worker { info: info.clone(), tokenizer, template, tx, counters, breaker, thread: Mutex::new(Some(thread)) });
 
         let mut models = self.models.lock().unwrap();
         if let Some(existing) = models.get(&id) {
@@ -600,6 +634,8 @@ impl Engine {
             s.prefix_cache_queries += c.prefix_queries.load(Ordering::Relaxed);
             s.prefix_cache_hits += c.prefix_hits.load(Ordering::Relaxed);
             s.n_preemptions += c.preemptions.load(Ordering::Relaxed);
+            s.n_breakers_open += (w.breaker.state() != breaker::BreakerState::Closed) as usize;
+            s.n_breaker_transitions += w.breaker.transitions();
             s.n_completed += w.counters.completed.load(Ordering::Relaxed);
             s.n_generated_tokens += w.counters.generated_tokens.load(Ordering::Relaxed);
         }
@@ -734,6 +770,15 @@ impl Engine {
         }
         w.counters.last_used_ms.store(self.t_start.elapsed().as_millis() as u64, Ordering::Relaxed);
 
+        // Last, so a refusal above never takes the half-open probe's place.
+        let admission = w.breaker.admit(Instant::now()).map_err(|wait| {
+            EngineError::Overloaded(format!(
+                "model '{}' is failing: its circuit breaker is open after consecutive failures; next probe in {} ms",
+                req.model,
+                wait.as_millis()
+            ))
+        })?;
+        let ticket = BreakerTicket { breaker: w.breaker.clone(), admission, settled: false };
         let id = self.next_request.fetch_add(1, Ordering::Relaxed) + 1;
         // Without a flags file every gated feature follows the runtime config.
         let mut features = Vec::new();
@@ -774,6 +819,7 @@ impl Engine {
             events: events_tx,
             _in_flight: in_flight,
             queued: Some(queued),
+            ticket,
         };
         w.tx.send(Msg::Job(Box::new(job))).map_err(|_| EngineError::ModelNotLoaded(req.model.clone()))?;
         Ok(RequestHandle { id, events: events_rx, unread, cancel })
@@ -1182,6 +1228,12 @@ impl WorkerLoop {
             return false;
         }
 
+        #[cfg(test)]
+        if self.counters.inject_failures.load(Ordering::Relaxed) > 0 {
+            self.counters.inject_failures.fetch_sub(1, Ordering::Relaxed);
+            self.fail_all(EngineError::Generation("injected failure".into()));
+            return true;
+        }
         let model = self.model.clone();
         let tables: Vec<&[BlockId]> = self.running.iter().map(|s| s.blocks.as_slice()).collect();
         let kv = &mut self.kv;
@@ -1273,6 +1325,12 @@ impl WorkerLoop {
         }
         self.running = kept;
         for (s, outcome) in ended.iter_mut() {
+            // Before any final event, like the counters.
+            s.job.ticket.settle(match outcome {
+                Outcome::Finished(_) => breaker::Outcome::Success,
+                Outcome::Failed(EngineError::Generation(_) | EngineError::Internal(_)) => breaker::Outcome::Failure,
+                _ => breaker::Outcome::Neutral,
+            });
             if s.job.pin_prefix && matches!(outcome, Outcome::Finished(_)) {
                 // One more reference per full block: it never becomes evictable.
                 for &key in &s.keys {

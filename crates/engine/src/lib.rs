@@ -2,6 +2,7 @@
 //! sampler and the per-model engine thread. No napi here: the Node binding
 //! is a thin crate on top, and everything below is tested with `cargo test`.
 
+pub mod breaker;
 pub mod chat;
 pub mod config;
 pub mod cpu;

@@ -453,3 +453,28 @@ fn per_request_limits_give_invalid_params_naming_the_limit() {
     assert!(collect(e.submit(req(Input::Prompt("hello".into()))).unwrap()).2.is_ok());
     assert!(idle(&wait_for(&e, idle)));
 }
+
+#[test]
+fn the_circuit_breaker_opens_on_consecutive_failures_then_a_probe_closes_it() {
+    let (e, _d) = tiny_engine_with(config(|c| {
+        c.qos.circuit_breaker.failure_threshold = 3;
+        c.qos.circuit_breaker.open_ms = 150;
+    }));
+    let counters = e.models.lock().unwrap()["tiny"].counters.clone();
+    counters.inject_failures.store(3, Ordering::Relaxed);
+    for _ in 0..3 {
+        assert_eq!(collect(e.submit(greedy("hello", 4)).unwrap()).2.unwrap_err().code(), "GenerationError");
+    }
+    // Open: fail fast, without running anything.
+    let err = e.submit(greedy("hello", 4)).err().unwrap();
+    assert_eq!(err.code(), "Overloaded");
+    assert!(err.to_string().contains("circuit breaker"), "{err}");
+    assert_eq!(e.stats().n_breakers_open, 1);
+    // Cancelled and timed-out requests never counted: after open_ms one probe runs and closes it.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(collect(e.submit(greedy("hello", 4)).unwrap()).2.is_ok());
+    let s = e.stats();
+    assert_eq!(s.n_breakers_open, 0, "settled before the final event");
+    assert_eq!(s.n_breaker_transitions, 3);
+    assert!(collect(e.submit(greedy("hello", 4)).unwrap()).2.is_ok());
+}
