@@ -1,0 +1,560 @@
+//! The model worker: one thread per model running the continuous-batching
+//! scheduler over its paged KV cache (see the module docs of `engine.rs`).
+
+use super::*;
+
+/// State of one request inside the worker.
+struct Sequence {
+    job: Box<Job>,
+    /// Admission order: ties within a priority go to the earliest.
+    arrival: u64,
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    /// Block table: the KV cache blocks of positions `0..n_cached`, and room
+    /// for the positions being computed this step.
+    blocks: Vec<BlockId>,
+    /// Prefix-cache keys of the full blocks at the front of `blocks`.
+    keys: Vec<u64>,
+    /// Positions whose keys and values are in `blocks`.
+    n_cached: usize,
+    n_generated: usize,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stop: StopMatcher,
+    t_first_token: Option<Instant>,
+    t_last_token: Option<Instant>,
+}
+
+impl Sequence {
+    /// Tokens still to run through the model before the next one is sampled
+    /// (the whole prompt at first, then 1 per step; more after preemption).
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.n_cached
+    }
+
+    fn salt_key(&self, pool: &BlockPool) -> u64 {
+        pool.salt_key(self.job.cache_salt.as_deref())
+    }
+
+    fn release_blocks(&mut self, pool: &mut BlockPool) {
+        for b in self.blocks.drain(..) {
+            pool.release(b);
+        }
+        self.keys.clear();
+        self.n_cached = 0;
+    }
+
+    /// Takes the cached blocks of the longest prefix found in the prefix
+    /// cache. At least one token is always left to compute, since sampling
+    /// needs its logits.
+    fn reuse_prefix(&mut self, pool: &mut BlockPool) {
+        if !self.job.prefix_cache {
+            return;
+        }
+        let bs = pool.block_size();
+        let mut prev = self.salt_key(pool);
+        for chunk in self.tokens[..self.tokens.len() - 1].chunks_exact(bs) {
+            let key = pool.key(prev, chunk);
+            let Some(b) = pool.lookup(key) else { break };
+            self.blocks.push(b);
+            self.keys.push(key);
+            prev = key;
+        }
+        self.n_cached = self.blocks.len() * bs;
+    }
+
+    /// Blocks still needed to hold `n_positions` positions.
+    fn blocks_short(&self, bs: usize, n_positions: usize) -> usize {
+        n_positions.div_ceil(bs).saturating_sub(self.blocks.len())
+    }
+
+    /// Allocates the blocks to hold `n_positions` positions; the caller has
+    /// checked that the pool has them.
+    fn grow(&mut self, pool: &mut BlockPool, n_positions: usize) {
+        for _ in 0..self.blocks_short(pool.block_size(), n_positions) {
+            self.blocks.push(pool.allocate().expect("blocks are counted before they are allocated"));
+        }
+    }
+
+    /// Makes the blocks that became full findable in the prefix cache.
+    fn register_full_blocks(&mut self, pool: &mut BlockPool) {
+        if !self.job.prefix_cache {
+            return;
+        }
+        let bs = pool.block_size();
+        while self.keys.len() < self.n_cached / bs {
+            let i = self.keys.len();
+            let prev = self.keys.last().copied().unwrap_or_else(|| self.salt_key(pool));
+            let key = pool.key(prev, &self.tokens[i * bs..(i + 1) * bs]);
+            pool.register(self.blocks[i], key);
+            self.keys.push(key);
+        }
+    }
+}
+
+enum Outcome {
+    Continue,
+    Finished(FinishReason),
+    Failed(EngineError),
+    /// The caller went away: drop silently.
+    Abandoned,
+}
+
+pub(super) struct Settings {
+    pub(super) max_batch: usize,
+    pub(super) prefill_chunk: usize,
+    pub(super) stream_buffer: usize,
+}
+
+pub(super) struct WorkerLoop {
+    model: Arc<dyn Model>,
+    tokenizer: Arc<Tokenizer>,
+    counters: Arc<Counters>,
+    latency: Arc<LatencyMetrics>,
+    kv: KvStore,
+    pool: BlockPool,
+    running: Vec<Sequence>,
+    /// Admitted, not running (batch full, no blocks, or preempted); one
+    /// queue per priority, in arrival order.
+    waiting: [VecDeque<Sequence>; 3],
+    settings: Settings,
+    next_arrival: u64,
+    /// References held on pinned prefix blocks.
+    pinned: Vec<BlockId>,
+}
+
+impl WorkerLoop {
+    pub(super) fn new(
+        model: Arc<dyn Model>,
+        tokenizer: Arc<Tokenizer>,
+        counters: Arc<Counters>,
+        latency: Arc<LatencyMetrics>,
+        kv: KvStore,
+        pool: BlockPool,
+        settings: Settings,
+    ) -> Self {
+        WorkerLoop {
+            model,
+            tokenizer,
+            counters,
+            latency,
+            kv,
+            pool,
+            running: Vec::new(),
+            waiting: Default::default(),
+            settings: Settings { max_batch: settings.max_batch.max(1), ..settings },
+            next_arrival: 0,
+            pinned: Vec::new(),
+        }
+    }
+
+    /// Runs every batch shape the kernels specialise on once (1-4 tokens:
+    /// the GEMM tile's remainders; 8 and 64: parallel activation
+    /// quantization and full tiles; several sequences: the attention split)
+    /// and the tokenizer, so the first request pays no first-touch costs
+    /// (weight pages, thread start, lazy regex compilation).
+    pub(super) fn warm_up(&mut self) -> Duration {
+        let t = Instant::now();
+        let _ = self.tokenizer.encode("Warm up the tokenizer: 123, héllo!", false, true);
+        let vocab = self.model.config().vocab_size as u32;
+        let bs = self.pool.block_size();
+        for (n_seqs, n_tokens) in [(1usize, 1usize), (2, 1), (3, 1), (4, 1), (8, 1), (1, 5), (1, 8), (1, 64)] {
+            let per_seq = n_tokens.div_ceil(bs);
+            if n_seqs * per_seq > self.pool.available() {
+                continue;
+            }
+            let tables: Vec<Vec<BlockId>> = (0..n_seqs).map(|_| (0..per_seq).filter_map(|_| self.pool.allocate()).collect()).collect();
+            let batch: Vec<BatchToken> = (0..n_seqs)
+                .flat_map(|seq| (0..n_tokens).map(move |pos| BatchToken { token: (seq * 31 + pos * 7) as u32 % vocab, pos, seq, logits: pos + 1 == n_tokens }))
+                .collect();
+            let refs: Vec<&[BlockId]> = tables.iter().map(Vec::as_slice).collect();
+            let (model, kv) = (&self.model, &mut self.kv);
+            let _ = rayon::scope(|_| std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&batch, kv, &refs))));
+            for b in tables.into_iter().flatten() {
+                self.pool.release(b);
+            }
+        }
+        t.elapsed()
+    }
+
+    fn n_waiting(&self) -> usize {
+        self.waiting.iter().map(VecDeque::len).sum()
+    }
+
+    fn admit(&mut self, job: Box<Job>) {
+        self.next_arrival += 1;
+        let seq = Sequence {
+            arrival: self.next_arrival,
+            tokens: job.prompt.clone(),
+            blocks: Vec::new(),
+            keys: Vec::new(),
+            n_cached: 0,
+            n_generated: 0,
+            sampler: Sampler::new(job.sampling.clone()),
+            decoder: StreamDecoder::default(),
+            stop: StopMatcher::new(job.stop_sequences.clone()),
+            t_first_token: None,
+            t_last_token: None,
+            job,
+        };
+        self.waiting[seq.job.priority as usize].push_back(seq);
+    }
+
+    /// Publishes the scheduler's state; called before any final event is
+    /// sent, so a caller that sees its request end sees the engine without it.
+    fn publish(&self) {
+        let c = &self.counters;
+        c.running.store(self.running.len(), Ordering::Relaxed);
+        c.waiting.store(self.n_waiting(), Ordering::Relaxed);
+        c.kv_blocks_used.store(self.pool.used(), Ordering::Relaxed);
+        c.kv_blocks_cached.store(self.pool.cached(), Ordering::Relaxed);
+        c.kv_blocks_pinned.store(self.pinned.len(), Ordering::Relaxed);
+        c.kv_blocks_touched.store(self.pool.touched(), Ordering::Relaxed);
+        c.prefix_queries.store(self.pool.queries, Ordering::Relaxed);
+        c.prefix_hits.store(self.pool.hits, Ordering::Relaxed);
+    }
+
+    /// Drops waiting requests whose caller left or whose deadline passed,
+    /// then moves waiting sequences into the batch, highest priority first,
+    /// while the batch has room and the cache has blocks for their prompt.
+    fn fill(&mut self) {
+        let now = Instant::now();
+        for q in self.waiting.iter_mut() {
+            q.retain(|s| {
+                if s.job.abandoned() {
+                    return false;
+                }
+                match s.job.deadline {
+                    Some((at, ms)) if now >= at => {
+                        let _ = s.job.events.send(Event::Error(EngineError::Timeout(ms)));
+                        false
+                    }
+                    _ => true,
+                }
+            });
+        }
+        while self.running.len() < self.settings.max_batch {
+            let Some(p) = (0..3).find(|&p| !self.waiting[p].is_empty()) else { break };
+            let mut s = self.waiting[p].pop_front().unwrap();
+            s.reuse_prefix(&mut self.pool);
+            // Room for the whole prompt and the first generated token: a
+            // sequence admitted now is never preempted by its own prefill.
+            if s.blocks_short(self.pool.block_size(), s.tokens.len() + 1) > self.pool.available() {
+                s.release_blocks(&mut self.pool);
+                self.waiting[p].push_front(s);
+                break;
+            }
+            if s.job.queued.take().is_some() && s.job.prefix_cache {
+                // First run (not a preempted one coming back).
+                self.pool.queries += s.tokens.len() as u64;
+                self.pool.hits += s.n_cached as u64;
+            }
+            self.running.push(s);
+        }
+    }
+
+    pub(super) fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        let mut paused = false;
+        loop {
+            // Idle: block for work. Paused (nothing could run, e.g. every
+            // consumer is behind): wait briefly. Busy: take what arrived, step.
+            let first = if self.running.is_empty() && self.n_waiting() == 0 {
+                match rx.recv() {
+                    Ok(m) => Some(m),
+                    Err(_) => break,
+                }
+            } else if paused {
+                match rx.recv_timeout(Duration::from_millis(2)) {
+                    Ok(m) => Some(m),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => Some(Msg::Shutdown),
+                }
+            } else {
+                None
+            };
+            let mut shutdown = false;
+            for msg in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                match msg {
+                    Msg::Job(j) => self.admit(j),
+                    Msg::Shutdown => shutdown = true,
+                }
+            }
+            if shutdown {
+                break;
+            }
+            self.fill();
+            paused = !self.step();
+            self.publish();
+        }
+        let mut all: Vec<Sequence> = self.running.drain(..).collect();
+        all.extend(self.waiting.iter_mut().flat_map(|q| q.drain(..)));
+        for s in all.iter_mut() {
+            s.release_blocks(&mut self.pool);
+        }
+        for b in self.pinned.drain(..) {
+            self.pool.release(b);
+        }
+        self.publish();
+        for s in all {
+            let _ = s.job.events.send(Event::Error(EngineError::Cancelled));
+        }
+    }
+
+    /// Picks the sequence to preempt: lowest priority, then latest arrival.
+    fn victim(&self) -> usize {
+        (0..self.running.len()).max_by_key(|&i| (self.running[i].job.priority, self.running[i].arrival)).unwrap()
+    }
+
+    fn preempt(&mut self, i: usize) {
+        // `remove`, not `swap_remove`: the batch keeps its arrival order.
+        let mut s = self.running.remove(i);
+        s.release_blocks(&mut self.pool);
+        self.counters.preemptions.fetch_add(1, Ordering::Relaxed);
+        self.waiting[s.job.priority as usize].push_front(s);
+    }
+
+    /// One batched forward: the next token of every decoding sequence, then
+    /// prompt chunks up to the budget. Returns whether anything ran.
+    fn step(&mut self) -> bool {
+        let now = Instant::now();
+        self.retire(|s| {
+            if s.job.abandoned() {
+                return Some(Outcome::Abandoned);
+            }
+            match s.job.deadline {
+                Some((at, ms)) if now >= at => Some(Outcome::Failed(EngineError::Timeout(ms))),
+                _ => None,
+            }
+        });
+        if self.running.is_empty() {
+            return false;
+        }
+        let buffer = self.settings.stream_buffer;
+        let can_run = |s: &Sequence| s.job.unread.load(Ordering::Relaxed) < buffer;
+
+        // Decode first: every running sequence with one pending token gets a
+        // slot; preempt until the cache has the blocks they need.
+        loop {
+            let need: usize = self
+                .running
+                .iter()
+                .filter(|s| s.pending() == 1 && can_run(s))
+                .map(|s| s.blocks_short(self.pool.block_size(), s.n_cached + 1))
+                .sum();
+            if need <= self.pool.available() {
+                break;
+            }
+            if self.running.len() == 1 {
+                // A lone sequence that fills the whole cache ends here.
+                self.retire(|_| Some(Outcome::Finished(FinishReason::Length)));
+                return true;
+            }
+            let v = self.victim();
+            self.preempt(v);
+        }
+        let mut batch = Vec::new();
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if s.pending() == 1 && can_run(s) {
+                let pos = s.n_cached;
+                batch.push(BatchToken { token: s.tokens[pos], pos, seq: i, logits: true });
+                s.grow(&mut self.pool, pos + 1);
+            }
+        }
+        // Then prompt chunks, in batch order, as far as budget and blocks go.
+        let mut budget = self.settings.prefill_chunk;
+        let bs = self.pool.block_size();
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if s.pending() < 2 || budget == 0 || !can_run(s) {
+                continue;
+            }
+            let room = (s.blocks.len() + self.pool.available()) * bs - s.n_cached;
+            let take = s.pending().min(budget).min(room);
+            if take == 0 {
+                break;
+            }
+            let (start, end) = (s.n_cached, s.n_cached + take);
+            for pos in start..end {
+                batch.push(BatchToken { token: s.tokens[pos], pos, seq: i, logits: pos + 1 == s.tokens.len() });
+            }
+            s.grow(&mut self.pool, end);
+            budget -= take;
+        }
+        if batch.is_empty() {
+            // Every sequence is paused on its consumer, or prompts wait for
+            // blocks that running sequences hold: preempt the newest so the
+            // oldest can progress.
+            if self.running.iter().any(|s| s.pending() > 1 && can_run(s)) && self.running.len() > 1 {
+                let v = self.victim();
+                self.preempt(v);
+                return true;
+            }
+            return false;
+        }
+
+        #[cfg(test)]
+        if self.counters.inject_failures.load(Ordering::Relaxed) > 0 {
+            self.counters.inject_failures.fetch_sub(1, Ordering::Relaxed);
+            self.fail_all(EngineError::Generation("injected failure".into()));
+            return true;
+        }
+        let model = self.model.clone();
+        let tables: Vec<&[BlockId]> = self.running.iter().map(|s| s.blocks.as_slice()).collect();
+        let kv = &mut self.kv;
+        // Run the forward as a rayon job: this thread then waits once per
+        // step instead of once per matmul, and the kernels' parallel loops
+        // start from inside the pool.
+        let result = rayon::scope(|_| std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&batch, kv, &tables))));
+        drop(tables);
+        let mut logits = match result {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => {
+                self.fail_all(EngineError::Generation(e.to_string()));
+                return true;
+            }
+            Err(_) => {
+                self.fail_all(EngineError::Internal("model forward panicked".into()));
+                return true;
+            }
+        };
+        for bt in &batch {
+            let s = &mut self.running[bt.seq];
+            s.n_cached = s.n_cached.max(bt.pos + 1);
+        }
+        for s in self.running.iter_mut() {
+            s.register_full_blocks(&mut self.pool);
+        }
+
+        let vocab = self.model.config().vocab_size;
+        let mut outcomes: Vec<Option<Outcome>> = (0..self.running.len()).map(|_| None).collect();
+        for (bt, l) in batch.iter().filter(|b| b.logits).zip(logits.chunks_exact_mut(vocab)) {
+            let s = &mut self.running[bt.seq];
+            outcomes[bt.seq] = Some(Self::emit(&self.tokenizer, &self.counters, &self.latency, s, l));
+        }
+        let mut it = outcomes.into_iter();
+        self.retire(|_| match it.next().flatten() {
+            Some(Outcome::Continue) | None => None,
+            other => other,
+        });
+        true
+    }
+
+    /// Samples the next token of `s` and sends what it releases.
+    fn emit(tk: &Tokenizer, counters: &Counters, latency: &LatencyMetrics, s: &mut Sequence, logits: &mut [f32]) -> Outcome {
+        // Alternatives come from the model's own distribution, before sampling edits the logits.
+        let top = top_logprobs(logits, s.job.top_logprobs);
+        let sampled = s.sampler.sample(logits, &s.tokens);
+        let tok = sampled.token;
+        let now = Instant::now();
+        match s.t_last_token {
+            None => {
+                s.t_first_token = Some(now);
+                latency.record(|h| h.ttft.observe((now - s.job.t_submit).as_secs_f64()));
+            }
+            Some(last) => latency.record(|h| h.itl.observe((now - last).as_secs_f64())),
+        }
+        s.t_last_token = Some(now);
+        if (tk.is_eog(tok) && !s.job.ignore_eos) || s.job.stop_token_ids.contains(&tok) {
+            return Outcome::Finished(FinishReason::Stop);
+        }
+        s.tokens.push(tok);
+        s.n_generated += 1;
+        counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        let text = s.decoder.push(tk.piece(tok));
+        let (text, stopped) = s.stop.push(&text);
+        let ev = Event::Token { text, token_id: tok, logprob: Some(sampled.logprob), top_logprobs: top };
+        s.job.unread.fetch_add(1, Ordering::Relaxed);
+        if s.job.events.send(ev).is_err() {
+            return Outcome::Abandoned;
+        }
+        if stopped {
+            Outcome::Finished(FinishReason::Stop)
+        } else if s.n_generated >= s.job.max_tokens {
+            Outcome::Finished(FinishReason::Length)
+        } else {
+            Outcome::Continue
+        }
+    }
+
+    /// Removes the sequences for which `decide` gives an outcome, frees
+    /// their blocks, and tells their callers how they ended.
+    fn retire(&mut self, mut decide: impl FnMut(&Sequence) -> Option<Outcome>) {
+        let mut ended = Vec::new();
+        let mut kept = Vec::with_capacity(self.running.len());
+        for s in std::mem::take(&mut self.running) {
+            match decide(&s) {
+                None | Some(Outcome::Continue) => kept.push(s),
+                Some(outcome) => ended.push((s, outcome)),
+            }
+        }
+        self.running = kept;
+        for (s, outcome) in ended.iter_mut() {
+            // Before any final event, like the counters.
+            s.job.ticket.settle(match outcome {
+                Outcome::Finished(_) => breaker::Outcome::Success,
+                Outcome::Failed(EngineError::Generation(_) | EngineError::Internal(_)) => breaker::Outcome::Failure,
+                _ => breaker::Outcome::Neutral,
+            });
+            if s.job.pin_prefix && matches!(outcome, Outcome::Finished(_)) {
+                // One more reference per full block: it never becomes evictable.
+                for &key in &s.keys {
+                    if let Some(b) = self.pool.lookup(key) {
+                        if !self.pinned.contains(&b) {
+                            self.pinned.push(b);
+                        } else {
+                            self.pool.release(b);
+                        }
+                    }
+                }
+            }
+            s.release_blocks(&mut self.pool);
+        }
+        // Counters first, so a caller that sees its last event also sees the
+        // engine without its sequence.
+        self.publish();
+        for (s, outcome) in ended {
+            match outcome {
+                Outcome::Continue | Outcome::Abandoned => {}
+                Outcome::Failed(e) => {
+                    let _ = s.job.events.send(Event::Error(e));
+                }
+                Outcome::Finished(reason) => self.finish(s, reason),
+            }
+        }
+    }
+
+    fn finish(&self, mut s: Sequence, reason: FinishReason) {
+        // Text held back for UTF-8 or a possible stop sequence that never
+        // completed belongs to the output.
+        let tail = s.decoder.finish();
+        let (mut tail, stopped) = s.stop.push(&tail);
+        if !stopped {
+            tail.push_str(&s.stop.flush());
+        }
+        if !tail.is_empty() {
+            let last = *s.tokens.last().unwrap();
+            let ev = Event::Token { text: tail, token_id: last, logprob: None, top_logprobs: Vec::new() };
+            s.job.unread.fetch_add(1, Ordering::Relaxed);
+            let _ = s.job.events.send(ev);
+        }
+        let now = Instant::now();
+        let t_first = s.t_first_token.unwrap_or(now);
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let decode_s = (now - t_first).as_secs_f64();
+        let stats = Stats {
+            n_prompt_tokens: s.job.prompt.len(),
+            n_generated_tokens: s.n_generated,
+            t_first_token_ms: ms(t_first - s.job.t_submit),
+            t_total_ms: ms(now - s.job.t_submit),
+            decode_tokens_per_s: if s.n_generated > 1 && decode_s > 0.0 { (s.n_generated - 1) as f64 / decode_s } else { 0.0 },
+            finish_reason: reason,
+            features: std::mem::take(&mut s.job.features),
+        };
+        self.latency.record(|h| h.e2e.observe((now - s.job.t_submit).as_secs_f64()));
+        self.counters.completed.fetch_add(1, Ordering::Relaxed);
+        let _ = s.job.events.send(Event::Done(stats));
+    }
+
+    fn fail_all(&mut self, e: EngineError) {
+        self.retire(|_| Some(Outcome::Failed(e.clone())));
+    }
+}
