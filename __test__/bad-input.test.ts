@@ -128,6 +128,9 @@ describe('bad input', () => {
     }
     await assert.rejects(engine.generate({ model: MODEL, prompt: 'x' }, { timeoutMs: -1 }), isCode('InvalidParams', 'timeoutMs'));
     await assert.rejects(engine.generate(null as any), isCode('InvalidParams'));
+    await assert.rejects(engine.generate(base, { priority: 'highest' as any }), isCode('InvalidParams', 'priority'));
+    await assert.rejects(engine.generate({ ...base, stopSequences: Array.from({ length: 17 }, (_, i) => `s${i}`) }), isCode('InvalidParams', 'limits.maxStopSequences'));
+    await assert.rejects(engine.generate({ ...base, stopSequences: ['x'.repeat(257)] }), isCode('InvalidParams', 'limits.maxStopSequenceChars'));
   });
 
   test('the stream running throughout finished normally and the engine is idle', async () => {

@@ -145,6 +145,9 @@ describe('HTTP server', () => {
     }
     const big = await post(`${base}/v1/completions`, { model: 'default', prompt: 'x'.repeat(100 * 1024) });
     assert.equal(big.status, 413);
+    const badPriority = await post(`${base}/v1/completions`, { model: 'default', prompt: 'x', max_tokens: 2, priority: 'highest' });
+    assert.equal(badPriority.status, 400);
+    assert.match((await badPriority.json()).error.message, /priority/);
     assert.equal((await fetch(`${base}/v2/nothing`)).status, 404);
   });
 
