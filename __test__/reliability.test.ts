@@ -6,11 +6,13 @@
  * And a minute of the soak's mixed load must leave memory flat.
  */
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { copyFileSync, mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
-import { createEngine, type Engine, type HttpServer } from '../lib/index';
+import { createEngine, defaultModelPath, EngineClientError, type Engine, type HttpServer } from '../lib/index';
 
 describe('overload and slow clients', () => {
   let engine: Engine;
@@ -109,4 +111,80 @@ test('soak, CI-sized: a minute of mixed load leaves memory flat and the engine i
   assert.equal(code, 0, stdout + stderr);
   assert.match(stdout, /: FLAT/);
   assert.match(stdout, /End state: idle, no KV blocks in use/);
+});
+
+describe('faults', () => {
+  test('a model file truncated, then replaced with garbage, while loaded: the loaded model keeps serving; reloading it is a clear error', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'mlx-serving-fault-'));
+    const file = path.join(dir, 'model.gguf');
+    copyFileSync(defaultModelPath(), file);
+    const engine = await createEngine();
+    try {
+      await engine.loadModel({ model: file, modelId: 'victim' });
+      const params = { model: 'victim', prompt: 'The capital of France is', maxTokens: 12, temperature: 0 };
+      const before = await engine.generate(params);
+      truncateSync(file, 4096);
+      assert.equal(await engine.generate(params), before);
+      writeFileSync(file, Buffer.alloc(1 << 20, 0x5a));
+      assert.equal(await engine.generate(params), before);
+      await assert.rejects(
+        engine.loadModel({ model: file, modelId: 'again' }),
+        (e: unknown) => e instanceof EngineClientError && e.code === 'ModelLoadError' && e.message.includes(file),
+      );
+      truncateSync(file, 0);
+      await assert.rejects(engine.loadModel({ model: file, modelId: 'again' }), { code: 'ModelLoadError' });
+      assert.equal(await engine.generate(params), before);
+    } finally {
+      await engine.shutdown();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('the server killed mid-stream: the client sees the stream fail, and a restarted server serves again', async () => {
+    const bin = path.join(__dirname, '..', 'bin', 'mlx-serving.js');
+    const start = (port: number) =>
+      new Promise<{ child: ChildProcess; url: string }>((resolve, reject) => {
+        const child = spawn(process.execPath, [bin, 'serve', '--port', String(port)], { stdio: ['ignore', 'pipe', 'pipe'] });
+        let out = '';
+        let err = '';
+        child.stdout!.on('data', (d) => {
+          out += d;
+          const m = /at (http:\/\/[^ ]+) /.exec(out);
+          if (m) resolve({ child, url: m[1] });
+        });
+        child.stderr!.on('data', (d) => (err += d));
+        child.on('exit', (code) => reject(new Error(`server exited with ${code}: ${err}`)));
+      });
+    const first = await start(0);
+    const port = Number(new URL(first.url).port);
+    let second: { child: ChildProcess; url: string } | undefined;
+    try {
+      const res = await fetch(`${first.url}/v1/completions`, {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ model: 'default', prompt: 'Tell a long story:', max_tokens: 2000, ignore_eos: true, stream: true }),
+      });
+      assert.equal(res.status, 200);
+      const reader = res.body!.getReader();
+      assert.ok((await reader.read()).value!.length > 0);
+      first.child.kill('SIGKILL');
+      await assert.rejects(
+        (async () => {
+          for (;;) if ((await reader.read()).done) throw new Error('the stream ended cleanly instead of failing');
+        })(),
+        (e: Error) => !/ended cleanly/.test(e.message),
+      );
+      second = await start(port);
+      const again = await fetch(`${second.url}/v1/completions`, {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ model: 'default', prompt: 'Hello', max_tokens: 4, ignore_eos: true }),
+      });
+      assert.equal(again.status, 200);
+      assert.equal((await again.json()).usage.completion_tokens, 4);
+    } finally {
+      first.child.kill('SIGKILL');
+      second?.child.kill('SIGTERM');
+    }
+  });
 });

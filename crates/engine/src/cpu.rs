@@ -9,7 +9,7 @@
 use std::sync::OnceLock;
 
 use half::f16;
-use memmap2::Mmap;
+use crate::filebuf::FileBuf;
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -88,16 +88,16 @@ pub fn n_threads() -> usize {
     rayon::current_num_threads()
 }
 
-/// Weight bytes: borrowed from the memory-mapped model file or owned.
+/// Weight bytes: a range of the model file read at load, or owned.
 pub enum Bytes {
-    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+    File { file: Arc<FileBuf>, offset: usize, len: usize },
     Owned(Vec<u8>),
 }
 
 impl Bytes {
     pub fn as_slice(&self) -> &[u8] {
         match self {
-            Bytes::Mapped { map, offset, len } => &map[*offset..*offset + *len],
+            Bytes::File { file, offset, len } => &file[*offset..*offset + *len],
             Bytes::Owned(v) => v,
         }
     }

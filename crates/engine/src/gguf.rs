@@ -1,4 +1,4 @@
-//! GGUF reader: header, metadata and tensor index over a memory-mapped file.
+//! GGUF reader: header, metadata and tensor index over the file read into memory.
 //!
 //! Format per the GGUF spec (version 2 and 3). Every length, count, offset and
 //! shape read from the file is checked against the file size before use, so a
@@ -10,7 +10,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::Mmap;
+use crate::filebuf::FileBuf;
 
 use crate::error::EngineError;
 use crate::quant::QType;
@@ -103,7 +103,7 @@ pub struct GgufFile {
     pub metadata: HashMap<String, MetaValue>,
     pub tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
-    mmap: Arc<Mmap>,
+    bytes: Arc<FileBuf>,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -199,20 +199,18 @@ impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, EngineError> {
         let path = path.as_ref().to_path_buf();
         let fail = |reason: String| EngineError::ModelLoad { path: path.display().to_string(), reason };
-        let file = File::open(&path).map_err(|e| fail(format!("cannot open: {e}")))?;
+        let mut file = File::open(&path).map_err(|e| fail(format!("cannot open: {e}")))?;
         let meta = file.metadata().map_err(|e| fail(format!("cannot stat: {e}")))?;
         if meta.is_dir() {
             return Err(fail("is a directory, not a GGUF file".into()));
         }
-        // SAFETY: the map is read-only; a file changed underneath us can only
-        // change the values we read, every read is bounds-checked against the
-        // length seen here.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| fail(format!("cannot map: {e}")))?;
-        Self::parse(path.clone(), Arc::new(mmap)).map_err(fail)
+        let len = usize::try_from(meta.len()).map_err(|_| fail("file too large".into()))?;
+        let bytes = FileBuf::read(&mut file, len).map_err(|e| fail(format!("cannot read: {e}")))?;
+        Self::parse(path.clone(), Arc::new(bytes)).map_err(fail)
     }
 
-    fn parse(path: PathBuf, mmap: Arc<Mmap>) -> Result<Self, String> {
-        let buf: &[u8] = &mmap;
+    fn parse(path: PathBuf, bytes: Arc<FileBuf>) -> Result<Self, String> {
+        let buf: &[u8] = &bytes;
         if buf.len() < 4 || &buf[..4] != GGUF_MAGIC {
             return Err("not a GGUF file (bad magic)".into());
         }
@@ -305,7 +303,7 @@ impl GgufFile {
             }
             tensors.push(TensorInfo { name, dims: raw.dims, qtype, offset: start as usize, n_bytes: n_bytes as usize });
         }
-        Ok(GgufFile { path, version, metadata, tensors, by_name, mmap })
+        Ok(GgufFile { path, version, metadata, tensors, by_name, bytes })
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
@@ -314,11 +312,12 @@ impl GgufFile {
 
     /// The bytes of a tensor; bounds were checked when the index was parsed.
     pub fn tensor_bytes(&self, t: &TensorInfo) -> &[u8] {
-        &self.mmap[t.offset..t.offset + t.n_bytes]
+        &self.bytes[t.offset..t.offset + t.n_bytes]
     }
 
-    pub fn mmap(&self) -> &Arc<Mmap> {
-        &self.mmap
+    /// The whole file in memory; tensors borrow ranges of it.
+    pub fn bytes(&self) -> &Arc<FileBuf> {
+        &self.bytes
     }
 
     pub fn get(&self, key: &str) -> Option<&MetaValue> {
@@ -334,7 +333,7 @@ impl GgufFile {
         self.get(key).and_then(MetaValue::as_f64)
     }
     pub fn file_len(&self) -> usize {
-        self.mmap.len()
+        self.bytes.len()
     }
 }
 

@@ -8,6 +8,7 @@ pub mod config;
 pub mod cpu;
 pub mod engine;
 pub mod error;
+pub mod filebuf;
 pub mod flags;
 pub mod gguf;
 pub mod kv;

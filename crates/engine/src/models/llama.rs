@@ -61,7 +61,7 @@ fn matrix(g: &GgufFile, name: &str, cols: usize, rows: usize) -> Result<QMatrix,
         qtype: t.qtype,
         rows,
         cols,
-        data: Bytes::Mapped { map: g.mmap().clone(), offset: t.offset, len: t.n_bytes },
+        data: Bytes::File { file: g.bytes().clone(), offset: t.offset, len: t.n_bytes },
     })
 }
 

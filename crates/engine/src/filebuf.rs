@@ -1,0 +1,93 @@
+//! A model file read once into memory we own.
+//!
+//! Model files used to be memory-mapped. A mapped file that is truncated
+//! while loaded (a download restarted over it, a disk cleaned up) turns the
+//! next read of a missing page into SIGBUS, which kills the whole Node
+//! process with every other model and request in it. Reading the file into
+//! an owned buffer costs one copy at load (the page cache serves it at
+//! memory speed) and no extra memory afterwards, since nothing else keeps
+//! the pages; after that the file on disk can change or vanish without
+//! touching the loaded model.
+
+use std::alloc::{alloc, dealloc, Layout};
+use std::fs::File;
+use std::io::Read;
+use std::ops::Deref;
+use std::ptr::NonNull;
+
+/// Tensor data is 32-byte aligned inside a GGUF file; aligning the buffer
+/// to a cache line keeps that alignment in memory for the SIMD kernels.
+const ALIGN: usize = 64;
+
+pub struct FileBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the buffer is written only while being filled, before it is
+// shared; afterwards it is read-only.
+unsafe impl Send for FileBuf {}
+unsafe impl Sync for FileBuf {}
+
+impl FileBuf {
+    /// Reads exactly `len` bytes (the length seen when the file was opened).
+    /// A file that shrinks while being read is an error, not a short buffer.
+    pub fn read(file: &mut File, len: usize) -> std::io::Result<FileBuf> {
+        let layout = Layout::from_size_align(len.max(1), ALIGN)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "file too large"))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = NonNull::new(unsafe { alloc(layout) }).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::OutOfMemory, format!("cannot allocate {len} bytes"))
+        })?;
+        let buf = FileBuf { ptr, len };
+        // SAFETY: freshly allocated, `len` bytes, uniquely owned here.
+        let dst = unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), len) };
+        file.read_exact(dst).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                std::io::Error::new(e.kind(), "the file shrank while it was being read")
+            } else {
+                e
+            }
+        })?;
+        Ok(buf)
+    }
+}
+
+impl Deref for FileBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `len` initialised bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for FileBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.len.max(1), ALIGN).expect("layout was valid at allocation");
+        // SAFETY: allocated in `read` with this layout.
+        unsafe { dealloc(self.ptr.as_ptr(), layout) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn reads_whole_file_aligned_and_refuses_a_shrunk_one() {
+        let path = std::env::temp_dir().join(format!("filebuf-{}.bin", std::process::id()));
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        std::fs::File::create(&path).unwrap().write_all(&data).unwrap();
+        let mut f = File::open(&path).unwrap();
+        let buf = FileBuf::read(&mut f, data.len()).unwrap();
+        assert_eq!(&buf[..], &data[..]);
+        assert_eq!(buf.as_ptr() as usize % ALIGN, 0);
+        // Claiming more than the file holds is the shape of a file truncated
+        // between stat and read.
+        let mut f = File::open(&path).unwrap();
+        let err = FileBuf::read(&mut f, data.len() + 1).err().unwrap();
+        assert!(err.to_string().contains("shrank"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+    }
+}
