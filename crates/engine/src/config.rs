@@ -20,11 +20,8 @@ pub struct RuntimeConfig {
     pub qos: Qos,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
-#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
-pub struct Qos {
-    pub circuit_breaker: CircuitBreakerConfig,
-}
+/// `qos.*`: the circuit breaker and the policy engine (see `qos.rs`).
+pub type Qos = crate::qos::QosSettings;
 
 /// Per model: fail fast after consecutive engine failures, then probe.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -218,6 +215,7 @@ impl RuntimeConfig {
         if !(mib > 0.0 && mib <= 1048576.0) {
             return Err(format!("kv_cache.memoryMiB: must be above 0 and at most 1048576, got {mib}"));
         }
+        self.qos.validate()?;
         if self.kv_cache.block_size > 1024 {
             return Err(format!("kv_cache.blockSize: must be at most 1024, got {}", self.kv_cache.block_size));
         }
@@ -271,6 +269,8 @@ mod tests {
             ("kv_cache:\n  memoryMiB: -1\n", "kv_cache.memoryMiB: must be above 0"),
             ("kv_cache:\n  memoryMiB: .nan\n", "kv_cache.memoryMiB: must be above 0"),
             ("- not a map\n", "invalid type"),
+            ("qos:\n  polices: []\n", "qos: unknown field `polices`"),
+            ("qos:\n  policies:\n    - {name: a, metric: ttft, threshold: 1, action: alert}\n", "qos.policies[0].metric: unknown variant `ttft`"),
         ] {
             let err = RuntimeConfig::from_yaml(yaml).unwrap_err();
             assert!(err.contains(want), "{yaml:?}: {err}");

@@ -20,7 +20,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,7 @@ use crate::flags::FlagStore;
 use crate::gguf::GgufFile;
 use crate::kv::{BlockId, BlockPool, KvStore};
 use crate::metrics::{Histograms, LatencyMetrics};
+use crate::qos::{now_s, Knobs, Window};
 use crate::models::{load_gguf, BatchToken, Model};
 use crate::sampler::{top_logprobs, Sampler, SamplingParams};
 use crate::stop::StopMatcher;
@@ -255,6 +256,8 @@ struct Counters {
     preemptions: AtomicU64,
     completed: AtomicU64,
     generated_tokens: AtomicU64,
+    /// Recent outcomes per second, for the QoS policies and the canary.
+    window: Mutex<Window>,
     /// Forward passes to fail on purpose (tests of the failure paths).
     #[cfg(test)]
     inject_failures: AtomicUsize,
@@ -394,8 +397,7 @@ impl Worker {
 }
 
 pub struct Engine {
-    config: RuntimeConfig,
-    models: Mutex<HashMap<String, Arc<Worker>>>,
+    shared: Arc<Shared>,
     /// Held while a model loads: concurrent loads of one id then share the
     /// first one's result instead of each reading the weights (and its KV
     /// pool) before all but one are thrown away.
@@ -403,9 +405,20 @@ pub struct Engine {
     next_request: AtomicU64,
     t_start: Instant,
     latency: Arc<LatencyMetrics>,
-    flags: Option<Arc<FlagStore>>,
     /// Requests per (gated feature, on) since start.
     flag_counts: Mutex<std::collections::BTreeMap<(String, bool), u64>>,
+    /// The control thread (QoS evaluator, canary), started with the first model.
+    control: Mutex<Option<control::ControlThread>>,
+}
+
+/// What the engine shares with its control thread.
+struct Shared {
+    config: RwLock<Arc<RuntimeConfig>>,
+    models: Mutex<HashMap<String, Arc<Worker>>>,
+    flags: RwLock<Option<Arc<FlagStore>>>,
+    /// Limits the QoS actions change, read by admission and the workers.
+    knobs: Arc<Knobs>,
+    control: Mutex<control::ControlState>,
 }
 
 impl Default for Engine {
@@ -426,36 +439,42 @@ impl Engine {
 
     pub fn with_config(config: RuntimeConfig) -> Self {
         Engine {
-            config,
-            models: Mutex::default(),
+            shared: Arc::new(Shared {
+                config: RwLock::new(Arc::new(config)),
+                models: Mutex::default(),
+                flags: RwLock::default(),
+                knobs: Arc::default(),
+                control: Mutex::default(),
+            }),
             loading: Mutex::default(),
             next_request: AtomicU64::new(0),
             t_start: Instant::now(),
             latency: Arc::default(),
-            flags: None,
             flag_counts: Mutex::default(),
+            control: Mutex::default(),
         }
     }
 
-    pub fn config(&self) -> &RuntimeConfig {
-        &self.config
+    /// The settings in force (a snapshot: a reload replaces it).
+    pub fn config(&self) -> Arc<RuntimeConfig> {
+        self.shared.config()
     }
 
     /// Makes requests consult these feature flags (see `flags.rs`).
-    pub fn with_feature_flags(mut self, flags: FlagStore) -> Self {
-        self.flags = Some(Arc::new(flags));
+    pub fn with_feature_flags(self, flags: FlagStore) -> Self {
+        *self.shared.flags.write().unwrap() = Some(Arc::new(flags));
         self
     }
 
-    pub fn feature_flags(&self) -> Option<&FlagStore> {
-        self.flags.as_deref()
+    pub fn feature_flags(&self) -> Option<Arc<FlagStore>> {
+        self.shared.flags.read().unwrap().clone()
     }
 
     /// Load-time warmup (`ttft_pipeline.warmup`): on without a flags file;
     /// with one, when Phase 5 and the TTFT pipeline are on (not per request:
     /// a model is loaded for everyone).
     fn warmup_enabled(&self) -> bool {
-        let Some(store) = &self.flags else { return true };
+        let Some(store) = self.feature_flags() else { return true };
         let f = store.current();
         !f.emergency.kill_switch
             && f.phase5.enabled
@@ -472,10 +491,10 @@ impl Engine {
     /// Makes room for one more model: evicts the least recently used model
     /// with nothing in flight, or refuses when every model is busy.
     fn evict_for_one_more(&self) -> Result<(), EngineError> {
-        let max = self.config.model_cache.max_models;
+        let max = self.config().model_cache.max_models;
         loop {
             let victim = {
-                let models = self.models.lock().unwrap();
+                let models = self.shared.models.lock().unwrap();
                 if models.len() < max {
                     return Ok(());
                 }
@@ -510,7 +529,7 @@ impl Engine {
             return Err(EngineError::InvalidParams("model id must not be empty".into()));
         }
         let _loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(w) = self.models.lock().unwrap().get(&id) {
+        if let Some(w) = self.shared.models.lock().unwrap().get(&id) {
             if w.info.path == canonical {
                 return Ok(w.info.clone());
             }
@@ -551,8 +570,9 @@ impl Engine {
         let (tx, rx) = mpsc::channel();
         let counters = Arc::new(Counters::default());
         counters.last_used_ms.store(self.t_start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let kv_cfg = &self.config.kv_cache;
-        let n_blocks = self.config.kv_cache_bytes() / (model.kv_bytes_per_position() * kv_cfg.block_size).max(1);
+        let config = self.config();
+        let kv_cfg = &config.kv_cache;
+        let n_blocks = config.kv_cache_bytes() / (model.kv_bytes_per_position() * kv_cfg.block_size).max(1);
         if n_blocks < 2 {
             return Err(EngineError::ModelLoad {
                 path: info.path.display().to_string(),
@@ -564,18 +584,19 @@ impl Engine {
         counters.kv_blocks_total.store(n_blocks, Ordering::Relaxed);
         counters.kv_block_bytes.store(kv.block_bytes(), Ordering::Relaxed);
         let settings = Settings {
-            max_batch: self.config.max_batch(),
-            prefill_chunk: self.config.scheduler.prefill_chunk,
-            stream_buffer: self.config.scheduler.stream_buffer,
+            max_batch: config.max_batch(),
+            prefill_chunk: config.scheduler.prefill_chunk,
+            stream_buffer: config.scheduler.stream_buffer,
         };
         let warm = self.warmup_enabled();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = {
-            let (tokenizer, counters, latency) = (tokenizer.clone(), counters.clone(), self.latency.clone());
+            let (tokenizer, counters, latency, knobs) =
+                (tokenizer.clone(), counters.clone(), self.latency.clone(), self.shared.knobs.clone());
             std::thread::Builder::new()
                 .name(format!("mlx-serving:{id}"))
                 .spawn(move || {
-                    let mut w = WorkerLoop::new(model, tokenizer, counters, latency, kv, pool, settings);
+                    let mut w = WorkerLoop::new(model, tokenizer, counters, latency, knobs, kv, pool, settings);
                     let took = if warm { w.warm_up() } else { Duration::ZERO };
                     let _ = ready_tx.send(took);
                     w.run(rx)
@@ -585,10 +606,10 @@ impl Engine {
         // Loading returns once the model is warm: the first request is then no slower than the tenth.
         let mut info = info;
         info.warmup_ms = ready_rx.recv().map_err(|_| EngineError::Internal("model thread ended during warmup".into()))?.as_secs_f64() * 1e3;
-        let breaker = Arc::new(Breaker::new(self.config.qos.circuit_breaker));
+        let breaker = Arc::new(Breaker::new(config.qos.circuit_breaker));
         let worker = Arc::new(Worker { info: info.clone(), tokenizer, template, tx, counters, breaker, thread: Mutex::new(Some(thread)) });
 
-        let mut models = self.models.lock().unwrap();
+        let mut models = self.shared.models.lock().unwrap();
         if let Some(existing) = models.get(&id) {
             // Another caller loaded the same id meanwhile; keep theirs.
             let existing = existing.clone();
@@ -597,28 +618,30 @@ impl Engine {
             return Ok(existing.info.clone());
         }
         models.insert(id, worker);
+        drop(models);
+        self.start_control();
         Ok(info)
     }
 
     /// Stops the model's worker; its running requests end with `Cancelled`.
     pub fn unload_model(&self, id: &str) -> Result<(), EngineError> {
-        let w = self.models.lock().unwrap().remove(id).ok_or_else(|| EngineError::ModelNotLoaded(id.to_owned()))?;
+        let w = self.shared.models.lock().unwrap().remove(id).ok_or_else(|| EngineError::ModelNotLoaded(id.to_owned()))?;
         w.stop();
         Ok(())
     }
 
     pub fn list_models(&self) -> Vec<ModelInfo> {
-        let mut v: Vec<_> = self.models.lock().unwrap().values().map(|w| w.info.clone()).collect();
+        let mut v: Vec<_> = self.shared.models.lock().unwrap().values().map(|w| w.info.clone()).collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
     }
 
     pub fn model_info(&self, id: &str) -> Option<ModelInfo> {
-        self.models.lock().unwrap().get(id).map(|w| w.info.clone())
+        self.shared.models.lock().unwrap().get(id).map(|w| w.info.clone())
     }
 
     pub fn stats(&self) -> EngineStats {
-        let models = self.models.lock().unwrap();
+        let models = self.shared.models.lock().unwrap();
         let mut s = EngineStats { n_models: models.len(), ..Default::default() };
         for w in models.values() {
             s.n_running += w.counters.running.load(Ordering::Relaxed);
@@ -648,7 +671,7 @@ impl Engine {
     }
 
     fn worker(&self, id: &str) -> Result<Arc<Worker>, EngineError> {
-        self.models.lock().unwrap().get(id).cloned().ok_or_else(|| EngineError::ModelNotLoaded(id.to_owned()))
+        self.shared.models.lock().unwrap().get(id).cloned().ok_or_else(|| EngineError::ModelNotLoaded(id.to_owned()))
     }
 
     /// Token ids of `text`, with control tokens parsed as in a prompt.
@@ -667,9 +690,19 @@ impl Engine {
     }
 
     /// Validates and queues a request; its tokens arrive on the handle.
-    pub fn submit(&self, req: GenerateRequest) -> Result<RequestHandle, EngineError> {
+    pub fn submit(&self, mut req: GenerateRequest) -> Result<RequestHandle, EngineError> {
         let t_submit = Instant::now();
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed) + 1;
+        let rid = req.request_id.clone().unwrap_or_else(|| id.to_string());
+        // A canary's name routes to one of its arms by the request id.
+        let mut arm = None;
+        if let Some((model, a)) = self.shared.control.lock().unwrap().route(&req.model, &rid) {
+            req.model = model;
+            arm = Some(a);
+        }
         let w = self.worker(&req.model)?;
+        let config = self.config();
+        let knobs = &self.shared.knobs;
         let bad = |m: String| Err(EngineError::InvalidParams(m));
         req.sampling.validate()?;
         if let Some(m) = req.max_tokens {
@@ -683,7 +716,7 @@ impl Engine {
         if req.stop_sequences.iter().any(String::is_empty) {
             return bad("stop sequences must not be empty strings".into());
         }
-        let lim = &self.config.limits;
+        let lim = &config.limits;
         let over = |what: &str, n: usize, max: usize, key: &str| -> Result<(), EngineError> {
             if n > max {
                 return Err(EngineError::InvalidParams(format!("{what}: {n} exceeds the limit of {max} (limits.{key})")));
@@ -731,34 +764,39 @@ impl Engine {
             return bad(format!("the prompt has {} tokens but the context holds {ctx}", prompt.len()));
         }
         let room = ctx - prompt.len();
-        let cap = self.config.streaming.max_tokens;
+        let cap = config.streaming.max_tokens;
         if let Some(m) = req.max_tokens {
             if m as u64 > cap as u64 {
                 return bad(format!("maxTokens {m} exceeds the configured limit streaming.maxTokens = {cap}"));
             }
         }
         let max_tokens = req.max_tokens.map(|m| m as usize).unwrap_or(cap).min(room);
-        let timeout_ms = req.timeout_ms.or(Some(self.config.streaming.request_timeout).filter(|&t| t > 0));
+        let timeout_ms = req.timeout_ms.or(Some(config.streaming.request_timeout).filter(|&t| t > 0));
 
         let c = &w.counters;
-        let kv_positions = c.kv_blocks_total.load(Ordering::Relaxed) * self.config.kv_cache.block_size;
+        let kv_positions = c.kv_blocks_total.load(Ordering::Relaxed) * config.kv_cache.block_size;
         if prompt.len() >= kv_positions {
             return bad(format!("the prompt has {} tokens but the KV cache holds {kv_positions} (kv_cache.memoryMiB)", prompt.len()));
         }
 
         // Admission: a bounded number of requests in flight per model, and a
         // bounded queue of requests and prompt tokens waiting to run.
-        let limit = self.config.streaming.max_concurrent_streams;
+        // QoS actions may have lowered the limits for now.
+        if req.priority == Priority::Background && knobs.shed_background() {
+            return Err(EngineError::Overloaded("background requests are being shed (a QoS policy is active)".into()));
+        }
+        let limit = knobs.max_streams(config.streaming.max_concurrent_streams);
         if c.in_flight.fetch_add(1, Ordering::Relaxed) >= limit {
             c.in_flight.fetch_sub(1, Ordering::Relaxed);
             return Err(EngineError::Overloaded(format!("{limit} requests are in flight (streaming.maxConcurrentStreams)")));
         }
         let in_flight = InFlight(c.clone());
-        let sched = &self.config.scheduler;
+        let sched = &config.scheduler;
+        let max_queued = knobs.max_queued(sched.max_queued_requests);
         let n_queued = c.queued.fetch_add(1, Ordering::Relaxed);
         let n_tokens = c.queued_tokens.fetch_add(prompt.len(), Ordering::Relaxed);
         let queued = Queued(c.clone(), prompt.len());
-        if n_queued >= sched.max_queued_requests {
+        if n_queued >= max_queued {
             return Err(EngineError::Overloaded(format!("{n_queued} requests are queued (scheduler.maxQueuedRequests)")));
         }
         // A queue holding nothing admits any prompt the cache can hold.
@@ -779,13 +817,11 @@ impl Engine {
             ))
         })?;
         let ticket = BreakerTicket { breaker: w.breaker.clone(), admission, settled: false };
-        let id = self.next_request.fetch_add(1, Ordering::Relaxed) + 1;
         // Without a flags file every gated feature follows the runtime config.
         let mut features = Vec::new();
         let mut prefix_cache = true;
-        if let Some(store) = &self.flags {
+        if let Some(store) = self.feature_flags() {
             let flags = store.current();
-            let rid = req.request_id.clone().unwrap_or_else(|| id.to_string());
             let mut counts = self.flag_counts.lock().unwrap();
             for &name in GATED_FEATURES {
                 let on = flags.evaluate(name, &rid).enabled;
@@ -799,6 +835,9 @@ impl Engine {
         let (events_tx, events_rx) = unbounded_channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let unread = Arc::new(AtomicUsize::new(0));
+        if let Some(a) = arm {
+            features.push(format!("canary.{}", a.as_str()));
+        }
         let job = Job {
             prompt,
             max_tokens,
@@ -827,7 +866,10 @@ impl Engine {
 
     /// Stops every worker; running requests end with `Cancelled`.
     pub fn shutdown(&self) {
-        let workers: Vec<_> = self.models.lock().unwrap().drain().map(|(_, w)| w).collect();
+        if let Some(t) = self.control.lock().unwrap().take() {
+            t.stop();
+        }
+        let workers: Vec<_> = self.shared.models.lock().unwrap().drain().map(|(_, w)| w).collect();
         for w in workers {
             w.stop();
         }
@@ -840,7 +882,9 @@ impl Drop for Engine {
     }
 }
 
+mod control;
 mod worker;
+pub use control::{CanaryStatus, ControlEvent, QosStatus};
 use worker::{Settings, WorkerLoop};
 
 #[cfg(test)]

@@ -111,7 +111,7 @@ pub fn bucket(request_id: &str, hash_seed: &str) -> u32 {
 }
 
 /// Whether a request falls inside a rollout, and its bucket.
-fn includes(rollout_percentage: f64, hash_seed: &str, request_id: &str) -> (bool, u32) {
+pub fn includes(rollout_percentage: f64, hash_seed: &str, request_id: &str) -> (bool, u32) {
     let b = bucket(request_id, hash_seed);
     (b < (rollout_percentage * 100.0).round() as u32, b)
 }

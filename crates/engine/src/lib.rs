@@ -3,6 +3,7 @@
 //! is a thin crate on top, and everything below is tested with `cargo test`.
 
 pub mod breaker;
+pub mod canary;
 pub mod chat;
 pub mod config;
 pub mod cpu;
@@ -14,6 +15,7 @@ pub mod gguf;
 pub mod kv;
 pub mod metrics;
 pub mod models;
+pub mod qos;
 pub mod quant;
 pub mod sampler;
 mod stop;

@@ -205,7 +205,15 @@ async fn prometheus(State(state): State<Arc<AppState>>) -> Response {
     let stats = state.engine.stats();
     let model = state.engine.list_models().first().map(|m| m.id.clone()).unwrap_or_default();
     let e = &state.engine;
-    let body = state.metrics.render(&stats, &e.latency_histograms(), &e.feature_flag_counts(), &model, stats.n_running);
+    let body = state.metrics.render(
+        &stats,
+        &e.latency_histograms(),
+        &e.feature_flag_counts(),
+        &e.qos_status(),
+        e.canary_status().as_ref(),
+        &model,
+        stats.n_running,
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

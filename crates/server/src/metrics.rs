@@ -7,7 +7,7 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use mlx_serving_engine::engine::EngineStats;
+use mlx_serving_engine::engine::{CanaryStatus, EngineStats, QosStatus};
 use mlx_serving_engine::metrics::{Histogram, Histograms};
 use serde::Serialize;
 
@@ -137,7 +137,17 @@ impl Metrics {
     }
 
     /// `flags`: requests per (gated feature, on) from the engine.
-    pub fn render(&self, stats: &EngineStats, hist: &Histograms, flags: &[(String, bool, u64)], model: &str, running: usize) -> String {
+    #[allow(clippy::too_many_arguments)]
+    pub fn render(
+        &self,
+        stats: &EngineStats,
+        hist: &Histograms,
+        flags: &[(String, bool, u64)],
+        qos: &QosStatus,
+        canary: Option<&CanaryStatus>,
+        model: &str,
+        running: usize,
+    ) -> String {
         let m = self.inner.lock().unwrap();
         let l = format!("model_name=\"{}\"", model.replace(['"', '\\', '\n'], "_"));
         let mut out = String::new();
@@ -173,6 +183,27 @@ impl Metrics {
             flags.iter().map(|(f, on, n)| (format!("feature=\"{f}\",enabled=\"{on}\""), *n as f64)).collect();
         let flag_refs: Vec<(&str, f64)> = flag_series.iter().map(|(l, v)| (l.as_str(), *v)).collect();
         metric("mlx_serving_feature_flag_requests_total", "counter", "Requests per gated Phase 5 feature, on and off.", &flag_refs);
+        let qos_events: Vec<(String, f64)> =
+            qos.event_counts.iter().map(|(p, k, n)| (format!("policy=\"{}\",kind=\"{k}\"", p.replace(['"', '\\', '\n'], "_")), *n as f64)).collect();
+        let qos_refs: Vec<(&str, f64)> = qos_events.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric("mlx_serving_qos_enabled", "gauge", "1 when QoS policies are evaluated (0.5: dry run only).", &[("", if !qos.enabled { 0.0 } else if qos.dry_run { 0.5 } else { 1.0 })]);
+        metric("mlx_serving_qos_active_policies", "gauge", "QoS policies whose action is in force.", &[("", qos.active_policies.len() as f64)]);
+        metric("mlx_serving_qos_events_total", "counter", "QoS policy events (fired, restored, suppressed).", &qos_refs);
+        metric("mlx_serving_qos_max_concurrent_streams", "gauge", "Requests in flight allowed per model now.", &[("", qos.max_concurrent_streams as f64)]);
+        metric("mlx_serving_qos_max_batch_size", "gauge", "Sequences per forward step allowed now.", &[("", qos.max_batch_size as f64)]);
+        metric("mlx_serving_qos_max_queued_requests", "gauge", "Queued requests allowed per model now.", &[("", qos.max_queued_requests as f64)]);
+        metric("mlx_serving_qos_shedding_background", "gauge", "1 while background requests are refused.", &[("", qos.shedding_background as u8 as f64)]);
+        if let Some(c) = canary {
+            metric("mlx_serving_canary_percent", "gauge", "Share of the canary's traffic on the candidate.", &[("", c.percent)]);
+            let state = format!("state=\"{}\"", c.state);
+            metric("mlx_serving_canary_state", "gauge", "The canary's state (running, promoted, rolled_back).", &[(state.as_str(), 1.0)]);
+            let tr: Vec<(String, f64)> = c.transitions.iter().map(|(k, n)| (format!("kind=\"{k}\""), *n as f64)).collect();
+            let tr_refs: Vec<(&str, f64)> = tr.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+            metric("mlx_serving_canary_transitions_total", "counter", "Canary transitions (started, advanced, promoted, rolled_back).", &tr_refs);
+            let (b, k) = (&c.baseline_stats, &c.candidate_stats);
+            metric("mlx_serving_canary_stage_requests", "gauge", "Requests per arm in the current stage.", &[("arm=\"baseline\"", b.requests as f64), ("arm=\"candidate\"", k.requests as f64)]);
+            metric("mlx_serving_canary_stage_errors", "gauge", "Errors per arm in the current stage.", &[("arm=\"baseline\"", b.errors as f64), ("arm=\"candidate\"", k.errors as f64)]);
+        }
         render_histogram(&mut out, &hist.ttft, "vllm:time_to_first_token_seconds", "Time to first token.", &l);
         render_histogram(&mut out, &hist.itl, "vllm:inter_token_latency_seconds", "Time between consecutive output tokens.", &l);
         render_histogram(&mut out, &hist.e2e, "vllm:e2e_request_latency_seconds", "End-to-end request latency.", &l);
@@ -195,7 +226,9 @@ mod tests {
         hist.ttft.observe(0.03);
         hist.ttft.observe(0.3);
         let flags = [("ttft_pipeline.kv_prefetch".to_string(), true, 3)];
-        let text = m.render(&stats, &hist, &flags, "default", 0);
+        let qos = QosStatus { enabled: true, event_counts: vec![("slow".into(), "fired".into(), 2)], ..Default::default() };
+        let text = m.render(&stats, &hist, &flags, &qos, None, "default", 0);
+        assert!(text.contains("mlx_serving_qos_events_total{model_name=\"default\",policy=\"slow\",kind=\"fired\"} 2"));
         assert!(text.contains("mlx_serving_feature_flag_requests_total{model_name=\"default\",feature=\"ttft_pipeline.kv_prefetch\",enabled=\"true\"} 3"));
         assert!(text.contains("vllm:kv_cache_usage_perc{model_name=\"default\"} 0.25"));
         assert!(text.contains("vllm:generation_tokens_total{model_name=\"default\"} 12"));

@@ -460,7 +460,7 @@ fn the_circuit_breaker_opens_on_consecutive_failures_then_a_probe_closes_it() {
         c.qos.circuit_breaker.failure_threshold = 3;
         c.qos.circuit_breaker.open_ms = 150;
     }));
-    let counters = e.models.lock().unwrap()["tiny"].counters.clone();
+    let counters = e.shared.models.lock().unwrap()["tiny"].counters.clone();
     counters.inject_failures.store(3, Ordering::Relaxed);
     for _ in 0..3 {
         assert_eq!(collect(e.submit(greedy("hello", 4)).unwrap()).2.unwrap_err().code(), "GenerationError");
@@ -477,4 +477,121 @@ fn the_circuit_breaker_opens_on_consecutive_failures_then_a_probe_closes_it() {
     assert_eq!(s.n_breakers_open, 0, "settled before the final event");
     assert_eq!(s.n_breaker_transitions, 3);
     assert!(collect(e.submit(greedy("hello", 4)).unwrap()).2.is_ok());
+}
+
+fn qos_policies(yaml: &str) -> RuntimeConfig {
+    RuntimeConfig::from_yaml(&format!("qos:\n  cooldownMs: 0\n  recoverAfter: 1\n  policies:\n{yaml}")).unwrap()
+}
+
+#[test]
+fn a_qos_policy_acts_on_the_running_engine_and_a_reload_lifts_it() {
+    // Throughput below an unreachable bar: breached at the first evaluation.
+    let shed = "    - {name: shed, metric: throughput_tps, op: below, threshold: 1.0e9, action: shed_background}\n";
+    let small = "    - {name: small, metric: throughput_tps, op: below, threshold: 1.0e9, action: reduce_concurrency, factor: 0.01}\n";
+    let (e, _d) = tiny_engine_with(qos_policies(&format!("{shed}{small}")));
+    let background = || GenerateRequest { priority: Priority::Background, ..greedy("hello", 2) };
+    assert!(collect(e.submit(background()).unwrap()).2.is_ok(), "nothing active yet");
+    e.evaluate_control();
+    let status = e.qos_status();
+    assert!(status.enabled && !status.dry_run);
+    assert_eq!(status.active_policies, ["shed", "small"]);
+    assert_eq!((status.max_concurrent_streams, status.shedding_background), (1, true));
+    let err = e.submit(background()).err().unwrap();
+    assert_eq!(err.code(), "Overloaded");
+    assert!(err.to_string().contains("QoS"), "{err}");
+    // One stream in flight at most: a second concurrent request is refused.
+    let first = e.submit(greedy("hello", 200)).unwrap();
+    assert_eq!(e.submit(greedy("hello", 2)).err().unwrap().code(), "Overloaded");
+    drop(first);
+    let events = e.drain_control_events();
+    assert_eq!(events.len(), 2);
+    assert!(events.iter().all(|ev| matches!(ev, ControlEvent::Qos(q) if q.kind == crate::qos::EventKind::Fired)));
+
+    // A reload without the policies lifts their actions at the next evaluation.
+    assert!(e.reload_config(RuntimeConfig::default()).is_empty());
+    e.evaluate_control();
+    let status = e.qos_status();
+    assert!(status.active_policies.is_empty() && !status.shedding_background);
+    assert_eq!(status.max_concurrent_streams, RuntimeConfig::default().streaming.max_concurrent_streams);
+    wait_for(&e, idle);
+    assert!(collect(e.submit(background()).unwrap()).2.is_ok());
+}
+
+#[test]
+fn a_dry_run_policy_reports_without_acting() {
+    let mut cfg = qos_policies("    - {name: shed, metric: throughput_tps, op: below, threshold: 1.0e9, action: shed_background}\n");
+    cfg.qos.dry_run = true;
+    let (e, _d) = tiny_engine_with(cfg);
+    e.evaluate_control();
+    let events = e.drain_control_events();
+    assert!(matches!(&events[..], [ControlEvent::Qos(q)] if q.dry_run && q.action == crate::qos::Action::ShedBackground));
+    assert!(!e.qos_status().shedding_background);
+    let r = GenerateRequest { priority: Priority::Background, ..greedy("hello", 2) };
+    assert!(collect(e.submit(r).unwrap()).2.is_ok());
+}
+
+#[test]
+fn reloading_reports_the_settings_that_wait_for_the_next_load() {
+    let (e, _d) = tiny_engine();
+    let mut c = RuntimeConfig::default();
+    c.limits.max_stop_sequences = 1;
+    c.kv_cache.memory_mib = 8.0;
+    assert_eq!(e.reload_config(c), ["kv_cache"]);
+    // The new limit applies to the next request at once.
+    let r = GenerateRequest { stop_sequences: vec!["a".into(), "b".into()], ..greedy("hello", 2) };
+    assert!(e.submit(r).err().unwrap().to_string().contains("limits.maxStopSequences"));
+}
+
+#[test]
+fn a_canary_routes_by_request_id_and_rolls_back_when_its_candidate_fails() {
+    let (e, d) = tiny_engine();
+    e.load_model(d.path().join("tiny.gguf"), Some("candidate".into())).unwrap();
+    let cfg = crate::canary::CanaryConfig {
+        name: "tiny".into(),
+        baseline: "tiny".into(),
+        candidate: "candidate".into(),
+        stages: vec![50.0, 100.0],
+        triggers: crate::canary::Triggers { min_samples: 1, ..Default::default() },
+        ..Default::default()
+    };
+    assert_eq!(e.start_canary(cfg.clone()).unwrap().kind, "started");
+    assert!(e.start_canary(cfg).is_err(), "one canary at a time");
+    let routed = |rid: &str| {
+        let r = GenerateRequest { request_id: Some(rid.into()), ..greedy("hello", 2) };
+        collect(e.submit(r).unwrap()).2
+    };
+    // Sticky: the same id lands on the same arm every time.
+    let arms: Vec<String> = (0..20).map(|i| routed(&format!("user-{i}")).unwrap().features.join(",")).collect();
+    for i in 0..20 {
+        assert_eq!(routed(&format!("user-{i}")).unwrap().features.join(","), arms[i]);
+    }
+    assert!(arms.iter().any(|a| a == "canary.candidate") && arms.iter().any(|a| a == "canary.baseline"), "{arms:?}");
+    e.evaluate_control();
+    let s = e.canary_status().unwrap();
+    assert_eq!((s.state.as_str(), s.percent), ("running", 50.0));
+    assert!(s.candidate_stats.requests > 0 && s.baseline_stats.requests > 0);
+
+    // The candidate's model starts failing: the next evaluation rolls back.
+    let cand = e.shared.models.lock().unwrap()["candidate"].counters.clone();
+    cand.inject_failures.store(1, Ordering::Relaxed);
+    let failing = (0..20).map(|i| format!("user-{i}")).find(|id| arms[id[5..].parse::<usize>().unwrap()] == "canary.candidate").unwrap();
+    assert_eq!(routed(&failing).unwrap_err().code(), "GenerationError");
+    e.evaluate_control();
+    let s = e.canary_status().unwrap();
+    assert_eq!((s.state.as_str(), s.percent), ("rolled_back", 0.0));
+    assert!(s.reason.unwrap().contains("crash rate"));
+    // Every request goes to the baseline now, and succeeds.
+    for i in 0..20 {
+        assert_eq!(routed(&format!("user-{i}")).unwrap().features, ["canary.baseline"]);
+    }
+    let kinds: Vec<&str> = e
+        .drain_control_events()
+        .iter()
+        .filter_map(|ev| match ev {
+            ControlEvent::Canary(c) => Some(c.kind),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kinds, ["started", "rolled_back"]);
+    assert!(e.advance_canary().is_err(), "a rolled-back canary does not advance");
 }

@@ -111,6 +111,7 @@ pub(super) struct WorkerLoop {
     tokenizer: Arc<Tokenizer>,
     counters: Arc<Counters>,
     latency: Arc<LatencyMetrics>,
+    knobs: Arc<Knobs>,
     kv: KvStore,
     pool: BlockPool,
     running: Vec<Sequence>,
@@ -129,6 +130,7 @@ impl WorkerLoop {
         tokenizer: Arc<Tokenizer>,
         counters: Arc<Counters>,
         latency: Arc<LatencyMetrics>,
+        knobs: Arc<Knobs>,
         kv: KvStore,
         pool: BlockPool,
         settings: Settings,
@@ -138,6 +140,7 @@ impl WorkerLoop {
             tokenizer,
             counters,
             latency,
+            knobs,
             kv,
             pool,
             running: Vec::new(),
@@ -214,18 +217,27 @@ impl WorkerLoop {
         c.prefix_hits.store(self.pool.hits, Ordering::Relaxed);
     }
 
-    /// Drops waiting requests whose caller left or whose deadline passed,
-    /// then moves waiting sequences into the batch, highest priority first,
-    /// while the batch has room and the cache has blocks for their prompt.
+    /// Drops waiting requests whose caller left or whose deadline passed
+    /// (and background ones while a QoS policy sheds them), then moves
+    /// waiting sequences into the batch, highest priority first, while the
+    /// batch has room and the cache has blocks for their prompt.
     fn fill(&mut self) {
         let now = Instant::now();
-        for q in self.waiting.iter_mut() {
+        let shed = self.knobs.shed_background();
+        let counters = &self.counters;
+        for (p, q) in self.waiting.iter_mut().enumerate() {
             q.retain(|s| {
                 if s.job.abandoned() {
                     return false;
                 }
+                if shed && p == Priority::Background as usize && s.job.queued.is_some() {
+                    let e = EngineError::Overloaded("background requests are being shed (a QoS policy is active)".into());
+                    let _ = s.job.events.send(Event::Error(e));
+                    return false;
+                }
                 match s.job.deadline {
                     Some((at, ms)) if now >= at => {
+                        counters.window.lock().unwrap().error(now_s(), false);
                         let _ = s.job.events.send(Event::Error(EngineError::Timeout(ms)));
                         false
                     }
@@ -233,8 +245,11 @@ impl WorkerLoop {
                 }
             });
         }
-        while self.running.len() < self.settings.max_batch {
-            let Some(p) = (0..3).find(|&p| !self.waiting[p].is_empty()) else { break };
+        // Deferred background requests stay queued; the batch may be smaller for now.
+        let n_prio = if self.knobs.defer_background() { Priority::Background as usize } else { 3 };
+        let max_batch = self.knobs.max_batch(self.settings.max_batch);
+        while self.running.len() < max_batch {
+            let Some(p) = (0..n_prio).find(|&p| !self.waiting[p].is_empty()) else { break };
             let mut s = self.waiting[p].pop_front().unwrap();
             s.reuse_prefix(&mut self.pool);
             // Room for the whole prompt and the first generated token: a
@@ -448,7 +463,9 @@ impl WorkerLoop {
         match s.t_last_token {
             None => {
                 s.t_first_token = Some(now);
-                latency.record(|h| h.ttft.observe((now - s.job.t_submit).as_secs_f64()));
+                let ttft = (now - s.job.t_submit).as_secs_f64();
+                latency.record(|h| h.ttft.observe(ttft));
+                counters.window.lock().unwrap().ttft(now_s(), ttft * 1e3);
             }
             Some(last) => latency.record(|h| h.itl.observe((now - last).as_secs_f64())),
         }
@@ -459,6 +476,7 @@ impl WorkerLoop {
         s.tokens.push(tok);
         s.n_generated += 1;
         counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        counters.window.lock().unwrap().tokens(now_s(), 1);
         let text = s.decoder.push(tk.piece(tok));
         let (text, stopped) = s.stop.push(&text);
         let ev = Event::Token { text, token_id: tok, logprob: Some(sampled.logprob), top_logprobs: top };
@@ -515,6 +533,8 @@ impl WorkerLoop {
             match outcome {
                 Outcome::Continue | Outcome::Abandoned => {}
                 Outcome::Failed(e) => {
+                    let failure = matches!(e, EngineError::Generation(_) | EngineError::Internal(_));
+                    self.counters.window.lock().unwrap().error(now_s(), failure);
                     let _ = s.job.events.send(Event::Error(e));
                 }
                 Outcome::Finished(reason) => self.finish(s, reason),
@@ -551,6 +571,7 @@ impl WorkerLoop {
         };
         self.latency.record(|h| h.e2e.observe((now - s.job.t_submit).as_secs_f64()));
         self.counters.completed.fetch_add(1, Ordering::Relaxed);
+        self.counters.window.lock().unwrap().ok(now_s(), stats.t_total_ms);
         let _ = s.job.events.send(Event::Done(stats));
     }
 
