@@ -11,6 +11,24 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 
 export declare class NativeEngine {
   constructor(options?: NativeEngineOptions | undefined | null)
+  /**
+   * Re-reads the runtime config file. An unreadable or invalid file
+   * changes nothing and the error names the key; a valid one applies at
+   * once, except the settings listed, which apply to models loaded later.
+   */
+  reloadConfig(): NativeConfigReload
+  /**
+   * Runs the QoS policies and the canary's checks now (they also run
+   * every `qos.evaluationIntervalMs`).
+   */
+  evaluateControl(): void
+  /** QoS and canary events since the last call, oldest first. */
+  drainControlEvents(): Array<NativeControlEvent>
+  qosStatus(): NativeQosStatus
+  startCanary(options: NativeCanaryOptions): NativeControlEvent
+  advanceCanary(): NativeControlEvent
+  rollbackCanary(reason?: string | undefined | null): NativeControlEvent
+  canaryStatus(): NativeCanaryStatus | null
   /** Why `name` is on or off for a request id under the flags in force. */
   evaluateFeature(name: string, requestId: string): NativeFlagDecision
   /**
@@ -21,7 +39,7 @@ export declare class NativeEngine {
   /** Requests per gated feature, on and off, since start. */
   featureFlagCounts(): Array<NativeFlagCount>
   /** Loads a GGUF file (off the JS thread). */
-  loadModel(path: string, id?: string | undefined | null): Promise<NativeModelInfo>
+  loadModel(path: string, id?: string | undefined | null, requestTimeoutMs?: number | undefined | null): Promise<NativeModelInfo>
   unloadModel(id: string): Promise<void>
   listModels(): Array<NativeModelInfo>
   getModelInfo(id: string): NativeModelInfo | null
@@ -61,6 +79,48 @@ export declare class NativeStream {
   cancel(): void
 }
 
+export interface NativeArmStats {
+  requests: number
+  errors: number
+  failures: number
+  errorRate: number
+  latencyP95Ms?: number
+}
+
+export interface NativeCanaryOptions {
+  name: string
+  baseline: string
+  candidate: string
+  stages?: Array<number>
+  hashSeed?: string
+  minSamples?: number
+  stageMs?: number
+  triggers?: NativeCanaryTriggers
+}
+
+export interface NativeCanaryStatus {
+  name: string
+  baseline: string
+  candidate: string
+  /** `running`, `promoted` or `rolled_back`. */
+  state: string
+  reason?: string
+  percent: number
+  stages: Array<number>
+  baselineStats: NativeArmStats
+  candidateStats: NativeArmStats
+}
+
+export interface NativeCanaryTriggers {
+  errorRateRatio?: number
+  errorRateFloor?: number
+  latencyP95Ratio?: number
+  memoryGrowthPerHour?: number
+  memoryMinMs?: number
+  crashRate?: number
+  minSamples?: number
+}
+
 /** One stream event: `kind` is `token`, `done` or `error`. */
 export interface NativeChunk {
   kind: string
@@ -70,6 +130,33 @@ export interface NativeChunk {
   stats?: NativeStats
   errorCode?: string
   errorMessage?: string
+}
+
+/** Settings of a reload that apply only to models loaded afterwards. */
+export interface NativeConfigReload {
+  appliesOnNextLoad: Array<string>
+}
+
+/** A control-plane decision: a QoS policy event or a canary transition. */
+export interface NativeControlEvent {
+  /** `qos` or `canary`. */
+  source: string
+  atMs: number
+  /**
+   * QoS: `fired`, `restored`, `suppressed`; canary: `started`,
+   * `advanced`, `promoted`, `rolled_back`.
+   */
+  kind: string
+  reason: string
+  policy?: string
+  severity?: string
+  action?: string
+  metric?: string
+  value?: number
+  threshold?: number
+  dryRun?: boolean
+  percent?: number
+  automatic?: boolean
 }
 
 export interface NativeEngineOptions {
@@ -177,6 +264,18 @@ export interface NativeModelInfo {
   weightBytes: number
   fileType: string
   warmupMs: number
+  requestTimeoutMs?: number
+}
+
+export interface NativeQosStatus {
+  enabled: boolean
+  dryRun: boolean
+  activePolicies: Array<string>
+  maxConcurrentStreams: number
+  maxQueuedRequests: number
+  maxBatchSize: number
+  sheddingBackground: boolean
+  deferringBackground: boolean
 }
 
 export interface NativeRuntimeInfo {

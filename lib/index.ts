@@ -11,6 +11,7 @@ import * as path from 'node:path';
 
 import type {
   NativeChunk,
+  NativeControlEvent,
   NativeEngine as NativeEngineT,
   NativeGenerateParams,
   NativeModelInfo,
@@ -94,6 +95,8 @@ export interface EngineOptions {
   featureFlagsPath?: string;
   /** Re-read the flags file when it changes (a bad file keeps the flags in force and emits `flags:error`). */
   watchFeatureFlags?: boolean;
+  /** Re-read `configPath` when it changes (`config:reloaded`; a bad file keeps the config in force and emits `config:error`). */
+  watchConfig?: boolean;
   /** Other mlx-serving options are accepted for compatibility. */
   [key: string]: unknown;
 }
@@ -119,6 +122,85 @@ export interface FeatureDecision {
   bucket?: number;
 }
 
+/** A QoS policy event or a canary transition (`qos:alert` / `canary:transition` events). */
+export interface ControlEvent {
+  source: 'qos' | 'canary';
+  /** Wall-clock milliseconds. */
+  atMs: number;
+  /** QoS: `fired`, `restored`, `suppressed`; canary: `started`, `advanced`, `promoted`, `rolled_back`. */
+  kind: string;
+  reason: string;
+  policy?: string;
+  severity?: 'info' | 'warning' | 'critical';
+  action?: string;
+  metric?: string;
+  value?: number;
+  threshold?: number;
+  dryRun?: boolean;
+  /** Canary: the candidate's share of traffic after the transition. */
+  percent?: number;
+  /** Canary: decided by the engine (triggers, schedule) rather than by API. */
+  automatic?: boolean;
+}
+
+/** The QoS policy engine's state and the limits in force now. */
+export interface QosStatus {
+  enabled: boolean;
+  dryRun: boolean;
+  activePolicies: string[];
+  maxConcurrentStreams: number;
+  maxQueuedRequests: number;
+  maxBatchSize: number;
+  sheddingBackground: boolean;
+  deferringBackground: boolean;
+}
+
+export interface CanaryOptions {
+  /** The model id clients ask for (may be the baseline's id). */
+  name: string;
+  /** Loaded model ids of the two arms. */
+  baseline: string;
+  candidate: string;
+  /** The candidate's share per stage, increasing, ending at 100. Default [1, 10, 50, 100]. */
+  stages?: number[];
+  hashSeed?: string;
+  /** Candidate requests a stage needs before it may advance on schedule (default 50). */
+  minSamples?: number;
+  /** Advance automatically after this long in a stage (0 or absent: only by `advanceCanary`). */
+  stageMs?: number;
+  /** Rollback triggers (defaults: 2x error rate, 1.5x P95 latency, 20%/h memory, 0.1% crashes; 20 samples per arm). */
+  triggers?: {
+    errorRateRatio?: number;
+    errorRateFloor?: number;
+    latencyP95Ratio?: number;
+    memoryGrowthPerHour?: number;
+    memoryMinMs?: number;
+    crashRate?: number;
+    minSamples?: number;
+  };
+}
+
+export interface CanaryArmStats {
+  requests: number;
+  errors: number;
+  failures: number;
+  errorRate: number;
+  latencyP95Ms?: number;
+}
+
+export interface CanaryStatus {
+  name: string;
+  baseline: string;
+  candidate: string;
+  state: 'running' | 'promoted' | 'rolled_back';
+  reason?: string;
+  percent: number;
+  stages: number[];
+  /** The arms over the current stage. */
+  baselineStats: CanaryArmStats;
+  candidateStats: CanaryArmStats;
+}
+
 /** The package's own `config/runtime.yaml`. */
 export function defaultConfigPath(): string {
   return path.join(__dirname, '..', 'config', 'runtime.yaml');
@@ -129,6 +211,8 @@ export interface LoadModelOptions {
   model: string;
   /** The id requests use; defaults to the file name without extension. */
   modelId?: string;
+  /** Caps every request's timeout on this model, in milliseconds (a canary candidate may differ from its baseline in this). */
+  requestTimeoutMs?: number;
 }
 
 export interface ModelHandle {
@@ -179,7 +263,7 @@ export interface GenerationStats {
   /** Milliseconds from submission to the end. */
   totalTime: number;
   finishReason: 'stop' | 'length';
-  /** Gated Phase 5 features that were on for this request (empty without a flags file). */
+  /** Gated Phase 5 features that were on for this request (empty without a flags file), and `canary.baseline` / `canary.candidate` when a canary routed it. */
   features: string[];
 }
 
@@ -265,6 +349,10 @@ export interface EngineMetrics {
   circuitBreakers: { open: number; transitions: number };
   /** Requests per gated feature, on and off (empty without a flags file). */
   featureFlags: { feature: string; enabled: boolean; requests: number }[];
+  /** The QoS policy engine and the limits its actions set. */
+  qos: QosStatus;
+  /** The canary, once one has been started. */
+  canary?: CanaryStatus;
   /** Submission to first token. */
   ttft: LatencyHistogram;
   /** Between consecutive tokens of a request. */
@@ -334,6 +422,24 @@ function toNativeParams(p: GeneratorParams): NativeGenerateParams {
   return out;
 }
 
+function toControlEvent(e: NativeControlEvent): ControlEvent {
+  return {
+    source: e.source as ControlEvent['source'],
+    atMs: e.atMs,
+    kind: e.kind,
+    reason: e.reason,
+    policy: e.policy ?? undefined,
+    severity: (e.severity ?? undefined) as ControlEvent['severity'],
+    action: e.action ?? undefined,
+    metric: e.metric ?? undefined,
+    value: e.value ?? undefined,
+    threshold: e.threshold ?? undefined,
+    dryRun: e.dryRun ?? undefined,
+    percent: e.percent ?? undefined,
+    automatic: e.automatic ?? undefined,
+  };
+}
+
 function fromChunk(c: NativeChunk): GeneratorChunk {
   switch (c.kind) {
     case 'token':
@@ -362,7 +468,9 @@ function fromChunk(c: NativeChunk): GeneratorChunk {
  * The engine. Events: `model:loaded` (ModelHandle), `model:unloaded` ({id}),
  * `generation:started` ({requestId, model}), `generation:completed`
  * ({requestId, model, stats}), `error` ({requestId?, error}; only emitted
- * when someone listens, so an unhandled `error` event never crashes a process).
+ * when someone listens, so an unhandled `error` event never crashes a process),
+ * `qos:alert` and `canary:transition` (ControlEvent), `flags:reloaded` /
+ * `flags:error` and `config:reloaded` / `config:error` (with the watch options).
  */
 export class Engine extends EventEmitter {
   private readonly native: NativeEngineT;
@@ -372,6 +480,8 @@ export class Engine extends EventEmitter {
   private nextRequest = 0;
 
   private flagsWatcher?: () => void;
+  private configWatcher?: () => void;
+  private readonly controlPoll: NodeJS.Timeout;
 
   constructor(options: EngineOptions = {}) {
     super();
@@ -398,6 +508,76 @@ export class Engine extends EventEmitter {
       watchFile(flagsPath, { interval: 500, persistent: false }, onChange);
       this.flagsWatcher = () => unwatchFile(flagsPath, onChange);
     }
+    const configPath = options.configPath;
+    if (options.watchConfig && configPath) {
+      const onChange = () => {
+        try {
+          const { appliesOnNextLoad } = this.reloadConfig();
+          this.emit('config:reloaded', { path: configPath, appliesOnNextLoad });
+        } catch (error) {
+          this.emit('config:error', { path: configPath, error });
+        }
+      };
+      watchFile(configPath, { interval: 500, persistent: false }, onChange);
+      this.configWatcher = () => unwatchFile(configPath, onChange);
+    }
+    // The control plane decides on Rust threads; its events surface here.
+    this.controlPoll = setInterval(() => this.drainControlEvents(), 250);
+    this.controlPoll.unref();
+  }
+
+  private drainControlEvents(): void {
+    for (const ev of this.native.drainControlEvents().map(toControlEvent)) {
+      this.emit(ev.source === 'qos' ? 'qos:alert' : 'canary:transition', ev);
+    }
+  }
+
+  /**
+   * Re-reads the runtime config file given as `configPath`. A bad file throws `InvalidParams`
+   * naming the key and changes nothing; a good one applies at once, except the sections listed
+   * in `appliesOnNextLoad` (cache, batch and breaker sizes), which apply to models loaded later.
+   */
+  reloadConfig(): { appliesOnNextLoad: string[] } {
+    return callSync(() => this.native.reloadConfig());
+  }
+
+  getQosStatus(): QosStatus {
+    return this.native.qosStatus();
+  }
+
+  /** Runs the QoS policies and canary checks now (they also run every `qos.evaluationIntervalMs`) and emits their events. */
+  evaluateControl(): void {
+    this.native.evaluateControl();
+    this.drainControlEvents();
+  }
+
+  /** Starts routing requests for `options.name` between two loaded models by request id. */
+  startCanary(options: CanaryOptions): ControlEvent {
+    this.ensureOpen();
+    return toControlEvent(callSync(() => this.native.startCanary(options)));
+  }
+
+  /** Next stage (or promotion after the last). */
+  advanceCanary(): ControlEvent {
+    return toControlEvent(callSync(() => this.native.advanceCanary()));
+  }
+
+  /** All of the canary's traffic back to the baseline. */
+  rollbackCanary(reason?: string): ControlEvent {
+    return toControlEvent(callSync(() => this.native.rollbackCanary(reason)));
+  }
+
+  getCanaryStatus(): CanaryStatus | undefined {
+    const c = this.native.canaryStatus();
+    if (!c) return undefined;
+    const arm = (a: typeof c.baselineStats): CanaryArmStats => ({ ...a, latencyP95Ms: a.latencyP95Ms ?? undefined });
+    return {
+      ...c,
+      state: c.state as CanaryStatus['state'],
+      reason: c.reason ?? undefined,
+      baselineStats: arm(c.baselineStats),
+      candidateStats: arm(c.candidateStats),
+    };
   }
 
   /** Whether a Phase 5 feature (`ttft_pipeline`, `ttft_pipeline.kv_prefetch`, ...) is on for this request id. */
@@ -438,7 +618,7 @@ export class Engine extends EventEmitter {
         throw new EngineClientError('ModelLoadError', `default model not found at ${file}; run \`npm run setup\` first`);
       }
     }
-    const handle = toHandle(await call(() => this.native.loadModel(file, id)));
+    const handle = toHandle(await call(() => this.native.loadModel(file, id, opts.requestTimeoutMs)));
     this.lastAccess.set(handle.id, Date.now());
     this.emit('model:loaded', handle);
     return handle;
@@ -618,6 +798,8 @@ export class Engine extends EventEmitter {
       preemptions: s.preemptions,
       circuitBreakers: { open: s.breakersOpen, transitions: s.breakerTransitions },
       featureFlags: this.native.featureFlagCounts(),
+      qos: this.getQosStatus(),
+      canary: this.getCanaryStatus(),
       ttft: h.ttft,
       itl: h.itl,
       e2e: h.e2e,
@@ -661,6 +843,8 @@ export class Engine extends EventEmitter {
     if (this.closed) return;
     this.closed = true;
     this.flagsWatcher?.();
+    this.configWatcher?.();
+    clearInterval(this.controlPoll);
     await call(() => this.native.shutdown());
   }
 }

@@ -10,7 +10,9 @@ use mlx_serving_engine::chat::ChatMessage;
 use mlx_serving_engine::config::RuntimeConfig;
 use mlx_serving_engine::flags::FlagStore;
 use mlx_serving_engine::cpu::Isa;
-use mlx_serving_engine::engine::{Canceller, ControlEvent, Event, GenerateRequest, Input, ModelInfo, Priority, RequestHandle, Stats};
+use mlx_serving_engine::engine::{
+    Canceller, ControlEvent, Event, GenerateRequest, Input, ModelInfo, ModelOptions, Priority, RequestHandle, Stats,
+};
 use mlx_serving_engine::sampler::SamplingParams;
 use mlx_serving_engine::{Engine, EngineError};
 use napi::bindgen_prelude::*;
@@ -37,6 +39,7 @@ pub struct NativeModelInfo {
     pub weight_bytes: f64,
     pub file_type: String,
     pub warmup_ms: f64,
+    pub request_timeout_ms: Option<f64>,
 }
 
 impl From<ModelInfo> for NativeModelInfo {
@@ -50,6 +53,7 @@ impl From<ModelInfo> for NativeModelInfo {
             weight_bytes: m.weight_bytes as f64,
             file_type: m.file_type,
             warmup_ms: m.warmup_ms,
+            request_timeout_ms: m.request_timeout_ms.map(|t| t as f64),
         }
     }
 }
@@ -664,9 +668,10 @@ impl NativeEngine {
 
     /// Loads a GGUF file (off the JS thread).
     #[napi]
-    pub async fn load_model(&self, path: String, id: Option<String>) -> Result<NativeModelInfo> {
+    pub async fn load_model(&self, path: String, id: Option<String>, request_timeout_ms: Option<f64>) -> Result<NativeModelInfo> {
+        let options = ModelOptions { request_timeout_ms: ms_option("requestTimeoutMs", request_timeout_ms)? };
         let e = self.inner.clone();
-        blocking(move || e.load_model(&path, id)).await.map(Into::into)
+        blocking(move || e.load_model_with(&path, id, options)).await.map(Into::into)
     }
 
     #[napi]

@@ -51,6 +51,16 @@ pub struct ModelInfo {
     pub file_type: String,
     /// Time the load-time warmup took (0 when it was off).
     pub warmup_ms: f64,
+    /// Caps every request's timeout on this model (`ModelOptions`).
+    pub request_timeout_ms: Option<u64>,
+}
+
+/// Per-model settings given at load (a canary's candidate may differ from
+/// its baseline only in these).
+#[derive(Debug, Clone, Default)]
+pub struct ModelOptions {
+    /// Caps every request's timeout on this model, milliseconds.
+    pub request_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -521,7 +531,15 @@ impl Engine {
     /// Loads a GGUF model and starts its worker. Loading a path that is
     /// already loaded returns the existing model.
     pub fn load_model(&self, path: impl AsRef<Path>, id: Option<String>) -> Result<ModelInfo, EngineError> {
+        self.load_model_with(path, id, ModelOptions::default())
+    }
+
+    /// `load_model` with per-model settings.
+    pub fn load_model_with(&self, path: impl AsRef<Path>, id: Option<String>, options: ModelOptions) -> Result<ModelInfo, EngineError> {
         let path = path.as_ref();
+        if options.request_timeout_ms == Some(0) {
+            return Err(EngineError::InvalidParams("requestTimeoutMs must be at least 1".into()));
+        }
         let canonical = std::fs::canonicalize(path)
             .map_err(|e| EngineError::ModelLoad { path: path.display().to_string(), reason: format!("cannot open: {e}") })?;
         let id = id.unwrap_or_else(|| model_id_for(path));
@@ -564,6 +582,7 @@ impl Engine {
             vocab_size: cfg.vocab_size,
             weight_bytes: model.weight_bytes(),
             warmup_ms: 0.0,
+            request_timeout_ms: options.request_timeout_ms,
             file_type: g.tensor("blk.0.attn_q.weight").map(|t| t.qtype.name()).unwrap_or("?").to_owned(),
         };
         let tokenizer = Arc::new(tokenizer);
@@ -771,7 +790,11 @@ impl Engine {
             }
         }
         let max_tokens = req.max_tokens.map(|m| m as usize).unwrap_or(cap).min(room);
-        let timeout_ms = req.timeout_ms.or(Some(config.streaming.request_timeout).filter(|&t| t > 0));
+        let timeout_ms = [req.timeout_ms, w.info.request_timeout_ms]
+            .into_iter()
+            .flatten()
+            .min()
+            .or(Some(config.streaming.request_timeout).filter(|&t| t > 0));
 
         let c = &w.counters;
         let kv_positions = c.kv_blocks_total.load(Ordering::Relaxed) * config.kv_cache.block_size;
