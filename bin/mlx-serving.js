@@ -52,10 +52,30 @@ async function serve(values) {
       maxConcurrentStreams: maxConcurrent,
       featureFlagsPath: values['feature-flags'] ?? defaultFeatureFlagsPath(),
       watchFeatureFlags: true,
+      watchConfig: true,
     });
     engine.on('flags:reloaded', ({ path }) => process.stderr.write(`mlx-serving: feature flags reloaded from ${path}\n`));
     engine.on('flags:error', ({ path, error }) =>
       process.stderr.write(`mlx-serving: feature flags in ${path} rejected, previous flags stay: ${error.message}\n`),
+    );
+    engine.on('config:reloaded', ({ path, appliesOnNextLoad }) =>
+      process.stderr.write(
+        `mlx-serving: config reloaded from ${path}` +
+          (appliesOnNextLoad.length ? ` (${appliesOnNextLoad.join(', ')}: for models loaded from now on)` : '') +
+          '\n',
+      ),
+    );
+    engine.on('config:error', ({ path, error }) =>
+      process.stderr.write(`mlx-serving: config ${path} rejected, previous config stays: ${error.message}\n`),
+    );
+    engine.on('qos:alert', (e) =>
+      process.stderr.write(
+        `mlx-serving: qos ${e.severity} ${e.policy} ${e.kind}${e.dryRun ? ' (dry run)' : ''}: ${e.action}; ` +
+          `${e.metric} = ${e.value === undefined ? 'n/a' : +e.value.toFixed(3)} vs ${e.threshold} (${e.reason})\n`,
+      ),
+    );
+    engine.on('canary:transition', (e) =>
+      process.stderr.write(`mlx-serving: canary ${e.kind} at ${e.percent}%${e.reason ? `: ${e.reason}` : ''}\n`),
     );
   } catch (e) {
     process.stderr.write(`mlx-serving: ${e.message}\n`);
