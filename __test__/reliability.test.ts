@@ -99,6 +99,19 @@ describe('overload and slow clients', () => {
   });
 });
 
+test('engines ended by shutdown() or only dropped and garbage-collected free their models', async () => {
+  const { code, stdout, stderr } = await new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
+    execFile(
+      process.execPath,
+      ['--expose-gc', '--import', 'tsx', path.join(__dirname, '..', 'benchmarks', 'engine-lifecycle.ts'), '--rounds', '6'],
+      { cwd: path.join(__dirname, '..'), timeout: 120_000 },
+      (err, stdout, stderr) => resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr }),
+    );
+  });
+  assert.equal(code, 0, stdout + stderr);
+  assert.match(stdout, /: FREED/);
+});
+
 test('soak, CI-sized: a minute of mixed load leaves memory flat and the engine idle', async () => {
   const { code, stdout, stderr } = await new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
     execFile(

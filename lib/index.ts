@@ -522,11 +522,11 @@ export class Engine extends EventEmitter {
       this.configWatcher = () => unwatchFile(configPath, onChange);
     }
     // The control plane decides on Rust threads; its events surface here.
-    this.controlPoll = setInterval(() => this.drainControlEvents(), 250);
-    this.controlPoll.unref();
+    this.controlPoll = pollControlEvents(new WeakRef(this));
   }
 
-  private drainControlEvents(): void {
+  /** @internal */
+  drainControlEvents(): void {
     for (const ev of this.native.drainControlEvents().map(toControlEvent)) {
       this.emit(ev.source === 'qos' ? 'qos:alert' : 'canary:transition', ev);
     }
@@ -847,6 +847,22 @@ export class Engine extends EventEmitter {
     clearInterval(this.controlPoll);
     await call(() => this.native.shutdown());
   }
+}
+
+/**
+ * The timer holds the engine weakly (and is made outside the engine's
+ * constructor, whose closures share a context that holds `this`), so an
+ * engine dropped without shutdown() is still garbage-collected, and its
+ * native side frees its models.
+ */
+function pollControlEvents(engine: WeakRef<Engine>): NodeJS.Timeout {
+  const poll = setInterval(() => {
+    const e = engine.deref();
+    if (e) e.drainControlEvents();
+    else clearInterval(poll);
+  }, 250);
+  poll.unref();
+  return poll;
 }
 
 export async function createEngine(options: EngineOptions = {}): Promise<Engine> {

