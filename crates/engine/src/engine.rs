@@ -119,7 +119,9 @@ impl GenerateRequest {
 
 /// The feature flags the engine consults per request, and what each gates.
 /// `ttft_pipeline.kv_prefetch`: the request reuses and feeds the prefix cache.
-pub const GATED_FEATURES: &[&str] = &["ttft_pipeline.kv_prefetch"];
+/// `batching.priority_scheduling`: the request's priority class orders its
+/// admission and preemption (off: it is scheduled as `default`).
+pub const GATED_FEATURES: &[&str] = &["ttft_pipeline.kv_prefetch", "batching.priority_scheduling"];
 
 /// Scheduling class: the waiting queue serves `Urgent` first, and
 /// preemption takes `Background` sequences first.
@@ -806,7 +808,13 @@ impl Engine {
         // Admission: a bounded number of requests in flight per model, and a
         // bounded queue of requests and prompt tokens waiting to run.
         // QoS actions may have lowered the limits for now.
-        if req.priority == Priority::Background && knobs.shed_background() {
+        // With a flags file, priority classes apply to the requests the
+        // `batching.priority_scheduling` rollout includes.
+        let priority = match self.feature_flags() {
+            Some(f) if !f.current().evaluate("batching.priority_scheduling", &rid).enabled => Priority::Default,
+            _ => req.priority,
+        };
+        if priority == Priority::Background && knobs.shed_background() {
             return Err(EngineError::Overloaded("background requests are being shed (a QoS policy is active)".into()));
         }
         let limit = knobs.max_streams(config.streaming.max_concurrent_streams);
@@ -870,7 +878,7 @@ impl Engine {
             stop_token_ids: req.stop_token_ids,
             ignore_eos: req.ignore_eos,
             top_logprobs: req.top_logprobs,
-            priority: req.priority,
+            priority,
             cache_salt: req.cache_salt,
             prefix_cache,
             pin_prefix: req.pin_prefix,

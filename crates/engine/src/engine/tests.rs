@@ -397,7 +397,15 @@ fn feature_flags_gate_the_prefix_cache_per_request_id() {
     assert!(wait_for(&e, idle).prefix_cache_hits > 0);
     assert!(base == again && again == p1 && p1 == p2);
     let counts = e.feature_flag_counts();
-    assert_eq!(counts, [("ttft_pipeline.kv_prefetch".to_string(), false, 2), ("ttft_pipeline.kv_prefetch".to_string(), true, 2)]);
+    assert_eq!(
+        counts,
+        [
+            // Not in this file: off for everyone.
+            ("batching.priority_scheduling".to_string(), false, 4),
+            ("ttft_pipeline.kv_prefetch".to_string(), false, 2),
+            ("ttft_pipeline.kv_prefetch".to_string(), true, 2)
+        ]
+    );
 }
 
 #[test]
@@ -594,4 +602,33 @@ fn a_canary_routes_by_request_id_and_rolls_back_when_its_candidate_fails() {
         .collect();
     assert_eq!(kinds, ["started", "rolled_back"]);
     assert!(e.advance_canary().is_err(), "a rolled-back canary does not advance");
+}
+
+#[test]
+fn the_batching_flag_gates_priority_classes_per_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flags.yaml");
+    std::fs::write(
+        &path,
+        "phase5: {enabled: true, rollout_percentage: 100, hash_seed: p}\n\
+         features:\n  batching: {enabled: true, rollout_percentage: 50, hash_seed: b, priority_scheduling: true}\n  \
+         qos_policy: {enabled: true, rollout_percentage: 100, hash_seed: q, dry_run: false}\n",
+    )
+    .unwrap();
+    let shed = "    - {name: shed, metric: throughput_tps, op: below, threshold: 1.0e9, action: shed_background}\n";
+    let (e, _d) = tiny_engine_with(qos_policies(shed));
+    let e = e.with_feature_flags(crate::flags::FlagStore::open(&path).unwrap());
+    e.evaluate_control();
+    assert!(e.qos_status().shedding_background);
+    let flags = e.feature_flags().unwrap().current();
+    let id_with = |on: bool| {
+        (0..).map(|i| format!("r{i}")).find(|id| flags.evaluate("batching.priority_scheduling", id).enabled == on).unwrap()
+    };
+    let background = |rid: String| GenerateRequest { priority: Priority::Background, request_id: Some(rid), ..greedy("hello", 2) };
+    // Inside the rollout the class applies (and is shed); outside it runs as `default`.
+    assert_eq!(e.submit(background(id_with(true))).err().unwrap().code(), "Overloaded");
+    let stats = collect(e.submit(background(id_with(false))).unwrap()).2.unwrap();
+    assert!(stats.features.is_empty(), "{:?}", stats.features);
+    let urgent = GenerateRequest { priority: Priority::Urgent, request_id: Some(id_with(true)), ..greedy("hello", 2) };
+    assert_eq!(collect(e.submit(urgent).unwrap()).2.unwrap().features, ["batching.priority_scheduling"]);
 }
