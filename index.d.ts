@@ -183,6 +183,9 @@ export interface NativeEngineStats {
   prefixCacheQueries: number
   prefixCacheHits: number
   preemptions: number
+  /** Speculative decoding: guessed tokens checked, and kept. */
+  specDrafted: number
+  specAccepted: number
   breakersOpen: number
   breakerTransitions: number
 }

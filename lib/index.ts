@@ -345,6 +345,8 @@ export interface EngineMetrics {
   kvCache: { blocksTotal: number; blocksUsed: number; blocksCached: number; blocksPinned: number; bytesUsed: number; bytesTouched: number; usage: number };
   prefixCache: { queries: number; hits: number; hitRate: number };
   preemptions: number;
+  /** Speculative decoding: guessed tokens checked, kept, and the share kept. */
+  speculative: { drafted: number; accepted: number; acceptanceRate: number };
   /** Models whose breaker is open or half-open (they answer `Overloaded` at once), and state changes so far. */
   circuitBreakers: { open: number; transitions: number };
   /** Requests per gated feature, on and off (empty without a flags file). */
@@ -796,6 +798,11 @@ export class Engine extends EventEmitter {
         hitRate: s.prefixCacheQueries ? s.prefixCacheHits / s.prefixCacheQueries : 0,
       },
       preemptions: s.preemptions,
+      speculative: {
+        drafted: s.specDrafted,
+        accepted: s.specAccepted,
+        acceptanceRate: s.specDrafted ? s.specAccepted / s.specDrafted : 0,
+      },
       circuitBreakers: { open: s.breakersOpen, transitions: s.breakerTransitions },
       featureFlags: this.native.featureFlagCounts(),
       qos: this.getQosStatus(),

@@ -280,6 +280,9 @@ pub struct NativeEngineStats {
     pub prefix_cache_queries: f64,
     pub prefix_cache_hits: f64,
     pub preemptions: f64,
+    /// Speculative decoding: guessed tokens checked, and kept.
+    pub spec_drafted: f64,
+    pub spec_accepted: f64,
     pub breakers_open: u32,
     pub breaker_transitions: f64,
 }
@@ -740,6 +743,8 @@ impl NativeEngine {
             prefix_cache_queries: s.prefix_cache_queries as f64,
             prefix_cache_hits: s.prefix_cache_hits as f64,
             preemptions: s.n_preemptions as f64,
+            spec_drafted: s.n_spec_drafted as f64,
+            spec_accepted: s.n_spec_accepted as f64,
             breakers_open: s.n_breakers_open as u32,
             breaker_transitions: s.n_breaker_transitions as f64,
         }

@@ -18,6 +18,35 @@ pub struct RuntimeConfig {
     pub kv_cache: KvCacheConfig,
     pub limits: Limits,
     pub qos: Qos,
+    pub speculative: Speculative,
+}
+
+/// Speculative decoding by prompt lookup: a sequence's next tokens are
+/// guessed from an earlier place where its last few tokens occurred (in the
+/// prompt or its own output) and checked in the same forward as its next
+/// token; every guess the model agrees with is a token without a step of
+/// its own. Output is unchanged: each token is still sampled from the
+/// model's distribution, and a guess counts only when it equals that sample.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct Speculative {
+    /// Without a flags file; with one, the `ttft_pipeline.speculative` flag
+    /// decides per request.
+    pub enabled: bool,
+    /// Guessed tokens checked per step.
+    pub max_draft_tokens: usize,
+    /// Lengths of the suffix looked up, longest tried first.
+    pub ngram_min: usize,
+    pub ngram_max: usize,
+    /// Speculate only while at most this many sequences run: a large batch
+    /// already keeps the cores busy, and guesses would only add work.
+    pub max_batch: usize,
+}
+
+impl Default for Speculative {
+    fn default() -> Self {
+        Speculative { enabled: false, max_draft_tokens: 4, ngram_min: 2, ngram_max: 3, max_batch: 4 }
+    }
 }
 
 /// `qos.*`: the circuit breaker and the policy engine (see `qos.rs`).
@@ -216,6 +245,13 @@ impl RuntimeConfig {
             return Err(format!("kv_cache.memoryMiB: must be above 0 and at most 1048576, got {mib}"));
         }
         self.qos.validate()?;
+        let sp = &self.speculative;
+        if !(1..=16).contains(&sp.max_draft_tokens) {
+            return Err(format!("speculative.maxDraftTokens: must be 1 to 16, got {}", sp.max_draft_tokens));
+        }
+        if sp.ngram_min == 0 || sp.ngram_min > sp.ngram_max || sp.ngram_max > 8 {
+            return Err(format!("speculative.ngramMin/ngramMax: need 1 <= min <= max <= 8, got {} and {}", sp.ngram_min, sp.ngram_max));
+        }
         if self.kv_cache.block_size > 1024 {
             return Err(format!("kv_cache.blockSize: must be at most 1024, got {}", self.kv_cache.block_size));
         }

@@ -119,9 +119,10 @@ impl GenerateRequest {
 
 /// The feature flags the engine consults per request, and what each gates.
 /// `ttft_pipeline.kv_prefetch`: the request reuses and feeds the prefix cache.
+/// `ttft_pipeline.speculative`: prompt-lookup speculative decoding (see `speculative.rs`).
 /// `batching.priority_scheduling`: the request's priority class orders its
 /// admission and preemption (off: it is scheduled as `default`).
-pub const GATED_FEATURES: &[&str] = &["ttft_pipeline.kv_prefetch", "batching.priority_scheduling"];
+pub const GATED_FEATURES: &[&str] = &["ttft_pipeline.kv_prefetch", "ttft_pipeline.speculative", "batching.priority_scheduling"];
 
 /// Scheduling class: the waiting queue serves `Urgent` first, and
 /// preemption takes `Background` sequences first.
@@ -266,6 +267,9 @@ struct Counters {
     prefix_queries: AtomicU64,
     prefix_hits: AtomicU64,
     preemptions: AtomicU64,
+    /// Speculative decoding: guessed tokens checked, and kept.
+    spec_drafted: AtomicU64,
+    spec_accepted: AtomicU64,
     completed: AtomicU64,
     generated_tokens: AtomicU64,
     /// Recent outcomes per second, for the QoS policies and the canary.
@@ -292,6 +296,8 @@ pub struct EngineStats {
     pub prefix_cache_queries: u64,
     pub prefix_cache_hits: u64,
     pub n_preemptions: u64,
+    pub n_spec_drafted: u64,
+    pub n_spec_accepted: u64,
     pub n_completed: u64,
     pub n_generated_tokens: u64,
     /// Models whose circuit breaker is open or half-open.
@@ -322,6 +328,8 @@ struct Job {
     cache_salt: Option<String>,
     /// Whether the request reuses and feeds the prefix cache.
     prefix_cache: bool,
+    /// Whether its decode steps check prompt-lookup guesses.
+    speculative: bool,
     pin_prefix: bool,
     features: Vec<String>,
     deadline: Option<(Instant, u64)>,
@@ -609,6 +617,7 @@ impl Engine {
             max_batch: config.max_batch(),
             prefill_chunk: config.scheduler.prefill_chunk,
             stream_buffer: config.scheduler.stream_buffer,
+            speculative: config.speculative.clone(),
         };
         let warm = self.warmup_enabled();
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -679,6 +688,8 @@ impl Engine {
             s.prefix_cache_queries += c.prefix_queries.load(Ordering::Relaxed);
             s.prefix_cache_hits += c.prefix_hits.load(Ordering::Relaxed);
             s.n_preemptions += c.preemptions.load(Ordering::Relaxed);
+            s.n_spec_drafted += c.spec_drafted.load(Ordering::Relaxed);
+            s.n_spec_accepted += c.spec_accepted.load(Ordering::Relaxed);
             s.n_breakers_open += (w.breaker.state() != breaker::BreakerState::Closed) as usize;
             s.n_breaker_transitions += w.breaker.transitions();
             s.n_completed += w.counters.completed.load(Ordering::Relaxed);
@@ -852,6 +863,7 @@ impl Engine {
         // Without a flags file every gated feature follows the runtime config.
         let mut features = Vec::new();
         let mut prefix_cache = true;
+        let mut speculative = config.speculative.enabled;
         if let Some(store) = self.feature_flags() {
             let flags = store.current();
             let mut counts = self.flag_counts.lock().unwrap();
@@ -863,6 +875,7 @@ impl Engine {
                 }
             }
             prefix_cache = features.iter().any(|f| f == "ttft_pipeline.kv_prefetch");
+            speculative = features.iter().any(|f| f == "ttft_pipeline.speculative");
         }
         let (events_tx, events_rx) = unbounded_channel();
         let cancel = Arc::new(AtomicBool::new(false));
@@ -881,6 +894,7 @@ impl Engine {
             priority,
             cache_salt: req.cache_salt,
             prefix_cache,
+            speculative,
             pin_prefix: req.pin_prefix,
             features,
             deadline: timeout_ms.map(|ms| (t_submit + Duration::from_millis(ms), ms)),

@@ -18,6 +18,7 @@ pub mod models;
 pub mod qos;
 pub mod quant;
 pub mod sampler;
+pub mod speculative;
 mod stop;
 pub mod tokenizer;
 

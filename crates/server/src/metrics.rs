@@ -177,6 +177,8 @@ impl Metrics {
         metric("vllm:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.", &[("", stats.prefix_cache_queries as f64)]);
         metric("vllm:prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.", &[("", stats.prefix_cache_hits as f64)]);
         metric("vllm:num_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.", &[("", stats.n_preemptions as f64)]);
+        metric("vllm:spec_decode_num_draft_tokens_total", "counter", "Speculative tokens guessed and checked.", &[("", stats.n_spec_drafted as f64)]);
+        metric("vllm:spec_decode_num_accepted_tokens_total", "counter", "Speculative tokens kept.", &[("", stats.n_spec_accepted as f64)]);
         metric("mlx_serving_circuit_breakers_open", "gauge", "Models whose circuit breaker is open or half-open.", &[("", stats.n_breakers_open as f64)]);
         metric("mlx_serving_circuit_breaker_transitions_total", "counter", "Circuit breaker state changes.", &[("", stats.n_breaker_transitions as f64)]);
         let flag_series: Vec<(String, f64)> =

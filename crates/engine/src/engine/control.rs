@@ -272,6 +272,9 @@ impl Engine {
         if old.scheduler.prefill_chunk != new.scheduler.prefill_chunk {
             later.push("scheduler.prefillChunk");
         }
+        if old.speculative != new.speculative {
+            later.push("speculative");
+        }
         if old.scheduler.stream_buffer != new.scheduler.stream_buffer {
             later.push("scheduler.streamBuffer");
         }

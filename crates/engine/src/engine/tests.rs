@@ -403,7 +403,8 @@ fn feature_flags_gate_the_prefix_cache_per_request_id() {
             // Not in this file: off for everyone.
             ("batching.priority_scheduling".to_string(), false, 4),
             ("ttft_pipeline.kv_prefetch".to_string(), false, 2),
-            ("ttft_pipeline.kv_prefetch".to_string(), true, 2)
+            ("ttft_pipeline.kv_prefetch".to_string(), true, 2),
+            ("ttft_pipeline.speculative".to_string(), false, 4),
         ]
     );
 }
@@ -631,4 +632,37 @@ fn the_batching_flag_gates_priority_classes_per_request_id() {
     assert!(stats.features.is_empty(), "{:?}", stats.features);
     let urgent = GenerateRequest { priority: Priority::Urgent, request_id: Some(id_with(true)), ..greedy("hello", 2) };
     assert_eq!(collect(e.submit(urgent).unwrap()).2.unwrap().features, ["batching.priority_scheduling"]);
+}
+
+#[test]
+fn speculative_decoding_keeps_greedy_and_seeded_outputs_and_accepts_guesses() {
+    let plain = tiny_engine().0;
+    let (spec, _d) = tiny_engine_with(config(|c| {
+        c.speculative.enabled = true;
+        c.speculative.ngram_min = 1;
+    }));
+    let prompts = ["hello world hello world hello", "a b c a b c a b", "the cat the cat the", "x"];
+    for p in prompts {
+        for seed in [None, Some(7u64), Some(11)] {
+            let mut r = greedy(p, 24);
+            if let Some(s) = seed {
+                r.sampling.temperature = 1.0;
+                r.sampling.seed = Some(s);
+            }
+            let a = collect(plain.submit(r.clone()).unwrap());
+            let b = collect(spec.submit(r).unwrap());
+            assert_eq!(a.0, b.0, "prompt {p:?} seed {seed:?}");
+            assert_eq!(a.1, b.1);
+        }
+    }
+    let s = wait_for(&spec, idle);
+    assert!(s.n_spec_drafted > 0, "{s:?}");
+    assert!(s.n_spec_accepted > 0 && s.n_spec_accepted <= s.n_spec_drafted, "{s:?}");
+    assert_eq!(plain.stats().n_spec_drafted, 0);
+    // Several sequences at once (batch <= speculative.maxBatch) still match.
+    let handles: Vec<_> = prompts.iter().map(|p| spec.submit(greedy(p, 24)).unwrap()).collect();
+    for (p, h) in prompts.iter().zip(handles) {
+        assert_eq!(collect(h).0, collect(plain.submit(greedy(p, 24)).unwrap()).0);
+    }
+    assert!(idle(&wait_for(&spec, idle)));
 }

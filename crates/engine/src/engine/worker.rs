@@ -23,6 +23,8 @@ struct Sequence {
     stop: StopMatcher,
     t_first_token: Option<Instant>,
     t_last_token: Option<Instant>,
+    /// Guessed next tokens riding along this step (speculative decoding).
+    draft: Vec<u32>,
 }
 
 impl Sequence {
@@ -104,6 +106,7 @@ pub(super) struct Settings {
     pub(super) max_batch: usize,
     pub(super) prefill_chunk: usize,
     pub(super) stream_buffer: usize,
+    pub(super) speculative: crate::config::Speculative,
 }
 
 pub(super) struct WorkerLoop {
@@ -198,6 +201,7 @@ impl WorkerLoop {
             stop: StopMatcher::new(job.stop_sequences.clone()),
             t_first_token: None,
             t_last_token: None,
+            draft: Vec::new(),
             job,
         };
         self.waiting[seq.job.priority as usize].push_back(seq);
@@ -368,11 +372,32 @@ impl WorkerLoop {
             self.preempt(v);
         }
         let mut batch = Vec::new();
-        for (i, s) in self.running.iter_mut().enumerate() {
-            if s.pending() == 1 && can_run(s) {
-                let pos = s.n_cached;
-                batch.push(BatchToken { token: s.tokens[pos], pos, seq: i, logits: true });
-                s.grow(&mut self.pool, pos + 1);
+        let decoding: Vec<usize> = (0..self.running.len()).filter(|&i| self.running[i].pending() == 1 && can_run(&self.running[i])).collect();
+        for &i in &decoding {
+            let s = &mut self.running[i];
+            s.grow(&mut self.pool, s.n_cached + 1);
+        }
+        // Then guesses (speculative decoding), from blocks nobody needs this
+        // step; each sequence's guesses follow its next token in the batch.
+        let spec = &self.settings.speculative;
+        let speculate = self.running.len() <= spec.max_batch;
+        let ctx = self.model.config().context_length;
+        for &i in &decoding {
+            let s = &mut self.running[i];
+            let pos = s.n_cached;
+            batch.push(BatchToken { token: s.tokens[pos], pos, seq: i, logits: true });
+            if speculate && s.job.speculative {
+                let left = s.job.max_tokens.saturating_sub(s.n_generated + 1);
+                let k = spec.max_draft_tokens.min(left).min(ctx.saturating_sub(pos + 2));
+                let mut d = crate::speculative::prompt_lookup(&s.tokens, spec.ngram_min, spec.ngram_max, k);
+                while !d.is_empty() && s.blocks_short(self.pool.block_size(), pos + 1 + d.len()) > self.pool.available() {
+                    d.pop();
+                }
+                for (j, &tok) in d.iter().enumerate() {
+                    batch.push(BatchToken { token: tok, pos: pos + 1 + j, seq: i, logits: true });
+                }
+                s.grow(&mut self.pool, pos + 1 + d.len());
+                s.draft = d;
             }
         }
         // Then prompt chunks, in batch order, as far as budget and blocks go.
@@ -433,7 +458,10 @@ impl WorkerLoop {
         };
         for bt in &batch {
             let s = &mut self.running[bt.seq];
-            s.n_cached = s.n_cached.max(bt.pos + 1);
+            // Guessed positions count once verified (below).
+            if bt.pos < s.tokens.len() {
+                s.n_cached = s.n_cached.max(bt.pos + 1);
+            }
         }
         for s in self.running.iter_mut() {
             s.register_full_blocks(&mut self.pool);
@@ -441,9 +469,41 @@ impl WorkerLoop {
 
         let vocab = self.model.config().vocab_size;
         let mut outcomes: Vec<Option<Outcome>> = (0..self.running.len()).map(|_| None).collect();
-        for (bt, l) in batch.iter().filter(|b| b.logits).zip(logits.chunks_exact_mut(vocab)) {
-            let s = &mut self.running[bt.seq];
-            outcomes[bt.seq] = Some(Self::emit(&self.tokenizer, &self.counters, &self.latency, s, l));
+        // One logits row per entry that asked, in batch order; a sequence's
+        // rows are adjacent: its next token, then one per guess.
+        let mut rows = logits.chunks_exact_mut(vocab);
+        let mut i = 0;
+        while i < batch.len() {
+            if !batch[i].logits {
+                i += 1;
+                continue;
+            }
+            let seq = batch[i].seq;
+            let n = batch[i..].iter().take_while(|b| b.seq == seq && b.logits).count();
+            let s = &mut self.running[seq];
+            let draft = std::mem::take(&mut s.draft);
+            let (mut out, mut used, mut kept) = (Outcome::Continue, 0, 0);
+            for r in 0..n {
+                let row = rows.next().expect("a logits row per entry that asked");
+                used += 1;
+                out = Self::emit(&self.tokenizer, &self.counters, &self.latency, s, row);
+                // A guess counts when the token sampled before it equals it:
+                // its keys and values were then computed from the right token.
+                if !(matches!(out, Outcome::Continue) && r < draft.len() && s.tokens.last() == Some(&draft[r])) {
+                    break;
+                }
+                s.n_cached += 1;
+                kept += 1;
+            }
+            for _ in used..n {
+                rows.next();
+            }
+            if !draft.is_empty() {
+                self.counters.spec_drafted.fetch_add(draft.len() as u64, Ordering::Relaxed);
+                self.counters.spec_accepted.fetch_add(kept, Ordering::Relaxed);
+            }
+            outcomes[seq] = Some(out);
+            i += n;
         }
         let mut it = outcomes.into_iter();
         self.retire(|_| match it.next().flatten() {
