@@ -1,11 +1,19 @@
 //! Model architectures, one file each, behind the `Model` trait; and the
 //! pieces every architecture shares (KV cache, batch description, small ops).
 
+pub mod decoder;
+pub mod gemma2;
 pub mod llama;
+pub mod phi3;
+pub mod qwen2;
+pub mod qwen3;
+pub mod qwen3_moe;
+pub mod weights;
 
 use crate::error::EngineError;
 use crate::gguf::GgufFile;
 use crate::kv::{BlockId, KvStore};
+use weights::{GgufSource, WeightSource};
 
 /// Shape facts the engine needs about a loaded model.
 #[derive(Debug, Clone)]
@@ -39,7 +47,12 @@ pub trait Model: Send + Sync {
     /// Runs the batch, writing every token's keys and values into its
     /// sequence's blocks (`tables[bt.seq]` must cover `bt.pos`); returns
     /// `vocab_size` logits per token that asked.
-    fn forward(&self, batch: &[BatchToken], kv: &mut KvStore, tables: &[&[BlockId]]) -> Result<Vec<f32>, EngineError>;
+    fn forward(
+        &self,
+        batch: &[BatchToken],
+        kv: &mut KvStore,
+        tables: &[&[BlockId]],
+    ) -> Result<Vec<f32>, EngineError>;
     /// Bytes of keys and values one position takes in the cache.
     fn kv_bytes_per_position(&self) -> usize {
         let c = self.config();
@@ -53,27 +66,61 @@ pub trait Model: Send + Sync {
 
 /// Rejects a batch that names a missing block table, a position its table
 /// does not cover, or a token outside the vocabulary.
-pub(crate) fn check_batch(cfg: &ModelConfig, batch: &[BatchToken], kv: &KvStore, tables: &[&[BlockId]]) -> Result<(), EngineError> {
+pub(crate) fn check_batch(
+    cfg: &ModelConfig,
+    batch: &[BatchToken],
+    kv: &KvStore,
+    tables: &[&[BlockId]],
+) -> Result<(), EngineError> {
     for bt in batch {
-        let table = tables.get(bt.seq).ok_or_else(|| EngineError::Internal("batch names a missing block table".into()))?;
+        let table = tables
+            .get(bt.seq)
+            .ok_or_else(|| EngineError::Internal("batch names a missing block table".into()))?;
         let covered = table.len() * kv.block_size();
-        if bt.pos >= covered || bt.token as usize >= cfg.vocab_size || table.iter().any(|&b| b as usize >= kv.n_blocks()) {
-            return Err(EngineError::Internal(format!("bad batch token {bt:?} (its blocks cover {covered} positions)")));
+        if bt.pos >= covered
+            || bt.token as usize >= cfg.vocab_size
+            || table.iter().any(|&b| b as usize >= kv.n_blocks())
+        {
+            return Err(EngineError::Internal(format!(
+                "bad batch token {bt:?} (its blocks cover {covered} positions)"
+            )));
         }
     }
     Ok(())
 }
 
+/// The architectures this engine runs, by mlx-lm `model_type`.
+pub const SUPPORTED: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+    "gemma2",
+    "phi3",
+];
+
+/// Loads a model by its `model_type`, from either kind of source.
+pub fn load(src: &dyn WeightSource) -> Result<Box<dyn Model>, EngineError> {
+    Ok(match src.hparams().model_type.as_str() {
+        "llama" | "mistral" => Box::new(llama::load(src)?),
+        "qwen2" => Box::new(qwen2::load(src)?),
+        "qwen3" => Box::new(qwen3::load(src)?),
+        "qwen3_moe" => Box::new(qwen3_moe::load(src)?),
+        "gemma2" => Box::new(gemma2::load(src)?),
+        "phi3" => Box::new(phi3::load(src)?),
+        other => {
+            return Err(src.err(format!(
+                "unsupported architecture '{other}' (supported: {})",
+                SUPPORTED.join(", ")
+            )));
+        }
+    })
+}
+
 /// Loads a GGUF model by its `general.architecture`.
 pub fn load_gguf(g: &GgufFile) -> Result<Box<dyn Model>, EngineError> {
-    let arch = g.get_str("general.architecture").unwrap_or("");
-    match arch {
-        "llama" => Ok(Box::new(llama::Llama::from_gguf(g)?)),
-        other => Err(EngineError::ModelLoad {
-            path: g.path.display().to_string(),
-            reason: format!("unsupported architecture '{other}' (supported: llama)"),
-        }),
-    }
+    load(&GgufSource::new(g)?)
 }
 
 pub(crate) mod ops {
@@ -86,6 +133,25 @@ pub(crate) mod ops {
             for ((o, &xv), &wv) in or.iter_mut().zip(xr).zip(w) {
                 *o = xv * inv * wv;
             }
+        }
+    }
+
+    /// `rms_norm` of each `w.len()` run of `x`, in place.
+    pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+        let d = w.len();
+        for r in x.chunks_exact_mut(d) {
+            let ss: f32 = r.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let inv = 1.0 / (ss + eps).sqrt();
+            r.iter_mut().zip(w).for_each(|(v, &wv)| *v *= inv * wv);
+        }
+    }
+
+    /// `gate = gelu_tanh(gate) * up`, in place.
+    pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        for (g, &u) in gate.iter_mut().zip(up) {
+            let x = *g;
+            *g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh()) * u;
         }
     }
 

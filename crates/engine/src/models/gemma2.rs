@@ -1,0 +1,47 @@
+//! Gemma 2: norms after attention and after the MLP as well as before,
+//! GeGLU (tanh GELU), embeddings scaled by sqrt(width), soft-capped
+//! attention scores and logits, and a sliding window on every other layer
+//! (even layers, as Hugging Face and llama.cpp apply it).
+//!
+//! Reference: mlx-lm's `models/gemma2.py` (which attends over the whole
+//! context on every layer; the two agree while a sequence is shorter than
+//! the window, 4096 in the released models).
+
+use super::decoder::{attention, default_options, mlp, norm, Activation, Decoder, Ffn, Layer};
+use super::weights::{layer, Format, WeightSource};
+use crate::error::EngineError;
+
+pub fn load(src: &dyn WeightSource) -> Result<Decoder, EngineError> {
+    let hp = src.hparams();
+    hp.validate(src)?;
+    let mut opts = default_options(src, false);
+    opts.activation = Activation::GeluTanh;
+    opts.embed_scale = Some((hp.dim as f32).sqrt());
+    if let Some(s) = hp.query_pre_attn_scalar {
+        opts.attn_scale = 1.0 / s.sqrt();
+    }
+    opts.attn_softcap = hp.attn_softcap;
+    opts.final_softcap = hp.final_softcap;
+    // Checkpoints store w for a norm by (1 + w); llama.cpp's converter adds the 1.
+    opts.norm_offset = if src.format() == Format::Mlx {
+        1.0
+    } else {
+        0.0
+    };
+    let layers = (0..hp.n_layers)
+        .map(|i| {
+            let n = |gguf: &str, hf: &str| norm(src, &layer(i, gguf, hf), hp.dim, &opts);
+            let mut attn = attention(src, i, false, &opts)?;
+            attn.window = hp.sliding_window.filter(|_| i % 2 == 0);
+            Ok(Layer {
+                attn_norm: n("attn_norm", "input_layernorm")?,
+                attn,
+                post_attn_norm: Some(n("post_attention_norm", "post_attention_layernorm")?),
+                ffn_norm: n("ffn_norm", "pre_feedforward_layernorm")?,
+                ffn: Ffn::Dense(mlp(src, i)?),
+                post_ffn_norm: Some(n("post_ffw_norm", "post_feedforward_layernorm")?),
+            })
+        })
+        .collect::<Result<_, EngineError>>()?;
+    Decoder::new(src, opts, layers)
+}

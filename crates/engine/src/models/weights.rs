@@ -1,0 +1,312 @@
+//! What an architecture file loads a model through: its hyperparameters and
+//! its named tensors, from a GGUF file or an MLX model folder alike.
+//!
+//! Tensors are asked for by both of their names (llama.cpp's GGUF name and
+//! the Hugging Face / MLX name), so an architecture file states each weight
+//! once and the source picks the convention it stores.
+
+use std::path::Path;
+
+use crate::cpu::{Bytes, QMatrix};
+use crate::error::EngineError;
+use crate::gguf::GgufFile;
+use crate::quant::dequantize_row;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Gguf,
+    Mlx,
+}
+
+/// The hyperparameters every architecture reads; the optional ones are only
+/// set by the architectures that have them.
+#[derive(Debug, Clone, Default)]
+pub struct Hparams {
+    /// mlx-lm's `model_type` (`llama`, `qwen3_moe`, ...).
+    pub model_type: String,
+    pub n_layers: usize,
+    pub dim: usize,
+    pub ffn_dim: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_theta: f32,
+    pub eps: f32,
+    pub context_length: usize,
+    pub sliding_window: Option<usize>,
+    pub attn_softcap: Option<f32>,
+    pub final_softcap: Option<f32>,
+    pub query_pre_attn_scalar: Option<f32>,
+    pub n_experts: usize,
+    pub n_experts_used: usize,
+    pub moe_ffn_dim: usize,
+    pub norm_topk_prob: bool,
+}
+
+impl Hparams {
+    /// Checks the shape facts the model code relies on.
+    pub fn validate(&self, src: &dyn WeightSource) -> Result<(), EngineError> {
+        let bad = |field: &str, why: String| Err(src.err(format!("{field}: {why}")));
+        for (field, v) in [
+            ("layers", self.n_layers),
+            ("hidden size", self.dim),
+            ("attention heads", self.n_heads),
+            ("head size", self.head_dim),
+        ] {
+            if v == 0 || v >= 1 << 24 {
+                return bad(field, format!("{v} is out of range"));
+            }
+        }
+        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return bad(
+                "key/value heads",
+                format!(
+                    "{} does not divide {} attention heads",
+                    self.n_kv_heads, self.n_heads
+                ),
+            );
+        }
+        if self.n_heads / self.n_kv_heads > super::decoder::MAX_GROUP
+            || self.head_dim > super::decoder::MAX_HEAD_DIM
+            || self.head_dim % 2 != 0
+        {
+            return bad(
+                "head size",
+                format!(
+                    "{} (group {}) is not supported",
+                    self.head_dim,
+                    self.n_heads / self.n_kv_heads
+                ),
+            );
+        }
+        if !(self.eps > 0.0 && self.eps < 1.0)
+            || !(self.rope_theta > 0.0 && self.rope_theta.is_finite())
+        {
+            return bad(
+                "norm epsilon / rope theta",
+                format!("{} / {} out of range", self.eps, self.rope_theta),
+            );
+        }
+        if self.n_experts > 0
+            && (self.n_experts_used == 0
+                || self.n_experts_used > self.n_experts
+                || self.moe_ffn_dim == 0)
+        {
+            return bad(
+                "experts",
+                format!(
+                    "{} used of {} with width {}",
+                    self.n_experts_used, self.n_experts, self.moe_ffn_dim
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A tensor's two names, without the `.weight` / `.bias` suffix.
+#[derive(Debug, Clone)]
+pub struct Name {
+    pub gguf: String,
+    pub hf: String,
+}
+
+/// A tensor outside the layers (`token_embd` / `model.embed_tokens`).
+pub fn global(gguf: &str, hf: &str) -> Name {
+    Name {
+        gguf: gguf.to_owned(),
+        hf: hf.to_owned(),
+    }
+}
+
+/// A tensor of layer `i` (`blk.{i}.attn_q` / `model.layers.{i}.self_attn.q_proj`).
+pub fn layer(i: usize, gguf: &str, hf: &str) -> Name {
+    Name {
+        gguf: format!("blk.{i}.{gguf}"),
+        hf: format!("model.layers.{i}.{hf}"),
+    }
+}
+
+pub trait WeightSource {
+    fn path(&self) -> &Path;
+    fn format(&self) -> Format;
+    fn hparams(&self) -> &Hparams;
+    /// Whether the source holds `name.{suffix}` (`weight` or `bias`).
+    fn has(&self, name: &Name, suffix: &str) -> bool;
+    /// Rows of the matrix `name.weight` (the vocabulary, for embeddings).
+    fn rows(&self, name: &Name) -> Result<usize, EngineError>;
+    /// The `rows x cols` weight `name.weight`, in its stored format.
+    fn matrix(&self, name: &Name, rows: usize, cols: usize) -> Result<QMatrix, EngineError>;
+    /// `n` matrices of `rows x cols` stacked in one tensor (experts).
+    fn stacked(
+        &self,
+        name: &Name,
+        n: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Vec<QMatrix>, EngineError> {
+        let all = self.matrix(name, n * rows, cols)?;
+        Ok((0..n).map(|e| slice_rows(&all, e * rows, rows)).collect())
+    }
+    /// The vector `name.{suffix}` (`weight` or `bias`) as f32.
+    fn vector(&self, name: &Name, suffix: &str, len: usize) -> Result<Vec<f32>, EngineError>;
+    fn err(&self, reason: String) -> EngineError {
+        EngineError::ModelLoad {
+            path: self.path().display().to_string(),
+            reason,
+        }
+    }
+}
+
+/// Rows `start..start + n` of a matrix: shared file bytes, or a copy.
+pub fn slice_rows(m: &QMatrix, start: usize, n: usize) -> QMatrix {
+    let rb = m.row_bytes();
+    let data = match &m.data {
+        Bytes::File { file, offset, .. } => Bytes::File {
+            file: file.clone(),
+            offset: offset + start * rb,
+            len: n * rb,
+        },
+        Bytes::Owned(v) => Bytes::Owned(v[start * rb..(start + n) * rb].to_vec()),
+    };
+    QMatrix {
+        qtype: m.qtype,
+        rows: n,
+        cols: m.cols,
+        data,
+    }
+}
+
+/// A GGUF file as a weight source; `general.architecture` and the
+/// `{arch}.*` keys give the hyperparameters.
+pub struct GgufSource<'a> {
+    pub g: &'a GgufFile,
+    hp: Hparams,
+}
+
+impl<'a> GgufSource<'a> {
+    pub fn new(g: &'a GgufFile) -> Result<Self, EngineError> {
+        let arch = g.get_str("general.architecture").unwrap_or("").to_owned();
+        let err = |reason: String| EngineError::ModelLoad {
+            path: g.path.display().to_string(),
+            reason,
+        };
+        let key = |k: &str| format!("{arch}.{k}");
+        let get = |k: &str| {
+            g.get_u64(&key(k))
+                .map(|v| v.min(usize::MAX as u64 >> 1) as usize)
+        };
+        let req = |k: &str| {
+            get(k).ok_or_else(|| err(format!("missing or invalid metadata '{}'", key(k))))
+        };
+        let n_heads = req("attention.head_count")?;
+        let dim = req("embedding_length")?;
+        let f = |k: &str| g.get_f64(&key(k)).map(|v| v as f32);
+        let hp = Hparams {
+            model_type: match arch.as_str() {
+                "qwen3moe" => "qwen3_moe".to_owned(),
+                a => a.to_owned(),
+            },
+            n_layers: req("block_count")?,
+            dim,
+            ffn_dim: get("feed_forward_length").unwrap_or(0),
+            n_heads,
+            n_kv_heads: get("attention.head_count_kv").unwrap_or(n_heads),
+            head_dim: get("attention.key_length").unwrap_or(if n_heads > 0 {
+                dim / n_heads
+            } else {
+                0
+            }),
+            rope_theta: f("rope.freq_base").unwrap_or(10000.0),
+            eps: f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            context_length: get("context_length").unwrap_or(4096),
+            sliding_window: get("attention.sliding_window").filter(|&w| w > 0),
+            attn_softcap: f("attn_logit_softcapping").filter(|&c| c > 0.0),
+            final_softcap: f("final_logit_softcapping").filter(|&c| c > 0.0),
+            query_pre_attn_scalar: None,
+            n_experts: get("expert_count").unwrap_or(0),
+            n_experts_used: get("expert_used_count").unwrap_or(0),
+            moe_ffn_dim: get("expert_feed_forward_length").unwrap_or(0),
+            // llama.cpp's qwen3moe always renormalises the chosen experts' weights.
+            norm_topk_prob: true,
+        };
+        Ok(GgufSource { g, hp })
+    }
+}
+
+impl WeightSource for GgufSource<'_> {
+    fn path(&self) -> &Path {
+        &self.g.path
+    }
+    fn format(&self) -> Format {
+        Format::Gguf
+    }
+    fn hparams(&self) -> &Hparams {
+        &self.hp
+    }
+    fn has(&self, name: &Name, suffix: &str) -> bool {
+        self.g.tensor(&format!("{}.{suffix}", name.gguf)).is_some()
+    }
+    fn rows(&self, name: &Name) -> Result<usize, EngineError> {
+        let full = format!("{}.weight", name.gguf);
+        let t = self
+            .g
+            .tensor(&full)
+            .ok_or_else(|| self.err(format!("missing tensor '{full}'")))?;
+        match t.dims[..] {
+            [_, rows] if rows > 0 => Ok(rows as usize),
+            _ => Err(self.err(format!(
+                "tensor '{full}' has shape {:?}, expected a matrix",
+                t.dims
+            ))),
+        }
+    }
+    fn matrix(&self, name: &Name, rows: usize, cols: usize) -> Result<QMatrix, EngineError> {
+        let full = format!("{}.weight", name.gguf);
+        let t = self
+            .g
+            .tensor(&full)
+            .ok_or_else(|| self.err(format!("missing tensor '{full}'")))?;
+        // ggml lists the contiguous dimension first; stacked experts add a third.
+        let n: u64 = t.dims.iter().skip(1).product();
+        if t.dims.first() != Some(&(cols as u64)) || n != rows as u64 {
+            return Err(self.err(format!(
+                "tensor '{full}' has shape {:?}, expected {cols} x {rows}",
+                t.dims
+            )));
+        }
+        if cols % t.qtype.block_size() != 0 {
+            return Err(self.err(format!(
+                "tensor '{full}': {cols} columns do not fill {} blocks",
+                t.qtype.name()
+            )));
+        }
+        Ok(QMatrix {
+            qtype: t.qtype,
+            rows,
+            cols,
+            data: Bytes::File {
+                file: self.g.bytes().clone(),
+                offset: t.offset,
+                len: t.n_bytes,
+            },
+        })
+    }
+    fn vector(&self, name: &Name, suffix: &str, len: usize) -> Result<Vec<f32>, EngineError> {
+        let full = format!("{}.{suffix}", name.gguf);
+        let t = self
+            .g
+            .tensor(&full)
+            .ok_or_else(|| self.err(format!("missing tensor '{full}'")))?;
+        if t.dims != [len as u64] || t.qtype.is_quantized() {
+            return Err(self.err(format!(
+                "tensor '{full}' has shape {:?} ({}), expected [{len}] floats",
+                t.dims,
+                t.qtype.name()
+            )));
+        }
+        let mut out = vec![0.0; len];
+        dequantize_row(t.qtype, self.g.tensor_bytes(t), &mut out);
+        Ok(out)
+    }
+}
