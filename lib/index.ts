@@ -364,6 +364,7 @@ export interface EngineMetrics {
 }
 
 export interface ModelCacheStats {
+  /** `lastAccess`: Unix epoch ms of the model's last request (or its load). */
   models: { id: string; weightBytes: number; lastAccess: number }[];
   totalWeightBytes: number;
 }
@@ -477,7 +478,6 @@ function fromChunk(c: NativeChunk): GeneratorChunk {
 export class Engine extends EventEmitter {
   private readonly native: NativeEngineT;
   private readonly startedAt = Date.now();
-  private readonly lastAccess = new Map<string, number>();
   private closed = false;
   private nextRequest = 0;
 
@@ -621,14 +621,12 @@ export class Engine extends EventEmitter {
       }
     }
     const handle = toHandle(await call(() => this.native.loadModel(file, id, opts.requestTimeoutMs)));
-    this.lastAccess.set(handle.id, Date.now());
     this.emit('model:loaded', handle);
     return handle;
   }
 
   async unloadModel(id: string): Promise<void> {
     await call(() => this.native.unloadModel(id));
-    this.lastAccess.delete(id);
     this.emit('model:unloaded', { id });
   }
 
@@ -684,7 +682,6 @@ export class Engine extends EventEmitter {
       this.reportError(e as EngineClientError, requestId);
       throw e;
     }
-    this.lastAccess.set(params.model, Date.now());
     this.emit('generation:started', { requestId, model: params.model });
     let aborted = false;
     const onAbort = () => {
@@ -819,10 +816,11 @@ export class Engine extends EventEmitter {
   }
 
   async getCacheStats(): Promise<ModelCacheStats> {
-    const models = this.listModels().map((m) => ({
+    // Last access comes from Rust, so HTTP requests count as well.
+    const models = this.native.listModels().map((m) => ({
       id: m.id,
       weightBytes: m.weightBytes,
-      lastAccess: this.lastAccess.get(m.id) ?? 0,
+      lastAccess: m.lastAccessMs,
     }));
     return { models, totalWeightBytes: models.reduce((a, m) => a + m.weightBytes, 0) };
   }

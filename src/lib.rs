@@ -40,6 +40,8 @@ pub struct NativeModelInfo {
     pub file_type: String,
     pub warmup_ms: f64,
     pub request_timeout_ms: Option<f64>,
+    /// Unix epoch milliseconds of the last request (or the load).
+    pub last_access_ms: f64,
 }
 
 impl From<ModelInfo> for NativeModelInfo {
@@ -54,6 +56,7 @@ impl From<ModelInfo> for NativeModelInfo {
             file_type: m.file_type,
             warmup_ms: m.warmup_ms,
             request_timeout_ms: m.request_timeout_ms.map(|t| t as f64),
+            last_access_ms: m.last_access_ms as f64,
         }
     }
 }

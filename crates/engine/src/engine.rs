@@ -31,11 +31,10 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::config::RuntimeConfig;
 use crate::error::EngineError;
 use crate::flags::FlagStore;
-use crate::gguf::GgufFile;
 use crate::kv::{BlockId, BlockPool, KvStore};
 use crate::metrics::{Histograms, LatencyMetrics};
 use crate::qos::{now_s, Knobs, Window};
-use crate::models::{load_gguf, BatchToken, Model};
+use crate::models::{BatchToken, Model};
 use crate::sampler::{top_logprobs, Sampler, SamplingParams};
 use crate::stop::StopMatcher;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -53,6 +52,8 @@ pub struct ModelInfo {
     pub warmup_ms: f64,
     /// Caps every request's timeout on this model (`ModelOptions`).
     pub request_timeout_ms: Option<u64>,
+    /// When a request last arrived for it (or it loaded), Unix epoch ms.
+    pub last_access_ms: u64,
 }
 
 /// Per-model settings given at load (a canary's candidate may differ from
@@ -425,6 +426,8 @@ pub struct Engine {
     loading: Mutex<()>,
     next_request: AtomicU64,
     t_start: Instant,
+    /// `t_start` as Unix epoch milliseconds.
+    unix_start_ms: u64,
     latency: Arc<LatencyMetrics>,
     /// Requests per (gated feature, on) since start.
     flag_counts: Mutex<std::collections::BTreeMap<(String, bool), u64>>,
@@ -449,7 +452,9 @@ impl Default for Engine {
 }
 
 fn model_id_for(path: &Path) -> String {
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    // A folder's whole name; a file's name without its extension.
+    let name = if path.is_dir() { path.file_name() } else { path.file_stem() };
+    let stem = name.and_then(|s| s.to_str()).unwrap_or("model");
     stem.to_owned()
 }
 
@@ -470,6 +475,7 @@ impl Engine {
             loading: Mutex::default(),
             next_request: AtomicU64::new(0),
             t_start: Instant::now(),
+            unix_start_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
             latency: Arc::default(),
             flag_counts: Mutex::default(),
             control: Mutex::default(),
@@ -569,12 +575,8 @@ impl Engine {
         }
 
         self.evict_for_one_more()?;
-        let g = GgufFile::open(&canonical)?;
-        let model: Arc<dyn Model> = Arc::from(load_gguf(&g)?);
-        let tokenizer = Tokenizer::from_gguf(&g).map_err(|e| EngineError::ModelLoad {
-            path: canonical.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let crate::models::Opened { model, tokenizer, weight_format } = crate::models::open(&canonical)?;
+        let model: Arc<dyn Model> = Arc::from(model);
         if tokenizer.vocab_size() > model.config().vocab_size {
             return Err(EngineError::ModelLoad {
                 path: canonical.display().to_string(),
@@ -594,7 +596,8 @@ impl Engine {
             weight_bytes: model.weight_bytes(),
             warmup_ms: 0.0,
             request_timeout_ms: options.request_timeout_ms,
-            file_type: g.tensor("blk.0.attn_q.weight").map(|t| t.qtype.name()).unwrap_or("?").to_owned(),
+            file_type: weight_format,
+            last_access_ms: 0,
         };
         let tokenizer = Arc::new(tokenizer);
         let (tx, rx) = mpsc::channel();
@@ -662,13 +665,19 @@ impl Engine {
     }
 
     pub fn list_models(&self) -> Vec<ModelInfo> {
-        let mut v: Vec<_> = self.shared.models.lock().unwrap().values().map(|w| w.info.clone()).collect();
+        let mut v: Vec<_> = self.shared.models.lock().unwrap().values().map(|w| self.info_of(w)).collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
     }
 
     pub fn model_info(&self, id: &str) -> Option<ModelInfo> {
-        self.shared.models.lock().unwrap().get(id).map(|w| w.info.clone())
+        self.shared.models.lock().unwrap().get(id).map(|w| self.info_of(w))
+    }
+
+    fn info_of(&self, w: &Worker) -> ModelInfo {
+        let mut info = w.info.clone();
+        info.last_access_ms = self.unix_start_ms + w.counters.last_used_ms.load(Ordering::Relaxed);
+        info
     }
 
     pub fn stats(&self) -> EngineStats {

@@ -177,6 +177,94 @@ impl Tokenizer {
         Ok(Tokenizer { with_special, plain, pieces, texts: tokens, bos_id, eos_id, eog_ids, add_bos, chat_template })
     }
 
+    /// The tokenizer of a Hugging Face / MLX model folder: `tokenizer.json`,
+    /// with BOS/EOS and the chat template from `tokenizer_config.json` (or
+    /// `chat_template.jinja`) and extra end-of-generation ids from
+    /// `generation_config.json` and `config.json`.
+    pub fn from_hf_dir(dir: &std::path::Path) -> Result<Self, EngineError> {
+        let read_json = |name: &str| -> Result<Option<serde_json::Value>, EngineError> {
+            match std::fs::read_to_string(dir.join(name)) {
+                Ok(text) => serde_json::from_str(&text)
+                    .map(Some)
+                    .map_err(|e| EngineError::Tokenizer(format!("{name}: {e}"))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(EngineError::Tokenizer(format!("{name}: {e}"))),
+            }
+        };
+        let json = read_json("tokenizer.json")?.ok_or_else(|| EngineError::Tokenizer("the folder has no tokenizer.json".into()))?;
+        let base: tokenizers::Tokenizer = serde_json::from_value(json.clone())
+            .map_err(|e| EngineError::Tokenizer(format!("tokenizer.json: {e}")))?;
+        let cfg = read_json("tokenizer_config.json")?.unwrap_or_default();
+
+        let n = base.get_vocab_size(true);
+        let added = base.get_added_tokens_decoder();
+        let texts: Vec<String> = (0..n as u32).map(|i| base.id_to_token(i).unwrap_or_default()).collect();
+        // Byte-level BPE (GPT-2 style) spells bytes as printable characters;
+        // SentencePiece-style vocabularies spell spaces as U+2581 and raw
+        // bytes as `<0xAB>`.
+        let byte_level = json["decoder"].to_string().contains("\"ByteLevel\"");
+        let table = byte_level_decode_table();
+        let pieces = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match added.get(&(i as u32)) {
+                Some(a) if a.special => Vec::new(),
+                Some(_) => t.as_bytes().to_vec(),
+                None if byte_level => t.chars().map(|c| table.get(&c).copied()).collect::<Option<Vec<u8>>>().unwrap_or_else(|| t.as_bytes().to_vec()),
+                None => match t.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) if t.len() == 6 => vec![b],
+                    _ => t.replace('\u{2581}', " ").into_bytes(),
+                },
+            })
+            .collect();
+
+        let token_id = |v: &serde_json::Value| -> Option<u32> {
+            let text = v.as_str().or_else(|| v["content"].as_str())?;
+            base.token_to_id(text)
+        };
+        let bos_id = token_id(&cfg["bos_token"]);
+        let eos_id = token_id(&cfg["eos_token"]);
+        let mut eog_ids: Vec<u32> = eos_id.into_iter().collect();
+        for extra in [read_json("generation_config.json")?, read_json("config.json")?].into_iter().flatten() {
+            let ids = match &extra["eos_token_id"] {
+                serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_u64()).collect(),
+                v => v.as_u64().into_iter().collect::<Vec<_>>(),
+            };
+            eog_ids.extend(ids.into_iter().filter(|&i| (i as usize) < n).map(|i| i as u32));
+        }
+        for (&i, a) in &added {
+            if a.special && END_OF_TURN_TEXTS.contains(&a.content.as_str()) {
+                eog_ids.push(i);
+            }
+        }
+        eog_ids.sort_unstable();
+        eog_ids.dedup();
+        // BOS is added when the config says so, or when the post-processor's
+        // single-sequence template starts with a special token (Llama 3).
+        let add_bos = cfg["add_bos_token"].as_bool().unwrap_or_else(|| {
+            json["post_processor"]["single"][0].get("SpecialToken").is_some()
+        }) && bos_id.is_some();
+        let chat_template = match &cfg["chat_template"] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Array(named) => named
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str())
+                .map(str::to_owned),
+            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+        };
+        let with_special = base.clone();
+        let mut plain = base;
+        plain.set_encode_special_tokens(true);
+        Ok(Tokenizer { with_special, plain, pieces, texts, bos_id, eos_id, eog_ids, add_bos, chat_template })
+    }
+
+    /// This tokenizer as a Hugging Face `tokenizer.json` (what `convert`
+    /// writes next to the weights).
+    pub fn to_hf_json(&self) -> Result<String, String> {
+        self.with_special.to_string(true).map_err(|e| e.to_string())
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.pieces.len()
     }

@@ -217,6 +217,61 @@ fn model_cache_evicts_the_least_recently_used_idle_model() {
 }
 
 #[test]
+fn model_cache_holds_under_concurrent_loads_evictions_and_generation() {
+    let (e, d) = tiny_engine_with(config(|c| c.model_cache.max_models = 2));
+    let e = Arc::new(e);
+    let path = d.path().join("tiny.gguf");
+    let want = collect(e.submit(req(Input::Prompt("hello".into()))).unwrap()).0;
+    let ids = ["m0", "m1", "m2", "m3"];
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (e, path, want) = (e.clone(), path.clone(), want.clone());
+            std::thread::spawn(move || {
+                let (mut served, mut gone) = (0, 0);
+                for round in 0..6 {
+                    let id = ids[(t + round) % ids.len()];
+                    // A load either succeeds (maybe returning the model another
+                    // thread loaded) or finds every slot busy.
+                    match e.load_model(&path, Some(id.into())) {
+                        Ok(info) => assert_eq!(info.id, id),
+                        Err(err) => assert_eq!(err.code(), "Overloaded", "{err}"),
+                    }
+                    let mut r = req(Input::Prompt("hello".into()));
+                    r.model = id.into();
+                    // The model may be evicted between load and submit, or
+                    // while queued: that is ModelNotLoaded, never a wrong answer.
+                    match e.submit(r).map(collect) {
+                        Ok((ids, _, Ok(_))) => {
+                            assert_eq!(ids, want);
+                            served += 1;
+                        }
+                        Ok((_, _, Err(err))) | Err(err) => {
+                            assert!(["ModelNotLoaded", "Overloaded", "Cancelled"].contains(&err.code()), "{err}");
+                            gone += 1;
+                        }
+                    }
+                }
+                (served, gone)
+            })
+        })
+        .collect();
+    let served: usize = threads.into_iter().map(|t| t.join().unwrap().0).sum();
+    assert!(served > 0);
+    let loaded = e.list_models();
+    assert!(loaded.len() <= 2, "{} models loaded with maxModels 2", loaded.len());
+    // Loading a loaded model again returns the same model, and last access moves on use.
+    let m = &loaded[0];
+    let again = e.load_model(&path, Some(m.id.clone())).unwrap();
+    assert_eq!(again.path, m.path);
+    let before = e.model_info(&m.id).unwrap().last_access_ms;
+    std::thread::sleep(Duration::from_millis(5));
+    let mut r = req(Input::Prompt("x".into()));
+    r.model = m.id.clone();
+    assert!(collect(e.submit(r).unwrap()).2.is_ok());
+    assert!(e.model_info(&m.id).unwrap().last_access_ms > before);
+}
+
+#[test]
 fn chat_messages_use_the_template_and_unload_stops_the_model() {
     let (e, _d) = tiny_engine();
     let msgs = vec![ChatMessage { role: "user".into(), content: "hi".into() }];

@@ -11,7 +11,10 @@ pub mod qwen3_moe;
 pub mod weights;
 
 use crate::error::EngineError;
+use std::path::Path;
+
 use crate::gguf::GgufFile;
+use crate::tokenizer::Tokenizer;
 use crate::kv::{BlockId, KvStore};
 use weights::{GgufSource, WeightSource};
 
@@ -116,6 +119,30 @@ pub fn load(src: &dyn WeightSource) -> Result<Box<dyn Model>, EngineError> {
             )));
         }
     })
+}
+
+/// A model ready to serve: its weights and its tokenizer.
+pub struct Opened {
+    pub model: Box<dyn Model>,
+    pub tokenizer: Tokenizer,
+    /// How the weights are stored (`Q4_1`, `MLX 4-bit/64`, `BF16`, ...).
+    pub weight_format: String,
+}
+
+/// Opens a GGUF file or an MLX model folder.
+pub fn open(path: &Path) -> Result<Opened, EngineError> {
+    let tok_err = |e: EngineError| EngineError::ModelLoad { path: path.display().to_string(), reason: e.to_string() };
+    if path.is_dir() {
+        return Err(EngineError::ModelLoad {
+            path: path.display().to_string(),
+            reason: "a folder without config.json is not an MLX model folder".into(),
+        });
+    }
+    let g = GgufFile::open(path)?;
+    let model = load_gguf(&g)?;
+    let tokenizer = Tokenizer::from_gguf(&g).map_err(tok_err)?;
+    let weight_format = g.tensor("blk.0.attn_q.weight").or_else(|| g.tensor("blk.0.attn_qkv.weight")).map_or("?", |t| t.qtype.name()).to_owned();
+    Ok(Opened { model, tokenizer, weight_format })
 }
 
 /// Loads a GGUF model by its `general.architecture`.
