@@ -4,14 +4,19 @@
 'use strict';
 
 const { parseArgs } = require('node:util');
-const { createEngine, defaultConfigPath, defaultFeatureFlagsPath } = require('../dist/index.js');
+const { createEngine, convertModel, defaultConfigPath, defaultFeatureFlagsPath } = require('../dist/index.js');
 
 const HELP = `Usage: mlx-serving serve [options]
+       mlx-serving convert <model.gguf|default> <out-folder>
 
-Serve a model over an OpenAI-compatible HTTP API.
+serve: serve a model over an OpenAI-compatible HTTP API.
+convert: write an MLX model folder (config.json, model.safetensors, tokenizer
+  files) from a GGUF file; Q4_0/Q4_1/Q8_0 weights map bit-exactly onto MLX
+  4/8-bit groups of 32. The folder loads with --model and in mlx-lm.
 
 Options:
-  --model <path|default>  GGUF file, or 'default' for the embedded SmolLM2-135M-Instruct
+  --model <path|default>  GGUF file or MLX model folder, or 'default' for the embedded
+                          SmolLM2-135M-Instruct
                           (env MODEL_PATH when not given; else 'default')
   --host <addr>           address to bind (default 127.0.0.1: loopback only)
   --port <n>              port (default 8080; 0 picks a free one)
@@ -136,6 +141,20 @@ async function main() {
   const { values, positionals } = parsed;
   if (values.help || positionals.length === 0) {
     process.stdout.write(HELP);
+    return;
+  }
+  if (positionals[0] === 'convert') {
+    if (positionals.length !== 3) fail('convert takes <model.gguf|default> <out-folder>');
+    try {
+      const r = await convertModel(positionals[1], positionals[2]);
+      process.stdout.write(
+        `mlx-serving: wrote ${positionals[2]}: ${r.tensors} tensors (${r.quantized} quantized exactly, ` +
+          `${r.dequantized} dequantized), ${(r.bytes / 1e6).toFixed(1)} MB\n`,
+      );
+    } catch (e) {
+      process.stderr.write(`mlx-serving: ${e.code ?? 'Error'}: ${e.message}\n`);
+      process.exit(1);
+    }
     return;
   }
   if (positionals[0] !== 'serve' || positionals.length > 1) fail(`unknown command '${positionals.join(' ')}'`);

@@ -102,6 +102,25 @@ export interface EngineOptions {
 }
 
 /** The package's own `config/feature-flags.yaml`. */
+export interface ConvertReport {
+  /** Tensors written. */
+  tensors: number;
+  /** Tensors written as MLX affine groups of 32, bit-exact (Q4_0, Q4_1, Q8_0). */
+  quantized: number;
+  /** Tensors written dequantized to float16 (formats MLX has no exact match for). */
+  dequantized: number;
+  /** Size of model.safetensors. */
+  bytes: number;
+}
+
+/**
+ * Writes an MLX model folder (config.json, model.safetensors, tokenizer files)
+ * from a GGUF file: `'default'` or a path. The folder loads here and in mlx-lm.
+ */
+export async function convertModel(gguf: string, outDir: string): Promise<ConvertReport> {
+  return call(() => native.convertGgufToMlx(gguf === 'default' ? defaultModelPath() : gguf, outDir));
+}
+
 export function defaultFeatureFlagsPath(): string {
   return path.join(__dirname, '..', 'config', 'feature-flags.yaml');
 }

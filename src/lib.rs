@@ -848,3 +848,18 @@ pub fn runtime_info() -> NativeRuntimeInfo {
         threads: mlx_serving_engine::cpu::n_threads() as u32,
     }
 }
+
+#[napi(object)]
+pub struct NativeConvertReport {
+    pub tensors: u32,
+    pub quantized: u32,
+    pub dequantized: u32,
+    pub bytes: f64,
+}
+
+/// Writes an MLX model folder from a GGUF file (off the JS thread).
+#[napi]
+pub async fn convert_gguf_to_mlx(gguf: String, out_dir: String) -> Result<NativeConvertReport> {
+    let r = blocking(move || mlx_serving_engine::convert::gguf_to_mlx(gguf.as_ref(), out_dir.as_ref())).await?;
+    Ok(NativeConvertReport { tensors: r.tensors as u32, quantized: r.quantized as u32, dequantized: r.dequantized as u32, bytes: r.bytes as f64 })
+}

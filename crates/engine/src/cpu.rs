@@ -237,10 +237,12 @@ pub fn tile_fn(isa: Isa, qtype: QType) -> TileFn {
         match (isa, qtype) {
             (Isa::Avx2, QType::Q4_0) => return |w, a, o| tile!(x86::q4_avx2 [false], w, a, o),
             (Isa::Avx2, QType::Q4_1) => return |w, a, o| tile!(x86::q4_avx2 [true], w, a, o),
-            (Isa::Avx2, QType::Q8_0) => return |w, a, o| tile!(x86::q8_avx2 [], w, a, o),
+            (Isa::Avx2, QType::Q8_0) => return |w, a, o| tile!(x86::q8_avx2 [false], w, a, o),
+            (Isa::Avx2, QType::A8) => return |w, a, o| tile!(x86::q8_avx2 [true], w, a, o),
             (Isa::Avx512Vnni, QType::Q4_0) => return |w, a, o| tile!(x86::q4_avx512 [false], w, a, o),
             (Isa::Avx512Vnni, QType::Q4_1) => return |w, a, o| tile!(x86::q4_avx512 [true], w, a, o),
-            (Isa::Avx512Vnni, QType::Q8_0) => return |w, a, o| tile!(x86::q8_vnni [], w, a, o),
+            (Isa::Avx512Vnni, QType::Q8_0) => return |w, a, o| tile!(x86::q8_vnni [false], w, a, o),
+            (Isa::Avx512Vnni, QType::A8) => return |w, a, o| tile!(x86::q8_vnni [true], w, a, o),
             _ => {}
         }
     }
@@ -249,6 +251,7 @@ pub fn tile_fn(isa: Isa, qtype: QType) -> TileFn {
         QType::Q4_0 => |w, a, o| scalar_tile(QType::Q4_0, w, a, o),
         QType::Q4_1 => |w, a, o| scalar_tile(QType::Q4_1, w, a, o),
         QType::Q8_0 => |w, a, o| scalar_tile(QType::Q8_0, w, a, o),
+        QType::A8 => |w, a, o| scalar_tile(QType::A8, w, a, o),
         other => panic!("no integer kernel for {other:?}"),
     }
 }
@@ -353,25 +356,33 @@ mod x86 {
                 std::array::from_fn(|t| hsum(acc[t]) + corr[t])
             }
 
+            /// Q8_0, or with `A8` the MLX 8-bit block (a bias after the scale,
+            /// and `m + 128 d` times the activation sum per block).
             #[target_feature(enable = $features)]
-            pub unsafe fn $q8<const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
+            pub unsafe fn $q8<const A8: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
+                let (bb, head) = if A8 { (36, 4) } else { (34, 2) };
                 let mut acc = [_mm256_setzero_ps(); NT];
+                let mut corr = [0.0f32; NT];
                 let nb = a[0].d.len();
                 let wp = w.as_ptr();
                 for b in 0..nb {
-                    let blk = wp.add(b * 34);
-                    let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                    let blk = wp.add(b * bb);
+                    let wv = _mm256_loadu_si256(blk.add(head) as *const __m256i);
                     // The int8 products need one unsigned operand: move w's sign onto a.
                     let wabs = _mm256_sign_epi8(wv, wv);
                     let d = f16_to_f32(blk);
+                    let m = if A8 { f16_to_f32(blk.add(2)) + 128.0 * d } else { 0.0 };
                     for t in 0..NT {
                         let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
                         let p = $mul(wabs, _mm256_sign_epi8(av, wv));
                         let scale = _mm256_set1_ps(d * *a[t].d.get_unchecked(b));
                         acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
+                        if A8 {
+                            corr[t] += m * *a[t].s.get_unchecked(b);
+                        }
                     }
                 }
-                std::array::from_fn(|t| hsum(acc[t]))
+                std::array::from_fn(|t| hsum(acc[t]) + corr[t])
             }
         };
     }
@@ -439,7 +450,7 @@ mod tests {
 
     #[test]
     fn every_simd_path_matches_the_scalar_reference() {
-        for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+        for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::A8] {
             // Odd sizes: a single block, a non-power-of-two block count, and
             // an output count that does not split evenly across workers.
             for (rows, cols, n) in [(1, 32, 1), (37, 96, 3), (130, 576, 1), (65, 1536, 5)] {

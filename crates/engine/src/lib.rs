@@ -2,10 +2,12 @@
 //! sampler and the per-model engine thread. No napi here: the Node binding
 //! is a thin crate on top, and everything below is tested with `cargo test`.
 
+pub mod affine;
 pub mod breaker;
 pub mod canary;
 pub mod chat;
 pub mod config;
+pub mod convert;
 pub mod cpu;
 pub mod engine;
 pub mod error;
@@ -16,6 +18,7 @@ pub mod kv;
 pub mod metrics;
 pub mod models;
 pub mod qos;
+pub mod safetensors;
 pub mod quant;
 pub mod sampler;
 pub mod speculative;

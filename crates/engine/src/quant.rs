@@ -18,6 +18,10 @@ pub enum QType {
     Q4_0,
     Q4_1,
     Q8_0,
+    /// MLX 8-bit affine groups of 32 (no ggml id): f16 scale `d`, f16 bias
+    /// `m`, then 32 signed bytes `q - 128`, so `w = d * (q' + 128) + m` and the
+    /// signed-int8 kernels apply with one extra per-block term.
+    A8,
 }
 
 impl QType {
@@ -32,8 +36,10 @@ impl QType {
             _ => return None,
         })
     }
+    /// The ggml type id; `A8` has none (it never goes into a GGUF file).
     pub fn ggml_id(self) -> u32 {
         match self {
+            QType::A8 => panic!("A8 is not a GGUF type"),
             QType::F32 => 0,
             QType::F16 => 1,
             QType::Q4_0 => 2,
@@ -50,6 +56,7 @@ impl QType {
             QType::Q4_0 => "Q4_0",
             QType::Q4_1 => "Q4_1",
             QType::Q8_0 => "Q8_0",
+            QType::A8 => "MLX-A8",
         }
     }
     /// Elements per block.
@@ -67,6 +74,7 @@ impl QType {
             QType::Q4_0 => 2 + QK / 2,
             QType::Q4_1 => 4 + QK / 2,
             QType::Q8_0 => 2 + QK,
+            QType::A8 => 4 + QK,
         }
     }
     pub fn row_bytes(self, n_cols: usize) -> usize {
@@ -121,6 +129,14 @@ pub fn dequantize_row(qtype: QType, src: &[u8], dst: &mut [f32]) {
                 }
             }
         }
+        QType::A8 => {
+            for (out, blk) in dst.chunks_exact_mut(QK).zip(src.chunks_exact(4 + QK)) {
+                let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+                for j in 0..QK {
+                    out[j] = d * (blk[4 + j] as i8 as f32 + 128.0) + m;
+                }
+            }
+        }
     }
 }
 
@@ -158,6 +174,21 @@ pub fn quantize_row(qtype: QType, src: &[f32]) -> Vec<u8> {
                     let q0 = (((blk[j] - mn) * id + 0.5) as i32).clamp(0, 15) as u8;
                     let q1 = (((blk[j + QK / 2] - mn) * id + 0.5) as i32).clamp(0, 15) as u8;
                     out.push(q0 | (q1 << 4));
+                }
+            }
+        }
+        QType::A8 => {
+            for blk in src.chunks_exact(QK) {
+                let mn = blk.iter().copied().fold(f32::INFINITY, f32::min);
+                let mx = blk.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let d = f16::from_f32((mx - mn) / 255.0);
+                let m = f16::from_f32(mn);
+                let id = if d.to_f32() != 0.0 { 1.0 / d.to_f32() } else { 0.0 };
+                out.extend_from_slice(&d.to_le_bytes());
+                out.extend_from_slice(&m.to_le_bytes());
+                for v in blk {
+                    let q = (((v - m.to_f32()) * id).round() as i32).clamp(0, 255);
+                    out.push((q - 128) as i8 as u8);
                 }
             }
         }
@@ -283,6 +314,15 @@ pub fn dot_scalar(qtype: QType, w: &[u8], a: ActRow) -> f32 {
                 acc += f16_at(blk, 0) * a.d[b] * isum as f32;
             }
         }
+        QType::A8 => {
+            for b in 0..nb {
+                let blk = &w[b * 36..(b + 1) * 36];
+                let qa = &a.qs[b * QK..(b + 1) * QK];
+                let isum: i32 = (0..QK).map(|j| blk[4 + j] as i8 as i32 * qa[j] as i32).sum();
+                let d = f16_at(blk, 0);
+                acc += d * a.d[b] * isum as f32 + (f16_at(blk, 2) + 128.0 * d) * a.s[b];
+            }
+        }
         QType::F32 | QType::F16 | QType::BF16 => unreachable!("float weights use the f32 path"),
     }
     acc
@@ -306,7 +346,7 @@ pub(crate) mod tests {
     #[test]
     fn quantize_dequantize_round_trip_is_close() {
         let x = rand_vec(256, 1);
-        for (qt, tol) in [(QType::Q4_0, 0.15), (QType::Q4_1, 0.08), (QType::Q8_0, 0.01), (QType::F16, 1e-3), (QType::BF16, 1e-2)] {
+        for (qt, tol) in [(QType::Q4_0, 0.15), (QType::Q4_1, 0.08), (QType::Q8_0, 0.01), (QType::A8, 0.01), (QType::F16, 1e-3), (QType::BF16, 1e-2)] {
             let q = quantize_row(qt, &x);
             assert_eq!(q.len(), qt.row_bytes(x.len()));
             let mut y = vec![0.0; x.len()];
@@ -335,7 +375,7 @@ pub(crate) mod tests {
         let x = rand_vec(128, 3);
         let mut acts = QuantizedActs::default();
         acts.quantize(&x, 128);
-        for qt in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+        for qt in [QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::A8] {
             let q = quantize_row(qt, &w);
             let mut wd = vec![0.0; 128];
             dequantize_row(qt, &q, &mut wd);

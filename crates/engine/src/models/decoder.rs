@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use half::f16;
 
-use super::weights::{global, layer, Format, Name, WeightSource};
+use super::weights::{global, layer, permute_rows, Format, Name, WeightSource};
 use super::{ops, BatchToken, Model, ModelConfig};
 use crate::cpu::{dot_f32, f16_to_f32, matmul, QMatrix};
 use crate::error::EngineError;
@@ -112,16 +112,14 @@ pub struct Decoder {
     output: Option<QMatrix>,
 }
 
-/// Default options for an architecture stored in `format`: GGUF files of
-/// `adjacent_in_gguf` architectures (llama, mistral) rotate adjacent pairs.
+/// Default options. `adjacent_in_gguf` architectures (llama, mistral) rotate
+/// adjacent pairs, as their GGUF files are laid out; their MLX folders get
+/// the same layout at load (`attention`), so both formats compute alike, to
+/// the bit.
 pub fn default_options(src: &dyn WeightSource, adjacent_in_gguf: bool) -> Options {
     let hp = src.hparams();
     Options {
-        rope_style: if adjacent_in_gguf && src.format() == Format::Gguf {
-            RopeStyle::Adjacent
-        } else {
-            RopeStyle::Half
-        },
+        rope_style: if adjacent_in_gguf { RopeStyle::Adjacent } else { RopeStyle::Half },
         activation: Activation::Silu,
         embed_scale: None,
         attn_scale: 1.0 / (hp.head_dim as f32).sqrt(),
@@ -129,6 +127,24 @@ pub fn default_options(src: &dyn WeightSource, adjacent_in_gguf: bool) -> Option
         final_softcap: None,
         norm_offset: 0.0,
     }
+}
+
+/// Row order between the two rotary layouts of `rows` rows in heads of
+/// `hd`: with `to_adjacent`, entry `r` is the Hugging Face row that becomes
+/// row `r` of llama.cpp's layout (pairs `(i, i + hd/2)` become `(2i, 2i+1)`);
+/// otherwise the inverse.
+pub fn rope_row_order(rows: usize, hd: usize, to_adjacent: bool) -> Vec<usize> {
+    let half = hd / 2;
+    (0..rows)
+        .map(|r| {
+            let (h, k) = (r / hd, r % hd);
+            if to_adjacent {
+                h * hd + (k % 2) * half + k / 2
+            } else {
+                h * hd + 2 * (k % half) + k / half
+            }
+        })
+        .collect()
 }
 
 /// A norm weight of `len` with the architecture's offset applied.
@@ -158,19 +174,26 @@ pub fn attention(
         layer(i, "attn_k", "self_attn.k_proj"),
         layer(i, "attn_v", "self_attn.v_proj"),
     );
+    let (mut wq, mut wk) = (src.matrix(&q, q_dim, hp.dim)?, src.matrix(&k, kv_dim, hp.dim)?);
+    let mut bias = match src.has(&q, "bias") {
+        true => Some([src.vector(&q, "bias", q_dim)?, src.vector(&k, "bias", kv_dim)?, src.vector(&v, "bias", kv_dim)?]),
+        false => None,
+    };
+    if opts.rope_style == RopeStyle::Adjacent && src.format() == Format::Mlx {
+        let (oq, ok) = (rope_row_order(q_dim, hp.head_dim, true), rope_row_order(kv_dim, hp.head_dim, true));
+        wq = permute_rows(&wq, &oq);
+        wk = permute_rows(&wk, &ok);
+        if let Some([bq, bk, _]) = &mut bias {
+            *bq = oq.iter().map(|&r| bq[r]).collect();
+            *bk = ok.iter().map(|&r| bk[r]).collect();
+        }
+    }
     Ok(Attention {
-        wq: src.matrix(&q, q_dim, hp.dim)?,
-        wk: src.matrix(&k, kv_dim, hp.dim)?,
+        wq,
+        wk,
         wv: src.matrix(&v, kv_dim, hp.dim)?,
         wo: src.matrix(&layer(i, "attn_output", "self_attn.o_proj"), hp.dim, q_dim)?,
-        bias: match src.has(&q, "bias") {
-            true => Some([
-                src.vector(&q, "bias", q_dim)?,
-                src.vector(&k, "bias", kv_dim)?,
-                src.vector(&v, "bias", kv_dim)?,
-            ]),
-            false => None,
-        },
+        bias,
         qk_norm: match qk_norm {
             true => Some([
                 norm(

@@ -4,6 +4,7 @@
 pub mod decoder;
 pub mod gemma2;
 pub mod llama;
+pub mod mlx_folder;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
@@ -132,6 +133,12 @@ pub struct Opened {
 /// Opens a GGUF file or an MLX model folder.
 pub fn open(path: &Path) -> Result<Opened, EngineError> {
     let tok_err = |e: EngineError| EngineError::ModelLoad { path: path.display().to_string(), reason: e.to_string() };
+    if mlx_folder::is_mlx_folder(path) {
+        let folder = mlx_folder::MlxFolder::open(path)?;
+        let model = load(&folder)?;
+        let tokenizer = Tokenizer::from_hf_dir(path).map_err(tok_err)?;
+        return Ok(Opened { model, tokenizer, weight_format: folder.weight_format() });
+    }
     if path.is_dir() {
         return Err(EngineError::ModelLoad {
             path: path.display().to_string(),

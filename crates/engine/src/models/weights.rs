@@ -177,6 +177,12 @@ pub fn slice_rows(m: &QMatrix, start: usize, n: usize) -> QMatrix {
     }
 }
 
+/// The matrix whose row `r` is row `order[r]` of `m` (a copy).
+pub fn permute_rows(m: &QMatrix, order: &[usize]) -> QMatrix {
+    let data: Vec<u8> = order.iter().flat_map(|&r| m.row(r).iter().copied()).collect();
+    QMatrix { qtype: m.qtype, rows: order.len(), cols: m.cols, data: Bytes::Owned(data) }
+}
+
 /// A GGUF file as a weight source; `general.architecture` and the
 /// `{arch}.*` keys give the hyperparameters.
 pub struct GgufSource<'a> {

@@ -1,0 +1,280 @@
+//! An MLX model folder (what mlx-lm writes and mlx-community publishes) as a
+//! weight source: `config.json`, one or several `*.safetensors` shards
+//! (`model.safetensors.index.json` maps tensors to shards), weights dense
+//! (f32/f16/bf16) or MLX-quantized.
+//!
+//! MLX's affine quantization stores a `rows x cols` weight as `uint32`
+//! words packing `bits`-bit values, plus a scale and a bias per group of
+//! `group_size` columns (`w = scale * q + bias`). At load each row is
+//! repacked into the CPU kernels' blocks of 32 (4-bit: exactly Q4_1; 8-bit:
+//! the affine 8-bit block), so the folder's bytes are not kept twice.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::weights::{Format, Hparams, Name, WeightSource};
+use crate::cpu::{Bytes, QMatrix};
+use crate::error::EngineError;
+use crate::affine::affine_to_blocks;
+use crate::quant::QType;
+use crate::safetensors::{Dtype, SafeTensors};
+
+/// Bits and group size of one quantized weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Quant {
+    bits: u32,
+    group_size: usize,
+}
+
+pub struct MlxFolder {
+    dir: PathBuf,
+    config: Value,
+    hp: Hparams,
+    shards: Vec<SafeTensors>,
+    /// Tensor name to the shard holding it.
+    index: HashMap<String, usize>,
+    /// The folder's default quantization (`None`: dense).
+    quant: Option<Quant>,
+}
+
+fn load_err(path: &Path, reason: String) -> EngineError {
+    EngineError::ModelLoad { path: path.display().to_string(), reason }
+}
+
+/// Whether `dir` looks like an MLX model folder.
+pub fn is_mlx_folder(dir: &Path) -> bool {
+    dir.is_dir() && dir.join("config.json").is_file()
+}
+
+fn parse_quant(v: &Value, field: &str, cfg_path: &Path) -> Result<Quant, EngineError> {
+    let get = |k: &str| v[k].as_u64().ok_or_else(|| load_err(cfg_path, format!("{field}.{k} is missing or not a number")));
+    let q = Quant { bits: get("bits")? as u32, group_size: get("group_size")? as usize };
+    if ![4, 8].contains(&q.bits) {
+        return Err(load_err(cfg_path, format!("{field}.bits = {} is not supported (4 and 8 are)", q.bits)));
+    }
+    if ![32, 64, 128].contains(&q.group_size) {
+        return Err(load_err(cfg_path, format!("{field}.group_size = {} is not supported (32, 64 and 128 are)", q.group_size)));
+    }
+    Ok(q)
+}
+
+impl MlxFolder {
+    pub fn open(dir: &Path) -> Result<MlxFolder, EngineError> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| load_err(&cfg_path, format!("cannot read: {e}")))?;
+        let config: Value = serde_json::from_str(&text).map_err(|e| load_err(&cfg_path, format!("not valid JSON: {e}")))?;
+        if !config.is_object() {
+            return Err(load_err(&cfg_path, "is not a JSON object".into()));
+        }
+        let hp = hparams(&config, &cfg_path)?;
+        let quant = match config.get("quantization").or_else(|| config.get("quantization_config")) {
+            Some(q) if !q.is_null() => Some(parse_quant(q, "quantization", &cfg_path)?),
+            _ => None,
+        };
+
+        // Shards: those the index names, or every *.safetensors file.
+        let index_path = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index_path.is_file() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| load_err(&index_path, format!("cannot read: {e}")))?;
+            let idx: Value = serde_json::from_str(&text).map_err(|e| load_err(&index_path, format!("not valid JSON: {e}")))?;
+            let map = idx["weight_map"].as_object().ok_or_else(|| load_err(&index_path, "weight_map is missing".into()))?;
+            let mut names: Vec<&str> = map.values().filter_map(Value::as_str).collect();
+            names.sort_unstable();
+            names.dedup();
+            for n in &names {
+                if n.contains('/') || n.contains("..") || !dir.join(n).is_file() {
+                    return Err(load_err(&index_path, format!("weight_map names shard '{n}', which the folder does not have")));
+                }
+            }
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| load_err(dir, format!("cannot list: {e}")))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            v.sort();
+            v
+        };
+        if files.is_empty() {
+            return Err(load_err(dir, "the folder has no *.safetensors weights".into()));
+        }
+        let shards = files.iter().map(|f| SafeTensors::open(f)).collect::<Result<Vec<_>, _>>()?;
+        let mut index = HashMap::new();
+        for (i, s) in shards.iter().enumerate() {
+            for name in s.names() {
+                if let Some(j) = index.insert(name.to_owned(), i) {
+                    return Err(load_err(s.path(), format!("tensor '{name}' is also in {}", shards[j].path().display())));
+                }
+            }
+        }
+        Ok(MlxFolder { dir: dir.to_owned(), config, hp, shards, index, quant })
+    }
+
+    /// How the weights are stored, for model info.
+    pub fn weight_format(&self) -> String {
+        match self.quant {
+            Some(q) => format!("MLX {}-bit/{}", q.bits, q.group_size),
+            None => self.find("model.embed_tokens.weight").map_or("?".into(), |(_, t)| format!("{:?}", t.dtype)),
+        }
+    }
+
+    /// The `config.json` this folder was opened with.
+    pub fn config(&self) -> &Value {
+        &self.config
+    }
+
+    fn find(&self, name: &str) -> Option<(&SafeTensors, &crate::safetensors::TensorEntry)> {
+        let s = &self.shards[*self.index.get(name)?];
+        Some((s, s.get(name)?))
+    }
+
+    /// The quantization of weight `base` (per-layer overrides first).
+    fn quant_of(&self, base: &str) -> Result<Option<Quant>, EngineError> {
+        let q = self.config.get("quantization").or_else(|| self.config.get("quantization_config"));
+        match q.and_then(|q| q.get(base)) {
+            Some(Value::Bool(false)) => Ok(None),
+            Some(v) if v.is_object() => parse_quant(v, &format!("quantization.{base}"), &self.dir.join("config.json")).map(Some),
+            _ => Ok(self.quant),
+        }
+    }
+
+    fn f32_row_data(&self, name: &str, what: &str) -> Result<(Vec<f32>, Vec<usize>), EngineError> {
+        let (s, t) = self.find(name).ok_or_else(|| self.err(format!("quantized weight has no '{name}' ({what})")))?;
+        let v = s.to_f32(t)?;
+        Ok((v, t.shape.clone()))
+    }
+}
+
+fn hparams(c: &Value, cfg_path: &Path) -> Result<Hparams, EngineError> {
+    let err = |reason: String| load_err(cfg_path, reason);
+    let uint = |k: &str| -> Result<Option<usize>, EngineError> {
+        match &c[k] {
+            Value::Null => Ok(None),
+            v => v.as_u64().filter(|&x| x < 1 << 32).map(|x| Some(x as usize)).ok_or_else(|| err(format!("{k} must be a non-negative integer, got {v}"))),
+        }
+    };
+    let float = |k: &str| -> Result<Option<f32>, EngineError> {
+        match &c[k] {
+            Value::Null => Ok(None),
+            v => v.as_f64().map(|x| Some(x as f32)).ok_or_else(|| err(format!("{k} must be a number, got {v}"))),
+        }
+    };
+    let req = |k: &str| uint(k)?.ok_or_else(|| err(format!("{k} is missing")));
+    let model_type = c["model_type"].as_str().ok_or_else(|| err("model_type is missing".into()))?.to_owned();
+    if !super::SUPPORTED.contains(&model_type.as_str()) {
+        return Err(err(format!("model_type '{model_type}' is not supported (supported: {})", super::SUPPORTED.join(", "))));
+    }
+    match &c["rope_scaling"] {
+        Value::Null => {}
+        v if v["type"] == "default" || v["rope_type"] == "default" => {}
+        v => return Err(err(format!("rope_scaling {v} is not supported yet"))),
+    }
+    let n_heads = req("num_attention_heads")?;
+    let dim = req("hidden_size")?;
+    Ok(Hparams {
+        n_layers: req("num_hidden_layers")?,
+        dim,
+        ffn_dim: uint("intermediate_size")?.unwrap_or(0),
+        n_heads,
+        n_kv_heads: uint("num_key_value_heads")?.unwrap_or(n_heads),
+        head_dim: uint("head_dim")?.unwrap_or(if n_heads > 0 { dim / n_heads } else { 0 }),
+        rope_theta: float("rope_theta")?.unwrap_or(10000.0),
+        eps: float("rms_norm_eps")?.unwrap_or(1e-5),
+        context_length: uint("max_position_embeddings")?.unwrap_or(4096),
+        sliding_window: uint("sliding_window")?.filter(|&w| w > 0),
+        attn_softcap: float("attn_logit_softcapping")?.filter(|&v| v > 0.0),
+        final_softcap: float("final_logit_softcapping")?.filter(|&v| v > 0.0),
+        query_pre_attn_scalar: float("query_pre_attn_scalar")?,
+        n_experts: uint("num_experts")?.unwrap_or(0),
+        n_experts_used: uint("num_experts_per_tok")?.unwrap_or(0),
+        moe_ffn_dim: uint("moe_intermediate_size")?.unwrap_or(0),
+        norm_topk_prob: c["norm_topk_prob"].as_bool().unwrap_or(false),
+        model_type,
+    })
+}
+
+impl WeightSource for MlxFolder {
+    fn path(&self) -> &Path {
+        &self.dir
+    }
+    fn format(&self) -> Format {
+        Format::Mlx
+    }
+    fn hparams(&self) -> &Hparams {
+        &self.hp
+    }
+    fn has(&self, name: &Name, suffix: &str) -> bool {
+        self.index.contains_key(&format!("{}.{suffix}", name.hf))
+    }
+    fn rows(&self, name: &Name) -> Result<usize, EngineError> {
+        let full = format!("{}.weight", name.hf);
+        let (s, t) = self.find(&full).ok_or_else(|| self.err(format!("missing tensor '{full}'")))?;
+        match t.shape[..] {
+            [rows, _] if rows > 0 => Ok(rows),
+            _ => Err(load_err(s.path(), format!("tensor '{full}' has shape {:?}, expected a matrix", t.shape))),
+        }
+    }
+
+    fn matrix(&self, name: &Name, rows: usize, cols: usize) -> Result<QMatrix, EngineError> {
+        let full = format!("{}.weight", name.hf);
+        let (s, t) = self.find(&full).ok_or_else(|| self.err(format!("missing tensor '{full}'")))?;
+        let shape_err = |want: String| load_err(s.path(), format!("tensor '{full}' has shape {:?} ({:?}), expected {want}", t.shape, t.dtype));
+        let (last, lead) = match t.shape.split_last() {
+            Some((&last, lead)) if !lead.is_empty() => (last, lead.iter().product::<usize>()),
+            _ => return Err(shape_err(format!("{rows} x {cols}"))),
+        };
+        if lead != rows {
+            return Err(shape_err(format!("{rows} rows")));
+        }
+        let qtype = match t.dtype {
+            Dtype::F32 => QType::F32,
+            Dtype::F16 => QType::F16,
+            Dtype::BF16 => QType::BF16,
+            Dtype::U32 => {
+                let q = self.quant_of(&name.hf)?.ok_or_else(|| {
+                    load_err(s.path(), format!("tensor '{full}' is packed uint32 but config.json has no quantization for it"))
+                })?;
+                if cols % q.group_size != 0 || last * 32 != cols * q.bits as usize {
+                    return Err(shape_err(format!("{rows} x {} packed words ({cols} columns of {} bits)", cols * q.bits as usize / 32, q.bits)));
+                }
+                let (scales, s_shape) = self.f32_row_data(&format!("{}.scales", name.hf), "scales")?;
+                let (biases, b_shape) = self.f32_row_data(&format!("{}.biases", name.hf), "biases")?;
+                let groups = cols / q.group_size;
+                for (what, shape) in [("scales", &s_shape), ("biases", &b_shape)] {
+                    if shape.iter().product::<usize>() != rows * groups || shape.last() != Some(&groups) {
+                        return Err(load_err(s.path(), format!("'{}.{what}' has shape {shape:?}, expected {rows} x {groups}", name.hf)));
+                    }
+                }
+                let words = s.bytes(t);
+                let row_in = last * 4;
+                let mut data = Vec::new();
+                let mut qtype = QType::Q4_1;
+                for r in 0..rows {
+                    let g = r * groups..(r + 1) * groups;
+                    let (qt, bytes) = affine_to_blocks(q.bits, q.group_size, &words[r * row_in..(r + 1) * row_in], &scales[g.clone()], &biases[g], cols)
+                        .map_err(|e| load_err(s.path(), format!("tensor '{full}' row {r}: {e}")))?;
+                    qtype = qt;
+                    data.extend_from_slice(&bytes);
+                }
+                return Ok(QMatrix { qtype, rows, cols, data: Bytes::Owned(data) });
+            }
+            other => return Err(load_err(s.path(), format!("tensor '{full}' has dtype {other:?}, expected f32, f16, bf16 or MLX-quantized uint32"))),
+        };
+        if last != cols {
+            return Err(shape_err(format!("{rows} x {cols}")));
+        }
+        Ok(QMatrix { qtype, rows, cols, data: Bytes::File { file: s.buffer().clone(), offset: t.offset, len: t.len } })
+    }
+
+    fn vector(&self, name: &Name, suffix: &str, len: usize) -> Result<Vec<f32>, EngineError> {
+        let full = format!("{}.{suffix}", name.hf);
+        let (s, t) = self.find(&full).ok_or_else(|| self.err(format!("missing tensor '{full}'")))?;
+        if t.shape != [len] {
+            return Err(load_err(s.path(), format!("tensor '{full}' has shape {:?}, expected [{len}]", t.shape)));
+        }
+        s.to_f32(t)
+    }
+}
