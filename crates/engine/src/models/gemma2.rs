@@ -17,9 +17,15 @@ pub fn load(src: &dyn WeightSource) -> Result<Decoder, EngineError> {
     let mut opts = default_options(src, false);
     opts.activation = Activation::GeluTanh;
     opts.embed_scale = Some((hp.dim as f32).sqrt());
-    if let Some(s) = hp.query_pre_attn_scalar {
-        opts.attn_scale = 1.0 / s.sqrt();
-    }
+    // Scores scale by query_pre_attn_scalar^-1/2; GGUF files do not carry it,
+    // and llama.cpp derives it as the released models set it: the head size,
+    // but width / heads for the 46-layer (27B) model.
+    let pre_attn = match (hp.query_pre_attn_scalar, src.format()) {
+        (Some(s), _) => s,
+        (None, Format::Gguf) if hp.n_layers == 46 => (hp.dim / hp.n_heads) as f32,
+        (None, _) => hp.head_dim as f32,
+    };
+    opts.attn_scale = 1.0 / pre_attn.sqrt();
     opts.attn_softcap = hp.attn_softcap;
     opts.final_softcap = hp.final_softcap;
     // Checkpoints store w for a norm by (1 + w); llama.cpp's converter adds the 1.

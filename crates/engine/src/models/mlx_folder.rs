@@ -50,6 +50,9 @@ pub fn is_mlx_folder(dir: &Path) -> bool {
 
 fn parse_quant(v: &Value, field: &str, cfg_path: &Path) -> Result<Quant, EngineError> {
     let get = |k: &str| v[k].as_u64().ok_or_else(|| load_err(cfg_path, format!("{field}.{k} is missing or not a number")));
+    if let Some(mode) = v.get("mode").filter(|m| *m != "affine") {
+        return Err(load_err(cfg_path, format!("{field}.mode = {mode} is not supported (affine is)")));
+    }
     let q = Quant { bits: get("bits")? as u32, group_size: get("group_size")? as usize };
     if ![4, 8].contains(&q.bits) {
         return Err(load_err(cfg_path, format!("{field}.bits = {} is not supported (4 and 8 are)", q.bits)));
@@ -167,11 +170,20 @@ fn hparams(c: &Value, cfg_path: &Path) -> Result<Hparams, EngineError> {
     if !super::SUPPORTED.contains(&model_type.as_str()) {
         return Err(err(format!("model_type '{model_type}' is not supported (supported: {})", super::SUPPORTED.join(", "))));
     }
-    match &c["rope_scaling"] {
-        Value::Null => {}
-        v if v["type"] == "default" || v["rope_type"] == "default" => {}
-        v => return Err(err(format!("rope_scaling {v} is not supported yet"))),
+    // transformers 5 nests the rope settings under rope_parameters.
+    let rope = &c["rope_parameters"];
+    for scaling in [&c["rope_scaling"], rope] {
+        let kind = scaling["rope_type"].as_str().or_else(|| scaling["type"].as_str());
+        if !scaling.is_null() && kind.is_some_and(|k| k != "default") {
+            return Err(err(format!("rope scaling {scaling} is not supported yet")));
+        }
     }
+    // mlx-lm's per-architecture default when the config leaves it out.
+    let default_theta = if model_type == "qwen2" { 1_000_000.0 } else { 10_000.0 };
+    let rope_theta = match rope["rope_theta"].as_f64() {
+        Some(t) => t as f32,
+        None => float("rope_theta")?.unwrap_or(default_theta),
+    };
     let n_heads = req("num_attention_heads")?;
     let dim = req("hidden_size")?;
     Ok(Hparams {
@@ -181,8 +193,8 @@ fn hparams(c: &Value, cfg_path: &Path) -> Result<Hparams, EngineError> {
         n_heads,
         n_kv_heads: uint("num_key_value_heads")?.unwrap_or(n_heads),
         head_dim: uint("head_dim")?.unwrap_or(if n_heads > 0 { dim / n_heads } else { 0 }),
-        rope_theta: float("rope_theta")?.unwrap_or(10000.0),
-        eps: float("rms_norm_eps")?.unwrap_or(1e-5),
+        rope_theta,
+        eps: float("rms_norm_eps")?.ok_or_else(|| err("rms_norm_eps is missing".into()))?,
         context_length: uint("max_position_embeddings")?.unwrap_or(4096),
         sliding_window: uint("sliding_window")?.filter(|&w| w > 0),
         attn_softcap: float("attn_logit_softcapping")?.filter(|&v| v > 0.0),
