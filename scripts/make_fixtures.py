@@ -302,9 +302,10 @@ def write_gguf(path: Path, model, config, model_type, quant):
 
 
 def main():
-    if OUT.exists():
-        shutil.rmtree(OUT)
-    OUT.mkdir(parents=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    for old in OUT.iterdir():  # README.md stays
+        if old.is_dir():
+            shutil.rmtree(old)
     for name, (model_type, extra, quant, with_gguf) in FIXTURES.items():
         model, config = build(name, model_type, extra, quant)
         folder = OUT / name / "mlx"
