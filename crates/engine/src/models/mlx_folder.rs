@@ -290,3 +290,129 @@ impl WeightSource for MlxFolder {
         s.to_f32(t)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::open;
+    use std::path::Path;
+
+    /// A writable copy of a committed fixture folder.
+    fn copy_fixture(name: &str) -> tempfile::TempDir {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name).join("mlx");
+        let dir = tempfile::tempdir().unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+        }
+        dir
+    }
+
+    fn edit_config(dir: &Path, f: impl FnOnce(&mut Value)) {
+        let p = dir.join("config.json");
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(&p, v.to_string()).unwrap();
+    }
+
+    fn load_error(dir: &Path) -> String {
+        match open(dir) {
+            Ok(_) => panic!("{} loaded", dir.display()),
+            Err(e) => {
+                assert_eq!(e.code(), "ModelLoadError", "{e}");
+                e.to_string()
+            }
+        }
+    }
+
+    #[test]
+    fn a_fixture_folder_loads_and_reports_its_format() {
+        let dir = copy_fixture("llama_q8");
+        let folder = MlxFolder::open(dir.path()).unwrap();
+        assert_eq!(folder.weight_format(), "MLX 8-bit/64");
+        let opened = open(dir.path()).unwrap();
+        assert_eq!(opened.model.config().architecture, "llama");
+        // generation_config.json's two EOS ids both end generation.
+        assert_eq!(opened.tokenizer.eog_ids.len(), 2);
+    }
+
+    #[test]
+    fn malformed_folders_are_load_errors_naming_file_and_field() {
+        let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+            ("config.json not JSON", Box::new(|d| std::fs::write(d.join("config.json"), "{oops").unwrap()), "config.json: not valid JSON"),
+            ("unknown model_type", Box::new(|d| edit_config(d, |c| c["model_type"] = "gpt_bigcode".into())), "model_type 'gpt_bigcode' is not supported (supported: llama, mistral"),
+            ("missing field", Box::new(|d| edit_config(d, |c| drop(c.as_object_mut().unwrap().remove("num_hidden_layers")))), "num_hidden_layers is missing"),
+            ("negative field", Box::new(|d| edit_config(d, |c| c["hidden_size"] = (-64).into())), "hidden_size must be a non-negative integer"),
+            ("3-bit", Box::new(|d| edit_config(d, |c| c["quantization"]["bits"] = 3.into())), "quantization.bits = 3 is not supported"),
+            ("group 16", Box::new(|d| edit_config(d, |c| c["quantization"]["group_size"] = 16.into())), "quantization.group_size = 16 is not supported"),
+            ("mxfp4", Box::new(|d| edit_config(d, |c| c["quantization"]["mode"] = "mxfp4".into())), "mode = \"mxfp4\" is not supported"),
+            ("wrong width", Box::new(|d| edit_config(d, |c| c["intermediate_size"] = 96.into())), "mlp.gate_proj.weight' has shape"),
+            ("rope scaling", Box::new(|d| edit_config(d, |c| c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0}))), "rope scaling"),
+            (
+                "missing shard",
+                Box::new(|d| {
+                    let p = d.join("model.safetensors.index.json");
+                    let text = std::fs::read_to_string(&p).unwrap().replace("model.safetensors", "model-00002-of-00002.safetensors");
+                    std::fs::write(p, text).unwrap();
+                }),
+                "names shard 'model-00002-of-00002.safetensors', which the folder does not have",
+            ),
+            (
+                "truncated weights",
+                Box::new(|d| {
+                    let p = d.join("model.safetensors");
+                    let b = std::fs::read(&p).unwrap();
+                    std::fs::write(p, &b[..b.len() / 2]).unwrap();
+                }),
+                "fall outside",
+            ),
+            (
+                "header longer than the file",
+                Box::new(|d| {
+                    let p = d.join("model.safetensors");
+                    let mut b = std::fs::read(&p).unwrap();
+                    b[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+                    std::fs::write(p, b).unwrap();
+                }),
+                "exceeds the file",
+            ),
+            ("no tokenizer", Box::new(|d| std::fs::remove_file(d.join("tokenizer.json")).unwrap()), "no tokenizer.json"),
+        ];
+        for (what, break_it, want) in cases {
+            let dir = copy_fixture("llama");
+            break_it(dir.path());
+            let err = load_error(dir.path());
+            assert!(err.contains(want), "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_tensor_of_the_wrong_dtype_or_shape_is_named() {
+        // Rewrite the weights with one tensor changed.
+        for (what, want) in [("dtype", "has dtype I32"), ("shape", "expected 64 rows")] {
+            let dir = copy_fixture("llama_f16");
+            let p = dir.path().join("model.safetensors");
+            let st = SafeTensors::open(&p).unwrap();
+            let mut out: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+            for name in st.names() {
+                let t = st.get(name).unwrap();
+                let mut e = (name.to_owned(), t.dtype, t.shape.clone(), st.bytes(t).to_vec());
+                if name == "model.layers.1.self_attn.o_proj.weight" {
+                    match what {
+                        "dtype" => e.1 = Dtype::I32,
+                        _ => e.2 = vec![t.shape[0] * 2, t.shape[1] / 2],
+                    }
+                    if what == "dtype" {
+                        e.2 = vec![t.shape[0], t.shape[1] / 2];
+                    }
+                }
+                out.push(e);
+            }
+            drop(st);
+            let refs: Vec<crate::safetensors::TensorOut> = out.iter().map(|(n, d, s, b)| (n.as_str(), *d, s.as_slice(), b.as_slice())).collect();
+            crate::safetensors::write(&p, &refs, &Default::default()).unwrap();
+            let err = load_error(dir.path());
+            assert!(err.contains("o_proj.weight") && err.contains(want), "{what}: {err}");
+        }
+    }
+}
