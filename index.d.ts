@@ -79,6 +79,9 @@ export declare class NativeStream {
   cancel(): void
 }
 
+/** Writes an MLX model folder from a GGUF file (off the JS thread). */
+export declare function convertGgufToMlx(gguf: string, outDir: string): Promise<NativeConvertReport>
+
 export interface NativeArmStats {
   requests: number
   errors: number
@@ -157,6 +160,13 @@ export interface NativeControlEvent {
   dryRun?: boolean
   percent?: number
   automatic?: boolean
+}
+
+export interface NativeConvertReport {
+  tensors: number
+  quantized: number
+  dequantized: number
+  bytes: number
 }
 
 export interface NativeEngineOptions {
@@ -268,6 +278,8 @@ export interface NativeModelInfo {
   fileType: string
   warmupMs: number
   requestTimeoutMs?: number
+  /** Unix epoch milliseconds of the last request (or the load). */
+  lastAccessMs: number
 }
 
 export interface NativeQosStatus {

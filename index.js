@@ -838,4 +838,5 @@ module.exports = nativeBinding
 module.exports.NativeEngine = nativeBinding.NativeEngine
 module.exports.NativeServer = nativeBinding.NativeServer
 module.exports.NativeStream = nativeBinding.NativeStream
+module.exports.convertGgufToMlx = nativeBinding.convertGgufToMlx
 module.exports.runtimeInfo = nativeBinding.runtimeInfo

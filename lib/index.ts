@@ -226,9 +226,9 @@ export function defaultConfigPath(): string {
 }
 
 export interface LoadModelOptions {
-  /** A GGUF file path, or `'default'` for the embedded SmolLM2-135M-Instruct. */
+  /** A GGUF file or an MLX model folder (config.json, *.safetensors, tokenizer.json), or `'default'` for the embedded SmolLM2-135M-Instruct. */
   model: string;
-  /** The id requests use; defaults to the file name without extension. */
+  /** The id requests use; defaults to the file name without extension (a folder's whole name). */
   modelId?: string;
   /** Caps every request's timeout on this model, in milliseconds (a canary candidate may differ from its baseline in this). */
   requestTimeoutMs?: number;
