@@ -252,6 +252,9 @@ pub fn tile_fn(isa: Isa, qtype: QType) -> TileFn {
         QType::Q4_1 => |w, a, o| scalar_tile(QType::Q4_1, w, a, o),
         QType::Q8_0 => |w, a, o| scalar_tile(QType::Q8_0, w, a, o),
         QType::A8 => |w, a, o| scalar_tile(QType::A8, w, a, o),
+        QType::Q4_K => |w, a, o| scalar_tile(QType::Q4_K, w, a, o),
+        QType::Q5_K => |w, a, o| scalar_tile(QType::Q5_K, w, a, o),
+        QType::Q6_K => |w, a, o| scalar_tile(QType::Q6_K, w, a, o),
         other => panic!("no integer kernel for {other:?}"),
     }
 }

@@ -7,9 +7,13 @@
 
 use half::{bf16, f16};
 
-/// Elements per block of every quantized format we read (Q4_0, Q4_1, Q8_0).
+/// Elements per block of the 32-element formats (Q4_0, Q4_1, Q8_0, A8) and
+/// of the activation blocks.
 pub const QK: usize = 32;
+/// Elements per K-quant super-block.
+pub const QK_K: usize = 256;
 
+#[allow(non_camel_case_types)] // ggml's names
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QType {
     F32,
@@ -18,6 +22,10 @@ pub enum QType {
     Q4_0,
     Q4_1,
     Q8_0,
+    /// ggml's "K" super-blocks of 256 (the mix in Q4_K_M files).
+    Q4_K,
+    Q5_K,
+    Q6_K,
     /// MLX 8-bit affine groups of 32 (no ggml id): f16 scale `d`, f16 bias
     /// `m`, then 32 signed bytes `q - 128`, so `w = d * (q' + 128) + m` and the
     /// signed-int8 kernels apply with one extra per-block term.
@@ -32,6 +40,9 @@ impl QType {
             2 => QType::Q4_0,
             3 => QType::Q4_1,
             8 => QType::Q8_0,
+            12 => QType::Q4_K,
+            13 => QType::Q5_K,
+            14 => QType::Q6_K,
             30 => QType::BF16,
             _ => return None,
         })
@@ -40,6 +51,9 @@ impl QType {
     pub fn ggml_id(self) -> u32 {
         match self {
             QType::A8 => panic!("A8 is not a GGUF type"),
+            QType::Q4_K => 12,
+            QType::Q5_K => 13,
+            QType::Q6_K => 14,
             QType::F32 => 0,
             QType::F16 => 1,
             QType::Q4_0 => 2,
@@ -57,12 +71,16 @@ impl QType {
             QType::Q4_1 => "Q4_1",
             QType::Q8_0 => "Q8_0",
             QType::A8 => "MLX-A8",
+            QType::Q4_K => "Q4_K",
+            QType::Q5_K => "Q5_K",
+            QType::Q6_K => "Q6_K",
         }
     }
     /// Elements per block.
     pub fn block_size(self) -> usize {
         match self {
             QType::F32 | QType::F16 | QType::BF16 => 1,
+            QType::Q4_K | QType::Q5_K | QType::Q6_K => QK_K,
             _ => QK,
         }
     }
@@ -75,6 +93,9 @@ impl QType {
             QType::Q4_1 => 4 + QK / 2,
             QType::Q8_0 => 2 + QK,
             QType::A8 => 4 + QK,
+            QType::Q4_K => 4 + 12 + QK_K / 2,
+            QType::Q5_K => 4 + 12 + QK_K / 8 + QK_K / 2,
+            QType::Q6_K => QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,
         }
     }
     pub fn row_bytes(self, n_cols: usize) -> usize {
@@ -129,6 +150,15 @@ pub fn dequantize_row(qtype: QType, src: &[u8], dst: &mut [f32]) {
                 }
             }
         }
+        QType::Q4_K | QType::Q5_K | QType::Q6_K => {
+            let mut k = KBlock::default();
+            for (out, blk) in dst.chunks_exact_mut(QK_K).zip(src.chunks_exact(qtype.block_bytes())) {
+                k.unpack(qtype, blk);
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = k.scale[i / k.sub] * k.q[i] as f32 - k.min[i / k.sub];
+                }
+            }
+        }
         QType::A8 => {
             for (out, blk) in dst.chunks_exact_mut(QK).zip(src.chunks_exact(4 + QK)) {
                 let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
@@ -177,6 +207,7 @@ pub fn quantize_row(qtype: QType, src: &[f32]) -> Vec<u8> {
                 }
             }
         }
+        QType::Q4_K | QType::Q5_K | QType::Q6_K => panic!("{} is read from files, never written", qtype.name()),
         QType::A8 => {
             for blk in src.chunks_exact(QK) {
                 let mn = blk.iter().copied().fold(f32::INFINITY, f32::min);
@@ -314,6 +345,25 @@ pub fn dot_scalar(qtype: QType, w: &[u8], a: ActRow) -> f32 {
                 acc += f16_at(blk, 0) * a.d[b] * isum as f32;
             }
         }
+        QType::Q4_K | QType::Q5_K | QType::Q6_K => {
+            let mut k = KBlock::default();
+            for (sb, blk) in w.chunks_exact(qtype.block_bytes()).enumerate() {
+                k.unpack(qtype, blk);
+                for j in 0..QK_K / QK {
+                    let b = sb * QK_K / QK + j;
+                    let qa = &a.qs[b * QK..(b + 1) * QK];
+                    // One or two scales per activation block (sub-blocks of 32 or 16).
+                    for (h, part) in (j * QK..(j + 1) * QK).step_by(k.sub.min(QK)).enumerate() {
+                        let n = k.sub.min(QK);
+                        let isum: i32 = (0..n).map(|l| k.q[part + l] as i32 * qa[h * n + l] as i32).sum();
+                        acc += k.scale[part / k.sub] * a.d[b] * isum as f32;
+                        if n == QK {
+                            acc -= k.min[part / k.sub] * a.s[b];
+                        }
+                    }
+                }
+            }
+        }
         QType::A8 => {
             for b in 0..nb {
                 let blk = &w[b * 36..(b + 1) * 36];
@@ -326,6 +376,82 @@ pub fn dot_scalar(qtype: QType, w: &[u8], a: ActRow) -> f32 {
         QType::F32 | QType::F16 | QType::BF16 => unreachable!("float weights use the f32 path"),
     }
     acc
+}
+
+/// One K-quant super-block unpacked: 256 small integers and a scale (and a
+/// min, subtracted) per sub-block of `sub` elements, so that element `i` is
+/// `scale[i / sub] * q[i] - min[i / sub]`, as ggml dequantizes it.
+pub(crate) struct KBlock {
+    pub q: [i8; QK_K],
+    pub scale: [f32; 16],
+    pub min: [f32; 16],
+    pub sub: usize,
+}
+
+impl Default for KBlock {
+    fn default() -> Self {
+        KBlock { q: [0; QK_K], scale: [0.0; 16], min: [0.0; 16], sub: 32 }
+    }
+}
+
+impl KBlock {
+    pub fn unpack(&mut self, qtype: QType, b: &[u8]) {
+        match qtype {
+            QType::Q4_K | QType::Q5_K => {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let sc = &b[4..16];
+                // 6-bit scales and mins of 8 sub-blocks: the first four in the
+                // low bits of bytes 0-7, the last four split across bytes 8-11
+                // and the top bits of bytes 0-7.
+                for j in 0..8 {
+                    let (s, m) = if j < 4 {
+                        (sc[j] & 63, sc[j + 4] & 63)
+                    } else {
+                        ((sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4))
+                    };
+                    self.scale[j] = d * s as f32;
+                    self.min[j] = dmin * m as f32;
+                }
+                let (qh, qs) = if qtype == QType::Q5_K { (&b[16..48], &b[48..176]) } else { (&b[16..16], &b[16..144]) };
+                // Each 32 bytes of nibbles hold two sub-blocks: low nibbles
+                // first; Q5_K's fifth bit of sub-block j is bit j of qh[l].
+                for j in 0..8 {
+                    for l in 0..32 {
+                        let nib = if j % 2 == 0 { qs[(j / 2) * 32 + l] & 0x0F } else { qs[(j / 2) * 32 + l] >> 4 };
+                        let high = if qtype == QType::Q5_K { ((qh[l] >> j) & 1) << 4 } else { 0 };
+                        self.q[j * 32 + l] = (nib | high) as i8;
+                    }
+                }
+                self.sub = 32;
+            }
+            QType::Q6_K => {
+                let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+                let d = f16_at(b, 208);
+                for (j, &s) in sc.iter().enumerate() {
+                    self.scale[j] = d * s as i8 as f32;
+                    self.min[j] = 0.0;
+                }
+                // Two halves of 128: four runs of 32 from the low/high nibbles
+                // of 64 ql bytes and successive bit pairs of 32 qh bytes.
+                for half in 0..2 {
+                    let (ql, qh) = (&ql[half * 64..], &qh[half * 32..]);
+                    for l in 0..32 {
+                        let vals = [
+                            (ql[l] & 0x0F) | ((qh[l] & 3) << 4),
+                            (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4),
+                            (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+                            (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+                        ];
+                        for (r, v) in vals.into_iter().enumerate() {
+                            self.q[half * 128 + r * 32 + l] = v as i8 - 32;
+                        }
+                    }
+                }
+                self.sub = 16;
+            }
+            _ => unreachable!("not a K-quant"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -353,6 +479,53 @@ pub(crate) mod tests {
             dequantize_row(qt, &q, &mut y);
             let err = x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
             assert!(err < tol, "{qt:?} max error {err}");
+        }
+    }
+
+    /// Random K-quant super-blocks with finite, small f16 scales.
+    pub(crate) fn random_k_row(qtype: QType, n_blocks: usize, seed: u64) -> Vec<u8> {
+        let noise = rand_vec(n_blocks * qtype.block_bytes(), seed);
+        let mut b: Vec<u8> = noise.iter().map(|v| ((v + 1.0) * 127.9) as u8).collect();
+        for (i, blk) in b.chunks_exact_mut(qtype.block_bytes()).enumerate() {
+            let d = f16::from_f32(0.01 * (1.0 + i as f32 * 0.1)).to_le_bytes();
+            let at = if qtype == QType::Q6_K { 208 } else { 0 };
+            blk[at..at + 2].copy_from_slice(&d);
+            if qtype != QType::Q6_K {
+                blk[2..4].copy_from_slice(&f16::from_f32(0.003).to_le_bytes());
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn k_quants_dequantize_as_llama_cpp_does() {
+        // Vectors from llama.cpp's Python package (scripts/kquant_vectors.py).
+        let v: serde_json::Value = serde_json::from_str(include_str!("testdata/kquants.json")).unwrap();
+        for qt in [QType::Q4_K, QType::Q5_K, QType::Q6_K] {
+            let case = &v[qt.name()];
+            let bytes: Vec<u8> = case["bytes"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u8).collect();
+            let want: Vec<f32> = case["values"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+            let mut got = vec![0.0; want.len()];
+            dequantize_row(qt, &bytes, &mut got);
+            assert_eq!(got, want, "{qt:?}");
+        }
+    }
+
+    #[test]
+    fn k_quant_dot_matches_float_dot_of_dequantized_values() {
+        let cols = 512;
+        let x = rand_vec(cols, 5);
+        let mut acts = QuantizedActs::default();
+        acts.quantize(&x, cols);
+        let xd: Vec<f32> = acts.qs.iter().enumerate().map(|(i, &q)| q as f32 * acts.d[i / QK]).collect();
+        for qt in [QType::Q4_K, QType::Q5_K, QType::Q6_K] {
+            let w = random_k_row(qt, cols / QK_K, 11);
+            let mut wd = vec![0.0; cols];
+            dequantize_row(qt, &w, &mut wd);
+            // Against the dequantized weights times the (quantized) activations.
+            let want: f32 = wd.iter().zip(&xd).map(|(a, b)| a * b).sum();
+            let got = dot_scalar(qt, &w, acts.row(0));
+            assert!((got - want).abs() <= 1e-3 * (1.0 + want.abs()), "{qt:?}: {got} vs {want}");
         }
     }
 
