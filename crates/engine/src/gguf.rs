@@ -344,9 +344,6 @@ fn ggml_type_name(ty: u32) -> String {
         9 => "Q8_1",
         10 => "Q2_K",
         11 => "Q3_K",
-        12 => "Q4_K",
-        13 => "Q5_K",
-        14 => "Q6_K",
         15 => "Q8_K",
         16..=23 => "IQ*",
         30 => "BF16",
@@ -540,12 +537,12 @@ mod tests {
     #[test]
     fn rejects_unsupported_tensor_type() {
         let bytes = write(&[], &[TensorSpec { name: "k".into(), dims: vec![256], qtype: QType::F32, data: vec![0; 1024] }]);
-        // Patch the type id (F32 = 0) to Q6_K (14): it sits right after the dims.
+        // Patch the type id (F32 = 0) to Q3_K (11): it sits right after the dims.
         let name_at = bytes.windows(1 + 8).position(|w| w[0] == b'k').unwrap();
         let ty_at = name_at + 1 + 4 + 8;
         let mut bad = bytes.clone();
-        bad[ty_at..ty_at + 4].copy_from_slice(&14u32.to_le_bytes());
-        assert!(load_error(&bad).contains("Q6_K"), "{}", load_error(&bad));
+        bad[ty_at..ty_at + 4].copy_from_slice(&11u32.to_le_bytes());
+        assert!(load_error(&bad).contains("Q3_K"), "{}", load_error(&bad));
     }
 
     #[test]
