@@ -53,6 +53,18 @@ impl FileBuf {
     }
 }
 
+impl FileBuf {
+    /// An aligned copy of `bytes` (a file already in memory: fuzzing, tests).
+    pub fn from_bytes(bytes: &[u8]) -> FileBuf {
+        let layout = Layout::from_size_align(bytes.len().max(1), ALIGN).expect("buffer size");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = NonNull::new(unsafe { alloc(layout) }).expect("out of memory");
+        // SAFETY: freshly allocated with room for `bytes.len()` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr.as_ptr(), bytes.len()) };
+        FileBuf { ptr, len: bytes.len() }
+    }
+}
+
 impl Deref for FileBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -209,6 +209,12 @@ impl GgufFile {
         Self::parse(path.clone(), Arc::new(bytes)).map_err(fail)
     }
 
+    /// Parses a file already in memory (`path` names it in errors).
+    pub fn from_buffer(path: PathBuf, bytes: Arc<FileBuf>) -> Result<Self, EngineError> {
+        let shown = path.display().to_string();
+        Self::parse(path, bytes).map_err(|reason| EngineError::ModelLoad { path: shown, reason })
+    }
+
     fn parse(path: PathBuf, bytes: Arc<FileBuf>) -> Result<Self, String> {
         let buf: &[u8] = &bytes;
         if buf.len() < 4 || &buf[..4] != GGUF_MAGIC {
