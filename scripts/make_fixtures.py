@@ -53,6 +53,14 @@ BASE = dict(
 # name: (model_type, extra config, quantization (bits, group) or None or dtype, gguf?)
 FIXTURES = {
     "llama": ("llama", dict(rope_theta=50000.0, tie_word_embeddings=False), (4, 32), True),
+    "llama3_scaled": (
+        "llama",
+        dict(rope_theta=500000.0, tie_word_embeddings=True,
+             rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                               original_max_position_embeddings=64)),
+        (4, 32),
+        True,
+    ),
     "llama_q8": ("llama", dict(tie_word_embeddings=True), (8, 64), False),
     "llama_f16": ("llama", dict(tie_word_embeddings=False), "float16", True),
     "mistral": ("mistral", dict(rope_theta=1000000.0, tie_word_embeddings=False), (4, 64), True),
@@ -252,6 +260,23 @@ def write_gguf(path: Path, model, config, model_type, quant):
         w.add_expert_count(config["num_experts"])
         w.add_expert_used_count(config["num_experts_per_tok"])
         w.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    scaling = config.get("rope_scaling")
+    if scaling and scaling.get("rope_type") == "llama3":
+        # As llama.cpp's converter writes them: per-pair divisors of the frequencies.
+        base, dim = config["rope_theta"], head_dim
+        old, low, high, factor = (scaling["original_max_position_embeddings"], scaling["low_freq_factor"],
+                                  scaling["high_freq_factor"], scaling["factor"])
+        factors = []
+        for i in range(dim // 2):
+            wavelen = 2 * np.pi * base ** (2 * i / dim)
+            if wavelen < old / high:
+                factors.append(1.0)
+            elif wavelen > old / low:
+                factors.append(factor)
+            else:
+                smooth = (old / wavelen - low) / (high - low)
+                factors.append(1 / ((1 - smooth) / factor + smooth))
+        w.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
     vocab, merges = tokenizer_vocab()
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")

@@ -268,9 +268,10 @@ impl Decoder {
             None
         };
         let out_norm = norm(src, &global("output_norm", "model.norm"), hp.dim, &opts)?;
-        let inv_freq = (0..hp.head_dim / 2)
-            .map(|i| hp.rope_theta.powf(-2.0 * i as f32 / hp.head_dim as f32))
-            .collect();
+        let mut inv_freq: Vec<f32> = (0..hp.head_dim / 2).map(|i| hp.rope_theta.powf(-2.0 * i as f32 / hp.head_dim as f32)).collect();
+        if let Some(f) = &hp.rope_factors {
+            inv_freq.iter_mut().zip(f).for_each(|(v, d)| *v /= d);
+        }
         Ok(Decoder {
             cfg: ModelConfig {
                 architecture: hp.model_type.clone(),

@@ -172,12 +172,8 @@ fn hparams(c: &Value, cfg_path: &Path) -> Result<Hparams, EngineError> {
     }
     // transformers 5 nests the rope settings under rope_parameters.
     let rope = &c["rope_parameters"];
-    for scaling in [&c["rope_scaling"], rope] {
-        let kind = scaling["rope_type"].as_str().or_else(|| scaling["type"].as_str());
-        if !scaling.is_null() && kind.is_some_and(|k| k != "default") {
-            return Err(err(format!("rope scaling {scaling} is not supported yet")));
-        }
-    }
+    let scaling = if c["rope_scaling"].is_object() { &c["rope_scaling"] } else { rope };
+    let scaling_kind = scaling["rope_type"].as_str().or_else(|| scaling["type"].as_str()).unwrap_or("default");
     // mlx-lm's per-architecture default when the config leaves it out.
     let default_theta = if model_type == "qwen2" { 1_000_000.0 } else { 10_000.0 };
     let rope_theta = match rope["rope_theta"].as_f64() {
@@ -186,13 +182,21 @@ fn hparams(c: &Value, cfg_path: &Path) -> Result<Hparams, EngineError> {
     };
     let n_heads = req("num_attention_heads")?;
     let dim = req("hidden_size")?;
+    let head_dim = uint("head_dim")?.unwrap_or(if n_heads > 0 { dim / n_heads } else { 0 });
+    let rope_factors = match scaling_kind {
+        "default" => None,
+        "linear" => Some(vec![scaling_number(scaling, "factor", None).map_err(err)?; head_dim / 2]),
+        "llama3" => Some(llama3_rope_factors(scaling, rope_theta, head_dim).map_err(err)?),
+        other => return Err(err(format!("rope scaling '{other}' is not supported yet (linear and llama3 are)"))),
+    };
     Ok(Hparams {
+        rope_factors,
         n_layers: req("num_hidden_layers")?,
         dim,
         ffn_dim: uint("intermediate_size")?.unwrap_or(0),
         n_heads,
         n_kv_heads: uint("num_key_value_heads")?.unwrap_or(n_heads),
-        head_dim: uint("head_dim")?.unwrap_or(if n_heads > 0 { dim / n_heads } else { 0 }),
+        head_dim,
         rope_theta,
         eps: float("rms_norm_eps")?.ok_or_else(|| err("rms_norm_eps is missing".into()))?,
         context_length: uint("max_position_embeddings")?.unwrap_or(4096),
@@ -206,6 +210,40 @@ fn hparams(c: &Value, cfg_path: &Path) -> Result<Hparams, EngineError> {
         norm_topk_prob: c["norm_topk_prob"].as_bool().unwrap_or(false),
         model_type,
     })
+}
+
+fn scaling_number(scaling: &Value, key: &str, default: Option<f64>) -> Result<f32, String> {
+    match (&scaling[key], default) {
+        (Value::Null, Some(d)) => Ok(d as f32),
+        (v, _) => v.as_f64().filter(|x| *x > 0.0 && x.is_finite()).map(|x| x as f32).ok_or_else(|| format!("rope scaling {key} must be a positive number, got {v}")),
+    }
+}
+
+/// Llama 3's long-context rotary scaling as per-pair divisors of the
+/// frequencies: long wavelengths slow down by `factor`, short ones stay, the
+/// band between blends the two.
+fn llama3_rope_factors(scaling: &Value, theta: f32, head_dim: usize) -> Result<Vec<f32>, String> {
+    let factor = scaling_number(scaling, "factor", None)?;
+    let low = scaling_number(scaling, "low_freq_factor", Some(1.0))?;
+    let high = scaling_number(scaling, "high_freq_factor", Some(4.0))?;
+    let old_ctx = scaling_number(scaling, "original_max_position_embeddings", Some(8192.0))?;
+    if high <= low {
+        return Err(format!("rope scaling high_freq_factor {high} must exceed low_freq_factor {low}"));
+    }
+    let (low_wavelen, high_wavelen) = (old_ctx / low, old_ctx / high);
+    Ok((0..head_dim / 2)
+        .map(|i| {
+            let wavelen = 2.0 * std::f32::consts::PI * theta.powf(2.0 * i as f32 / head_dim as f32);
+            if wavelen > low_wavelen {
+                factor
+            } else if wavelen > high_wavelen {
+                let smooth = (old_ctx / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            } else {
+                1.0
+            }
+        })
+        .collect())
 }
 
 impl WeightSource for MlxFolder {

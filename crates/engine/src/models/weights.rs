@@ -41,6 +41,9 @@ pub struct Hparams {
     pub n_experts_used: usize,
     pub moe_ffn_dim: usize,
     pub norm_topk_prob: bool,
+    /// Divisors of the rotary frequencies, one per rotated pair (Llama 3's
+    /// long-context scaling, linear scaling): llama.cpp's `rope_freqs`.
+    pub rope_factors: Option<Vec<f32>>,
 }
 
 impl Hparams {
@@ -235,7 +238,17 @@ impl<'a> GgufSource<'a> {
             moe_ffn_dim: get("expert_feed_forward_length").unwrap_or(0),
             // llama.cpp's qwen3moe always renormalises the chosen experts' weights.
             norm_topk_prob: true,
+            rope_factors: None,
         };
+        let mut hp = hp;
+        if let Some(t) = g.tensor("rope_freqs.weight") {
+            if t.dims.len() != 1 || t.qtype.is_quantized() || t.dims[0] as usize * 2 != hp.head_dim {
+                return Err(err(format!("rope_freqs.weight has shape {:?}, expected [{}] floats", t.dims, hp.head_dim / 2)));
+            }
+            let mut f = vec![0.0; hp.head_dim / 2];
+            dequantize_row(t.qtype, g.tensor_bytes(t), &mut f);
+            hp.rope_factors = Some(f);
+        }
         Ok(GgufSource { g, hp })
     }
 }
