@@ -243,6 +243,9 @@ pub fn tile_fn(isa: Isa, qtype: QType) -> TileFn {
             (Isa::Avx512Vnni, QType::Q4_1) => return |w, a, o| tile!(x86::q4_avx512 [true], w, a, o),
             (Isa::Avx512Vnni, QType::Q8_0) => return |w, a, o| tile!(x86::q8_vnni [false], w, a, o),
             (Isa::Avx512Vnni, QType::A8) => return |w, a, o| tile!(x86::q8_vnni [true], w, a, o),
+            (Isa::Avx2 | Isa::Avx512Vnni, QType::Q4_K) => return |w, a, o| tile!(x86::kquant_avx2 [{ x86::K4 }], w, a, o),
+            (Isa::Avx2 | Isa::Avx512Vnni, QType::Q5_K) => return |w, a, o| tile!(x86::kquant_avx2 [{ x86::K5 }], w, a, o),
+            (Isa::Avx2 | Isa::Avx512Vnni, QType::Q6_K) => return |w, a, o| tile!(x86::kquant_avx2 [{ x86::K6 }], w, a, o),
             _ => {}
         }
     }
@@ -400,6 +403,47 @@ mod x86 {
         a
     ));
 
+    pub const K4: u8 = 0;
+    pub const K5: u8 = 1;
+    pub const K6: u8 = 2;
+
+    /// K-quant tile: each super-block is unpacked once (scalar) for all `NT`
+    /// tokens, then every 32 weights times 32 activations is one signed int8
+    /// product (the sign moved onto the activations) scaled per sub-block of
+    /// 32 (Q4_K, Q5_K, with the min term) or 16 (Q6_K, one scale per half).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn kquant_avx2<const K: u8, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
+        let qtype = match K {
+            K4 => QType::Q4_K,
+            K5 => QType::Q5_K,
+            _ => QType::Q6_K,
+        };
+        let mut k = crate::quant::KBlock::default();
+        let mut acc = [_mm256_setzero_ps(); NT];
+        let mut corr = [0.0f32; NT];
+        let ones = _mm256_set1_epi16(1);
+        for (sb, blk) in w.chunks_exact(qtype.block_bytes()).enumerate() {
+            k.unpack(qtype, blk);
+            for j in 0..crate::quant::QK_K / QK {
+                let b = sb * (crate::quant::QK_K / QK) + j;
+                let qv = _mm256_loadu_si256(k.q.as_ptr().add(j * QK) as *const __m256i);
+                let qabs = _mm256_sign_epi8(qv, qv);
+                let (s_lo, s_hi) = if K == K6 { (k.scale[2 * j], k.scale[2 * j + 1]) } else { (k.scale[j], k.scale[j]) };
+                for t in 0..NT {
+                    let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qabs, _mm256_sign_epi8(av, qv)), ones);
+                    let da = *a[t].d.get_unchecked(b);
+                    let scale = _mm256_set_m128(_mm_set1_ps(s_hi * da), _mm_set1_ps(s_lo * da));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
+                    if K != K6 {
+                        corr[t] -= k.min[j] * *a[t].s.get_unchecked(b);
+                    }
+                }
+            }
+        }
+        std::array::from_fn(|t| hsum(acc[t]) + corr[t])
+    }
+
     /// Q4 tile on 512-bit registers: two blocks per multiply (their
     /// activations are contiguous), half the instructions of the 256-bit path.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -459,6 +503,28 @@ mod tests {
             for (rows, cols, n) in [(1, 32, 1), (37, 96, 3), (130, 576, 1), (65, 1536, 5)] {
                 let w = matrix(qtype, rows, cols, rows as u64 * 7 + cols as u64);
                 let x = rand_vec(n * cols, 99);
+                let mut xq = QuantizedActs::default();
+                let mut want = vec![0.0; n * rows];
+                matmul_with(Isa::Scalar, &w, &x, &mut xq, &mut want);
+                for isa in Isa::available() {
+                    let mut got = vec![0.0; n * rows];
+                    matmul_with(isa, &w, &x, &mut xq, &mut got);
+                    for (g, e) in got.iter().zip(&want) {
+                        assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{isa:?} {qtype:?} {rows}x{cols}: {g} vs {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn k_quant_paths_match_the_scalar_reference() {
+        use crate::quant::tests::random_k_row;
+        for qtype in [QType::Q4_K, QType::Q5_K, QType::Q6_K] {
+            for (rows, cols, n) in [(1, 256, 1), (37, 512, 3), (20, 768, 9)] {
+                let data: Vec<u8> = (0..rows).flat_map(|r| random_k_row(qtype, cols / 256, r as u64 + 1)).collect();
+                let w = QMatrix { qtype, rows, cols, data: Bytes::Owned(data) };
+                let x = rand_vec(n * cols, 5);
                 let mut xq = QuantizedActs::default();
                 let mut want = vec![0.0; n * rows];
                 matmul_with(Isa::Scalar, &w, &x, &mut xq, &mut want);
