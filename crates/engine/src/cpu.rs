@@ -495,24 +495,29 @@ mod tests {
         QMatrix { qtype, rows, cols, data: Bytes::Owned(data) }
     }
 
+    /// `w` times `n` random tokens on every path this CPU has equals the
+    /// scalar reference.
+    fn assert_paths_agree(w: &QMatrix, n: usize) {
+        let x = rand_vec(n * w.cols, 99);
+        let mut xq = QuantizedActs::default();
+        let mut want = vec![0.0; n * w.rows];
+        matmul_with(Isa::Scalar, w, &x, &mut xq, &mut want);
+        for isa in Isa::available() {
+            let mut got = vec![0.0; n * w.rows];
+            matmul_with(isa, w, &x, &mut xq, &mut got);
+            for (g, e) in got.iter().zip(&want) {
+                assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{isa:?} {:?} {}x{}: {g} vs {e}", w.qtype, w.rows, w.cols);
+            }
+        }
+    }
+
     #[test]
     fn every_simd_path_matches_the_scalar_reference() {
         for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::A8] {
             // Odd sizes: a single block, a non-power-of-two block count, and
             // an output count that does not split evenly across workers.
             for (rows, cols, n) in [(1, 32, 1), (37, 96, 3), (130, 576, 1), (65, 1536, 5)] {
-                let w = matrix(qtype, rows, cols, rows as u64 * 7 + cols as u64);
-                let x = rand_vec(n * cols, 99);
-                let mut xq = QuantizedActs::default();
-                let mut want = vec![0.0; n * rows];
-                matmul_with(Isa::Scalar, &w, &x, &mut xq, &mut want);
-                for isa in Isa::available() {
-                    let mut got = vec![0.0; n * rows];
-                    matmul_with(isa, &w, &x, &mut xq, &mut got);
-                    for (g, e) in got.iter().zip(&want) {
-                        assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{isa:?} {qtype:?} {rows}x{cols}: {g} vs {e}");
-                    }
-                }
+                assert_paths_agree(&matrix(qtype, rows, cols, rows as u64 * 7 + cols as u64), n);
             }
         }
     }
@@ -523,18 +528,7 @@ mod tests {
         for qtype in [QType::Q4_K, QType::Q5_K, QType::Q6_K] {
             for (rows, cols, n) in [(1, 256, 1), (37, 512, 3), (20, 768, 9)] {
                 let data: Vec<u8> = (0..rows).flat_map(|r| random_k_row(qtype, cols / 256, r as u64 + 1)).collect();
-                let w = QMatrix { qtype, rows, cols, data: Bytes::Owned(data) };
-                let x = rand_vec(n * cols, 5);
-                let mut xq = QuantizedActs::default();
-                let mut want = vec![0.0; n * rows];
-                matmul_with(Isa::Scalar, &w, &x, &mut xq, &mut want);
-                for isa in Isa::available() {
-                    let mut got = vec![0.0; n * rows];
-                    matmul_with(isa, &w, &x, &mut xq, &mut got);
-                    for (g, e) in got.iter().zip(&want) {
-                        assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{isa:?} {qtype:?} {rows}x{cols}: {g} vs {e}");
-                    }
-                }
+                assert_paths_agree(&QMatrix { qtype, rows, cols, data: Bytes::Owned(data) }, n);
             }
         }
     }
