@@ -362,7 +362,8 @@ export interface EngineMetrics {
    * `kv_cache.memoryMiB` per model as the prefix cache fills, then stays).
    */
   kvCache: { blocksTotal: number; blocksUsed: number; blocksCached: number; blocksPinned: number; bytesUsed: number; bytesTouched: number; usage: number };
-  prefixCache: { queries: number; hits: number; hitRate: number };
+  /** `prefetchedTokens`: prompt tokens computed into the cache while their request waited for a batch slot (KV prefetch). */
+  prefixCache: { queries: number; hits: number; hitRate: number; prefetchedTokens: number };
   preemptions: number;
   /** Speculative decoding: guessed tokens checked, kept, and the share kept. */
   speculative: { drafted: number; accepted: number; acceptanceRate: number };
@@ -812,6 +813,7 @@ export class Engine extends EventEmitter {
         queries: s.prefixCacheQueries,
         hits: s.prefixCacheHits,
         hitRate: s.prefixCacheQueries ? s.prefixCacheHits / s.prefixCacheQueries : 0,
+        prefetchedTokens: s.prefetchedTokens,
       },
       preemptions: s.preemptions,
       speculative: {

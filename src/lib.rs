@@ -286,6 +286,8 @@ pub struct NativeEngineStats {
     /// Speculative decoding: guessed tokens checked, and kept.
     pub spec_drafted: f64,
     pub spec_accepted: f64,
+    /// KV prefetch: prompt tokens computed for requests still waiting.
+    pub prefetched_tokens: f64,
     pub breakers_open: u32,
     pub breaker_transitions: f64,
 }
@@ -748,6 +750,7 @@ impl NativeEngine {
             preemptions: s.n_preemptions as f64,
             spec_drafted: s.n_spec_drafted as f64,
             spec_accepted: s.n_spec_accepted as f64,
+            prefetched_tokens: s.n_prefetched_tokens as f64,
             breakers_open: s.n_breakers_open as u32,
             breaker_transitions: s.n_breaker_transitions as f64,
         }

@@ -112,6 +112,10 @@ pub struct Scheduler {
     /// Token events a consumer may leave unread before its sequence pauses
     /// (backpressure on that stream alone).
     pub stream_buffer: usize,
+    /// KV prefetch: prompt budget a step leaves unused goes to requests still
+    /// waiting for a batch slot, whole blocks into the prefix cache, so their
+    /// prefill is mostly done when they are scheduled.
+    pub prefetch_waiting: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -128,7 +132,7 @@ pub struct KvCacheConfig {
 
 impl Default for Scheduler {
     fn default() -> Self {
-        Scheduler { prefill_chunk: 256, max_queued_requests: 256, max_queued_tokens: 262_144, stream_buffer: 256 }
+        Scheduler { prefill_chunk: 256, max_queued_requests: 256, max_queued_tokens: 262_144, stream_buffer: 256, prefetch_waiting: true }
     }
 }
 

@@ -271,6 +271,8 @@ struct Counters {
     /// Speculative decoding: guessed tokens checked, and kept.
     spec_drafted: AtomicU64,
     spec_accepted: AtomicU64,
+    /// KV prefetch: prompt tokens computed for requests still waiting.
+    prefetched_tokens: AtomicU64,
     completed: AtomicU64,
     generated_tokens: AtomicU64,
     /// Recent outcomes per second, for the QoS policies and the canary.
@@ -299,6 +301,7 @@ pub struct EngineStats {
     pub n_preemptions: u64,
     pub n_spec_drafted: u64,
     pub n_spec_accepted: u64,
+    pub n_prefetched_tokens: u64,
     pub n_completed: u64,
     pub n_generated_tokens: u64,
     /// Models whose circuit breaker is open or half-open.
@@ -619,6 +622,7 @@ impl Engine {
         let settings = Settings {
             max_batch: config.max_batch(),
             prefill_chunk: config.scheduler.prefill_chunk,
+            prefetch_waiting: config.scheduler.prefetch_waiting && kv_cfg.prefix_caching,
             stream_buffer: config.scheduler.stream_buffer,
             speculative: config.speculative.clone(),
         };
@@ -699,6 +703,7 @@ impl Engine {
             s.n_preemptions += c.preemptions.load(Ordering::Relaxed);
             s.n_spec_drafted += c.spec_drafted.load(Ordering::Relaxed);
             s.n_spec_accepted += c.spec_accepted.load(Ordering::Relaxed);
+            s.n_prefetched_tokens += c.prefetched_tokens.load(Ordering::Relaxed);
             s.n_breakers_open += (w.breaker.state() != breaker::BreakerState::Closed) as usize;
             s.n_breaker_transitions += w.breaker.transitions();
             s.n_completed += w.counters.completed.load(Ordering::Relaxed);

@@ -278,6 +278,9 @@ impl Engine {
         if old.scheduler.stream_buffer != new.scheduler.stream_buffer {
             later.push("scheduler.streamBuffer");
         }
+        if old.scheduler.prefetch_waiting != new.scheduler.prefetch_waiting {
+            later.push("scheduler.prefetchWaiting");
+        }
         if old.qos.circuit_breaker != new.qos.circuit_breaker {
             later.push("qos.circuitBreaker");
         }

@@ -328,6 +328,37 @@ fn prefix_cache_hit_gives_the_cold_output_and_is_counted() {
 }
 
 #[test]
+fn kv_prefetch_fills_the_cache_for_waiting_requests_without_changing_outputs() {
+    let prompt = "a waiting request with a prompt long enough to fill several cache blocks before it runs";
+    let run = |prefetch: bool| {
+        let (e, _d) = tiny_engine_with(config(|c| {
+            c.kv_cache.block_size = 4;
+            c.batching.max_batch_size = 1;
+            c.scheduler.prefill_chunk = 64;
+            c.scheduler.prefetch_waiting = prefetch;
+        }));
+        // One slot: a long generation holds it while the second request waits.
+        let mut long = greedy("hello", 40);
+        long.ignore_eos = true;
+        let first = e.submit(long).unwrap();
+        let waiting = e.submit(greedy(prompt, 12)).unwrap();
+        let (first, waiting) = (collect(first), collect(waiting));
+        assert!(first.2.is_ok() && waiting.2.is_ok());
+        let s = wait_for(&e, idle);
+        (waiting.0, s)
+    };
+    let (with, s_on) = run(true);
+    let (without, s_off) = run(false);
+    assert_eq!(with, without, "prefetching changes nothing in the output");
+    assert_eq!(s_off.n_prefetched_tokens, 0);
+    assert!(s_on.n_prefetched_tokens >= 4 && s_on.n_prefetched_tokens % 4 == 0, "{s_on:?}");
+    // The prefetched blocks were found again when the request was scheduled.
+    assert!(s_on.prefix_cache_hits >= s_on.n_prefetched_tokens, "{s_on:?}");
+    assert!(s_off.prefix_cache_hits < s_on.prefix_cache_hits, "{s_off:?} vs {s_on:?}");
+    assert_eq!(s_on.kv_blocks_used, 0);
+}
+
+#[test]
 fn preemption_when_blocks_run_out_keeps_outputs_and_frees_every_block() {
     let prompts = ["hello", "world wide", "x y z", "a longer prompt here"];
     let (solo_e, _d0) = tiny_engine();

@@ -105,6 +105,7 @@ enum Outcome {
 pub(super) struct Settings {
     pub(super) max_batch: usize,
     pub(super) prefill_chunk: usize,
+    pub(super) prefetch_waiting: bool,
     pub(super) stream_buffer: usize,
     pub(super) speculative: crate::config::Speculative,
 }
@@ -419,6 +420,7 @@ impl WorkerLoop {
             s.grow(&mut self.pool, end);
             budget -= take;
         }
+        let prefetch = self.prefetch(&mut batch, budget);
         if batch.is_empty() {
             // Every sequence is paused on its consumer, or prompts wait for
             // blocks that running sequences hold: preempt the newest so the
@@ -438,25 +440,36 @@ impl WorkerLoop {
             return true;
         }
         let model = self.model.clone();
-        let tables: Vec<&[BlockId]> = self.running.iter().map(|s| s.blocks.as_slice()).collect();
+        let tables: Vec<&[BlockId]> = self.running.iter().chain(&prefetch).map(|s| s.blocks.as_slice()).collect();
         let kv = &mut self.kv;
         // Run the forward as a rayon job: this thread then waits once per
         // step instead of once per matmul, and the kernels' parallel loops
         // start from inside the pool.
         let result = rayon::scope(|_| std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&batch, kv, &tables))));
         drop(tables);
-        let mut logits = match result {
-            Ok(Ok(l)) => l,
-            Ok(Err(e)) => {
-                self.fail_all(EngineError::Generation(e.to_string()));
-                return true;
-            }
-            Err(_) => {
-                self.fail_all(EngineError::Internal("model forward panicked".into()));
-                return true;
-            }
+        let failed = match &result {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(EngineError::Generation(e.to_string())),
+            Err(_) => Some(EngineError::Internal("model forward panicked".into())),
         };
-        for bt in &batch {
+        // Prefetched prompts: their full blocks go into the prefix cache and
+        // the sequences back to the front of their queues, holding nothing.
+        let n_running = self.running.len();
+        for mut s in prefetch.into_iter().rev() {
+            if failed.is_none() {
+                // `prefetch` computed exactly its blocks, each one full.
+                s.n_cached = s.blocks.len() * self.pool.block_size();
+                s.register_full_blocks(&mut self.pool);
+            }
+            s.release_blocks(&mut self.pool);
+            self.waiting[s.job.priority as usize].push_front(s);
+        }
+        if let Some(e) = failed {
+            self.fail_all(e);
+            return true;
+        }
+        let Ok(Ok(mut logits)) = result else { unreachable!("failures returned above") };
+        for bt in batch.iter().filter(|b| b.seq < n_running) {
             let s = &mut self.running[bt.seq];
             // Guessed positions count once verified (below).
             if bt.pos < s.tokens.len() {
@@ -511,6 +524,48 @@ impl WorkerLoop {
             other => other,
         });
         true
+    }
+
+    /// KV prefetch: while every batch slot is taken, puts prompt chunks of
+    /// the requests next in line into `batch` (whole blocks, never a prompt's
+    /// last token, within the `budget` left and leaving blocks for the running
+    /// streams' next steps). Returns those sequences, taken off their queues;
+    /// their batch entries index past the running ones.
+    fn prefetch(&mut self, batch: &mut Vec<BatchToken>, mut budget: usize) -> Vec<Sequence> {
+        let bs = self.pool.block_size();
+        let max_batch = self.knobs.max_batch(self.settings.max_batch);
+        let mut out = Vec::new();
+        if !self.settings.prefetch_waiting || self.running.len() < max_batch {
+            return out;
+        }
+        // One block per running stream stays free for their next tokens.
+        let reserve = self.running.len();
+        for p in 0..3 {
+            while budget >= bs && self.pool.available() > reserve {
+                let Some(front) = self.waiting[p].front() else { break };
+                let end_max = (front.tokens.len() - 1) / bs * bs;
+                if !front.job.prefix_cache || !front.blocks.is_empty() || end_max == 0 {
+                    break;
+                }
+                let mut s = self.waiting[p].pop_front().unwrap();
+                s.reuse_prefix(&mut self.pool);
+                let room = (s.blocks.len() + self.pool.available().saturating_sub(reserve)) * bs;
+                let end = end_max.min((s.n_cached + budget) / bs * bs).min(room);
+                if end <= s.n_cached {
+                    // Nothing new fits (or it is all cached already): leave it be.
+                    s.release_blocks(&mut self.pool);
+                    self.waiting[p].push_front(s);
+                    return out;
+                }
+                let seq = self.running.len() + out.len();
+                batch.extend((s.n_cached..end).map(|pos| BatchToken { token: s.tokens[pos], pos, seq, logits: false }));
+                budget -= end - s.n_cached;
+                s.grow(&mut self.pool, end);
+                self.counters.prefetched_tokens.fetch_add((end - s.n_cached) as u64, Ordering::Relaxed);
+                out.push(s);
+            }
+        }
+        out
     }
 
     /// Samples the next token of `s` and sends what it releases.
