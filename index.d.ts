@@ -196,6 +196,8 @@ export interface NativeEngineStats {
   /** Speculative decoding: guessed tokens checked, and kept. */
   specDrafted: number
   specAccepted: number
+  /** KV prefetch: prompt tokens computed for requests still waiting. */
+  prefetchedTokens: number
   breakersOpen: number
   breakerTransitions: number
 }

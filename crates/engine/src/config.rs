@@ -132,7 +132,7 @@ pub struct KvCacheConfig {
 
 impl Default for Scheduler {
     fn default() -> Self {
-        Scheduler { prefill_chunk: 256, max_queued_requests: 256, max_queued_tokens: 262_144, stream_buffer: 256, prefetch_waiting: true }
+        Scheduler { prefill_chunk: 256, max_queued_requests: 256, max_queued_tokens: 262_144, stream_buffer: 256, prefetch_waiting: false }
     }
 }
 
