@@ -79,16 +79,100 @@ fn strings(g: &GgufFile, key: &str) -> Result<Vec<String>, EngineError> {
         .collect()
 }
 
+/// Byte-level BPE (GPT-2 style) from its merges, split first by the
+/// pre-tokenizer regex llama.cpp uses for `tokenizer.ggml.pre`.
+fn gpt2_base(g: &GgufFile, tokens: &[String]) -> Result<tokenizers::Tokenizer, EngineError> {
+    let merges = strings(g, "tokenizer.ggml.merges")?;
+    let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let merges: Vec<(String, String)> = merges
+        .iter()
+        .map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())).ok_or_else(|| EngineError::Tokenizer(format!("malformed merge '{m}'"))))
+        .collect::<Result<_, _>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
+        .build()
+        .map_err(|e| EngineError::Tokenizer(format!("cannot build BPE: {e}")))?;
+    let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("default");
+    let split = |re: &str| -> Result<PreTokenizerWrapper, EngineError> {
+        Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
+            .map(PreTokenizerWrapper::Split)
+            .map_err(|e| EngineError::Tokenizer(format!("bad pre-tokenizer regex: {e}")))
+    };
+    let mut steps = match pre {
+        // Digits split one by one first, then GPT-2's word split.
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => vec![split(r"\p{N}")?, split(GPT2_REGEX)?],
+        "llama-bpe" | "llama3" | "falcon3" | "pixtral" => vec![split(LLAMA3_REGEX)?],
+        "qwen2" | "qwen35" | "stablelm2" | "deepseek-r1-qwen" => vec![split(QWEN2_REGEX)?],
+        "default" | "gpt2" | "gpt-2" | "mpt" | "olmo" | "jais" => vec![split(GPT2_REGEX)?],
+        other => return Err(EngineError::Tokenizer(format!("pre-tokenizer '{other}' is not supported yet"))),
+    };
+    steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)));
+    let mut base = tokenizers::Tokenizer::new(bpe);
+    base.with_pre_tokenizer(Some(Sequence::new(steps)));
+    base.with_decoder(Some(ByteLevel::default()));
+    Ok(base)
+}
+
+/// SentencePiece BPE (`tokenizer.ggml.model = llama`: Llama 2, Mistral,
+/// Gemma, Phi-3): spaces become U+2581 (with one in front when
+/// `add_space_prefix`), pieces merge pairwise, the pair whose merged piece
+/// scores highest first, and what no piece covers falls back to byte
+/// tokens `<0xAB>`. As merges: every way to split a piece into two pieces,
+/// ranked by the whole piece's score.
+fn spm_base(g: &GgufFile, tokens: &[String]) -> Result<tokenizers::Tokenizer, EngineError> {
+    use tokenizers::normalizers::{Prepend, Replace, Sequence as NormSeq};
+    let scores: Vec<f64> = match g.get("tokenizer.ggml.scores").and_then(MetaValue::as_array) {
+        Some(a) if a.len() == tokens.len() => a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
+        _ => return Err(EngineError::Tokenizer("SentencePiece vocabulary without one score per token".into())),
+    };
+    let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let mut ranked: Vec<(f64, u32, String, String)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        for (at, _) in piece.char_indices().skip(1) {
+            let (a, b) = piece.split_at(at);
+            if vocab.contains_key(a) && vocab.contains_key(b) {
+                ranked.push((scores[id], id as u32, a.to_owned(), b.to_owned()));
+            }
+        }
+    }
+    ranked.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(vocab[&x.2].cmp(&vocab[&y.2])));
+    let merges = ranked.into_iter().map(|(_, _, a, b)| (a, b)).collect();
+    let unk = tokens.iter().position(|t| t == "<unk>").map(|i| tokens[i].clone());
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
+        .byte_fallback(true);
+    if let Some(u) = unk {
+        builder = builder.unk_token(u);
+    }
+    let bpe = builder.build().map_err(|e| EngineError::Tokenizer(format!("cannot build SentencePiece BPE: {e}")))?;
+    let mut base = tokenizers::Tokenizer::new(bpe);
+    let space = Replace::new(" ", "\u{2581}").map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+    let prefix = g.get("tokenizer.ggml.add_space_prefix").and_then(MetaValue::as_bool).unwrap_or(true);
+    let steps = if prefix { vec![Prepend::new("\u{2581}".into()).into(), space.into()] } else { vec![space.into()] };
+    base.with_normalizer(Some(NormSeq::new(steps)));
+    Ok(base)
+}
+
+/// The bytes a SentencePiece token stands for.
+fn spm_piece(t: &str, ty: i64) -> Vec<u8> {
+    const TOKEN_BYTE: i64 = 6;
+    if ty == TOKEN_BYTE {
+        if let Some(b) = t.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            return vec![b];
+        }
+    }
+    t.replace('\u{2581}', " ").into_bytes()
+}
+
 impl Tokenizer {
     pub fn from_gguf(g: &GgufFile) -> Result<Self, EngineError> {
         let model = g.get_str("tokenizer.ggml.model").unwrap_or("");
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(EngineError::Tokenizer(format!(
-                "tokenizer model '{model}' is not supported yet (byte-level BPE 'gpt2' is)"
+                "tokenizer model '{model}' is not supported yet (byte-level BPE 'gpt2' and SentencePiece 'llama' are)"
             )));
         }
         let tokens = strings(g, "tokenizer.ggml.tokens")?;
-        let merges = strings(g, "tokenizer.ggml.merges")?;
         let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(MetaValue::as_array) {
             Some(a) => a.iter().map(|v| v.as_u64().map(|x| x as i64).unwrap_or(1)).collect(),
             None => vec![1; tokens.len()],
@@ -96,45 +180,7 @@ impl Tokenizer {
         if types.len() != tokens.len() {
             return Err(EngineError::Tokenizer("token_type and tokens differ in length".into()));
         }
-
-        let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let merges: Vec<(String, String)> = merges
-            .iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                    .ok_or_else(|| EngineError::Tokenizer(format!("malformed merge '{m}'")))
-            })
-            .collect::<Result<_, _>>()?;
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
-            .build()
-            .map_err(|e| EngineError::Tokenizer(format!("cannot build BPE: {e}")))?;
-
-        let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("default");
-        let split = |re: &str| -> Result<PreTokenizerWrapper, EngineError> {
-            Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
-                .map(PreTokenizerWrapper::Split)
-                .map_err(|e| EngineError::Tokenizer(format!("bad pre-tokenizer regex: {e}")))
-        };
-        let byte_level = PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false));
-        let mut steps = match pre {
-            // Digits split one by one first, then GPT-2's word split.
-            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
-                vec![split(r"\p{N}")?, split(GPT2_REGEX)?]
-            }
-            "llama-bpe" | "llama3" | "falcon3" | "pixtral" => vec![split(LLAMA3_REGEX)?],
-            "qwen2" | "qwen35" | "stablelm2" | "deepseek-r1-qwen" => vec![split(QWEN2_REGEX)?],
-            "default" | "gpt2" | "gpt-2" | "mpt" | "olmo" | "jais" => vec![split(GPT2_REGEX)?],
-            other => {
-                return Err(EngineError::Tokenizer(format!("pre-tokenizer '{other}' is not supported yet")));
-            }
-        };
-        steps.push(byte_level.clone());
-
-        let mut base = tokenizers::Tokenizer::new(bpe);
-        base.with_pre_tokenizer(Some(Sequence::new(steps)));
-        base.with_decoder(Some(ByteLevel::default()));
+        let mut base = if model == "llama" { spm_base(g, &tokens)? } else { gpt2_base(g, &tokens)? };
 
         let specials: Vec<AddedToken> = types
             .iter()
@@ -156,6 +202,7 @@ impl Tokenizer {
             .map(|(t, &ty)| match ty {
                 TOKEN_CONTROL => Vec::new(),
                 TOKEN_USER_DEFINED => t.as_bytes().to_vec(),
+                _ if model == "llama" => spm_piece(t, ty),
                 _ => t.chars().map(|c| table.get(&c).copied()).collect::<Option<Vec<u8>>>().unwrap_or_else(|| t.as_bytes().to_vec()),
             })
             .collect();
@@ -172,7 +219,8 @@ impl Tokenizer {
                 eog_ids.push(i as u32);
             }
         }
-        let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(MetaValue::as_bool).unwrap_or(false);
+        // SentencePiece vocabularies add BOS unless the file says otherwise.
+        let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(MetaValue::as_bool).unwrap_or(model == "llama");
         let chat_template = g.get_str("tokenizer.chat_template").map(str::to_owned);
         Ok(Tokenizer { with_special, plain, pieces, texts: tokens, bos_id, eos_id, eog_ids, add_bos, chat_template })
     }
@@ -353,6 +401,36 @@ impl StreamDecoder {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn sentencepiece_vocabularies_tokenize_as_sentencepiece_does() {
+        // A vocabulary trained with the sentencepiece package, and its own
+        // encodings of a few texts (scripts/spm_vectors.py).
+        let v: serde_json::Value = serde_json::from_str(include_str!("testdata/spm.json")).unwrap();
+        let strs = |k: &str| v[k].as_array().unwrap().iter().map(|x| MetaValue::Str(x.as_str().unwrap().to_owned())).collect::<Vec<_>>();
+        let md = vec![
+            ("tokenizer.ggml.model", MetaValue::Str("llama".into())),
+            ("tokenizer.ggml.tokens", MetaValue::Array(strs("pieces"))),
+            ("tokenizer.ggml.scores", MetaValue::Array(v["scores"].as_array().unwrap().iter().map(|x| MetaValue::F32(x.as_f64().unwrap() as f32)).collect())),
+            ("tokenizer.ggml.token_type", MetaValue::Array(v["types"].as_array().unwrap().iter().map(|x| MetaValue::I32(x.as_i64().unwrap() as i32)).collect())),
+            ("tokenizer.ggml.bos_token_id", MetaValue::U32(1)),
+            ("tokenizer.ggml.eos_token_id", MetaValue::U32(2)),
+        ];
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), crate::gguf::writer::write(&md, &[])).unwrap();
+        let tk = Tokenizer::from_gguf(&GgufFile::open(f.path()).unwrap()).unwrap();
+        assert!(tk.add_bos);
+        for case in v["cases"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+            assert_eq!(tk.encode(text, false, false).unwrap(), want, "{text:?}");
+            // Decoding gives the text back, with SentencePiece's leading space.
+            if !text.is_empty() {
+                assert_eq!(tk.decode(&want), format!(" {text}"), "{text:?}");
+            }
+        }
+        assert_eq!(tk.encode("Hi", true, false).unwrap()[0], 1);
+    }
     use crate::gguf::writer::write;
 
     /// A tiny byte-level BPE vocabulary: all 256 byte tokens, a few merges, and
