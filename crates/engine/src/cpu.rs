@@ -255,6 +255,8 @@ pub fn tile_fn(isa: Isa, qtype: QType) -> TileFn {
         QType::Q4_1 => |w, a, o| scalar_tile(QType::Q4_1, w, a, o),
         QType::Q8_0 => |w, a, o| scalar_tile(QType::Q8_0, w, a, o),
         QType::A8 => |w, a, o| scalar_tile(QType::A8, w, a, o),
+        QType::Q5_0 => |w, a, o| scalar_tile(QType::Q5_0, w, a, o),
+        QType::Q5_1 => |w, a, o| scalar_tile(QType::Q5_1, w, a, o),
         QType::Q4_K => |w, a, o| scalar_tile(QType::Q4_K, w, a, o),
         QType::Q5_K => |w, a, o| scalar_tile(QType::Q5_K, w, a, o),
         QType::Q6_K => |w, a, o| scalar_tile(QType::Q6_K, w, a, o),
@@ -525,9 +527,9 @@ mod tests {
     #[test]
     fn k_quant_paths_match_the_scalar_reference() {
         use crate::quant::tests::random_k_row;
-        for qtype in [QType::Q4_K, QType::Q5_K, QType::Q6_K] {
+        for qtype in [QType::Q4_K, QType::Q5_K, QType::Q6_K, QType::Q5_0, QType::Q5_1] {
             for (rows, cols, n) in [(1, 256, 1), (37, 512, 3), (20, 768, 9)] {
-                let data: Vec<u8> = (0..rows).flat_map(|r| random_k_row(qtype, cols / 256, r as u64 + 1)).collect();
+                let data: Vec<u8> = (0..rows).flat_map(|r| random_k_row(qtype, cols / qtype.block_size(), r as u64 + 1)).collect();
                 assert_paths_agree(&QMatrix { qtype, rows, cols, data: Bytes::Owned(data) }, n);
             }
         }

@@ -345,8 +345,6 @@ impl GgufFile {
 
 fn ggml_type_name(ty: u32) -> String {
     let name = match ty {
-        6 => "Q5_0",
-        7 => "Q5_1",
         9 => "Q8_1",
         10 => "Q2_K",
         11 => "Q3_K",

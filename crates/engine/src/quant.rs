@@ -21,6 +21,11 @@ pub enum QType {
     BF16,
     Q4_0,
     Q4_1,
+    /// 5-bit blocks of 32 (the fifth bits in a 32-bit word): `d * (q - 16)`
+    /// and `d * q + m`; K-quant files use them for rows that are not a
+    /// multiple of 256.
+    Q5_0,
+    Q5_1,
     Q8_0,
     /// ggml's "K" super-blocks of 256 (the mix in Q4_K_M files).
     Q4_K,
@@ -39,6 +44,8 @@ impl QType {
             1 => QType::F16,
             2 => QType::Q4_0,
             3 => QType::Q4_1,
+            6 => QType::Q5_0,
+            7 => QType::Q5_1,
             8 => QType::Q8_0,
             12 => QType::Q4_K,
             13 => QType::Q5_K,
@@ -58,6 +65,8 @@ impl QType {
             QType::F16 => 1,
             QType::Q4_0 => 2,
             QType::Q4_1 => 3,
+            QType::Q5_0 => 6,
+            QType::Q5_1 => 7,
             QType::Q8_0 => 8,
             QType::BF16 => 30,
         }
@@ -69,6 +78,8 @@ impl QType {
             QType::BF16 => "BF16",
             QType::Q4_0 => "Q4_0",
             QType::Q4_1 => "Q4_1",
+            QType::Q5_0 => "Q5_0",
+            QType::Q5_1 => "Q5_1",
             QType::Q8_0 => "Q8_0",
             QType::A8 => "MLX-A8",
             QType::Q4_K => "Q4_K",
@@ -91,6 +102,8 @@ impl QType {
             QType::F16 | QType::BF16 => 2,
             QType::Q4_0 => 2 + QK / 2,
             QType::Q4_1 => 4 + QK / 2,
+            QType::Q5_0 => 2 + 4 + QK / 2,
+            QType::Q5_1 => 4 + 4 + QK / 2,
             QType::Q8_0 => 2 + QK,
             QType::A8 => 4 + QK,
             QType::Q4_K => 4 + 12 + QK_K / 2,
@@ -147,6 +160,15 @@ pub fn dequantize_row(qtype: QType, src: &[u8], dst: &mut [f32]) {
                 let d = f16_at(blk, 0);
                 for j in 0..QK {
                     out[j] = blk[2 + j] as i8 as f32 * d;
+                }
+            }
+        }
+        QType::Q5_0 | QType::Q5_1 => {
+            let mut q = [0i8; QK];
+            for (out, blk) in dst.chunks_exact_mut(QK).zip(src.chunks_exact(qtype.block_bytes())) {
+                let (d, m) = q5_unpack(qtype, blk, &mut q);
+                for (o, &v) in out.iter_mut().zip(&q) {
+                    *o = d * v as f32 + m;
                 }
             }
         }
@@ -207,7 +229,7 @@ pub fn quantize_row(qtype: QType, src: &[f32]) -> Vec<u8> {
                 }
             }
         }
-        QType::Q4_K | QType::Q5_K | QType::Q6_K => panic!("{} is read from files, never written", qtype.name()),
+        QType::Q5_0 | QType::Q5_1 | QType::Q4_K | QType::Q5_K | QType::Q6_K => panic!("{} is read from files, never written", qtype.name()),
         QType::A8 => {
             for blk in src.chunks_exact(QK) {
                 let mn = blk.iter().copied().fold(f32::INFINITY, f32::min);
@@ -345,6 +367,14 @@ pub fn dot_scalar(qtype: QType, w: &[u8], a: ActRow) -> f32 {
                 acc += f16_at(blk, 0) * a.d[b] * isum as f32;
             }
         }
+        QType::Q5_0 | QType::Q5_1 => {
+            let mut q = [0i8; QK];
+            for (b, blk) in w.chunks_exact(qtype.block_bytes()).enumerate() {
+                let (d, m) = q5_unpack(qtype, blk, &mut q);
+                let isum: i32 = q.iter().zip(&a.qs[b * QK..(b + 1) * QK]).map(|(&x, &y)| x as i32 * y as i32).sum();
+                acc += d * a.d[b] * isum as f32 + m * a.s[b];
+            }
+        }
         QType::Q4_K | QType::Q5_K | QType::Q6_K => {
             let mut k = KBlock::default();
             for (sb, blk) in w.chunks_exact(qtype.block_bytes()).enumerate() {
@@ -376,6 +406,22 @@ pub fn dot_scalar(qtype: QType, w: &[u8], a: ActRow) -> f32 {
         QType::F32 | QType::F16 | QType::BF16 => unreachable!("float weights use the f32 path"),
     }
     acc
+}
+
+/// A Q5_0/Q5_1 block as 32 small integers and `(d, m)`, element `j` being
+/// `d * q[j] + m` (Q5_0 centres its values: `q - 16`, no `m`).
+#[inline]
+pub(crate) fn q5_unpack(qtype: QType, blk: &[u8], q: &mut [i8; QK]) -> (f32, f32) {
+    let d = f16_at(blk, 0);
+    let (m, at) = if qtype == QType::Q5_1 { (f16_at(blk, 2), 4) } else { (0.0, 2) };
+    let qh = u32::from_le_bytes([blk[at], blk[at + 1], blk[at + 2], blk[at + 3]]);
+    let qs = &blk[at + 4..at + 4 + QK / 2];
+    let off = if qtype == QType::Q5_0 { 16 } else { 0 };
+    for j in 0..QK / 2 {
+        q[j] = ((qs[j] & 0x0F) | (((qh >> j) & 1) << 4) as u8) as i8 - off;
+        q[j + QK / 2] = ((qs[j] >> 4) | (((qh >> (j + QK / 2)) & 1) << 4) as u8) as i8 - off;
+    }
+    (d, m)
 }
 
 /// One K-quant super-block unpacked: 256 small integers and a scale (and a
@@ -490,7 +536,7 @@ pub(crate) mod tests {
             let d = f16::from_f32(0.01 * (1.0 + i as f32 * 0.1)).to_le_bytes();
             let at = if qtype == QType::Q6_K { 208 } else { 0 };
             blk[at..at + 2].copy_from_slice(&d);
-            if qtype != QType::Q6_K {
+            if matches!(qtype, QType::Q4_K | QType::Q5_K | QType::Q5_1) {
                 blk[2..4].copy_from_slice(&f16::from_f32(0.003).to_le_bytes());
             }
         }
@@ -501,7 +547,7 @@ pub(crate) mod tests {
     fn k_quants_dequantize_as_llama_cpp_does() {
         // Vectors from llama.cpp's Python package (scripts/kquant_vectors.py).
         let v: serde_json::Value = serde_json::from_str(include_str!("testdata/kquants.json")).unwrap();
-        for qt in [QType::Q4_K, QType::Q5_K, QType::Q6_K] {
+        for qt in [QType::Q4_K, QType::Q5_K, QType::Q6_K, QType::Q5_0, QType::Q5_1] {
             let case = &v[qt.name()];
             let bytes: Vec<u8> = case["bytes"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u8).collect();
             let want: Vec<f32> = case["values"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
@@ -518,8 +564,8 @@ pub(crate) mod tests {
         let mut acts = QuantizedActs::default();
         acts.quantize(&x, cols);
         let xd: Vec<f32> = acts.qs.iter().enumerate().map(|(i, &q)| q as f32 * acts.d[i / QK]).collect();
-        for qt in [QType::Q4_K, QType::Q5_K, QType::Q6_K] {
-            let w = random_k_row(qt, cols / QK_K, 11);
+        for qt in [QType::Q4_K, QType::Q5_K, QType::Q6_K, QType::Q5_0, QType::Q5_1] {
+            let w = random_k_row(qt, cols / qt.block_size(), 11);
             let mut wd = vec![0.0; cols];
             dequantize_row(qt, &w, &mut wd);
             // Against the dequantized weights times the (quantized) activations.
