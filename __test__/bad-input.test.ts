@@ -85,9 +85,9 @@ describe('bad input', () => {
     writeFileSync(arch, ggufWithTensorType(0, 'mamba'));
     await assert.rejects(engine.loadModel(arch), isCode('ModelLoadError', arch, "unsupported architecture 'mamba'"));
 
-    const q6k = path.join(dir, 'q6k.gguf');
-    writeFileSync(q6k, ggufWithTensorType(14));
-    await assert.rejects(engine.loadModel(q6k), isCode('ModelLoadError', q6k, 'unsupported tensor type Q6_K'));
+    const q3k = path.join(dir, 'q3k.gguf');
+    writeFileSync(q3k, ggufWithTensorType(11));
+    await assert.rejects(engine.loadModel(q3k), isCode('ModelLoadError', q3k, 'unsupported tensor type Q3_K'));
 
     await assert.rejects(engine.loadModel({ model: '' }), isCode('InvalidParams'));
     assert.equal(engine.listModels().length, 1);

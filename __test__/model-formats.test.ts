@@ -59,7 +59,7 @@ describe('MLX folders and convert', () => {
     const broken = mkdtempSync(path.join(dir, 'broken-'));
     writeFileSync(path.join(broken, 'config.json'), '{"model_type": "llama", "hidden_size": 64');
     const cases: [string, RegExp][] = [
-      [empty, /without config.json is not an MLX model folder/],
+      [empty, /directory without config.json: neither a GGUF file nor an MLX model folder/],
       [broken, /config.json: not valid JSON/],
       [path.join(dir, 'missing.gguf'), /cannot open/],
     ];

@@ -142,7 +142,7 @@ pub fn open(path: &Path) -> Result<Opened, EngineError> {
     if path.is_dir() {
         return Err(EngineError::ModelLoad {
             path: path.display().to_string(),
-            reason: "a folder without config.json is not an MLX model folder".into(),
+            reason: "is a directory without config.json: neither a GGUF file nor an MLX model folder".into(),
         });
     }
     let g = GgufFile::open(path)?;

@@ -200,6 +200,10 @@ impl<'a> GgufSource<'a> {
             path: g.path.display().to_string(),
             reason,
         };
+        let model_type = if arch == "qwen3moe" { "qwen3_moe".to_owned() } else { arch.clone() };
+        if !super::SUPPORTED.contains(&model_type.as_str()) {
+            return Err(err(format!("unsupported architecture '{arch}' (supported: {})", super::SUPPORTED.join(", "))));
+        }
         let key = |k: &str| format!("{arch}.{k}");
         let get = |k: &str| {
             g.get_u64(&key(k))
@@ -212,10 +216,7 @@ impl<'a> GgufSource<'a> {
         let dim = req("embedding_length")?;
         let f = |k: &str| g.get_f64(&key(k)).map(|v| v as f32);
         let hp = Hparams {
-            model_type: match arch.as_str() {
-                "qwen3moe" => "qwen3_moe".to_owned(),
-                a => a.to_owned(),
-            },
+            model_type,
             n_layers: req("block_count")?,
             dim,
             ffn_dim: get("feed_forward_length").unwrap_or(0),
