@@ -93,6 +93,31 @@ describe('bad input', () => {
     assert.equal(engine.listModels().length, 1);
   });
 
+  test('bad per-model settings and canary options give InvalidParams or ModelNotLoaded', async () => {
+    for (const requestTimeoutMs of [0, -1, NaN, Infinity]) {
+      await assert.rejects(engine.loadModel({ model: 'default', modelId: 'timeouts', requestTimeoutMs }), isCode('InvalidParams', 'requestTimeoutMs'));
+    }
+    assert.throws(() => engine.startCanary({ name: 'c', baseline: MODEL, candidate: 'nope' }), isCode('ModelNotLoaded', 'nope'));
+    assert.throws(() => engine.startCanary({ name: 'c', baseline: 'nope', candidate: MODEL }), isCode('ModelNotLoaded', 'nope'));
+    for (const stages of [[], [10, 5, 100], [1, 10], [0, 100], [50, 150]]) {
+      assert.throws(() => engine.startCanary({ name: 'c', baseline: MODEL, candidate: MODEL, stages }), isCode('InvalidParams'), JSON.stringify(stages));
+    }
+    assert.ok(!engine.getCanaryStatus(), 'no canary started');
+    // Out-of-range speculative settings are refused with the field named.
+    const cfgDir = mkdtempSync(path.join(tmpdir(), 'mlx-serving-bad-cfg-'));
+    for (const [yaml, field] of [
+      ['speculative:\n  maxDraftTokens: 0\n', 'speculative.maxDraftTokens'],
+      ['speculative:\n  ngramMin: 5\n  ngramMax: 3\n', 'speculative.ngramMin/ngramMax'],
+      ['speculative:\n  maxBatch: -1\n', 'speculative.maxBatch'],
+    ]) {
+      const file = path.join(cfgDir, 'runtime.yaml');
+      writeFileSync(file, yaml);
+      await assert.rejects(createEngine({ configPath: file }), isCode('InvalidParams', field));
+    }
+    rmSync(cfgDir, { recursive: true, force: true });
+    assert.equal(engine.listModels().length, 1);
+  });
+
   test('unknown model ids give ModelNotLoaded', async () => {
     await assert.rejects(engine.generate({ model: 'nope', prompt: 'hi' }), isCode('ModelNotLoaded', 'nope'));
     await assert.rejects(engine.tokenize({ model: 'nope', text: 'hi' }), isCode('ModelNotLoaded'));
