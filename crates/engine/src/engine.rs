@@ -840,7 +840,7 @@ impl Engine {
             _ => req.priority,
         };
         if priority == Priority::Background && knobs.shed_background() {
-            return Err(EngineError::Overloaded("background requests are being shed (a QoS policy is active)".into()));
+            return Err(Knobs::shed_error());
         }
         let limit = knobs.max_streams(config.streaming.max_concurrent_streams);
         if c.in_flight.fetch_add(1, Ordering::Relaxed) >= limit {

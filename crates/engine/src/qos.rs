@@ -407,6 +407,10 @@ impl Knobs {
     pub fn shed_background(&self) -> bool {
         self.shed_background.load(Ordering::Relaxed)
     }
+    /// What a background request gets while `shed_background` holds.
+    pub fn shed_error() -> crate::error::EngineError {
+        crate::error::EngineError::Overloaded("background requests are being shed (a QoS policy is active)".into())
+    }
     pub fn defer_background(&self) -> bool {
         self.defer_background.load(Ordering::Relaxed)
     }

@@ -236,8 +236,7 @@ impl WorkerLoop {
                     return false;
                 }
                 if shed && p == Priority::Background as usize && s.job.queued.is_some() {
-                    let e = EngineError::Overloaded("background requests are being shed (a QoS policy is active)".into());
-                    let _ = s.job.events.send(Event::Error(e));
+                    let _ = s.job.events.send(Event::Error(Knobs::shed_error()));
                     return false;
                 }
                 match s.job.deadline {
