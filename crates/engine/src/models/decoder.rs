@@ -227,24 +227,20 @@ pub fn mlp(src: &dyn WeightSource, i: usize) -> Result<Mlp, EngineError> {
 
 /// Layer `i` of the llama family: attention and a gated MLP, each after
 /// an RMSNorm, under the usual names.
-pub fn standard_layer(
-    src: &dyn WeightSource,
-    i: usize,
-    qk_norm: bool,
-    opts: &Options,
-) -> Result<Layer, EngineError> {
+pub fn standard_layer(src: &dyn WeightSource, i: usize, qk_norm: bool, opts: &Options) -> Result<Layer, EngineError> {
+    pre_norm_layer(src, i, attention(src, i, qk_norm, opts)?, Ffn::Dense(mlp(src, i)?), opts)
+}
+
+/// Layer `i` of the llama family around the given attention and
+/// feed-forward parts: their two RMSNorms under the usual names.
+pub fn pre_norm_layer(src: &dyn WeightSource, i: usize, attn: Attention, ffn: Ffn, opts: &Options) -> Result<Layer, EngineError> {
     let dim = src.hparams().dim;
     Ok(Layer {
         attn_norm: norm(src, &layer(i, "attn_norm", "input_layernorm"), dim, opts)?,
-        attn: attention(src, i, qk_norm, opts)?,
+        attn,
         post_attn_norm: None,
-        ffn_norm: norm(
-            src,
-            &layer(i, "ffn_norm", "post_attention_layernorm"),
-            dim,
-            opts,
-        )?,
-        ffn: Ffn::Dense(mlp(src, i)?),
+        ffn_norm: norm(src, &layer(i, "ffn_norm", "post_attention_layernorm"), dim, opts)?,
+        ffn,
         post_ffn_norm: None,
     })
 }

@@ -4,7 +4,7 @@
 //!
 //! Reference: mlx-lm's `models/phi3.py`, llama.cpp's `attn_qkv` / `ffn_up`.
 
-use super::decoder::{default_options, norm, Attention, Decoder, Ffn, Layer, Mlp};
+use super::decoder::{default_options, pre_norm_layer, Attention, Decoder, Ffn, Mlp};
 use super::weights::{layer, slice_rows, WeightSource};
 use crate::error::EngineError;
 
@@ -25,36 +25,21 @@ pub fn load(src: &dyn WeightSource) -> Result<Decoder, EngineError> {
                 hp.dim,
             )?;
             let gate_up = src.matrix(&layer(i, "ffn_up", "mlp.gate_up_proj"), 2 * ff, hp.dim)?;
-            Ok(Layer {
-                attn_norm: norm(
-                    src,
-                    &layer(i, "attn_norm", "input_layernorm"),
-                    hp.dim,
-                    &opts,
-                )?,
-                attn: Attention {
-                    wq: slice_rows(&qkv, 0, q_dim),
-                    wk: slice_rows(&qkv, q_dim, kv_dim),
-                    wv: slice_rows(&qkv, q_dim + kv_dim, kv_dim),
-                    wo: src.matrix(&layer(i, "attn_output", "self_attn.o_proj"), hp.dim, q_dim)?,
-                    bias: None,
-                    qk_norm: None,
-                    window: None,
-                },
-                post_attn_norm: None,
-                ffn_norm: norm(
-                    src,
-                    &layer(i, "ffn_norm", "post_attention_layernorm"),
-                    hp.dim,
-                    &opts,
-                )?,
-                ffn: Ffn::Dense(Mlp {
-                    gate: slice_rows(&gate_up, 0, ff),
-                    up: slice_rows(&gate_up, ff, ff),
-                    down: src.matrix(&layer(i, "ffn_down", "mlp.down_proj"), hp.dim, ff)?,
-                }),
-                post_ffn_norm: None,
-            })
+            let attn = Attention {
+                wq: slice_rows(&qkv, 0, q_dim),
+                wk: slice_rows(&qkv, q_dim, kv_dim),
+                wv: slice_rows(&qkv, q_dim + kv_dim, kv_dim),
+                wo: src.matrix(&layer(i, "attn_output", "self_attn.o_proj"), hp.dim, q_dim)?,
+                bias: None,
+                qk_norm: None,
+                window: None,
+            };
+            let ffn = Ffn::Dense(Mlp {
+                gate: slice_rows(&gate_up, 0, ff),
+                up: slice_rows(&gate_up, ff, ff),
+                down: src.matrix(&layer(i, "ffn_down", "mlp.down_proj"), hp.dim, ff)?,
+            });
+            pre_norm_layer(src, i, attn, ffn, &opts)
         })
         .collect::<Result<_, EngineError>>()?;
     Decoder::new(src, opts, layers)

@@ -5,7 +5,7 @@
 //! Reference: mlx-lm's `models/qwen3_moe.py` (experts stacked as
 //! `switch_mlp`), llama.cpp's `ffn_*_exps` tensors.
 
-use super::decoder::{attention, default_options, mlp, norm, Decoder, Ffn, Layer, Mlp, Moe};
+use super::decoder::{attention, default_options, mlp, pre_norm_layer, Decoder, Ffn, Mlp, Moe};
 use super::weights::{layer, WeightSource};
 use crate::error::EngineError;
 
@@ -47,24 +47,7 @@ pub fn load(src: &dyn WeightSource) -> Result<Decoder, EngineError> {
             } else {
                 Ffn::Dense(mlp(src, i)?)
             };
-            Ok(Layer {
-                attn_norm: norm(
-                    src,
-                    &layer(i, "attn_norm", "input_layernorm"),
-                    hp.dim,
-                    &opts,
-                )?,
-                attn: attention(src, i, true, &opts)?,
-                post_attn_norm: None,
-                ffn_norm: norm(
-                    src,
-                    &layer(i, "ffn_norm", "post_attention_layernorm"),
-                    hp.dim,
-                    &opts,
-                )?,
-                ffn,
-                post_ffn_norm: None,
-            })
+            pre_norm_layer(src, i, attention(src, i, true, &opts)?, ffn, &opts)
         })
         .collect::<Result<_, EngineError>>()?;
     Decoder::new(src, opts, layers)
