@@ -16,14 +16,15 @@ fn main() {
     };
     let w: Vec<f32> = (0..rows * cols).map(|_| rnd() * 0.05).collect();
     let x: Vec<f32> = (0..cols).map(|_| rnd()).collect();
-    for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q5_K, QType::Q6_K] {
+    for qtype in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q5_K, QType::Q6_K] {
         let data: Vec<u8> = match qtype {
-            // K-quants are only read: random bytes with small f16 scales.
-            QType::Q4_K | QType::Q5_K | QType::Q6_K => (0..rows * qtype.row_bytes(cols))
+            // Formats only read from files: random bytes with small f16 scales.
+            QType::Q4_K | QType::Q5_K | QType::Q6_K | QType::Q5_0 | QType::Q5_1 => (0..rows * qtype.row_bytes(cols))
                 .map(|i| {
                     let at = i % qtype.block_bytes();
                     let d_at = if qtype == QType::Q6_K { 208 } else { 0 };
-                    if at == d_at + 1 || (qtype != QType::Q6_K && at == 3) { 0x20 } else { (rnd() * 127.0 + 128.0) as u8 }
+                    let has_min = matches!(qtype, QType::Q4_K | QType::Q5_K | QType::Q5_1);
+                    if at == d_at + 1 || (has_min && at == 3) { 0x20 } else { (rnd() * 127.0 + 128.0) as u8 }
                 })
                 .collect(),
             _ => w.chunks(cols).flat_map(|r| quantize_row(qtype, r)).collect(),

@@ -243,6 +243,8 @@ pub fn tile_fn(isa: Isa, qtype: QType) -> TileFn {
             (Isa::Avx512Vnni, QType::Q4_1) => return |w, a, o| tile!(x86::q4_avx512 [true], w, a, o),
             (Isa::Avx512Vnni, QType::Q8_0) => return |w, a, o| tile!(x86::q8_vnni [false], w, a, o),
             (Isa::Avx512Vnni, QType::A8) => return |w, a, o| tile!(x86::q8_vnni [true], w, a, o),
+            (Isa::Avx2 | Isa::Avx512Vnni, QType::Q5_0) => return |w, a, o| tile!(x86::q5_avx2 [false], w, a, o),
+            (Isa::Avx2 | Isa::Avx512Vnni, QType::Q5_1) => return |w, a, o| tile!(x86::q5_avx2 [true], w, a, o),
             (Isa::Avx2 | Isa::Avx512Vnni, QType::Q4_K) => return |w, a, o| tile!(x86::kquant_avx2 [{ x86::K4 }], w, a, o),
             (Isa::Avx2 | Isa::Avx512Vnni, QType::Q5_K) => return |w, a, o| tile!(x86::kquant_avx2 [{ x86::K5 }], w, a, o),
             (Isa::Avx2 | Isa::Avx512Vnni, QType::Q6_K) => return |w, a, o| tile!(x86::kquant_avx2 [{ x86::K6 }], w, a, o),
@@ -404,6 +406,31 @@ mod x86 {
         w,
         a
     ));
+
+    /// Q5_0/Q5_1 tile: each block is unpacked once (scalar) to signed
+    /// bytes for all `NT` tokens, then one int8 product per token.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q5_avx2<const Q5_1: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
+        let qtype = if Q5_1 { QType::Q5_1 } else { QType::Q5_0 };
+        let mut q = [0i8; QK];
+        let mut acc = [_mm256_setzero_ps(); NT];
+        let mut corr = [0.0f32; NT];
+        let ones = _mm256_set1_epi16(1);
+        for (b, blk) in w.chunks_exact(qtype.block_bytes()).enumerate() {
+            let (d, m) = crate::quant::q5_unpack(qtype, blk, &mut q);
+            let qv = _mm256_loadu_si256(q.as_ptr() as *const __m256i);
+            let qabs = _mm256_sign_epi8(qv, qv);
+            for t in 0..NT {
+                let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qabs, _mm256_sign_epi8(av, qv)), ones);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * *a[t].d.get_unchecked(b)), acc[t]);
+                if Q5_1 {
+                    corr[t] += m * *a[t].s.get_unchecked(b);
+                }
+            }
+        }
+        std::array::from_fn(|t| hsum(acc[t]) + corr[t])
+    }
 
     pub const K4: u8 = 0;
     pub const K5: u8 = 1;
