@@ -611,3 +611,39 @@ impl Model for Decoder {
         Ok(logits)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::GgufFile;
+    use crate::models::weights::GgufSource;
+
+    /// Logits at the last position of `tokens`, every layer windowed to `window`.
+    fn last_logits(m: &mut Decoder, window: Option<usize>, tokens: &[u32]) -> Vec<f32> {
+        m.layers.iter_mut().for_each(|l| l.attn.window = window);
+        let mut kv = m.new_kv_store(4, 8);
+        let table: Vec<BlockId> = (0..8).collect();
+        let batch: Vec<BatchToken> = tokens.iter().enumerate().map(|(pos, &token)| BatchToken { token, pos, seq: 0, logits: pos + 1 == tokens.len() }).collect();
+        m.forward(&batch, &mut kv, &[&table]).unwrap()
+    }
+
+    #[test]
+    fn a_sliding_window_hides_tokens_outside_it_and_a_wide_one_changes_nothing() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/model.gguf");
+        let g = GgufFile::open(&path).unwrap();
+        let mut m = crate::models::llama::load(&GgufSource::new(&g).unwrap()).unwrap();
+        let a: Vec<u32> = (0..12).map(|i| 10 + i * 7).collect();
+        let mut b = a.clone();
+        b[0] = 200;
+        // Two layers with a window of 2: the last position's receptive field
+        // is its last 3 tokens, so the first token cannot matter...
+        assert_eq!(last_logits(&mut m, Some(2), &a), last_logits(&mut m, Some(2), &b));
+        // ...while it does without a window, and a window wider than the
+        // sequence is no window at all.
+        let full = last_logits(&mut m, None, &a);
+        assert_ne!(full, last_logits(&mut m, None, &b));
+        assert_eq!(full, last_logits(&mut m, Some(64), &a));
+        // The window really narrows attention (not just the first token).
+        assert_ne!(full, last_logits(&mut m, Some(2), &a));
+    }
+}
