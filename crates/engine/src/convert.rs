@@ -99,8 +99,12 @@ pub fn gguf_to_mlx(gguf: &Path, out_dir: &Path) -> Result<ConvertReport, EngineE
     for t in tensors {
         let (base, suffix) = t.name.rsplit_once('.').ok_or_else(|| src.err(format!("tensor '{}' has no suffix", t.name)))?;
         let hf = hf_name(base).ok_or_else(|| src.err(format!("tensor '{}' has no MLX counterpart", t.name)))?;
-        let cols = t.dims[0] as usize;
-        let rows = (t.n_elements() / t.dims[0].max(1)) as usize;
+        // A float vector is handled as rows of one element, so a llama Q/K
+        // bias is reordered like its weight's rows.
+        let (rows, cols) = match t.dims[..] {
+            [n] if !t.qtype.is_quantized() => (n as usize, 1),
+            _ => ((t.n_elements() / t.dims[0].max(1)) as usize, t.dims[0] as usize),
+        };
         let bytes = g.tensor_bytes(t);
         let rb = t.qtype.row_bytes(cols);
         // Row order: llama Q and K back to Hugging Face's layout.
@@ -108,7 +112,7 @@ pub fn gguf_to_mlx(gguf: &Path, out_dir: &Path) -> Result<ConvertReport, EngineE
             Some("attn_q" | "attn_k") if adjacent => rope_row_order(rows, hp.head_dim, false),
             _ => (0..rows).collect(),
         };
-        let shape = if t.dims.len() == 1 { vec![cols] } else { vec![rows, cols] };
+        let shape = if t.dims.len() == 1 { vec![rows * cols] } else { vec![rows, cols] };
         report.tensors += 1;
         #[allow(unreachable_patterns)] // while every other format is a float
         match t.qtype {

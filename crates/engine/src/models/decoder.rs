@@ -408,20 +408,21 @@ impl Decoder {
         }
     }
 
-    /// `out = mlp(h)` for `n` tokens.
-    fn run_mlp(&self, m: &Mlp, h: &[f32], n: usize, xq: &mut QuantizedActs, out: &mut [f32]) {
-        let ffn = m.gate.rows;
-        let mut gate = vec![0.0f32; n * ffn];
-        let mut up = vec![0.0f32; n * ffn];
-        matmul(&m.gate, h, xq, &mut gate);
-        matmul(&m.up, h, xq, &mut up);
-        self.activate(&mut gate, &up);
-        matmul(&m.down, &gate, xq, out);
+    /// `out = mlp(h)` for `n` tokens; `scratch` holds the gate and up
+    /// activations (allocated once per forward pass, not per layer).
+    fn run_mlp(&self, m: &Mlp, h: &[f32], n: usize, xq: &mut QuantizedActs, scratch: &mut [Vec<f32>; 2], out: &mut [f32]) {
+        let [gate, up] = scratch;
+        gate.resize(n * m.gate.rows, 0.0);
+        up.resize(n * m.up.rows, 0.0);
+        matmul(&m.gate, h, xq, gate);
+        matmul(&m.up, h, xq, up);
+        self.activate(gate, up);
+        matmul(&m.down, gate, xq, out);
     }
 
     /// Routes each token to its best experts; each expert runs once on all
     /// the tokens routed to it.
-    fn run_moe(&self, m: &Moe, h: &[f32], n: usize, xq: &mut QuantizedActs, out: &mut [f32]) {
+    fn run_moe(&self, m: &Moe, h: &[f32], n: usize, xq: &mut QuantizedActs, scratch: &mut [Vec<f32>; 2], out: &mut [f32]) {
         let (dim, ne) = (self.dim, m.experts.len());
         let mut probs = vec![0.0f32; n * ne];
         matmul(&m.router, h, xq, &mut probs);
@@ -447,7 +448,7 @@ impl Decoder {
                 .flat_map(|&(t, _)| h[t * dim..(t + 1) * dim].iter().copied())
                 .collect();
             let mut y = vec![0.0f32; tokens.len() * dim];
-            self.run_mlp(&m.experts[e], &x, tokens.len(), xq, &mut y);
+            self.run_mlp(&m.experts[e], &x, tokens.len(), xq, scratch, &mut y);
             for (&(t, w), yr) in tokens.iter().zip(y.chunks_exact(dim)) {
                 out[t * dim..(t + 1) * dim]
                     .iter_mut()
@@ -539,6 +540,7 @@ impl Model for Decoder {
         let mut v = vec![0.0f32; n * kv_dim];
         let mut att = vec![0.0f32; n * q_dim];
         let mut proj = vec![0.0f32; n * dim];
+        let mut ffn_scratch = [Vec::new(), Vec::new()];
 
         for (li, l) in self.layers.iter().enumerate() {
             let a = &l.attn;
@@ -576,8 +578,8 @@ impl Model for Decoder {
 
             ops::rms_norm(&x, &l.ffn_norm, self.eps, &mut h);
             match &l.ffn {
-                Ffn::Dense(m) => self.run_mlp(m, &h, n, &mut xq, &mut proj),
-                Ffn::Moe(m) => self.run_moe(m, &h, n, &mut xq, &mut proj),
+                Ffn::Dense(m) => self.run_mlp(m, &h, n, &mut xq, &mut ffn_scratch, &mut proj),
+                Ffn::Moe(m) => self.run_moe(m, &h, n, &mut xq, &mut ffn_scratch, &mut proj),
             }
             if let Some(w) = &l.post_ffn_norm {
                 ops::rms_norm_in_place(&mut proj, w, self.eps);
