@@ -35,7 +35,7 @@ use crate::kv::{BlockId, BlockPool, KvStore};
 use crate::metrics::{Histograms, LatencyMetrics};
 use crate::qos::{now_s, Knobs, Window};
 use crate::models::{BatchToken, Model};
-use crate::sampler::{top_logprobs, Sampler, SamplingParams};
+use crate::sampler::{top_logprobs, Sampled, Sampler, SamplingParams};
 use crate::stop::StopMatcher;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -54,6 +54,52 @@ pub struct ModelInfo {
     pub request_timeout_ms: Option<u64>,
     /// When a request last arrived for it (or it loaded), Unix epoch ms.
     pub last_access_ms: u64,
+    /// The id of the draft model attached to it (`load_draft_model`).
+    pub draft_model: Option<String>,
+}
+
+/// Whether one model can draft for another (`Engine::draft_compatibility`).
+#[derive(Debug, Clone)]
+pub struct DraftCompatibility {
+    /// No errors: the pair works (warnings say where it may not pay off).
+    pub compatible: bool,
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+    pub primary: ModelInfo,
+    pub draft: ModelInfo,
+}
+
+/// A draft model can draft for a primary model when their tokenizers give
+/// every id the same text (guesses are token ids); it helps only when it is
+/// much cheaper to run.
+fn draft_compatibility(primary: (&ModelInfo, &Tokenizer), draft: (&ModelInfo, &Tokenizer)) -> DraftCompatibility {
+    let ((p, pt), (d, dt)) = (primary, draft);
+    let (mut errors, mut warnings) = (Vec::new(), Vec::new());
+    if pt.vocab_size() != dt.vocab_size() {
+        errors.push(format!("vocabulary sizes differ: {} has {} tokens, {} has {}", p.id, pt.vocab_size(), d.id, dt.vocab_size()));
+    } else if let Some(i) = (0..pt.vocab_size() as u32).find(|&i| pt.token_text(i) != dt.token_text(i)) {
+        errors.push(format!(
+            "vocabularies differ at token {i}: {:?} in {} but {:?} in {}",
+            pt.token_text(i).unwrap_or(""),
+            p.id,
+            dt.token_text(i).unwrap_or(""),
+            d.id
+        ));
+    }
+    if pt.bos_id != dt.bos_id || pt.eos_id != dt.eos_id {
+        warnings.push("BOS/EOS tokens differ: the draft's own end-of-text guesses are checked like any other".into());
+    }
+    if d.weight_bytes >= p.weight_bytes {
+        warnings.push(format!(
+            "the draft ({} MB) is not smaller than the primary ({} MB): expect no speedup",
+            d.weight_bytes >> 20,
+            p.weight_bytes >> 20
+        ));
+    }
+    if d.context_length < p.context_length {
+        warnings.push(format!("the draft's context ({}) is shorter than the primary's ({}): no guesses past it", d.context_length, p.context_length));
+    }
+    DraftCompatibility { compatible: errors.is_empty(), errors, warnings, primary: p.clone(), draft: d.clone() }
 }
 
 /// Per-model settings given at load (a canary's candidate may differ from
@@ -399,12 +445,16 @@ impl Drop for Queued {
 
 enum Msg {
     Job(Box<Job>),
+    /// Attach a draft model (or detach with `None`).
+    Drafter(Option<worker::Drafter>),
     Shutdown,
 }
 
 struct Worker {
     info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
+    /// The attached draft model's description and tokenizer.
+    draft: Mutex<Option<(ModelInfo, Arc<Tokenizer>)>>,
     template: ChatTemplate,
     tx: mpsc::Sender<Msg>,
     counters: Arc<Counters>,
@@ -452,6 +502,33 @@ impl Default for Engine {
     fn default() -> Self {
         Self::with_config(RuntimeConfig::default())
     }
+}
+
+/// Opens a model file or folder and describes it (no worker yet).
+fn open_model(canonical: PathBuf, id: String, request_timeout_ms: Option<u64>) -> Result<(Arc<dyn Model>, Tokenizer, ModelInfo), EngineError> {
+    let crate::models::Opened { model, tokenizer, weight_format } = crate::models::open(&canonical)?;
+    let model: Arc<dyn Model> = Arc::from(model);
+    let cfg = model.config();
+    if tokenizer.vocab_size() > cfg.vocab_size {
+        return Err(EngineError::ModelLoad {
+            path: canonical.display().to_string(),
+            reason: format!("tokenizer has {} tokens but the model {}", tokenizer.vocab_size(), cfg.vocab_size),
+        });
+    }
+    let info = ModelInfo {
+        id,
+        path: canonical,
+        architecture: cfg.architecture.clone(),
+        context_length: cfg.context_length,
+        vocab_size: cfg.vocab_size,
+        weight_bytes: model.weight_bytes(),
+        warmup_ms: 0.0,
+        request_timeout_ms,
+        file_type: weight_format,
+        last_access_ms: 0,
+        draft_model: None,
+    };
+    Ok((model, tokenizer, info))
 }
 
 fn model_id_for(path: &Path) -> String {
@@ -578,30 +655,11 @@ impl Engine {
         }
 
         self.evict_for_one_more()?;
-        let crate::models::Opened { model, tokenizer, weight_format } = crate::models::open(&canonical)?;
-        let model: Arc<dyn Model> = Arc::from(model);
-        if tokenizer.vocab_size() > model.config().vocab_size {
-            return Err(EngineError::ModelLoad {
-                path: canonical.display().to_string(),
-                reason: format!("tokenizer has {} tokens but the model {}", tokenizer.vocab_size(), model.config().vocab_size),
-            });
-        }
+        let (model, tokenizer, info) = open_model(canonical, id.clone(), options.request_timeout_ms)?;
+        let canonical = info.path.clone();
         let text_of = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_owned();
         let template = ChatTemplate::new(tokenizer.chat_template.as_deref(), &text_of(tokenizer.bos_id), &text_of(tokenizer.eos_id))
             .map_err(|e| EngineError::ModelLoad { path: canonical.display().to_string(), reason: e.to_string() })?;
-        let cfg = model.config();
-        let info = ModelInfo {
-            id: id.clone(),
-            path: canonical,
-            architecture: cfg.architecture.clone(),
-            context_length: cfg.context_length,
-            vocab_size: cfg.vocab_size,
-            weight_bytes: model.weight_bytes(),
-            warmup_ms: 0.0,
-            request_timeout_ms: options.request_timeout_ms,
-            file_type: weight_format,
-            last_access_ms: 0,
-        };
         let tokenizer = Arc::new(tokenizer);
         let (tx, rx) = mpsc::channel();
         let counters = Arc::new(Counters::default());
@@ -645,7 +703,16 @@ impl Engine {
         let mut info = info;
         info.warmup_ms = ready_rx.recv().map_err(|_| EngineError::Internal("model thread ended during warmup".into()))?.as_secs_f64() * 1e3;
         let breaker = Arc::new(Breaker::new(config.qos.circuit_breaker));
-        let worker = Arc::new(Worker { info: info.clone(), tokenizer, template, tx, counters, breaker, thread: Mutex::new(Some(thread)) });
+        let worker = Arc::new(Worker {
+            info: info.clone(),
+            tokenizer,
+            draft: Mutex::new(None),
+            template,
+            tx,
+            counters,
+            breaker,
+            thread: Mutex::new(Some(thread)),
+        });
 
         let mut models = self.shared.models.lock().unwrap();
         if let Some(existing) = models.get(&id) {
@@ -668,6 +735,80 @@ impl Engine {
         Ok(())
     }
 
+    /// Loads `path` as the draft model of the loaded model `primary`: its
+    /// requests with speculative decoding on then take their guesses from
+    /// it (see `speculative.rs`) instead of prompt lookup. Replaces a draft
+    /// already attached. The draft gets its own KV cache with as many
+    /// positions as the primary's. Errors: `ModelNotLoaded` for `primary`,
+    /// `ModelLoadError` for the file, `InvalidParams` when the two
+    /// vocabularies differ.
+    pub fn load_draft_model(&self, primary: &str, path: impl AsRef<Path>, id: Option<String>) -> Result<ModelInfo, EngineError> {
+        let w = self.worker(primary)?;
+        let path = path.as_ref();
+        let canonical = std::fs::canonicalize(path)
+            .map_err(|e| EngineError::ModelLoad { path: path.display().to_string(), reason: format!("cannot open: {e}") })?;
+        let id = id.unwrap_or_else(|| model_id_for(path));
+        if id.is_empty() {
+            return Err(EngineError::InvalidParams("model id must not be empty".into()));
+        }
+        let (model, tokenizer, info) = open_model(canonical, id, None)?;
+        let report = draft_compatibility((&w.info, &w.tokenizer), (&info, &tokenizer));
+        if !report.compatible {
+            return Err(EngineError::InvalidParams(format!(
+                "'{}' cannot draft for '{primary}': {}",
+                info.id,
+                report.errors.join("; ")
+            )));
+        }
+        let n_blocks = w.counters.kv_blocks_total.load(Ordering::Relaxed);
+        let block_size = self.config().kv_cache.block_size;
+        let drafter = worker::Drafter {
+            kv: model.new_kv_store(block_size, n_blocks),
+            pool: BlockPool::new(n_blocks, block_size, false),
+            model,
+        };
+        w.tx.send(Msg::Drafter(Some(drafter))).map_err(|_| EngineError::ModelNotLoaded(primary.to_owned()))?;
+        *w.draft.lock().unwrap() = Some((info.clone(), Arc::new(tokenizer)));
+        Ok(info)
+    }
+
+    /// Detaches the draft model of `model` (a primary's id or its draft's),
+    /// or of every model when `None`. Returns the ids of the drafts removed.
+    pub fn unload_draft_model(&self, model: Option<&str>) -> Result<Vec<String>, EngineError> {
+        let workers: Vec<Arc<Worker>> = self.shared.models.lock().unwrap().values().cloned().collect();
+        let mut removed = Vec::new();
+        for w in &workers {
+            let mut draft = w.draft.lock().unwrap();
+            let matches = match (model, draft.as_ref()) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(m), Some((d, _))) => m == w.info.id || m == d.id,
+            };
+            if matches {
+                let _ = w.tx.send(Msg::Drafter(None));
+                removed.push(draft.take().unwrap().0.id);
+            }
+        }
+        match model {
+            Some(m) if removed.is_empty() && !workers.iter().any(|w| w.info.id == m) => Err(EngineError::ModelNotLoaded(m.to_owned())),
+            _ => Ok(removed),
+        }
+    }
+
+    /// Whether `draft` (a loaded model or an attached draft) can draft for
+    /// the loaded model `primary`, and why not or where it may not pay off.
+    pub fn draft_compatibility(&self, primary: &str, draft: &str) -> Result<DraftCompatibility, EngineError> {
+        let workers: Vec<Arc<Worker>> = self.shared.models.lock().unwrap().values().cloned().collect();
+        let p = workers.iter().find(|w| w.info.id == primary).ok_or_else(|| EngineError::ModelNotLoaded(primary.to_owned()))?;
+        let d = workers
+            .iter()
+            .find(|w| w.info.id == draft)
+            .map(|w| (w.info.clone(), w.tokenizer.clone()))
+            .or_else(|| workers.iter().find_map(|w| w.draft.lock().unwrap().as_ref().filter(|(i, _)| i.id == draft).cloned()))
+            .ok_or_else(|| EngineError::ModelNotLoaded(draft.to_owned()))?;
+        Ok(draft_compatibility((&self.info_of(p), &p.tokenizer), (&d.0, &d.1)))
+    }
+
     pub fn list_models(&self) -> Vec<ModelInfo> {
         let mut v: Vec<_> = self.shared.models.lock().unwrap().values().map(|w| self.info_of(w)).collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
@@ -681,6 +822,7 @@ impl Engine {
     fn info_of(&self, w: &Worker) -> ModelInfo {
         let mut info = w.info.clone();
         info.last_access_ms = self.unix_start_ms + w.counters.last_used_ms.load(Ordering::Relaxed);
+        info.draft_model = w.draft.lock().unwrap().as_ref().map(|(d, _)| d.id.clone());
         info
     }
 

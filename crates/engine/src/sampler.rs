@@ -155,33 +155,85 @@ impl Sampler {
     /// output); its last `PENALTY_WINDOW` tokens feed the penalties.
     /// `logits` is modified in place.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> Sampled {
-        let p = &self.params;
-        let raw_logprob_of = |logits: &[f32], t: usize| logits[t] - log_sum_exp(logits);
         // The reported log-probability is of the unpenalized distribution.
-        let mut raw = None;
-        if p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
-            raw = Some(logits.to_vec());
-            let window = &history[history.len().saturating_sub(PENALTY_WINDOW)..];
-            let mut counts: HashMap<u32, u32> = HashMap::new();
-            for &t in window {
-                *counts.entry(t).or_default() += 1;
-            }
-            for (&t, &c) in &counts {
-                let Some(l) = logits.get_mut(t as usize) else { continue };
-                *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
-                *l -= p.presence_penalty + p.frequency_penalty * c as f32;
-            }
-        }
-        let token = if p.temperature == 0.0 {
+        let raw = self.penalizes().then(|| logits.to_vec());
+        self.penalize(logits, history);
+        let token = if self.params.temperature == 0.0 {
             argmax(logits)
         } else {
-            self.sample_temperature(logits)
+            self.fill_candidates(logits);
+            self.draw(None)
         };
-        let logprob = raw_logprob_of(raw.as_deref().unwrap_or(logits), token as usize);
-        Sampled { token, logprob }
+        Sampled { token, logprob: logprob(raw.as_deref().unwrap_or(logits), token) }
     }
 
-    fn sample_temperature(&mut self, logits: &[f32]) -> u32 {
+    /// Whether `penalize` changes logits (callers keep a copy of the raw
+    /// ones for reporting log-probabilities).
+    pub fn penalizes(&self) -> bool {
+        let p = &self.params;
+        p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
+    }
+
+    fn penalize(&self, logits: &mut [f32], history: &[u32]) {
+        if !self.penalizes() {
+            return;
+        }
+        let p = &self.params;
+        let window = &history[history.len().saturating_sub(PENALTY_WINDOW)..];
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for &t in window {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (&t, &c) in &counts {
+            let Some(l) = logits.get_mut(t as usize) else { continue };
+            *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+            *l -= p.presence_penalty + p.frequency_penalty * c as f32;
+        }
+    }
+
+    /// The distribution `sample` draws from (after penalties, temperature,
+    /// top-k, min-p and top-p) as `(token, probability)` pairs that sum to
+    /// 1, most likely first; a single pair when decoding greedily.
+    /// Speculative sampling needs it whole, for the draft and the target.
+    /// `logits` is modified in place.
+    pub fn distribution(&mut self, logits: &mut [f32], history: &[u32]) -> Vec<(u32, f32)> {
+        self.penalize(logits, history);
+        if self.params.temperature == 0.0 {
+            return vec![(argmax(logits), 1.0)];
+        }
+        self.fill_candidates(logits);
+        let total: f32 = self.candidates.iter().map(|e| e.1).sum();
+        self.candidates.iter().map(|&(t, p)| (t, p / total)).collect()
+    }
+
+    /// A token drawn from `dist` (pairs of `distribution`).
+    pub fn draw_from(&mut self, dist: &[(u32, f32)]) -> u32 {
+        self.draw(Some(dist))
+    }
+
+    /// Uniform in [0, 1), from the request's seeded generator.
+    pub fn uniform(&mut self) -> f32 {
+        self.rng.next_f32()
+    }
+
+    /// Draws from `dist`, or from the candidates `fill_candidates` left
+    /// (their weights need not sum to 1).
+    fn draw(&mut self, dist: Option<&[(u32, f32)]>) -> u32 {
+        let c = dist.unwrap_or(&self.candidates);
+        let total: f32 = c.iter().map(|e| e.1).sum();
+        let mut r = self.rng.next_f32() * total;
+        for e in c.iter() {
+            if r < e.1 {
+                return e.0;
+            }
+            r -= e.1;
+        }
+        c.last().map(|e| e.0).unwrap_or(0)
+    }
+
+    /// Leaves in `candidates` the tokens temperature sampling may pick and
+    /// their unnormalised weights, most likely first.
+    fn fill_candidates(&mut self, logits: &[f32]) {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) * inv_t;
@@ -225,16 +277,12 @@ impl Sampler {
             }
             c.truncate(keep);
         }
-        let total: f32 = c.iter().map(|e| e.1).sum();
-        let mut r = self.rng.next_f32() * total;
-        for e in c.iter() {
-            if r < e.1 {
-                return e.0;
-            }
-            r -= e.1;
-        }
-        c.last().map(|e| e.0).unwrap_or(0)
     }
+}
+
+/// Log-probability of `token` under the softmax of `logits`.
+pub fn logprob(logits: &[f32], token: u32) -> f32 {
+    logits[token as usize] - log_sum_exp(logits)
 }
 
 pub fn argmax(v: &[f32]) -> u32 {

@@ -752,3 +752,151 @@ fn speculative_decoding_keeps_greedy_and_seeded_outputs_and_accepts_guesses() {
     }
     assert!(idle(&wait_for(&spec, idle)));
 }
+
+/// Writes a tiny llama with the test tokenizer (optionally edited) next to
+/// the engine's model: a draft candidate for it.
+fn tiny_draft(dir: &std::path::Path, name: &str, dim: usize, n_layers: usize, edit: impl FnOnce(&mut Vec<MetaValue>)) -> std::path::PathBuf {
+    let mut md = tiny_tokenizer_metadata();
+    let tokens = md.iter_mut().find(|(k, _)| *k == "tokenizer.ggml.tokens").unwrap();
+    let MetaValue::Array(list) = &mut tokens.1 else { unreachable!() };
+    edit(list);
+    let n_vocab = list.len();
+    let types = md.iter_mut().find(|(k, _)| *k == "tokenizer.ggml.token_type").unwrap();
+    let MetaValue::Array(types) = &mut types.1 else { unreachable!() };
+    types.resize(n_vocab, MetaValue::I32(1));
+    let path = dir.join(format!("{name}.gguf"));
+    std::fs::write(&path, tiny_llama_gguf(&TinyLlama { vocab: n_vocab, dim, n_layers }, md)).unwrap();
+    path
+}
+
+fn speculative_on() -> RuntimeConfig {
+    config(|c| c.speculative.enabled = true)
+}
+
+#[test]
+fn draft_model_keeps_greedy_output_alone_and_batched() {
+    let plain = tiny_engine().0;
+    let (spec, d) = tiny_engine_with(speculative_on());
+    let draft = tiny_draft(d.path(), "small", 32, 1, |_| {});
+    let info = spec.load_draft_model("tiny", &draft, None).unwrap();
+    assert_eq!(info.id, "small");
+    assert_eq!(spec.model_info("tiny").unwrap().draft_model.as_deref(), Some("small"));
+    let prompts = ["hello world hello world hello", "a b c a b c a b", "the cat sat", "x"];
+    for p in prompts {
+        assert_eq!(collect(spec.submit(greedy(p, 24)).unwrap()).0, collect(plain.submit(greedy(p, 24)).unwrap()).0, "{p:?}");
+    }
+    let s = wait_for(&spec, idle);
+    assert!(s.n_spec_drafted > 0 && s.n_spec_accepted <= s.n_spec_drafted, "{s:?}");
+    let handles: Vec<_> = prompts.iter().map(|p| spec.submit(greedy(p, 24)).unwrap()).collect();
+    for (p, h) in prompts.iter().zip(handles) {
+        assert_eq!(collect(h).0, collect(plain.submit(greedy(p, 24)).unwrap()).0, "{p:?} batched");
+    }
+
+    // The primary as its own draft: nearly every greedy guess is kept
+    // (the two can differ only where batch shapes round differently).
+    spec.load_draft_model("tiny", d.path().join("tiny.gguf"), Some("self".into())).unwrap();
+    let before = spec.stats();
+    assert_eq!(collect(spec.submit(greedy("hello world", 40)).unwrap()).0, collect(plain.submit(greedy("hello world", 40)).unwrap()).0);
+    let after = wait_for(&spec, idle);
+    let (drafted, kept) = (after.n_spec_drafted - before.n_spec_drafted, after.n_spec_accepted - before.n_spec_accepted);
+    assert!(drafted >= 30 && kept as f64 >= 0.9 * drafted as f64, "kept {kept} of {drafted}");
+
+    // Detached: plain decoding again, and nothing left in the draft's cache.
+    assert_eq!(spec.unload_draft_model(Some("self")).unwrap(), ["self"]);
+    assert_eq!(spec.model_info("tiny").unwrap().draft_model, None);
+    assert_eq!(collect(spec.submit(greedy("x", 8)).unwrap()).0, collect(plain.submit(greedy("x", 8)).unwrap()).0);
+    assert!(spec.unload_draft_model(None).unwrap().is_empty());
+    assert_eq!(spec.unload_draft_model(Some("nope")).unwrap_err().code(), "ModelNotLoaded");
+}
+
+/// Sampled output with a draft model keeps the primary's distribution: the
+/// tokens at the positions that guesses decide (2nd to 4th) are compared
+/// with plain sampling by a two-sample chi-square test.
+#[test]
+fn draft_model_sampling_keeps_the_primary_distribution() {
+    let plain = tiny_engine().0;
+    let (spec, d) = tiny_engine_with(speculative_on());
+    spec.load_draft_model("tiny", tiny_draft(d.path(), "small", 32, 1, |_| {}), None).unwrap();
+    let n = 1500;
+    let run = |e: &Engine| {
+        let mut out: Vec<Vec<u32>> = Vec::new();
+        for wave in 0..n / 4 {
+            let handles: Vec<_> = (0..4)
+                .map(|j| {
+                    let mut r = greedy("the cat", 4);
+                    r.sampling.temperature = 0.8;
+                    r.sampling.seed = Some((wave * 4 + j) as u64);
+                    e.submit(r).unwrap()
+                })
+                .collect();
+            out.extend(handles.into_iter().map(|h| collect(h).0));
+        }
+        out
+    };
+    let (a, b) = (run(&plain), run(&spec));
+    let s = wait_for(&spec, idle);
+    assert!(s.n_spec_drafted > 1000, "{s:?}");
+    // Reject only what the rule should never do: few kept means the draft
+    // disagrees, which is fine; the distribution test below is the check.
+    for pos in 1..4 {
+        let mut counts: HashMap<u32, (u64, u64)> = HashMap::new();
+        for v in &a {
+            counts.entry(v[pos]).or_default().0 += 1;
+        }
+        for v in &b {
+            counts.entry(v[pos]).or_default().1 += 1;
+        }
+        // Cells with few samples are pooled so the chi-square approximation holds.
+        let (mut cells, mut rest) = (Vec::new(), (0u64, 0u64));
+        for (_, c) in counts {
+            if c.0 + c.1 >= 20 {
+                cells.push(c);
+            } else {
+                rest = (rest.0 + c.0, rest.1 + c.1);
+            }
+        }
+        if rest.0 + rest.1 > 0 {
+            cells.push(rest);
+        }
+        let (na, nb) = (a.len() as f64, b.len() as f64);
+        let x2: f64 = cells
+            .iter()
+            .map(|&(x, y)| {
+                let (x, y) = (x as f64, y as f64);
+                let (ea, eb) = ((x + y) * na / (na + nb), (x + y) * nb / (na + nb));
+                (x - ea).powi(2) / ea + (y - eb).powi(2) / eb
+            })
+            .sum();
+        // 99.9th percentile of chi-square (Wilson-Hilferty approximation).
+        let k = (cells.len() - 1) as f64;
+        let crit = k * (1.0 - 2.0 / (9.0 * k) + 3.09 * (2.0 / (9.0 * k)).sqrt()).powi(3);
+        assert!(x2 < crit, "token {pos}: chi-square {x2:.1} over {} cells (critical {crit:.1})", cells.len());
+    }
+}
+
+#[test]
+fn a_draft_must_share_the_vocabulary() {
+    let (e, d) = tiny_engine_with(speculative_on());
+    let bigger = tiny_draft(d.path(), "bigger", 32, 1, |t| t.push(MetaValue::Str("extra".into())));
+    let err = e.load_draft_model("tiny", &bigger, None).unwrap_err();
+    assert_eq!(err.code(), "InvalidParams");
+    assert!(err.to_string().contains("vocabulary sizes differ"), "{err}");
+    let renamed = tiny_draft(d.path(), "renamed", 32, 1, |t| t[0] = MetaValue::Str("<|end|>".into()));
+    let err = e.load_draft_model("tiny", &renamed, None).unwrap_err();
+    assert!(err.to_string().contains("differ at token 0"), "{err}");
+    assert_eq!(e.model_info("tiny").unwrap().draft_model, None);
+    assert_eq!(e.load_draft_model("nope", &renamed, None).unwrap_err().code(), "ModelNotLoaded");
+    assert_eq!(e.load_draft_model("tiny", d.path().join("missing.gguf"), None).unwrap_err().code(), "ModelLoadError");
+
+    // The report: a loaded model checked as a draft of another.
+    e.load_model(&renamed, None).unwrap();
+    e.load_model(tiny_draft(d.path(), "small", 32, 1, |_| {}), None).unwrap();
+    let r = e.draft_compatibility("tiny", "renamed").unwrap();
+    assert!(!r.compatible && r.errors.len() == 1, "{r:?}");
+    let r = e.draft_compatibility("tiny", "small").unwrap();
+    assert!(r.compatible && r.errors.is_empty() && r.warnings.is_empty(), "{r:?}");
+    // The primary drafting for itself works but cannot be faster.
+    let r = e.draft_compatibility("tiny", "tiny").unwrap();
+    assert!(r.compatible && r.warnings.iter().any(|w| w.contains("not smaller")), "{r:?}");
+    assert_eq!(e.draft_compatibility("tiny", "nope").unwrap_err().code(), "ModelNotLoaded");
+}

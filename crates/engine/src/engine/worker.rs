@@ -25,6 +25,30 @@ struct Sequence {
     t_last_token: Option<Instant>,
     /// Guessed next tokens riding along this step (speculative decoding).
     draft: Vec<u32>,
+    /// With a draft model: the distribution each guess was drawn from.
+    draft_q: Vec<Vec<(u32, f32)>>,
+    /// The draft model's cache blocks for this sequence, holding positions
+    /// `0..draft_cached` of `tokens`.
+    draft_blocks: Vec<BlockId>,
+    draft_cached: usize,
+}
+
+/// A smaller model with the same vocabulary that drafts guesses for this
+/// worker's sequences, with its own paged cache (no prefix sharing: its
+/// blocks live as long as their sequence runs).
+pub(super) struct Drafter {
+    pub(super) model: Arc<dyn Model>,
+    pub(super) kv: KvStore,
+    pub(super) pool: BlockPool,
+}
+
+impl Drafter {
+    fn release(&mut self, s: &mut Sequence) {
+        for b in s.draft_blocks.drain(..) {
+            self.pool.release(b);
+        }
+        s.draft_cached = 0;
+    }
 }
 
 impl Sequence {
@@ -126,6 +150,7 @@ pub(super) struct WorkerLoop {
     next_arrival: u64,
     /// References held on pinned prefix blocks.
     pinned: Vec<BlockId>,
+    drafter: Option<Drafter>,
 }
 
 impl WorkerLoop {
@@ -152,6 +177,7 @@ impl WorkerLoop {
             settings: Settings { max_batch: settings.max_batch.max(1), ..settings },
             next_arrival: 0,
             pinned: Vec::new(),
+            drafter: None,
         }
     }
 
@@ -203,6 +229,9 @@ impl WorkerLoop {
             t_first_token: None,
             t_last_token: None,
             draft: Vec::new(),
+            draft_q: Vec::new(),
+            draft_blocks: Vec::new(),
+            draft_cached: 0,
             job,
         };
         self.waiting[seq.job.priority as usize].push_back(seq);
@@ -295,6 +324,7 @@ impl WorkerLoop {
             for msg in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
                 match msg {
                     Msg::Job(j) => self.admit(j),
+                    Msg::Drafter(d) => self.set_drafter(d),
                     Msg::Shutdown => shutdown = true,
                 }
             }
@@ -305,6 +335,7 @@ impl WorkerLoop {
             paused = !self.step();
             self.publish();
         }
+        self.set_drafter(None);
         let mut all: Vec<Sequence> = self.running.drain(..).collect();
         all.extend(self.waiting.iter_mut().flat_map(|q| q.drain(..)));
         for s in all.iter_mut() {
@@ -319,6 +350,84 @@ impl WorkerLoop {
         }
     }
 
+    /// Attaches (or detaches) the draft model; caches of the previous one go.
+    fn set_drafter(&mut self, drafter: Option<Drafter>) {
+        if let Some(mut old) = self.drafter.take() {
+            for s in self.running.iter_mut().chain(self.waiting.iter_mut().flatten()) {
+                old.release(s);
+            }
+        }
+        self.drafter = drafter;
+    }
+
+    /// Draft-model guesses for the sequences `(index, k)`: the draft model
+    /// first catches up on the tokens its cache lacks, then proposes up to
+    /// `k` tokens one forward at a time (every sequence's in one batch),
+    /// each drawn under the sequence's own sampling settings from the
+    /// distribution kept in `draft_q` for the acceptance test. A sequence
+    /// the draft's cache or context cannot hold gets no guesses; a failed
+    /// draft forward only costs this step's guesses.
+    fn draft_with_model(&mut self, wanted: &[(usize, usize)]) {
+        let Some(d) = self.drafter.as_mut() else { return };
+        let bs = d.pool.block_size();
+        let dcfg = d.model.config();
+        let vocab = dcfg.vocab_size.min(self.model.config().vocab_size);
+        let mut active: Vec<(usize, usize)> = Vec::new();
+        let mut batch = Vec::new();
+        for &(i, k) in wanted {
+            let s = &mut self.running[i];
+            // Positions the draft computes: up to the one before its last guess.
+            let end = s.tokens.len() + k - 1;
+            if k == 0 || end > dcfg.context_length {
+                continue;
+            }
+            let short = end.div_ceil(bs).saturating_sub(s.draft_blocks.len());
+            if short > d.pool.available() {
+                continue;
+            }
+            for _ in 0..short {
+                s.draft_blocks.push(d.pool.allocate().expect("counted above"));
+            }
+            let seq = active.len();
+            let n = s.tokens.len();
+            batch.extend((s.draft_cached..n).map(|pos| BatchToken { token: s.tokens[pos], pos, seq, logits: pos + 1 == n }));
+            active.push((i, k));
+        }
+        while !batch.is_empty() {
+            let tables: Vec<&[BlockId]> = active.iter().map(|&(i, _)| self.running[i].draft_blocks.as_slice()).collect();
+            let (model, kv) = (&d.model, &mut d.kv);
+            let result = rayon::scope(|_| std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&batch, kv, &tables))));
+            drop(tables);
+            let Ok(Ok(mut logits)) = result else {
+                for &(i, _) in &active {
+                    let s = &mut self.running[i];
+                    s.draft.clear();
+                    s.draft_q.clear();
+                    d.release(s);
+                }
+                return;
+            };
+            let rows = logits.chunks_exact_mut(dcfg.vocab_size);
+            let mut next = Vec::new();
+            for (bt, row) in batch.iter().filter(|b| b.logits).zip(rows) {
+                let (i, k) = active[bt.seq];
+                let s = &mut self.running[i];
+                s.draft_cached = bt.pos + 1;
+                // Penalties see the sequence as it would be with the guesses so far.
+                let tail = s.tokens.len().saturating_sub(crate::sampler::PENALTY_WINDOW);
+                let history: Vec<u32> = s.tokens[tail..].iter().chain(&s.draft).copied().collect();
+                let q = s.sampler.distribution(&mut row[..vocab], &history);
+                let tok = s.sampler.draw_from(&q);
+                s.draft.push(tok);
+                s.draft_q.push(q);
+                if s.draft.len() < k {
+                    next.push(BatchToken { token: tok, pos: bt.pos + 1, seq: bt.seq, logits: true });
+                }
+            }
+            batch = next;
+        }
+    }
+
     /// Picks the sequence to preempt: lowest priority, then latest arrival.
     fn victim(&self) -> usize {
         (0..self.running.len()).max_by_key(|&i| (self.running[i].job.priority, self.running[i].arrival)).unwrap()
@@ -328,6 +437,9 @@ impl WorkerLoop {
         // `remove`, not `swap_remove`: the batch keeps its arrival order.
         let mut s = self.running.remove(i);
         s.release_blocks(&mut self.pool);
+        if let Some(d) = self.drafter.as_mut() {
+            d.release(&mut s);
+        }
         self.counters.preemptions.fetch_add(1, Ordering::Relaxed);
         self.waiting[s.job.priority as usize].push_front(s);
     }
@@ -379,20 +491,32 @@ impl WorkerLoop {
         }
         // Then guesses (speculative decoding), from blocks nobody needs this
         // step; each sequence's guesses follow its next token in the batch.
-        let spec = &self.settings.speculative;
+        let spec = self.settings.speculative.clone();
         let speculate = self.running.len() <= spec.max_batch;
         let ctx = self.model.config().context_length;
+        let guesses_wanted = |s: &Sequence| {
+            let left = s.job.max_tokens.saturating_sub(s.n_generated + 1);
+            spec.max_draft_tokens.min(left).min(ctx.saturating_sub(s.n_cached + 2))
+        };
+        if speculate && self.drafter.is_some() {
+            let wanted: Vec<(usize, usize)> =
+                decoding.iter().filter(|&&i| self.running[i].job.speculative).map(|&i| (i, guesses_wanted(&self.running[i]))).collect();
+            self.draft_with_model(&wanted);
+        }
         for &i in &decoding {
             let s = &mut self.running[i];
             let pos = s.n_cached;
             batch.push(BatchToken { token: s.tokens[pos], pos, seq: i, logits: true });
             if speculate && s.job.speculative {
-                let left = s.job.max_tokens.saturating_sub(s.n_generated + 1);
-                let k = spec.max_draft_tokens.min(left).min(ctx.saturating_sub(pos + 2));
-                let mut d = crate::speculative::prompt_lookup(&s.tokens, spec.ngram_min, spec.ngram_max, k);
+                let mut d = if self.drafter.is_some() {
+                    std::mem::take(&mut s.draft)
+                } else {
+                    crate::speculative::prompt_lookup(&s.tokens, spec.ngram_min, spec.ngram_max, guesses_wanted(s))
+                };
                 while !d.is_empty() && s.blocks_short(self.pool.block_size(), pos + 1 + d.len()) > self.pool.available() {
                     d.pop();
                 }
+                s.draft_q.truncate(d.len());
                 for (j, &tok) in d.iter().enumerate() {
                     batch.push(BatchToken { token: tok, pos: pos + 1 + j, seq: i, logits: true });
                 }
@@ -494,12 +618,33 @@ impl WorkerLoop {
             let n = batch[i..].iter().take_while(|b| b.seq == seq && b.logits).count();
             let s = &mut self.running[seq];
             let draft = std::mem::take(&mut s.draft);
+            let draft_q = std::mem::take(&mut s.draft_q);
+            let first_guess_pos = s.tokens.len();
             let (mut out, mut used, mut kept) = (Outcome::Continue, 0, 0);
             for r in 0..n {
                 let row = rows.next().expect("a logits row per entry that asked");
                 used += 1;
-                out = Self::emit(&self.tokenizer, &self.counters, &self.latency, s, row);
-                // A guess counts when the token sampled before it equals it:
+                let sampled = match draft_q.get(r) {
+                    // A draft model's guess: speculative sampling's rejection rule.
+                    Some(q) => {
+                        let top = top_logprobs(row, s.job.top_logprobs);
+                        let raw = s.sampler.penalizes().then(|| row.to_vec());
+                        let p = s.sampler.distribution(row, &s.tokens);
+                        let (u_keep, u_draw) = (s.sampler.uniform(), s.sampler.uniform());
+                        let token = match crate::speculative::accept_or_replace(&p, q, draft[r], u_keep, u_draw) {
+                            Ok(()) => draft[r],
+                            Err(t) => t,
+                        };
+                        let logprob = crate::sampler::logprob(raw.as_deref().unwrap_or(row), token);
+                        (Sampled { token, logprob }, top)
+                    }
+                    None => {
+                        let top = top_logprobs(row, s.job.top_logprobs);
+                        (s.sampler.sample(row, &s.tokens), top)
+                    }
+                };
+                out = Self::emit(&self.tokenizer, &self.counters, &self.latency, s, sampled);
+                // A guess counts when the token chosen before it equals it:
                 // its keys and values were then computed from the right token.
                 if !(matches!(out, Outcome::Continue) && r < draft.len() && s.tokens.last() == Some(&draft[r])) {
                     break;
@@ -510,6 +655,8 @@ impl WorkerLoop {
             for _ in used..n {
                 rows.next();
             }
+            // The draft's cache is right up to the last guess kept.
+            s.draft_cached = s.draft_cached.min(first_guess_pos + kept as usize);
             if !draft.is_empty() {
                 self.counters.spec_drafted.fetch_add(draft.len() as u64, Ordering::Relaxed);
                 self.counters.spec_accepted.fetch_add(kept, Ordering::Relaxed);
@@ -568,10 +715,9 @@ impl WorkerLoop {
     }
 
     /// Samples the next token of `s` and sends what it releases.
-    fn emit(tk: &Tokenizer, counters: &Counters, latency: &LatencyMetrics, s: &mut Sequence, logits: &mut [f32]) -> Outcome {
-        // Alternatives come from the model's own distribution, before sampling edits the logits.
-        let top = top_logprobs(logits, s.job.top_logprobs);
-        let sampled = s.sampler.sample(logits, &s.tokens);
+    /// Sends the chosen token (with the alternatives `top`, taken from the
+    /// model's own distribution before sampling edited the logits).
+    fn emit(tk: &Tokenizer, counters: &Counters, latency: &LatencyMetrics, s: &mut Sequence, (sampled, top): (Sampled, Vec<(u32, f32)>)) -> Outcome {
         let tok = sampled.token;
         let now = Instant::now();
         match s.t_last_token {
@@ -642,6 +788,9 @@ impl WorkerLoop {
                 }
             }
             s.release_blocks(&mut self.pool);
+            if let Some(d) = self.drafter.as_mut() {
+                d.release(s);
+            }
         }
         // Counters first, so a caller that sees its last event also sees the
         // engine without its sequence.
