@@ -40,6 +40,11 @@ export declare class NativeEngine {
   featureFlagCounts(): Array<NativeFlagCount>
   /** Loads a GGUF file (off the JS thread). */
   loadModel(path: string, id?: string | undefined | null, requestTimeoutMs?: number | undefined | null): Promise<NativeModelInfo>
+  /** Loads a draft model for speculative decoding of `primary`'s requests. */
+  loadDraftModel(primary: string, path: string, id?: string | undefined | null): Promise<NativeModelInfo>
+  /** Detaches the draft of `model` (a primary or draft id), or every draft. */
+  unloadDraftModel(model?: string | undefined | null): Promise<Array<string>>
+  isDraftModelCompatible(primary: string, draft: string): NativeDraftCompatibility
   unloadModel(id: string): Promise<void>
   listModels(): Array<NativeModelInfo>
   getModelInfo(id: string): NativeModelInfo | null
@@ -169,6 +174,14 @@ export interface NativeConvertReport {
   bytes: number
 }
 
+export interface NativeDraftCompatibility {
+  compatible: boolean
+  errors: Array<string>
+  warnings: Array<string>
+  primary: NativeModelInfo
+  draft: NativeModelInfo
+}
+
 export interface NativeEngineOptions {
   /** A `runtime.yaml`; defaults apply without one. */
   configPath?: string
@@ -282,6 +295,8 @@ export interface NativeModelInfo {
   requestTimeoutMs?: number
   /** Unix epoch milliseconds of the last request (or the load). */
   lastAccessMs: number
+  /** The id of the attached draft model. */
+  draftModel?: string
 }
 
 export interface NativeQosStatus {

@@ -71,3 +71,49 @@ test('several streams at once (within speculative.maxBatch) still match plain de
   const m = spec.getMetrics();
   assert.equal(m.kvCache.blocksUsed, m.kvCache.blocksPinned);
 });
+
+test('a draft model: greedy output unchanged, its guesses checked, compatibility reported, detached cleanly', async () => {
+  const draft = await spec.loadDraftModel({ model: 'default', modelId: 'draft' });
+  assert.equal(draft.id, 'draft');
+  assert.equal(spec.getModelInfo('default')?.draftModel, 'draft');
+  // Drafts are not servable models of their own.
+  assert.deepEqual(spec.listModels().map((m) => m.id), ['default']);
+
+  const before = spec.getMetrics().speculative;
+  const cases: GeneratorParams[] = [
+    { model: 'default', messages: [{ role: 'user', content: 'Why is the sky blue?' }], maxTokens: 48, temperature: 0 },
+    { model: 'default', prompt: 'The capital of France is', maxTokens: 24, temperature: 0 },
+  ];
+  for (const p of cases) assert.deepEqual(await tokens(spec, p), await tokens(plain, p));
+  const m = spec.getMetrics().speculative;
+  const drafted = m.drafted - before.drafted;
+  // The model drafting for itself agrees with itself almost always.
+  assert.ok(drafted > 40 && (m.accepted - before.accepted) / drafted > 0.9, JSON.stringify({ before, m }));
+
+  // Sampled requests run through the rejection rule and end normally.
+  const sampled = await tokens(spec, { model: 'default', prompt: 'Once upon a time', maxTokens: 32, temperature: 0.9, seed: 1 });
+  assert.equal(sampled.length, 32);
+
+  const report = await spec.isDraftModelCompatible('default', 'draft');
+  assert.equal(report.compatible, true);
+  assert.deepEqual(report.errors, []);
+  assert.ok(report.warnings.some((w) => w.includes('not smaller')), JSON.stringify(report));
+  assert.equal(report.details.draftModel.vocabSize, report.details.primaryModel.vocabSize);
+
+  await spec.unloadDraftModel('default');
+  assert.equal(spec.getModelInfo('default')?.draftModel, undefined);
+  assert.deepEqual(await tokens(spec, cases[1]), await tokens(plain, cases[1]));
+  const m2 = spec.getMetrics();
+  assert.equal(m2.kvCache.blocksUsed, m2.kvCache.blocksPinned);
+});
+
+test('a draft model with another vocabulary, or for no loaded model, is refused with a stable code', async () => {
+  const other = path.join(__dirname, '..', 'crates', 'engine', 'tests', 'fixtures', 'llama', 'model.gguf');
+  await assert.rejects(spec.loadDraftModel({ model: other, primaryModel: 'default' }), (e: any) => e.code === 'InvalidParams' && /vocabulary/.test(e.message));
+  await assert.rejects(spec.loadDraftModel({ model: 'default', primaryModel: 'nope' }), (e: any) => e.code === 'ModelNotLoaded');
+  await assert.rejects(spec.loadDraftModel({ model: '/no/such/file.gguf' }), (e: any) => e.code === 'ModelLoadError');
+  await assert.rejects(spec.loadDraftModel({} as any), (e: any) => e.code === 'InvalidParams');
+  await assert.rejects(spec.isDraftModelCompatible('default', 'nope'), (e: any) => e.code === 'ModelNotLoaded');
+  await assert.rejects(spec.unloadDraftModel('nope'), (e: any) => e.code === 'ModelNotLoaded');
+  assert.equal(spec.getModelInfo('default')?.draftModel, undefined);
+});

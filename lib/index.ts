@@ -246,6 +246,33 @@ export interface ModelHandle {
   state: 'ready';
   /** Milliseconds the load-time warmup took (0 when `ttft_pipeline.warmup` is off). */
   warmupMs: number;
+  /** The draft model attached for speculative decoding (`loadDraftModel`). */
+  draftModel?: string;
+}
+
+export interface LoadDraftModelOptions extends LoadModelOptions {
+  /** The loaded model the draft guesses for; may be left out while exactly one model is loaded. */
+  primaryModel?: string;
+}
+
+/** What `isDraftModelCompatible` found. */
+export interface CompatibilityReport {
+  /** No errors: the draft can be attached (warnings say where it may not pay off). */
+  compatible: boolean;
+  errors: string[];
+  warnings: string[];
+  details: {
+    primaryModel: DraftPairModel;
+    draftModel: DraftPairModel;
+  };
+}
+
+export interface DraftPairModel {
+  id: string;
+  architecture: string;
+  vocabSize: number;
+  contextLength: number;
+  weightBytes: number;
 }
 
 export interface ChatMessage {
@@ -401,7 +428,12 @@ function toHandle(m: NativeModelInfo): ModelHandle {
     backend: 'cpu',
     state: 'ready',
     warmupMs: m.warmupMs,
+    ...(m.draftModel ? { draftModel: m.draftModel } : {}),
   };
+}
+
+function pairModel(m: NativeModelInfo): DraftPairModel {
+  return { id: m.id, architecture: m.architecture, vocabSize: m.vocabSize, contextLength: m.contextLength, weightBytes: m.weightBytes };
 }
 
 function toNativeParams(p: GeneratorParams): NativeGenerateParams {
@@ -626,10 +658,18 @@ export class Engine extends EventEmitter {
   }
 
   async loadModel(options: LoadModelOptions | string): Promise<ModelHandle> {
+    const { opts, file, id } = this.modelSource('loadModel', options);
+    const handle = toHandle(await call(() => this.native.loadModel(file, id, opts.requestTimeoutMs)));
+    this.emit('model:loaded', handle);
+    return handle;
+  }
+
+  /** The file and id a `loadModel`-style call names (`'default'`: the embedded model). */
+  private modelSource<T extends LoadModelOptions>(method: string, options: T | string): { opts: T; file: string; id?: string } {
     this.ensureOpen();
-    const opts = typeof options === 'string' ? { model: options } : options;
+    const opts = (typeof options === 'string' ? { model: options } : options) as T;
     if (!opts || typeof opts.model !== 'string' || opts.model.length === 0) {
-      throw new EngineClientError('InvalidParams', 'loadModel needs a model path or "default"');
+      throw new EngineClientError('InvalidParams', `${method} needs a model path or "default"`);
     }
     let file = opts.model;
     let id = opts.modelId;
@@ -640,9 +680,47 @@ export class Engine extends EventEmitter {
         throw new EngineClientError('ModelLoadError', `default model not found at ${file}; run \`npm run setup\` first`);
       }
     }
-    const handle = toHandle(await call(() => this.native.loadModel(file, id, opts.requestTimeoutMs)));
-    this.emit('model:loaded', handle);
-    return handle;
+    return { opts, file, id };
+  }
+
+  /**
+   * Loads a draft model for speculative decoding: while speculation is on
+   * (`speculative.enabled`, flag `ttft_pipeline.speculative`), the primary
+   * model's requests take their guesses from it instead of prompt lookup,
+   * and each guess passes speculative sampling's rejection test, so output
+   * keeps the primary's distribution (greedy output is identical). The
+   * vocabularies must match (`InvalidParams` otherwise). Replaces a draft
+   * already attached to that primary.
+   */
+  async loadDraftModel(options: LoadDraftModelOptions | string): Promise<ModelHandle> {
+    const { opts, file, id } = this.modelSource('loadDraftModel', options);
+    let primary = opts.primaryModel;
+    if (primary === undefined) {
+      const loaded = this.native.listModels();
+      if (loaded.length !== 1) {
+        throw new EngineClientError('InvalidParams', `loadDraftModel needs primaryModel when ${loaded.length} models are loaded`);
+      }
+      primary = loaded[0].id;
+    }
+    if (typeof primary !== 'string') throw new EngineClientError('InvalidParams', 'primaryModel must be a model id');
+    const p = primary;
+    return toHandle(await call(() => this.native.loadDraftModel(p, file, id)));
+  }
+
+  /** Detaches the draft model of `id` (a primary's id or the draft's), or every draft when left out. */
+  async unloadDraftModel(id?: string): Promise<void> {
+    await call(() => this.native.unloadDraftModel(id));
+  }
+
+  /** Whether `draft` (a loaded model, or an attached draft) can draft for `primary`. */
+  async isDraftModelCompatible(primary: string, draft: string): Promise<CompatibilityReport> {
+    const r = callSync(() => this.native.isDraftModelCompatible(primary, draft));
+    return {
+      compatible: r.compatible,
+      errors: r.errors,
+      warnings: r.warnings,
+      details: { primaryModel: pairModel(r.primary), draftModel: pairModel(r.draft) },
+    };
   }
 
   async unloadModel(id: string): Promise<void> {

@@ -42,6 +42,8 @@ pub struct NativeModelInfo {
     pub request_timeout_ms: Option<f64>,
     /// Unix epoch milliseconds of the last request (or the load).
     pub last_access_ms: f64,
+    /// The id of the attached draft model.
+    pub draft_model: Option<String>,
 }
 
 impl From<ModelInfo> for NativeModelInfo {
@@ -57,8 +59,18 @@ impl From<ModelInfo> for NativeModelInfo {
             warmup_ms: m.warmup_ms,
             request_timeout_ms: m.request_timeout_ms.map(|t| t as f64),
             last_access_ms: m.last_access_ms as f64,
+            draft_model: m.draft_model,
         }
     }
+}
+
+#[napi(object)]
+pub struct NativeDraftCompatibility {
+    pub compatible: bool,
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+    pub primary: NativeModelInfo,
+    pub draft: NativeModelInfo,
 }
 
 #[napi(object)]
@@ -680,6 +692,32 @@ impl NativeEngine {
         let options = ModelOptions { request_timeout_ms: ms_option("requestTimeoutMs", request_timeout_ms)? };
         let e = self.inner.clone();
         blocking(move || e.load_model_with(&path, id, options)).await.map(Into::into)
+    }
+
+    /// Loads a draft model for speculative decoding of `primary`'s requests.
+    #[napi]
+    pub async fn load_draft_model(&self, primary: String, path: String, id: Option<String>) -> Result<NativeModelInfo> {
+        let e = self.inner.clone();
+        blocking(move || e.load_draft_model(&primary, &path, id)).await.map(Into::into)
+    }
+
+    /// Detaches the draft of `model` (a primary or draft id), or every draft.
+    #[napi]
+    pub async fn unload_draft_model(&self, model: Option<String>) -> Result<Vec<String>> {
+        let e = self.inner.clone();
+        blocking(move || e.unload_draft_model(model.as_deref())).await
+    }
+
+    #[napi]
+    pub fn is_draft_model_compatible(&self, primary: String, draft: String) -> Result<NativeDraftCompatibility> {
+        let r = self.inner.draft_compatibility(&primary, &draft).map_err(js_error)?;
+        Ok(NativeDraftCompatibility {
+            compatible: r.compatible,
+            errors: r.errors,
+            warnings: r.warnings,
+            primary: r.primary.into(),
+            draft: r.draft.into(),
+        })
     }
 
     #[napi]
