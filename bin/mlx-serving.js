@@ -18,6 +18,9 @@ Options:
   --model <path|default>  GGUF file or MLX model folder, or 'default' for the embedded
                           SmolLM2-135M-Instruct
                           (env MODEL_PATH when not given; else 'default')
+  --draft-model <path>    a smaller model with the same vocabulary that drafts
+                          tokens for speculative decoding (while speculative.enabled
+                          or the ttft_pipeline.speculative flag is on)
   --host <addr>           address to bind (default 127.0.0.1: loopback only)
   --port <n>              port (default 8080; 0 picks a free one)
   --config <file>         runtime settings (default: the package's config/runtime.yaml)
@@ -104,6 +107,11 @@ async function serve(values) {
   let handle;
   try {
     handle = await engine.loadModel({ model });
+    if (values['draft-model']) {
+      const draft = await engine.loadDraftModel({ model: values['draft-model'], primaryModel: handle.id });
+      const { warnings } = await engine.isDraftModelCompatible(handle.id, draft.id);
+      process.stderr.write(`drafting with ${draft.id}${warnings.length ? ` (${warnings.join('; ')})` : ''}\n`);
+    }
   } catch (e) {
     process.stderr.write(`mlx-serving: ${e.code ?? 'Error'}: ${e.message}\n`);
     await server.close(0);
@@ -126,6 +134,7 @@ async function main() {
       allowPositionals: true,
       options: {
         model: { type: 'string' },
+        'draft-model': { type: 'string' },
         host: { type: 'string' },
         port: { type: 'string' },
         'api-key': { type: 'string' },

@@ -12,9 +12,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = args.next().unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
     let prompt = args.next().unwrap_or_else(|| "Write a short poem about the sea.".into());
     let max_tokens: i64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(128);
-    let engine = Engine::new();
+    // DRAFT=<model>: speculative decoding with that draft model.
+    let draft = std::env::var_os("DRAFT");
+    let mut config = mlx_serving_engine::config::RuntimeConfig::default();
+    config.speculative.enabled = draft.is_some();
+    let engine = Engine::with_config(config);
     let info = engine.load_model(&path, Some("m".into()))?;
     eprintln!("loaded {} ({}, {} MB of weights)", info.id, info.architecture, info.weight_bytes >> 20);
+    if let Some(d) = draft {
+        let d = engine.load_draft_model("m", d, None)?;
+        eprintln!("drafting with {} ({} MB)", d.id, d.weight_bytes >> 20);
+    }
     let mut h = engine.submit(GenerateRequest {
         max_tokens: Some(max_tokens),
         ..GenerateRequest::new("m", Input::Messages(vec![ChatMessage { role: "user".into(), content: prompt }]))
