@@ -21,12 +21,12 @@ pub struct RuntimeConfig {
     pub speculative: Speculative,
 }
 
-/// Speculative decoding by prompt lookup: a sequence's next tokens are
-/// guessed from an earlier place where its last few tokens occurred (in the
-/// prompt or its own output) and checked in the same forward as its next
-/// token; every guess the model agrees with is a token without a step of
-/// its own. Output is unchanged: each token is still sampled from the
-/// model's distribution, and a guess counts only when it equals that sample.
+/// Speculative decoding: a sequence's next tokens are guessed, by prompt
+/// lookup (an earlier place where its last few tokens occurred, in the
+/// prompt or its own output) or by the attached draft model, and checked in
+/// the same forward as its next token; every guess the model agrees with is
+/// a token without a step of its own. Output keeps the model's distribution
+/// (greedy output is unchanged; see `speculative.rs`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default, rename_all = "camelCase")]
 pub struct Speculative {

@@ -166,7 +166,8 @@ impl GenerateRequest {
 
 /// The feature flags the engine consults per request, and what each gates.
 /// `ttft_pipeline.kv_prefetch`: the request reuses and feeds the prefix cache.
-/// `ttft_pipeline.speculative`: prompt-lookup speculative decoding (see `speculative.rs`).
+/// `ttft_pipeline.speculative`: speculative decoding, by prompt lookup or the
+/// attached draft model (see `speculative.rs`).
 /// `batching.priority_scheduling`: the request's priority class orders its
 /// admission and preemption (off: it is scheduled as `default`).
 pub const GATED_FEATURES: &[&str] = &["ttft_pipeline.kv_prefetch", "ttft_pipeline.speculative", "batching.priority_scheduling"];
@@ -378,7 +379,7 @@ struct Job {
     cache_salt: Option<String>,
     /// Whether the request reuses and feeds the prefix cache.
     prefix_cache: bool,
-    /// Whether its decode steps check prompt-lookup guesses.
+    /// Whether its decode steps check guesses (prompt lookup or the draft model).
     speculative: bool,
     pin_prefix: bool,
     features: Vec<String>,

@@ -900,3 +900,22 @@ fn a_draft_must_share_the_vocabulary() {
     assert!(r.compatible && r.warnings.iter().any(|w| w.contains("not smaller")), "{r:?}");
     assert_eq!(e.draft_compatibility("tiny", "nope").unwrap_err().code(), "ModelNotLoaded");
 }
+
+#[test]
+fn a_draft_catches_up_on_a_long_prompt_a_chunk_per_step() {
+    let chunked = |spec: bool| {
+        config(move |c| {
+            c.scheduler.prefill_chunk = 8;
+            c.speculative.enabled = spec;
+        })
+    };
+    let plain = tiny_engine_with(chunked(false)).0;
+    let (spec, d) = tiny_engine_with(chunked(true));
+    spec.load_draft_model("tiny", tiny_draft(d.path(), "small", 32, 1, |_| {}), None).unwrap();
+    let prompt = "hello world the cat sat on the mat ".repeat(3);
+    let (a, b) = (collect(plain.submit(greedy(&prompt, 40)).unwrap()), collect(spec.submit(greedy(&prompt, 40)).unwrap()));
+    assert_eq!(a.0, b.0);
+    // The first steps only caught up; guesses came once the draft had the prompt.
+    let s = wait_for(&spec, idle);
+    assert!(s.n_spec_drafted > 0 && s.n_spec_drafted < 4 * 39, "{s:?}");
+}

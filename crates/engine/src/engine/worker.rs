@@ -365,20 +365,29 @@ impl WorkerLoop {
     /// `k` tokens one forward at a time (every sequence's in one batch),
     /// each drawn under the sequence's own sampling settings from the
     /// distribution kept in `draft_q` for the acceptance test. A sequence
-    /// the draft's cache or context cannot hold gets no guesses; a failed
-    /// draft forward only costs this step's guesses.
+    /// more than a prefill chunk behind (a long prompt) only catches up by
+    /// one chunk this step, so the running streams never wait on a long
+    /// draft prefill. A sequence the draft's cache or context cannot hold
+    /// gets no guesses; a failed draft forward only costs this step's guesses.
     fn draft_with_model(&mut self, wanted: &[(usize, usize)]) {
         let Some(d) = self.drafter.as_mut() else { return };
         let bs = d.pool.block_size();
         let dcfg = d.model.config();
         let vocab = dcfg.vocab_size.min(self.model.config().vocab_size);
-        let mut active: Vec<(usize, usize)> = Vec::new();
+        let chunk = self.settings.prefill_chunk.max(1);
+        // (sequence, guesses wanted: 0 while catching up, positions cached after the first forward)
+        let mut active: Vec<(usize, usize, usize)> = Vec::new();
         let mut batch = Vec::new();
         for &(i, k) in wanted {
             let s = &mut self.running[i];
-            // Positions the draft computes: up to the one before its last guess.
-            let end = s.tokens.len() + k - 1;
-            if k == 0 || end > dcfg.context_length {
+            let n = s.tokens.len();
+            let catching_up = n - s.draft_cached > chunk;
+            if k == 0 && !catching_up {
+                continue;
+            }
+            // `end`: positions the draft computes (up to the one before its last guess).
+            let (k, end) = if catching_up { (0, s.draft_cached + chunk) } else { (k, n + k - 1) };
+            if end > dcfg.context_length {
                 continue;
             }
             let short = end.div_ceil(bs).saturating_sub(s.draft_blocks.len());
@@ -389,17 +398,18 @@ impl WorkerLoop {
                 s.draft_blocks.push(d.pool.allocate().expect("counted above"));
             }
             let seq = active.len();
-            let n = s.tokens.len();
-            batch.extend((s.draft_cached..n).map(|pos| BatchToken { token: s.tokens[pos], pos, seq, logits: pos + 1 == n }));
-            active.push((i, k));
+            let to = if k == 0 { end } else { n };
+            batch.extend((s.draft_cached..to).map(|pos| BatchToken { token: s.tokens[pos], pos, seq, logits: k > 0 && pos + 1 == n }));
+            active.push((i, k, to));
         }
+        let mut first = true;
         while !batch.is_empty() {
-            let tables: Vec<&[BlockId]> = active.iter().map(|&(i, _)| self.running[i].draft_blocks.as_slice()).collect();
+            let tables: Vec<&[BlockId]> = active.iter().map(|&(i, _, _)| self.running[i].draft_blocks.as_slice()).collect();
             let (model, kv) = (&d.model, &mut d.kv);
             let result = rayon::scope(|_| std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&batch, kv, &tables))));
             drop(tables);
             let Ok(Ok(mut logits)) = result else {
-                for &(i, _) in &active {
+                for &(i, _, _) in &active {
                     let s = &mut self.running[i];
                     s.draft.clear();
                     s.draft_q.clear();
@@ -407,10 +417,15 @@ impl WorkerLoop {
                 }
                 return;
             };
+            if std::mem::take(&mut first) {
+                for &(i, _, to) in &active {
+                    self.running[i].draft_cached = to;
+                }
+            }
             let rows = logits.chunks_exact_mut(dcfg.vocab_size);
             let mut next = Vec::new();
             for (bt, row) in batch.iter().filter(|b| b.logits).zip(rows) {
-                let (i, k) = active[bt.seq];
+                let (i, k, _) = active[bt.seq];
                 let s = &mut self.running[i];
                 s.draft_cached = bt.pos + 1;
                 // Penalties see the sequence as it would be with the guesses so far.
