@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs whatever is missing, idempotently: npm packages, the release
-# build of the native addon, the TypeScript build, and the default model.
+# Installs whatever is missing, idempotently: npm packages, libmlx (the MLX
+# wheel from PyPI), the release build of the native addon, the TypeScript
+# build, and the default model.
 # Needs: Rust (cargo), Node.js >= 20 with npm, Python 3 with pip; as root on
 # Debian it also installs chromium (else the dashboard test is skipped) and
 # valgrind (test.sh's leak check fails without it).
@@ -23,6 +24,10 @@ if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modu
   log "installing npm packages"
   npm ci --no-audit --no-fund
 fi
+
+# 1b. libmlx and its headers from PyPI's MLX wheel, for the MLX backend
+#     (crates/mlx; MLX_DIR points elsewhere, MLX_WHEEL picks mlx-cuda-13 etc.).
+bash scripts/fetch-mlx.sh
 
 # 2. Native addon, release build. Cargo decides what is stale, so an
 #    unchanged tree costs a few seconds.
