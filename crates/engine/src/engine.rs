@@ -768,8 +768,10 @@ impl Engine {
             pool: BlockPool::new(n_blocks, block_size, false),
             model,
         };
+        // Sent under the lock, so concurrent loads leave the description of the draft that runs.
+        let mut slot = w.draft.lock().unwrap();
         w.tx.send(Msg::Drafter(Some(drafter))).map_err(|_| EngineError::ModelNotLoaded(primary.to_owned()))?;
-        *w.draft.lock().unwrap() = Some((info.clone(), Arc::new(tokenizer)));
+        *slot = Some((info.clone(), Arc::new(tokenizer)));
         Ok(info)
     }
 

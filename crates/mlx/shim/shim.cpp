@@ -78,6 +78,8 @@ int mlxs_has_gpu(void) {
 
 void mlxs_free(mlxs_array* a) { delete a; }
 
+size_t mlxs_active_memory(void) { return mx::get_active_memory(); }
+
 mlxs_array* mlxs_from_data(const void* data, int dtype, const int32_t* shape, size_t ndim) {
   return guard(
       [&] {
@@ -143,6 +145,10 @@ mlxs_array* mlxs_transpose(const mlxs_array* a, const int32_t* axes, size_t n) {
 
 mlxs_array* mlxs_slice(const mlxs_array* a, const int32_t* start, const int32_t* stop, size_t n) {
   return guard([&] { return wrap(mx::slice(a->a, to_shape(start, n), to_shape(stop, n))); }, nullptr);
+}
+
+mlxs_array* mlxs_slice_update(const mlxs_array* a, const mlxs_array* update, const int32_t* start, const int32_t* stop, size_t n) {
+  return guard([&] { return wrap(mx::slice_update(a->a, update->a, to_shape(start, n), to_shape(stop, n))); }, nullptr);
 }
 
 mlxs_array* mlxs_concatenate(mlxs_array* const* arrays, size_t n, int axis) {

@@ -23,6 +23,9 @@ const char* mlxs_version(void);
 // 1 when MLX runs on a GPU (Metal or CUDA) by default, else 0.
 int mlxs_has_gpu(void);
 
+// Bytes MLX holds for live arrays (mlx::core::get_active_memory).
+size_t mlxs_active_memory(void);
+
 void mlxs_free(mlxs_array* a);
 // Copies `data` (row-major, `shape` of `ndim` dims, element type `dtype`).
 mlxs_array* mlxs_from_data(const void* data, int dtype, const int32_t* shape, size_t ndim);
@@ -40,6 +43,9 @@ mlxs_array* mlxs_astype(const mlxs_array* a, int dtype);
 mlxs_array* mlxs_reshape(const mlxs_array* a, const int32_t* shape, size_t ndim);
 mlxs_array* mlxs_transpose(const mlxs_array* a, const int32_t* axes, size_t n);
 mlxs_array* mlxs_slice(const mlxs_array* a, const int32_t* start, const int32_t* stop, size_t n);
+// `a` with elements start[i]..stop[i] replaced by `update` (a new array;
+// MLX reuses `a`'s buffer when nothing else holds it: the KV cache write).
+mlxs_array* mlxs_slice_update(const mlxs_array* a, const mlxs_array* update, const int32_t* start, const int32_t* stop, size_t n);
 mlxs_array* mlxs_concatenate(mlxs_array* const* arrays, size_t n, int axis);
 mlxs_array* mlxs_take(const mlxs_array* a, const mlxs_array* indices, int axis);
 mlxs_array* mlxs_add(const mlxs_array* a, const mlxs_array* b);

@@ -94,6 +94,8 @@ mod ffi {
         pub fn mlxs_reshape(a: *const RawArray, shape: *const i32, ndim: usize) -> *mut RawArray;
         pub fn mlxs_transpose(a: *const RawArray, axes: *const i32, n: usize) -> *mut RawArray;
         pub fn mlxs_slice(a: *const RawArray, start: *const i32, stop: *const i32, n: usize) -> *mut RawArray;
+        pub fn mlxs_active_memory() -> usize;
+        pub fn mlxs_slice_update(a: *const RawArray, u: *const RawArray, start: *const i32, stop: *const i32, n: usize) -> *mut RawArray;
         pub fn mlxs_concatenate(arrays: *const *mut RawArray, n: usize, axis: c_int) -> *mut RawArray;
         pub fn mlxs_take(a: *const RawArray, indices: *const RawArray, axis: c_int) -> *mut RawArray;
         pub fn mlxs_add(a: *const RawArray, b: *const RawArray) -> *mut RawArray;
@@ -143,6 +145,8 @@ mod ffi {
         mlxs_reshape(a: *const RawArray, s: *const i32, n: usize) -> *mut RawArray = std::ptr::null_mut();
         mlxs_transpose(a: *const RawArray, s: *const i32, n: usize) -> *mut RawArray = std::ptr::null_mut();
         mlxs_slice(a: *const RawArray, s: *const i32, e: *const i32, n: usize) -> *mut RawArray = std::ptr::null_mut();
+        mlxs_active_memory() -> usize = 0;
+        mlxs_slice_update(a: *const RawArray, u: *const RawArray, s: *const i32, e: *const i32, n: usize) -> *mut RawArray = std::ptr::null_mut();
         mlxs_concatenate(a: *const *mut RawArray, n: usize, x: c_int) -> *mut RawArray = std::ptr::null_mut();
         mlxs_take(a: *const RawArray, i: *const RawArray, x: c_int) -> *mut RawArray = std::ptr::null_mut();
         mlxs_add(a: *const RawArray, b: *const RawArray) -> *mut RawArray = std::ptr::null_mut();
@@ -165,6 +169,11 @@ pub fn available() -> bool {
 /// MLX's version string ("0.32.4"), or `None` without MLX.
 pub fn version() -> Option<String> {
     available().then(|| unsafe { CStr::from_ptr(ffi::mlxs_version()) }.to_string_lossy().into_owned())
+}
+
+/// Bytes MLX holds for live arrays (0 without MLX).
+pub fn active_memory() -> usize {
+    unsafe { ffi::mlxs_active_memory() }
 }
 
 /// Whether MLX has a GPU here (Metal or CUDA).
@@ -294,6 +303,16 @@ impl Array {
         }
         let (a, b) = (dims(start)?, dims(stop)?);
         Array::wrap(unsafe { ffi::mlxs_slice(self.raw(), a.as_ptr(), b.as_ptr(), a.len()) })
+    }
+
+    /// This array with elements `start[i]..stop[i]` replaced by `update`
+    /// (how a KV cache preallocated in MLX takes each step's keys).
+    pub fn slice_update(&self, update: &Array, start: &[usize], stop: &[usize]) -> Result<Array> {
+        if start.len() != stop.len() {
+            return Err(MlxError::Invalid("slice_update: start and stop differ in length".into()));
+        }
+        let (a, b) = (dims(start)?, dims(stop)?);
+        Array::wrap(unsafe { ffi::mlxs_slice_update(self.raw(), update.raw(), a.as_ptr(), b.as_ptr(), a.len()) })
     }
 
     /// Rows (along `axis`) picked by `indices` (an embedding lookup).

@@ -210,3 +210,15 @@ fn attention_matches_the_reference_with_grouped_heads_and_a_causal_mask() {
         assert_close(&got.to_vec_f32().unwrap(), &want, 1e-4);
     }
 }
+
+#[test]
+fn slice_update_writes_rows_in_place_of_others() {
+    if !have_mlx() {
+        return;
+    }
+    let cache = Array::from_slice(&[0f32; 12], &[4, 3]).unwrap();
+    let rows = Array::from_slice(&[1f32, 2., 3., 4., 5., 6.], &[2, 3]).unwrap();
+    let cache = cache.slice_update(&rows, &[1, 0], &[3, 3]).unwrap();
+    assert_eq!(cache.to_vec_f32().unwrap(), [0., 0., 0., 1., 2., 3., 4., 5., 6., 0., 0., 0.]);
+    assert!(cache.slice_update(&rows, &[3, 0], &[5, 3]).and_then(|a| a.to_vec_f32()).is_err());
+}
