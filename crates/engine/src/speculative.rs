@@ -77,6 +77,48 @@ pub fn accept_or_replace(p: &[(u32, f32)], q: &[(u32, f32)], d: u32, u_keep: f32
     Err(dist.last().map_or(d, |e| e.0))
 }
 
+/// How many guesses a sequence's draft model makes: one more after all
+/// were kept, one past the kept run otherwise; when even a single guess
+/// fails, drafting pauses for 1, 2, 4 ... 16 steps. Every guess costs a
+/// draft forward and widens the verify forward whether it is kept or not,
+/// so a draft that disagrees must cost little.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DraftLength {
+    pub k: usize,
+    /// Steps left without drafting.
+    pub pause: u32,
+    backoff: u32,
+}
+
+impl DraftLength {
+    pub fn new(max: usize) -> Self {
+        DraftLength { k: max, pause: 0, backoff: 0 }
+    }
+
+    /// Whether to draft this step (a paused step counts down).
+    pub fn this_step(&mut self) -> bool {
+        if self.pause > 0 {
+            self.pause -= 1;
+            return false;
+        }
+        true
+    }
+
+    /// After a round of `drafted` guesses of which the first `kept` were kept.
+    pub fn update(&mut self, drafted: usize, kept: usize, max: usize) {
+        if kept == drafted {
+            self.k = (self.k + 1).min(max);
+            self.backoff = 0;
+        } else if kept == 0 && drafted == 1 {
+            self.backoff = (self.backoff * 2).clamp(1, 16);
+            self.pause = self.backoff;
+        } else {
+            self.k = kept + 1;
+            self.backoff = 0;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +175,30 @@ mod tests {
             let share = kept as f64 / n as f64;
             assert!((share - overlap).abs() < 0.01, "kept {share:.3}, expected {overlap:.3}");
         }
+    }
+
+    #[test]
+    fn draft_length_follows_what_the_target_keeps() {
+        let mut d = DraftLength::new(3);
+        d.update(3, 3, 3);
+        assert_eq!(d.k, 3, "capped at the maximum");
+        d.update(3, 1, 3);
+        assert_eq!(d.k, 2, "one past the kept run");
+        d.update(2, 2, 3);
+        assert_eq!(d.k, 3);
+        d.update(3, 0, 3);
+        assert_eq!(d.k, 1);
+        // A single failing guess pauses drafting, longer each time.
+        let mut pauses = Vec::new();
+        for _ in 0..6 {
+            d.update(1, 0, 3);
+            pauses.push(d.pause);
+            let skipped = (0..).take_while(|_| !d.this_step()).count();
+            assert_eq!(skipped as u32, *pauses.last().unwrap());
+        }
+        assert_eq!(pauses, [1, 2, 4, 8, 16, 16]);
+        d.update(1, 1, 3);
+        assert_eq!((d.k, d.pause, d.this_step()), (2, 0, true));
     }
 
     #[test]

@@ -31,6 +31,8 @@ struct Sequence {
     /// `0..draft_cached` of `tokens`.
     draft_blocks: Vec<BlockId>,
     draft_cached: usize,
+    /// How many guesses the draft model makes, and when it pauses.
+    draft_len: crate::speculative::DraftLength,
 }
 
 /// A smaller model with the same vocabulary that drafts guesses for this
@@ -232,6 +234,7 @@ impl WorkerLoop {
             draft_q: Vec::new(),
             draft_blocks: Vec::new(),
             draft_cached: 0,
+            draft_len: crate::speculative::DraftLength::new(self.settings.speculative.max_draft_tokens),
             job,
         };
         self.waiting[seq.job.priority as usize].push_back(seq);
@@ -514,8 +517,13 @@ impl WorkerLoop {
             spec.max_draft_tokens.min(left).min(ctx.saturating_sub(s.n_cached + 2))
         };
         if speculate && self.drafter.is_some() {
-            let wanted: Vec<(usize, usize)> =
-                decoding.iter().filter(|&&i| self.running[i].job.speculative).map(|&i| (i, guesses_wanted(&self.running[i]))).collect();
+            let mut wanted = Vec::new();
+            for &i in &decoding {
+                let s = &mut self.running[i];
+                if s.job.speculative && s.draft_len.this_step() {
+                    wanted.push((i, guesses_wanted(s).min(s.draft_len.k)));
+                }
+            }
             self.draft_with_model(&wanted);
         }
         for &i in &decoding {
@@ -672,6 +680,9 @@ impl WorkerLoop {
             }
             // The draft's cache is right up to the last guess kept.
             s.draft_cached = s.draft_cached.min(first_guess_pos + kept as usize);
+            if !draft_q.is_empty() {
+                s.draft_len.update(draft_q.len(), kept as usize, self.settings.speculative.max_draft_tokens);
+            }
             if !draft.is_empty() {
                 self.counters.spec_drafted.fetch_add(draft.len() as u64, Ordering::Relaxed);
                 self.counters.spec_accepted.fetch_add(kept, Ordering::Relaxed);
