@@ -283,6 +283,15 @@ export interface NativeMessage {
   content: string
 }
 
+/** Whether MLX (libmlx through our shim) loads in this process. */
+export interface NativeMlxInfo {
+  available: boolean
+  version?: string
+  gpu: boolean
+  /** Why it is not available. */
+  reason?: string
+}
+
 export interface NativeModelInfo {
   id: string
   path: string
@@ -315,6 +324,7 @@ export interface NativeRuntimeInfo {
   backend: string
   isa: string
   threads: number
+  mlx: NativeMlxInfo
 }
 
 export interface NativeServerOptions {

@@ -188,6 +188,10 @@ describe('engine API on the default model', () => {
     const rt = await engine.getRuntimeInfo();
     assert.equal(rt.backend, 'cpu');
     assert.ok(['avx512-vnni', 'avx2', 'scalar'].includes(rt.isa));
+    // Setup fetched libmlx (mlx-cpu): the addon loads it at run time.
+    assert.equal(rt.mlx.available, true, rt.mlx.reason);
+    assert.match(rt.mlx.version ?? '', /^0\.\d+\.\d+/);
+    assert.equal(typeof rt.mlx.gpu, 'boolean');
     const cache = await engine.getCacheStats();
     assert.equal(cache.models[0].id, MODEL);
     assert.ok(cache.totalWeightBytes > 50e6);

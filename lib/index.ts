@@ -343,6 +343,8 @@ export interface RuntimeInfo {
   backend: string;
   isa: string;
   threads: number;
+  /** MLX (libmlx from PyPI's MLX wheels, loaded at run time): whether it loads here, its version, whether it has a GPU. */
+  mlx: { available: boolean; version?: string; gpu: boolean; reason?: string };
   node: string;
   platform: string;
   arch: string;
@@ -911,7 +913,8 @@ export class Engine extends EventEmitter {
 
   async getRuntimeInfo(): Promise<RuntimeInfo> {
     const r = native.runtimeInfo();
-    return { ...r, node: process.version, platform: process.platform, arch: process.arch };
+    const mlx = { available: r.mlx.available, gpu: r.mlx.gpu, ...(r.mlx.version ? { version: r.mlx.version } : {}), ...(r.mlx.reason ? { reason: r.mlx.reason } : {}) };
+    return { ...r, mlx, node: process.version, platform: process.platform, arch: process.arch };
   }
 
   async getCacheStats(): Promise<ModelCacheStats> {

@@ -878,6 +878,17 @@ pub struct NativeRuntimeInfo {
     pub backend: String,
     pub isa: String,
     pub threads: u32,
+    pub mlx: NativeMlxInfo,
+}
+
+/// Whether MLX (libmlx through our shim) loads in this process.
+#[napi(object)]
+pub struct NativeMlxInfo {
+    pub available: bool,
+    pub version: Option<String>,
+    pub gpu: bool,
+    /// Why it is not available.
+    pub reason: Option<String>,
 }
 
 #[napi]
@@ -887,6 +898,12 @@ pub fn runtime_info() -> NativeRuntimeInfo {
         backend: "cpu".into(),
         isa: Isa::detect().name().into(),
         threads: mlx_serving_engine::cpu::n_threads() as u32,
+        mlx: NativeMlxInfo {
+            available: mlx_serving_mlx::available(),
+            version: mlx_serving_mlx::version(),
+            gpu: mlx_serving_mlx::has_gpu(),
+            reason: mlx_serving_mlx::unavailable_reason().map(str::to_owned),
+        },
     }
 }
 

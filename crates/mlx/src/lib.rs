@@ -15,8 +15,8 @@ use std::ptr::NonNull;
 pub enum MlxError {
     #[error("MLX: {0}")]
     Mlx(String),
-    #[error("the MLX backend is not built in (run scripts/fetch-mlx.sh, or set MLX_DIR to an MLX wheel's mlx folder, and rebuild)")]
-    Unavailable,
+    #[error("MLX is not available: {0} (run scripts/fetch-mlx.sh, or set MLX_DIR to an MLX wheel's mlx folder, and rebuild)")]
+    Unavailable(String),
     #[error("{0}")]
     Invalid(String),
 }
@@ -76,124 +76,131 @@ struct RawArray {
     _private: [u8; 0],
 }
 
-#[cfg(mlx)]
-mod ffi {
-    use super::*;
-    extern "C" {
-        pub fn mlxs_last_error() -> *const c_char;
-        pub fn mlxs_version() -> *const c_char;
-        pub fn mlxs_has_gpu() -> c_int;
-        pub fn mlxs_free(a: *mut RawArray);
-        pub fn mlxs_from_data(data: *const u8, dtype: c_int, shape: *const i32, ndim: usize) -> *mut RawArray;
-        pub fn mlxs_dtype(a: *const RawArray) -> c_int;
-        pub fn mlxs_shape(a: *const RawArray, out: *mut i32, cap: usize) -> usize;
-        pub fn mlxs_eval(arrays: *const *mut RawArray, n: usize) -> c_int;
-        pub fn mlxs_async_eval(arrays: *const *mut RawArray, n: usize) -> c_int;
-        pub fn mlxs_read(a: *const RawArray, dtype: c_int, out: *mut u8, n: usize) -> c_int;
-        pub fn mlxs_astype(a: *const RawArray, dtype: c_int) -> *mut RawArray;
-        pub fn mlxs_reshape(a: *const RawArray, shape: *const i32, ndim: usize) -> *mut RawArray;
-        pub fn mlxs_transpose(a: *const RawArray, axes: *const i32, n: usize) -> *mut RawArray;
-        pub fn mlxs_slice(a: *const RawArray, start: *const i32, stop: *const i32, n: usize) -> *mut RawArray;
-        pub fn mlxs_active_memory() -> usize;
-        pub fn mlxs_slice_update(a: *const RawArray, u: *const RawArray, start: *const i32, stop: *const i32, n: usize) -> *mut RawArray;
-        pub fn mlxs_concatenate(arrays: *const *mut RawArray, n: usize, axis: c_int) -> *mut RawArray;
-        pub fn mlxs_take(a: *const RawArray, indices: *const RawArray, axis: c_int) -> *mut RawArray;
-        pub fn mlxs_add(a: *const RawArray, b: *const RawArray) -> *mut RawArray;
-        pub fn mlxs_multiply(a: *const RawArray, b: *const RawArray) -> *mut RawArray;
-        pub fn mlxs_silu(a: *const RawArray) -> *mut RawArray;
-        pub fn mlxs_matmul(a: *const RawArray, b: *const RawArray) -> *mut RawArray;
-        pub fn mlxs_quantized_matmul(
-            x: *const RawArray,
-            w: *const RawArray,
-            scales: *const RawArray,
-            biases: *const RawArray,
-            transpose: c_int,
-            group_size: c_int,
-            bits: c_int,
-        ) -> *mut RawArray;
-        pub fn mlxs_quantize(w: *const RawArray, group_size: c_int, bits: c_int, out3: *mut *mut RawArray) -> c_int;
-        pub fn mlxs_rms_norm(x: *const RawArray, weight: *const RawArray, eps: f32) -> *mut RawArray;
-        pub fn mlxs_rope(x: *const RawArray, dims: c_int, traditional: c_int, base: f32, scale: f32, offset: c_int) -> *mut RawArray;
-        pub fn mlxs_sdpa(q: *const RawArray, k: *const RawArray, v: *const RawArray, scale: f32, mask: *const c_char) -> *mut RawArray;
-    }
+/// The shim's entry points, resolved once from its shared library.
+macro_rules! shim_api {
+    ($($name:ident($($arg:ty),*) -> $ret:ty;)*) => {
+        #[allow(non_snake_case)]
+        struct Api {
+            $($name: unsafe extern "C" fn($($arg),*) -> $ret,)*
+            _lib: libloading::Library,
+        }
+
+        impl Api {
+            unsafe fn load(lib: libloading::Library) -> std::result::Result<Api, libloading::Error> {
+                Ok(Api {
+                    $($name: *lib.get(concat!(stringify!($name), "\0").as_bytes())?,)*
+                    _lib: lib,
+                })
+            }
+        }
+    };
 }
 
-/// Without MLX: the same entry points, each failing as unavailable.
-#[cfg(not(mlx))]
-#[allow(clippy::missing_safety_doc)]
-mod ffi {
-    use super::*;
-    macro_rules! unavailable {
-        ($($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $val:expr;)*) => {
-            $(pub unsafe fn $name($(_: $ty),*) -> $ret { $val })*
-        };
-    }
-    pub unsafe fn mlxs_last_error() -> *const c_char {
-        c"".as_ptr()
-    }
-    unavailable! {
-        mlxs_version() -> *const c_char = c"".as_ptr();
-        mlxs_has_gpu() -> c_int = 0;
-        mlxs_free(a: *mut RawArray) -> () = ();
-        mlxs_from_data(d: *const u8, t: c_int, s: *const i32, n: usize) -> *mut RawArray = std::ptr::null_mut();
-        mlxs_dtype(a: *const RawArray) -> c_int = -1;
-        mlxs_shape(a: *const RawArray, o: *mut i32, c: usize) -> usize = 0;
-        mlxs_eval(a: *const *mut RawArray, n: usize) -> c_int = -1;
-        mlxs_async_eval(a: *const *mut RawArray, n: usize) -> c_int = -1;
-        mlxs_read(a: *const RawArray, t: c_int, o: *mut u8, n: usize) -> c_int = -1;
-        mlxs_astype(a: *const RawArray, t: c_int) -> *mut RawArray = std::ptr::null_mut();
-        mlxs_reshape(a: *const RawArray, s: *const i32, n: usize) -> *mut RawArray = std::ptr::null_mut();
-        mlxs_transpose(a: *const RawArray, s: *const i32, n: usize) -> *mut RawArray = std::ptr::null_mut();
-        mlxs_slice(a: *const RawArray, s: *const i32, e: *const i32, n: usize) -> *mut RawArray = std::ptr::null_mut();
-        mlxs_active_memory() -> usize = 0;
-        mlxs_slice_update(a: *const RawArray, u: *const RawArray, s: *const i32, e: *const i32, n: usize) -> *mut RawArray = std::ptr::null_mut();
-        mlxs_concatenate(a: *const *mut RawArray, n: usize, x: c_int) -> *mut RawArray = std::ptr::null_mut();
-        mlxs_take(a: *const RawArray, i: *const RawArray, x: c_int) -> *mut RawArray = std::ptr::null_mut();
-        mlxs_add(a: *const RawArray, b: *const RawArray) -> *mut RawArray = std::ptr::null_mut();
-        mlxs_multiply(a: *const RawArray, b: *const RawArray) -> *mut RawArray = std::ptr::null_mut();
-        mlxs_silu(a: *const RawArray) -> *mut RawArray = std::ptr::null_mut();
-        mlxs_matmul(a: *const RawArray, b: *const RawArray) -> *mut RawArray = std::ptr::null_mut();
-        mlxs_quantized_matmul(x: *const RawArray, w: *const RawArray, s: *const RawArray, b: *const RawArray, t: c_int, g: c_int, n: c_int) -> *mut RawArray = std::ptr::null_mut();
-        mlxs_quantize(w: *const RawArray, g: c_int, b: c_int, o: *mut *mut RawArray) -> c_int = -1;
-        mlxs_rms_norm(x: *const RawArray, w: *const RawArray, e: f32) -> *mut RawArray = std::ptr::null_mut();
-        mlxs_rope(x: *const RawArray, d: c_int, t: c_int, b: f32, s: f32, o: c_int) -> *mut RawArray = std::ptr::null_mut();
-        mlxs_sdpa(q: *const RawArray, k: *const RawArray, v: *const RawArray, s: f32, m: *const c_char) -> *mut RawArray = std::ptr::null_mut();
-    }
+shim_api! {
+    mlxs_last_error() -> *const c_char;
+    mlxs_version() -> *const c_char;
+    mlxs_has_gpu() -> c_int;
+    mlxs_active_memory() -> usize;
+    mlxs_free(*mut RawArray) -> ();
+    mlxs_from_data(*const u8, c_int, *const i32, usize) -> *mut RawArray;
+    mlxs_dtype(*const RawArray) -> c_int;
+    mlxs_shape(*const RawArray, *mut i32, usize) -> usize;
+    mlxs_eval(*const *mut RawArray, usize) -> c_int;
+    mlxs_async_eval(*const *mut RawArray, usize) -> c_int;
+    mlxs_read(*const RawArray, c_int, *mut u8, usize) -> c_int;
+    mlxs_astype(*const RawArray, c_int) -> *mut RawArray;
+    mlxs_reshape(*const RawArray, *const i32, usize) -> *mut RawArray;
+    mlxs_transpose(*const RawArray, *const i32, usize) -> *mut RawArray;
+    mlxs_slice(*const RawArray, *const i32, *const i32, usize) -> *mut RawArray;
+    mlxs_slice_update(*const RawArray, *const RawArray, *const i32, *const i32, usize) -> *mut RawArray;
+    mlxs_concatenate(*const *mut RawArray, usize, c_int) -> *mut RawArray;
+    mlxs_take(*const RawArray, *const RawArray, c_int) -> *mut RawArray;
+    mlxs_add(*const RawArray, *const RawArray) -> *mut RawArray;
+    mlxs_multiply(*const RawArray, *const RawArray) -> *mut RawArray;
+    mlxs_silu(*const RawArray) -> *mut RawArray;
+    mlxs_matmul(*const RawArray, *const RawArray) -> *mut RawArray;
+    mlxs_quantized_matmul(*const RawArray, *const RawArray, *const RawArray, *const RawArray, c_int, c_int, c_int) -> *mut RawArray;
+    mlxs_quantize(*const RawArray, c_int, c_int, *mut *mut RawArray) -> c_int;
+    mlxs_rms_norm(*const RawArray, *const RawArray, f32) -> *mut RawArray;
+    mlxs_rope(*const RawArray, c_int, c_int, f32, f32, c_int) -> *mut RawArray;
+    mlxs_sdpa(*const RawArray, *const RawArray, *const RawArray, f32, *const c_char) -> *mut RawArray;
 }
 
-/// Whether this build links MLX.
+static API: std::sync::OnceLock<std::result::Result<Api, String>> = std::sync::OnceLock::new();
+
+/// The shim, loaded on first use: `MLX_SHIM` names its file, else the one
+/// this build compiled. `Err` says why MLX cannot be used here.
+fn api() -> std::result::Result<&'static Api, &'static str> {
+    API.get_or_init(|| {
+        let path = std::env::var_os("MLX_SHIM")
+            .or_else(|| option_env!("MLX_SHIM_PATH").map(Into::into))
+            .ok_or_else(|| "built without MLX".to_string())?;
+        // Loading runs libmlx's initialisers; the shim exports plain C functions.
+        let lib = unsafe { libloading::Library::new(&path) }.map_err(|e| {
+            // The loader's own message (which library is missing) is the error's source.
+            let why = std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string());
+            format!("cannot load {}: {why}", path.to_string_lossy())
+        })?;
+        unsafe { Api::load(lib) }.map_err(|e| format!("{}: {e}", path.to_string_lossy()))
+    })
+    .as_ref()
+    .map_err(String::as_str)
+}
+
+/// The shim's entry points, or the error that makes every call fail.
+fn ffi() -> Result<&'static Api> {
+    api().map_err(|why| MlxError::Unavailable(why.to_string()))
+}
+
+/// Whether MLX can be used here (the shim and libmlx load).
 pub fn available() -> bool {
-    cfg!(mlx)
+    api().is_ok()
+}
+
+/// Why MLX cannot be used here, or `None` when it can.
+pub fn unavailable_reason() -> Option<&'static str> {
+    api().err()
 }
 
 /// MLX's version string ("0.32.4"), or `None` without MLX.
 pub fn version() -> Option<String> {
-    available().then(|| unsafe { CStr::from_ptr(ffi::mlxs_version()) }.to_string_lossy().into_owned())
+    let f = ffi().ok()?;
+    Some(unsafe { CStr::from_ptr((f.mlxs_version)()) }.to_string_lossy().into_owned())
 }
 
 /// Bytes MLX holds for live arrays (0 without MLX).
 pub fn active_memory() -> usize {
-    unsafe { ffi::mlxs_active_memory() }
+    ffi().map_or(0, |f| unsafe { (f.mlxs_active_memory)() })
 }
 
 /// Whether MLX has a GPU here (Metal or CUDA).
 pub fn has_gpu() -> bool {
-    unsafe { ffi::mlxs_has_gpu() == 1 }
+    ffi().is_ok_and(|f| unsafe { (f.mlxs_has_gpu)() } == 1)
 }
 
-fn last_error() -> MlxError {
-    if !available() {
-        return MlxError::Unavailable;
-    }
-    MlxError::Mlx(unsafe { CStr::from_ptr(ffi::mlxs_last_error()) }.to_string_lossy().into_owned())
+fn last_error(f: &Api) -> MlxError {
+    MlxError::Mlx(unsafe { CStr::from_ptr((f.mlxs_last_error)()) }.to_string_lossy().into_owned())
 }
 
-fn check(rc: c_int) -> Result<()> {
-    if rc == 0 {
+/// The shim of an existing array (one exists only once the shim loaded).
+fn loaded() -> &'static Api {
+    api().expect("an MLX array exists, so the shim is loaded")
+}
+
+/// Calls a shim function returning a status.
+fn check(call: impl FnOnce(&Api) -> c_int) -> Result<()> {
+    let f = ffi()?;
+    if call(f) == 0 {
         Ok(())
     } else {
-        Err(last_error())
+        Err(last_error(f))
     }
+}
+
+/// Calls a shim function returning a new array.
+fn new_array(call: impl FnOnce(&Api) -> *mut RawArray) -> Result<Array> {
+    let f = ffi()?;
+    NonNull::new(call(f)).map(Array).ok_or_else(|| last_error(f))
 }
 
 /// One MLX array (a node of MLX's lazy graph, or its evaluated data).
@@ -205,7 +212,10 @@ unsafe impl Send for Array {}
 
 impl Drop for Array {
     fn drop(&mut self) {
-        unsafe { ffi::mlxs_free(self.0.as_ptr()) }
+        // An array exists only if the shim loaded.
+        if let Ok(f) = ffi() {
+            unsafe { (f.mlxs_free)(self.0.as_ptr()) }
+        }
     }
 }
 
@@ -220,10 +230,6 @@ fn dims(shape: &[usize]) -> Result<Vec<i32>> {
 }
 
 impl Array {
-    fn wrap(p: *mut RawArray) -> Result<Array> {
-        NonNull::new(p).map(Array).ok_or_else(last_error)
-    }
-
     /// A copy of `data` with the given shape (row-major).
     pub fn from_slice<T: Element>(data: &[T], shape: &[usize]) -> Result<Array> {
         let n: usize = shape.iter().product();
@@ -231,7 +237,7 @@ impl Array {
             return Err(MlxError::Invalid(format!("shape {shape:?} holds {n} elements, data has {}", data.len())));
         }
         let shape = dims(shape)?;
-        Array::wrap(unsafe { ffi::mlxs_from_data(data.as_ptr().cast(), T::DTYPE as c_int, shape.as_ptr(), shape.len()) })
+        new_array(|f| unsafe { (f.mlxs_from_data)(data.as_ptr().cast(), T::DTYPE as c_int, shape.as_ptr(), shape.len()) })
     }
 
     /// Raw bytes of element type `dtype` (weights as a file stores them).
@@ -241,19 +247,19 @@ impl Array {
             return Err(MlxError::Invalid(format!("shape {shape:?} of {dtype:?} needs {} bytes, got {}", n * dtype.size(), bytes.len())));
         }
         let shape = dims(shape)?;
-        Array::wrap(unsafe { ffi::mlxs_from_data(bytes.as_ptr(), dtype as c_int, shape.as_ptr(), shape.len()) })
+        new_array(|f| unsafe { (f.mlxs_from_data)(bytes.as_ptr(), dtype as c_int, shape.as_ptr(), shape.len()) })
     }
 
     pub fn dtype(&self) -> Option<Dtype> {
-        Dtype::from_code(unsafe { ffi::mlxs_dtype(self.0.as_ptr()) })
+        Dtype::from_code(unsafe { (loaded().mlxs_dtype)(self.0.as_ptr()) })
     }
 
     pub fn shape(&self) -> Vec<usize> {
         let mut out = [0i32; 8];
-        let n = unsafe { ffi::mlxs_shape(self.0.as_ptr(), out.as_mut_ptr(), out.len()) };
+        let n = unsafe { (loaded().mlxs_shape)(self.0.as_ptr(), out.as_mut_ptr(), out.len()) };
         if n > out.len() {
             let mut v = vec![0i32; n];
-            unsafe { ffi::mlxs_shape(self.0.as_ptr(), v.as_mut_ptr(), n) };
+            unsafe { (loaded().mlxs_shape)(self.0.as_ptr(), v.as_mut_ptr(), n) };
             return v.into_iter().map(|d| d as usize).collect();
         }
         out[..n].iter().map(|&d| d as usize).collect()
@@ -270,7 +276,7 @@ impl Array {
     /// Evaluates (if needed) and copies the elements out, converted to `T`.
     pub fn to_vec<T: Element + Default>(&self) -> Result<Vec<T>> {
         let mut v = vec![T::default(); self.len()];
-        check(unsafe { ffi::mlxs_read(self.0.as_ptr(), T::DTYPE as c_int, v.as_mut_ptr().cast(), v.len()) })?;
+        check(|f| unsafe { (f.mlxs_read)(self.0.as_ptr(), T::DTYPE as c_int, v.as_mut_ptr().cast(), v.len()) })?;
         Ok(v)
     }
 
@@ -283,17 +289,17 @@ impl Array {
     }
 
     pub fn astype(&self, dtype: Dtype) -> Result<Array> {
-        Array::wrap(unsafe { ffi::mlxs_astype(self.raw(), dtype as c_int) })
+        new_array(|f| unsafe { (f.mlxs_astype)(self.raw(), dtype as c_int) })
     }
 
     pub fn reshape(&self, shape: &[usize]) -> Result<Array> {
         let s = dims(shape)?;
-        Array::wrap(unsafe { ffi::mlxs_reshape(self.raw(), s.as_ptr(), s.len()) })
+        new_array(|f| unsafe { (f.mlxs_reshape)(self.raw(), s.as_ptr(), s.len()) })
     }
 
     pub fn transpose(&self, axes: &[usize]) -> Result<Array> {
         let a = dims(axes)?;
-        Array::wrap(unsafe { ffi::mlxs_transpose(self.raw(), a.as_ptr(), a.len()) })
+        new_array(|f| unsafe { (f.mlxs_transpose)(self.raw(), a.as_ptr(), a.len()) })
     }
 
     /// Elements `start[i]..stop[i]` along each axis.
@@ -302,7 +308,7 @@ impl Array {
             return Err(MlxError::Invalid("slice: start and stop differ in length".into()));
         }
         let (a, b) = (dims(start)?, dims(stop)?);
-        Array::wrap(unsafe { ffi::mlxs_slice(self.raw(), a.as_ptr(), b.as_ptr(), a.len()) })
+        new_array(|f| unsafe { (f.mlxs_slice)(self.raw(), a.as_ptr(), b.as_ptr(), a.len()) })
     }
 
     /// This array with elements `start[i]..stop[i]` replaced by `update`
@@ -312,48 +318,48 @@ impl Array {
             return Err(MlxError::Invalid("slice_update: start and stop differ in length".into()));
         }
         let (a, b) = (dims(start)?, dims(stop)?);
-        Array::wrap(unsafe { ffi::mlxs_slice_update(self.raw(), update.raw(), a.as_ptr(), b.as_ptr(), a.len()) })
+        new_array(|f| unsafe { (f.mlxs_slice_update)(self.raw(), update.raw(), a.as_ptr(), b.as_ptr(), a.len()) })
     }
 
     /// Rows (along `axis`) picked by `indices` (an embedding lookup).
     pub fn take(&self, indices: &Array, axis: i32) -> Result<Array> {
-        Array::wrap(unsafe { ffi::mlxs_take(self.raw(), indices.raw(), axis) })
+        new_array(|f| unsafe { (f.mlxs_take)(self.raw(), indices.raw(), axis) })
     }
 
     pub fn add(&self, other: &Array) -> Result<Array> {
-        Array::wrap(unsafe { ffi::mlxs_add(self.raw(), other.raw()) })
+        new_array(|f| unsafe { (f.mlxs_add)(self.raw(), other.raw()) })
     }
 
     pub fn multiply(&self, other: &Array) -> Result<Array> {
-        Array::wrap(unsafe { ffi::mlxs_multiply(self.raw(), other.raw()) })
+        new_array(|f| unsafe { (f.mlxs_multiply)(self.raw(), other.raw()) })
     }
 
     /// x * sigmoid(x)
     pub fn silu(&self) -> Result<Array> {
-        Array::wrap(unsafe { ffi::mlxs_silu(self.raw()) })
+        new_array(|f| unsafe { (f.mlxs_silu)(self.raw()) })
     }
 
     pub fn matmul(&self, other: &Array) -> Result<Array> {
-        Array::wrap(unsafe { ffi::mlxs_matmul(self.raw(), other.raw()) })
+        new_array(|f| unsafe { (f.mlxs_matmul)(self.raw(), other.raw()) })
     }
 }
 
 /// Runs the graphs behind `arrays`.
 pub fn eval(arrays: &[&Array]) -> Result<()> {
     let raw: Vec<*mut RawArray> = arrays.iter().map(|a| a.0.as_ptr()).collect();
-    check(unsafe { ffi::mlxs_eval(raw.as_ptr(), raw.len()) })
+    check(|f| unsafe { (f.mlxs_eval)(raw.as_ptr(), raw.len()) })
 }
 
 /// Starts running the graphs behind `arrays` and returns at once, so host
 /// work overlaps the computation; a later `eval` or read waits for it.
 pub fn async_eval(arrays: &[&Array]) -> Result<()> {
     let raw: Vec<*mut RawArray> = arrays.iter().map(|a| a.0.as_ptr()).collect();
-    check(unsafe { ffi::mlxs_async_eval(raw.as_ptr(), raw.len()) })
+    check(|f| unsafe { (f.mlxs_async_eval)(raw.as_ptr(), raw.len()) })
 }
 
 pub fn concatenate(arrays: &[&Array], axis: i32) -> Result<Array> {
     let raw: Vec<*mut RawArray> = arrays.iter().map(|a| a.0.as_ptr()).collect();
-    Array::wrap(unsafe { ffi::mlxs_concatenate(raw.as_ptr(), raw.len(), axis) })
+    new_array(|f| unsafe { (f.mlxs_concatenate)(raw.as_ptr(), raw.len(), axis) })
 }
 
 /// MLX affine-quantized weights: `bits`-bit values packed in u32 words,
@@ -371,33 +377,32 @@ impl QuantizedWeight {
     /// Quantizes a float matrix (rows = output features) with MLX itself.
     pub fn quantize(w: &Array, group_size: usize, bits: usize) -> Result<QuantizedWeight> {
         let mut out = [std::ptr::null_mut(); 3];
-        check(unsafe { ffi::mlxs_quantize(w.raw(), group_size as c_int, bits as c_int, out.as_mut_ptr()) })?;
-        let [w, scales, biases] = out.map(|p| Array::wrap(p).expect("quantize returned three arrays"));
+        check(|f| unsafe { (f.mlxs_quantize)(w.raw(), group_size as c_int, bits as c_int, out.as_mut_ptr()) })?;
+        let [w, scales, biases] = out.map(|p| Array(NonNull::new(p).expect("quantize returned three arrays")));
         Ok(QuantizedWeight { w, scales, biases, group_size, bits })
     }
 
     /// x @ W^T.
     pub fn matmul(&self, x: &Array) -> Result<Array> {
-        Array::wrap(unsafe {
-            ffi::mlxs_quantized_matmul(x.raw(), self.w.raw(), self.scales.raw(), self.biases.raw(), 1, self.group_size as c_int, self.bits as c_int)
+        new_array(|f| unsafe { (f.mlxs_quantized_matmul)(x.raw(), self.w.raw(), self.scales.raw(), self.biases.raw(), 1, self.group_size as c_int, self.bits as c_int)
         })
     }
 }
 
 /// MLX's fused RMSNorm over the last axis.
 pub fn rms_norm(x: &Array, weight: Option<&Array>, eps: f32) -> Result<Array> {
-    Array::wrap(unsafe { ffi::mlxs_rms_norm(x.raw(), weight.map_or(std::ptr::null(), Array::raw), eps) })
+    new_array(|f| unsafe { (f.mlxs_rms_norm)(x.raw(), weight.map_or(std::ptr::null(), Array::raw), eps) })
 }
 
 /// MLX's fused rotary embedding of x (..., seq, head_dim) at positions
 /// `offset..offset + seq`: adjacent pairs when `traditional`, else halves.
 pub fn rope(x: &Array, dims: usize, traditional: bool, base: f32, scale: f32, offset: usize) -> Result<Array> {
-    Array::wrap(unsafe { ffi::mlxs_rope(x.raw(), dims as c_int, traditional as c_int, base, scale, offset as c_int) })
+    new_array(|f| unsafe { (f.mlxs_rope)(x.raw(), dims as c_int, traditional as c_int, base, scale, offset as c_int) })
 }
 
 /// MLX's fused attention over (batch, heads, seq, head_dim); keys and values
 /// may have fewer heads (grouped-query attention).
 pub fn scaled_dot_product_attention(q: &Array, k: &Array, v: &Array, scale: f32, causal: bool) -> Result<Array> {
     let mask = CString::new(if causal { "causal" } else { "" }).unwrap();
-    Array::wrap(unsafe { ffi::mlxs_sdpa(q.raw(), k.raw(), v.raw(), scale, mask.as_ptr()) })
+    new_array(|f| unsafe { (f.mlxs_sdpa)(q.raw(), k.raw(), v.raw(), scale, mask.as_ptr()) })
 }

@@ -8,7 +8,7 @@ use mlx_serving_mlx::*;
 #[test]
 fn dropped_arrays_free_their_memory() {
     if !available() {
-        assert!(std::env::var_os("MLX_REQUIRED").is_none(), "MLX_REQUIRED is set but the build found no MLX");
+        assert!(std::env::var_os("MLX_REQUIRED").is_none(), "MLX_REQUIRED is set but MLX is unavailable: {:?}", unavailable_reason());
         return;
     }
     let w = Array::from_slice(&vec![0.01f32; 256 * 256], &[256, 256]).unwrap();
