@@ -180,14 +180,18 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
     let tile = tile_fn(isa, w.qtype);
     let rb = w.row_bytes();
     let wdata = w.data.as_slice();
+    // A batch of up to MAX_TILE tokens (a decode step, with speculative
+    // guesses) goes through in one pass; longer ones in tiles of TILE, which
+    // keep more of each tile's accumulators in registers.
+    let step = if n <= MAX_TILE { n.max(1) } else { TILE };
     (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
-        let mut res = [0.0f32; TILE];
+        let mut res = [0.0f32; MAX_TILE];
         let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(rows));
-        // Up to TILE tokens share each unpacked weight block; the chunk's
+        // Up to `step` tokens share each unpacked weight block; the chunk's
         // rows stay in cache across the token tiles.
-        for t0 in (0..n).step_by(TILE) {
-            let nt = TILE.min(n - t0);
-            let acts: [ActRow; TILE] = std::array::from_fn(|i| xq.row(t0 + i.min(nt - 1)));
+        for t0 in (0..n).step_by(step) {
+            let nt = step.min(n - t0);
+            let acts: [ActRow; MAX_TILE] = std::array::from_fn(|i| xq.row(t0 + i.min(nt - 1)));
             for (r, wr) in wdata[r0 * rb..r1 * rb].chunks_exact(rb).enumerate() {
                 tile(wr, &acts[..nt], &mut res[..nt]);
                 for (i, &v) in res[..nt].iter().enumerate() {
@@ -201,6 +205,8 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
 
 /// Tokens multiplied against one weight row at a time (the GEMM tile).
 pub const TILE: usize = 4;
+/// The widest tile the kernels are built for.
+pub const MAX_TILE: usize = 8;
 
 /// Plain f32 dot product, written so that LLVM vectorizes it.
 #[inline]
@@ -227,7 +233,7 @@ pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
     dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
 }
 
-/// `out[i] = w · acts[i]` for up to `TILE` activation rows.
+/// `out[i] = w · acts[i]` for up to `MAX_TILE` activation rows.
 pub type TileFn = fn(&[u8], &[ActRow], &mut [f32]);
 
 /// The tile kernel for a weight format on an instruction-set path.
@@ -545,7 +551,8 @@ mod tests {
         for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::A8] {
             // Odd sizes: a single block, a non-power-of-two block count, and
             // an output count that does not split evenly across workers.
-            for (rows, cols, n) in [(1, 32, 1), (37, 96, 3), (130, 576, 1), (65, 1536, 5)] {
+            // Every tile width (1-8 tokens in one pass) and tiles of 4 beyond that.
+            for (rows, cols, n) in [(1, 32, 1), (37, 96, 3), (130, 576, 1), (65, 1536, 5), (33, 64, 6), (33, 64, 7), (33, 64, 8), (19, 64, 11)] {
                 assert_paths_agree(&matrix(qtype, rows, cols, rows as u64 * 7 + cols as u64), n);
             }
         }
@@ -555,7 +562,7 @@ mod tests {
     fn k_quant_paths_match_the_scalar_reference() {
         use crate::quant::tests::random_k_row;
         for qtype in [QType::Q4_K, QType::Q5_K, QType::Q6_K, QType::Q5_0, QType::Q5_1] {
-            for (rows, cols, n) in [(1, 256, 1), (37, 512, 3), (20, 768, 9)] {
+            for (rows, cols, n) in [(1, 256, 1), (37, 512, 3), (20, 768, 9), (9, 256, 7)] {
                 let data: Vec<u8> = (0..rows).flat_map(|r| random_k_row(qtype, cols / qtype.block_size(), r as u64 + 1)).collect();
                 assert_paths_agree(&QMatrix { qtype, rows, cols, data: Bytes::Owned(data) }, n);
             }

@@ -183,17 +183,17 @@ impl WorkerLoop {
         }
     }
 
-    /// Runs every batch shape the kernels specialise on once (1-4 tokens:
-    /// the GEMM tile's remainders; 8 and 64: parallel activation
-    /// quantization and full tiles; several sequences: the attention split)
-    /// and the tokenizer, so the first request pays no first-touch costs
-    /// (weight pages, thread start, lazy regex compilation).
+    /// Runs every batch shape the kernels specialise on once (1-8 tokens:
+    /// the GEMM's single-pass widths; 64: parallel activation quantization
+    /// and tiles of 4; several sequences: the attention split) and the
+    /// tokenizer, so the first request pays no first-touch costs (weight
+    /// pages, thread start, lazy regex compilation).
     pub(super) fn warm_up(&mut self) -> Duration {
         let t = Instant::now();
         let _ = self.tokenizer.encode("Warm up the tokenizer: 123, héllo!", false, true);
         let vocab = self.model.config().vocab_size as u32;
         let bs = self.pool.block_size();
-        for (n_seqs, n_tokens) in [(1usize, 1usize), (2, 1), (3, 1), (4, 1), (8, 1), (1, 5), (1, 8), (1, 64)] {
+        for (n_seqs, n_tokens) in [(1usize, 1usize), (2, 1), (3, 1), (4, 1), (8, 1), (1, 5), (1, 6), (1, 7), (1, 64)] {
             let per_seq = n_tokens.div_ceil(bs);
             if n_seqs * per_seq > self.pool.available() {
                 continue;
