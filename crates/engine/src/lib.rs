@@ -3,6 +3,7 @@
 //! is a thin crate on top, and everything below is tested with `cargo test`.
 
 pub mod affine;
+pub mod backend;
 pub mod breaker;
 pub mod canary;
 pub mod chat;
