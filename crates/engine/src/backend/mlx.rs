@@ -64,6 +64,88 @@ impl MlxMatrix {
     }
 }
 
+/// One sequence's keys and values for every layer, as MLX arrays of shape
+/// `(1, kv_heads, capacity, head_dim)` in float16, grown `step` positions at
+/// a time and written in place with `slice_update` (MLX reuses the buffer
+/// when nothing else holds it). Positions `0..len` hold data; a step
+/// writes every layer's new positions, then `advance`s.
+pub struct MlxKvCache {
+    layers: Vec<Option<(Array, Array)>>,
+    len: usize,
+    cap: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    step: usize,
+}
+
+impl MlxKvCache {
+    pub fn new(n_layers: usize, kv_heads: usize, head_dim: usize, step: usize) -> Self {
+        MlxKvCache { layers: (0..n_layers).map(|_| None).collect(), len: 0, cap: 0, kv_heads, head_dim, step: step.max(1) }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes layer `layer`'s keys and values `(1, kv_heads, n, head_dim)`
+    /// for positions `len..len + n`.
+    pub fn write(&mut self, layer: usize, k: &Array, v: &Array) -> Result<(), EngineError> {
+        let n = k.shape().get(2).copied().unwrap_or(0);
+        let (h, d) = (self.kv_heads, self.head_dim);
+        if k.shape() != [1, h, n, d] || v.shape() != [1, h, n, d] {
+            return Err(EngineError::Internal(format!("kv write: expected (1, {h}, n, {d}), got {:?} and {:?}", k.shape(), v.shape())));
+        }
+        let need = self.len + n;
+        let cap = need.div_ceil(self.step) * self.step;
+        let slot = &mut self.layers[layer];
+        let (mut ck, mut cv) = match slot.take() {
+            Some(kv) => kv,
+            None => (zeros(h, cap.max(self.cap), d)?, zeros(h, cap.max(self.cap), d)?),
+        };
+        let have = ck.shape()[2];
+        if have < need {
+            let more = zeros(h, cap - have, d)?;
+            ck = mlx_serving_mlx::concatenate(&[&ck, &more], 2).map_err(mlx_error)?;
+            cv = mlx_serving_mlx::concatenate(&[&cv, &more], 2).map_err(mlx_error)?;
+        }
+        let (start, stop) = ([0, 0, self.len, 0], [1, h, need, d]);
+        let (k16, v16) = (k.astype(Dtype::F16).map_err(mlx_error)?, v.astype(Dtype::F16).map_err(mlx_error)?);
+        ck = ck.slice_update(&k16, &start, &stop).map_err(mlx_error)?;
+        cv = cv.slice_update(&v16, &start, &stop).map_err(mlx_error)?;
+        self.cap = self.cap.max(ck.shape()[2]);
+        *slot = Some((ck, cv));
+        Ok(())
+    }
+
+    /// Counts the `n` positions every layer has written this step.
+    pub fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    /// Attention of queries `(1, heads, n, head_dim)` at the last `n` of
+    /// the `len` positions (after `advance`), each seeing itself and what
+    /// came before (grouped-query heads share keys).
+    pub fn attend(&self, layer: usize, q: &Array, scale: f32) -> Result<Array, EngineError> {
+        let Some((k, v)) = &self.layers[layer] else {
+            return Err(EngineError::Internal(format!("kv attend: layer {layer} holds nothing")));
+        };
+        let (h, d) = (self.kv_heads, self.head_dim);
+        let keys = k.slice(&[0, 0, 0, 0], &[1, h, self.len, d]).map_err(mlx_error)?;
+        let values = v.slice(&[0, 0, 0, 0], &[1, h, self.len, d]).map_err(mlx_error)?;
+        let q16 = q.astype(Dtype::F16).map_err(mlx_error)?;
+        mlx_serving_mlx::scaled_dot_product_attention(&q16, &keys, &values, scale, true).map_err(mlx_error)
+    }
+}
+
+fn zeros(h: usize, n: usize, d: usize) -> Result<Array, EngineError> {
+    Array::from_slice(&vec![f16::ZERO; h * n * d], &[1, h, n, d]).map_err(mlx_error)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +189,62 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Keys and values written in uneven steps across growth boundaries
+    /// give the attention a plain computation over all of them gives.
+    #[test]
+    fn the_kv_cache_grows_and_attends_like_the_reference() {
+        if !mlx_serving_mlx::available() {
+            return;
+        }
+        let (heads, kv_heads, d, layers) = (4, 2, 16, 2);
+        let mut cache = MlxKvCache::new(layers, kv_heads, d, 4);
+        let (mut all_k, mut all_v): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (vec![Vec::new(); layers], vec![Vec::new(); layers]);
+        let scale = 1.0 / (d as f32).sqrt();
+        for (step, n) in [3usize, 1, 5, 1, 2].into_iter().enumerate() {
+            let mut outs = Vec::new();
+            for l in 0..layers {
+                let seed = (step * 10 + l) as u64;
+                // Values rounded to f16 up front, as the cache stores them.
+                let r16 = |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| f16::from_f32(x).to_f32()).collect() };
+                let (k, v, q) = (r16(rand_vec(kv_heads * n * d, seed)), r16(rand_vec(kv_heads * n * d, seed + 1000)), r16(rand_vec(heads * n * d, seed + 2000)));
+                let arr = |x: &[f32], h: usize| Array::from_slice(x, &[1, h, n, d]).unwrap();
+                cache.write(l, &arr(&k, kv_heads), &arr(&v, kv_heads)).unwrap();
+                // Host copies as (head, position, dim), appended per head.
+                for (store, new) in [(&mut all_k[l], &k), (&mut all_v[l], &v)] {
+                    let old_len = store.len() / (kv_heads * d);
+                    let mut merged = Vec::new();
+                    for hh in 0..kv_heads {
+                        merged.extend_from_slice(&store[hh * old_len * d..(hh + 1) * old_len * d]);
+                        merged.extend_from_slice(&new[hh * n * d..(hh + 1) * n * d]);
+                    }
+                    *store = merged;
+                }
+                outs.push((l, q));
+            }
+            cache.advance(n);
+            let len = cache.len();
+            for (l, q) in outs {
+                let got = cache.attend(l, &Array::from_slice(&q, &[1, heads, n, d]).unwrap(), scale).unwrap().to_vec_f32().unwrap();
+                for hq in 0..heads {
+                    let g = hq / (heads / kv_heads);
+                    for i in 0..n {
+                        let visible = len - n + i + 1;
+                        let qi = &q[(hq * n + i) * d..][..d];
+                        let s: Vec<f32> = (0..visible).map(|j| qi.iter().zip(&all_k[l][(g * len + j) * d..][..d]).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
+                        let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
+                        let z: f32 = e.iter().sum();
+                        for t in 0..d {
+                            let want: f32 = e.iter().enumerate().map(|(j, w)| w / z * all_v[l][(g * len + j) * d + t]).sum();
+                            let have = got[(hq * n + i) * d + t];
+                            assert!((have - want).abs() < 1e-2, "step {step} layer {l} head {hq} pos {i} dim {t}: {have} vs {want}");
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(cache.len(), 12);
     }
 }
