@@ -1,11 +1,31 @@
-//! GEMV speed of each weight format on each instruction-set path, on a
-//! 2048 x 2048 matrix (decode-sized): `cargo run --release --example kernel_speed`.
-//! Prints GB/s of weight bytes read and the time per multiply.
+//! Speed of each weight format on each instruction-set path, beside what the
+//! machine can do: `cargo run --release --example kernel_speed`.
+//!
+//! - The machine's read bandwidth: summing a 512 MiB buffer on every core
+//!   (the ceiling for decode, which reads every weight byte once per step).
+//! - GEMV (one token, decode) on 2048 x 2048 weights, from cache (the matrix
+//!   fits in L3) and from memory (cycling through copies that do not), in
+//!   microseconds and GB/s of weight bytes.
+//! - GEMM of 64 tokens (prefill) on the same weights, in GFLOP/s.
 
 use std::time::Instant;
 
 use mlx_serving_engine::cpu::{matmul_with, Bytes, Isa, QMatrix};
 use mlx_serving_engine::quant::{quantize_row, QType, QuantizedActs};
+use rayon::prelude::*;
+
+/// GB/s of reading `bytes` with all cores (best of 5).
+fn read_bandwidth() -> f64 {
+    let buf: Vec<u64> = (0..(512usize << 20) / 8).map(|i| i as u64).collect();
+    (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            let s: u64 = buf.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v))).sum();
+            std::hint::black_box(s);
+            (buf.len() * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max)
+}
 
 fn main() {
     let (rows, cols) = (2048, 2048);
@@ -15,7 +35,9 @@ fn main() {
         ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     };
     let w: Vec<f32> = (0..rows * cols).map(|_| rnd() * 0.05).collect();
-    let x: Vec<f32> = (0..cols).map(|_| rnd()).collect();
+    let x: Vec<f32> = (0..64 * cols).map(|_| rnd()).collect();
+    println!("machine: {} threads, read bandwidth {:.1} GB/s (all cores, 512 MiB)", rayon::current_num_threads(), read_bandwidth());
+    println!("{:<7} {:<12} {:>12} {:>9} {:>12} {:>9} {:>14}", "format", "path", "GEMV cache", "GB/s", "GEMV memory", "GB/s", "GEMM 64 GFLOP/s");
     for qtype in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q5_K, QType::Q6_K] {
         let data: Vec<u8> = match qtype {
             // Formats only read from files: random bytes with small f16 scales.
@@ -29,18 +51,35 @@ fn main() {
                 .collect(),
             _ => w.chunks(cols).flat_map(|r| quantize_row(qtype, r)).collect(),
         };
-        let m = QMatrix { qtype, rows, cols, data: Bytes::Owned(data) };
+        // Enough copies to overflow the last-level cache (32 MiB here) several times.
+        let copies = (160usize << 20).div_ceil(data.len());
+        let mats: Vec<QMatrix> = (0..copies).map(|_| QMatrix { qtype, rows, cols, data: Bytes::Owned(data.clone()) }).collect();
+        let m = &mats[0];
         for isa in Isa::available() {
-            let mut out = vec![0.0; rows];
+            let mut out = vec![0.0; 64 * rows];
             let mut xq = QuantizedActs::default();
-            matmul_with(isa, &m, &x, &mut xq, &mut out);
-            let n = 200;
-            let t = Instant::now();
-            for _ in 0..n {
-                matmul_with(isa, &m, &x, &mut xq, &mut out);
-            }
-            let per = t.elapsed().as_secs_f64() / n as f64;
-            println!("{:<7} {:<12} {:>8.1} us  {:>6.1} GB/s", qtype.name(), isa.name(), per * 1e6, m.n_bytes() as f64 / per / 1e9);
+            let x1 = &x[..cols];
+            matmul_with(isa, m, x1, &mut xq, &mut out[..rows]);
+            let time = |n: usize, f: &mut dyn FnMut(usize)| {
+                let t = Instant::now();
+                (0..n).for_each(&mut *f);
+                t.elapsed().as_secs_f64() / n as f64
+            };
+            let cached = time(200, &mut |_| matmul_with(isa, m, x1, &mut xq, &mut out[..rows]));
+            let n_mem = if isa == Isa::Scalar { copies } else { 4 * copies };
+            let memory = time(n_mem, &mut |i| matmul_with(isa, &mats[i % copies], x1, &mut xq, &mut out[..rows]));
+            let gemm = time(if isa == Isa::Scalar { 2 } else { 10 }, &mut |_| matmul_with(isa, m, &x, &mut xq, &mut out));
+            let gb = |t: f64| m.n_bytes() as f64 / t / 1e9;
+            println!(
+                "{:<7} {:<12} {:>9.1} us {:>9.1} {:>9.1} us {:>9.1} {:>14.1}",
+                qtype.name(),
+                isa.name(),
+                cached * 1e6,
+                gb(cached),
+                memory * 1e6,
+                gb(memory),
+                2.0 * (rows * cols * 64) as f64 / gemm / 1e9
+            );
         }
     }
 }
