@@ -647,10 +647,11 @@ impl WorkerLoop {
             for r in 0..n {
                 let row = rows.next().expect("a logits row per entry that asked");
                 used += 1;
+                // Alternatives come from the model's own distribution, before sampling edits the row.
+                let top = top_logprobs(row, s.job.top_logprobs);
                 let sampled = match draft_q.get(r) {
                     // A draft model's guess: speculative sampling's rejection rule.
                     Some(q) => {
-                        let top = top_logprobs(row, s.job.top_logprobs);
                         let raw = s.sampler.penalizes().then(|| row.to_vec());
                         let p = s.sampler.distribution(row, &s.tokens);
                         let (u_keep, u_draw) = (s.sampler.uniform(), s.sampler.uniform());
@@ -658,15 +659,11 @@ impl WorkerLoop {
                             Ok(()) => draft[r],
                             Err(t) => t,
                         };
-                        let logprob = crate::sampler::logprob(raw.as_deref().unwrap_or(row), token);
-                        (Sampled { token, logprob }, top)
+                        Sampled { token, logprob: crate::sampler::logprob(raw.as_deref().unwrap_or(row), token) }
                     }
-                    None => {
-                        let top = top_logprobs(row, s.job.top_logprobs);
-                        (s.sampler.sample(row, &s.tokens), top)
-                    }
+                    None => s.sampler.sample(row, &s.tokens),
                 };
-                out = Self::emit(&self.tokenizer, &self.counters, &self.latency, s, sampled);
+                out = Self::emit(&self.tokenizer, &self.counters, &self.latency, s, sampled, top);
                 // A guess counts when the token chosen before it equals it:
                 // its keys and values were then computed from the right token.
                 if !(matches!(out, Outcome::Continue) && r < draft.len() && s.tokens.last() == Some(&draft[r])) {
@@ -741,9 +738,8 @@ impl WorkerLoop {
     }
 
     /// Samples the next token of `s` and sends what it releases.
-    /// Sends the chosen token (with the alternatives `top`, taken from the
-    /// model's own distribution before sampling edited the logits).
-    fn emit(tk: &Tokenizer, counters: &Counters, latency: &LatencyMetrics, s: &mut Sequence, (sampled, top): (Sampled, Vec<(u32, f32)>)) -> Outcome {
+    /// Sends the chosen token, with the alternatives `top` (OpenAI's `top_logprobs`).
+    fn emit(tk: &Tokenizer, counters: &Counters, latency: &LatencyMetrics, s: &mut Sequence, sampled: Sampled, top: Vec<(u32, f32)>) -> Outcome {
         let tok = sampled.token;
         let now = Instant::now();
         match s.t_last_token {
