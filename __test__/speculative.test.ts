@@ -115,5 +115,13 @@ test('a draft model with another vocabulary, or for no loaded model, is refused 
   await assert.rejects(spec.loadDraftModel({} as any), (e: any) => e.code === 'InvalidParams');
   await assert.rejects(spec.isDraftModelCompatible('default', 'nope'), (e: any) => e.code === 'ModelNotLoaded');
   await assert.rejects(spec.unloadDraftModel('nope'), (e: any) => e.code === 'ModelNotLoaded');
+  await assert.rejects(spec.loadDraftModel({ model: 'default', primaryModel: 42 } as any), (e: any) => e.code === 'InvalidParams');
+  await assert.rejects(spec.loadDraftModel({ model: 'default', modelId: '' }), (e: any) => e.code === 'InvalidParams');
+  await assert.rejects(spec.loadDraftModel(null as any), (e: any) => e.code === 'InvalidParams');
+  // A directory that is no model folder.
+  await assert.rejects(spec.loadDraftModel({ model: dir }), (e: any) => e.code === 'ModelLoadError');
   assert.equal(spec.getModelInfo('default')?.draftModel, undefined);
+  // Still serving, identically to plain decoding.
+  const p: GeneratorParams = { model: 'default', prompt: 'The capital of France is', maxTokens: 12, temperature: 0 };
+  assert.deepEqual(await tokens(spec, p), await tokens(plain, p));
 });
