@@ -167,6 +167,52 @@ mlxs_array* mlxs_multiply(const mlxs_array* a, const mlxs_array* b) {
   return guard([&] { return wrap(mx::multiply(a->a, b->a)); }, nullptr);
 }
 
+mlxs_array* mlxs_subtract(const mlxs_array* a, const mlxs_array* b) {
+  return guard([&] { return wrap(mx::subtract(a->a, b->a)); }, nullptr);
+}
+
+mlxs_array* mlxs_gelu_tanh(const mlxs_array* x) {
+  return guard(
+      [&] {
+        const auto& v = x->a;
+        auto inner = mx::multiply(mx::array(0.7978845608f), mx::add(v, mx::multiply(mx::array(0.044715f), mx::multiply(v, mx::multiply(v, v)))));
+        return wrap(mx::multiply(mx::multiply(mx::array(0.5f), v), mx::add(mx::array(1.0f), mx::tanh(inner))));
+      },
+      nullptr);
+}
+
+mlxs_array* mlxs_tanh(const mlxs_array* x) {
+  return guard([&] { return wrap(mx::tanh(x->a)); }, nullptr);
+}
+
+mlxs_array* mlxs_softmax(const mlxs_array* x) {
+  return guard([&] { return wrap(mx::softmax(x->a, std::vector<int>{-1}, true)); }, nullptr);
+}
+
+mlxs_array* mlxs_zeros(const int32_t* shape, size_t ndim, int dtype) {
+  return guard([&] { return wrap(mx::zeros(to_shape(shape, ndim), to_dtype(dtype))); }, nullptr);
+}
+
+mlxs_array* mlxs_scatter_rows(const mlxs_array* a, const mlxs_array* indices, const mlxs_array* updates) {
+  return guard(
+      [&] {
+        if (a->a.ndim() != 2 || updates->a.ndim() != 2 || indices->a.ndim() != 1 || updates->a.shape(0) != indices->a.shape(0) ||
+            updates->a.shape(1) != a->a.shape(1))
+          throw std::invalid_argument("scatter_rows: expected a (rows, cols), indices (n), updates (n, cols)");
+        return wrap(mx::scatter(a->a, indices->a, mx::expand_dims(mx::astype(updates->a, a->a.dtype()), 1), 0));
+      },
+      nullptr);
+}
+
+mlxs_array* mlxs_dequantize(const mlxs_array* w, const mlxs_array* scales, const mlxs_array* biases, int group_size, int bits) {
+  return guard(
+      [&] {
+        std::optional<mx::array> b = biases->a;
+        return wrap(mx::dequantize(w->a, scales->a, b, group_size, bits, "affine"));
+      },
+      nullptr);
+}
+
 mlxs_array* mlxs_silu(const mlxs_array* x) {
   return guard([&] { return wrap(mx::multiply(x->a, mx::sigmoid(x->a))); }, nullptr);
 }
@@ -213,6 +259,10 @@ mlxs_array* mlxs_sdpa(const mlxs_array* q, const mlxs_array* k, const mlxs_array
   return guard(
       [&] { return wrap(mx::fast::scaled_dot_product_attention(q->a, k->a, v->a, scale, mask_mode ? mask_mode : "")); },
       nullptr);
+}
+
+mlxs_array* mlxs_sdpa_masked(const mlxs_array* q, const mlxs_array* k, const mlxs_array* v, float scale, const mlxs_array* mask) {
+  return guard([&] { return wrap(mx::fast::scaled_dot_product_attention(q->a, k->a, v->a, scale, "array", mask->a)); }, nullptr);
 }
 
 }  // extern "C"

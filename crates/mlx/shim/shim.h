@@ -50,8 +50,20 @@ mlxs_array* mlxs_concatenate(mlxs_array* const* arrays, size_t n, int axis);
 mlxs_array* mlxs_take(const mlxs_array* a, const mlxs_array* indices, int axis);
 mlxs_array* mlxs_add(const mlxs_array* a, const mlxs_array* b);
 mlxs_array* mlxs_multiply(const mlxs_array* a, const mlxs_array* b);
+mlxs_array* mlxs_subtract(const mlxs_array* a, const mlxs_array* b);
 // x * sigmoid(x)
 mlxs_array* mlxs_silu(const mlxs_array* x);
+// GELU, tanh approximation.
+mlxs_array* mlxs_gelu_tanh(const mlxs_array* x);
+mlxs_array* mlxs_tanh(const mlxs_array* x);
+// Softmax over the last axis, computed in float32 whatever the input type.
+mlxs_array* mlxs_softmax(const mlxs_array* x);
+mlxs_array* mlxs_zeros(const int32_t* shape, size_t ndim, int dtype);
+// `a` (rows, cols) with rows `indices` (int32, n) replaced by `updates`
+// (n, cols); like slice_update, MLX reuses `a`'s buffer when it can.
+mlxs_array* mlxs_scatter_rows(const mlxs_array* a, const mlxs_array* indices, const mlxs_array* updates);
+// The float values of affine-quantized weights (see mlxs_quantized_matmul).
+mlxs_array* mlxs_dequantize(const mlxs_array* w, const mlxs_array* scales, const mlxs_array* biases, int group_size, int bits);
 mlxs_array* mlxs_matmul(const mlxs_array* a, const mlxs_array* b);
 // x @ dequantize(w)^T (transpose = 1) for MLX affine weights: `w` packs
 // `bits`-bit values in uint32 words, `scales` and `biases` hold one value per
@@ -68,6 +80,8 @@ mlxs_array* mlxs_rope(const mlxs_array* x, int dims, int traditional, float base
 // softmax(q k^T * scale [+ causal mask]) v over (batch, heads, seq, head_dim);
 // k and v may have fewer heads (grouped-query attention). mask_mode: "" or "causal".
 mlxs_array* mlxs_sdpa(const mlxs_array* q, const mlxs_array* k, const mlxs_array* v, float scale, const char* mask_mode);
+// The same with an additive mask broadcast against the scores (heads, queries, keys).
+mlxs_array* mlxs_sdpa_masked(const mlxs_array* q, const mlxs_array* k, const mlxs_array* v, float scale, const mlxs_array* mask);
 
 #ifdef __cplusplus
 }

@@ -117,13 +117,21 @@ shim_api! {
     mlxs_take(*const RawArray, *const RawArray, c_int) -> *mut RawArray;
     mlxs_add(*const RawArray, *const RawArray) -> *mut RawArray;
     mlxs_multiply(*const RawArray, *const RawArray) -> *mut RawArray;
+    mlxs_subtract(*const RawArray, *const RawArray) -> *mut RawArray;
     mlxs_silu(*const RawArray) -> *mut RawArray;
+    mlxs_gelu_tanh(*const RawArray) -> *mut RawArray;
+    mlxs_tanh(*const RawArray) -> *mut RawArray;
+    mlxs_softmax(*const RawArray) -> *mut RawArray;
+    mlxs_zeros(*const i32, usize, c_int) -> *mut RawArray;
+    mlxs_scatter_rows(*const RawArray, *const RawArray, *const RawArray) -> *mut RawArray;
+    mlxs_dequantize(*const RawArray, *const RawArray, *const RawArray, c_int, c_int) -> *mut RawArray;
     mlxs_matmul(*const RawArray, *const RawArray) -> *mut RawArray;
     mlxs_quantized_matmul(*const RawArray, *const RawArray, *const RawArray, *const RawArray, c_int, c_int, c_int) -> *mut RawArray;
     mlxs_quantize(*const RawArray, c_int, c_int, *mut *mut RawArray) -> c_int;
     mlxs_rms_norm(*const RawArray, *const RawArray, f32) -> *mut RawArray;
     mlxs_rope(*const RawArray, c_int, c_int, f32, f32, c_int) -> *mut RawArray;
     mlxs_sdpa(*const RawArray, *const RawArray, *const RawArray, f32, *const c_char) -> *mut RawArray;
+    mlxs_sdpa_masked(*const RawArray, *const RawArray, *const RawArray, f32, *const RawArray) -> *mut RawArray;
 }
 
 static API: std::sync::OnceLock<std::result::Result<Api, String>> = std::sync::OnceLock::new();
@@ -334,9 +342,44 @@ impl Array {
         new_array(|f| unsafe { (f.mlxs_multiply)(self.raw(), other.raw()) })
     }
 
+    pub fn subtract(&self, other: &Array) -> Result<Array> {
+        new_array(|f| unsafe { (f.mlxs_subtract)(self.raw(), other.raw()) })
+    }
+
+    /// A float32 scalar, which broadcasts against any array.
+    pub fn scalar(v: f32) -> Result<Array> {
+        Array::from_slice(&[v], &[])
+    }
+
+    pub fn zeros(shape: &[usize], dtype: Dtype) -> Result<Array> {
+        let s = dims(shape)?;
+        new_array(|f| unsafe { (f.mlxs_zeros)(s.as_ptr(), s.len(), dtype as c_int) })
+    }
+
     /// x * sigmoid(x)
     pub fn silu(&self) -> Result<Array> {
         new_array(|f| unsafe { (f.mlxs_silu)(self.raw()) })
+    }
+
+    /// GELU, tanh approximation.
+    pub fn gelu_tanh(&self) -> Result<Array> {
+        new_array(|f| unsafe { (f.mlxs_gelu_tanh)(self.raw()) })
+    }
+
+    pub fn tanh(&self) -> Result<Array> {
+        new_array(|f| unsafe { (f.mlxs_tanh)(self.raw()) })
+    }
+
+    /// Softmax over the last axis (computed in float32).
+    pub fn softmax(&self) -> Result<Array> {
+        new_array(|f| unsafe { (f.mlxs_softmax)(self.raw()) })
+    }
+
+    /// This matrix `(rows, cols)` with rows `indices` (i32) replaced by
+    /// `updates` `(indices.len(), cols)`, converted to this array's type
+    /// (how the paged KV cache takes each step's keys).
+    pub fn scatter_rows(&self, indices: &Array, updates: &Array) -> Result<Array> {
+        new_array(|f| unsafe { (f.mlxs_scatter_rows)(self.raw(), indices.raw(), updates.raw()) })
     }
 
     pub fn matmul(&self, other: &Array) -> Result<Array> {
@@ -382,6 +425,13 @@ impl QuantizedWeight {
         Ok(QuantizedWeight { w, scales, biases, group_size, bits })
     }
 
+    /// The weights as floats, or only rows `rows` of them (an embedding lookup).
+    pub fn dequantize(&self, rows: Option<&Array>) -> Result<Array> {
+        let pick = |a: &Array| rows.map_or_else(|| a.reshape(&a.shape()), |r| a.take(r, 0));
+        let (w, s, b) = (pick(&self.w)?, pick(&self.scales)?, pick(&self.biases)?);
+        new_array(|f| unsafe { (f.mlxs_dequantize)(w.raw(), s.raw(), b.raw(), self.group_size as c_int, self.bits as c_int) })
+    }
+
     /// x @ W^T.
     pub fn matmul(&self, x: &Array) -> Result<Array> {
         new_array(|f| unsafe { (f.mlxs_quantized_matmul)(x.raw(), self.w.raw(), self.scales.raw(), self.biases.raw(), 1, self.group_size as c_int, self.bits as c_int)
@@ -405,4 +455,10 @@ pub fn rope(x: &Array, dims: usize, traditional: bool, base: f32, scale: f32, of
 pub fn scaled_dot_product_attention(q: &Array, k: &Array, v: &Array, scale: f32, causal: bool) -> Result<Array> {
     let mask = CString::new(if causal { "causal" } else { "" }).unwrap();
     new_array(|f| unsafe { (f.mlxs_sdpa)(q.raw(), k.raw(), v.raw(), scale, mask.as_ptr()) })
+}
+
+/// MLX's fused attention with an additive `mask` broadcast against the
+/// scores `(heads, queries, keys)` (`-inf` hides a key).
+pub fn scaled_dot_product_attention_masked(q: &Array, k: &Array, v: &Array, scale: f32, mask: &Array) -> Result<Array> {
+    new_array(|f| unsafe { (f.mlxs_sdpa_masked)(q.raw(), k.raw(), v.raw(), scale, mask.raw()) })
 }

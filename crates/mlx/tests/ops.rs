@@ -178,37 +178,96 @@ fn rope_matches_the_reference_in_both_layouts() {
     }
 }
 
+/// Attention by hand over (heads, positions, d) arrays: query `i` of `l`
+/// sees key `j` of `s` when `sees(i, j)`.
+#[allow(clippy::too_many_arguments)]
+fn attention_reference(q: &[f32], k: &[f32], v: &[f32], hq: usize, hkv: usize, l: usize, s: usize, d: usize, scale: f32, sees: impl Fn(usize, usize) -> bool) -> Vec<f32> {
+    let mut want = vec![0f32; hq * l * d];
+    for h in 0..hq {
+        let g = h / (hq / hkv);
+        for i in 0..l {
+            let qi = &q[(h * l + i) * d..][..d];
+            let scores: Vec<f32> = (0..s).map(|j| if sees(i, j) { qi.iter().zip(&k[(g * s + j) * d..][..d]).map(|(a, b)| a * b).sum::<f32>() * scale } else { f32::NEG_INFINITY }).collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = scores.iter().map(|x| (x - max).exp()).collect();
+            let z: f32 = e.iter().sum();
+            for (j, w) in e.iter().enumerate() {
+                for t in 0..d {
+                    want[(h * l + i) * d + t] += w / z * v[(g * s + j) * d + t];
+                }
+            }
+        }
+    }
+    want
+}
+
 #[test]
 fn attention_matches_the_reference_with_grouped_heads_and_a_causal_mask() {
     if !have_mlx() {
         return;
     }
     let (hq, hkv, d) = (4, 2, 8);
+    let scale = 1.0 / (d as f32).sqrt();
+    let arr = |data: &[f32], h: usize, n: usize| Array::from_slice(data, &[1, h, n, d]).unwrap();
     // Queries for the last `l` of `s` positions (a chunk after cached keys).
     for (l, s, causal) in [(5, 5, true), (2, 6, true), (1, 6, false)] {
         let (q, k, v) = (rand(hq * l * d, 10), rand(hkv * s * d, 11), rand(hkv * s * d, 12));
-        let scale = 1.0 / (d as f32).sqrt();
-        let arr = |data: &[f32], h: usize, n: usize| Array::from_slice(data, &[1, h, n, d]).unwrap();
         let got = scaled_dot_product_attention(&arr(&q, hq, l), &arr(&k, hkv, s), &arr(&v, hkv, s), scale, causal).unwrap();
-        let mut want = vec![0f32; hq * l * d];
-        for h in 0..hq {
-            let g = h / (hq / hkv);
-            for i in 0..l {
-                let visible = if causal { s - l + i + 1 } else { s };
-                let qi = &q[(h * l + i) * d..][..d];
-                let scores: Vec<f32> = (0..visible).map(|j| qi.iter().zip(&k[(g * s + j) * d..][..d]).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let e: Vec<f32> = scores.iter().map(|x| (x - max).exp()).collect();
-                let z: f32 = e.iter().sum();
-                for (j, w) in e.iter().enumerate() {
-                    for t in 0..d {
-                        want[(h * l + i) * d + t] += w / z * v[(g * s + j) * d + t];
-                    }
-                }
-            }
-        }
+        let want = attention_reference(&q, &k, &v, hq, hkv, l, s, d, scale, |i, j| !causal || j <= s - l + i);
         assert_close(&got.to_vec_f32().unwrap(), &want, 1e-4);
     }
+    // An additive mask: a sliding window of 3 over a causal chunk.
+    let (l, s) = (3, 7);
+    let (q, k, v) = (rand(hq * l * d, 13), rand(hkv * s * d, 14), rand(hkv * s * d, 15));
+    let sees = |i: usize, j: usize| j <= s - l + i && j + 3 > s - l + i;
+    let mask: Vec<f32> = (0..l * s).map(|x| if sees(x / s, x % s) { 0.0 } else { f32::NEG_INFINITY }).collect();
+    let got = scaled_dot_product_attention_masked(&arr(&q, hq, l), &arr(&k, hkv, s), &arr(&v, hkv, s), scale, &Array::from_slice(&mask, &[l, s]).unwrap()).unwrap();
+    assert_close(&got.to_vec_f32().unwrap(), &attention_reference(&q, &k, &v, hq, hkv, l, s, d, scale, sees), 1e-4);
+}
+
+#[test]
+fn elementwise_ops_match_the_reference() {
+    if !have_mlx() {
+        return;
+    }
+    let (a, b) = (rand(24, 16), rand(24, 17));
+    let (x, y) = (Array::from_slice(&a, &[4, 6]).unwrap(), Array::from_slice(&b, &[4, 6]).unwrap());
+    let each = |f: fn(f32, f32) -> f32| -> Vec<f32> { a.iter().zip(&b).map(|(&p, &q)| f(p, q)).collect() };
+    assert_close(&x.subtract(&y).unwrap().to_vec_f32().unwrap(), &each(|p, q| p - q), 1e-6);
+    assert_close(&x.tanh().unwrap().to_vec_f32().unwrap(), &each(|p, _| p.tanh()), 1e-5);
+    let gelu = |p: f32, _| 0.5 * p * (1.0 + (0.797_884_6 * (p + 0.044715 * p * p * p)).tanh());
+    assert_close(&x.gelu_tanh().unwrap().to_vec_f32().unwrap(), &each(gelu), 1e-5);
+    assert_close(&x.multiply(&Array::scalar(3.0).unwrap()).unwrap().to_vec_f32().unwrap(), &each(|p, _| 3.0 * p), 1e-6);
+    let soft: Vec<f32> = a
+        .chunks(6)
+        .flat_map(|r| {
+            let z: f32 = r.iter().map(|v| v.exp()).sum();
+            r.iter().map(move |v| v.exp() / z)
+        })
+        .collect();
+    assert_close(&x.softmax().unwrap().to_vec_f32().unwrap(), &soft, 1e-5);
+    assert_eq!(Array::zeros(&[2, 3], Dtype::F16).unwrap().to_vec_f32().unwrap(), [0.0; 6]);
+}
+
+#[test]
+fn scatter_rows_replaces_the_named_rows_and_dequantize_inverts_quantize() {
+    if !have_mlx() {
+        return;
+    }
+    let cache = Array::zeros(&[5, 2], Dtype::F16).unwrap();
+    let rows = Array::from_slice(&[1f32, 2., 3., 4.], &[2, 2]).unwrap();
+    let at = Array::from_slice(&[3i32, 0], &[2]).unwrap();
+    let cache = cache.scatter_rows(&at, &rows).unwrap();
+    assert_eq!(cache.dtype(), Some(Dtype::F16));
+    assert_eq!(cache.to_vec_f32().unwrap(), [3., 4., 0., 0., 0., 0., 1., 2., 0., 0.]);
+    assert!(cache.scatter_rows(&at, &Array::from_slice(&[1f32; 6], &[2, 3]).unwrap()).is_err());
+    let (n, k) = (6, 64);
+    let q = QuantizedWeight::quantize(&Array::from_slice(&rand(n * k, 18), &[n, k]).unwrap(), 32, 4).unwrap();
+    let by_hand = dequantize(&q, n, k);
+    assert_close(&q.dequantize(None).unwrap().to_vec_f32().unwrap(), &by_hand, 1e-3);
+    let picked = q.dequantize(Some(&Array::from_slice(&[4i32, 1], &[2]).unwrap())).unwrap();
+    let want: Vec<f32> = [4, 1].iter().flat_map(|&r| by_hand[r * k..(r + 1) * k].to_vec()).collect();
+    assert_close(&picked.to_vec_f32().unwrap(), &want, 1e-3);
 }
 
 #[test]
