@@ -1,19 +1,19 @@
 //! Times the model's forward pass alone (no engine, no sampling): prefill of
 //! N prompt tokens and single-token decode steps, median of several runs.
-//! `cargo run --release --example forward_timing -- model.gguf 512`
+//! `cargo run --release --example forward_timing -- model.gguf 512 [cpu|mlx]`
 
 use std::time::Instant;
 
-use mlx_serving_engine::gguf::GgufFile;
-use mlx_serving_engine::models::{load_gguf, BatchToken};
+use mlx_serving_engine::backend::BackendKind;
+use mlx_serving_engine::models::{open_on, BatchToken};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let path = args.next().unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
     let n_prompt: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(512);
+    let backend = BackendKind::parse(&args.next().unwrap_or_else(|| "cpu".into()))?;
     let runs = 5;
-    let g = GgufFile::open(&path)?;
-    let m = load_gguf(&g)?;
+    let m = open_on(path.as_ref(), backend)?.model;
     let vocab = m.config().vocab_size as u32;
     let prompt: Vec<u32> = (0..n_prompt as u32).map(|i| (i * 7919 + 13) % vocab).collect();
     let median = |mut v: Vec<f64>| {
@@ -38,6 +38,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         decode.push(32.0 / t.elapsed().as_secs_f64());
     }
-    println!("prefill {n_prompt} tokens: {:.1} ms; decode after it: {:.1} tok/s (median of {runs})", median(prefill), median(decode));
+    println!("{}: prefill {n_prompt} tokens: {:.1} ms; decode after it: {:.1} tok/s (median of {runs})", backend.name(), median(prefill), median(decode));
     Ok(())
 }

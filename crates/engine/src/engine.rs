@@ -31,6 +31,7 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::config::RuntimeConfig;
 use crate::error::EngineError;
 use crate::flags::FlagStore;
+use crate::backend::BackendKind;
 use crate::kv::{BlockId, BlockPool, KvStore};
 use crate::metrics::{Histograms, LatencyMetrics};
 use crate::qos::{now_s, Knobs, Window};
@@ -56,6 +57,8 @@ pub struct ModelInfo {
     pub last_access_ms: u64,
     /// The id of the draft model attached to it (`load_draft_model`).
     pub draft_model: Option<String>,
+    /// The backend it runs on.
+    pub backend: BackendKind,
 }
 
 /// Per-model settings given at load (a canary's candidate may differ from
@@ -64,6 +67,8 @@ pub struct ModelInfo {
 pub struct ModelOptions {
     /// Caps every request's timeout on this model, milliseconds.
     pub request_timeout_ms: Option<u64>,
+    /// The backend to run it on (`cpu` unless asked).
+    pub backend: BackendKind,
 }
 
 #[derive(Debug, Clone)]
@@ -462,8 +467,8 @@ impl Default for Engine {
 }
 
 /// Opens a model file or folder and describes it (no worker yet).
-fn open_model(canonical: PathBuf, id: String, request_timeout_ms: Option<u64>) -> Result<(Arc<dyn Model>, Tokenizer, ModelInfo), EngineError> {
-    let crate::models::Opened { model, tokenizer, weight_format } = crate::models::open(&canonical)?;
+fn open_model(canonical: PathBuf, id: String, request_timeout_ms: Option<u64>, backend: BackendKind) -> Result<(Arc<dyn Model>, Tokenizer, ModelInfo), EngineError> {
+    let crate::models::Opened { model, tokenizer, weight_format } = crate::models::open_on(&canonical, backend)?;
     let model: Arc<dyn Model> = Arc::from(model);
     let cfg = model.config();
     if tokenizer.vocab_size() > cfg.vocab_size {
@@ -484,6 +489,7 @@ fn open_model(canonical: PathBuf, id: String, request_timeout_ms: Option<u64>) -
         file_type: weight_format,
         last_access_ms: 0,
         draft_model: None,
+        backend,
     };
     Ok((model, tokenizer, info))
 }
@@ -609,8 +615,15 @@ impl Engine {
         let (canonical, id) = resolve(path, id)?;
         let _loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(w) = self.shared.models.lock().unwrap().get(&id) {
-            if w.info.path == canonical {
+            if w.info.path == canonical && w.info.backend == options.backend {
                 return Ok(w.info.clone());
+            }
+            if w.info.path == canonical {
+                return Err(EngineError::InvalidParams(format!(
+                    "model id '{id}' is already loaded on the {} backend; give the {} one another id",
+                    w.info.backend.name(),
+                    options.backend.name()
+                )));
             }
             return Err(EngineError::InvalidParams(format!(
                 "model id '{id}' is already loaded from {}",
@@ -619,7 +632,7 @@ impl Engine {
         }
 
         self.evict_for_one_more()?;
-        let (model, tokenizer, info) = open_model(canonical, id.clone(), options.request_timeout_ms)?;
+        let (model, tokenizer, info) = open_model(canonical, id.clone(), options.request_timeout_ms, options.backend)?;
         let canonical = info.path.clone();
         let text_of = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_owned();
         let template = ChatTemplate::new(tokenizer.chat_template.as_deref(), &text_of(tokenizer.bos_id), &text_of(tokenizer.eos_id))

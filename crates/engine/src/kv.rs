@@ -20,19 +20,33 @@ use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 pub type BlockId = u32;
 
 /// Storage of every block's keys and values:
-/// `[block][layer][k|v][slot][kv_dim]`, f16 like llama.cpp's default cache.
+/// `[block][layer][k|v][slot][kv_dim]`, f16 like llama.cpp's default cache;
+/// or, for a backend that keeps the cache in its own memory, that backend's
+/// store (same blocks, same tables).
 pub struct KvStore {
     n_layers: usize,
     kv_dim: usize,
     block_size: usize,
+    n_blocks: usize,
     /// f16 bits. Allocated zeroed (`calloc`), so pages the pool never
-    /// touches cost no memory.
+    /// touches cost no memory. Empty when `device` holds the cache.
     data: Vec<u16>,
+    device: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl KvStore {
     pub fn new(n_layers: usize, kv_dim: usize, block_size: usize, n_blocks: usize) -> Self {
-        KvStore { n_layers, kv_dim, block_size, data: vec![0u16; n_blocks * n_layers * 2 * block_size * kv_dim] }
+        KvStore { n_layers, kv_dim, block_size, n_blocks, data: vec![0u16; n_blocks * n_layers * 2 * block_size * kv_dim], device: None }
+    }
+
+    /// A store whose blocks live in a backend's memory (`device`); `write`
+    /// and `block` are then the backend's business.
+    pub fn on_device(n_layers: usize, kv_dim: usize, block_size: usize, n_blocks: usize, device: Box<dyn std::any::Any + Send + Sync>) -> Self {
+        KvStore { n_layers, kv_dim, block_size, n_blocks, data: Vec::new(), device: Some(device) }
+    }
+
+    pub fn device_mut<T: 'static>(&mut self) -> Option<&mut T> {
+        self.device.as_mut()?.downcast_mut()
     }
 
     pub fn block_size(&self) -> usize {
@@ -40,7 +54,7 @@ impl KvStore {
     }
 
     pub fn n_blocks(&self) -> usize {
-        self.data.len() / self.block_stride().max(1)
+        self.n_blocks
     }
 
     fn block_stride(&self) -> usize {

@@ -16,17 +16,32 @@
 //!
 //! Gemma 2's sliding window is wider than these sequences: mlx-lm attends
 //! over the whole context, so the window is not what is compared here.
+//!
+//! The `mlx` backend runs each fixture too: on MLX folders it computes what
+//! mlx-lm computes (float activations through MLX's own quantized matmul),
+//! so it is held to a tolerance 10x tighter than our int8-activation
+//! kernels, and its greedy tokens must be the `cpu` backend's.
 
 use std::path::{Path, PathBuf};
 
 use mlx_serving_engine::kv::{BlockId, KvStore};
-use mlx_serving_engine::models::{open, BatchToken, Model};
+use mlx_serving_engine::backend::BackendKind;
+use mlx_serving_engine::models::{open_on, BatchToken, Model};
 use serde_json::Value;
 
 /// Largest logit error allowed, as a fraction of the reference logits'
 /// standard deviation, for quantized weights and for dense ones.
 const REL_TOL_QUANTIZED: f32 = 0.25;
 const REL_TOL_DENSE: f32 = 0.01;
+/// The `mlx` backend on quantized weights (float activations, like mlx-lm).
+const REL_TOL_MLX: f32 = 0.025;
+
+/// Whether the `mlx` backend can run here; CI sets MLX_REQUIRED so it must.
+fn have_mlx() -> bool {
+    let ok = mlx_serving_mlx::available();
+    assert!(ok || std::env::var_os("MLX_REQUIRED").is_none(), "MLX_REQUIRED is set but MLX is unavailable: {:?}", mlx_serving_mlx::unavailable_reason());
+    ok
+}
 
 fn fixtures() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
@@ -68,6 +83,8 @@ fn argmax(x: &[f32]) -> usize {
 
 struct Checked {
     worst: f32,
+    /// Top token after the prompt and after each decode step.
+    tops: Vec<usize>,
     /// What failed, if anything.
     failure: Option<String>,
 }
@@ -97,6 +114,7 @@ fn check(model: &dyn Model, reference: &Value, tol: f32, what: &str) -> Checked 
     // Then mlx-lm's greedy continuation, one token at a time.
     let mut pos = prompt.len();
     let mut last = argmax(&logits[(prompt.len() - 1) * vocab..]);
+    let mut tops = vec![last];
     for (step, want) in reference["decode_logits"].as_array().unwrap().iter().enumerate() {
         let want = floats(want);
         // Our top token must be mlx-lm's wherever mlx-lm's choice is clear.
@@ -111,9 +129,10 @@ fn check(model: &dyn Model, reference: &Value, tol: f32, what: &str) -> Checked 
             failure = Some(format!("{what}: decode step {step}: logits off by {e:.4} of their spread (tolerance {tol})"));
         }
         last = argmax(&one);
+        tops.push(last);
         pos += 1;
     }
-    Checked { worst, failure }
+    Checked { worst, tops, failure }
 }
 
 #[test]
@@ -132,11 +151,28 @@ fn every_architecture_matches_mlx_lm_in_both_formats() {
             if !path.exists() {
                 continue;
             }
-            let opened = open(&path).unwrap_or_else(|e| panic!("{name} ({format}): {e}"));
+            let opened = open_on(&path, BackendKind::Cpu).unwrap_or_else(|e| panic!("{name} ({format}): {e}"));
             let c = check(opened.model.as_ref(), &reference, tol, &format!("{name} ({format})"));
-            eprintln!("{name:<14} {format:<5} worst logit error {:.4} of the spread (tolerance {tol})", c.worst);
+            eprintln!("{name:<14} {format:<5} cpu worst logit error {:.4} of the spread (tolerance {tol})", c.worst);
             failures.extend(c.failure);
             seen.push(reference["model_type"].as_str().unwrap().to_owned());
+            if !have_mlx() {
+                continue;
+            }
+            let on_mlx = open_on(&path, BackendKind::Mlx).unwrap_or_else(|e| panic!("{name} ({format}) on mlx: {e}"));
+            let mlx_tol = if dense { REL_TOL_DENSE } else { REL_TOL_MLX };
+            let m = check(on_mlx.model.as_ref(), &reference, mlx_tol, &format!("{name} ({format}) on mlx"));
+            eprintln!("{name:<14} {format:<5} mlx worst logit error {:.4} of the spread (tolerance {mlx_tol})", m.worst);
+            failures.extend(m.failure);
+            // Same top token wherever the reference's choice is clear (near-ties
+            // fall either way under the cpu kernels' int8 activations).
+            let clear = |i: usize| {
+                let r = if i == 0 { floats(reference["prefill_logits"].as_array().unwrap().last().unwrap()) } else { floats(&reference["decode_logits"][i - 1]) };
+                margin(&r) > tol * std_dev(&r) * 2.0
+            };
+            if let Some(i) = (0..c.tops.len()).find(|&i| clear(i) && c.tops[i] != m.tops[i]) {
+                failures.push(format!("{name} ({format}): top token {i} differs between backends: cpu {:?}, mlx {:?}", c.tops, m.tops));
+            }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

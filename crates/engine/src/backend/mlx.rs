@@ -1,15 +1,32 @@
-//! Weights for the MLX backend: a loaded `QMatrix` as MLX arrays. Q4_0,
-//! Q4_1, Q8_0 and MLX-A8 blocks are MLX affine groups of 32 already (the
-//! mapping `convert.rs` writes to disk, `affine::blocks_to_affine`), so they
-//! become `quantized_matmul` weights exactly; every other format (dense
-//! floats, K-quants, Q5_x) is widened to float16 rows, as `convert` does.
+//! The `mlx` backend: the decoder's operations as MLX graphs (libmlx
+//! through `crates/mlx`), built lazily through a forward pass and run when
+//! the logits are read.
+//!
+//! - Weights: a loaded `QMatrix` as MLX arrays. Q4_0, Q4_1, Q8_0 and MLX-A8
+//!   blocks are MLX affine groups of 32 already (the mapping `convert.rs`
+//!   writes to disk, `affine::blocks_to_affine`), so they become
+//!   `quantized_matmul` weights exactly; every other format (dense floats,
+//!   K-quants, Q5_x) is widened to float16 rows, as `convert` does.
+//! - KV cache: paged like the host one (same blocks, same tables, so prefix
+//!   sharing and truncation need nothing new): per layer one float16 matrix
+//!   of `block * block_size + slot` rows, grown as blocks are first used.
+//!   A step scatters its keys and values into their rows and each sequence
+//!   gathers its rows for MLX's fused attention.
+//! - Activations are float32 (`tokens x width`), as on `cpu`.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
 
 use half::f16;
 use mlx_serving_mlx::{Array, Dtype, MlxError, QuantizedWeight};
 
+use super::{AttnParams, Backend, Rope, R};
 use crate::affine::blocks_to_affine;
 use crate::cpu::QMatrix;
 use crate::error::EngineError;
+use crate::kv::{BlockId, KvStore};
+use crate::models::decoder::{Activation, RopeStyle};
+use crate::models::BatchToken;
 use crate::quant::QType;
 
 /// One weight matrix (rows = output features) on the MLX side.
@@ -21,6 +38,12 @@ pub enum MlxMatrix {
 
 fn mlx_error(e: MlxError) -> EngineError {
     EngineError::Internal(format!("mlx backend: {e}"))
+}
+
+impl From<MlxError> for EngineError {
+    fn from(e: MlxError) -> EngineError {
+        mlx_error(e)
+    }
 }
 
 impl MlxMatrix {
@@ -64,88 +87,379 @@ impl MlxMatrix {
     }
 }
 
-/// One sequence's keys and values for every layer, as MLX arrays of shape
-/// `(1, kv_heads, capacity, head_dim)` in float16, grown `step` positions at
-/// a time and written in place with `slice_update` (MLX reuses the buffer
-/// when nothing else holds it). Positions `0..len` hold data; a step
-/// writes every layer's new positions, then `advance`s.
-pub struct MlxKvCache {
-    layers: Vec<Option<(Array, Array)>>,
+// Arrays are reference counted atomically, but MLX does not promise that
+// two threads may build and run graphs at once. Every pass holds `LOCK`
+// while it touches any array, which is what makes the weights `Sync`.
+static LOCK: Mutex<()> = Mutex::new(());
+unsafe impl Sync for MlxMatrix {}
+
+/// A norm weight or bias.
+pub struct MlxVector {
+    a: Array,
     len: usize,
-    cap: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    step: usize,
+}
+unsafe impl Sync for MlxVector {}
+
+/// The paged KV cache of one model (see the module docs).
+pub struct MlxKv {
+    /// Per layer: keys and values, `(rows, kv_dim)` float16.
+    layers: Vec<Option<(Array, Array)>>,
+    kv_dim: usize,
+    /// Rows held (the same for every layer), and the most there can be.
+    rows: usize,
+    max_rows: usize,
 }
 
-impl MlxKvCache {
-    pub fn new(n_layers: usize, kv_heads: usize, head_dim: usize, step: usize) -> Self {
-        MlxKvCache { layers: (0..n_layers).map(|_| None).collect(), len: 0, cap: 0, kv_heads, head_dim, step: step.max(1) }
-    }
-
-    /// Positions held.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Writes layer `layer`'s keys and values `(1, kv_heads, n, head_dim)`
-    /// for positions `len..len + n`.
-    pub fn write(&mut self, layer: usize, k: &Array, v: &Array) -> Result<(), EngineError> {
-        let n = k.shape().get(2).copied().unwrap_or(0);
-        let (h, d) = (self.kv_heads, self.head_dim);
-        if k.shape() != [1, h, n, d] || v.shape() != [1, h, n, d] {
-            return Err(EngineError::Internal(format!("kv write: expected (1, {h}, n, {d}), got {:?} and {:?}", k.shape(), v.shape())));
+impl MlxKv {
+    /// The layer's cache with room for `need` rows.
+    fn layer(&mut self, layer: usize, need: usize) -> Result<&mut (Array, Array), EngineError> {
+        if need > self.max_rows {
+            return Err(EngineError::Internal(format!("kv row {need} is past the pool's {}", self.max_rows)));
         }
-        let need = self.len + n;
-        let cap = need.div_ceil(self.step) * self.step;
+        let d = self.kv_dim;
+        // Grown to twice what is asked, so growth (a copy) happens only
+        // a few times while the pool fills.
+        let want = need.max(self.rows).max(1).next_power_of_two().min(self.max_rows);
         let slot = &mut self.layers[layer];
-        let (mut ck, mut cv) = match slot.take() {
-            Some(kv) => kv,
-            None => (zeros(h, cap.max(self.cap), d)?, zeros(h, cap.max(self.cap), d)?),
-        };
-        let have = ck.shape()[2];
-        if have < need {
-            let more = zeros(h, cap - have, d)?;
-            ck = mlx_serving_mlx::concatenate(&[&ck, &more], 2).map_err(mlx_error)?;
-            cv = mlx_serving_mlx::concatenate(&[&cv, &more], 2).map_err(mlx_error)?;
+        match slot.take() {
+            None => *slot = Some((zeros(want, d)?, zeros(want, d)?)),
+            Some((k, v)) if k.shape()[0] < need => {
+                let more = zeros(want - k.shape()[0], d)?;
+                *slot = Some((mlx(mlx_serving_mlx::concatenate(&[&k, &more], 0))?, mlx(mlx_serving_mlx::concatenate(&[&v, &more], 0))?));
+            }
+            kept => *slot = kept,
         }
-        let (start, stop) = ([0, 0, self.len, 0], [1, h, need, d]);
-        let (k16, v16) = (k.astype(Dtype::F16).map_err(mlx_error)?, v.astype(Dtype::F16).map_err(mlx_error)?);
-        ck = ck.slice_update(&k16, &start, &stop).map_err(mlx_error)?;
-        cv = cv.slice_update(&v16, &start, &stop).map_err(mlx_error)?;
-        self.cap = self.cap.max(ck.shape()[2]);
-        *slot = Some((ck, cv));
+        let kv = slot.as_mut().expect("set above");
+        self.rows = self.rows.max(kv.0.shape()[0]);
+        Ok(kv)
+    }
+}
+
+// Touched only by passes, which hold `LOCK`.
+unsafe impl Sync for MlxKv {}
+
+fn zeros(rows: usize, d: usize) -> Result<Array, EngineError> {
+    mlx(Array::zeros(&[rows, d], Dtype::F16))
+}
+
+fn mlx<T>(r: Result<T, MlxError>) -> Result<T, EngineError> {
+    r.map_err(mlx_error)
+}
+
+fn get(t: &Option<Array>) -> Result<&Array, EngineError> {
+    t.as_ref().ok_or_else(|| EngineError::Internal("mlx backend: tensor used before it was computed".into()))
+}
+
+fn i32s(v: impl IntoIterator<Item = usize>) -> Result<Array, EngineError> {
+    let v: Vec<i32> = v.into_iter().map(|x| x as i32).collect();
+    let n = v.len();
+    mlx(Array::from_slice(&v, &[n]))
+}
+
+/// The backend. `Mlx::new` fails when libmlx cannot be loaded here.
+pub struct Mlx;
+
+impl Mlx {
+    pub fn new() -> Result<Mlx, EngineError> {
+        match mlx_serving_mlx::unavailable_reason() {
+            None => Ok(Mlx),
+            Some(why) => Err(EngineError::InvalidParams(format!("backend 'mlx' is unavailable here: {why}"))),
+        }
+    }
+}
+
+/// A run of one sequence's tokens at consecutive positions: attended as
+/// one block of queries against the sequence's first `n_pos` positions.
+struct Run {
+    seq: usize,
+    t0: usize,
+    len: usize,
+    n_pos: usize,
+    /// Cache rows of positions `0..n_pos` (set at the first layer).
+    rows: Option<Array>,
+}
+
+pub struct MlxPass {
+    _lock: MutexGuard<'static, ()>,
+    tokens: Array,
+    style: RopeStyle,
+    head_dim: usize,
+    /// Shaped to broadcast against a head's two halves of each pair.
+    cos: Array,
+    sin: Array,
+    runs: Vec<Run>,
+    /// Cache row each token's keys and values go to (set at the first layer).
+    write_rows: Option<(Array, usize)>,
+    /// Additive masks by (run, window, repeats).
+    masks: HashMap<(usize, Option<usize>, usize), Array>,
+}
+
+impl MlxPass {
+    /// Cache rows for the batch's writes and its runs' reads, once per pass.
+    fn rows(&mut self, batch_rows: impl Fn(usize, usize) -> usize, positions: &[(usize, usize)]) -> Result<(), EngineError> {
+        if self.write_rows.is_none() {
+            let rows: Vec<usize> = positions.iter().map(|&(seq, pos)| batch_rows(seq, pos)).collect();
+            let max = rows.iter().copied().max().unwrap_or(0);
+            self.write_rows = Some((i32s(rows)?, max + 1));
+            for r in &mut self.runs {
+                r.rows = Some(i32s((0..r.n_pos).map(|p| batch_rows(r.seq, p)))?);
+            }
+        }
         Ok(())
     }
 
-    /// Counts the `n` positions every layer has written this step.
-    pub fn advance(&mut self, n: usize) {
-        self.len += n;
+    /// `(queries * repeats) x n_pos` additive mask of run `i`: each query
+    /// sees its own position and those before it, within `window`.
+    fn mask(&mut self, i: usize, window: Option<usize>, repeats: usize) -> Result<&Array, EngineError> {
+        let r = &self.runs[i];
+        let (len, n_pos) = (r.len, r.n_pos);
+        if !self.masks.contains_key(&(i, window, repeats)) {
+            let mut m = Vec::with_capacity(repeats * len * n_pos);
+            for _ in 0..repeats {
+                for qi in 0..len {
+                    let pos = n_pos - len + qi;
+                    m.extend((0..n_pos).map(|j| if j <= pos && window.is_none_or(|w| j + w > pos) { 0.0f32 } else { f32::NEG_INFINITY }));
+                }
+            }
+            self.masks.insert((i, window, repeats), mlx(Array::from_slice(&m, &[repeats * len, n_pos]))?);
+        }
+        Ok(&self.masks[&(i, window, repeats)])
+    }
+}
+
+impl Backend for Mlx {
+    type Matrix = MlxMatrix;
+    type Vector = MlxVector;
+    type Tensor = Option<Array>;
+    type Pass = MlxPass;
+
+    fn matrix(&self, m: QMatrix) -> Result<MlxMatrix, EngineError> {
+        MlxMatrix::from_qmatrix(&m)
     }
 
-    /// Attention of queries `(1, heads, n, head_dim)` at the last `n` of
-    /// the `len` positions (after `advance`), each seeing itself and what
-    /// came before (grouped-query heads share keys).
-    pub fn attend(&self, layer: usize, q: &Array, scale: f32) -> Result<Array, EngineError> {
-        let Some((k, v)) = &self.layers[layer] else {
-            return Err(EngineError::Internal(format!("kv attend: layer {layer} holds nothing")));
+    fn vector(&self, v: Vec<f32>) -> Result<MlxVector, EngineError> {
+        Ok(MlxVector { len: v.len(), a: mlx(Array::from_slice(&v, &[v.len()]))? })
+    }
+
+    fn matrix_bytes(m: &MlxMatrix) -> usize {
+        let bytes = |a: &Array| a.len() * a.dtype().map_or(0, Dtype::size);
+        match m {
+            MlxMatrix::Quantized(q) => bytes(&q.w) + bytes(&q.scales) + bytes(&q.biases),
+            MlxMatrix::Dense(a) => bytes(a),
+        }
+    }
+
+    fn new_kv_store(&self, n_layers: usize, kv_dim: usize, block_size: usize, n_blocks: usize) -> KvStore {
+        let store = MlxKv { layers: (0..n_layers).map(|_| None).collect(), kv_dim, rows: 0, max_rows: n_blocks * block_size };
+        KvStore::on_device(n_layers, kv_dim, block_size, n_blocks, Box::new(store))
+    }
+
+    fn begin(&self, batch: &[BatchToken], rope: &Rope) -> Result<MlxPass, EngineError> {
+        let lock = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let (n, half) = (batch.len(), rope.head_dim / 2);
+        let (cos, sin) = rope.tables(batch);
+        let shape = match rope.style {
+            RopeStyle::Adjacent => [n, 1, half, 1],
+            RopeStyle::Half => [n, 1, 1, half],
         };
-        let (h, d) = (self.kv_heads, self.head_dim);
-        let keys = k.slice(&[0, 0, 0, 0], &[1, h, self.len, d]).map_err(mlx_error)?;
-        let values = v.slice(&[0, 0, 0, 0], &[1, h, self.len, d]).map_err(mlx_error)?;
-        let q16 = q.astype(Dtype::F16).map_err(mlx_error)?;
-        mlx_serving_mlx::scaled_dot_product_attention(&q16, &keys, &values, scale, true).map_err(mlx_error)
+        let mut runs: Vec<Run> = Vec::new();
+        for (t, bt) in batch.iter().enumerate() {
+            match runs.last_mut() {
+                Some(r) if r.seq == bt.seq && r.n_pos == bt.pos => {
+                    r.len += 1;
+                    r.n_pos += 1;
+                }
+                _ => runs.push(Run { seq: bt.seq, t0: t, len: 1, n_pos: bt.pos + 1, rows: None }),
+            }
+        }
+        Ok(MlxPass {
+            _lock: lock,
+            tokens: i32s(batch.iter().map(|bt| bt.token as usize))?,
+            style: rope.style,
+            head_dim: rope.head_dim,
+            cos: mlx(Array::from_slice(&cos, &shape))?,
+            sin: mlx(Array::from_slice(&sin, &shape))?,
+            runs,
+            write_rows: None,
+            masks: HashMap::new(),
+        })
+    }
+
+    fn embed(&self, p: &mut MlxPass, table: &MlxMatrix, scale: Option<f32>, out: &mut Option<Array>) -> R {
+        let rows = match table {
+            MlxMatrix::Quantized(q) => q.dequantize(Some(&p.tokens)),
+            MlxMatrix::Dense(w) => w.take(&p.tokens, 0),
+        };
+        let mut x = mlx(rows.and_then(|r| r.astype(Dtype::F32)))?;
+        if let Some(s) = scale {
+            x = mlx(x.multiply(&mlx(Array::scalar(s))?))?;
+        }
+        *out = Some(x);
+        Ok(())
+    }
+
+    fn rms_norm(&self, _: &mut MlxPass, x: &Option<Array>, w: &MlxVector, eps: f32, out: &mut Option<Array>) -> R {
+        *out = Some(norm_runs(get(x)?, w, eps)?);
+        Ok(())
+    }
+
+    fn rms_norm_in_place(&self, _: &mut MlxPass, x: &mut Option<Array>, w: &MlxVector, eps: f32) -> R {
+        *x = Some(norm_runs(get(x)?, w, eps)?);
+        Ok(())
+    }
+
+    fn linear(&self, _: &mut MlxPass, w: &MlxMatrix, x: &Option<Array>, out: &mut Option<Array>) -> R {
+        *out = Some(w.matmul(get(x)?)?);
+        Ok(())
+    }
+
+    fn add_bias(&self, _: &mut MlxPass, x: &mut Option<Array>, b: &MlxVector) -> R {
+        *x = Some(mlx(get(x)?.add(&b.a))?);
+        Ok(())
+    }
+
+    fn rope(&self, p: &mut MlxPass, x: &mut Option<Array>, n_heads: usize) -> R {
+        let a = get(x)?;
+        let (n, hd) = (a.shape()[0], p.head_dim);
+        let half = hd / 2;
+        // Each head as pairs (a, b) along one axis of a 4-d view.
+        let (view, axis) = match p.style {
+            RopeStyle::Adjacent => ([n, n_heads, half, 2], 3),
+            RopeStyle::Half => ([n, n_heads, 2, half], 2),
+        };
+        let v = mlx(a.reshape(&view))?;
+        let part = |i: usize| {
+            let (mut start, mut stop) = ([0; 4], view);
+            start[axis] = i;
+            stop[axis] = i + 1;
+            v.slice(&start, &stop)
+        };
+        let (x0, x1) = (mlx(part(0))?, mlx(part(1))?);
+        let mul = |a: &Array, b: &Array| mlx(a.multiply(b));
+        let r0 = mlx(mul(&x0, &p.cos)?.subtract(&mul(&x1, &p.sin)?))?;
+        let r1 = mlx(mul(&x0, &p.sin)?.add(&mul(&x1, &p.cos)?))?;
+        let joined = mlx(mlx_serving_mlx::concatenate(&[&r0, &r1], axis as i32))?;
+        *x = Some(mlx(joined.reshape(&[n, n_heads * hd]))?);
+        Ok(())
+    }
+
+    fn attention(&self, p: &mut MlxPass, a: &AttnParams, q: &Option<Array>, k: &Option<Array>, v: &Option<Array>, kv: &mut KvStore, tables: &[&[BlockId]], out: &mut Option<Array>) -> R {
+        let (hd, nh, nkv) = (a.head_dim, a.n_heads, a.n_kv_heads);
+        let bs = kv.block_size();
+        let positions: Vec<(usize, usize)> = p.runs.iter().flat_map(|r| (r.n_pos - r.len..r.n_pos).map(move |pos| (r.seq, pos))).collect();
+        p.rows(|seq, pos| tables[seq][pos / bs] as usize * bs + pos % bs, &positions)?;
+        let (write_rows, need) = p.write_rows.as_ref().expect("set by rows()");
+        let store = kv.device_mut::<MlxKv>().ok_or_else(|| EngineError::Internal("mlx backend: the KV store is not MLX's".into()))?;
+        let (kc, vc) = store.layer(a.layer, *need)?;
+        *kc = mlx(kc.scatter_rows(write_rows, get(k)?))?;
+        *vc = mlx(vc.scatter_rows(write_rows, get(v)?))?;
+        let (kc, vc) = (&*kc, &*vc);
+        let q = get(q)?;
+        let mut outs = Vec::with_capacity(p.runs.len());
+        for i in 0..p.runs.len() {
+            let (t0, len, n_pos) = (p.runs[i].t0, p.runs[i].len, p.runs[i].n_pos);
+            let rows = p.runs[i].rows.as_ref().expect("set by rows()");
+            let heads = |c: &Array| -> Result<Array, EngineError> { mlx(c.take(rows, 0).and_then(|x| x.reshape(&[1, n_pos, nkv, hd])).and_then(|x| x.transpose(&[0, 2, 1, 3])).and_then(|x| x.astype(Dtype::F32))) };
+            let (keys, values) = (heads(kc)?, heads(vc)?);
+            let qr = mlx(q.slice(&[t0, 0], &[t0 + len, nh * hd]).and_then(|x| x.reshape(&[1, len, nh, hd])).and_then(|x| x.transpose(&[0, 2, 1, 3])))?;
+            let hidden = a.window.is_some_and(|w| w < n_pos);
+            let o = if let Some(c) = a.softcap {
+                // Capped scores: by hand, each KV head's query heads stacked as one block of rows.
+                let group = nh / nkv;
+                let qg = mlx(qr.reshape(&[1, nkv, group * len, hd]))?;
+                let s = mlx(qg.matmul(&mlx(keys.transpose(&[0, 1, 3, 2]))?).and_then(|s| s.multiply(&Array::scalar(a.scale / c)?)))?;
+                let s = mlx(s.tanh().and_then(|s| s.multiply(&Array::scalar(c)?)))?;
+                let s = mlx(s.add(p.mask(i, a.window, group)?).and_then(|s| s.softmax()))?;
+                mlx(s.matmul(&values).and_then(|o| o.reshape(&[1, nh, len, hd])))?
+            } else if hidden {
+                mlx(mlx_serving_mlx::scaled_dot_product_attention_masked(&qr, &keys, &values, a.scale, p.mask(i, a.window, 1)?))?
+            } else {
+                mlx(mlx_serving_mlx::scaled_dot_product_attention(&qr, &keys, &values, a.scale, len > 1))?
+            };
+            outs.push(mlx(o.transpose(&[0, 2, 1, 3]).and_then(|o| o.reshape(&[len, nh * hd])))?);
+        }
+        *out = Some(match outs.len() {
+            1 => outs.pop().expect("one"),
+            _ => mlx(mlx_serving_mlx::concatenate(&outs.iter().collect::<Vec<_>>(), 0))?,
+        });
+        Ok(())
+    }
+
+    fn activate(&self, _: &mut MlxPass, act: Activation, gate: &mut Option<Array>, up: &Option<Array>) -> R {
+        let g = get(gate)?;
+        let act = match act {
+            Activation::Silu => g.silu(),
+            Activation::GeluTanh => g.gelu_tanh(),
+        };
+        *gate = Some(act?.multiply(get(up)?)?);
+        Ok(())
+    }
+
+    fn add(&self, _: &mut MlxPass, x: &mut Option<Array>, y: &Option<Array>) -> R {
+        *x = Some(mlx(get(x)?.add(get(y)?))?);
+        Ok(())
+    }
+
+    fn soft_cap(&self, _: &mut MlxPass, x: &mut Option<Array>, cap: f32) -> R {
+        *x = Some(get(x)?.multiply(&Array::scalar(1.0 / cap)?)?.tanh()?.multiply(&Array::scalar(cap)?)?);
+        Ok(())
+    }
+
+    fn zeros(&self, _: &mut MlxPass, rows: usize, width: usize, out: &mut Option<Array>) -> R {
+        *out = Some(mlx(Array::zeros(&[rows, width], Dtype::F32))?);
+        Ok(())
+    }
+
+    fn select_rows(&self, _: &mut MlxPass, x: &Option<Array>, rows: &[usize], _: usize, out: &mut Option<Array>) -> R {
+        *out = Some(mlx(get(x)?.take(&i32s(rows.iter().copied())?, 0))?);
+        Ok(())
+    }
+
+    fn add_rows_weighted(&self, _: &mut MlxPass, out: &mut Option<Array>, y: &Option<Array>, rows: &[usize], weights: &[f32], _: usize) -> R {
+        // A (rows of out) x (rows of y) matrix of the weights: one matmul
+        // adds every weighted row where it belongs.
+        let o = get(out)?;
+        let n = o.shape()[0];
+        let mut s = vec![0f32; n * rows.len()];
+        for (i, (&r, &w)) in rows.iter().zip(weights).enumerate() {
+            s[r * rows.len() + i] = w;
+        }
+        let s = mlx(Array::from_slice(&s, &[n, rows.len()]))?;
+        *out = Some(mlx(s.matmul(get(y)?).and_then(|t| o.add(&t)))?);
+        Ok(())
+    }
+
+    fn to_host(&self, _: &mut MlxPass, x: Option<Array>) -> Result<Vec<f32>, EngineError> {
+        mlx(get(&x)?.to_vec_f32())
+    }
+
+    fn finish(&self, p: MlxPass, kv: &mut KvStore, logits: Option<Option<Array>>) -> Result<Vec<f32>, EngineError> {
+        // Arrays built on one thread cannot be evaluated on another (MLX's
+        // streams are per thread), and the engine's passes may move between
+        // pool threads: so the cache leaves every pass computed.
+        let mut outs: Vec<&Array> = Vec::new();
+        if let Some(store) = kv.device_mut::<MlxKv>() {
+            outs.extend(store.layers.iter().flatten().flat_map(|(k, v)| [k, v]));
+        }
+        let logits = logits.map(|l| l.ok_or_else(|| EngineError::Internal("mlx backend: no logits".into()))).transpose()?;
+        outs.extend(logits.as_ref());
+        mlx_serving_mlx::eval(&outs)?;
+        let out = logits.map_or(Ok(Vec::new()), |l| l.to_vec_f32());
+        drop(p);
+        Ok(out?)
     }
 }
 
-fn zeros(h: usize, n: usize, d: usize) -> Result<Array, EngineError> {
-    Array::from_slice(&vec![f16::ZERO; h * n * d], &[1, h, n, d]).map_err(mlx_error)
+/// RMSNorm of every run of `w.len` values of `x` (rows, or heads in a row).
+fn norm_runs(x: &Array, w: &MlxVector, eps: f32) -> Result<Array, EngineError> {
+    let shape = x.shape();
+    let width = shape.last().copied().unwrap_or(0);
+    if width == w.len {
+        return mlx(mlx_serving_mlx::rms_norm(x, Some(&w.a), eps));
+    }
+    let runs = x.len() / w.len;
+    mlx(x.reshape(&[runs, w.len]).and_then(|r| mlx_serving_mlx::rms_norm(&r, Some(&w.a), eps)).and_then(|r| r.reshape(&shape)))
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,62 +503,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    /// Keys and values written in uneven steps across growth boundaries
-    /// give the attention a plain computation over all of them gives.
-    #[test]
-    fn the_kv_cache_grows_and_attends_like_the_reference() {
-        if !mlx_serving_mlx::available() {
-            return;
-        }
-        let (heads, kv_heads, d, layers) = (4, 2, 16, 2);
-        let mut cache = MlxKvCache::new(layers, kv_heads, d, 4);
-        let (mut all_k, mut all_v): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (vec![Vec::new(); layers], vec![Vec::new(); layers]);
-        let scale = 1.0 / (d as f32).sqrt();
-        for (step, n) in [3usize, 1, 5, 1, 2].into_iter().enumerate() {
-            let mut outs = Vec::new();
-            for l in 0..layers {
-                let seed = (step * 10 + l) as u64;
-                // Values rounded to f16 up front, as the cache stores them.
-                let r16 = |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| f16::from_f32(x).to_f32()).collect() };
-                let (k, v, q) = (r16(rand_vec(kv_heads * n * d, seed)), r16(rand_vec(kv_heads * n * d, seed + 1000)), r16(rand_vec(heads * n * d, seed + 2000)));
-                let arr = |x: &[f32], h: usize| Array::from_slice(x, &[1, h, n, d]).unwrap();
-                cache.write(l, &arr(&k, kv_heads), &arr(&v, kv_heads)).unwrap();
-                // Host copies as (head, position, dim), appended per head.
-                for (store, new) in [(&mut all_k[l], &k), (&mut all_v[l], &v)] {
-                    let old_len = store.len() / (kv_heads * d);
-                    let mut merged = Vec::new();
-                    for hh in 0..kv_heads {
-                        merged.extend_from_slice(&store[hh * old_len * d..(hh + 1) * old_len * d]);
-                        merged.extend_from_slice(&new[hh * n * d..(hh + 1) * n * d]);
-                    }
-                    *store = merged;
-                }
-                outs.push((l, q));
-            }
-            cache.advance(n);
-            let len = cache.len();
-            for (l, q) in outs {
-                let got = cache.attend(l, &Array::from_slice(&q, &[1, heads, n, d]).unwrap(), scale).unwrap().to_vec_f32().unwrap();
-                for hq in 0..heads {
-                    let g = hq / (heads / kv_heads);
-                    for i in 0..n {
-                        let visible = len - n + i + 1;
-                        let qi = &q[(hq * n + i) * d..][..d];
-                        let s: Vec<f32> = (0..visible).map(|j| qi.iter().zip(&all_k[l][(g * len + j) * d..][..d]).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
-                        let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
-                        let z: f32 = e.iter().sum();
-                        for t in 0..d {
-                            let want: f32 = e.iter().enumerate().map(|(j, w)| w / z * all_v[l][(g * len + j) * d + t]).sum();
-                            let have = got[(hq * n + i) * d + t];
-                            assert!((have - want).abs() < 1e-2, "step {step} layer {l} head {hq} pos {i} dim {t}: {have} vs {want}");
-                        }
-                    }
-                }
-            }
-        }
-        assert_eq!(cache.len(), 12);
     }
 }

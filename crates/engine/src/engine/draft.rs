@@ -59,7 +59,7 @@ impl Engine {
     pub fn load_draft_model(&self, primary: &str, path: impl AsRef<Path>, id: Option<String>) -> Result<ModelInfo, EngineError> {
         let w = self.worker(primary)?;
         let (canonical, id) = resolve(path.as_ref(), id)?;
-        let (model, tokenizer, info) = open_model(canonical, id, None)?;
+        let (model, tokenizer, info) = open_model(canonical, id, None, w.info.backend)?;
         let report = draft_compatibility((&w.info, &w.tokenizer), (&info, &tokenizer));
         if !report.compatible {
             return Err(EngineError::InvalidParams(format!(

@@ -919,3 +919,46 @@ fn a_draft_catches_up_on_a_long_prompt_a_chunk_per_step() {
     let s = wait_for(&spec, idle);
     assert!(s.n_spec_drafted > 0 && s.n_spec_drafted < 4 * 39, "{s:?}");
 }
+
+/// The `mlx` backend under the scheduler: concurrent streams, prefix-cache
+/// hits, prefill in chunks across block boundaries and prompt-lookup
+/// guesses (several tokens of a sequence per step) all give what each
+/// prompt gives alone on a fresh engine.
+#[test]
+fn the_mlx_backend_gives_solo_results_under_batching_prefix_hits_and_chunks() {
+    if !mlx_serving_mlx::available() {
+        assert!(std::env::var_os("MLX_REQUIRED").is_none(), "MLX_REQUIRED: {:?}", mlx_serving_mlx::unavailable_reason());
+        return;
+    }
+    let (cpu, d) = tiny_engine_with(config(|c| {
+        c.kv_cache.block_size = 4;
+        c.scheduler.prefill_chunk = 8;
+        c.speculative.enabled = true;
+        c.speculative.ngram_min = 1;
+    }));
+    let e = Engine::with_config(cpu.config().as_ref().clone());
+    let options = ModelOptions { backend: crate::backend::BackendKind::Mlx, ..Default::default() };
+    assert_eq!(e.load_model_with(d.path().join("tiny.gguf"), None, options.clone()).unwrap().backend.name(), "mlx");
+    // Same file, same id, other backend: refused, not silently shared.
+    assert_eq!(cpu.load_model_with(d.path().join("tiny.gguf"), None, options).unwrap_err().code(), "InvalidParams");
+    let prompts = ["hello world, a shared start of several blocks then one", "hello world, a shared start of several blocks then two", "hello", "world hello world hello world hello world"];
+    let solo: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let fresh = Engine::with_config(e.config().as_ref().clone());
+            fresh.load_model_with(d.path().join("tiny.gguf"), None, ModelOptions { backend: crate::backend::BackendKind::Mlx, ..Default::default() }).unwrap();
+            collect(fresh.submit(greedy(p, 10)).unwrap()).0
+        })
+        .collect();
+    let handles: Vec<_> = prompts.iter().map(|p| e.submit(greedy(p, 10)).unwrap()).collect();
+    for (h, want) in handles.into_iter().zip(&solo) {
+        let (got, _, result) = collect(h);
+        assert_eq!(&got, want, "{result:?}");
+    }
+    // Again: now every prompt's full blocks come from the prefix cache.
+    for (p, want) in prompts.iter().zip(&solo) {
+        assert_eq!(&collect(e.submit(greedy(p, 10)).unwrap()).0, want);
+    }
+    let s = wait_for(&e, idle);
+    assert!(s.prefix_cache_hits > 0 && s.n_spec_drafted > 0, "{s:?}");
+}

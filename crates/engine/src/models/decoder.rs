@@ -5,16 +5,12 @@
 //! head. Architecture files (`llama.rs`, `gemma2.rs`, ...) load their weights
 //! into these parts and switch on what differs; the compute lives here once.
 
-use rayon::prelude::*;
-
-use half::f16;
-
 use super::weights::{global, layer, permute_rows, Format, Name, WeightSource};
-use super::{ops, BatchToken, Model, ModelConfig};
-use crate::cpu::{dot_f32, f16_to_f32, matmul, QMatrix};
+use super::{BatchToken, Model, ModelConfig};
+use crate::backend::{AttnParams, Backend, Cpu, Rope};
+use crate::cpu::QMatrix;
 use crate::error::EngineError;
 use crate::kv::{BlockId, KvStore};
-use crate::quant::QuantizedActs;
 
 /// Largest head size and query heads per KV head that the attention
 /// kernel's stack buffer holds.
@@ -38,47 +34,49 @@ pub enum Activation {
     GeluTanh,
 }
 
-pub struct Attention {
-    pub wq: QMatrix,
-    pub wk: QMatrix,
-    pub wv: QMatrix,
-    pub wo: QMatrix,
-    pub bias: Option<[Vec<f32>; 3]>,
+/// Weights are loaded as `Cpu`'s (the file's bytes) and moved to another
+/// backend with `Decoder::into_backend`.
+pub struct Attention<B: Backend = Cpu> {
+    pub wq: B::Matrix,
+    pub wk: B::Matrix,
+    pub wv: B::Matrix,
+    pub wo: B::Matrix,
+    pub bias: Option<[B::Vector; 3]>,
     /// Per-head RMSNorm of queries and keys before rotation (Qwen3).
-    pub qk_norm: Option<[Vec<f32>; 2]>,
+    pub qk_norm: Option<[B::Vector; 2]>,
     /// Sliding window: a token sees only the last `window` positions.
     pub window: Option<usize>,
 }
 
-pub struct Mlp {
-    pub gate: QMatrix,
-    pub up: QMatrix,
-    pub down: QMatrix,
+pub struct Mlp<B: Backend = Cpu> {
+    pub gate: B::Matrix,
+    pub up: B::Matrix,
+    pub down: B::Matrix,
 }
 
 /// Routed experts: each token runs its `top_k` best-scoring experts and sums
 /// their outputs weighted by the router's softmax.
-pub struct Moe {
-    pub router: QMatrix,
-    pub experts: Vec<Mlp>,
+pub struct Moe<B: Backend = Cpu> {
+    pub router: B::Matrix,
+    pub experts: Vec<Mlp<B>>,
     pub top_k: usize,
     /// Renormalise the chosen experts' weights to sum to one.
     pub norm_topk: bool,
 }
 
-pub enum Ffn {
-    Dense(Mlp),
-    Moe(Moe),
+pub enum Ffn<B: Backend = Cpu> {
+    Dense(Mlp<B>),
+    Moe(Moe<B>),
 }
 
-pub struct Layer {
-    pub attn_norm: Vec<f32>,
-    pub attn: Attention,
+pub struct Layer<B: Backend = Cpu> {
+    pub attn_norm: B::Vector,
+    pub attn: Attention<B>,
     /// Norm of the attention output before the residual add (Gemma 2).
-    pub post_attn_norm: Option<Vec<f32>>,
-    pub ffn_norm: Vec<f32>,
-    pub ffn: Ffn,
-    pub post_ffn_norm: Option<Vec<f32>>,
+    pub post_attn_norm: Option<B::Vector>,
+    pub ffn_norm: B::Vector,
+    pub ffn: Ffn<B>,
+    pub post_ffn_norm: Option<B::Vector>,
 }
 
 /// What differs between architectures beyond their weights.
@@ -98,18 +96,19 @@ pub struct Options {
     pub norm_offset: f32,
 }
 
-pub struct Decoder {
+pub struct Decoder<B: Backend = Cpu> {
+    backend: B,
     cfg: ModelConfig,
     dim: usize,
     n_heads: usize,
     eps: f32,
-    inv_freq: Vec<f32>,
+    rope: Rope,
     opts: Options,
-    embed: QMatrix,
-    layers: Vec<Layer>,
-    out_norm: Vec<f32>,
+    embed: B::Matrix,
+    layers: Vec<Layer<B>>,
+    out_norm: B::Vector,
     /// `None`: tied to the token embedding.
-    output: Option<QMatrix>,
+    output: Option<B::Matrix>,
 }
 
 /// Default options. `adjacent_in_gguf` architectures (llama, mistral) rotate
@@ -245,7 +244,7 @@ pub fn pre_norm_layer(src: &dyn WeightSource, i: usize, attn: Attention, ffn: Ff
     })
 }
 
-impl Decoder {
+impl Decoder<Cpu> {
     /// Builds the model from its layers; embedding, final norm and output
     /// head are read under their usual names.
     pub fn new(
@@ -269,6 +268,8 @@ impl Decoder {
             inv_freq.iter_mut().zip(f).for_each(|(v, d)| *v /= d);
         }
         Ok(Decoder {
+            backend: Cpu,
+            rope: Rope { inv_freq, style: opts.rope_style, head_dim: hp.head_dim },
             cfg: ModelConfig {
                 architecture: hp.model_type.clone(),
                 n_layers: layers.len(),
@@ -280,7 +281,6 @@ impl Decoder {
             dim: hp.dim,
             n_heads: hp.n_heads,
             eps: hp.eps,
-            inv_freq,
             opts,
             embed,
             layers,
@@ -289,210 +289,112 @@ impl Decoder {
         })
     }
 
-    /// Rotates every head of every token in `x` (`n_heads_x` heads per
-    /// token) by its position.
-    fn rope(&self, x: &mut [f32], n_heads_x: usize, batch: &[BatchToken]) {
-        let hd = self.cfg.head_dim;
-        let (stride, pair) = match self.opts.rope_style {
-            RopeStyle::Adjacent => (2, 1),
-            RopeStyle::Half => (1, hd / 2),
-        };
-        for (t, bt) in batch.iter().enumerate() {
-            let row = &mut x[t * n_heads_x * hd..(t + 1) * n_heads_x * hd];
-            for (i, &f) in self.inv_freq.iter().enumerate() {
-                let (sin, cos) = (bt.pos as f32 * f).sin_cos();
-                for h in 0..n_heads_x {
-                    let j = h * hd + stride * i;
-                    let (a, b) = (row[j], row[j + pair]);
-                    row[j] = a * cos - b * sin;
-                    row[j + pair] = a * sin + b * cos;
-                }
-            }
+    /// The same model on backend `b`: every weight handed over, one at a
+    /// time, so the file's copy of each can go as its replacement arrives.
+    pub fn into_backend<B: Backend>(self, b: B) -> Result<Decoder<B>, EngineError> {
+        let m = |w: QMatrix| b.matrix(w);
+        let v = |w: Vec<f32>| b.vector(w);
+        let opt = |w: Option<Vec<f32>>| w.map(&v).transpose();
+        let mlp = |x: Mlp| -> Result<Mlp<B>, EngineError> { Ok(Mlp { gate: m(x.gate)?, up: m(x.up)?, down: m(x.down)? }) };
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in self.layers {
+            let a = l.attn;
+            let attn = Attention {
+                wq: m(a.wq)?,
+                wk: m(a.wk)?,
+                wv: m(a.wv)?,
+                wo: m(a.wo)?,
+                bias: match a.bias {
+                    Some([x, y, z]) => Some([v(x)?, v(y)?, v(z)?]),
+                    None => None,
+                },
+                qk_norm: match a.qk_norm {
+                    Some([x, y]) => Some([v(x)?, v(y)?]),
+                    None => None,
+                },
+                window: a.window,
+            };
+            let ffn = match l.ffn {
+                Ffn::Dense(x) => Ffn::Dense(mlp(x)?),
+                Ffn::Moe(x) => Ffn::Moe(Moe {
+                    router: m(x.router)?,
+                    experts: x.experts.into_iter().map(mlp).collect::<Result<_, _>>()?,
+                    top_k: x.top_k,
+                    norm_topk: x.norm_topk,
+                }),
+            };
+            layers.push(Layer {
+                attn_norm: v(l.attn_norm)?,
+                attn,
+                post_attn_norm: opt(l.post_attn_norm)?,
+                ffn_norm: v(l.ffn_norm)?,
+                ffn,
+                post_ffn_norm: opt(l.post_ffn_norm)?,
+            });
         }
+        Ok(Decoder {
+            cfg: self.cfg,
+            dim: self.dim,
+            n_heads: self.n_heads,
+            eps: self.eps,
+            rope: self.rope,
+            opts: self.opts,
+            embed: m(self.embed)?,
+            layers,
+            out_norm: v(self.out_norm)?,
+            output: self.output.map(m).transpose()?,
+            backend: b,
+        })
     }
+}
 
-    /// Causal attention of every token over its sequence's cache. Work is
-    /// split by (token, KV head) so each cached key and value is converted
-    /// from f16 once for all the query heads that share it.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        layer: usize,
-        window: Option<usize>,
-        q: &[f32],
-        batch: &[BatchToken],
-        kv: &KvStore,
-        tables: &[&[BlockId]],
-        out: &mut [f32],
-    ) {
-        let hd = self.cfg.head_dim;
-        let n_kv = self.cfg.n_kv_heads;
-        let group = self.n_heads / n_kv;
-        let scale = self.opts.attn_scale;
-        let softcap = self.opts.attn_softcap;
-        let bs = kv.block_size();
-        // Few tasks (decode of one or two sequences): split each KV head's
-        // query heads apart too, so every core gets work; the shared key and
-        // value rows are then widened once per query head instead of once.
-        let split = if batch.len() * n_kv < 4 * crate::cpu::n_threads() {
-            group
-        } else {
-            1
-        };
-        let gs = group / split;
-        out.par_chunks_mut(gs * hd).enumerate().for_each_init(
-            || (Vec::new(), vec![0.0f32; hd]),
-            |(scores, row): &mut (Vec<f32>, Vec<f32>), (j, o)| {
-                let (t, rem) = (j / (n_kv * split), j % (n_kv * split));
-                let (kvh, sub) = (rem / split, rem % split);
-                let bt = batch[t];
-                let n_pos = bt.pos + 1;
-                // Positions before `first` are outside the sliding window.
-                let first = window.map_or(0, |w| n_pos.saturating_sub(w));
-                let blocks = &tables[bt.seq][..n_pos.div_ceil(bs)];
-                // Queries rounded to f16 like the f16 cache, as llama.cpp does.
-                let mut qg = [0.0f32; MAX_HEAD_DIM * MAX_GROUP];
-                let qg = &mut qg[..gs * hd];
-                let q0 = (t * self.n_heads + kvh * group + sub * gs) * hd;
-                for (d, &v) in qg.iter_mut().zip(&q[q0..q0 + gs * hd]) {
-                    *d = f16::from_f32(v).to_f32();
-                }
-                let off = kvh * hd;
-                scores.clear();
-                scores.resize(gs * n_pos, f32::NEG_INFINITY);
-                for_each_position(kv, layer, blocks, first, n_pos, false, off, hd, |p, key| {
-                    f16_to_f32(key, row);
-                    for g in 0..gs {
-                        let s = dot_f32(&qg[g * hd..(g + 1) * hd], row) * scale;
-                        scores[g * n_pos + p] = match softcap {
-                            Some(c) => c * (s / c).tanh(),
-                            None => s,
-                        };
-                    }
-                });
-                for g in 0..gs {
-                    let sg = &mut scores[g * n_pos + first..(g + 1) * n_pos];
-                    ops::softmax(sg);
-                    // Weights rounded to f16 too (llama.cpp multiplies them with f16 values).
-                    sg.iter_mut().for_each(|w| *w = f16::from_f32(*w).to_f32());
-                }
-                o.fill(0.0);
-                for_each_position(
-                    kv,
-                    layer,
-                    blocks,
-                    first,
-                    n_pos,
-                    true,
-                    off,
-                    hd,
-                    |p, value| {
-                        f16_to_f32(value, row);
-                        for g in 0..gs {
-                            let w = scores[g * n_pos + p];
-                            o[g * hd..(g + 1) * hd]
-                                .iter_mut()
-                                .zip(row.iter())
-                                .for_each(|(a, &v)| *a += w * v);
-                        }
-                    },
-                );
-            },
-        );
-    }
-
-    fn activate(&self, gate: &mut [f32], up: &[f32]) {
-        match self.opts.activation {
-            Activation::Silu => ops::silu_mul(gate, up),
-            Activation::GeluTanh => ops::gelu_tanh_mul(gate, up),
-        }
-    }
-
-    /// `out = mlp(h)` for `n` tokens; `scratch` holds the gate and up
-    /// activations (allocated once per forward pass, not per layer).
-    fn run_mlp(&self, m: &Mlp, h: &[f32], n: usize, xq: &mut QuantizedActs, scratch: &mut [Vec<f32>; 2], out: &mut [f32]) {
+impl<B: Backend> Decoder<B> {
+    /// `out = mlp(h)`; `scratch` holds the gate and up activations
+    /// (allocated once per forward pass, not per layer).
+    fn run_mlp(&self, p: &mut B::Pass, m: &Mlp<B>, h: &B::Tensor, scratch: &mut [B::Tensor; 2], out: &mut B::Tensor) -> Result<(), EngineError> {
+        let b = &self.backend;
         let [gate, up] = scratch;
-        gate.resize(n * m.gate.rows, 0.0);
-        up.resize(n * m.up.rows, 0.0);
-        matmul(&m.gate, h, xq, gate);
-        matmul(&m.up, h, xq, up);
-        self.activate(gate, up);
-        matmul(&m.down, gate, xq, out);
+        b.linear(p, &m.gate, h, gate)?;
+        b.linear(p, &m.up, h, up)?;
+        b.activate(p, self.opts.activation, gate, up)?;
+        b.linear(p, &m.down, gate, out)
     }
 
     /// Routes each token to its best experts; each expert runs once on all
     /// the tokens routed to it.
-    fn run_moe(&self, m: &Moe, h: &[f32], n: usize, xq: &mut QuantizedActs, scratch: &mut [Vec<f32>; 2], out: &mut [f32]) {
-        let (dim, ne) = (self.dim, m.experts.len());
-        let mut probs = vec![0.0f32; n * ne];
-        matmul(&m.router, h, xq, &mut probs);
-        let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
-        for (t, p) in probs.chunks_exact_mut(ne).enumerate() {
-            ops::softmax(p);
+    fn run_moe(&self, p: &mut B::Pass, m: &Moe<B>, h: &B::Tensor, n: usize, scratch: &mut [B::Tensor; 2], out: &mut B::Tensor) -> Result<(), EngineError> {
+        let (b, dim, ne) = (&self.backend, self.dim, m.experts.len());
+        let mut logits = B::Tensor::default();
+        b.linear(p, &m.router, h, &mut logits)?;
+        let mut probs = b.to_host(p, logits)?;
+        let mut routed: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); ne];
+        for (t, pr) in probs.chunks_exact_mut(ne).enumerate() {
+            super::ops::softmax(pr);
             let mut order: Vec<usize> = (0..ne).collect();
-            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+            order.sort_by(|&a, &b| pr[b].total_cmp(&pr[a]).then(a.cmp(&b)));
             let chosen = &order[..m.top_k];
-            let total: f32 = if m.norm_topk {
-                chosen.iter().map(|&e| p[e]).sum()
-            } else {
-                1.0
-            };
+            let total: f32 = if m.norm_topk { chosen.iter().map(|&e| pr[e]).sum() } else { 1.0 };
             for &e in chosen {
-                routed[e].push((t, p[e] / total));
+                routed[e].0.push(t);
+                routed[e].1.push(pr[e] / total);
             }
         }
-        out.fill(0.0);
-        for (e, tokens) in routed.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
-            let x: Vec<f32> = tokens
-                .iter()
-                .flat_map(|&(t, _)| h[t * dim..(t + 1) * dim].iter().copied())
-                .collect();
-            let mut y = vec![0.0f32; tokens.len() * dim];
-            self.run_mlp(&m.experts[e], &x, tokens.len(), xq, scratch, &mut y);
-            for (&(t, w), yr) in tokens.iter().zip(y.chunks_exact(dim)) {
-                out[t * dim..(t + 1) * dim]
-                    .iter_mut()
-                    .zip(yr)
-                    .for_each(|(o, &v)| *o += w * v);
-            }
+        b.zeros(p, n, dim, out)?;
+        let (mut x, mut y) = (B::Tensor::default(), B::Tensor::default());
+        for (e, (tokens, weights)) in routed.iter().enumerate().filter(|(_, r)| !r.0.is_empty()) {
+            b.select_rows(p, h, tokens, dim, &mut x)?;
+            self.run_mlp(p, &m.experts[e], &x, scratch, &mut y)?;
+            b.add_rows_weighted(p, out, &y, tokens, weights, dim)?;
         }
+        Ok(())
     }
 }
 
-/// Calls `f(position, row)` for positions `first..n_pos` of a sequence, with
-/// the `hd` elements at `off` of each position's key (or value) row of `layer`.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-fn for_each_position(
-    kv: &KvStore,
-    layer: usize,
-    blocks: &[BlockId],
-    first: usize,
-    n_pos: usize,
-    values: bool,
-    off: usize,
-    hd: usize,
-    mut f: impl FnMut(usize, &[f16]),
-) {
-    let bs = kv.block_size();
-    for (bi, &b) in blocks.iter().enumerate().skip(first / bs) {
-        let (k, v) = kv.block(layer, b);
-        let rows = if values { v } else { k };
-        let stride = rows.len() / bs;
-        for slot in first.saturating_sub(bi * bs)..bs.min(n_pos - bi * bs) {
-            f(
-                bi * bs + slot,
-                &rows[slot * stride + off..slot * stride + off + hd],
-            );
-        }
-    }
+fn mlp_bytes<B: Backend>(m: &Mlp<B>) -> usize {
+    B::matrix_bytes(&m.gate) + B::matrix_bytes(&m.up) + B::matrix_bytes(&m.down)
 }
 
-fn mlp_bytes(m: &Mlp) -> usize {
-    m.gate.n_bytes() + m.up.n_bytes() + m.down.n_bytes()
-}
-
-impl Model for Decoder {
+impl<B: Backend> Model for Decoder<B> {
     fn config(&self) -> &ModelConfig {
         &self.cfg
     }
@@ -505,14 +407,17 @@ impl Model for Decoder {
                 let a = &l.attn;
                 let ffn = match &l.ffn {
                     Ffn::Dense(m) => mlp_bytes(m),
-                    Ffn::Moe(m) => {
-                        m.router.n_bytes() + m.experts.iter().map(mlp_bytes).sum::<usize>()
-                    }
+                    Ffn::Moe(m) => B::matrix_bytes(&m.router) + m.experts.iter().map(mlp_bytes).sum::<usize>(),
                 };
-                a.wq.n_bytes() + a.wk.n_bytes() + a.wv.n_bytes() + a.wo.n_bytes() + ffn
+                [&a.wq, &a.wk, &a.wv, &a.wo].into_iter().map(B::matrix_bytes).sum::<usize>() + ffn
             })
             .sum();
-        l + self.embed.n_bytes() + self.output.as_ref().map_or(0, QMatrix::n_bytes)
+        l + B::matrix_bytes(&self.embed) + self.output.as_ref().map_or(0, B::matrix_bytes)
+    }
+
+    fn new_kv_store(&self, block_size: usize, n_blocks: usize) -> KvStore {
+        let c = &self.cfg;
+        self.backend.new_kv_store(c.n_layers, c.n_kv_heads * c.head_dim, block_size, n_blocks)
     }
 
     fn forward(
@@ -522,95 +427,73 @@ impl Model for Decoder {
         tables: &[&[BlockId]],
     ) -> Result<Vec<f32>, EngineError> {
         let n = batch.len();
-        let (dim, hd) = (self.dim, self.cfg.head_dim);
-        let (q_dim, kv_dim) = (self.n_heads * hd, self.cfg.n_kv_heads * hd);
         super::check_batch(&self.cfg, batch, kv, tables)?;
-        let mut x = vec![0.0f32; n * dim];
-        for (t, bt) in batch.iter().enumerate() {
-            let row = &mut x[t * dim..(t + 1) * dim];
-            self.embed.dequantize_row_into(bt.token as usize, row);
-            if let Some(s) = self.opts.embed_scale {
-                row.iter_mut().for_each(|v| *v *= s);
-            }
-        }
-        let mut xq = QuantizedActs::default();
-        let mut h = vec![0.0f32; n * dim];
-        let mut q = vec![0.0f32; n * q_dim];
-        let mut k = vec![0.0f32; n * kv_dim];
-        let mut v = vec![0.0f32; n * kv_dim];
-        let mut att = vec![0.0f32; n * q_dim];
-        let mut proj = vec![0.0f32; n * dim];
-        let mut ffn_scratch = [Vec::new(), Vec::new()];
+        let (b, eps) = (&self.backend, self.eps);
+        let mut pass = b.begin(batch, &self.rope)?;
+        let p = &mut pass;
+        let mut x = B::Tensor::default();
+        b.embed(p, &self.embed, self.opts.embed_scale, &mut x)?;
+        let [mut h, mut q, mut k, mut v, mut att, mut proj] = std::array::from_fn(|_| B::Tensor::default());
+        let mut ffn_scratch = [B::Tensor::default(), B::Tensor::default()];
 
         for (li, l) in self.layers.iter().enumerate() {
             let a = &l.attn;
-            ops::rms_norm(&x, &l.attn_norm, self.eps, &mut h);
-            matmul(&a.wq, &h, &mut xq, &mut q);
-            matmul(&a.wk, &h, &mut xq, &mut k);
-            matmul(&a.wv, &h, &mut xq, &mut v);
+            b.rms_norm(p, &x, &l.attn_norm, eps, &mut h)?;
+            b.linear(p, &a.wq, &h, &mut q)?;
+            b.linear(p, &a.wk, &h, &mut k)?;
+            b.linear(p, &a.wv, &h, &mut v)?;
             if let Some([bq, bk, bv]) = &a.bias {
-                for (m, b) in [(&mut q, bq), (&mut k, bk), (&mut v, bv)] {
-                    m.chunks_exact_mut(b.len())
-                        .for_each(|r| ops::add_in_place(r, b));
-                }
+                b.add_bias(p, &mut q, bq)?;
+                b.add_bias(p, &mut k, bk)?;
+                b.add_bias(p, &mut v, bv)?;
             }
             if let Some([qn, kn]) = &a.qk_norm {
-                ops::rms_norm_in_place(&mut q, qn, self.eps);
-                ops::rms_norm_in_place(&mut k, kn, self.eps);
+                b.rms_norm_in_place(p, &mut q, qn, eps)?;
+                b.rms_norm_in_place(p, &mut k, kn, eps)?;
             }
-            self.rope(&mut q, self.n_heads, batch);
-            self.rope(&mut k, self.cfg.n_kv_heads, batch);
-            for (t, bt) in batch.iter().enumerate() {
-                kv.write(
-                    li,
-                    tables[bt.seq],
-                    bt.pos,
-                    &k[t * kv_dim..(t + 1) * kv_dim],
-                    &v[t * kv_dim..(t + 1) * kv_dim],
-                );
-            }
-            self.attention(li, a.window, &q, batch, kv, tables, &mut att);
-            matmul(&a.wo, &att, &mut xq, &mut proj);
+            b.rope(p, &mut q, self.n_heads)?;
+            b.rope(p, &mut k, self.cfg.n_kv_heads)?;
+            let params = AttnParams {
+                layer: li,
+                n_heads: self.n_heads,
+                n_kv_heads: self.cfg.n_kv_heads,
+                head_dim: self.cfg.head_dim,
+                scale: self.opts.attn_scale,
+                softcap: self.opts.attn_softcap,
+                window: a.window,
+            };
+            b.attention(p, &params, &q, &k, &v, kv, tables, &mut att)?;
+            b.linear(p, &a.wo, &att, &mut proj)?;
             if let Some(w) = &l.post_attn_norm {
-                ops::rms_norm_in_place(&mut proj, w, self.eps);
+                b.rms_norm_in_place(p, &mut proj, w, eps)?;
             }
-            ops::add_in_place(&mut x, &proj);
+            b.add(p, &mut x, &proj)?;
 
-            ops::rms_norm(&x, &l.ffn_norm, self.eps, &mut h);
+            b.rms_norm(p, &x, &l.ffn_norm, eps, &mut h)?;
             match &l.ffn {
-                Ffn::Dense(m) => self.run_mlp(m, &h, n, &mut xq, &mut ffn_scratch, &mut proj),
-                Ffn::Moe(m) => self.run_moe(m, &h, n, &mut xq, &mut ffn_scratch, &mut proj),
+                Ffn::Dense(m) => self.run_mlp(p, m, &h, &mut ffn_scratch, &mut proj)?,
+                Ffn::Moe(m) => self.run_moe(p, m, &h, n, &mut ffn_scratch, &mut proj)?,
             }
             if let Some(w) = &l.post_ffn_norm {
-                ops::rms_norm_in_place(&mut proj, w, self.eps);
+                b.rms_norm_in_place(p, &mut proj, w, eps)?;
             }
-            ops::add_in_place(&mut x, &proj);
+            b.add(p, &mut x, &proj)?;
         }
 
         // Only the tokens that asked for logits go through the (large) output layer.
         let picked: Vec<usize> = (0..n).filter(|&t| batch[t].logits).collect();
-        let mut last = vec![0.0f32; picked.len() * dim];
-        for (i, &t) in picked.iter().enumerate() {
-            ops::rms_norm(
-                &x[t * dim..(t + 1) * dim],
-                &self.out_norm,
-                self.eps,
-                &mut last[i * dim..(i + 1) * dim],
-            );
+        if picked.is_empty() {
+            return b.finish(pass, kv, None);
         }
-        let mut logits = vec![0.0f32; picked.len() * self.cfg.vocab_size];
-        if !picked.is_empty() {
-            matmul(
-                self.output.as_ref().unwrap_or(&self.embed),
-                &last,
-                &mut xq,
-                &mut logits,
-            );
-        }
+        let p = &mut pass;
+        b.select_rows(p, &x, &picked, self.dim, &mut h)?;
+        b.rms_norm(p, &h, &self.out_norm, eps, &mut x)?;
+        let mut logits = B::Tensor::default();
+        b.linear(p, self.output.as_ref().unwrap_or(&self.embed), &x, &mut logits)?;
         if let Some(c) = self.opts.final_softcap {
-            logits.iter_mut().for_each(|v| *v = c * (*v / c).tanh());
+            b.soft_cap(p, &mut logits, c)?;
         }
-        Ok(logits)
+        b.finish(pass, kv, Some(logits))
     }
 }
 

@@ -11,6 +11,7 @@ pub mod qwen3;
 pub mod qwen3_moe;
 pub mod weights;
 
+use crate::backend::{BackendKind, Mlx};
 use crate::error::EngineError;
 use std::path::Path;
 
@@ -104,21 +105,26 @@ pub const SUPPORTED: &[&str] = &[
     "phi3",
 ];
 
-/// Loads a model by its `model_type`, from either kind of source.
-pub fn load(src: &dyn WeightSource) -> Result<Box<dyn Model>, EngineError> {
-    Ok(match src.hparams().model_type.as_str() {
-        "llama" | "mistral" => Box::new(llama::load(src)?),
-        "qwen2" => Box::new(qwen2::load(src)?),
-        "qwen3" => Box::new(qwen3::load(src)?),
-        "qwen3_moe" => Box::new(qwen3_moe::load(src)?),
-        "gemma2" => Box::new(gemma2::load(src)?),
-        "phi3" => Box::new(phi3::load(src)?),
+/// Loads a model by its `model_type`, from either kind of source, onto
+/// `backend`.
+pub fn load(src: &dyn WeightSource, backend: BackendKind) -> Result<Box<dyn Model>, EngineError> {
+    let decoder = match src.hparams().model_type.as_str() {
+        "llama" | "mistral" => llama::load(src)?,
+        "qwen2" => qwen2::load(src)?,
+        "qwen3" => qwen3::load(src)?,
+        "qwen3_moe" => qwen3_moe::load(src)?,
+        "gemma2" => gemma2::load(src)?,
+        "phi3" => phi3::load(src)?,
         other => {
             return Err(src.err(format!(
                 "unsupported architecture '{other}' (supported: {})",
                 SUPPORTED.join(", ")
             )));
         }
+    };
+    Ok(match backend {
+        BackendKind::Cpu => Box::new(decoder),
+        BackendKind::Mlx => Box::new(decoder.into_backend(Mlx::new()?)?),
     })
 }
 
@@ -130,12 +136,17 @@ pub struct Opened {
     pub weight_format: String,
 }
 
-/// Opens a GGUF file or an MLX model folder.
+/// Opens a GGUF file or an MLX model folder on the `cpu` backend.
 pub fn open(path: &Path) -> Result<Opened, EngineError> {
+    open_on(path, BackendKind::Cpu)
+}
+
+/// Opens a GGUF file or an MLX model folder on `backend`.
+pub fn open_on(path: &Path, backend: BackendKind) -> Result<Opened, EngineError> {
     let tok_err = |e: EngineError| EngineError::ModelLoad { path: path.display().to_string(), reason: e.to_string() };
     if mlx_folder::is_mlx_folder(path) {
         let folder = mlx_folder::MlxFolder::open(path)?;
-        let model = load(&folder)?;
+        let model = load(&folder, backend)?;
         let tokenizer = Tokenizer::from_hf_dir(path).map_err(tok_err)?;
         return Ok(Opened { model, tokenizer, weight_format: folder.weight_format() });
     }
@@ -146,15 +157,15 @@ pub fn open(path: &Path) -> Result<Opened, EngineError> {
         });
     }
     let g = GgufFile::open(path)?;
-    let model = load_gguf(&g)?;
+    let model = load(&GgufSource::new(&g)?, backend)?;
     let tokenizer = Tokenizer::from_gguf(&g).map_err(tok_err)?;
     let weight_format = g.tensor("blk.0.attn_q.weight").or_else(|| g.tensor("blk.0.attn_qkv.weight")).map_or("?", |t| t.qtype.name()).to_owned();
     Ok(Opened { model, tokenizer, weight_format })
 }
 
-/// Loads a GGUF model by its `general.architecture`.
+/// Loads a GGUF model by its `general.architecture` (on `cpu`).
 pub fn load_gguf(g: &GgufFile) -> Result<Box<dyn Model>, EngineError> {
-    load(&GgufSource::new(g)?)
+    load(&GgufSource::new(g)?, BackendKind::Cpu)
 }
 
 pub(crate) mod ops {
