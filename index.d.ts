@@ -38,8 +38,11 @@ export declare class NativeEngine {
   reloadFeatureFlags(): void
   /** Requests per gated feature, on and off, since start. */
   featureFlagCounts(): Array<NativeFlagCount>
-  /** Loads a GGUF file (off the JS thread). */
-  loadModel(path: string, id?: string | undefined | null, requestTimeoutMs?: number | undefined | null): Promise<NativeModelInfo>
+  /**
+   * Loads a GGUF file or MLX folder (off the JS thread) on `backend`
+   * (`cpu`, `mlx` or `auto`; `cpu` when absent).
+   */
+  loadModel(path: string, id?: string | undefined | null, requestTimeoutMs?: number | undefined | null, backend?: string | undefined | null): Promise<NativeModelInfo>
   /** Loads a draft model for speculative decoding of `primary`'s requests. */
   loadDraftModel(primary: string, path: string, id?: string | undefined | null): Promise<NativeModelInfo>
   /** Detaches the draft of `model` (a primary or draft id), or every draft. */
@@ -306,6 +309,8 @@ export interface NativeModelInfo {
   lastAccessMs: number
   /** The id of the attached draft model. */
   draftModel?: string
+  /** `cpu` or `mlx`. */
+  backend: string
 }
 
 export interface NativeQosStatus {

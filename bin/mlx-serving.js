@@ -18,6 +18,9 @@ Options:
   --model <path|default>  GGUF file or MLX model folder, or 'default' for the embedded
                           SmolLM2-135M-Instruct
                           (env MODEL_PATH when not given; else 'default')
+  --backend <name>        cpu (default: our own kernels), mlx (libmlx; Metal or
+                          CUDA with the matching wheel) or auto (mlx where MLX
+                          has a GPU, else cpu)
   --draft-model <path>    a smaller model with the same vocabulary that drafts
                           tokens for speculative decoding (while speculative.enabled
                           or the ttft_pipeline.speculative flag is on)
@@ -106,7 +109,7 @@ async function serve(values) {
   process.stderr.write(`loading ${model}...\n`);
   let handle;
   try {
-    handle = await engine.loadModel({ model });
+    handle = await engine.loadModel({ model, ...(values.backend ? { backend: values.backend } : {}) });
     if (values['draft-model']) {
       const draft = await engine.loadDraftModel({ model: values['draft-model'], primaryModel: handle.id });
       const { warnings } = await engine.isDraftModelCompatible(handle.id, draft.id);
@@ -121,7 +124,7 @@ async function serve(values) {
   if (/^(1|true|yes)$/i.test(process.env.PRELOAD_MODEL ?? '')) await engine.warmupModel(handle.id);
   const auth = values['api-key'] ? ` -H 'Authorization: Bearer ${values['api-key']}'` : '';
   process.stdout.write(
-    `mlx-serving: serving '${handle.id}' at ${server.url} (dashboard: ${server.url}/)\n\n` +
+    `mlx-serving: serving '${handle.id}' on the ${handle.backend} backend at ${server.url} (dashboard: ${server.url}/)\n\n` +
       `curl ${server.url}/v1/chat/completions -H 'Content-Type: application/json'${auth} \\\n` +
       `  -d '{"model": "${handle.id}", "messages": [{"role": "user", "content": "Hello!"}], "stream": true}'\n\n`,
   );
@@ -135,6 +138,7 @@ async function main() {
       options: {
         model: { type: 'string' },
         'draft-model': { type: 'string' },
+        backend: { type: 'string' },
         host: { type: 'string' },
         port: { type: 'string' },
         'api-key': { type: 'string' },

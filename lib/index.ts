@@ -232,6 +232,11 @@ export interface LoadModelOptions {
   modelId?: string;
   /** Caps every request's timeout on this model, in milliseconds (a canary candidate may differ from its baseline in this). */
   requestTimeoutMs?: number;
+  /**
+   * Compute backend: `'cpu'` (default; our own kernels), `'mlx'` (libmlx; `getRuntimeInfo().mlx`
+   * says whether it is available), or `'auto'` (`mlx` where MLX has a GPU, else `cpu`).
+   */
+  backend?: 'cpu' | 'mlx' | 'auto';
 }
 
 export interface ModelHandle {
@@ -242,7 +247,7 @@ export interface ModelHandle {
   vocabSize: number;
   weightBytes: number;
   quantization: string;
-  backend: 'cpu';
+  backend: 'cpu' | 'mlx';
   state: 'ready';
   /** Milliseconds the load-time warmup took (0 when `ttft_pipeline.warmup` is off). */
   warmupMs: number;
@@ -427,7 +432,7 @@ function toHandle(m: NativeModelInfo): ModelHandle {
     vocabSize: m.vocabSize,
     weightBytes: m.weightBytes,
     quantization: m.fileType,
-    backend: 'cpu',
+    backend: m.backend as ModelHandle['backend'],
     state: 'ready',
     warmupMs: m.warmupMs,
     ...(m.draftModel ? { draftModel: m.draftModel } : {}),
@@ -661,7 +666,10 @@ export class Engine extends EventEmitter {
 
   async loadModel(options: LoadModelOptions | string): Promise<ModelHandle> {
     const { opts, file, id } = this.modelSource('loadModel', options);
-    const handle = toHandle(await call(() => this.native.loadModel(file, id, opts.requestTimeoutMs)));
+    if (opts.backend !== undefined && typeof opts.backend !== 'string') {
+      throw new EngineClientError('InvalidParams', `backend must be 'cpu', 'mlx' or 'auto', got ${typeof opts.backend}`);
+    }
+    const handle = toHandle(await call(() => this.native.loadModel(file, id, opts.requestTimeoutMs, opts.backend)));
     this.emit('model:loaded', handle);
     return handle;
   }

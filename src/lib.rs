@@ -14,6 +14,7 @@ use mlx_serving_engine::engine::{
     Canceller, ControlEvent, Event, GenerateRequest, Input, ModelInfo, ModelOptions, Priority, RequestHandle, Stats,
 };
 use mlx_serving_engine::sampler::SamplingParams;
+use mlx_serving_engine::backend::BackendKind;
 use mlx_serving_engine::{Engine, EngineError};
 use napi::bindgen_prelude::*;
 use napi::tokio;
@@ -44,6 +45,8 @@ pub struct NativeModelInfo {
     pub last_access_ms: f64,
     /// The id of the attached draft model.
     pub draft_model: Option<String>,
+    /// `cpu` or `mlx`.
+    pub backend: String,
 }
 
 impl From<ModelInfo> for NativeModelInfo {
@@ -60,6 +63,7 @@ impl From<ModelInfo> for NativeModelInfo {
             request_timeout_ms: m.request_timeout_ms.map(|t| t as f64),
             last_access_ms: m.last_access_ms as f64,
             draft_model: m.draft_model,
+            backend: m.backend.name().to_owned(),
         }
     }
 }
@@ -686,10 +690,12 @@ impl NativeEngine {
             .collect()
     }
 
-    /// Loads a GGUF file (off the JS thread).
+    /// Loads a GGUF file or MLX folder (off the JS thread) on `backend`
+    /// (`cpu`, `mlx` or `auto`; `cpu` when absent).
     #[napi]
-    pub async fn load_model(&self, path: String, id: Option<String>, request_timeout_ms: Option<f64>) -> Result<NativeModelInfo> {
-        let options = ModelOptions { request_timeout_ms: ms_option("requestTimeoutMs", request_timeout_ms)? };
+    pub async fn load_model(&self, path: String, id: Option<String>, request_timeout_ms: Option<f64>, backend: Option<String>) -> Result<NativeModelInfo> {
+        let backend = BackendKind::parse(backend.as_deref().unwrap_or("cpu")).map_err(js_error)?;
+        let options = ModelOptions { request_timeout_ms: ms_option("requestTimeoutMs", request_timeout_ms)?, backend };
         let e = self.inner.clone();
         blocking(move || e.load_model_with(&path, id, options)).await.map(Into::into)
     }
