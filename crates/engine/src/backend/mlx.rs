@@ -14,7 +14,7 @@
 //!   gathers its rows for MLX's fused attention.
 //! - Activations are float32 (`tokens x width`), as on `cpu`.
 
-use std::collections::HashMap;
+use std::collections::hash_map::{Entry, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use half::f16;
@@ -125,7 +125,7 @@ impl MlxKv {
             None => *slot = Some((zeros(want, d)?, zeros(want, d)?)),
             Some((k, v)) if k.shape()[0] < need => {
                 let more = zeros(want - k.shape()[0], d)?;
-                *slot = Some((mlx(mlx_serving_mlx::concatenate(&[&k, &more], 0))?, mlx(mlx_serving_mlx::concatenate(&[&v, &more], 0))?));
+                *slot = Some((mlx_serving_mlx::concatenate(&[&k, &more], 0)?, mlx_serving_mlx::concatenate(&[&v, &more], 0)?));
             }
             kept => *slot = kept,
         }
@@ -139,11 +139,7 @@ impl MlxKv {
 unsafe impl Sync for MlxKv {}
 
 fn zeros(rows: usize, d: usize) -> Result<Array, EngineError> {
-    mlx(Array::zeros(&[rows, d], Dtype::F16))
-}
-
-fn mlx<T>(r: Result<T, MlxError>) -> Result<T, EngineError> {
-    r.map_err(mlx_error)
+    Ok(Array::zeros(&[rows, d], Dtype::F16)?)
 }
 
 fn get(t: &Option<Array>) -> Result<&Array, EngineError> {
@@ -153,7 +149,7 @@ fn get(t: &Option<Array>) -> Result<&Array, EngineError> {
 fn i32s(v: impl IntoIterator<Item = usize>) -> Result<Array, EngineError> {
     let v: Vec<i32> = v.into_iter().map(|x| x as i32).collect();
     let n = v.len();
-    mlx(Array::from_slice(&v, &[n]))
+    Ok(Array::from_slice(&v, &[n])?)
 }
 
 /// The backend. `Mlx::new` fails when libmlx cannot be loaded here.
@@ -213,7 +209,7 @@ impl MlxPass {
     fn mask(&mut self, i: usize, window: Option<usize>, repeats: usize) -> Result<&Array, EngineError> {
         let r = &self.runs[i];
         let (len, n_pos) = (r.len, r.n_pos);
-        if !self.masks.contains_key(&(i, window, repeats)) {
+        if let Entry::Vacant(slot) = self.masks.entry((i, window, repeats)) {
             let mut m = Vec::with_capacity(repeats * len * n_pos);
             for _ in 0..repeats {
                 for qi in 0..len {
@@ -221,7 +217,7 @@ impl MlxPass {
                     m.extend((0..n_pos).map(|j| if j <= pos && window.is_none_or(|w| j + w > pos) { 0.0f32 } else { f32::NEG_INFINITY }));
                 }
             }
-            self.masks.insert((i, window, repeats), mlx(Array::from_slice(&m, &[repeats * len, n_pos]))?);
+            slot.insert(Array::from_slice(&m, &[repeats * len, n_pos])?);
         }
         Ok(&self.masks[&(i, window, repeats)])
     }
@@ -238,7 +234,7 @@ impl Backend for Mlx {
     }
 
     fn vector(&self, v: Vec<f32>) -> Result<MlxVector, EngineError> {
-        Ok(MlxVector { len: v.len(), a: mlx(Array::from_slice(&v, &[v.len()]))? })
+        Ok(MlxVector { len: v.len(), a: Array::from_slice(&v, &[v.len()])? })
     }
 
     fn matrix_bytes(m: &MlxMatrix) -> usize {
@@ -277,8 +273,8 @@ impl Backend for Mlx {
             tokens: i32s(batch.iter().map(|bt| bt.token as usize))?,
             style: rope.style,
             head_dim: rope.head_dim,
-            cos: mlx(Array::from_slice(&cos, &shape))?,
-            sin: mlx(Array::from_slice(&sin, &shape))?,
+            cos: Array::from_slice(&cos, &shape)?,
+            sin: Array::from_slice(&sin, &shape)?,
             runs,
             write_rows: None,
             masks: HashMap::new(),
@@ -290,9 +286,9 @@ impl Backend for Mlx {
             MlxMatrix::Quantized(q) => q.dequantize(Some(&p.tokens)),
             MlxMatrix::Dense(w) => w.take(&p.tokens, 0),
         };
-        let mut x = mlx(rows.and_then(|r| r.astype(Dtype::F32)))?;
+        let mut x = rows?.astype(Dtype::F32)?;
         if let Some(s) = scale {
-            x = mlx(x.multiply(&mlx(Array::scalar(s))?))?;
+            x = x.multiply(&Array::scalar(s)?)?;
         }
         *out = Some(x);
         Ok(())
@@ -314,7 +310,7 @@ impl Backend for Mlx {
     }
 
     fn add_bias(&self, _: &mut MlxPass, x: &mut Option<Array>, b: &MlxVector) -> R {
-        *x = Some(mlx(get(x)?.add(&b.a))?);
+        *x = Some(get(x)?.add(&b.a)?);
         Ok(())
     }
 
@@ -327,19 +323,19 @@ impl Backend for Mlx {
             RopeStyle::Adjacent => ([n, n_heads, half, 2], 3),
             RopeStyle::Half => ([n, n_heads, 2, half], 2),
         };
-        let v = mlx(a.reshape(&view))?;
+        let v = a.reshape(&view)?;
         let part = |i: usize| {
             let (mut start, mut stop) = ([0; 4], view);
             start[axis] = i;
             stop[axis] = i + 1;
             v.slice(&start, &stop)
         };
-        let (x0, x1) = (mlx(part(0))?, mlx(part(1))?);
-        let mul = |a: &Array, b: &Array| mlx(a.multiply(b));
-        let r0 = mlx(mul(&x0, &p.cos)?.subtract(&mul(&x1, &p.sin)?))?;
-        let r1 = mlx(mul(&x0, &p.sin)?.add(&mul(&x1, &p.cos)?))?;
-        let joined = mlx(mlx_serving_mlx::concatenate(&[&r0, &r1], axis as i32))?;
-        *x = Some(mlx(joined.reshape(&[n, n_heads * hd]))?);
+        let (x0, x1) = (part(0)?, part(1)?);
+        let mul = |a: &Array, b: &Array| a.multiply(b);
+        let r0 = mul(&x0, &p.cos)?.subtract(&mul(&x1, &p.sin)?)?;
+        let r1 = mul(&x0, &p.sin)?.add(&mul(&x1, &p.cos)?)?;
+        let joined = mlx_serving_mlx::concatenate(&[&r0, &r1], axis as i32)?;
+        *x = Some(joined.reshape(&[n, n_heads * hd])?);
         Ok(())
     }
 
@@ -351,36 +347,36 @@ impl Backend for Mlx {
         let (write_rows, need) = p.write_rows.as_ref().expect("set by rows()");
         let store = kv.device_mut::<MlxKv>().ok_or_else(|| EngineError::Internal("mlx backend: the KV store is not MLX's".into()))?;
         let (kc, vc) = store.layer(a.layer, *need)?;
-        *kc = mlx(kc.scatter_rows(write_rows, get(k)?))?;
-        *vc = mlx(vc.scatter_rows(write_rows, get(v)?))?;
+        *kc = kc.scatter_rows(write_rows, get(k)?)?;
+        *vc = vc.scatter_rows(write_rows, get(v)?)?;
         let (kc, vc) = (&*kc, &*vc);
         let q = get(q)?;
         let mut outs = Vec::with_capacity(p.runs.len());
         for i in 0..p.runs.len() {
             let (t0, len, n_pos) = (p.runs[i].t0, p.runs[i].len, p.runs[i].n_pos);
             let rows = p.runs[i].rows.as_ref().expect("set by rows()");
-            let heads = |c: &Array| -> Result<Array, EngineError> { mlx(c.take(rows, 0).and_then(|x| x.reshape(&[1, n_pos, nkv, hd])).and_then(|x| x.transpose(&[0, 2, 1, 3])).and_then(|x| x.astype(Dtype::F32))) };
+            let heads = |c: &Array| -> Result<Array, EngineError> { Ok(c.take(rows, 0)?.reshape(&[1, n_pos, nkv, hd])?.transpose(&[0, 2, 1, 3])?.astype(Dtype::F32)?) };
             let (keys, values) = (heads(kc)?, heads(vc)?);
-            let qr = mlx(q.slice(&[t0, 0], &[t0 + len, nh * hd]).and_then(|x| x.reshape(&[1, len, nh, hd])).and_then(|x| x.transpose(&[0, 2, 1, 3])))?;
+            let qr = q.slice(&[t0, 0], &[t0 + len, nh * hd])?.reshape(&[1, len, nh, hd])?.transpose(&[0, 2, 1, 3])?;
             let hidden = a.window.is_some_and(|w| w < n_pos);
             let o = if let Some(c) = a.softcap {
                 // Capped scores: by hand, each KV head's query heads stacked as one block of rows.
                 let group = nh / nkv;
-                let qg = mlx(qr.reshape(&[1, nkv, group * len, hd]))?;
-                let s = mlx(qg.matmul(&mlx(keys.transpose(&[0, 1, 3, 2]))?).and_then(|s| s.multiply(&Array::scalar(a.scale / c)?)))?;
-                let s = mlx(s.tanh().and_then(|s| s.multiply(&Array::scalar(c)?)))?;
-                let s = mlx(s.add(p.mask(i, a.window, group)?).and_then(|s| s.softmax()))?;
-                mlx(s.matmul(&values).and_then(|o| o.reshape(&[1, nh, len, hd])))?
+                let qg = qr.reshape(&[1, nkv, group * len, hd])?;
+                let s = qg.matmul(&keys.transpose(&[0, 1, 3, 2])?)?.multiply(&Array::scalar(a.scale / c)?)?;
+                let s = s.tanh()?.multiply(&Array::scalar(c)?)?;
+                let s = s.add(p.mask(i, a.window, group)?)?.softmax()?;
+                s.matmul(&values)?.reshape(&[1, nh, len, hd])?
             } else if hidden {
-                mlx(mlx_serving_mlx::scaled_dot_product_attention_masked(&qr, &keys, &values, a.scale, p.mask(i, a.window, 1)?))?
+                mlx_serving_mlx::scaled_dot_product_attention_masked(&qr, &keys, &values, a.scale, p.mask(i, a.window, 1)?)?
             } else {
-                mlx(mlx_serving_mlx::scaled_dot_product_attention(&qr, &keys, &values, a.scale, len > 1))?
+                mlx_serving_mlx::scaled_dot_product_attention(&qr, &keys, &values, a.scale, len > 1)?
             };
-            outs.push(mlx(o.transpose(&[0, 2, 1, 3]).and_then(|o| o.reshape(&[len, nh * hd])))?);
+            outs.push(o.transpose(&[0, 2, 1, 3])?.reshape(&[len, nh * hd])?);
         }
         *out = Some(match outs.len() {
             1 => outs.pop().expect("one"),
-            _ => mlx(mlx_serving_mlx::concatenate(&outs.iter().collect::<Vec<_>>(), 0))?,
+            _ => mlx_serving_mlx::concatenate(&outs.iter().collect::<Vec<_>>(), 0)?,
         });
         Ok(())
     }
@@ -396,7 +392,7 @@ impl Backend for Mlx {
     }
 
     fn add(&self, _: &mut MlxPass, x: &mut Option<Array>, y: &Option<Array>) -> R {
-        *x = Some(mlx(get(x)?.add(get(y)?))?);
+        *x = Some(get(x)?.add(get(y)?)?);
         Ok(())
     }
 
@@ -406,12 +402,12 @@ impl Backend for Mlx {
     }
 
     fn zeros(&self, _: &mut MlxPass, rows: usize, width: usize, out: &mut Option<Array>) -> R {
-        *out = Some(mlx(Array::zeros(&[rows, width], Dtype::F32))?);
+        *out = Some(Array::zeros(&[rows, width], Dtype::F32)?);
         Ok(())
     }
 
     fn select_rows(&self, _: &mut MlxPass, x: &Option<Array>, rows: &[usize], _: usize, out: &mut Option<Array>) -> R {
-        *out = Some(mlx(get(x)?.take(&i32s(rows.iter().copied())?, 0))?);
+        *out = Some(get(x)?.take(&i32s(rows.iter().copied())?, 0)?);
         Ok(())
     }
 
@@ -424,13 +420,13 @@ impl Backend for Mlx {
         for (i, (&r, &w)) in rows.iter().zip(weights).enumerate() {
             s[r * rows.len() + i] = w;
         }
-        let s = mlx(Array::from_slice(&s, &[n, rows.len()]))?;
-        *out = Some(mlx(s.matmul(get(y)?).and_then(|t| o.add(&t)))?);
+        let s = Array::from_slice(&s, &[n, rows.len()])?;
+        *out = Some(o.add(&s.matmul(get(y)?)?)?);
         Ok(())
     }
 
     fn to_host(&self, _: &mut MlxPass, x: Option<Array>) -> Result<Vec<f32>, EngineError> {
-        mlx(get(&x)?.to_vec_f32())
+        Ok(get(&x)?.to_vec_f32()?)
     }
 
     fn finish(&self, p: MlxPass, kv: &mut KvStore, logits: Option<Option<Array>>) -> Result<Vec<f32>, EngineError> {
@@ -455,10 +451,10 @@ fn norm_runs(x: &Array, w: &MlxVector, eps: f32) -> Result<Array, EngineError> {
     let shape = x.shape();
     let width = shape.last().copied().unwrap_or(0);
     if width == w.len {
-        return mlx(mlx_serving_mlx::rms_norm(x, Some(&w.a), eps));
+        return Ok(mlx_serving_mlx::rms_norm(x, Some(&w.a), eps)?);
     }
     let runs = x.len() / w.len;
-    mlx(x.reshape(&[runs, w.len]).and_then(|r| mlx_serving_mlx::rms_norm(&r, Some(&w.a), eps)).and_then(|r| r.reshape(&shape)))
+    Ok(mlx_serving_mlx::rms_norm(&x.reshape(&[runs, w.len])?, Some(&w.a), eps)?.reshape(&shape)?)
 }
 #[cfg(test)]
 mod tests {
