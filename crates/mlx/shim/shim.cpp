@@ -255,6 +255,15 @@ mlxs_array* mlxs_rope(const mlxs_array* x, int dims, int traditional, float base
   return guard([&] { return wrap(mx::fast::rope(x->a, dims, traditional != 0, base, scale, offset)); }, nullptr);
 }
 
+mlxs_array* mlxs_rope_at(const mlxs_array* x, int traditional, const mlxs_array* positions, const mlxs_array* freqs) {
+  return guard(
+      [&] {
+        int dims = x->a.shape(-1);
+        return wrap(mx::fast::rope(x->a, dims, traditional != 0, std::nullopt, 1.0f, positions->a, freqs->a));
+      },
+      nullptr);
+}
+
 mlxs_array* mlxs_sdpa(const mlxs_array* q, const mlxs_array* k, const mlxs_array* v, float scale, const char* mask_mode) {
   return guard(
       [&] { return wrap(mx::fast::scaled_dot_product_attention(q->a, k->a, v->a, scale, mask_mode ? mask_mode : "")); },

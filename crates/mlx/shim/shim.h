@@ -77,6 +77,10 @@ mlxs_array* mlxs_rms_norm(const mlxs_array* x, const mlxs_array* weight, float e
 // Rotates the first `dims` features of x (..., seq, head_dim) for positions
 // offset, offset + 1, ...; traditional = adjacent pairs, else halves.
 mlxs_array* mlxs_rope(const mlxs_array* x, int dims, int traditional, float base, float scale, int offset);
+// Rotates x (n, heads, 1, head_dim) of n tokens, token i at positions[i]
+// (int32, n), with per-pair frequencies `freqs` (head_dim / 2): angle =
+// position / freqs[j].
+mlxs_array* mlxs_rope_at(const mlxs_array* x, int traditional, const mlxs_array* positions, const mlxs_array* freqs);
 // softmax(q k^T * scale [+ causal mask]) v over (batch, heads, seq, head_dim);
 // k and v may have fewer heads (grouped-query attention). mask_mode: "" or "causal".
 mlxs_array* mlxs_sdpa(const mlxs_array* q, const mlxs_array* k, const mlxs_array* v, float scale, const char* mask_mode);

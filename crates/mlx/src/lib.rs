@@ -130,6 +130,7 @@ shim_api! {
     mlxs_quantize(*const RawArray, c_int, c_int, *mut *mut RawArray) -> c_int;
     mlxs_rms_norm(*const RawArray, *const RawArray, f32) -> *mut RawArray;
     mlxs_rope(*const RawArray, c_int, c_int, f32, f32, c_int) -> *mut RawArray;
+    mlxs_rope_at(*const RawArray, c_int, *const RawArray, *const RawArray) -> *mut RawArray;
     mlxs_sdpa(*const RawArray, *const RawArray, *const RawArray, f32, *const c_char) -> *mut RawArray;
     mlxs_sdpa_masked(*const RawArray, *const RawArray, *const RawArray, f32, *const RawArray) -> *mut RawArray;
 }
@@ -448,6 +449,13 @@ pub fn rms_norm(x: &Array, weight: Option<&Array>, eps: f32) -> Result<Array> {
 /// `offset..offset + seq`: adjacent pairs when `traditional`, else halves.
 pub fn rope(x: &Array, dims: usize, traditional: bool, base: f32, scale: f32, offset: usize) -> Result<Array> {
     new_array(|f| unsafe { (f.mlxs_rope)(x.raw(), dims as c_int, traditional as c_int, base, scale, offset as c_int) })
+}
+
+/// MLX's fused rotary embedding of `n` tokens at their own positions:
+/// `x` is `(n, heads, 1, head_dim)`, `positions` int32 `(n)`, and pair `j`
+/// turns by `position / freqs[j]` (adjacent pairs when `traditional`).
+pub fn rope_at(x: &Array, traditional: bool, positions: &Array, freqs: &Array) -> Result<Array> {
+    new_array(|f| unsafe { (f.mlxs_rope_at)(x.raw(), traditional as c_int, positions.raw(), freqs.raw()) })
 }
 
 /// MLX's fused attention over (batch, heads, seq, head_dim); keys and values

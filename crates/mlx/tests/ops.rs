@@ -175,6 +175,27 @@ fn rope_matches_the_reference_in_both_layouts() {
             }
         }
         assert_close(&got.to_vec_f32().unwrap(), &want, 1e-4);
+        // Per-token positions (tokens of several sequences in one batch),
+        // with frequencies given as periods.
+        let positions = [7i32, 0, 3, 12, 5];
+        let inv: Vec<f32> = (0..d / 2).map(|i| base.powf(-2.0 * i as f32 / d as f32) * if i % 3 == 0 { 0.5 } else { 1.0 }).collect();
+        let periods: Vec<f32> = inv.iter().map(|f| 1.0 / f).collect();
+        let xt = Array::from_slice(&x[..seq * heads * d], &[seq, heads, 1, d]).unwrap();
+        let got = rope_at(&xt, traditional, &Array::from_slice(&positions, &[seq]).unwrap(), &Array::from_slice(&periods, &[d / 2]).unwrap()).unwrap();
+        let mut want = x[..seq * heads * d].to_vec();
+        for (t, &p) in positions.iter().enumerate() {
+            for h in 0..heads {
+                let row = &mut want[(t * heads + h) * d..][..d];
+                for (i, f) in inv.iter().enumerate() {
+                    let theta = p as f32 * f;
+                    let (a, b) = if traditional { (2 * i, 2 * i + 1) } else { (i, i + d / 2) };
+                    let (xa, xb) = (row[a], row[b]);
+                    row[a] = xa * theta.cos() - xb * theta.sin();
+                    row[b] = xa * theta.sin() + xb * theta.cos();
+                }
+            }
+        }
+        assert_close(&got.to_vec_f32().unwrap(), &want, 1e-4);
     }
 }
 

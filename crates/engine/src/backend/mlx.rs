@@ -180,9 +180,9 @@ pub struct MlxPass {
     tokens: Array,
     style: RopeStyle,
     head_dim: usize,
-    /// Shaped to broadcast against a head's two halves of each pair.
-    cos: Array,
-    sin: Array,
+    /// Each token's position, and each rotary pair's period (1 / frequency).
+    positions: Array,
+    periods: Array,
     runs: Vec<Run>,
     /// Cache row each token's keys and values go to (set at the first layer).
     write_rows: Option<(Array, usize)>,
@@ -252,12 +252,7 @@ impl Backend for Mlx {
 
     fn begin(&self, batch: &[BatchToken], rope: &Rope) -> Result<MlxPass, EngineError> {
         let lock = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let (n, half) = (batch.len(), rope.head_dim / 2);
-        let (cos, sin) = rope.tables(batch);
-        let shape = match rope.style {
-            RopeStyle::Adjacent => [n, 1, half, 1],
-            RopeStyle::Half => [n, 1, 1, half],
-        };
+        let periods: Vec<f32> = rope.inv_freq.iter().map(|f| 1.0 / f).collect();
         let mut runs: Vec<Run> = Vec::new();
         for (t, bt) in batch.iter().enumerate() {
             match runs.last_mut() {
@@ -273,8 +268,8 @@ impl Backend for Mlx {
             tokens: i32s(batch.iter().map(|bt| bt.token as usize))?,
             style: rope.style,
             head_dim: rope.head_dim,
-            cos: Array::from_slice(&cos, &shape)?,
-            sin: Array::from_slice(&sin, &shape)?,
+            positions: i32s(batch.iter().map(|bt| bt.pos))?,
+            periods: Array::from_slice(&periods, &[periods.len()])?,
             runs,
             write_rows: None,
             masks: HashMap::new(),
@@ -317,25 +312,8 @@ impl Backend for Mlx {
     fn rope(&self, p: &mut MlxPass, x: &mut Option<Array>, n_heads: usize) -> R {
         let a = get(x)?;
         let (n, hd) = (a.shape()[0], p.head_dim);
-        let half = hd / 2;
-        // Each head as pairs (a, b) along one axis of a 4-d view.
-        let (view, axis) = match p.style {
-            RopeStyle::Adjacent => ([n, n_heads, half, 2], 3),
-            RopeStyle::Half => ([n, n_heads, 2, half], 2),
-        };
-        let v = a.reshape(&view)?;
-        let part = |i: usize| {
-            let (mut start, mut stop) = ([0; 4], view);
-            start[axis] = i;
-            stop[axis] = i + 1;
-            v.slice(&start, &stop)
-        };
-        let (x0, x1) = (part(0)?, part(1)?);
-        let mul = |a: &Array, b: &Array| a.multiply(b);
-        let r0 = mul(&x0, &p.cos)?.subtract(&mul(&x1, &p.sin)?)?;
-        let r1 = mul(&x0, &p.sin)?.add(&mul(&x1, &p.cos)?)?;
-        let joined = mlx_serving_mlx::concatenate(&[&r0, &r1], axis as i32)?;
-        *x = Some(joined.reshape(&[n, n_heads * hd])?);
+        let turned = mlx_serving_mlx::rope_at(&a.reshape(&[n, n_heads, 1, hd])?, p.style == RopeStyle::Adjacent, &p.positions, &p.periods)?;
+        *x = Some(turned.reshape(&[n, n_heads * hd])?);
         Ok(())
     }
 
