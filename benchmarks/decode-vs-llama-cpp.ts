@@ -15,6 +15,7 @@ import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 
 import { createEngine, defaultModelPath } from '../lib/index';
+import { printPeerTable, singleStreamRows, type SingleStream } from './utils';
 
 const { values: args } = parseArgs({
   options: {
@@ -29,18 +30,11 @@ const N_DECODE = Number(args.decode);
 const THREADS = Number(args.threads);
 const PROMPT_LENGTHS = [15, 128, 512];
 
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
-
 const TEXT =
   'The river wound through the valley, carrying snowmelt from the mountains past villages, mills and ' +
   'orchards. Travellers who followed it spoke of markets where traders sold wool, salt, copper and ' +
   'spices, of bridges built by forgotten kings, and of a library whose shelves held maps of every ' +
   'road between the northern forests and the southern sea. ';
-
-interface Measure {
-  ttftMs: number;
-  decodeTokPerS: number;
-}
 
 async function main(): Promise<void> {
   process.env.RAYON_NUM_THREADS ??= String(THREADS);
@@ -55,7 +49,7 @@ async function main(): Promise<void> {
 
   const corpus = (await engine.tokenize({ model: 'bench', text: TEXT.repeat(20) })).tokens;
 
-  async function ours(prompt: number[], nDecode: number): Promise<Measure> {
+  async function ours(prompt: number[], nDecode: number): Promise<SingleStream> {
     let stats: { timeToFirstToken: number; tokensPerSecond: number } | undefined;
     for await (const c of engine.createGenerator({ model: 'bench', prompt: { tokens: prompt }, maxTokens: nDecode, ignoreEos: true })) {
       if (c.type === 'metadata') stats = c.stats;
@@ -64,7 +58,7 @@ async function main(): Promise<void> {
     return { ttftMs: stats!.timeToFirstToken, decodeTokPerS: stats!.tokensPerSecond };
   }
 
-  async function theirs(prompt: number[], nDecode: number): Promise<Measure> {
+  async function theirs(prompt: number[], nDecode: number): Promise<SingleStream> {
     const seq = lcContext.getSequence();
     const t0 = performance.now();
     let tFirst = 0;
@@ -82,26 +76,10 @@ async function main(): Promise<void> {
   await ours(corpus.slice(0, 32), 8);
   await theirs(corpus.slice(0, 32), 8);
 
-  const rows: { metric: string; ours: number; llamaCpp: number; ratio: number; better: 'higher' | 'lower' }[] = [];
-  for (const len of PROMPT_LENGTHS) {
-    const prompt = corpus.slice(0, len);
-    const a: Measure[] = [];
-    const b: Measure[] = [];
-    for (let r = 0; r < RUNS; r++) {
-      a.push(await ours(prompt, N_DECODE));
-      b.push(await theirs(prompt, N_DECODE));
-    }
-    const [ttftA, ttftB] = [median(a.map((m) => m.ttftMs)), median(b.map((m) => m.ttftMs))];
-    const [decA, decB] = [median(a.map((m) => m.decodeTokPerS)), median(b.map((m) => m.decodeTokPerS))];
-    // Ratios read "ours relative to llama.cpp, >1 is better for us".
-    rows.push({ metric: `TTFT ms, ${len}-token prompt`, ours: ttftA, llamaCpp: ttftB, ratio: ttftB / ttftA, better: 'lower' });
-    rows.push({ metric: `decode tok/s after ${len} tokens`, ours: decA, llamaCpp: decB, ratio: decA / decB, better: 'higher' });
-  }
+  const rows = await singleStreamRows(PROMPT_LENGTHS, RUNS, N_DECODE, corpus, ours, theirs);
 
   console.log(`\nmodel ${path.basename(args.model!)} (${model.quantization}), ${THREADS} threads, ${rt.isa}, median of ${RUNS}, ${N_DECODE} decoded tokens`);
-  console.log('| metric | mlx-serving | node-llama-cpp | speed ratio (>1: we are faster) |');
-  console.log('| --- | ---: | ---: | ---: |');
-  for (const r of rows) console.log(`| ${r.metric} | ${r.ours.toFixed(1)} | ${r.llamaCpp.toFixed(1)} | ${r.ratio.toFixed(2)}x |`);
+  printPeerTable(rows, 'mlx-serving', 'node-llama-cpp');
 
   const out = path.join(__dirname, 'results', 'decode-vs-llama-cpp.json');
   mkdirSync(path.dirname(out), { recursive: true });

@@ -18,6 +18,7 @@ import { createInterface } from 'node:readline';
 import { parseArgs } from 'node:util';
 
 import { convertModel, createEngine } from '../lib/index';
+import { printPeerTable, singleStreamRows, type SingleStream } from './utils';
 
 const { values: args } = parseArgs({
   options: {
@@ -32,8 +33,6 @@ const STREAMS = Number(args.streams);
 const PROMPT_LENGTHS = [16, 64];
 const ROOT = path.join(__dirname, '..');
 const MLX_DIR = path.join(ROOT, '.mlx');
-
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
 const TEXT =
   'The river wound through the valley, carrying snowmelt from the mountains past villages, mills and ' +
@@ -59,11 +58,6 @@ function mlxLmPython(mlxVersion: string): string {
   return py;
 }
 
-interface Measure {
-  ttftMs: number;
-  decodeTokPerS: number;
-}
-
 async function main(): Promise<void> {
   const engine = await createEngine();
   const rt = await engine.getRuntimeInfo();
@@ -81,7 +75,7 @@ async function main(): Promise<void> {
 
   const corpus = (await engine.tokenize({ model: 'bench', text: TEXT.repeat(10) })).tokens;
 
-  async function ours(prompt: number[], nDecode: number): Promise<Measure> {
+  async function ours(prompt: number[], nDecode: number): Promise<SingleStream> {
     let stats: { timeToFirstToken: number; tokensPerSecond: number } | undefined;
     for await (const c of engine.createGenerator({ model: 'bench', prompt: { tokens: prompt }, maxTokens: nDecode, ignoreEos: true, temperature: 0 })) {
       if (c.type === 'metadata') stats = c.stats;
@@ -90,7 +84,7 @@ async function main(): Promise<void> {
     return { ttftMs: stats!.timeToFirstToken, decodeTokPerS: stats!.tokensPerSecond };
   }
 
-  async function theirs(prompt: number[], nDecode: number): Promise<Measure> {
+  async function theirs(prompt: number[], nDecode: number): Promise<SingleStream> {
     driver.stdin!.write(JSON.stringify({ tokens: prompt, n: nDecode }) + '\n');
     return next();
   }
@@ -98,20 +92,7 @@ async function main(): Promise<void> {
   await ours(corpus.slice(0, 8), 2);
   await theirs(corpus.slice(0, 8), 2);
 
-  const rows: { metric: string; ours: number; mlxLm: number; ratio: number }[] = [];
-  for (const len of PROMPT_LENGTHS) {
-    const prompt = corpus.slice(0, len);
-    const a: Measure[] = [];
-    const b: Measure[] = [];
-    for (let r = 0; r < RUNS; r++) {
-      a.push(await ours(prompt, N_DECODE));
-      b.push(await theirs(prompt, N_DECODE));
-    }
-    const [ttftA, ttftB] = [median(a.map((m) => m.ttftMs)), median(b.map((m) => m.ttftMs))];
-    const [decA, decB] = [median(a.map((m) => m.decodeTokPerS)), median(b.map((m) => m.decodeTokPerS))];
-    rows.push({ metric: `TTFT ms, ${len}-token prompt`, ours: ttftA, mlxLm: ttftB, ratio: ttftB / ttftA });
-    rows.push({ metric: `decode tok/s after ${len} tokens`, ours: decA, mlxLm: decB, ratio: decA / decB });
-  }
+  const rows = await singleStreamRows(PROMPT_LENGTHS, RUNS, N_DECODE, corpus, ours, theirs);
   driver.stdin!.end();
 
   // Concurrent streams: the same text prompts to both servers at once.
@@ -150,12 +131,10 @@ async function main(): Promise<void> {
   const theirCounts = await Promise.all(prompts.map(complete));
   const theirAggregate = (theirCounts.reduce((x, y) => x + y, 0) * 1000) / (performance.now() - t0);
   server.kill();
-  rows.push({ metric: `aggregate tok/s, ${STREAMS} streams (mlx-lm: its server)`, ours: ourAggregate, mlxLm: theirAggregate, ratio: ourAggregate / theirAggregate });
+  rows.push({ metric: `aggregate tok/s, ${STREAMS} streams (mlx-lm: its server)`, ours: ourAggregate, peer: theirAggregate, ratio: ourAggregate / theirAggregate });
 
   console.log(`\nSmolLM2-135M-Instruct as an MLX folder (4-bit/32 from Q4_1), MLX ${rt.mlx.version} (${rt.mlx.gpu ? 'GPU' : 'CPU'}), median of ${RUNS}, ${N_DECODE} decoded tokens`);
-  console.log('| metric | mlx-serving (mlx backend) | mlx-lm | speed ratio (>1: we are faster) |');
-  console.log('| --- | ---: | ---: | ---: |');
-  for (const r of rows) console.log(`| ${r.metric} | ${r.ours.toFixed(1)} | ${r.mlxLm.toFixed(1)} | ${r.ratio.toFixed(2)}x |`);
+  printPeerTable(rows, 'mlx-serving (mlx backend)', 'mlx-lm');
   const out = path.join(__dirname, 'results', 'mlx-vs-mlx-lm.json');
   mkdirSync(path.dirname(out), { recursive: true });
   writeFileSync(out, JSON.stringify({ date: new Date().toISOString(), mlx: rt.mlx, runs: RUNS, nDecode: N_DECODE, streams: STREAMS, rows }, null, 2));

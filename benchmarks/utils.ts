@@ -133,3 +133,55 @@ export function progress(msg: string): void {
 export function progressDone(): void {
   if (process.stderr.isTTY) process.stderr.write('\n');
 }
+
+/** TTFT and decode speed of one generation. */
+export interface SingleStream {
+  ttftMs: number;
+  decodeTokPerS: number;
+}
+
+/** One line of a side-by-side table; `ratio` > 1 means we are faster. */
+export interface PeerRow {
+  metric: string;
+  ours: number;
+  peer: number;
+  ratio: number;
+}
+
+/**
+ * TTFT and decode of `ours` against `peer` on the first `len` tokens of
+ * `corpus` for each length, the two alternating `runs` times so both see
+ * the same machine state; medians.
+ */
+export async function singleStreamRows(
+  lengths: number[],
+  runs: number,
+  nDecode: number,
+  corpus: number[],
+  ours: (prompt: number[], n: number) => Promise<SingleStream>,
+  peer: (prompt: number[], n: number) => Promise<SingleStream>,
+): Promise<PeerRow[]> {
+  const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+  const rows: PeerRow[] = [];
+  for (const len of lengths) {
+    const prompt = corpus.slice(0, len);
+    const a: SingleStream[] = [];
+    const b: SingleStream[] = [];
+    for (let r = 0; r < runs; r++) {
+      a.push(await ours(prompt, nDecode));
+      b.push(await peer(prompt, nDecode));
+    }
+    const [ttftA, ttftB] = [median(a.map((m) => m.ttftMs)), median(b.map((m) => m.ttftMs))];
+    const [decA, decB] = [median(a.map((m) => m.decodeTokPerS)), median(b.map((m) => m.decodeTokPerS))];
+    rows.push({ metric: `TTFT ms, ${len}-token prompt`, ours: ttftA, peer: ttftB, ratio: ttftB / ttftA });
+    rows.push({ metric: `decode tok/s after ${len} tokens`, ours: decA, peer: decB, ratio: decA / decB });
+  }
+  return rows;
+}
+
+/** Prints rows as a markdown table with the peer's name in the header. */
+export function printPeerTable(rows: PeerRow[], oursName: string, peerName: string): void {
+  console.log(`| metric | ${oursName} | ${peerName} | speed ratio (>1: we are faster) |`);
+  console.log('| --- | ---: | ---: | ---: |');
+  for (const r of rows) console.log(`| ${r.metric} | ${r.ours.toFixed(1)} | ${r.peer.toFixed(1)} | ${r.ratio.toFixed(2)}x |`);
+}
