@@ -1,8 +1,9 @@
 /**
  * Model formats on the real default model: `convertModel` writes an MLX
  * folder from the GGUF file, the folder loads as a model of its own, and it
- * gives the GGUF's greedy tokens exactly (same weights, same layout). Bad
- * paths and folders get ModelLoadError and leave the engine serving.
+ * gives the GGUF's greedy tokens exactly (same weights, same layout), on
+ * the mlx backend too. Bad paths and folders get ModelLoadError and leave
+ * the engine serving.
  */
 import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -49,6 +50,10 @@ describe('MLX folders and convert', () => {
     for (const prompt of ['Write a short poem about the sea.', 'What is 17 times 23?', 'Name three primary colors.']) {
       assert.equal(await greedy(engine, 'mlx', prompt), await greedy(engine, 'default', prompt), prompt);
     }
+    // The folder on the mlx backend (MLX's own quantized matmul on these groups) says the same.
+    await engine.loadModel({ model: out, modelId: 'mlx-on-mlx', backend: 'mlx' });
+    assert.equal(await greedy(engine, 'mlx-on-mlx', 'What is 17 times 23?'), await greedy(engine, 'default', 'What is 17 times 23?'));
+    await engine.unloadModel('mlx-on-mlx');
     // Converting into a folder that already holds a model is refused.
     await assert.rejects(convertModel('default', out), (e: EngineClientError) => e.code === 'ModelLoadError' && /already holds a model/.test(e.message));
     await engine.unloadModel('mlx');
