@@ -268,8 +268,8 @@ test('CLI: --help, serve on a free port, SIGTERM exits cleanly', async () => {
   proc.stdout.on('data', (d) => (out += d));
   const exited = new Promise<number | null>((r) => proc.on('exit', (code) => r(code)));
   try {
-    await waitFor(async () => /serving 'default' at (http:\S+)/.test(out), 30_000);
-    const url = /serving 'default' at (http:\S+)/.exec(out)![1];
+    await waitFor(async () => /serving 'default' on the cpu backend at (http:\S+)/.test(out), 30_000);
+    const url = /serving 'default' on the cpu backend at (http:\S+)/.exec(out)![1];
     assert.match(out, /curl .*\/v1\/chat\/completions/);
     const res = await post(`${url}/v1/chat/completions`, { model: 'default', messages: [{ role: 'user', content: 'Hi' }], max_tokens: 3 });
     assert.equal(res.status, 200);

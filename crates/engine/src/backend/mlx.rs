@@ -60,9 +60,9 @@ impl MlxMatrix {
             }
             let groups = w.cols / 32;
             let q = QuantizedWeight {
-                w: Array::from_bytes(&words, Dtype::U32, &[w.rows, w.cols * bits / 32]).map_err(mlx_error)?,
-                scales: Array::from_slice(&scales, &[w.rows, groups]).map_err(mlx_error)?,
-                biases: Array::from_slice(&biases, &[w.rows, groups]).map_err(mlx_error)?,
+                w: Array::from_bytes(&words, Dtype::U32, &[w.rows, w.cols * bits / 32])?,
+                scales: Array::from_slice(&scales, &[w.rows, groups])?,
+                biases: Array::from_slice(&biases, &[w.rows, groups])?,
                 group_size: 32,
                 bits,
             };
@@ -74,16 +74,15 @@ impl MlxMatrix {
             w.dequantize_row_into(r, &mut row);
             dense.extend(row.iter().map(|&v| f16::from_f32(v)));
         }
-        Ok(MlxMatrix::Dense(Array::from_slice(&dense, &[w.rows, w.cols]).map_err(mlx_error)?))
+        Ok(MlxMatrix::Dense(Array::from_slice(&dense, &[w.rows, w.cols])?))
     }
 
     /// `x @ W^T` for activations `x` of shape `(tokens, cols)`.
     pub fn matmul(&self, x: &Array) -> Result<Array, EngineError> {
-        match self {
-            MlxMatrix::Quantized(q) => q.matmul(x),
-            MlxMatrix::Dense(w) => x.matmul(&w.transpose(&[1, 0]).map_err(mlx_error)?),
-        }
-        .map_err(mlx_error)
+        Ok(match self {
+            MlxMatrix::Quantized(q) => q.matmul(x)?,
+            MlxMatrix::Dense(w) => x.matmul(&w.transpose(&[1, 0])?)?,
+        })
     }
 }
 
@@ -117,7 +116,7 @@ impl MlxKv {
             return Err(EngineError::Internal(format!("kv row {need} is past the pool's {}", self.max_rows)));
         }
         let d = self.kv_dim;
-        // Grown to twice what is asked, so growth (a copy) happens only
+        // Grown to the next power of two, so growth (a copy) happens only
         // a few times while the pool fills.
         let want = need.max(self.rows).max(1).next_power_of_two().min(self.max_rows);
         let slot = &mut self.layers[layer];
@@ -176,7 +175,6 @@ struct Run {
 }
 
 pub struct MlxPass {
-    _lock: MutexGuard<'static, ()>,
     tokens: Array,
     style: RopeStyle,
     head_dim: usize,
@@ -188,6 +186,8 @@ pub struct MlxPass {
     write_rows: Option<(Array, usize)>,
     /// Additive masks by (run, window, repeats).
     masks: HashMap<(usize, Option<usize>, usize), Array>,
+    /// Last, so it is released after every array above is dropped.
+    _lock: MutexGuard<'static, ()>,
 }
 
 impl MlxPass {
@@ -401,6 +401,12 @@ impl Backend for Mlx {
         let s = Array::from_slice(&s, &[n, rows.len()])?;
         *out = Some(o.add(&s.matmul(get(y)?)?)?);
         Ok(())
+    }
+
+    fn layer_done(&self, _: &mut MlxPass, x: &Option<Array>) -> R {
+        // MLX computes the layers described so far while the next ones are
+        // built (on a GPU: the device works while the host encodes).
+        Ok(mlx_serving_mlx::async_eval(&[get(x)?])?)
     }
 
     fn to_host(&self, _: &mut MlxPass, x: Option<Array>) -> Result<Vec<f32>, EngineError> {

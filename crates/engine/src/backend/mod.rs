@@ -125,6 +125,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn select_rows(&self, p: &mut Self::Pass, x: &Self::Tensor, rows: &[usize], width: usize, out: &mut Self::Tensor) -> R;
     /// `out[rows[i]] += weights[i] * y[i]`.
     fn add_rows_weighted(&self, p: &mut Self::Pass, out: &mut Self::Tensor, y: &Self::Tensor, rows: &[usize], weights: &[f32], width: usize) -> R;
+    /// Layer done: its output `x` may start computing while later layers
+    /// are still being described (a no-op where operations run at once).
+    fn layer_done(&self, _p: &mut Self::Pass, _x: &Self::Tensor) -> R {
+        Ok(())
+    }
     /// The values on the host (router scores inside a pass).
     fn to_host(&self, p: &mut Self::Pass, x: Self::Tensor) -> Result<Vec<f32>, EngineError>;
     /// Ends the pass: everything it wrote to `kv` is computed (the next

@@ -478,6 +478,7 @@ impl<B: Backend> Model for Decoder<B> {
                 b.rms_norm_in_place(p, &mut proj, w, eps)?;
             }
             b.add(p, &mut x, &proj)?;
+            b.layer_done(p, &x)?;
         }
 
         // Only the tokens that asked for logits go through the (large) output layer.
