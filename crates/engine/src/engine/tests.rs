@@ -922,8 +922,8 @@ fn a_draft_catches_up_on_a_long_prompt_a_chunk_per_step() {
 
 /// The `mlx` backend under the scheduler: concurrent streams, prefix-cache
 /// hits, prefill in chunks across block boundaries and prompt-lookup
-/// guesses (several tokens of a sequence per step) all give what each
-/// prompt gives alone on a fresh engine.
+/// guesses (several tokens of a sequence per step) and a draft model all
+/// give what each prompt gives alone on a fresh engine.
 #[test]
 fn the_mlx_backend_gives_solo_results_under_batching_prefix_hits_and_chunks() {
     if !mlx_serving_mlx::available() {
@@ -961,4 +961,10 @@ fn the_mlx_backend_gives_solo_results_under_batching_prefix_hits_and_chunks() {
     }
     let s = wait_for(&e, idle);
     assert!(s.prefix_cache_hits > 0 && s.n_spec_drafted > 0, "{s:?}");
+    // A draft model (the model itself) runs on the primary's backend, with its own MLX cache.
+    assert_eq!(e.load_draft_model("tiny", d.path().join("tiny.gguf"), Some("draft".into())).unwrap().backend.name(), "mlx");
+    for (p, want) in prompts.iter().zip(&solo) {
+        assert_eq!(&collect(e.submit(greedy(p, 10)).unwrap()).0, want);
+    }
+    assert!(wait_for(&e, idle).n_spec_drafted > s.n_spec_drafted);
 }
