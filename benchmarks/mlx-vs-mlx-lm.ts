@@ -75,9 +75,11 @@ async function main(): Promise<void> {
 
   const corpus = (await engine.tokenize({ model: 'bench', text: TEXT.repeat(10) })).tokens;
 
+  // A fresh salt per run: every run prefills its whole prompt, as the peer's fresh sequence does.
+  let cold = 0;
   async function ours(prompt: number[], nDecode: number): Promise<SingleStream> {
     let stats: { timeToFirstToken: number; tokensPerSecond: number } | undefined;
-    for await (const c of engine.createGenerator({ model: 'bench', prompt: { tokens: prompt }, maxTokens: nDecode, ignoreEos: true, temperature: 0 })) {
+    for await (const c of engine.createGenerator({ model: 'bench', prompt: { tokens: prompt }, maxTokens: nDecode, ignoreEos: true, temperature: 0 }, { cacheSalt: `run-${++cold}` })) {
       if (c.type === 'metadata') stats = c.stats;
       if (c.type === 'error') throw new Error(c.error.message);
     }
