@@ -193,14 +193,15 @@ pub struct MlxPass {
 }
 
 impl MlxPass {
-    /// Cache rows for the batch's writes and its runs' reads, once per pass.
-    fn rows(&mut self, batch_rows: impl Fn(usize, usize) -> usize, positions: &[(usize, usize)]) -> Result<(), EngineError> {
+    /// Cache rows for the batch's writes and its runs' reads, once per pass
+    /// (the runs cover the batch's tokens in order).
+    fn rows(&mut self, row_of: impl Fn(usize, usize) -> usize) -> Result<(), EngineError> {
         if self.write_rows.is_none() {
-            let rows: Vec<usize> = positions.iter().map(|&(seq, pos)| batch_rows(seq, pos)).collect();
+            let rows: Vec<usize> = self.runs.iter().flat_map(|r| (r.n_pos - r.len..r.n_pos).map(|pos| row_of(r.seq, pos))).collect();
             let max = rows.iter().copied().max().unwrap_or(0);
             self.write_rows = Some((i32s(rows)?, max + 1));
             for r in &mut self.runs {
-                r.rows = Some(i32s((0..r.n_pos).map(|p| batch_rows(r.seq, p)))?);
+                r.rows = Some(i32s((0..r.n_pos).map(|p| row_of(r.seq, p)))?);
             }
         }
         Ok(())
@@ -322,8 +323,7 @@ impl Backend for Mlx {
     fn attention(&self, p: &mut MlxPass, a: &AttnParams, q: &Option<Array>, k: &Option<Array>, v: &Option<Array>, kv: &mut KvStore, tables: &[&[BlockId]], out: &mut Option<Array>) -> R {
         let (hd, nh, nkv) = (a.head_dim, a.n_heads, a.n_kv_heads);
         let bs = kv.block_size();
-        let positions: Vec<(usize, usize)> = p.runs.iter().flat_map(|r| (r.n_pos - r.len..r.n_pos).map(move |pos| (r.seq, pos))).collect();
-        p.rows(|seq, pos| tables[seq][pos / bs] as usize * bs + pos % bs, &positions)?;
+        p.rows(|seq, pos| tables[seq][pos / bs] as usize * bs + pos % bs)?;
         let (write_rows, need) = p.write_rows.as_ref().expect("set by rows()");
         let store = kv.device_mut::<MlxKv>().ok_or_else(|| EngineError::Internal("mlx backend: the KV store is not MLX's".into()))?;
         let (kc, vc) = store.layer(a.layer, *need)?;
