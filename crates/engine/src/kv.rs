@@ -19,8 +19,10 @@ use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 pub type BlockId = u32;
 
-/// Storage of every block's keys and values:
-/// `[block][layer][k|v][slot][kv_dim]`, f16 like llama.cpp's default cache;
+/// Storage of every block's keys and values: `[block][layer][k|v]`, keys
+/// `[kv_dim][slot]` (transposed, so attention reads a head's keys as panels
+/// of consecutive positions) and values `[slot][kv_dim]`, f16 like
+/// llama.cpp's default cache;
 /// or, for a backend that keeps the cache in its own memory, that backend's
 /// store (same blocks, same tables).
 pub struct KvStore {
@@ -75,13 +77,16 @@ impl KvStore {
     /// block table is `table`.
     pub fn write(&mut self, layer: usize, table: &[BlockId], pos: usize, k: &[f32], v: &[f32]) {
         let (bs, d) = (self.block_size, self.kv_dim);
-        let base = self.base(table[pos / bs], layer) + (pos % bs) * d;
+        let (base, slot) = (self.base(table[pos / bs], layer), pos % bs);
         let data = self.data.reinterpret_cast_mut::<f16>();
-        data[base..base + d].convert_from_f32_slice(k);
-        data[base + bs * d..base + bs * d + d].convert_from_f32_slice(v);
+        for (i, &x) in k.iter().enumerate() {
+            data[base + i * bs + slot] = f16::from_f32(x);
+        }
+        data[base + (bs + slot) * d..][..d].convert_from_f32_slice(v);
     }
 
-    /// Keys and values of `layer` in one block, each `[slot][kv_dim]`.
+    /// Keys (`[kv_dim][slot]`) and values (`[slot][kv_dim]`) of `layer` in
+    /// one block.
     pub fn block(&self, layer: usize, block: BlockId) -> (&[f16], &[f16]) {
         let n = self.block_size * self.kv_dim;
         let base = self.base(block, layer);
@@ -260,12 +265,13 @@ mod tests {
             let v: Vec<f32> = k.iter().map(|x| -x).collect();
             s.write(1, &table, pos, &k, &v);
         }
+        // Block 0 holds positions 2 and 3: keys by dimension, values by slot.
         let (k, v) = s.block(1, 0);
-        assert_eq!(k[4..8].iter().map(|x| x.to_f32()).collect::<Vec<_>>(), [30.0, 31.0, 32.0, 33.0]);
-        assert_eq!(v[0].to_f32(), -20.0);
+        assert_eq!(k.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), [20.0, 30.0, 21.0, 31.0, 22.0, 32.0, 23.0, 33.0]);
+        assert_eq!(v.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), [-20.0, -21.0, -22.0, -23.0, -30.0, -31.0, -32.0, -33.0]);
         let (k, _) = s.block(1, 2);
         assert_eq!(k[0].to_f32(), 0.0);
-        assert_eq!(k[4].to_f32(), 10.0);
+        assert_eq!(k[1].to_f32(), 10.0);
         // Layer 0 untouched.
         assert!(s.block(0, 2).0.iter().all(|x| x.to_f32() == 0.0));
     }

@@ -2,14 +2,11 @@
 //! Activations are `Vec<f32>` rows reused across layers, weights stay in
 //! their file format (`QMatrix`), and the KV cache is the host `KvStore`.
 
-use half::f16;
-use rayon::prelude::*;
-
 use super::{AttnParams, Backend, Rope, R};
-use crate::cpu::{dot_f32, f16_to_f32, matmul, QMatrix};
+use crate::cpu::{matmul, QMatrix};
 use crate::error::EngineError;
 use crate::kv::{BlockId, KvStore};
-use crate::models::decoder::{Activation, RopeStyle, MAX_GROUP, MAX_HEAD_DIM};
+use crate::models::decoder::{Activation, RopeStyle};
 use crate::models::{ops, BatchToken};
 use crate::quant::QuantizedActs;
 
@@ -112,7 +109,7 @@ impl Backend for Cpu {
             kv.write(a.layer, tables[bt.seq], bt.pos, &k[t * kv_dim..(t + 1) * kv_dim], &v[t * kv_dim..(t + 1) * kv_dim]);
         }
         out.resize(q.len(), 0.0);
-        attend(a, q, &p.batch, kv, tables, out);
+        super::attention::attend(a, q, &p.batch, kv, tables, out);
         Ok(())
     }
 
@@ -159,81 +156,5 @@ impl Backend for Cpu {
 
     fn finish(&self, _: CpuPass, _: &mut KvStore, logits: Option<Vec<f32>>) -> Result<Vec<f32>, EngineError> {
         Ok(logits.unwrap_or_default())
-    }
-}
-
-/// Causal attention of every token over its sequence's cache. Work is
-/// split by (token, KV head) so each cached key and value is converted
-/// from f16 once for all the query heads that share it.
-fn attend(a: &AttnParams, q: &[f32], batch: &[BatchToken], kv: &KvStore, tables: &[&[BlockId]], out: &mut [f32]) {
-    let (hd, n_kv, layer) = (a.head_dim, a.n_kv_heads, a.layer);
-    let group = a.n_heads / n_kv;
-    let bs = kv.block_size();
-    // Few tasks (decode of one or two sequences): split each KV head's
-    // query heads apart too, so every core gets work; the shared key and
-    // value rows are then widened once per query head instead of once.
-    let split = if batch.len() * n_kv < 4 * crate::cpu::n_threads() { group } else { 1 };
-    let gs = group / split;
-    out.par_chunks_mut(gs * hd).enumerate().for_each_init(
-        || (Vec::new(), vec![0.0f32; hd]),
-        |(scores, row): &mut (Vec<f32>, Vec<f32>), (j, o)| {
-            let (t, rem) = (j / (n_kv * split), j % (n_kv * split));
-            let (kvh, sub) = (rem / split, rem % split);
-            let bt = batch[t];
-            let n_pos = bt.pos + 1;
-            // Positions before `first` are outside the sliding window.
-            let first = a.window.map_or(0, |w| n_pos.saturating_sub(w));
-            let blocks = &tables[bt.seq][..n_pos.div_ceil(bs)];
-            // Queries rounded to f16 like the f16 cache, as llama.cpp does.
-            let mut qg = [0.0f32; MAX_HEAD_DIM * MAX_GROUP];
-            let qg = &mut qg[..gs * hd];
-            let q0 = (t * a.n_heads + kvh * group + sub * gs) * hd;
-            for (d, &v) in qg.iter_mut().zip(&q[q0..q0 + gs * hd]) {
-                *d = f16::from_f32(v).to_f32();
-            }
-            let off = kvh * hd;
-            scores.clear();
-            scores.resize(gs * n_pos, f32::NEG_INFINITY);
-            for_each_position(kv, layer, blocks, first, n_pos, false, off, hd, |p, key| {
-                f16_to_f32(key, row);
-                for g in 0..gs {
-                    let s = dot_f32(&qg[g * hd..(g + 1) * hd], row) * a.scale;
-                    scores[g * n_pos + p] = match a.softcap {
-                        Some(c) => c * (s / c).tanh(),
-                        None => s,
-                    };
-                }
-            });
-            for g in 0..gs {
-                let sg = &mut scores[g * n_pos + first..(g + 1) * n_pos];
-                ops::softmax(sg);
-                // Weights rounded to f16 too (llama.cpp multiplies them with f16 values).
-                sg.iter_mut().for_each(|w| *w = f16::from_f32(*w).to_f32());
-            }
-            o.fill(0.0);
-            for_each_position(kv, layer, blocks, first, n_pos, true, off, hd, |p, value| {
-                f16_to_f32(value, row);
-                for g in 0..gs {
-                    let w = scores[g * n_pos + p];
-                    o[g * hd..(g + 1) * hd].iter_mut().zip(row.iter()).for_each(|(a, &v)| *a += w * v);
-                }
-            });
-        },
-    );
-}
-
-/// Calls `f(position, row)` for positions `first..n_pos` of a sequence, with
-/// the `hd` elements at `off` of each position's key (or value) row of `layer`.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-fn for_each_position(kv: &KvStore, layer: usize, blocks: &[BlockId], first: usize, n_pos: usize, values: bool, off: usize, hd: usize, mut f: impl FnMut(usize, &[f16])) {
-    let bs = kv.block_size();
-    for (bi, &b) in blocks.iter().enumerate().skip(first / bs) {
-        let (k, v) = kv.block(layer, b);
-        let rows = if values { v } else { k };
-        let stride = rows.len() / bs;
-        for slot in first.saturating_sub(bi * bs)..bs.min(n_pos - bi * bs) {
-            f(bi * bs + slot, &rows[slot * stride + off..slot * stride + off + hd]);
-        }
     }
 }

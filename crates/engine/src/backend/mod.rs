@@ -4,6 +4,7 @@
 //! operations; a backend chooses how weights, activations and the KV cache
 //! are held. See docs/mlx-backend.md.
 
+mod attention;
 pub mod cpu;
 pub mod mlx;
 
