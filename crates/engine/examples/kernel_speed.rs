@@ -7,6 +7,8 @@
 //!   fits in L3) and from memory (cycling through copies that do not), in
 //!   microseconds and GB/s of weight bytes.
 //! - GEMM of 64 tokens (prefill) on the same weights, in GFLOP/s.
+//! - The worker pool's cost per parallel split, which every matmul and
+//!   attention call of a forward pass pays once.
 
 use std::time::Instant;
 
@@ -27,6 +29,26 @@ fn read_bandwidth() -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Microseconds one parallel split costs beyond its work when made from
+/// inside the pool, as the forward pass makes them: four tasks per thread,
+/// each 5 us of busy work (a small decode matmul is about 25 us in all).
+fn split_overhead() -> f64 {
+    let task = std::time::Duration::from_micros(5);
+    let threads = rayon::current_num_threads();
+    rayon::scope(|_| {
+        let n = 5_000;
+        let t = Instant::now();
+        for _ in 0..n {
+            (0..threads * 4).into_par_iter().for_each(|_| {
+                let t = Instant::now();
+                while t.elapsed() < task {}
+            });
+        }
+        let ideal = task.as_secs_f64() * 4.0;
+        (t.elapsed().as_secs_f64() / n as f64 - ideal) * 1e6
+    })
+}
+
 fn main() {
     let (rows, cols) = (2048, 2048);
     let mut s = 1u64;
@@ -37,6 +59,7 @@ fn main() {
     let w: Vec<f32> = (0..rows * cols).map(|_| rnd() * 0.05).collect();
     let x: Vec<f32> = (0..64 * cols).map(|_| rnd()).collect();
     println!("machine: {} threads, read bandwidth {:.1} GB/s (all cores, 512 MiB)", rayon::current_num_threads(), read_bandwidth());
+    println!("pool: {:.1} us per parallel split beyond its work (a decode step of a 30-layer model makes about 250)", split_overhead());
     println!("{:<7} {:<12} {:>12} {:>9} {:>12} {:>9} {:>14}", "format", "path", "GEMV cache", "GB/s", "GEMV memory", "GB/s", "GEMM 64 GFLOP/s");
     for qtype in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q5_K, QType::Q6_K] {
         let data: Vec<u8> = match qtype {

@@ -167,6 +167,11 @@ fn run(path: Path, a: &AttnParams, q: &[f32], batch: &[BatchToken], kv: &KvStore
             let j = bi * bs + slot - first;
             let n = (hi - slot).min(KEYS - j % KEYS);
             let panel = &mut s.keys[(j / KEYS) * hd * KEYS..][..hd * KEYS];
+            if n == bs && bs == KEYS {
+                // The default block size: a head's keys of a block are one panel.
+                f16_to_f32(&keys[off * bs..][..hd * bs], panel);
+                break;
+            }
             for d in 0..hd {
                 f16_to_f32(&keys[(off + d) * bs + slot..][..n], &mut panel[d * KEYS + j % KEYS..][..n]);
             }
@@ -588,10 +593,17 @@ mod tests {
     }
 
     /// Three sequences: a 40-token prefill chunk starting at 5 (tiles of 16,
-    /// 16 and 8), one decode token, and a 3-token chunk; blocks of 4.
+    /// 16 and 8), one decode token, and a 3-token chunk; blocks of 4 (less
+    /// than a panel) and of 16 (one panel per block).
     #[test]
     fn tiled_attention_matches_the_reference() {
-        let (n_heads, n_kv, hd, bs) = (6, 2, 64, 4);
+        for bs in [4, 16] {
+            tiled_attention_matches_the_reference_with_blocks_of(bs);
+        }
+    }
+
+    fn tiled_attention_matches_the_reference_with_blocks_of(bs: usize) {
+        let (n_heads, n_kv, hd) = (6, 2, 64);
         let kv_dim = n_kv * hd;
         let lens = [45usize, 20, 12];
         let mut kv = KvStore::new(1, kv_dim, bs, 64);
