@@ -260,7 +260,7 @@ impl Path {
     /// whole panels, and up to the end of the row's block of `ROWS` rows).
     fn scores(self, q: &[f32], hd: usize, keys: &[f32], s: &mut [f32], stride: usize, ends: &[usize]) {
         assert!(q.len() >= ends.len() * hd && s.len() >= ends.len() * stride && ends.iter().all(|&e| e <= stride));
-        assert!(keys.len() >= stride * hd);
+        assert!(keys.len() >= stride * hd && stride % KEYS == 0 && (self == Path::Scalar || hd % 16 == 0));
         match self {
             Path::Scalar => scores_scalar(q, hd, keys, s, stride, ends),
             // SAFETY: the CPU has AVX2 and FMA (`Isa`), and the bounds are checked above.
@@ -273,7 +273,7 @@ impl Path {
     /// up to its block's last end must be zero.
     fn weighted_values(self, w: &[f32], stride: usize, ends: &[usize], v: &[f32], hd: usize, o: &mut [f32]) {
         assert!(w.len() >= ends.len() * stride && o.len() >= ends.len() * hd && ends.iter().all(|&e| e <= stride));
-        assert!(v.len() >= stride * hd);
+        assert!(v.len() >= stride * hd && (self == Path::Scalar || hd % 16 == 0));
         match self {
             Path::Scalar => weighted_values_scalar(w, stride, ends, v, hd, o),
             // SAFETY: as for `scores`.
@@ -390,6 +390,20 @@ mod x86 {
         out
     }
 
+    /// `$f::<n>(args)`: a kernel built for a block of `n` rows, 1 to `ROWS`.
+    macro_rules! with_rows {
+        ($n:expr, $f:ident($($arg:expr),*)) => {
+            match $n {
+                6 => $f::<6>($($arg),*),
+                5 => $f::<5>($($arg),*),
+                4 => $f::<4>($($arg),*),
+                3 => $f::<3>($($arg),*),
+                2 => $f::<2>($($arg),*),
+                _ => $f::<1>($($arg),*),
+            }
+        };
+    }
+
     /// Blocks of up to `ROWS` rows; each block runs to its last row's end.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn scores(q: &[f32], hd: usize, keys: &[f32], s: &mut [f32], stride: usize, ends: &[usize]) {
@@ -398,14 +412,7 @@ mod x86 {
             let n = ROWS.min(ends.len() - r0);
             let panels = ends[r0 + n - 1].div_ceil(KEYS);
             let (q, s) = (q.add(r0 * hd), s.add(r0 * stride));
-            match n {
-                6 => scores_block::<6>(q, hd, keys, s, stride, panels),
-                5 => scores_block::<5>(q, hd, keys, s, stride, panels),
-                4 => scores_block::<4>(q, hd, keys, s, stride, panels),
-                3 => scores_block::<3>(q, hd, keys, s, stride, panels),
-                2 => scores_block::<2>(q, hd, keys, s, stride, panels),
-                _ => scores_block::<1>(q, hd, keys, s, stride, panels),
-            }
+            with_rows!(n, scores_block(q, hd, keys, s, stride, panels));
         }
     }
 
@@ -439,14 +446,7 @@ mod x86 {
             let n = ROWS.min(ends.len() - r0);
             let keys = ends[r0 + n - 1];
             let (w, o) = (w.add(r0 * stride), o.add(r0 * hd));
-            match n {
-                6 => values_block::<6>(w, stride, keys, v, hd, o),
-                5 => values_block::<5>(w, stride, keys, v, hd, o),
-                4 => values_block::<4>(w, stride, keys, v, hd, o),
-                3 => values_block::<3>(w, stride, keys, v, hd, o),
-                2 => values_block::<2>(w, stride, keys, v, hd, o),
-                _ => values_block::<1>(w, stride, keys, v, hd, o),
-            }
+            with_rows!(n, values_block(w, stride, keys, v, hd, o));
         }
     }
 
