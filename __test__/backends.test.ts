@@ -31,7 +31,12 @@ describe('backends', () => {
     assert.equal(cpu.backend, 'cpu');
     assert.equal(mlx.backend, 'mlx');
     assert.equal(mlx.quantization, cpu.quantization);
-    const prompts = ['What is the capital of France?', 'Name three colours.'];
+    // Greedy text can only match across backends where each step's choice
+    // is clear: on cpu these prompts' top two tokens are at least 0.24 apart
+    // in log-probability at every one of the 12 steps ('What is the capital
+    // of France?' has a 0.01 near-tie at its first token, which any change
+    // of rounding may flip).
+    const prompts = ['Count from one to five.', 'What colour is the sky on a clear day?'];
     const want = await Promise.all(prompts.map((p) => greedy('on-cpu', p)));
     assert.equal(await greedy('on-mlx', prompts[0]), want[0]);
     // Two streams in one batch on mlx: each still gets its own text.
