@@ -44,7 +44,8 @@ struct Task {
     gs: usize,
 }
 
-/// Per-thread buffers, kept across calls so a decode step allocates nothing.
+/// Per-thread buffers, kept across calls so the tiles reuse them (each call
+/// allocates only its small task list).
 #[derive(Default)]
 struct Scratch {
     q: Vec<f32>,
