@@ -60,12 +60,16 @@ impl MlxMatrix {
                 scales.extend(s);
                 biases.extend(m);
             }
-            let groups = w.cols / 32;
+            let group_size = widest_groups(&scales, &biases, w.cols);
+            let step = group_size / 32;
+            let scales: Vec<f32> = scales.into_iter().step_by(step).collect();
+            let biases: Vec<f32> = biases.into_iter().step_by(step).collect();
+            let groups = w.cols / group_size;
             let q = QuantizedWeight {
                 w: Array::from_bytes(&words, Dtype::U32, &[w.rows, w.cols * bits / 32])?,
                 scales: Array::from_slice(&scales, &[w.rows, groups])?,
                 biases: Array::from_slice(&biases, &[w.rows, groups])?,
-                group_size: 32,
+                group_size,
                 bits,
             };
             return Ok(MlxMatrix::Quantized(q));
@@ -86,6 +90,28 @@ impl MlxMatrix {
             MlxMatrix::Dense(w) => x.matmul(&w.transpose(&[1, 0])?)?,
         })
     }
+}
+
+/// The widest group size MLX takes (128, 64, else 32) at which each run of
+/// groups of 32 shares one scale and one bias in every row. An MLX folder
+/// quantized in groups of 64 reaches the kernels as pairs of equal Q4_1 / A8
+/// blocks, so this gives its own groups back, exactly: half the scales to
+/// read, and the grouping mlx-lm computes with. `scales` and `biases` hold
+/// `cols / 32` entries per row.
+fn widest_groups(scales: &[f32], biases: &[f32], cols: usize) -> usize {
+    let per_row = cols / 32;
+    for size in [128, 64] {
+        let n = size / 32;
+        if cols % size != 0 {
+            continue;
+        }
+        // Rows hold a whole number of runs, so runs never straddle rows.
+        let same = |v: &[f32]| v.chunks_exact(n).all(|run| run.iter().all(|x| x.to_bits() == run[0].to_bits()));
+        if per_row % n == 0 && same(scales) && same(biases) {
+            return size;
+        }
+    }
+    32
 }
 
 // Arrays are reference counted atomically, but MLX does not promise that
@@ -483,6 +509,56 @@ mod tests {
                     let tol = if exact { 2e-3 * (1.0 + want.abs()) } else { magnitude / 2048.0 + 1e-3 };
                     assert!((g - want).abs() <= tol, "{qtype:?} row {r} token {t}: {g} vs {want}");
                 }
+            }
+        }
+    }
+
+    /// MLX folders in groups of 64 or 128 reach the backend as runs of equal
+    /// blocks of 32; the backend gives MLX the folder's own groups back and
+    /// computes exactly what MLX computes on the folder's arrays.
+    #[test]
+    fn mlx_groups_wider_than_blocks_come_back_whole() {
+        if !mlx_serving_mlx::available() {
+            assert!(std::env::var_os("MLX_REQUIRED").is_none(), "MLX_REQUIRED: {:?}", mlx_serving_mlx::unavailable_reason());
+            return;
+        }
+        let (rows, cols, n) = (8, 256, 2);
+        let x = Array::from_slice(&rand_vec(n * cols, 3), &[n, cols]).unwrap();
+        // Float16 weights, so MLX's scales and biases are float16 values too.
+        let w = Array::from_slice(&rand_vec(rows * cols, 9), &[rows, cols]).unwrap().astype(Dtype::F16).unwrap();
+        for (group, bits) in [(32, 4), (64, 4), (128, 4), (64, 8), (128, 8)] {
+            let q = QuantizedWeight::quantize(&w, group, bits).unwrap();
+            let q = QuantizedWeight {
+                w: q.w,
+                scales: q.scales.astype(Dtype::F32).unwrap(),
+                biases: q.biases.astype(Dtype::F32).unwrap(),
+                group_size: group,
+                bits,
+            };
+            let (words, scales, biases) = (q.w.to_vec::<u32>().unwrap(), q.scales.to_vec_f32().unwrap(), q.biases.to_vec_f32().unwrap());
+            let (per_words, per_groups) = (cols * bits / 32, cols / group);
+            let mut blocks = Vec::new();
+            for r in 0..rows {
+                let bytes: Vec<u8> = words[r * per_words..(r + 1) * per_words].iter().flat_map(|w| w.to_le_bytes()).collect();
+                let g = r * per_groups..(r + 1) * per_groups;
+                let (qtype, b) = crate::affine::affine_to_blocks(bits as u32, group, &bytes, &scales[g.clone()], &biases[g], cols).unwrap();
+                assert_eq!(qtype, if bits == 4 { QType::Q4_1 } else { QType::A8 });
+                blocks.extend(b);
+            }
+            let qtype = if bits == 4 { QType::Q4_1 } else { QType::A8 };
+            let mut m = QMatrix { qtype, rows, cols, data: Bytes::Owned(blocks) };
+            let MlxMatrix::Quantized(got) = MlxMatrix::from_qmatrix(&m).unwrap() else { panic!("{bits}-bit stays quantized") };
+            assert_eq!(got.group_size, group, "{bits}-bit groups of {group}");
+            let want = q.matmul(&x).unwrap().to_vec_f32().unwrap();
+            assert_eq!(MlxMatrix::Quantized(got).matmul(&x).unwrap().to_vec_f32().unwrap(), want, "{bits}-bit groups of {group}");
+            // One block's bias off in the last row: that row's run is no longer
+            // one group, so no row may take the wide groups.
+            if group > 32 {
+                let Bytes::Owned(data) = &mut m.data else { unreachable!() };
+                let at = data.len() - qtype.block_bytes() + 2;
+                data[at] ^= 1;
+                let MlxMatrix::Quantized(got) = MlxMatrix::from_qmatrix(&m).unwrap() else { unreachable!() };
+                assert_eq!(got.group_size, 32, "{bits}-bit groups of {group}, one block changed");
             }
         }
     }
