@@ -12,10 +12,14 @@ use half::f16;
 
 use crate::quant::{QType, QK};
 
-/// `v` as f16, or an error when f16 cannot hold it exactly.
+/// `v` as f16: exact, or rounded when `v` is below f16's normal range, or an
+/// error. MLX gives an all-zero group the scale 1e-7, which bfloat16 folders
+/// store with more bits than f16 keeps down there; rounding it moves a weight
+/// by at most 2^-25 per step of its quantized value (every weight of such a
+/// group is 0 either way), where refusing would refuse the model.
 fn exact_f16(v: f32, what: &str) -> Result<f16, String> {
     let h = f16::from_f32(v);
-    if h.to_f32() == v || (v.is_nan() && h.is_nan()) {
+    if h.to_f32() == v || (v.is_nan() && h.is_nan()) || v.abs() < f16::MIN_POSITIVE.to_f32() {
         Ok(h)
     } else {
         Err(format!("{what} {v:e} is not exactly representable in f16"))
@@ -163,10 +167,25 @@ mod tests {
         }
     }
 
+    /// The scale MLX gives an all-zero group, as a bfloat16 folder stores
+    /// it: rounded to f16, and the group still holds zeros.
+    #[test]
+    fn an_all_zero_groups_tiny_scale_loads() {
+        let scale = half::bf16::from_f32(1e-7).to_f32();
+        assert_ne!(f16::from_f32(scale).to_f32(), scale, "the case needs rounding");
+        let (qt, blocks) = affine_to_blocks(4, 32, &[0u8; 16], &[scale], &[0.0], 32).unwrap();
+        let mut got = vec![1.0; 32];
+        dequantize_row(qt, &blocks, &mut got);
+        assert_eq!(got, vec![0.0; 32]);
+        // Small but in f16's normal range: still exact or refused.
+        assert!(affine_to_blocks(4, 32, &[0u8; 16], &[half::bf16::from_f32(1e-4).to_f32()], &[0.0], 32).is_ok());
+    }
+
     #[test]
     fn inexact_scales_and_bad_shapes_are_refused() {
         let words = vec![0u8; 16];
-        assert!(affine_to_blocks(4, 32, &words, &[1e-9], &[0.0], 32).unwrap_err().contains("not exactly representable"));
+        assert!(affine_to_blocks(4, 32, &words, &[1e-3 + 1e-9], &[0.0], 32).unwrap_err().contains("not exactly representable"));
+        assert!(affine_to_blocks(4, 32, &words, &[0.5], &[1e5], 32).unwrap_err().contains("not exactly representable"));
         assert!(affine_to_blocks(4, 32, &words[..8], &[0.5], &[0.0], 32).is_err());
         assert!(affine_to_blocks(3, 32, &words, &[0.5], &[0.0], 32).is_err());
         assert!(affine_to_blocks(4, 32, &words, &[0.5, 0.5], &[0.0], 32).is_err());
