@@ -3,7 +3,12 @@
  * converted by `convertModel`), same MLX build (mlx-cpu 0.32.4 here), one
  * run, engines alternating. Prints one table with the ratios and writes JSON.
  *
- *   npx tsx benchmarks/mlx-vs-mlx-lm.ts [--runs 2] [--decode 16] [--streams 8]
+ *   npx tsx benchmarks/mlx-vs-mlx-lm.ts [--runs 2] [--decode 16] [--streams 8] [--model DIR]
+ *
+ * `--model` takes another MLX folder. The 2-layer test fixture
+ * (`--model crates/engine/tests/fixtures/llama/mlx --decode 128`) is one
+ * whose kernels take almost no time, so a step costs what each engine adds
+ * around MLX: the share a fast GPU leaves of a step.
  *
  * mlx-lm comes from PyPI into `.mlx/mlx-lm-venv` on first use (or give a
  * Python that has it with MLX_LM_PYTHON). Single stream: TTFT and decode
@@ -25,6 +30,7 @@ const { values: args } = parseArgs({
     runs: { type: 'string', default: '2' },
     decode: { type: 'string', default: '16' },
     streams: { type: 'string', default: '8' },
+    model: { type: 'string' },
   },
 });
 const RUNS = Number(args.runs);
@@ -62,8 +68,8 @@ async function main(): Promise<void> {
   const engine = await createEngine();
   const rt = await engine.getRuntimeInfo();
   if (!rt.mlx.available) throw new Error(`MLX is unavailable: ${rt.mlx.reason}`);
-  const folder = path.join(MLX_DIR, 'smollm2-135m-instruct-mlx');
-  if (!existsSync(path.join(folder, 'config.json'))) await convertModel('default', folder);
+  const folder = args.model ? path.resolve(args.model) : path.join(MLX_DIR, 'smollm2-135m-instruct-mlx');
+  if (!args.model && !existsSync(path.join(folder, 'config.json'))) await convertModel('default', folder);
   await engine.loadModel({ model: folder, modelId: 'bench', backend: 'mlx' });
   const py = mlxLmPython(rt.mlx.version!);
 
@@ -135,11 +141,12 @@ async function main(): Promise<void> {
   server.kill();
   rows.push({ metric: `aggregate tok/s, ${STREAMS} streams (mlx-lm: its server)`, ours: ourAggregate, peer: theirAggregate, ratio: ourAggregate / theirAggregate });
 
-  console.log(`\nSmolLM2-135M-Instruct as an MLX folder (4-bit/32 from Q4_1), MLX ${rt.mlx.version} (${rt.mlx.gpu ? 'GPU' : 'CPU'}), median of ${RUNS}, ${N_DECODE} decoded tokens`);
+  const what = args.model ? path.relative(ROOT, folder) : 'SmolLM2-135M-Instruct as an MLX folder (4-bit/32 from Q4_1)';
+  console.log(`\n${what}, MLX ${rt.mlx.version} (${rt.mlx.gpu ? 'GPU' : 'CPU'}), median of ${RUNS}, ${N_DECODE} decoded tokens`);
   printPeerTable(rows, 'mlx-serving (mlx backend)', 'mlx-lm');
-  const out = path.join(__dirname, 'results', 'mlx-vs-mlx-lm.json');
+  const out = path.join(__dirname, 'results', args.model ? 'mlx-vs-mlx-lm-other.json' : 'mlx-vs-mlx-lm.json');
   mkdirSync(path.dirname(out), { recursive: true });
-  writeFileSync(out, JSON.stringify({ date: new Date().toISOString(), mlx: rt.mlx, runs: RUNS, nDecode: N_DECODE, streams: STREAMS, rows }, null, 2));
+  writeFileSync(out, JSON.stringify({ date: new Date().toISOString(), model: path.relative(ROOT, folder), mlx: rt.mlx, runs: RUNS, nDecode: N_DECODE, streams: STREAMS, rows }, null, 2));
   console.log(`\nwritten to ${path.relative(process.cwd(), out)}`);
   await engine.shutdown();
 }
