@@ -550,41 +550,107 @@ mod x86 {
     pub const K5: u8 = 1;
     pub const K6: u8 = 2;
 
-    /// K-quant tile: each super-block is unpacked once (scalar) for all `NT`
-    /// tokens, then every 32 weights times 32 activations is one signed int8
-    /// product (the sign moved onto the activations) scaled per sub-block of
-    /// 32 (Q4_K, Q5_K, with the min term) or 16 (Q6_K, one scale per half).
+    /// K-quant tile: each super-block of 256 weights is unpacked in
+    /// registers once for all `NT` tokens (the formats keep each sub-block of
+    /// 32 in 32 consecutive bytes or nibbles, so no shuffles are needed), then
+    /// every 32 weights times 32 activations is one int8 product scaled per
+    /// sub-block of 32 (Q4_K, Q5_K, with the min term) or 16 (Q6_K).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn kquant_avx2<const K: u8, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
+        use crate::quant::QK_K;
         let qtype = match K {
             K4 => QType::Q4_K,
             K5 => QType::Q5_K,
             _ => QType::Q6_K,
         };
-        let mut k = crate::quant::KBlock::default();
         let mut acc = [_mm256_setzero_ps(); NT];
-        let mut corr = [0.0f32; NT];
-        let ones = _mm256_set1_epi16(1);
+        let mut corr = [_mm256_setzero_ps(); NT];
+        let (ones, nibble) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0F));
+        let (mut scale, mut min) = ([0f32; 16], [0f32; 8]);
+        let mut q = [_mm256_setzero_si256(); QK_K / QK];
+        let load = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
         for (sb, blk) in w.chunks_exact(qtype.block_bytes()).enumerate() {
-            k.unpack(qtype, blk);
-            for j in 0..crate::quant::QK_K / QK {
-                let b = sb * (crate::quant::QK_K / QK) + j;
-                let qv = _mm256_loadu_si256(k.q.as_ptr().add(j * QK) as *const __m256i);
-                let qabs = _mm256_sign_epi8(qv, qv);
-                let (s_lo, s_hi) = if K == K6 { (k.scale[2 * j], k.scale[2 * j + 1]) } else { (k.scale[j], k.scale[j]) };
-                for t in 0..NT {
-                    let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qabs, _mm256_sign_epi8(av, qv)), ones);
-                    let da = *a[t].d.get_unchecked(b);
-                    let scale = _mm256_set_m128(_mm_set1_ps(s_hi * da), _mm_set1_ps(s_lo * da));
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
-                    if K != K6 {
-                        corr[t] -= k.min[j] * *a[t].s.get_unchecked(b);
+            let p = blk.as_ptr();
+            if K == K6 {
+                // ql (128 bytes), qh (64), 16 signed scales, d. Each half of
+                // 128 weights: runs of 32 from the low / high nibbles of two
+                // 32-byte ql rows, their top two bits from successive bit
+                // pairs of the half's 32 qh bytes; values are stored + 32.
+                let d = f16_to_f32(p.add(208));
+                for (j, s) in scale.iter_mut().enumerate() {
+                    *s = d * *p.add(192 + j) as i8 as f32;
+                }
+                let (top, bias) = (_mm256_set1_epi8(0x30), _mm256_set1_epi8(32));
+                for half in 0..2 {
+                    let (ql0, ql1, qh) = (load(p.add(half * 64)), load(p.add(half * 64 + 32)), load(p.add(128 + half * 32)));
+                    let runs = [
+                        (_mm256_and_si256(ql0, nibble), _mm256_slli_epi16(qh, 4)),
+                        (_mm256_and_si256(ql1, nibble), _mm256_slli_epi16(qh, 2)),
+                        (_mm256_and_si256(_mm256_srli_epi16(ql0, 4), nibble), qh),
+                        (_mm256_and_si256(_mm256_srli_epi16(ql1, 4), nibble), _mm256_srli_epi16(qh, 2)),
+                    ];
+                    for (r, (lo, hi)) in runs.into_iter().enumerate() {
+                        q[half * 4 + r] = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_and_si256(hi, top)), bias);
+                    }
+                }
+            } else {
+                // d, dmin, 12 bytes of 6-bit scales and mins, (Q5_K: 32 bytes
+                // of fifth bits,) then 4 x 32 bytes whose low nibbles are one
+                // sub-block and high nibbles the next.
+                let (d, dmin) = (f16_to_f32(p), f16_to_f32(p.add(2)));
+                let sc = std::slice::from_raw_parts(p.add(4), 12);
+                for j in 0..8 {
+                    let (s, m) = if j < 4 {
+                        (sc[j] & 63, sc[j + 4] & 63)
+                    } else {
+                        ((sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4))
+                    };
+                    scale[j] = d * s as f32;
+                    min[j] = dmin * m as f32;
+                }
+                let qs = p.add(if K == K5 { 48 } else { 16 });
+                for c in 0..4 {
+                    let v = load(qs.add(32 * c));
+                    q[2 * c] = _mm256_and_si256(v, nibble);
+                    q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+                }
+                if K == K5 {
+                    // Bit j of each qh byte is the fifth bit of sub-block j.
+                    let qh = load(p.add(16));
+                    for (j, qj) in q.iter_mut().enumerate() {
+                        let bit = _mm256_set1_epi8((1u8 << j) as i8);
+                        let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+                        *qj = _mm256_or_si256(*qj, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
                     }
                 }
             }
+            for (j, &qv) in q.iter().enumerate() {
+                let b = sb * (QK_K / QK) + j;
+                // Q4_K / Q5_K values are unsigned and multiply the signed
+                // activations directly; Q6_K's signed ones move their sign
+                // onto the activations. Either way the same int8 products.
+                let qabs = if K == K6 { _mm256_sign_epi8(qv, qv) } else { qv };
+                let (s_lo, s_hi) = if K == K6 { (scale[2 * j], scale[2 * j + 1]) } else { (scale[j], scale[j]) };
+                for t in 0..NT {
+                    let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
+                    let av = if K == K6 { _mm256_sign_epi8(av, qv) } else { av };
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qabs, av), ones);
+                    let da = *a[t].d.get_unchecked(b);
+                    let scale = _mm256_set_m128(_mm_set1_ps(s_hi * da), _mm_set1_ps(s_lo * da));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
+                }
+            }
+            if K != K6 {
+                // The mins of the 8 sub-blocks against their activation sums:
+                // one vector product per super-block, off the scalar chain.
+                let m = _mm256_loadu_ps(min.as_ptr());
+                for t in 0..NT {
+                    let s = _mm256_loadu_ps(a[t].s.as_ptr().add(sb * (QK_K / QK)));
+                    corr[t] = _mm256_fnmadd_ps(m, s, corr[t]);
+                }
+            }
         }
-        std::array::from_fn(|t| hsum(acc[t]) + corr[t])
+        std::array::from_fn(|t| hsum(_mm256_add_ps(acc[t], corr[t])))
     }
 
     /// Q4 tile on 512-bit registers: two blocks per multiply (their
