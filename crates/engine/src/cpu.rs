@@ -550,85 +550,97 @@ mod x86 {
     pub const K5: u8 = 1;
     pub const K6: u8 = 2;
 
-    /// K-quant tile: each super-block of 256 weights is unpacked in
-    /// registers once for all `NT` tokens (the formats keep each sub-block of
-    /// 32 in 32 consecutive bytes or nibbles, so no shuffles are needed), then
-    /// every 32 weights times 32 activations is one int8 product scaled per
-    /// sub-block of 32 (Q4_K, Q5_K, with the min term) or 16 (Q6_K).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn kquant_avx2<const K: u8, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
-        use crate::quant::QK_K;
-        let qtype = match K {
+    /// The K-quant format of a kernel's `K` parameter.
+    const fn k_type(k: u8) -> QType {
+        match k {
             K4 => QType::Q4_K,
             K5 => QType::Q5_K,
             _ => QType::Q6_K,
-        };
+        }
+    }
+
+    /// The scales of the super-block at `p`: per sub-block of 32, `d * sc`
+    /// and `dmin * m` (Q4_K, Q5_K); per 16, `d * sc` (Q6_K, 16 of them).
+    #[inline(always)]
+    unsafe fn k_scales<const K: u8>(p: *const u8, scale: &mut [f32; 16], min: &mut [f32; 8]) {
+        if K == K6 {
+            let d = f16_to_f32(p.add(208));
+            for (j, s) in scale.iter_mut().enumerate() {
+                *s = d * *p.add(192 + j) as i8 as f32;
+            }
+            return;
+        }
+        // 6-bit scales and mins: the first four in the low bits of bytes
+        // 0-7, the last four split across bytes 8-11 and the top bits of 0-7.
+        let (d, dmin) = (f16_to_f32(p), f16_to_f32(p.add(2)));
+        let sc = std::slice::from_raw_parts(p.add(4), 12);
+        for j in 0..8 {
+            let (s, m) = if j < 4 {
+                (sc[j] & 63, sc[j + 4] & 63)
+            } else {
+                ((sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4))
+            };
+            scale[j] = d * s as f32;
+            min[j] = dmin * m as f32;
+        }
+    }
+
+    /// The 32 values of sub-block `j` of the super-block at `p`, as bytes:
+    /// unsigned for Q4_K / Q5_K, signed for Q6_K. The formats keep a
+    /// sub-block in 32 consecutive bytes or nibbles, so no shuffles:
+    /// - Q4_K / Q5_K: 4 x 32 bytes whose low nibbles are sub-block 2c and
+    ///   high nibbles 2c + 1 (after d, dmin, 12 scale bytes and, for Q5_K,
+    ///   32 bytes whose bit j is sub-block j's fifth bit);
+    /// - Q6_K: each half of 128 takes the low / high nibbles of two 32-byte
+    ///   `ql` rows, the top two bits from successive bit pairs of 32 `qh`
+    ///   bytes; values are stored + 32.
+    #[inline(always)]
+    unsafe fn k_sub<const K: u8>(p: *const u8, j: usize) -> __m256i {
+        let load = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
+        let nibble = _mm256_set1_epi8(0x0F);
+        let low_or_high = |v: __m256i, high: bool| _mm256_and_si256(if high { _mm256_srli_epi16(v, 4) } else { v }, nibble);
+        if K == K6 {
+            let (half, run) = (j / 4, j % 4);
+            let ql = load(p.add(half * 64 + 32 * (run % 2)));
+            let qh = load(p.add(128 + half * 32));
+            let top = match run {
+                0 => _mm256_slli_epi16(qh, 4),
+                1 => _mm256_slli_epi16(qh, 2),
+                2 => qh,
+                _ => _mm256_srli_epi16(qh, 2),
+            };
+            let v = _mm256_or_si256(low_or_high(ql, run >= 2), _mm256_and_si256(top, _mm256_set1_epi8(0x30)));
+            return _mm256_sub_epi8(v, _mm256_set1_epi8(32));
+        }
+        let qs = p.add(if K == K5 { 48 } else { 16 });
+        let v = low_or_high(load(qs.add(32 * (j / 2))), j % 2 == 1);
+        if K != K5 {
+            return v;
+        }
+        let bit = _mm256_set1_epi8((1u8 << j) as i8);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(load(p.add(16)), bit), bit);
+        _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
+    }
+
+    /// K-quant tile: each super-block of 256 weights is unpacked in
+    /// registers once for all `NT` tokens, then every 32 weights times 32
+    /// activations is one int8 product scaled per sub-block of 32 (Q4_K,
+    /// Q5_K, with the min term) or 16 (Q6_K).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn kquant_avx2<const K: u8, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
+        use crate::quant::QK_K;
         let mut acc = [_mm256_setzero_ps(); NT];
         let mut corr = [_mm256_setzero_ps(); NT];
-        let (ones, nibble) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0F));
+        let ones = _mm256_set1_epi16(1);
         let (mut scale, mut min) = ([0f32; 16], [0f32; 8]);
-        let mut q = [_mm256_setzero_si256(); QK_K / QK];
-        let load = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
-        for (sb, blk) in w.chunks_exact(qtype.block_bytes()).enumerate() {
+        for (sb, blk) in w.chunks_exact(k_type(K).block_bytes()).enumerate() {
             let p = blk.as_ptr();
-            if K == K6 {
-                // ql (128 bytes), qh (64), 16 signed scales, d. Each half of
-                // 128 weights: runs of 32 from the low / high nibbles of two
-                // 32-byte ql rows, their top two bits from successive bit
-                // pairs of the half's 32 qh bytes; values are stored + 32.
-                let d = f16_to_f32(p.add(208));
-                for (j, s) in scale.iter_mut().enumerate() {
-                    *s = d * *p.add(192 + j) as i8 as f32;
-                }
-                let (top, bias) = (_mm256_set1_epi8(0x30), _mm256_set1_epi8(32));
-                for half in 0..2 {
-                    let (ql0, ql1, qh) = (load(p.add(half * 64)), load(p.add(half * 64 + 32)), load(p.add(128 + half * 32)));
-                    let runs = [
-                        (_mm256_and_si256(ql0, nibble), _mm256_slli_epi16(qh, 4)),
-                        (_mm256_and_si256(ql1, nibble), _mm256_slli_epi16(qh, 2)),
-                        (_mm256_and_si256(_mm256_srli_epi16(ql0, 4), nibble), qh),
-                        (_mm256_and_si256(_mm256_srli_epi16(ql1, 4), nibble), _mm256_srli_epi16(qh, 2)),
-                    ];
-                    for (r, (lo, hi)) in runs.into_iter().enumerate() {
-                        q[half * 4 + r] = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_and_si256(hi, top)), bias);
-                    }
-                }
-            } else {
-                // d, dmin, 12 bytes of 6-bit scales and mins, (Q5_K: 32 bytes
-                // of fifth bits,) then 4 x 32 bytes whose low nibbles are one
-                // sub-block and high nibbles the next.
-                let (d, dmin) = (f16_to_f32(p), f16_to_f32(p.add(2)));
-                let sc = std::slice::from_raw_parts(p.add(4), 12);
-                for j in 0..8 {
-                    let (s, m) = if j < 4 {
-                        (sc[j] & 63, sc[j + 4] & 63)
-                    } else {
-                        ((sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4))
-                    };
-                    scale[j] = d * s as f32;
-                    min[j] = dmin * m as f32;
-                }
-                let qs = p.add(if K == K5 { 48 } else { 16 });
-                for c in 0..4 {
-                    let v = load(qs.add(32 * c));
-                    q[2 * c] = _mm256_and_si256(v, nibble);
-                    q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-                }
-                if K == K5 {
-                    // Bit j of each qh byte is the fifth bit of sub-block j.
-                    let qh = load(p.add(16));
-                    for (j, qj) in q.iter_mut().enumerate() {
-                        let bit = _mm256_set1_epi8((1u8 << j) as i8);
-                        let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
-                        *qj = _mm256_or_si256(*qj, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
-                    }
-                }
-            }
-            for (j, &qv) in q.iter().enumerate() {
+            k_scales::<K>(p, &mut scale, &mut min);
+            for j in 0..QK_K / QK {
                 let b = sb * (QK_K / QK) + j;
-                // Q4_K / Q5_K values are unsigned and multiply the signed
-                // activations directly; Q6_K's signed ones move their sign
-                // onto the activations. Either way the same int8 products.
+                let qv = k_sub::<K>(p, j);
+                // Unsigned values multiply the signed activations directly;
+                // Q6_K's signed ones move their sign onto the activations.
                 let qabs = if K == K6 { _mm256_sign_epi8(qv, qv) } else { qv };
                 let (s_lo, s_hi) = if K == K6 { (scale[2 * j], scale[2 * j + 1]) } else { (scale[j], scale[j]) };
                 for t in 0..NT {
