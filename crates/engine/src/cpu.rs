@@ -521,26 +521,32 @@ mod x86 {
         a
     ));
 
-    /// Q5_0/Q5_1 tile: each block is unpacked once (scalar) to signed
-    /// bytes for all `NT` tokens, then one int8 product per token.
+    /// Q5_0/Q5_1 tile: each block is unpacked in registers once for all
+    /// `NT` tokens (its nibbles as a Q4 block's, bit j of the 32-bit `qh`
+    /// the fifth bit of element j), then one int8 product per token.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q5_avx2<const Q5_1: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
         let qtype = if Q5_1 { QType::Q5_1 } else { QType::Q5_0 };
-        let mut q = [0i8; QK];
+        let at = if Q5_1 { 4 } else { 2 };
         let mut acc = [_mm256_setzero_ps(); NT];
         let mut corr = [0.0f32; NT];
         let ones = _mm256_set1_epi16(1);
+        // Byte i of the block's 32 values takes byte i / 8 of qh, then its bit i % 8.
+        let spread = _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0);
+        let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
         for (b, blk) in w.chunks_exact(qtype.block_bytes()).enumerate() {
-            let (d, m) = crate::quant::q5_unpack(qtype, blk, &mut q);
-            let qv = _mm256_loadu_si256(q.as_ptr() as *const __m256i);
-            let qabs = _mm256_sign_epi8(qv, qv);
+            let p = blk.as_ptr();
+            // Q5_0 stores its values + 16: the offset becomes a min of -16 d.
+            let d = f16_to_f32(p);
+            let m = if Q5_1 { f16_to_f32(p.add(2)) } else { -16.0 * d };
+            let qh = _mm256_shuffle_epi8(_mm256_set1_epi32((p.add(at) as *const i32).read_unaligned()), spread);
+            let fifth = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bits), bits), _mm256_set1_epi8(0x10));
+            let qv = _mm256_or_si256(unpack_nibbles(p.add(at + 4)), fifth);
             for t in 0..NT {
                 let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qabs, _mm256_sign_epi8(av, qv)), ones);
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qv, av), ones);
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * *a[t].d.get_unchecked(b)), acc[t]);
-                if Q5_1 {
-                    corr[t] += m * *a[t].s.get_unchecked(b);
-                }
+                corr[t] += m * *a[t].s.get_unchecked(b);
             }
         }
         std::array::from_fn(|t| hsum(acc[t]) + corr[t])
