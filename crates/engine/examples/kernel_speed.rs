@@ -76,7 +76,8 @@ fn main() {
         };
         // Enough copies to overflow the last-level cache (32 MiB here) several times.
         let copies = (160usize << 20).div_ceil(data.len());
-        let mats: Vec<QMatrix> = (0..copies).map(|_| QMatrix { qtype, rows, cols, data: Bytes::Owned(data.clone()) }).collect();
+        // In the layout models get at load (8-row panels where a kernel takes them).
+        let mats: Vec<QMatrix> = (0..copies).map(|_| QMatrix::new(qtype, rows, cols, Bytes::Owned(data.clone())).into_panels()).collect();
         let m = &mats[0];
         for isa in Isa::available() {
             let mut out = vec![0.0; 64 * rows];

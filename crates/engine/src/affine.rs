@@ -139,8 +139,8 @@ mod tests {
                 affine_to_blocks(bits, 32, &words, &s, &b, cols).unwrap().1
             })
             .collect();
-        let m8 = QMatrix { qtype: QType::Q8_0, rows, cols, data: Bytes::Owned(q8) };
-        let ma = QMatrix { qtype: QType::A8, rows, cols, data: Bytes::Owned(a8) };
+        let m8 = QMatrix { panels: false, qtype: QType::Q8_0, rows, cols, data: Bytes::Owned(q8) };
+        let ma = QMatrix { panels: false, qtype: QType::A8, rows, cols, data: Bytes::Owned(a8) };
         for isa in Isa::available() {
             for n in 1..=9 {
                 let x = rand_vec(n * cols, n as u64);

@@ -103,26 +103,67 @@ impl Bytes {
     }
 }
 
-/// A weight matrix of `rows` output features by `cols` input features, each
-/// row stored contiguously in its (possibly quantized) format.
+/// A weight matrix of `rows` output features by `cols` input features in
+/// its (possibly quantized) format: each row stored contiguously, or with
+/// `panels` each group of 8 rows interleaved block by block (block b of
+/// rows 8g..8g+8, then block b + 1, ...; rows past the last full group
+/// stay plain), so the 8-row kernels read one stream.
 pub struct QMatrix {
     pub qtype: QType,
     pub rows: usize,
     pub cols: usize,
     pub data: Bytes,
+    pub panels: bool,
 }
 
 impl QMatrix {
+    pub fn new(qtype: QType, rows: usize, cols: usize, data: Bytes) -> QMatrix {
+        QMatrix { qtype, rows, cols, data, panels: false }
+    }
     pub fn row_bytes(&self) -> usize {
         self.qtype.row_bytes(self.cols)
     }
-    pub fn row(&self, r: usize) -> &[u8] {
-        let rb = self.row_bytes();
-        &self.data.as_slice()[r * rb..(r + 1) * rb]
+    /// Row `r` in its format (gathered from its panel when interleaved).
+    pub fn row(&self, r: usize) -> std::borrow::Cow<'_, [u8]> {
+        let (rb, data) = (self.row_bytes(), self.data.as_slice());
+        if !self.panels || r >= self.rows / 8 * 8 {
+            return data[r * rb..(r + 1) * rb].into();
+        }
+        let bb = self.qtype.block_bytes();
+        let panel = &data[r / 8 * 8 * rb..(r / 8 + 1) * 8 * rb];
+        panel.chunks_exact(8 * bb).flat_map(|blocks| &blocks[r % 8 * bb..(r % 8 + 1) * bb]).copied().collect::<Vec<u8>>().into()
     }
     /// Dequantized copy of one row (embedding lookup).
     pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
-        dequantize_row(self.qtype, self.row(r), out);
+        dequantize_row(self.qtype, &self.row(r), out);
+    }
+    /// The same matrix with its groups of 8 rows interleaved (`panels`),
+    /// rearranged in place, where this machine has an 8-row kernel for the
+    /// format; otherwise unchanged.
+    pub fn into_panels(mut self) -> QMatrix {
+        if self.panels || tile8_fn(Isa::detect(), self.qtype).is_none() || self.rows < 8 {
+            return self;
+        }
+        let (rb, bb) = (self.row_bytes(), self.qtype.block_bytes());
+        let interleave = |data: &mut [u8]| {
+            let mut plain = vec![0u8; 8 * rb];
+            for panel in data[..self.rows / 8 * 8 * rb].chunks_exact_mut(8 * rb) {
+                plain.copy_from_slice(panel);
+                for (b, blocks) in panel.chunks_exact_mut(8 * bb).enumerate() {
+                    for (r, blk) in blocks.chunks_exact_mut(bb).enumerate() {
+                        blk.copy_from_slice(&plain[r * rb + b * bb..r * rb + (b + 1) * bb]);
+                    }
+                }
+            }
+        };
+        match &mut self.data {
+            Bytes::Owned(v) => interleave(v),
+            // SAFETY: load time, one thread, and this matrix owns its
+            // tensor's bytes (a tied embedding is this same matrix).
+            Bytes::File { file, offset, len } => interleave(unsafe { file.range_mut(*offset, *len) }),
+        }
+        self.panels = true;
+        self
     }
     pub fn n_bytes(&self) -> usize {
         self.row_bytes() * self.rows
@@ -186,7 +227,11 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
     // 4: prefill of 15 tokens 52 -> 44 ms, 128 tokens 452 -> 416 ms, 512
     // tokens 2250 -> 2040 ms (each weight block unpacked once per 8 tokens).
     let step = n.div_ceil(n.div_ceil(MAX_TILE)).max(1);
-    let tile8 = tile8_fn(isa, w.qtype);
+    // Panels go through the 8-row kernel; without one on this path (the
+    // scalar reference) each of their rows is gathered for the one-row tile.
+    let tile8 = tile8_fn(isa, w.qtype).filter(|_| w.panels);
+    let full = if w.panels { rows / 8 * 8 } else { 0 };
+    let chunk = chunk.next_multiple_of(8);
     (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
         let mut res = [0.0f32; MAX_TILE];
         let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(rows));
@@ -198,7 +243,8 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
             let mut r = r0;
             if let Some(tile8) = tile8 {
                 let mut res8 = [[0.0f32; 8]; MAX_TILE];
-                while r + 8 <= r1 {
+                // Chunks start on a panel (`chunk` is a multiple of 8).
+                while r + 8 <= r1.min(full) {
                     tile8(&wdata[r * rb..(r + 8) * rb], &acts[..nt], &mut res8[..nt]);
                     for (i, v8) in res8[..nt].iter().enumerate() {
                         // SAFETY: row ranges are disjoint across workers.
@@ -207,11 +253,11 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
                     r += 8;
                 }
             }
-            for (k, wr) in wdata[r * rb..r1 * rb].chunks_exact(rb).enumerate() {
-                tile(wr, &acts[..nt], &mut res[..nt]);
+            for r in r..r1 {
+                tile(&w.row(r), &acts[..nt], &mut res[..nt]);
                 for (i, &v) in res[..nt].iter().enumerate() {
                     // SAFETY: row ranges are disjoint across workers.
-                    unsafe { *outp.at((t0 + i) * rows + r + k) = v };
+                    unsafe { *outp.at((t0 + i) * rows + r) = v };
                 }
             }
         }
@@ -434,8 +480,8 @@ mod x86 {
         };
     }
 
-    /// Q4_0/Q4_1 for 8 consecutive weight rows (`w` holds exactly those)
-    /// times `NT` tokens. Each block of the 8 rows is unpacked and
+    /// Q4_0/Q4_1 for a panel of 8 weight rows (`QMatrix::panels`) times
+    /// `NT` tokens. Each block of the 8 rows is unpacked and
     /// transposed so that 32-bit lane r of register j holds row r's weights
     /// 4j..4j+4; a broadcast group of 4 activation bytes then multiplies all
     /// 8 rows in one instruction, results land one row per lane (no
@@ -446,20 +492,20 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4x8_avx2<const Q4_1: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32; 8]; NT] {
         let bb = if Q4_1 { 20 } else { 18 };
-        let rb = w.len() / 8;
         let nb = a[0].d.len();
-        debug_assert_eq!(rb, nb * bb);
+        debug_assert_eq!(w.len(), 8 * nb * bb);
         let wp = w.as_ptr();
         let mut acc = [_mm256_setzero_ps(); NT];
         for b in 0..nb {
-            let blk = wp.add(b * bb);
+            // A panel: block b of the 8 rows, one after the other.
+            let blk = wp.add(b * 8 * bb);
             let mut u = [_mm256_setzero_si256(); 8];
             for (r, u) in u.iter_mut().enumerate() {
-                *u = unpack_nibbles(blk.add(r * rb + bb - 16));
+                *u = unpack_nibbles(blk.add(r * bb + bb - 16));
             }
             let t = transpose_8x8_epi32(u);
-            let d = f16_x8(blk, rb);
-            let m = if Q4_1 { f16_x8(blk.add(2), rb) } else { _mm256_mul_ps(d, _mm256_set1_ps(-8.0)) };
+            let d = f16_x8(blk, bb);
+            let m = if Q4_1 { f16_x8(blk.add(2), bb) } else { _mm256_mul_ps(d, _mm256_set1_ps(-8.0)) };
             for (acc, a) in acc.iter_mut().zip(a) {
                 let ap = a.qs.as_ptr().add(b * QK) as *const i32;
                 // Pair sums of u4 x i8 are at most 3810 in size: eight fit in i16.
@@ -719,7 +765,7 @@ mod tests {
 
     fn matrix(qtype: QType, rows: usize, cols: usize, seed: u64) -> QMatrix {
         let data = rand_vec(rows * cols, seed).chunks(cols).flat_map(|r| quantize_row(qtype, r)).collect();
-        QMatrix { qtype, rows, cols, data: Bytes::Owned(data) }
+        QMatrix { panels: false, qtype, rows, cols, data: Bytes::Owned(data) }
     }
 
     /// `w` times `n` random tokens on every path this CPU has equals the
@@ -746,7 +792,10 @@ mod tests {
             // Every tile width (1-8 tokens in one pass) and tiles of 4 beyond
             // that; from 4 tokens on, groups of 8 rows plus the rows left over.
             for (rows, cols, n) in [(1, 32, 1), (37, 96, 3), (130, 576, 1), (65, 1536, 5), (33, 64, 6), (33, 64, 7), (33, 64, 8), (19, 64, 11), (24, 96, 4), (130, 576, 8)] {
-                assert_paths_agree(&matrix(qtype, rows, cols, rows as u64 * 7 + cols as u64), n);
+                let w = matrix(qtype, rows, cols, rows as u64 * 7 + cols as u64);
+                assert_paths_agree(&w, n);
+                // And in the 8-row kernels' layout, where this machine has them.
+                assert_paths_agree(&w.into_panels(), n);
             }
         }
     }
@@ -758,10 +807,9 @@ mod tests {
     fn a_tokens_result_does_not_depend_on_its_batch() {
         for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::A8] {
             let (rows, cols, n) = (70, 256, 11);
-            let w = matrix(qtype, rows, cols, 3);
             let x = rand_vec(n * cols, 5);
             let mut xq = QuantizedActs::default();
-            for isa in Isa::available() {
+            for (isa, w) in Isa::available().into_iter().flat_map(|isa| [(isa, matrix(qtype, rows, cols, 3)), (isa, matrix(qtype, rows, cols, 3).into_panels())]) {
                 let mut batch = vec![0.0; n * rows];
                 matmul_with(isa, &w, &x, &mut xq, &mut batch);
                 for t in 0..n {
@@ -773,13 +821,39 @@ mod tests {
         }
     }
 
+    /// Panels are the rows rearranged in place, in owned and in file
+    /// bytes alike, and every row reads back as it was.
+    #[test]
+    fn panels_keep_every_row() {
+        for (qtype, rows) in [(QType::Q4_0, 21), (QType::Q4_1, 16), (QType::Q4_1, 5)] {
+            let cols = 96;
+            let plain = matrix(qtype, rows, cols, 11);
+            let bytes = plain.data.as_slice().to_vec();
+            let file = Arc::new(FileBuf::from_bytes(&[&[7u8; 64][..], &bytes, &[9u8; 64]].concat()));
+            let in_file = QMatrix::new(qtype, rows, cols, Bytes::File { file: file.clone(), offset: 64, len: bytes.len() });
+            for m in [QMatrix::new(qtype, rows, cols, Bytes::Owned(bytes.clone())).into_panels(), in_file.into_panels()] {
+                assert_eq!(m.panels, rows >= 8 && tile8_fn(Isa::detect(), qtype).is_some(), "{qtype:?} {rows}");
+                for r in 0..rows {
+                    assert_eq!(m.row(r), plain.row(r), "{qtype:?} row {r} of {rows}");
+                }
+                let mut got = vec![0.0; cols];
+                let mut want = vec![0.0; cols];
+                m.dequantize_row_into(rows - 1, &mut got);
+                plain.dequantize_row_into(rows - 1, &mut want);
+                assert_eq!(got, want);
+            }
+            // The bytes around the tensor are untouched.
+            assert!(file[..64].iter().all(|&b| b == 7) && file[64 + bytes.len()..].iter().all(|&b| b == 9));
+        }
+    }
+
     #[test]
     fn k_quant_paths_match_the_scalar_reference() {
         use crate::quant::tests::random_k_row;
         for qtype in [QType::Q4_K, QType::Q5_K, QType::Q6_K, QType::Q5_0, QType::Q5_1] {
             for (rows, cols, n) in [(1, 256, 1), (37, 512, 3), (20, 768, 9), (9, 256, 7)] {
                 let data: Vec<u8> = (0..rows).flat_map(|r| random_k_row(qtype, cols / qtype.block_size(), r as u64 + 1)).collect();
-                assert_paths_agree(&QMatrix { qtype, rows, cols, data: Bytes::Owned(data) }, n);
+                assert_paths_agree(&QMatrix { panels: false, qtype, rows, cols, data: Bytes::Owned(data) }, n);
             }
         }
     }

@@ -24,8 +24,8 @@ pub struct FileBuf {
     len: usize,
 }
 
-// SAFETY: the buffer is written only while being filled, before it is
-// shared; afterwards it is read-only.
+// SAFETY: the buffer is written only while being filled and while its
+// model loads on one thread (`range_mut`); afterwards it is read-only.
 unsafe impl Send for FileBuf {}
 unsafe impl Sync for FileBuf {}
 
@@ -62,6 +62,21 @@ impl FileBuf {
         // SAFETY: freshly allocated with room for `bytes.len()` bytes.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr.as_ptr(), bytes.len()) };
         FileBuf { ptr, len: bytes.len() }
+    }
+}
+
+impl FileBuf {
+    /// Bytes `offset..offset + len`, to rearrange in place (weights put into
+    /// the kernels' layout at load, without a second copy).
+    ///
+    /// # Safety
+    /// Only while the model is being loaded on one thread, and only for a
+    /// range that no other live reference reads or writes: each weight
+    /// matrix owns its tensor's bytes.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn range_mut(&self, offset: usize, len: usize) -> &mut [u8] {
+        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len), "range past the buffer");
+        std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(offset), len)
     }
 }
 

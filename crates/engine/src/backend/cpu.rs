@@ -28,7 +28,8 @@ impl Backend for Cpu {
     type Pass = CpuPass;
 
     fn matrix(&self, m: QMatrix) -> Result<QMatrix, EngineError> {
-        Ok(m)
+        // The 8-row kernels' layout, where this machine has them.
+        Ok(m.into_panels())
     }
 
     fn vector(&self, v: Vec<f32>) -> Result<Vec<f32>, EngineError> {

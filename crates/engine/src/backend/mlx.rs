@@ -52,7 +52,7 @@ impl MlxMatrix {
             let (mut words, mut scales, mut biases) = (Vec::new(), Vec::new(), Vec::new());
             let mut bits = 0;
             for r in 0..w.rows {
-                let (b, wr, s, m) = blocks_to_affine(w.qtype, w.row(r), w.cols).map_err(EngineError::Internal)?;
+                let (b, wr, s, m) = blocks_to_affine(w.qtype, &w.row(r), w.cols).map_err(EngineError::Internal)?;
                 bits = b as usize;
                 words.extend_from_slice(&wr);
                 // Kept in float32, the activations' type: MLX would otherwise
@@ -492,7 +492,7 @@ mod tests {
                 _ => quantize_row(qtype, &rand_vec(cols, r as u64 + 11)),
             };
             let data: Vec<u8> = (0..rows).flat_map(row_of).collect();
-            let w = QMatrix { qtype, rows, cols, data: Bytes::Owned(data) };
+            let w = QMatrix { panels: false, qtype, rows, cols, data: Bytes::Owned(data) };
             let m = MlxMatrix::from_qmatrix(&w).unwrap();
             let exact = !matches!(qtype, QType::Q4_K | QType::Q6_K);
             assert_eq!(matches!(m, MlxMatrix::Quantized(_)), matches!(qtype, QType::Q4_0 | QType::Q4_1 | QType::Q8_0 | QType::A8));
@@ -546,7 +546,7 @@ mod tests {
                 blocks.extend(b);
             }
             let qtype = if bits == 4 { QType::Q4_1 } else { QType::A8 };
-            let mut m = QMatrix { qtype, rows, cols, data: Bytes::Owned(blocks) };
+            let mut m = QMatrix { panels: false, qtype, rows, cols, data: Bytes::Owned(blocks) };
             let MlxMatrix::Quantized(got) = MlxMatrix::from_qmatrix(&m).unwrap() else { panic!("{bits}-bit stays quantized") };
             assert_eq!(got.group_size, group, "{bits}-bit groups of {group}");
             let want = q.matmul(&x).unwrap().to_vec_f32().unwrap();

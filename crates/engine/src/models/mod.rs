@@ -11,7 +11,7 @@ pub mod qwen3;
 pub mod qwen3_moe;
 pub mod weights;
 
-use crate::backend::{BackendKind, Mlx};
+use crate::backend::{BackendKind, Cpu, Mlx};
 use crate::error::EngineError;
 use std::path::Path;
 
@@ -123,7 +123,7 @@ pub fn load(src: &dyn WeightSource, backend: BackendKind) -> Result<Box<dyn Mode
         }
     };
     Ok(match backend {
-        BackendKind::Cpu => Box::new(decoder),
+        BackendKind::Cpu => Box::new(decoder.into_backend(Cpu)?),
         BackendKind::Mlx => Box::new(decoder.into_backend(Mlx::new()?)?),
     })
 }

@@ -163,6 +163,7 @@ pub trait WeightSource {
 
 /// Rows `start..start + n` of a matrix: shared file bytes, or a copy.
 pub fn slice_rows(m: &QMatrix, start: usize, n: usize) -> QMatrix {
+    assert!(!m.panels, "rows are sliced at load, before the kernels' layout");
     let rb = m.row_bytes();
     let data = match &m.data {
         Bytes::File { file, offset, .. } => Bytes::File {
@@ -172,18 +173,13 @@ pub fn slice_rows(m: &QMatrix, start: usize, n: usize) -> QMatrix {
         },
         Bytes::Owned(v) => Bytes::Owned(v[start * rb..(start + n) * rb].to_vec()),
     };
-    QMatrix {
-        qtype: m.qtype,
-        rows: n,
-        cols: m.cols,
-        data,
-    }
+    QMatrix::new(m.qtype, n, m.cols, data)
 }
 
 /// The matrix whose row `r` is row `order[r]` of `m` (a copy).
 pub fn permute_rows(m: &QMatrix, order: &[usize]) -> QMatrix {
-    let data: Vec<u8> = order.iter().flat_map(|&r| m.row(r).iter().copied()).collect();
-    QMatrix { qtype: m.qtype, rows: order.len(), cols: m.cols, data: Bytes::Owned(data) }
+    let data: Vec<u8> = order.iter().flat_map(|&r| m.row(r).into_owned()).collect();
+    QMatrix { panels: false, qtype: m.qtype, rows: order.len(), cols: m.cols, data: Bytes::Owned(data) }
 }
 
 /// A GGUF file as a weight source; `general.architecture` and the
@@ -301,16 +297,16 @@ impl WeightSource for GgufSource<'_> {
                 t.qtype.name()
             )));
         }
-        Ok(QMatrix {
-            qtype: t.qtype,
+        Ok(QMatrix::new(
+            t.qtype,
             rows,
             cols,
-            data: Bytes::File {
+            Bytes::File {
                 file: self.g.bytes().clone(),
                 offset: t.offset,
                 len: t.n_bytes,
             },
-        })
+        ))
     }
     fn vector(&self, name: &Name, suffix: &str, len: usize) -> Result<Vec<f32>, EngineError> {
         let full = format!("{}.{suffix}", name.gguf);
