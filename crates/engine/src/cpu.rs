@@ -307,6 +307,7 @@ fn tile8_fn(isa: Isa, qtype: QType) -> Option<Tile8Fn> {
     match (isa, qtype) {
         (Isa::Avx2, QType::Q4_0) => return Some(|w, a, o| tile!(x86::q4x8_avx2 [false], w, a, o)),
         (Isa::Avx2, QType::Q4_1) => return Some(|w, a, o| tile!(x86::q4x8_avx2 [true], w, a, o)),
+        (Isa::Avx2, QType::Q4_K) => return Some(|w, a, o| tile!(x86::q4k_x8_avx2 [], w, a, o)),
         _ => {}
     }
     let _ = (isa, qtype);
@@ -717,6 +718,58 @@ mod x86 {
         std::array::from_fn(|t| hsum(_mm256_add_ps(acc[t], corr[t])))
     }
 
+    /// Q4_K tile for a panel of 8 rows (`QMatrix::panels`), as `q4x8_avx2`:
+    /// each sub-block of the 8 rows is unpacked and transposed in registers
+    /// (lane r of register k = row r's values 4k..4k+4), so a broadcast
+    /// group of 4 activation bytes multiplies all 8 rows and results land
+    /// one row per lane; a sub-block's scales and mins are one vector over
+    /// the rows, computed once for all `NT` tokens. (The same tile for Q5_K
+    /// and Q6_K was faster for prompts too but 8-15% slower than their
+    /// one-row tiles for a token from DRAM, docs/performance.md.)
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4k_x8_avx2<const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32; 8]; NT] {
+        use crate::quant::QK_K;
+        let bb = QType::Q4_K.block_bytes();
+        let wp = w.as_ptr();
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); NT];
+        // Per row, then per sub-block (lanes = rows).
+        let (mut scale, mut min) = ([[0f32; 16]; 8], [[0f32; 8]; 8]);
+        let (mut scale_t, mut min_t) = ([[0f32; 8]; 8], [[0f32; 8]; 8]);
+        for sb in 0..w.len() / (8 * bb) {
+            let p = |r: usize| wp.add((sb * 8 + r) * bb);
+            for r in 0..8 {
+                k_scales::<K4>(p(r), &mut scale[r], &mut min[r]);
+                for j in 0..8 {
+                    scale_t[j][r] = scale[r][j];
+                    min_t[j][r] = min[r][j];
+                }
+            }
+            for j in 0..QK_K / QK {
+                let b = sb * (QK_K / QK) + j;
+                let t = transpose_8x8_epi32(std::array::from_fn(|r| k_sub::<K4>(p(r), j)));
+                let (sc, mn) = (_mm256_loadu_ps(scale_t[j].as_ptr()), _mm256_loadu_ps(min_t[j].as_ptr()));
+                for (acc, a) in acc.iter_mut().zip(a) {
+                    let ap = a.qs.as_ptr().add(b * QK) as *const i32;
+                    // Pair sums of u4 x i8 are at most 3810 in size: eight fit in i16.
+                    let mut s16 = _mm256_setzero_si256();
+                    for (k, tk) in t.iter().enumerate() {
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*tk, _mm256_set1_epi32(ap.add(k).read_unaligned())));
+                    }
+                    let s32 = _mm256_madd_epi16(s16, ones);
+                    let da = _mm256_set1_ps(*a.d.get_unchecked(b));
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(sc, da), *acc);
+                    *acc = _mm256_fnmadd_ps(mn, _mm256_set1_ps(*a.s.get_unchecked(b)), *acc);
+                }
+            }
+        }
+        std::array::from_fn(|t| {
+            let mut out = [0.0f32; 8];
+            _mm256_storeu_ps(out.as_mut_ptr(), acc[t]);
+            out
+        })
+    }
+
     /// Q4 tile on 512-bit registers: two blocks per multiply (their
     /// activations are contiguous), half the instructions of the 256-bit path.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -763,9 +816,15 @@ mod tests {
     use crate::quant::quantize_row;
     use crate::quant::tests::rand_vec;
 
+    /// Random weights: quantized rows, or random K-quant blocks (those are
+    /// read from files, never written).
     fn matrix(qtype: QType, rows: usize, cols: usize, seed: u64) -> QMatrix {
-        let data = rand_vec(rows * cols, seed).chunks(cols).flat_map(|r| quantize_row(qtype, r)).collect();
-        QMatrix { panels: false, qtype, rows, cols, data: Bytes::Owned(data) }
+        use crate::quant::tests::random_k_row;
+        let data = match qtype {
+            QType::Q4_K | QType::Q5_K | QType::Q6_K => (0..rows).flat_map(|r| random_k_row(qtype, cols / qtype.block_size(), seed + r as u64)).collect(),
+            _ => rand_vec(rows * cols, seed).chunks(cols).flat_map(|r| quantize_row(qtype, r)).collect(),
+        };
+        QMatrix::new(qtype, rows, cols, Bytes::Owned(data))
     }
 
     /// `w` times `n` random tokens on every path this CPU has equals the
@@ -805,7 +864,7 @@ mod tests {
     /// batch, on every path.
     #[test]
     fn a_tokens_result_does_not_depend_on_its_batch() {
-        for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::A8] {
+        for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q6_K] {
             let (rows, cols, n) = (70, 256, 11);
             let x = rand_vec(n * cols, 5);
             let mut xq = QuantizedActs::default();
@@ -853,7 +912,9 @@ mod tests {
         for qtype in [QType::Q4_K, QType::Q5_K, QType::Q6_K, QType::Q5_0, QType::Q5_1] {
             for (rows, cols, n) in [(1, 256, 1), (37, 512, 3), (20, 768, 9), (9, 256, 7)] {
                 let data: Vec<u8> = (0..rows).flat_map(|r| random_k_row(qtype, cols / qtype.block_size(), r as u64 + 1)).collect();
-                assert_paths_agree(&QMatrix { panels: false, qtype, rows, cols, data: Bytes::Owned(data) }, n);
+                let w = QMatrix::new(qtype, rows, cols, Bytes::Owned(data));
+                assert_paths_agree(&w, n);
+                assert_paths_agree(&w.into_panels(), n);
             }
         }
     }
