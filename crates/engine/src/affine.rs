@@ -139,15 +139,19 @@ mod tests {
                 affine_to_blocks(bits, 32, &words, &s, &b, cols).unwrap().1
             })
             .collect();
-        let m8 = QMatrix { panels: false, qtype: QType::Q8_0, rows, cols, data: Bytes::Owned(q8) };
-        let ma = QMatrix { panels: false, qtype: QType::A8, rows, cols, data: Bytes::Owned(a8) };
-        for isa in Isa::available() {
-            for n in 1..=9 {
-                let x = rand_vec(n * cols, n as u64);
-                let (mut o8, mut oa) = (vec![0.0; n * rows], vec![0.0; n * rows]);
-                matmul_with(isa, &m8, &x, &mut QuantizedActs::default(), &mut o8);
-                matmul_with(isa, &ma, &x, &mut QuantizedActs::default(), &mut oa);
-                assert_eq!(o8, oa, "{isa:?} n={n}");
+        // Plain rows, then the 8-row kernels' layout (where this machine has it).
+        for panels in [false, true] {
+            let layout = |m: QMatrix| if panels { m.into_panels() } else { m };
+            let m8 = layout(QMatrix::new(QType::Q8_0, rows, cols, Bytes::Owned(q8.clone())));
+            let ma = layout(QMatrix::new(QType::A8, rows, cols, Bytes::Owned(a8.clone())));
+            for isa in Isa::available() {
+                for n in 1..=9 {
+                    let x = rand_vec(n * cols, n as u64);
+                    let (mut o8, mut oa) = (vec![0.0; n * rows], vec![0.0; n * rows]);
+                    matmul_with(isa, &m8, &x, &mut QuantizedActs::default(), &mut o8);
+                    matmul_with(isa, &ma, &x, &mut QuantizedActs::default(), &mut oa);
+                    assert_eq!(o8, oa, "{isa:?} n={n} panels={panels}");
+                }
             }
         }
     }

@@ -308,6 +308,8 @@ fn tile8_fn(isa: Isa, qtype: QType) -> Option<Tile8Fn> {
         (Isa::Avx2, QType::Q4_0) => return Some(|w, a, o| tile!(x86::q4x8_avx2 [false], w, a, o)),
         (Isa::Avx2, QType::Q4_1) => return Some(|w, a, o| tile!(x86::q4x8_avx2 [true], w, a, o)),
         (Isa::Avx2, QType::Q4_K) => return Some(|w, a, o| tile!(x86::q4k_x8_avx2 [], w, a, o)),
+        (Isa::Avx2, QType::Q8_0) => return Some(|w, a, o| tile!(x86::q8x8_avx2 [false], w, a, o)),
+        (Isa::Avx2, QType::A8) => return Some(|w, a, o| tile!(x86::q8x8_avx2 [true], w, a, o)),
         _ => {}
     }
     let _ = (isa, qtype);
@@ -518,6 +520,45 @@ mod x86 {
                 let scale = _mm256_mul_ps(d, _mm256_set1_ps(*a.d.get_unchecked(b)));
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), scale, *acc);
                 *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(*a.s.get_unchecked(b)), *acc);
+            }
+        }
+        std::array::from_fn(|t| {
+            let mut out = [0.0f32; 8];
+            _mm256_storeu_ps(out.as_mut_ptr(), acc[t]);
+            out
+        })
+    }
+
+    /// Q8_0 (or with `A8` the MLX 8-bit block) for a panel of 8 rows, as
+    /// `q4x8_avx2`: lane r of transposed register k holds row r's values
+    /// 4k..4k+4. Signed values move their sign onto the activations; a pair
+    /// sum of 127 x 127 products nearly fills an i16, so each is widened.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q8x8_avx2<const A8: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32; 8]; NT] {
+        let (bb, head) = if A8 { (36, 4) } else { (34, 2) };
+        let nb = a[0].d.len();
+        debug_assert_eq!(w.len(), 8 * nb * bb);
+        let wp = w.as_ptr();
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); NT];
+        for b in 0..nb {
+            let blk = wp.add(b * 8 * bb);
+            let t = transpose_8x8_epi32(std::array::from_fn(|r| _mm256_loadu_si256(blk.add(r * bb + head) as *const __m256i)));
+            let tabs = t.map(|v| _mm256_sign_epi8(v, v));
+            let d = f16_x8(blk, bb);
+            // A8: `d * (q + 128) + m`, the offset and bias against the activation sum.
+            let m = if A8 { _mm256_fmadd_ps(d, _mm256_set1_ps(128.0), f16_x8(blk.add(2), bb)) } else { _mm256_setzero_ps() };
+            for (acc, a) in acc.iter_mut().zip(a) {
+                let ap = a.qs.as_ptr().add(b * QK) as *const i32;
+                let mut s32 = _mm256_setzero_si256();
+                for k in 0..8 {
+                    let av = _mm256_sign_epi8(_mm256_set1_epi32(ap.add(k).read_unaligned()), t[k]);
+                    s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(_mm256_maddubs_epi16(tabs[k], av), ones));
+                }
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(d, _mm256_set1_ps(*a.d.get_unchecked(b))), *acc);
+                if A8 {
+                    *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(*a.s.get_unchecked(b)), *acc);
+                }
             }
         }
         std::array::from_fn(|t| {
