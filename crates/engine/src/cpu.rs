@@ -664,16 +664,10 @@ mod x86 {
             }
             return;
         }
-        // 6-bit scales and mins: the first four in the low bits of bytes
-        // 0-7, the last four split across bytes 8-11 and the top bits of 0-7.
         let (d, dmin) = (f16_to_f32(p), f16_to_f32(p.add(2)));
         let sc = std::slice::from_raw_parts(p.add(4), 12);
         for j in 0..8 {
-            let (s, m) = if j < 4 {
-                (sc[j] & 63, sc[j + 4] & 63)
-            } else {
-                ((sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4))
-            };
+            let (s, m) = crate::quant::k4_scale_min(sc, j);
             scale[j] = d * s as f32;
             min[j] = dmin * m as f32;
         }

@@ -440,21 +440,25 @@ impl Default for KBlock {
     }
 }
 
+/// The 6-bit scale and min of sub-block `j` (of 8) of a Q4_K / Q5_K
+/// super-block, from its 12 scale bytes: the first four in the low bits of
+/// bytes 0-7, the last four split across bytes 8-11 and the top bits of 0-7.
+#[inline(always)]
+pub(crate) fn k4_scale_min(sc: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (sc[j] & 63, sc[j + 4] & 63)
+    } else {
+        ((sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4))
+    }
+}
+
 impl KBlock {
     pub fn unpack(&mut self, qtype: QType, b: &[u8]) {
         match qtype {
             QType::Q4_K | QType::Q5_K => {
                 let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-                let sc = &b[4..16];
-                // 6-bit scales and mins of 8 sub-blocks: the first four in the
-                // low bits of bytes 0-7, the last four split across bytes 8-11
-                // and the top bits of bytes 0-7.
                 for j in 0..8 {
-                    let (s, m) = if j < 4 {
-                        (sc[j] & 63, sc[j + 4] & 63)
-                    } else {
-                        ((sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4))
-                    };
+                    let (s, m) = k4_scale_min(&b[4..16], j);
                     self.scale[j] = d * s as f32;
                     self.min[j] = dmin * m as f32;
                 }

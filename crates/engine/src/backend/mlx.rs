@@ -475,13 +475,19 @@ mod tests {
     use crate::quant::quantize_row;
     use crate::quant::tests::{rand_vec, random_k_row};
 
+    /// Whether libmlx loaded; a test run that requires it fails without it.
+    fn mlx_here() -> bool {
+        let here = mlx_serving_mlx::available();
+        assert!(here || std::env::var_os("MLX_REQUIRED").is_none(), "MLX_REQUIRED: {:?}", mlx_serving_mlx::unavailable_reason());
+        here
+    }
+
     /// MLX on the mapped weights computes what the dequantized weights
     /// compute in plain f64 (float activations on both sides, so the only
     /// difference is float16 activations inside MLX's kernels).
     #[test]
     fn every_format_maps_to_mlx_weights_with_the_same_values() {
-        if !mlx_serving_mlx::available() {
-            assert!(std::env::var_os("MLX_REQUIRED").is_none(), "MLX_REQUIRED: {:?}", mlx_serving_mlx::unavailable_reason());
+        if !mlx_here() {
             return;
         }
         let (rows, cols, n) = (24, 256, 3);
@@ -518,8 +524,7 @@ mod tests {
     /// computes exactly what MLX computes on the folder's arrays.
     #[test]
     fn mlx_groups_wider_than_blocks_come_back_whole() {
-        if !mlx_serving_mlx::available() {
-            assert!(std::env::var_os("MLX_REQUIRED").is_none(), "MLX_REQUIRED: {:?}", mlx_serving_mlx::unavailable_reason());
+        if !mlx_here() {
             return;
         }
         let (rows, cols, n) = (8, 256, 2);
