@@ -12,13 +12,14 @@ KV cache. The Rust test `tests/parity.rs` compares against these.
 Run from the repository root with a Python that has mlx (mlx-cpu on Linux),
 mlx-lm, numpy, gguf and tokenizers:
 
-    python scripts/make_fixtures.py
+    python scripts/make_fixtures.py [NAME ...]   # all fixtures, or only those named
 
 Deterministic: running it twice writes identical files.
 """
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import gguf
@@ -84,6 +85,23 @@ FIXTURES = {
         True,
     ),
     "phi3": ("phi3", dict(rope_theta=10000.0, tie_word_embeddings=False), (4, 32), True),
+    # Long-context scalings, their trained context set to 64 so that every
+    # band of the 8 rotated pairs is touched.
+    "qwen2_yarn": (
+        "qwen2",
+        dict(rope_theta=1000000.0, tie_word_embeddings=True,
+             rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64)),
+        (4, 64),
+        True,
+    ),
+    "phi3_longrope": (
+        "phi3",
+        dict(rope_theta=10000.0, tie_word_embeddings=False, original_max_position_embeddings=64,
+             rope_scaling=dict(type="longrope", short_factor=[1.0 + 0.05 * i for i in range(8)],
+                               long_factor=[1.0 + 1.5 * i for i in range(8)])),
+        (4, 32),
+        True,
+    ),
 }
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
@@ -277,6 +295,18 @@ def write_gguf(path: Path, model, config, model_type, quant):
                 smooth = (old / wavelen - low) / (high - low)
                 factors.append(1 / ((1 - smooth) / factor + smooth))
         w.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
+    if scaling and scaling.get("type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(scaling["factor"])
+        w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+    if scaling and scaling.get("type") == "longrope":
+        # As llama.cpp's Phi-3 converter writes them: both factor lists as
+        # tensors, the query/key multiplier as the attention factor.
+        old, ctx = config["original_max_position_embeddings"], config["max_position_embeddings"]
+        w.add_tensor("rope_factors_long.weight", np.array(scaling["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(scaling["short_factor"], dtype=np.float32))
+        w.add_rope_scaling_attn_factors(float(np.sqrt(1 + np.log(ctx / old) / np.log(old))))
+        w.add_rope_scaling_orig_ctx_len(old)
     vocab, merges = tokenizer_vocab()
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
@@ -326,12 +356,14 @@ def write_gguf(path: Path, model, config, model_type, quant):
     w.close()
 
 
-def main():
+def main(names):
     OUT.mkdir(parents=True, exist_ok=True)
     for old in OUT.iterdir():  # README.md stays
-        if old.is_dir():
+        if old.is_dir() and (not names or old.name in names):
             shutil.rmtree(old)
     for name, (model_type, extra, quant, with_gguf) in FIXTURES.items():
+        if names and name not in names:
+            continue
         model, config = build(name, model_type, extra, quant)
         folder = OUT / name / "mlx"
         folder.mkdir(parents=True)
@@ -348,4 +380,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    unknown = set(sys.argv[1:]) - set(FIXTURES)
+    if unknown:
+        sys.exit(f"unknown fixtures: {sorted(unknown)} (known: {', '.join(FIXTURES)})")
+    main(set(sys.argv[1:]))

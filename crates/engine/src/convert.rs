@@ -83,6 +83,11 @@ pub fn gguf_to_mlx(gguf: &Path, out_dir: &Path) -> Result<ConvertReport, EngineE
     if !CONVERTIBLE.contains(&hp.model_type.as_str()) {
         return Err(src.err(format!("convert supports {} (this file is '{}')", CONVERTIBLE.join(", "), hp.model_type)));
     }
+    // A GGUF keeps a scaling's outcome (per-pair factors), not the
+    // rope_scaling settings a config would need to say the same.
+    if hp.rope_factors.is_some() || hp.rope_mscale.is_some() {
+        return Err(src.err("convert does not carry rope scaling (rope_freqs, yarn, longrope) into a config yet".into()));
+    }
     let tokenizer = Tokenizer::from_gguf(&g).map_err(|e| src.err(e.to_string()))?;
     if out_dir.join("config.json").exists() {
         return Err(out_err("already holds a model (config.json); choose an empty folder".into()));
@@ -233,6 +238,18 @@ pub fn gguf_to_mlx(gguf: &Path, out_dir: &Path) -> Result<ConvertReport, EngineE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rope_scaled_file_is_refused_before_anything_is_written() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let out = tempfile::tempdir().unwrap();
+        for name in ["llama3_scaled", "qwen2_yarn"] {
+            let dir = out.path().join(name);
+            let err = gguf_to_mlx(&fixtures.join(name).join("model.gguf"), &dir).unwrap_err().to_string();
+            assert!(err.contains("does not carry rope scaling"), "{err}");
+            assert!(!dir.exists());
+        }
+    }
 
     #[test]
     fn rope_row_orders_are_inverse_permutations() {

@@ -249,10 +249,15 @@ impl Decoder<Cpu> {
     /// head are read under their usual names.
     pub fn new(
         src: &dyn WeightSource,
-        opts: Options,
+        mut opts: Options,
         layers: Vec<Layer>,
     ) -> Result<Decoder, EngineError> {
         let hp = src.hparams();
+        // Queries and keys both scaled by `m` (the whole head rotates)
+        // scale their dot products by m^2.
+        if let Some(m) = hp.rope_mscale {
+            opts.attn_scale *= m * m;
+        }
         let embed_name = global("token_embd", "model.embed_tokens");
         let vocab_size = src.rows(&embed_name)?;
         let embed = src.matrix(&embed_name, vocab_size, hp.dim)?;

@@ -285,4 +285,28 @@ pub(crate) mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn rope_metadata_it_cannot_honour_is_refused() {
+        let spec = TinyLlama { vocab: 96, dim: 64, n_layers: 1 };
+        let cases: Vec<(Vec<(&'static str, MetaValue)>, &str)> = vec![
+            (vec![("llama.rope.scaling.type", MetaValue::Str("ntk".into()))], "rope scaling 'ntk' is not supported"),
+            (vec![("llama.rope.scaling.type", MetaValue::Str("yarn".into())), ("llama.rope.scaling.factor", MetaValue::F32(4.0))], "original_context_length"),
+            (vec![("llama.rope.scaling.type", MetaValue::Str("linear".into()))], "rope.scaling.factor"),
+            (vec![("llama.rope.dimension_count", MetaValue::U32(8))], "partial rotary embeddings (8 of 16 dimensions)"),
+        ];
+        for (md, want) in cases {
+            let f = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(f.path(), tiny_llama_gguf(&spec, md)).unwrap();
+            let g = GgufFile::open(f.path()).unwrap();
+            let err = GgufSource::new(&g).err().expect(want).to_string();
+            assert!(err.contains(want), "{err} lacks {want}");
+        }
+        // A linear stretch is honoured: every frequency divided by the factor.
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let md = vec![("llama.rope.scaling.type", MetaValue::Str("linear".into())), ("llama.rope.scaling.factor", MetaValue::F32(2.0))];
+        std::fs::write(f.path(), tiny_llama_gguf(&spec, md)).unwrap();
+        let g = GgufFile::open(f.path()).unwrap();
+        assert_eq!(GgufSource::new(&g).unwrap().hparams().rope_factors, Some(vec![2.0; 8]));
+    }
 }

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::rope_scaling;
 use super::weights::{Format, Hparams, Name, WeightSource};
 use crate::cpu::{Bytes, QMatrix};
 use crate::error::EngineError;
@@ -183,14 +184,50 @@ fn hparams(c: &Value, cfg_path: &Path) -> Result<Hparams, EngineError> {
     let n_heads = req("num_attention_heads")?;
     let dim = req("hidden_size")?;
     let head_dim = uint("head_dim")?.unwrap_or(if n_heads > 0 { dim / n_heads } else { 0 });
-    let rope_factors = match scaling_kind {
-        "default" => None,
-        "linear" => Some(vec![scaling_number(scaling, "factor", None).map_err(err)?; head_dim / 2]),
-        "llama3" => Some(llama3_rope_factors(scaling, rope_theta, head_dim).map_err(err)?),
-        other => return Err(err(format!("rope scaling '{other}' is not supported yet (linear and llama3 are)"))),
+    if float("partial_rotary_factor")?.is_some_and(|p| p != 1.0) {
+        return Err(err("partial rotary embeddings (partial_rotary_factor below 1) are not supported".into()));
+    }
+    let context_length = uint("max_position_embeddings")?.unwrap_or(4096);
+    // The trained context that a scaling stretches: in the scaling's own
+    // settings or, as Phi-3 keeps it, beside them.
+    let original = |default: Option<f64>| match (&scaling["original_max_position_embeddings"], &c["original_max_position_embeddings"]) {
+        (Value::Null, Value::Null) => scaling_number(scaling, "original_max_position_embeddings", default),
+        (Value::Null, _) => scaling_number(c, "original_max_position_embeddings", None),
+        _ => scaling_number(scaling, "original_max_position_embeddings", None),
+    };
+    let (rope_factors, rope_mscale) = match scaling_kind {
+        // Dynamic NTK changes only past max_position_embeddings, our limit.
+        "default" | "dynamic" => (None, None),
+        "linear" => (Some(vec![scaling_number(scaling, "factor", None).map_err(err)?; head_dim / 2]), None),
+        "llama3" => {
+            let n = |k, d| scaling_number(scaling, k, d).map_err(err);
+            let f = rope_scaling::llama3(n("factor", None)?, n("low_freq_factor", Some(1.0))?, n("high_freq_factor", Some(4.0))?, n("original_max_position_embeddings", Some(8192.0))?, rope_theta, head_dim);
+            (Some(f.map_err(err)?), None)
+        }
+        "yarn" => {
+            let mut y = rope_scaling::Yarn::new(scaling_number(scaling, "factor", None).map_err(err)?, original(Some(4096.0)).map_err(err)?);
+            for (key, v) in [("beta_fast", &mut y.beta_fast), ("beta_slow", &mut y.beta_slow), ("mscale", &mut y.mscale), ("mscale_all_dim", &mut y.mscale_all_dim)] {
+                if !scaling[key].is_null() {
+                    *v = scaling[key].as_f64().filter(|x| *x >= 0.0 && x.is_finite()).ok_or_else(|| err(format!("rope scaling {key} must be a non-negative number, got {}", scaling[key])))? as f32;
+                }
+            }
+            let (f, m) = y.scale(rope_theta, head_dim);
+            (Some(f), Some(m))
+        }
+        // Phi-3's LongRoPE: the long factors when the context exceeds the
+        // trained one (always, in real configs; llama.cpp's rule).
+        "longrope" | "su" => {
+            let original = original(Some(4096.0)).map_err(err)?;
+            let which = if context_length as f32 > original { "long_factor" } else { "short_factor" };
+            let f: Option<Vec<f32>> = scaling[which].as_array().and_then(|a| a.iter().map(|x| x.as_f64().map(|x| x as f32)).collect());
+            let f = f.filter(|f| f.len() == head_dim / 2).ok_or_else(|| err(format!("rope scaling {which} must be {} numbers", head_dim / 2)))?;
+            (Some(f), Some(rope_scaling::longrope_mscale(context_length as f32, original)))
+        }
+        other => return Err(err(format!("rope scaling '{other}' is not supported (linear, dynamic, llama3, yarn and longrope are)"))),
     };
     Ok(Hparams {
         rope_factors,
+        rope_mscale,
         n_layers: req("num_hidden_layers")?,
         dim,
         ffn_dim: uint("intermediate_size")?.unwrap_or(0),
@@ -199,7 +236,7 @@ fn hparams(c: &Value, cfg_path: &Path) -> Result<Hparams, EngineError> {
         head_dim,
         rope_theta,
         eps: float("rms_norm_eps")?.ok_or_else(|| err("rms_norm_eps is missing".into()))?,
-        context_length: uint("max_position_embeddings")?.unwrap_or(4096),
+        context_length,
         sliding_window: uint("sliding_window")?.filter(|&w| w > 0),
         attn_softcap: float("attn_logit_softcapping")?.filter(|&v| v > 0.0),
         final_softcap: float("final_logit_softcapping")?.filter(|&v| v > 0.0),
@@ -217,33 +254,6 @@ fn scaling_number(scaling: &Value, key: &str, default: Option<f64>) -> Result<f3
         (Value::Null, Some(d)) => Ok(d as f32),
         (v, _) => v.as_f64().filter(|x| *x > 0.0 && x.is_finite()).map(|x| x as f32).ok_or_else(|| format!("rope scaling {key} must be a positive number, got {v}")),
     }
-}
-
-/// Llama 3's long-context rotary scaling as per-pair divisors of the
-/// frequencies: long wavelengths slow down by `factor`, short ones stay, the
-/// band between blends the two.
-fn llama3_rope_factors(scaling: &Value, theta: f32, head_dim: usize) -> Result<Vec<f32>, String> {
-    let factor = scaling_number(scaling, "factor", None)?;
-    let low = scaling_number(scaling, "low_freq_factor", Some(1.0))?;
-    let high = scaling_number(scaling, "high_freq_factor", Some(4.0))?;
-    let old_ctx = scaling_number(scaling, "original_max_position_embeddings", Some(8192.0))?;
-    if high <= low {
-        return Err(format!("rope scaling high_freq_factor {high} must exceed low_freq_factor {low}"));
-    }
-    let (low_wavelen, high_wavelen) = (old_ctx / low, old_ctx / high);
-    Ok((0..head_dim / 2)
-        .map(|i| {
-            let wavelen = 2.0 * std::f32::consts::PI * theta.powf(2.0 * i as f32 / head_dim as f32);
-            if wavelen > low_wavelen {
-                factor
-            } else if wavelen > high_wavelen {
-                let smooth = (old_ctx / wavelen - low) / (high - low);
-                1.0 / ((1.0 - smooth) / factor + smooth)
-            } else {
-                1.0
-            }
-        })
-        .collect())
 }
 
 impl WeightSource for MlxFolder {
@@ -385,7 +395,11 @@ mod tests {
             ("group 16", Box::new(|d| edit_config(d, |c| c["quantization"]["group_size"] = 16.into())), "quantization.group_size = 16 is not supported"),
             ("mxfp4", Box::new(|d| edit_config(d, |c| c["quantization"]["mode"] = "mxfp4".into())), "mode = \"mxfp4\" is not supported"),
             ("wrong width", Box::new(|d| edit_config(d, |c| c["intermediate_size"] = 96.into())), "mlp.gate_proj.weight' has shape"),
-            ("rope scaling", Box::new(|d| edit_config(d, |c| c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0}))), "rope scaling"),
+            ("rope scaling", Box::new(|d| edit_config(d, |c| c["rope_scaling"] = serde_json::json!({"rope_type": "mrope", "factor": 4.0}))), "rope scaling 'mrope' is not supported"),
+            ("yarn factor", Box::new(|d| edit_config(d, |c| c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": -4.0}))), "rope scaling factor must be a positive number"),
+            ("yarn beta", Box::new(|d| edit_config(d, |c| c["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 4.0, "beta_fast": "x"}))), "rope scaling beta_fast must be a non-negative number"),
+            ("longrope factors", Box::new(|d| edit_config(d, |c| c["rope_scaling"] = serde_json::json!({"type": "longrope", "long_factor": [1.0], "short_factor": [1.0], "original_max_position_embeddings": 64}))), "rope scaling long_factor must be 8 numbers"),
+            ("partial rotary", Box::new(|d| edit_config(d, |c| c["partial_rotary_factor"] = 0.75.into())), "partial rotary embeddings"),
             (
                 "missing shard",
                 Box::new(|d| {

@@ -9,6 +9,7 @@ pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 pub mod qwen3_moe;
+pub mod rope_scaling;
 pub mod weights;
 
 use crate::backend::{BackendKind, Cpu, Mlx};

@@ -12,6 +12,8 @@ use crate::error::EngineError;
 use crate::gguf::GgufFile;
 use crate::quant::dequantize_row;
 
+use super::rope_scaling;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Gguf,
@@ -41,9 +43,11 @@ pub struct Hparams {
     pub n_experts_used: usize,
     pub moe_ffn_dim: usize,
     pub norm_topk_prob: bool,
-    /// Divisors of the rotary frequencies, one per rotated pair (Llama 3's
-    /// long-context scaling, linear scaling): llama.cpp's `rope_freqs`.
+    /// Divisors of the rotary frequencies, one per rotated pair (the
+    /// long-context scalings of `rope_scaling.rs`): llama.cpp's `rope_freqs`.
     pub rope_factors: Option<Vec<f32>>,
+    /// Multiplier of the rotated queries and keys (YaRN, LongRoPE); 1 if none.
+    pub rope_mscale: Option<f32>,
 }
 
 impl Hparams {
@@ -89,6 +93,10 @@ impl Hparams {
                 "norm epsilon / rope theta",
                 format!("{} / {} out of range", self.eps, self.rope_theta),
             );
+        }
+        let positive = |x: &f32| *x > 0.0 && x.is_finite();
+        if !self.rope_factors.iter().flatten().chain(&self.rope_mscale).all(positive) {
+            return bad("rope scaling", "factors must be positive numbers".into());
         }
         if self.n_experts > 0
             && (self.n_experts_used == 0
@@ -236,15 +244,59 @@ impl<'a> GgufSource<'a> {
             // llama.cpp's qwen3moe always renormalises the chosen experts' weights.
             norm_topk_prob: true,
             rope_factors: None,
+            rope_mscale: None,
         };
         let mut hp = hp;
-        if let Some(t) = g.tensor("rope_freqs.weight") {
+        if get("rope.dimension_count").is_some_and(|d| d != hp.head_dim) {
+            return Err(err(format!("partial rotary embeddings ({} of {} dimensions) are not supported", req("rope.dimension_count")?, hp.head_dim)));
+        }
+        let pairs = |name: &str| -> Result<Option<Vec<f32>>, EngineError> {
+            let Some(t) = g.tensor(name) else { return Ok(None) };
             if t.dims.len() != 1 || t.qtype.is_quantized() || t.dims[0] as usize * 2 != hp.head_dim {
-                return Err(err(format!("rope_freqs.weight has shape {:?}, expected [{}] floats", t.dims, hp.head_dim / 2)));
+                return Err(err(format!("{name} has shape {:?}, expected [{}] floats", t.dims, hp.head_dim / 2)));
             }
-            let mut f = vec![0.0; hp.head_dim / 2];
-            dequantize_row(t.qtype, g.tensor_bytes(t), &mut f);
-            hp.rope_factors = Some(f);
+            let mut v = vec![0.0; hp.head_dim / 2];
+            dequantize_row(t.qtype, g.tensor_bytes(t), &mut v);
+            Ok(Some(v))
+        };
+        // Scalings compose as products of divisors, as llama.cpp applies them.
+        let mut factors = vec![1.0f32; hp.head_dim / 2];
+        let mut scaled = false;
+        let mut apply = |by: &[f32]| {
+            factors.iter_mut().zip(by).for_each(|(a, b)| *a *= b);
+            scaled = true;
+        };
+        // Llama 3's long context, as the converter writes it.
+        if let Some(f) = pairs("rope_freqs.weight")? {
+            apply(&f);
+        }
+        let original = || req("rope.scaling.original_context_length").map(|n| n as f32);
+        let attn_factor = f("rope.scaling.attn_factor");
+        // Phi-3's LongRoPE: the long factors when the context exceeds the
+        // trained one (llama.cpp's rule; it is static, so the cache stays valid).
+        if let (Some(long), Some(short)) = (pairs("rope_factors_long.weight")?, pairs("rope_factors_short.weight")?) {
+            let original = original()?;
+            let ctx = hp.context_length as f32;
+            apply(if ctx > original { &long } else { &short });
+            hp.rope_mscale = Some(attn_factor.unwrap_or_else(|| rope_scaling::longrope_mscale(ctx, original)));
+        }
+        let factor = || f("rope.scaling.factor").or_else(|| f("rope.scale_linear")).filter(|x| *x > 0.0 && x.is_finite()).ok_or_else(|| err(format!("missing or invalid metadata '{}'", key("rope.scaling.factor"))));
+        match g.get_str(&key("rope.scaling.type")) {
+            None | Some("none") if f("rope.scale_linear").is_none_or(|x| x == 1.0) => {}
+            None | Some("none") | Some("linear") => apply(&vec![factor()?; hp.head_dim / 2]),
+            Some("yarn") => {
+                let mut y = rope_scaling::Yarn::new(factor()?, original()?);
+                y.beta_fast = f("rope.scaling.yarn_beta_fast").unwrap_or(y.beta_fast);
+                y.beta_slow = f("rope.scaling.yarn_beta_slow").unwrap_or(y.beta_slow);
+                let (by, mscale) = y.scale(hp.rope_theta, hp.head_dim);
+                apply(&by);
+                hp.rope_mscale = Some(mscale * attn_factor.unwrap_or(1.0));
+            }
+            Some("longrope") => {} // the tensors above
+            Some(other) => return Err(err(format!("rope scaling '{other}' is not supported (linear, yarn, longrope and Llama 3's rope_freqs are)"))),
+        }
+        if scaled {
+            hp.rope_factors = Some(factors);
         }
         Ok(GgufSource { g, hp })
     }
