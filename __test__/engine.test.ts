@@ -111,6 +111,19 @@ describe('engine API on the default model', () => {
     for (const c of chunks) if (c.type === 'token') assert.ok(!c.token.includes('\uFFFD'), JSON.stringify(c.token));
   });
 
+  test('one token chunk per generated token, also when max_tokens cuts a character in two', async () => {
+    const emoji = { model: MODEL, messages: [{ role: 'user', content: 'Reply with three emoji only: 😀😀😀' }] };
+    for (let maxTokens = 1; maxTokens <= 6; maxTokens++) {
+      const { chunks } = await collect(engine.createGenerator({ ...emoji, maxTokens }));
+      const tokens = chunks.filter((c) => c.type === 'token');
+      const meta = chunks.find((c) => c.type === 'metadata');
+      assert.ok(meta?.type === 'metadata');
+      assert.equal(tokens.length, meta.stats.tokensGenerated, `maxTokens ${maxTokens}: ${JSON.stringify(tokens)}`);
+      const text = tokens.map((c) => (c.type === 'token' ? c.token : '')).join('');
+      assert.equal(text, await engine.generate({ ...emoji, maxTokens }));
+    }
+  });
+
   test('AbortSignal stops a stream within one token', async () => {
     const controller = new AbortController();
     let tokens = 0;
@@ -127,6 +140,16 @@ describe('engine API on the default model', () => {
     await assert.rejects(
       engine.generate({ model: MODEL, prompt: 'x', maxTokens: 5 }, { signal: AbortSignal.abort() }),
       (e: unknown) => e instanceof EngineClientError && e.code === 'Cancelled',
+    );
+    // An abort that lands while the request is being submitted still cancels it.
+    const late = new AbortController();
+    const pending = engine.generate({ ...story, maxTokens: 200, ignoreEos: true }, { signal: late.signal });
+    late.abort();
+    await assert.rejects(pending, (e: unknown) => e instanceof EngineClientError && e.code === 'Cancelled');
+    // AbortSignal.timeout() is a timeout, not a cancellation.
+    await assert.rejects(
+      engine.generate({ ...story, maxTokens: 400, ignoreEos: true }, { signal: AbortSignal.timeout(50) }),
+      (e: unknown) => e instanceof EngineClientError && e.code === 'Timeout',
     );
     // The worker updates its counters just after it drops the sequence.
     for (let i = 0; i < 100 && (await engine.healthCheck()).activeRequests > 0; i++) await new Promise((r) => setTimeout(r, 10));
@@ -205,9 +228,13 @@ describe('engine API on the default model', () => {
     assert.equal(second.id, 'second');
     assert.equal(engine.listModels().length, 2);
     await engine.warmupModel('second');
+    const before = engine.getMetrics();
     await engine.unloadModel('second');
     assert.equal(engine.listModels().length, 1);
     assert.ok(events.includes('model:unloaded'));
+    // Counters keep what the unloaded model counted.
+    const now = engine.getMetrics();
+    assert.ok(now.completed >= before.completed && now.generatedTokens >= before.generatedTokens, JSON.stringify([before.completed, now.completed]));
     await assert.rejects(engine.generate({ model: 'second', prompt: 'hi' }), (e: unknown) => e instanceof EngineClientError && e.code === 'ModelNotLoaded');
   });
 
@@ -250,15 +277,19 @@ test('runtime config: batching.maxBatchSize queues, maxConcurrentStreams refuses
   rmSync(dir, { recursive: true, force: true });
 });
 
-test('shutdown ends running streams and rejects later calls', async () => {
+test('shutdown ends running streams and servers, and rejects later calls', async () => {
   const engine = await createEngine();
   await engine.loadModel('default');
+  const server = await engine.startServer({ port: 0 });
   const gen = engine.createGenerator({ model: 'default', prompt: 'A long tale:', maxTokens: 500 });
   await gen.next();
   await engine.shutdown();
   let last: GeneratorChunk | undefined;
   for await (const c of gen) last = c;
   assert.ok(last?.type === 'error' && last.error.code === 'Cancelled');
+  // The server is closed with the engine (else it would keep the process up).
+  await assert.rejects(fetch(`${server.url}/health`));
+  await server.close();
   await assert.rejects(engine.loadModel('default'), (e: unknown) => e instanceof EngineClientError);
   assert.equal((await engine.healthCheck()).status, 'unhealthy');
 });

@@ -51,8 +51,10 @@ function fromNative(err: unknown): EngineClientError {
   if (m && (ERROR_CODES as readonly string[]).includes(m[1])) {
     return new EngineClientError(m[1] as ErrorCode, m[2]);
   }
-  // napi's own argument conversion errors are the caller's input problem.
-  if (err instanceof Error && (err as { code?: string }).code === 'InvalidArg') {
+  // napi's own argument conversion errors (`InvalidArg`, `NumberExpected`,
+  // `StringExpected`, ...) are the caller's input problem.
+  const code = err instanceof Error ? (err as { code?: unknown }).code : undefined;
+  if (typeof code === 'string' && (code === 'InvalidArg' || code.endsWith('Expected'))) {
     return new EngineClientError('InvalidParams', message);
   }
   return new EngineClientError('InternalError', message);
@@ -443,6 +445,33 @@ function pairModel(m: NativeModelInfo): DraftPairModel {
   return { id: m.id, architecture: m.architecture, vocabSize: m.vocabSize, contextLength: m.contextLength, weightBytes: m.weightBytes };
 }
 
+/**
+ * A whole number in `[min, max]`, or undefined. napi would otherwise wrap or
+ * truncate it on the way to Rust (-1 as 4294967295, 1.5 as 1).
+ */
+function whole(name: string, v: unknown, min: number, max: number): number | undefined {
+  if (v === undefined) return undefined;
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) {
+    throw new EngineClientError('InvalidParams', `${name} must be an integer from ${min} to ${max}, got ${typeof v === 'number' ? v : typeof v}`);
+  }
+  return v;
+}
+
+/** Token ids as napi passes them (u32); the engine checks them against the vocabulary. */
+function tokenIds(name: string, v: unknown): number[] | undefined {
+  if (v === undefined) return undefined;
+  if (!Array.isArray(v)) throw new EngineClientError('InvalidParams', `${name} must be an array of token ids`);
+  return v.map((t, i) => whole(`${name}[${i}]`, t, 0, 2 ** 32 - 1)!);
+}
+
+/** How an aborted signal ends a stream: `AbortSignal.timeout()` is a timeout. */
+function abortError(signal: AbortSignal): { code: ErrorCode; message: string } {
+  const reason = signal.reason as { name?: unknown } | undefined;
+  return reason?.name === 'TimeoutError'
+    ? { code: 'Timeout', message: 'request timed out (its AbortSignal)' }
+    : { code: 'Cancelled', message: 'request cancelled' };
+}
+
 function toNativeParams(p: GeneratorParams): NativeGenerateParams {
   if (p === null || typeof p !== 'object') {
     throw new EngineClientError('InvalidParams', 'params must be an object');
@@ -465,7 +494,7 @@ function toNativeParams(p: GeneratorParams): NativeGenerateParams {
     frequencyPenalty: p.frequencyPenalty,
     seed: p.seed,
     stopSequences: p.stopSequences,
-    stopTokenIds: p.stopTokenIds,
+    stopTokenIds: tokenIds('stopTokenIds', p.stopTokenIds),
     ignoreEos: p.ignoreEos,
   };
   if (typeof p.prompt === 'string') out.prompt = p.prompt;
@@ -473,7 +502,7 @@ function toNativeParams(p: GeneratorParams): NativeGenerateParams {
     if (!p.prompt || !Array.isArray(p.prompt.tokens)) {
       throw new EngineClientError('InvalidParams', 'prompt must be a string or {tokens: number[]}');
     }
-    out.promptTokens = p.prompt.tokens;
+    out.promptTokens = tokenIds('prompt.tokens', p.prompt.tokens);
   }
   if (p.messages !== undefined) {
     if (!Array.isArray(p.messages) || p.messages.some((m) => typeof m?.role !== 'string' || typeof m?.content !== 'string')) {
@@ -527,7 +556,7 @@ function fromChunk(c: NativeChunk): GeneratorChunk {
 }
 
 /**
- * The engine. Events: `model:loaded` (ModelHandle), `model:unloaded` ({id}),
+ * The engine. Events: `model:loaded` (ModelHandle), `model:unloaded` ({id}, with `reason: 'evicted'` when a load made room),
  * `generation:started` ({requestId, model}), `generation:completed`
  * ({requestId, model, stats}), `error` ({requestId?, error}; only emitted
  * when someone listens, so an unhandled `error` event never crashes a process),
@@ -539,6 +568,10 @@ export class Engine extends EventEmitter {
   private readonly startedAt = Date.now();
   private closed = false;
   private nextRequest = 0;
+  /** Ids being unloaded by `unloadModel`, which reports them itself. */
+  private unloading = new Set<string>();
+  /** `close` of each running HTTP server, for shutdown(). */
+  private servers = new Set<(graceMs?: number) => Promise<void>>();
 
   private flagsWatcher?: () => void;
   private configWatcher?: () => void;
@@ -546,10 +579,11 @@ export class Engine extends EventEmitter {
 
   constructor(options: EngineOptions = {}) {
     super();
+    if (options === null || typeof options !== 'object') throw new EngineClientError('InvalidParams', 'options must be an object');
     try {
       this.native = new native.NativeEngine({
         configPath: options.configPath,
-        maxConcurrentStreams: options.maxConcurrentStreams,
+        maxConcurrentStreams: whole('maxConcurrentStreams', options.maxConcurrentStreams, 1, 2 ** 32 - 1),
         featureFlagsPath: options.featureFlagsPath,
       });
     } catch (e) {
@@ -669,7 +703,18 @@ export class Engine extends EventEmitter {
     if (opts.backend !== undefined && typeof opts.backend !== 'string') {
       throw new EngineClientError('InvalidParams', `backend must be 'cpu', 'mlx' or 'auto', got ${typeof opts.backend}`);
     }
+    const before = this.native.listModels().map((m) => m.id);
     const handle = toHandle(await call(() => this.native.loadModel(file, id, opts.requestTimeoutMs, opts.backend)));
+    // Models the load evicted (model_cache.maxModels) are unloaded too.
+    const after = new Set(this.native.listModels().map((m) => m.id));
+    for (const gone of before.filter((m) => !after.has(m) && !this.unloading.has(m))) {
+      this.emit('model:unloaded', { id: gone, reason: 'evicted' });
+    }
+    if (this.closed) {
+      // shutdown() ran while this model loaded: it must not outlive the engine.
+      await call(() => this.native.unloadModel(handle.id)).catch(() => {});
+      throw new EngineClientError('InvalidParams', 'the engine has been shut down');
+    }
     this.emit('model:loaded', handle);
     return handle;
   }
@@ -734,32 +779,49 @@ export class Engine extends EventEmitter {
   }
 
   async unloadModel(id: string): Promise<void> {
-    await call(() => this.native.unloadModel(id));
+    this.ensureOpen();
+    this.unloading.add(id);
+    try {
+      await call(() => this.native.unloadModel(id));
+    } finally {
+      this.unloading.delete(id);
+    }
     this.emit('model:unloaded', { id });
   }
 
   listModels(): ModelHandle[] {
-    return this.native.listModels().map(toHandle);
+    return callSync(() => this.native.listModels()).map(toHandle);
   }
 
   getModelInfo(id: string): ModelHandle | undefined {
-    const m = this.native.getModelInfo(id);
+    const m = callSync(() => this.native.getModelInfo(id));
     return m ? toHandle(m) : undefined;
   }
 
+  /** The model-bound request object of `tokenize` and friends, checked. */
+  private modelRequest<T extends { model: string }>(req: T): T {
+    this.ensureOpen();
+    if (req === null || typeof req !== 'object') throw new EngineClientError('InvalidParams', 'the request must be an object with a model id');
+    return req;
+  }
+
   async tokenize(req: { model: string; text: string; addBos?: boolean }): Promise<{ tokens: number[] }> {
-    if (!req || typeof req.text !== 'string') throw new EngineClientError('InvalidParams', 'text must be a string');
-    const tokens = await call(() => this.native.tokenize(req.model, req.text, req.addBos));
+    const r = this.modelRequest(req);
+    if (typeof r.text !== 'string') throw new EngineClientError('InvalidParams', 'text must be a string');
+    const tokens = await call(() => this.native.tokenize(r.model, r.text, r.addBos));
     return { tokens };
   }
 
   async detokenize(req: { model: string; tokens: number[] }): Promise<{ text: string }> {
-    return { text: await call(() => this.native.detokenize(req.model, req.tokens)) };
+    const r = this.modelRequest(req);
+    const tokens = tokenIds('tokens', r.tokens) ?? [];
+    return { text: await call(() => this.native.detokenize(r.model, tokens)) };
   }
 
   /** The prompt text chat `messages` render to with the model's template. */
   async applyChatTemplate(req: { model: string; messages: ChatMessage[] }): Promise<string> {
-    return call(() => this.native.applyChatTemplate(req.model, req.messages));
+    const r = this.modelRequest(req);
+    return call(() => this.native.applyChatTemplate(r.model, r.messages));
   }
 
   /**
@@ -773,9 +835,14 @@ export class Engine extends EventEmitter {
     options: GenerateOptions = {},
   ): AsyncGenerator<GeneratorChunk, void, undefined> {
     this.ensureOpen();
+    if (options === null || typeof options !== 'object') throw new EngineClientError('InvalidParams', 'options must be an object');
+    const signal = options.signal;
+    if (signal !== undefined && (signal === null || typeof signal.addEventListener !== 'function' || typeof signal.aborted !== 'boolean')) {
+      throw new EngineClientError('InvalidParams', 'signal must be an AbortSignal');
+    }
     const requestId = options.requestId ?? `req-${++this.nextRequest}`;
-    if (options.signal?.aborted) {
-      yield { type: 'error', error: { code: 'Cancelled', message: 'request cancelled' } };
+    if (signal?.aborted) {
+      yield { type: 'error', error: abortError(signal) };
       return;
     }
     const nativeParams = toNativeParams(params);
@@ -790,15 +857,19 @@ export class Engine extends EventEmitter {
       this.reportError(e as EngineClientError, requestId);
       throw e;
     }
-    this.emit('generation:started', { requestId, model: params.model });
     let aborted = false;
     const onAbort = () => {
       aborted = true;
       stream.cancel();
     };
-    options.signal?.addEventListener('abort', onAbort, { once: true });
     let finished = false;
+    // From here on the finally block owns the stream: whatever throws
+    // (a listener, the consumer) cancels it.
     try {
+      signal?.addEventListener('abort', onAbort, { once: true });
+      // Aborted while the request was being submitted.
+      if (signal?.aborted) onAbort();
+      this.emit('generation:started', { requestId, model: params.model });
       for (;;) {
         const chunks = await stream.next();
         if (chunks.length === 0) break;
@@ -816,12 +887,12 @@ export class Engine extends EventEmitter {
         if (finished) return;
       }
       // The engine dropped the stream: we cancelled it (abort) or the model went away.
-      const error = aborted
-        ? { code: 'Cancelled' as const, message: 'request cancelled' }
+      const error = aborted && signal
+        ? abortError(signal)
         : { code: 'Cancelled' as const, message: 'the model was unloaded or the engine shut down' };
       yield { type: 'error', error };
     } finally {
-      options.signal?.removeEventListener('abort', onAbort);
+      signal?.removeEventListener('abort', onAbort);
       // Consumer stopped early (break/return/throw): free the sequence now.
       if (!finished) stream.cancel();
     }
@@ -938,20 +1009,25 @@ export class Engine extends EventEmitter {
   /** Starts the OpenAI-compatible HTTP server (Rust, in this process) over this engine's models. */
   async startServer(options: ServerOptions = {}): Promise<HttpServer> {
     this.ensureOpen();
-    const s = await call(() => this.native.startServer(options));
+    if (options === null || typeof options !== 'object') throw new EngineClientError('InvalidParams', 'options must be an object');
+    const checked = {
+      ...options,
+      port: whole('port', options.port, 0, 65535),
+      maxConcurrent: whole('maxConcurrent', options.maxConcurrent, 1, 2 ** 32 - 1),
+      bodyLimitBytes: whole('bodyLimitBytes', options.bodyLimitBytes, 1, 2 ** 32 - 1),
+    };
+    const s = await call(() => this.native.startServer(checked));
     const host = s.host.includes(':') ? `[${s.host}]` : s.host;
     // The server runs on Rust threads; like a net.Server, keep the process
     // alive while it listens.
     const keepAlive = setInterval(() => {}, 2 ** 30);
-    return {
-      url: `http://${host}:${s.port}`,
-      host: s.host,
-      port: s.port,
-      close: async (graceMs?: number) => {
-        clearInterval(keepAlive);
-        await s.close(graceMs);
-      },
+    const close = async (graceMs?: number) => {
+      clearInterval(keepAlive);
+      this.servers.delete(close);
+      await s.close(graceMs);
     };
+    this.servers.add(close);
+    return { url: `http://${host}:${s.port}`, host: s.host, port: s.port, close };
   }
 
   async shutdown(): Promise<void> {
@@ -961,6 +1037,9 @@ export class Engine extends EventEmitter {
     this.configWatcher?.();
     clearInterval(this.controlPoll);
     await call(() => this.native.shutdown());
+    // Then the servers, whose requests the engine has just ended: none may
+    // outlive the engine and keep the process up.
+    await Promise.all([...this.servers].map((close) => close()));
   }
 }
 

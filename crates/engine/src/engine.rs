@@ -317,6 +317,45 @@ pub struct EngineStats {
     pub n_breaker_transitions: u64,
 }
 
+/// The monotonic counters of `EngineStats`.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals([u64; 9]);
+
+impl Totals {
+    fn of(w: &Worker) -> Totals {
+        let c = &w.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Totals([
+            l(&c.prefix_queries),
+            l(&c.prefix_hits),
+            l(&c.preemptions),
+            l(&c.spec_drafted),
+            l(&c.spec_accepted),
+            l(&c.prefetched_tokens),
+            l(&c.completed),
+            l(&c.generated_tokens),
+            w.breaker.transitions(),
+        ])
+    }
+
+    fn add(&mut self, o: &Totals) {
+        self.0.iter_mut().zip(o.0).for_each(|(a, b)| *a += b);
+    }
+
+    fn add_to(&self, s: &mut EngineStats) {
+        let [q, h, p, d, a, f, c, g, t] = self.0;
+        s.prefix_cache_queries += q;
+        s.prefix_cache_hits += h;
+        s.n_preemptions += p;
+        s.n_spec_drafted += d;
+        s.n_spec_accepted += a;
+        s.n_prefetched_tokens += f;
+        s.n_completed += c;
+        s.n_generated_tokens += g;
+        s.n_breaker_transitions += t;
+    }
+}
+
 impl EngineStats {
     /// Fraction of KV blocks referenced by sequences (vLLM's `kv_cache_usage_perc`, 0..1).
     pub fn kv_usage(&self) -> f64 {
@@ -454,6 +493,8 @@ pub struct Engine {
 struct Shared {
     config: RwLock<Arc<RuntimeConfig>>,
     models: Mutex<HashMap<String, Arc<Worker>>>,
+    /// What unloaded models counted.
+    retired: Mutex<Totals>,
     flags: RwLock<Option<Arc<FlagStore>>>,
     /// Limits the QoS actions change, read by admission and the workers.
     knobs: Arc<Knobs>,
@@ -523,6 +564,7 @@ impl Engine {
             shared: Arc::new(Shared {
                 config: RwLock::new(Arc::new(config)),
                 models: Mutex::default(),
+                retired: Mutex::default(),
                 flags: RwLock::default(),
                 knobs: Arc::default(),
                 control: Mutex::default(),
@@ -707,9 +749,29 @@ impl Engine {
 
     /// Stops the model's worker; its running requests end with `Cancelled`.
     pub fn unload_model(&self, id: &str) -> Result<(), EngineError> {
-        let w = self.shared.models.lock().unwrap().remove(id).ok_or_else(|| EngineError::ModelNotLoaded(id.to_owned()))?;
-        w.stop();
+        let mut models = self.shared.models.lock().unwrap();
+        let w = models.remove(id).ok_or_else(|| EngineError::ModelNotLoaded(id.to_owned()))?;
+        let counted = self.retire(&w);
+        drop(models);
+        self.stop_worker(&w, counted);
         Ok(())
+    }
+
+    /// Moves the counts of a worker leaving the model table into the
+    /// engine's totals (called under the table's lock, so that `stats`
+    /// never sees them missing): counters never go back.
+    fn retire(&self, w: &Worker) -> Totals {
+        let counted = Totals::of(w);
+        self.shared.retired.lock().unwrap().add(&counted);
+        counted
+    }
+
+    /// Stops a retired worker; what it counted meanwhile joins the totals.
+    fn stop_worker(&self, w: &Worker, counted: Totals) {
+        w.stop();
+        let mut late = Totals::of(w);
+        late.0.iter_mut().zip(counted.0).for_each(|(a, b)| *a -= b);
+        self.shared.retired.lock().unwrap().add(&late);
     }
 
     pub fn list_models(&self) -> Vec<ModelInfo> {
@@ -743,17 +805,10 @@ impl Engine {
             s.kv_blocks_cached += c.kv_blocks_cached.load(Ordering::Relaxed);
             s.kv_blocks_pinned += c.kv_blocks_pinned.load(Ordering::Relaxed);
             s.kv_bytes_touched += c.kv_blocks_touched.load(Ordering::Relaxed) * c.kv_block_bytes.load(Ordering::Relaxed);
-            s.prefix_cache_queries += c.prefix_queries.load(Ordering::Relaxed);
-            s.prefix_cache_hits += c.prefix_hits.load(Ordering::Relaxed);
-            s.n_preemptions += c.preemptions.load(Ordering::Relaxed);
-            s.n_spec_drafted += c.spec_drafted.load(Ordering::Relaxed);
-            s.n_spec_accepted += c.spec_accepted.load(Ordering::Relaxed);
-            s.n_prefetched_tokens += c.prefetched_tokens.load(Ordering::Relaxed);
             s.n_breakers_open += (w.breaker.state() != breaker::BreakerState::Closed) as usize;
-            s.n_breaker_transitions += w.breaker.transitions();
-            s.n_completed += w.counters.completed.load(Ordering::Relaxed);
-            s.n_generated_tokens += w.counters.generated_tokens.load(Ordering::Relaxed);
+            Totals::of(w).add_to(&mut s);
         }
+        self.shared.retired.lock().unwrap().add_to(&mut s);
         s
     }
 
@@ -773,7 +828,11 @@ impl Engine {
     }
 
     pub fn detokenize(&self, model: &str, ids: &[u32]) -> Result<String, EngineError> {
-        Ok(self.worker(model)?.tokenizer.decode(ids))
+        let tk = &self.worker(model)?.tokenizer;
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= tk.vocab_size()) {
+            return Err(EngineError::InvalidParams(format!("token id {bad} is not in the vocabulary (size {})", tk.vocab_size())));
+        }
+        Ok(tk.decode(ids))
     }
 
     /// The prompt a request's chat messages render to.
@@ -974,9 +1033,12 @@ impl Engine {
         if let Some(t) = self.control.lock().unwrap().take() {
             t.stop();
         }
-        let workers: Vec<_> = self.shared.models.lock().unwrap().drain().map(|(_, w)| w).collect();
-        for w in workers {
-            w.stop();
+        let workers: Vec<_> = {
+            let mut models = self.shared.models.lock().unwrap();
+            models.drain().map(|(_, w)| (self.retire(&w), w)).collect()
+        };
+        for (counted, w) in workers {
+            self.stop_worker(&w, counted);
         }
     }
 }

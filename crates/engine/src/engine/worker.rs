@@ -760,19 +760,28 @@ impl WorkerLoop {
         counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
         counters.window.lock().unwrap().tokens(now_s(), 1);
         let text = s.decoder.push(tk.piece(tok));
-        let (text, stopped) = s.stop.push(&text);
-        let ev = Event::Token { text, token_id: tok, logprob: Some(sampled.logprob), top_logprobs: top };
-        s.job.unread.fetch_add(1, Ordering::Relaxed);
-        if s.job.events.send(ev).is_err() {
-            return Outcome::Abandoned;
-        }
-        if stopped {
+        let (mut text, stopped) = s.stop.push(&text);
+        let outcome = if stopped {
             Outcome::Finished(FinishReason::Stop)
         } else if s.n_generated >= s.job.max_tokens {
             Outcome::Finished(FinishReason::Length)
         } else {
             Outcome::Continue
+        };
+        match outcome {
+            // The last token carries what was held back, so a stream has
+            // one token event per generated token.
+            Outcome::Finished(FinishReason::Length) => text.push_str(&held_back(s)),
+            // Bytes after a stop sequence are not output.
+            Outcome::Finished(FinishReason::Stop) => drop(s.decoder.finish()),
+            _ => {}
         }
+        let ev = Event::Token { text, token_id: tok, logprob: Some(sampled.logprob), top_logprobs: top };
+        s.job.unread.fetch_add(1, Ordering::Relaxed);
+        if s.job.events.send(ev).is_err() {
+            return Outcome::Abandoned;
+        }
+        outcome
     }
 
     /// Removes the sequences for which `decide` gives an outcome, frees
@@ -831,13 +840,9 @@ impl WorkerLoop {
     }
 
     fn finish(&self, mut s: Sequence, reason: FinishReason) {
-        // Text held back for UTF-8 or a possible stop sequence that never
-        // completed belongs to the output.
-        let tail = s.decoder.finish();
-        let (mut tail, stopped) = s.stop.push(&tail);
-        if !stopped {
-            tail.push_str(&s.stop.flush());
-        }
+        // Ended by an end-of-generation token, which has no event of its
+        // own: what was held back comes as one more event.
+        let tail = held_back(&mut s);
         if !tail.is_empty() {
             let last = *s.tokens.last().unwrap();
             let ev = Event::Token { text: tail, token_id: last, logprob: None, top_logprobs: Vec::new() };
@@ -866,4 +871,15 @@ impl WorkerLoop {
     fn fail_all(&mut self, e: EngineError) {
         self.retire(|_| Some(Outcome::Failed(e.clone())));
     }
+}
+
+/// Text held back for UTF-8 or for a possible stop sequence that never
+/// completed: it belongs to the output once the sequence ends.
+fn held_back(s: &mut Sequence) -> String {
+    let tail = s.decoder.finish();
+    let (mut tail, stopped) = s.stop.push(&tail);
+    if !stopped {
+        tail.push_str(&s.stop.flush());
+    }
+    tail
 }
