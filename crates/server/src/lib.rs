@@ -166,7 +166,8 @@ async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, next:
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            // The scheme is case-insensitive (RFC 7235).
+            .and_then(|v| v.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map(|(_, token)| token.trim()))
             .is_some_and(|given| constant_time_eq(given.as_bytes(), key.as_bytes()));
         if !ok {
             return error_response(StatusCode::UNAUTHORIZED, "Unauthorized", "missing or invalid API key".into());

@@ -6,8 +6,8 @@
 use mlx_serving_engine::chat::ChatMessage;
 use mlx_serving_engine::engine::{GenerateRequest, Input, Priority};
 use mlx_serving_engine::sampler::SamplingParams;
-use serde::Deserialize;
-use serde_json::Value;
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Value};
 
 /// OpenAI's default `max_tokens` for legacy completions.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: i64 = 16;
@@ -21,9 +21,35 @@ pub enum OneOrMany {
     Many(Vec<String>),
 }
 
+/// `null` as the field's default, as OpenAI reads it (some clients send
+/// every field, unset ones as null).
+fn nullable<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// Refuses fields outside our request types unless they change nothing:
+/// null, an empty `tools` / `logit_bias`, `response_format` text, or
+/// bookkeeping (`metadata`, `store`, ...). `tools` or a JSON
+/// `response_format` silently dropped would hand a client plain text it
+/// cannot use.
+fn refuse_unsupported(fields: &Map<String, Value>, what: &str) -> Result<(), String> {
+    for (k, v) in fields {
+        let empty = v.as_array().is_some_and(|a| a.is_empty()) || v.as_object().is_some_and(|o| o.is_empty());
+        let harmless = v.is_null()
+            || matches!(k.as_str(), "metadata" | "store" | "service_tier" | "parallel_tool_calls" | "name")
+            || (matches!(k.as_str(), "tools" | "functions" | "logit_bias" | "tool_calls") && empty)
+            || (matches!(k.as_str(), "tool_choice" | "function_call") && v == "none")
+            || (k == "response_format" && v.get("type").and_then(Value::as_str) == Some("text"));
+        if !harmless {
+            return bad(format!("{what}{k} is not supported"));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, Deserialize)]
 pub struct StreamOptions {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub include_usage: bool,
 }
 
@@ -42,11 +68,11 @@ pub struct Common {
     pub frequency_penalty: Option<f32>,
     pub seed: Option<i64>,
     pub stop: Option<OneOrMany>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub n: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub ignore_eos: bool,
     /// `urgent`, `default` or `background` (scheduling class).
     pub priority: Option<String>,
@@ -62,15 +88,20 @@ pub struct ChatRequest {
     #[serde(flatten)]
     pub common: Common,
     pub messages: Vec<ChatMessageIn>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,
+    /// Every other field (checked by `refuse_unsupported`).
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct ChatMessageIn {
     pub role: String,
     pub content: Option<Value>,
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,8 +111,10 @@ pub struct CompletionRequest {
     pub prompt: Value,
     /// Legacy API: number of alternatives per token (0 to 5).
     pub logprobs: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub echo: bool,
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
 
 /// What a parsed request asks of the engine and of the response shape.
@@ -171,7 +204,9 @@ fn content_text(role: &str, v: Option<Value>) -> Result<String, String> {
             for p in parts {
                 match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
                     (Some("text"), Some(t)) => out.push_str(t),
-                    (ty, _) => return bad(format!("{role} message: content part type {ty:?} is not supported (text only)")),
+                    (Some("text"), None) => return bad(format!("{role} message: a text part needs a string \"text\"")),
+                    (Some(ty), _) => return bad(format!("{role} message: content part type '{ty}' is not supported (text only)")),
+                    (None, _) => return bad(format!("{role} message: a content part needs a \"type\"")),
                 }
             }
             Ok(out)
@@ -182,10 +217,14 @@ fn content_text(role: &str, v: Option<Value>) -> Result<String, String> {
 
 pub fn parse_chat(body: &[u8]) -> Result<Parsed, String> {
     let r: ChatRequest = serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))?;
+    refuse_unsupported(&r.other, "")?;
     let messages = r
         .messages
         .into_iter()
-        .map(|m| Ok(ChatMessage { content: content_text(&m.role, m.content)?, role: m.role }))
+        .map(|m| {
+            refuse_unsupported(&m.other, &format!("{} message: ", m.role))?;
+            Ok(ChatMessage { content: content_text(&m.role, m.content)?, role: m.role })
+        })
         .collect::<Result<Vec<_>, String>>()?;
     let top = match (r.logprobs, r.top_logprobs) {
         (_, Some(n)) if !(0..=20).contains(&n) => return bad(format!("top_logprobs must be in [0, 20], got {n}")),
@@ -199,6 +238,7 @@ pub fn parse_chat(body: &[u8]) -> Result<Parsed, String> {
 
 pub fn parse_completion(body: &[u8]) -> Result<Parsed, String> {
     let r: CompletionRequest = serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))?;
+    refuse_unsupported(&r.other, "")?;
     if r.echo {
         return bad("echo is not supported");
     }
@@ -267,5 +307,32 @@ mod tests {
         assert!(parse_completion(br#"{"model":"m","prompt":{"x":1}}"#).is_err());
         assert!(parse_completion(br#"{"model":"m","prompt":"a","echo":true}"#).is_err());
         assert!(parse_completion(br#"{"model":"m","prompt":"a","logprobs":9}"#).is_err());
+    }
+
+    #[test]
+    fn fields_we_cannot_honour_are_named_and_harmless_ones_pass() {
+        let chat = |extra: &str| parse_chat(format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}]{extra}}}"#).as_bytes()).map(|_| ());
+        for (extra, named) in [
+            (r#","tools":[{"type":"function","function":{"name":"f"}}]"#, "tools is not supported"),
+            (r#","response_format":{"type":"json_object"}"#, "response_format is not supported"),
+            (r#","logit_bias":{"50256":-100}"#, "logit_bias is not supported"),
+            (r#","foo_bar":1"#, "foo_bar is not supported"),
+            (r#","tool_choice":"auto""#, "tool_choice is not supported"),
+        ] {
+            assert_eq!(chat(extra).unwrap_err(), named, "{extra}");
+        }
+        for extra in [
+            r#","tools":[],"logit_bias":{},"tool_choice":"none","response_format":{"type":"text"}"#,
+            r#","metadata":{"a":"b"},"store":false,"parallel_tool_calls":true,"suffix":null"#,
+            r#","stream":null,"logprobs":null,"ignore_eos":null"#,
+        ] {
+            assert_eq!(chat(extra), Ok(()), "{extra}");
+        }
+        let tool_call = br#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"1"}]}]}"#;
+        assert_eq!(parse_chat(tool_call).map(|_| ()).unwrap_err(), "assistant message: tool_calls is not supported");
+        assert!(parse_completion(br#"{"model":"m","prompt":"a","suffix":"z"}"#).map(|_| ()).unwrap_err().contains("suffix"));
+        assert!(parse_completion(br#"{"model":"m","prompt":"a","echo":null,"stream":null}"#).is_ok());
+        let part = br#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#;
+        assert_eq!(parse_chat(part).map(|_| ()).unwrap_err(), "user message: content part type 'image_url' is not supported (text only)");
     }
 }
