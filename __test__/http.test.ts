@@ -4,6 +4,7 @@
  * the dashboard in headless Chromium.
  */
 import assert from 'node:assert/strict';
+import * as net from 'node:net';
 import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -145,10 +146,30 @@ describe('HTTP server', () => {
     }
     const big = await post(`${base}/v1/completions`, { model: 'default', prompt: 'x'.repeat(100 * 1024) });
     assert.equal(big.status, 413);
+    assert.equal((await big.json()).error.code, 'InvalidParams');
+    const tools = await post(`${base}/v1/chat/completions`, { model: 'default', messages: [{ role: 'user', content: 'x' }], tools: [{ type: 'function', function: { name: 'f' } }] });
+    assert.equal(tools.status, 400);
+    assert.match((await tools.json()).error.message, /tools is not supported/);
+    const wrongMethod = await fetch(`${base}/v1/chat/completions`);
+    assert.equal(wrongMethod.status, 405);
+    assert.equal((await wrongMethod.json()).error.code, 'InvalidParams');
     const badPriority = await post(`${base}/v1/completions`, { model: 'default', prompt: 'x', max_tokens: 2, priority: 'highest' });
     assert.equal(badPriority.status, 400);
     assert.match((await badPriority.json()).error.message, /priority/);
     assert.equal((await fetch(`${base}/v2/nothing`)).status, 404);
+  });
+
+  test('a connection that never finishes its headers is closed (header read timeout)', async () => {
+    const url = new URL(base);
+    const t0 = Date.now();
+    const closedAfter = await new Promise<number>((resolve, reject) => {
+      const sock = net.connect(Number(url.port), url.hostname, () => sock.write('GET /health HTTP/1.1\r\nHost: x\r\n'));
+      sock.on('error', () => {});
+      sock.on('close', () => resolve(Date.now() - t0));
+      setTimeout(() => reject(new Error('still open after 30 s')), 30_000).unref();
+    });
+    assert.ok(closedAfter >= 9_000 && closedAfter < 20_000, `closed after ${closedAfter} ms`);
+    assert.equal((await fetch(`${base}/health`)).status, 200);
   });
 
   test('past maxConcurrent a request gets 429 with Retry-After, and the admitted ones complete', async () => {
@@ -221,6 +242,7 @@ test('API key: /v1 needs the bearer token, /health does not', async () => {
     assert.equal((await fetch(`${server.url}/v1/models`)).status, 401);
     assert.equal((await fetch(`${server.url}/v1/models`, { headers: { Authorization: 'Bearer wrong' } })).status, 401);
     assert.equal((await fetch(`${server.url}/v1/models`, { headers: { Authorization: 'Bearer sekret' } })).status, 200);
+    assert.equal((await fetch(`${server.url}/v1/models`, { headers: { Authorization: 'bearer sekret' } })).status, 200);
     assert.equal((await fetch(`${server.url}/health`)).status, 200);
   } finally {
     await server.close(0);

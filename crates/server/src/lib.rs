@@ -111,6 +111,8 @@ pub async fn start(engine: Arc<Engine>, opts: ServerOptions) -> std::io::Result<
         .route("/dashboard/data", get(dashboard_data))
         .route("/", get(|| async { Html(include_str!("dashboard.html")) }))
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "NotFound", "no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async { error_response(StatusCode::METHOD_NOT_ALLOWED, "InvalidParams", "this endpoint does not take that method".into()) })
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .layer(DefaultBodyLimit::max(state.opts.body_limit_bytes))
         .with_state(state.clone());
 
@@ -127,14 +129,75 @@ pub async fn start(engine: Arc<Engine>, opts: ServerOptions) -> std::io::Result<
     };
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
-            .await;
+        serve(listener, app, rx).await;
         sampler.abort();
     });
     Ok(RunningServer { addr, state, shutdown: Some(tx), task })
+}
+
+/// How long a connection may take to send a request's headers: without a
+/// limit, connections that never finish a request hold their sockets for
+/// ever, and enough of them starve the server of file descriptors.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a request body may take to arrive after its headers.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reads the whole body first, within `BODY_READ_TIMEOUT` and the size
+/// limit, so a client that stops sending mid-body cannot hold a request
+/// open, and a body over the limit gets a JSON 413 like every other error.
+async fn read_body(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let limit = state.opts.body_limit_bytes;
+    match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit)).await {
+        Err(_) => error_response(StatusCode::REQUEST_TIMEOUT, "Timeout", format!("the request body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs())),
+        // Over the limit, or the connection broke (then no one reads this).
+        Ok(Err(_)) => error_response(StatusCode::PAYLOAD_TOO_LARGE, "InvalidParams", format!("the request body is over {limit} bytes")),
+        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await,
+    }
+}
+
+/// Accepts connections until `shutdown`, then lets each finish its current
+/// request. Our own loop rather than `axum::serve`, which has no header
+/// timeout.
+async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: oneshot::Receiver<()>) {
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(());
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of file descriptors (or a reset before accept):
+                // back off instead of spinning.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        // Token events are small writes: send each at once.
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut closing = closing_rx.clone();
+        conns.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = closing.changed() => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+        while conns.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let _ = closing_tx.send(());
+    while conns.join_next().await.is_some() {}
 }
 
 fn unix_now() -> u64 {
