@@ -397,6 +397,24 @@ fn urgent_requests_jump_the_queue_and_background_waits() {
 }
 
 #[test]
+fn an_urgent_prompt_is_prefilled_before_a_background_one() {
+    let (e, _d) = tiny_engine_with(config(|c| c.scheduler.prefill_chunk = 2));
+    // About 225 prompt tokens, prefilled 2 a step.
+    let mut bg = greedy(&"word ".repeat(75), 1);
+    bg.priority = Priority::Background;
+    let mut bg = e.submit(bg).unwrap();
+    wait_for(&e, |s| s.n_running == 1);
+    let mut urgent = greedy("hello", 1);
+    urgent.priority = Priority::Urgent;
+    let (_, _, u) = collect(e.submit(urgent).unwrap());
+    assert!(u.is_ok());
+    // The urgent request ended while the background prompt was still
+    // being prefilled: its first token is yet to come.
+    assert!(bg.try_recv().is_none(), "the background request ran first");
+    assert!(collect_from(&mut bg).2.is_ok());
+}
+
+#[test]
 fn the_queue_is_bounded_in_requests_and_tokens() {
     let (e, _d) = tiny_engine_with(config(|c| {
         c.batching.max_batch_size = 1;

@@ -547,10 +547,15 @@ impl WorkerLoop {
                 s.draft = d;
             }
         }
-        // Then prompt chunks, in batch order, as far as budget and blocks go.
+        // Then prompt chunks, as far as budget and blocks go: most urgent
+        // first, then by arrival, so a background request's long prompt
+        // cannot hold back an urgent request's first token.
         let mut budget = self.settings.prefill_chunk;
         let bs = self.pool.block_size();
-        for (i, s) in self.running.iter_mut().enumerate() {
+        let mut order: Vec<usize> = (0..self.running.len()).collect();
+        order.sort_by_key(|&i| (self.running[i].job.priority, self.running[i].arrival));
+        for i in order {
+            let s = &mut self.running[i];
             if s.pending() < 2 || budget == 0 || !can_run(s) {
                 continue;
             }
