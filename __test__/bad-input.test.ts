@@ -147,6 +147,7 @@ describe('bad input', () => {
       ['outside the vocabulary', { model: MODEL, prompt: { tokens: [10_000_000] } }],
       ['stop sequences', { ...base, stopSequences: [''] }],
       ['context holds 8192', { model: MODEL, prompt: 'hello '.repeat(9000) }],
+      ['do not fit', { model: MODEL, prompt: { tokens: Array(8000).fill(100) }, maxTokens: 500 }],
     ];
     for (const [mention, params] of cases) {
       await assert.rejects(engine.generate(params), isCode('InvalidParams', mention), `${mention}: ${JSON.stringify(params).slice(0, 80)}`);

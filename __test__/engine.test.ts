@@ -95,6 +95,10 @@ describe('engine API on the default model', () => {
     const { tokens } = await engine.tokenize({ model: MODEL, text: 'Hello, world! 🦀' });
     assert.ok(tokens.length > 3);
     assert.equal((await engine.detokenize({ model: MODEL, tokens })).text, 'Hello, world! 🦀');
+    // Control tokens round-trip too.
+    const turn = '<|im_start|>user\nHi<|im_end|>';
+    const ids = (await engine.tokenize({ model: MODEL, text: turn })).tokens;
+    assert.equal((await engine.detokenize({ model: MODEL, tokens: ids })).text, turn);
     const viaText = await engine.generate({ model: MODEL, prompt: 'Hello, world! 🦀', maxTokens: 8 });
     const viaIds = await engine.generate({ model: MODEL, prompt: { tokens }, maxTokens: 8 });
     assert.equal(viaIds, viaText);

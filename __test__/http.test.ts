@@ -67,6 +67,12 @@ describe('HTTP server', () => {
     const models = await (await fetch(`${base}/v1/models`)).json();
     assert.equal(models.object, 'list');
     assert.deepEqual(models.data.map((m: { id: string }) => m.id), ['default']);
+    const one = await (await fetch(`${base}/v1/models/default`)).json();
+    assert.equal(one.id, 'default');
+    assert.equal(one.object, 'model');
+    const missing = await fetch(`${base}/v1/models/nope`);
+    assert.equal(missing.status, 404);
+    assert.equal((await missing.json()).error.code, 'ModelNotLoaded');
   });
 
   test('chat completion, non-streaming, matches the in-process API', async () => {
@@ -125,6 +131,23 @@ describe('HTTP server', () => {
     const lp = await (await post(`${base}/v1/completions`, { model: 'default', prompt: 'Hi', max_tokens: 3, logprobs: 1, temperature: 0 })).json();
     assert.equal(lp.choices[0].logprobs.tokens.length, 3);
     assert.equal(lp.choices[0].logprobs.token_logprobs.length, 3);
+  });
+
+  test('logprobs carry each token\'s own bytes, also for pieces of a character', async () => {
+    const emoji = { model: 'default', messages: [{ role: 'user', content: 'Reply with three emoji only: 😀😀😀' }], max_tokens: 6, temperature: 0 };
+    const chat = await (await post(`${base}/v1/chat/completions`, { ...emoji, logprobs: true, top_logprobs: 3 })).json();
+    const content: { token: string; bytes: number[]; top_logprobs: { token: string; bytes: number[] }[] }[] = chat.choices[0].logprobs.content;
+    // The tokens' bytes rebuild the message, emoji included.
+    assert.equal(Buffer.from(content.flatMap((c) => c.bytes)).toString('utf8'), chat.choices[0].message.content);
+    assert.ok(content.some((c) => c.token.startsWith('bytes:')), JSON.stringify(content.map((c) => c.token)));
+    for (const c of content) assert.equal(new Set(c.top_logprobs.map((t) => t.token)).size, 3, 'alternatives have distinct names');
+    // Legacy completions: five alternatives per position, offsets into the text.
+    const prompt = await engine.applyChatTemplate({ model: 'default', messages: emoji.messages });
+    const legacy = (await (await post(`${base}/v1/completions`, { model: 'default', prompt, max_tokens: 6, temperature: 0, logprobs: 5 })).json()).choices[0];
+    for (const top of legacy.logprobs.top_logprobs) assert.equal(Object.keys(top).length, 5, JSON.stringify(top));
+    assert.equal(legacy.logprobs.text_offset.length, 6);
+    assert.equal(legacy.logprobs.text_offset[0], 0);
+    assert.ok(legacy.logprobs.text_offset.every((o: number, i: number, a: number[]) => i === 0 || o >= a[i - 1]));
   });
 
   test('bad input gets 400/404/413 with OpenAI-style errors', async () => {
@@ -194,6 +217,8 @@ describe('HTTP server', () => {
 
   test('/metrics speaks Prometheus with vLLM names', async () => {
     const text = await (await fetch(`${base}/metrics`)).text();
+    // The clients that disconnected in the test above count as aborts.
+    assert.match(text, /vllm:request_success_total\{model_name="default",finished_reason="abort"\} [1-9]/);
     for (const name of [
       'vllm:num_requests_running',
       'vllm:generation_tokens_total',

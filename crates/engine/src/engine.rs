@@ -827,12 +827,20 @@ impl Engine {
         w.tokenizer.encode(text, add_bos.unwrap_or(w.tokenizer.add_bos), true)
     }
 
+    /// A token's own bytes, as logprobs report them (control tokens as their text).
+    pub fn token_bytes(&self, model: &str, id: u32) -> Result<Vec<u8>, EngineError> {
+        Ok(self.worker(model)?.tokenizer.bytes_with_specials(id).to_vec())
+    }
+
     pub fn detokenize(&self, model: &str, ids: &[u32]) -> Result<String, EngineError> {
         let tk = &self.worker(model)?.tokenizer;
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= tk.vocab_size()) {
             return Err(EngineError::InvalidParams(format!("token id {bad} is not in the vocabulary (size {})", tk.vocab_size())));
         }
-        Ok(tk.decode(ids))
+        // Control tokens as their text, so tokenize (which parses them) and
+        // detokenize round-trip, as Hugging Face's decode does by default.
+        let bytes: Vec<u8> = ids.iter().flat_map(|&i| tk.bytes_with_specials(i).iter().copied()).collect();
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     /// The prompt a request's chat messages render to.
@@ -920,6 +928,11 @@ impl Engine {
             if m as u64 > cap as u64 {
                 return bad(format!("maxTokens {m} exceeds the configured limit streaming.maxTokens = {cap}"));
             }
+        }
+        // An explicit maxTokens the context cannot hold is refused (as OpenAI
+        // and vLLM do) rather than cut short; left out, it is what fits.
+        if let Some(m) = req.max_tokens.filter(|&m| m as u64 > room as u64) {
+            return bad(format!("the context holds {ctx} tokens: the prompt's {} and maxTokens {m} do not fit", prompt.len()));
         }
         let max_tokens = req.max_tokens.map(|m| m as usize).unwrap_or(cap).min(room);
         let timeout_ms = [req.timeout_ms, w.info.request_timeout_ms]

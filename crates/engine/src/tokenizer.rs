@@ -345,6 +345,15 @@ impl Tokenizer {
         self.eog_ids.contains(&id)
     }
 
+    /// A token's bytes with control tokens as their vocabulary text (which
+    /// `piece` renders as nothing): what `detokenize` and logprobs show.
+    pub fn bytes_with_specials(&self, id: u32) -> &[u8] {
+        match self.piece(id) {
+            [] => self.token_text(id).unwrap_or_default().as_bytes(),
+            piece => piece,
+        }
+    }
+
     /// Decodes a whole sequence (lossy for invalid UTF-8).
     pub fn decode(&self, ids: &[u32]) -> String {
         let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.piece(i).iter().copied()).collect();

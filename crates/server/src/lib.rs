@@ -59,6 +59,7 @@ struct AppState {
     metrics: Arc<Metrics>,
     draining: AtomicBool,
     next_id: AtomicU64,
+    id_prefix: String,
 }
 
 /// A server running on the current tokio runtime.
@@ -97,12 +98,15 @@ pub async fn start(engine: Arc<Engine>, opts: ServerOptions) -> std::io::Result<
         metrics: Arc::new(Metrics::default()),
         draining: AtomicBool::new(false),
         next_id: AtomicU64::new(1),
+        // Distinct per server start, so ids do not repeat across restarts.
+        id_prefix: format!("{:x}-", SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0) ^ u64::from(std::process::id()) << 32),
         opts,
     });
     let v1 = Router::new()
         .route("/chat/completions", post(chat_completions))
         .route("/completions", post(completions))
         .route("/models", get(list_models))
+        .route("/models/{id}", get(get_model))
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     let app = Router::new()
         .nest("/v1", v1)
@@ -255,14 +259,20 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     Json(json!({ "status": "ok", "models": stats.n_models, "running": stats.n_running })).into_response()
 }
 
+fn model_object(m: &mlx_serving_engine::engine::ModelInfo) -> Value {
+    json!({ "id": m.id, "object": "model", "created": unix_now(), "owned_by": "mlx-serving", "max_model_len": m.context_length })
+}
+
 async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let data: Vec<Value> = state
-        .engine
-        .list_models()
-        .into_iter()
-        .map(|m| json!({ "id": m.id, "object": "model", "created": unix_now(), "owned_by": "mlx-serving", "max_model_len": m.context_length }))
-        .collect();
+    let data: Vec<Value> = state.engine.list_models().iter().map(model_object).collect();
     Json(json!({ "object": "list", "data": data }))
+}
+
+async fn get_model(State(state): State<Arc<AppState>>, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+    match state.engine.model_info(&id) {
+        Some(m) => Json(model_object(&m)).into_response(),
+        None => engine_error_response(&EngineError::ModelNotLoaded(id)),
+    }
 }
 
 async fn prometheus(State(state): State<Arc<AppState>>) -> Response {
@@ -338,7 +348,7 @@ async fn generate(state: Arc<AppState>, parsed: Result<Parsed, String>, api: Api
         }
         Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e.to_string()),
     };
-    let id = format!("{}-{:x}", if api == Api::Chat { "chatcmpl" } else { "cmpl" }, state.next_id.fetch_add(1, Ordering::Relaxed));
+    let id = format!("{}-{}{:x}", if api == Api::Chat { "chatcmpl" } else { "cmpl" }, state.id_prefix, state.next_id.fetch_add(1, Ordering::Relaxed));
     let run = Run {
         state: state.clone(),
         handle,
@@ -350,6 +360,7 @@ async fn generate(state: Arc<AppState>, parsed: Result<Parsed, String>, api: Api
         logprobs: parsed.logprobs,
         include_usage: parsed.include_usage,
         finished: false,
+        text_chars: 0,
     };
     if parsed.stream {
         Sse::new(run.into_sse()).keep_alive(KeepAlive::default()).into_response()
@@ -371,26 +382,45 @@ struct Run {
     logprobs: bool,
     include_usage: bool,
     finished: bool,
+    /// Characters of output sent so far (legacy logprobs' `text_offset`).
+    text_chars: usize,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        // The client left first; dropping the handle cancels the sequence.
+        if !self.finished {
+            self.state.metrics.request_aborted();
+        }
+    }
 }
 
 impl Run {
-    fn token_text(&self, id: u32) -> String {
-        self.state.engine.detokenize(&self.model, &[id]).unwrap_or_default()
+    /// A token as logprobs show it: its text, or where its bytes are only
+    /// part of a character, OpenAI's `bytes:\xNN...` form (so two such
+    /// tokens never share a key); and the bytes themselves.
+    fn token_repr(&self, id: u32) -> (String, Vec<u8>) {
+        let bytes = self.state.engine.token_bytes(&self.model, id).unwrap_or_default();
+        let text = match std::str::from_utf8(&bytes) {
+            Ok(s) => s.to_owned(),
+            Err(_) => "bytes:".to_owned() + &bytes.iter().map(|b| format!("\\x{b:02x}")).collect::<String>(),
+        };
+        (text, bytes)
     }
 
     fn logprob_entry(&self, token_id: u32, logprob: f32, top: &[(u32, f32)]) -> Value {
-        let text = self.token_text(token_id);
+        let (text, bytes) = self.token_repr(token_id);
         match self.api {
             Api::Chat => json!({
-                "token": text, "logprob": logprob, "bytes": text.as_bytes(),
+                "token": text, "logprob": logprob, "bytes": bytes,
                 "top_logprobs": top.iter().map(|&(t, lp)| {
-                    let s = self.token_text(t);
-                    json!({ "token": s, "logprob": lp, "bytes": s.as_bytes() })
+                    let (s, b) = self.token_repr(t);
+                    json!({ "token": s, "logprob": lp, "bytes": b })
                 }).collect::<Vec<_>>(),
             }),
             Api::Completion => json!({
                 "token": text, "logprob": logprob,
-                "top": top.iter().map(|&(t, lp)| (self.token_text(t), Value::from(lp))).collect::<serde_json::Map<_, _>>(),
+                "top": top.iter().map(|&(t, lp)| (self.token_repr(t).0, Value::from(lp))).collect::<serde_json::Map<_, _>>(),
             }),
         }
     }
@@ -419,7 +449,9 @@ impl Run {
     }
 
     /// A streaming chunk carrying `text` (and its logprob entry).
-    fn delta_chunk(&self, text: &str, logprob: Option<Value>, finish: Option<&str>, first: bool) -> Value {
+    fn delta_chunk(&mut self, text: &str, logprob: Option<Value>, finish: Option<&str>, first: bool) -> Value {
+        let offset = self.text_chars;
+        self.text_chars += text.chars().count();
         match self.api {
             Api::Chat => {
                 let mut delta = serde_json::Map::new();
@@ -437,7 +469,7 @@ impl Run {
             }
             Api::Completion => {
                 let lp = logprob.map(|l| {
-                    json!({ "tokens": [l["token"]], "token_logprobs": [l["logprob"]], "top_logprobs": [l["top"]], "text_offset": [0] })
+                    json!({ "tokens": [l["token"]], "token_logprobs": [l["logprob"]], "top_logprobs": [l["top"]], "text_offset": [offset] })
                 });
                 json!({
                     "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
@@ -518,10 +550,14 @@ impl Run {
         loop {
             match self.handle.recv().await {
                 Some(Event::Token { text: t, token_id, logprob, top_logprobs }) => {
-                    text.push_str(&t);
                     if let (true, Some(l)) = (self.logprobs, logprob) {
-                        entries.push(self.logprob_entry(token_id, l, &top_logprobs));
+                        let mut e = self.logprob_entry(token_id, l, &top_logprobs);
+                        if self.api == Api::Completion {
+                            e["offset"] = text.chars().count().into();
+                        }
+                        entries.push(e);
                     }
+                    text.push_str(&t);
                 }
                 Some(Event::Done(stats)) => {
                     self.record(&stats);
@@ -539,6 +575,7 @@ impl Run {
                                     "tokens": entries.iter().map(|e| e["token"].clone()).collect::<Vec<_>>(),
                                     "token_logprobs": entries.iter().map(|e| e["logprob"].clone()).collect::<Vec<_>>(),
                                     "top_logprobs": entries.iter().map(|e| e["top"].clone()).collect::<Vec<_>>(),
+                                    "text_offset": entries.iter().map(|e| e["offset"].clone()).collect::<Vec<_>>(),
                                 })
                             });
                             json!({

@@ -36,6 +36,8 @@ struct Inner {
     generation_tokens: u64,
     finished_stop: u64,
     finished_length: u64,
+    /// Clients that left before the end (their generations were cancelled).
+    aborted: u64,
     failed: u64,
     rejected: u64,
     bad_requests: u64,
@@ -82,6 +84,10 @@ impl Metrics {
         let mut m = self.inner.lock().unwrap();
         m.failed += 1;
         m.recent.push_back(Finished { at: Instant::now(), ttft_s: f64::NAN, ok: false });
+    }
+
+    pub fn request_aborted(&self) {
+        self.inner.lock().unwrap().aborted += 1;
     }
 
     pub fn rejected(&self) {
@@ -166,7 +172,11 @@ impl Metrics {
             "vllm:request_success_total",
             "counter",
             "Requests finished successfully.",
-            &[("finished_reason=\"stop\"", m.finished_stop as f64), ("finished_reason=\"length\"", m.finished_length as f64)],
+            &[
+                ("finished_reason=\"stop\"", m.finished_stop as f64),
+                ("finished_reason=\"length\"", m.finished_length as f64),
+                ("finished_reason=\"abort\"", m.aborted as f64),
+            ],
         );
         metric("mlx_serving_requests_failed_total", "counter", "Requests that ended in an error.", &[("", m.failed as f64)]);
         metric("mlx_serving_requests_rejected_total", "counter", "Requests refused with 429 (overloaded).", &[("", m.rejected as f64)]);
@@ -223,6 +233,7 @@ mod tests {
         m.request_done(10, 5, 0.03, true);
         m.request_done(10, 7, 0.3, false);
         m.request_failed();
+        m.request_aborted();
         let stats = EngineStats { n_models: 1, n_generated_tokens: 12, kv_blocks_total: 4, kv_blocks_used: 1, ..Default::default() };
         let mut hist = Histograms::default();
         hist.ttft.observe(0.03);
@@ -237,6 +248,7 @@ mod tests {
         assert!(text.contains("vllm:time_to_first_token_seconds_bucket{model_name=\"default\",le=\"0.04\"} 1"));
         assert!(text.contains("vllm:time_to_first_token_seconds_count{model_name=\"default\"} 2"));
         assert!(text.contains("finished_reason=\"length\"} 1"));
+        assert!(text.contains("finished_reason=\"abort\"} 1"));
         let s = m.snapshot(&stats, 0);
         assert_eq!(s.ttft_p95_ms, Some(300.0));
         assert!((s.error_rate - 1.0 / 3.0).abs() < 1e-9);
