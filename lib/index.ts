@@ -472,10 +472,35 @@ function abortError(signal: AbortSignal): { code: ErrorCode; message: string } {
     : { code: 'Cancelled', message: 'request cancelled' };
 }
 
+const PARAM_KEYS = new Set([
+  'model', 'prompt', 'messages', 'maxTokens', 'temperature', 'topP', 'topK', 'minP', 'repetitionPenalty',
+  'presencePenalty', 'frequencyPenalty', 'seed', 'stopSequences', 'stopTokenIds', 'ignoreEos',
+]);
+const OPTION_KEYS = new Set(['signal', 'timeoutMs', 'priority', 'cacheSalt', 'requestId', 'onToken']);
+
+/**
+ * Refuses keys that would be ignored (`max_tokens`, a `timeoutMs` among the
+ * params): from JavaScript nothing else catches the typo, and the request
+ * would run without the limit its caller meant.
+ */
+function refuseUnknownKeys(what: 'params' | 'options', o: object): void {
+  const [known, other] = what === 'params' ? [PARAM_KEYS, OPTION_KEYS] : [OPTION_KEYS, PARAM_KEYS];
+  for (const key of Object.keys(o)) {
+    if (known.has(key)) continue;
+    const camel = key.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase());
+    const hint = other.has(key)
+      ? ` (it belongs in the ${what === 'params' ? 'options' : 'params'} argument)`
+      : key === 'stop' ? " (did you mean 'stopSequences'?)"
+      : camel !== key && known.has(camel) ? ` (did you mean '${camel}'?)` : '';
+    throw new EngineClientError('InvalidParams', `unknown ${what === 'params' ? 'parameter' : 'option'} '${key}'${hint}`);
+  }
+}
+
 function toNativeParams(p: GeneratorParams): NativeGenerateParams {
   if (p === null || typeof p !== 'object') {
     throw new EngineClientError('InvalidParams', 'params must be an object');
   }
+  refuseUnknownKeys('params', p);
   if (typeof p.model !== 'string') {
     throw new EngineClientError('InvalidParams', 'model must be a string');
   }
@@ -836,6 +861,7 @@ export class Engine extends EventEmitter {
   ): AsyncGenerator<GeneratorChunk, void, undefined> {
     this.ensureOpen();
     if (options === null || typeof options !== 'object') throw new EngineClientError('InvalidParams', 'options must be an object');
+    refuseUnknownKeys('options', options);
     const signal = options.signal;
     if (signal !== undefined && (signal === null || typeof signal.addEventListener !== 'function' || typeof signal.aborted !== 'boolean')) {
       throw new EngineClientError('InvalidParams', 'signal must be an AbortSignal');

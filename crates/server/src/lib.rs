@@ -60,6 +60,8 @@ struct AppState {
     draining: AtomicBool,
     next_id: AtomicU64,
     id_prefix: String,
+    /// `created` of /v1/models entries (stable, unlike the time of the call).
+    started_unix: u64,
 }
 
 /// A server running on the current tokio runtime.
@@ -98,6 +100,7 @@ pub async fn start(engine: Arc<Engine>, opts: ServerOptions) -> std::io::Result<
         metrics: Arc::new(Metrics::default()),
         draining: AtomicBool::new(false),
         next_id: AtomicU64::new(1),
+        started_unix: unix_now(),
         // Distinct per server start, so ids do not repeat across restarts.
         id_prefix: format!("{:x}-", SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0) ^ u64::from(std::process::id()) << 32),
         opts,
@@ -210,12 +213,51 @@ fn unix_now() -> u64 {
 
 /// An OpenAI-style error body.
 fn error_response(status: StatusCode, code: &str, message: String) -> Response {
+    error_with_param(status, code, message, None)
+}
+
+fn error_with_param(status: StatusCode, code: &str, message: String, param: Option<&str>) -> Response {
     let kind = if status.is_client_error() { "invalid_request_error" } else { "server_error" };
-    let body = json!({ "error": { "message": message, "type": kind, "param": null, "code": code } });
+    let body = json!({ "error": { "message": message, "type": kind, "param": param, "code": code } });
     (status, Json(body)).into_response()
 }
 
+/// The engine names request fields as the TypeScript API does; an HTTP
+/// client sent OpenAI's names, so errors speak those (and set `param`).
+const OPENAI_NAMES: [(&str, &str); 9] = [
+    ("maxTokens", "max_tokens"),
+    ("topP", "top_p"),
+    ("topK", "top_k"),
+    ("minP", "min_p"),
+    ("repetitionPenalty", "repetition_penalty"),
+    ("presencePenalty", "presence_penalty"),
+    ("frequencyPenalty", "frequency_penalty"),
+    ("stopSequences", "stop"),
+    ("temperature", "temperature"),
+];
+
+/// `msg` with OpenAI's field names, and the first field it names.
+fn openai_names(msg: &str) -> (String, Option<&'static str>) {
+    let mut msg = msg.to_owned();
+    let mut param = None;
+    for (ours, theirs) in OPENAI_NAMES {
+        // Not inside a config key (`streaming.maxTokens`).
+        while let Some(at) = msg.match_indices(ours).map(|(i, _)| i).find(|&i| !msg[..i].ends_with('.')) {
+            param.get_or_insert(theirs);
+            if ours == theirs {
+                break;
+            }
+            msg.replace_range(at..at + ours.len(), theirs);
+        }
+    }
+    (msg, param)
+}
+
 fn engine_error_response(e: &EngineError) -> Response {
+    if let EngineError::InvalidParams(msg) = e {
+        let (msg, param) = openai_names(msg);
+        return error_with_param(StatusCode::BAD_REQUEST, e.code(), msg, param);
+    }
     let status = match e {
         EngineError::InvalidParams(_) | EngineError::Tokenizer(_) => StatusCode::BAD_REQUEST,
         EngineError::ModelNotLoaded(_) => StatusCode::NOT_FOUND,
@@ -259,18 +301,18 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     Json(json!({ "status": "ok", "models": stats.n_models, "running": stats.n_running })).into_response()
 }
 
-fn model_object(m: &mlx_serving_engine::engine::ModelInfo) -> Value {
-    json!({ "id": m.id, "object": "model", "created": unix_now(), "owned_by": "mlx-serving", "max_model_len": m.context_length })
+fn model_object(state: &AppState, m: &mlx_serving_engine::engine::ModelInfo) -> Value {
+    json!({ "id": m.id, "object": "model", "created": state.started_unix, "owned_by": "mlx-serving", "max_model_len": m.context_length })
 }
 
 async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let data: Vec<Value> = state.engine.list_models().iter().map(model_object).collect();
+    let data: Vec<Value> = state.engine.list_models().iter().map(|m| model_object(&state, m)).collect();
     Json(json!({ "object": "list", "data": data }))
 }
 
 async fn get_model(State(state): State<Arc<AppState>>, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
     match state.engine.model_info(&id) {
-        Some(m) => Json(model_object(&m)).into_response(),
+        Some(m) => Json(model_object(&state, &m)).into_response(),
         None => engine_error_response(&EngineError::ModelNotLoaded(id)),
     }
 }
@@ -450,6 +492,15 @@ impl Run {
 
     /// A streaming chunk carrying `text` (and its logprob entry).
     fn delta_chunk(&mut self, text: &str, logprob: Option<Value>, finish: Option<&str>, first: bool) -> Value {
+        let mut chunk = self.delta_body(text, logprob, finish, first);
+        // OpenAI: with include_usage, every chunk but the last has usage null.
+        if self.include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        chunk
+    }
+
+    fn delta_body(&mut self, text: &str, logprob: Option<Value>, finish: Option<&str>, first: bool) -> Value {
         let offset = self.text_chars;
         self.text_chars += text.chars().count();
         match self.api {
@@ -511,10 +562,7 @@ impl Run {
                     Some(Event::Done(stats)) => {
                         st.run.record(&stats);
                         let reason = stats.finish_reason.as_str();
-                        let mut last = st.run.delta_chunk("", None, Some(reason), st.first);
-                        if st.run.include_usage {
-                            last["usage"] = Value::Null;
-                        }
+                        let last = st.run.delta_chunk("", None, Some(reason), st.first);
                         st.out.push_back(data(&last));
                         if st.run.include_usage {
                             let obj = if st.run.api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
@@ -597,5 +645,18 @@ impl Run {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::openai_names;
+
+    #[test]
+    fn errors_speak_openai_field_names() {
+        assert_eq!(openai_names("maxTokens 5000 exceeds the configured limit streaming.maxTokens = 2048"), ("max_tokens 5000 exceeds the configured limit streaming.maxTokens = 2048".into(), Some("max_tokens")));
+        assert_eq!(openai_names("topP must be in (0, 1], got 2"), ("top_p must be in (0, 1], got 2".into(), Some("top_p")));
+        assert_eq!(openai_names("temperature must be >= 0"), ("temperature must be >= 0".into(), Some("temperature")));
+        assert_eq!(openai_names("the prompt is empty"), ("the prompt is empty".into(), None));
     }
 }
