@@ -338,6 +338,7 @@ export interface NativeServerOptions {
   apiKey?: string
   maxConcurrent?: number
   bodyLimitBytes?: number
+  corsOrigins?: Array<string>
 }
 
 export interface NativeStats {

@@ -259,11 +259,23 @@ describe('HTTP server', () => {
   });
 });
 
-test('API key: /v1 needs the bearer token, /health does not', async () => {
+test('API key: /v1 needs the bearer token, /health does not; CORS only for the origins given', async () => {
   const engine = await createEngine();
   await engine.loadModel('default');
-  const server = await engine.startServer({ port: 0, apiKey: 'sekret' });
+  const server = await engine.startServer({ port: 0, apiKey: 'sekret', corsOrigins: ['http://app.example'] });
   try {
+    // CORS: a preflight from an allowed origin is answered before the key check.
+    const pre = await fetch(`${server.url}/v1/chat/completions`, {
+      method: 'OPTIONS',
+      headers: { Origin: 'http://app.example', 'Access-Control-Request-Method': 'POST', 'Access-Control-Request-Headers': 'authorization, content-type' },
+    });
+    assert.equal(pre.status, 204);
+    assert.equal(pre.headers.get('access-control-allow-origin'), 'http://app.example');
+    assert.match(pre.headers.get('access-control-allow-headers') ?? '', /authorization/);
+    const read = await fetch(`${server.url}/v1/models`, { headers: { Origin: 'http://app.example', Authorization: 'Bearer sekret' } });
+    assert.equal(read.headers.get('access-control-allow-origin'), 'http://app.example');
+    const other = await fetch(`${server.url}/v1/models`, { headers: { Origin: 'http://evil.example', Authorization: 'Bearer sekret' } });
+    assert.equal(other.headers.get('access-control-allow-origin'), null);
     assert.equal((await fetch(`${server.url}/v1/models`)).status, 401);
     assert.equal((await fetch(`${server.url}/v1/models`, { headers: { Authorization: 'Bearer wrong' } })).status, 401);
     assert.equal((await fetch(`${server.url}/v1/models`, { headers: { Authorization: 'Bearer sekret' } })).status, 200);

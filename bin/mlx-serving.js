@@ -30,6 +30,8 @@ Options:
   --feature-flags <file>  Phase 5 feature flags, re-read when the file changes
                           (default: the package's config/feature-flags.yaml)
   --api-key <key>         require 'Authorization: Bearer <key>' on /v1/*
+  --cors <origins>        let browser pages from these origins call the API
+                          (comma-separated, or '*'; default none)
   --max-concurrent <n>    generations at once; more get 429 (env MAX_CONCURRENT;
                           default streaming.maxConcurrentStreams from the config)
   -h, --help              show this help
@@ -93,7 +95,8 @@ async function serve(values) {
     process.exit(2);
   }
   // Listen first so /health can say 503 while the model loads.
-  const server = await engine.startServer({ host: values.host ?? '127.0.0.1', port, apiKey: values['api-key'], maxConcurrent });
+  const corsOrigins = values.cors?.split(',').map((o) => o.trim()).filter(Boolean);
+  const server = await engine.startServer({ host: values.host ?? '127.0.0.1', port, apiKey: values['api-key'], maxConcurrent, corsOrigins });
   let stopping = false;
   const stop = async (signal) => {
     if (stopping) return;
@@ -142,6 +145,7 @@ async function main() {
         host: { type: 'string' },
         port: { type: 'string' },
         'api-key': { type: 'string' },
+        cors: { type: 'string' },
         config: { type: 'string' },
         'feature-flags': { type: 'string' },
         'max-concurrent': { type: 'string' },

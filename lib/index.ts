@@ -368,6 +368,12 @@ export interface ServerOptions {
   maxConcurrent?: number;
   /** Largest request body; more gets HTTP 413. Default 4 MiB. */
   bodyLimitBytes?: number;
+  /**
+   * Origins whose browser pages may call the API (CORS), e.g.
+   * `['http://localhost:3000']`, or `['*']` for any. Default none: other
+   * sites' pages cannot drive a server on this machine.
+   */
+  corsOrigins?: string[];
 }
 
 export interface HttpServer {
@@ -1042,6 +1048,9 @@ export class Engine extends EventEmitter {
       maxConcurrent: whole('maxConcurrent', options.maxConcurrent, 1, 2 ** 32 - 1),
       bodyLimitBytes: whole('bodyLimitBytes', options.bodyLimitBytes, 1, 2 ** 32 - 1),
     };
+    if (options.corsOrigins !== undefined && (!Array.isArray(options.corsOrigins) || options.corsOrigins.some((o) => typeof o !== 'string' || o.length === 0))) {
+      throw new EngineClientError('InvalidParams', 'corsOrigins must be an array of origins (or "*")');
+    }
     const s = await call(() => this.native.startServer(checked));
     const host = s.host.includes(':') ? `[${s.host}]` : s.host;
     // The server runs on Rust threads; like a net.Server, keep the process

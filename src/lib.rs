@@ -822,6 +822,7 @@ impl NativeEngine {
                 .max_concurrent
                 .map_or(self.inner.config().streaming.max_concurrent_streams, |m| m.max(1) as usize),
             body_limit_bytes: opts.body_limit_bytes.map_or(d.body_limit_bytes, |b| b as usize),
+            cors_origins: opts.cors_origins.unwrap_or_default(),
         };
         let s = mlx_serving_server::start(self.inner.clone(), o)
             .await
@@ -849,6 +850,7 @@ pub struct NativeServerOptions {
     pub api_key: Option<String>,
     pub max_concurrent: Option<u32>,
     pub body_limit_bytes: Option<u32>,
+    pub cors_origins: Option<Vec<String>>,
 }
 
 /// The OpenAI-compatible HTTP server, running on the addon's tokio runtime.

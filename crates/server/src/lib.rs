@@ -44,11 +44,15 @@ pub struct ServerOptions {
     /// `streaming.maxConcurrentStreams` refuses past its own limit too).
     pub max_concurrent: usize,
     pub body_limit_bytes: usize,
+    /// Origins whose browser pages may call the API (CORS); `*` for any.
+    /// Empty (the default): no CORS headers, so browsers keep other sites'
+    /// pages from driving a local server.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        ServerOptions { host: "127.0.0.1".into(), port: 8080, api_key: None, max_concurrent: 64, body_limit_bytes: 4 << 20 }
+        ServerOptions { host: "127.0.0.1".into(), port: 8080, api_key: None, max_concurrent: 64, body_limit_bytes: 4 << 20, cors_origins: Vec::new() }
     }
 }
 
@@ -121,6 +125,8 @@ pub async fn start(engine: Arc<Engine>, opts: ServerOptions) -> std::io::Result<
         .method_not_allowed_fallback(|| async { error_response(StatusCode::METHOD_NOT_ALLOWED, "InvalidParams", "this endpoint does not take that method".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .layer(DefaultBodyLimit::max(state.opts.body_limit_bytes))
+        // Outermost, so a preflight is answered before the API key check.
+        .layer(middleware::from_fn_with_state(state.clone(), cors))
         .with_state(state.clone());
 
     // Sample the engine's counters once a second for rolling rates.
@@ -146,6 +152,32 @@ pub async fn start(engine: Arc<Engine>, opts: ServerOptions) -> std::io::Result<
 /// limit, connections that never finish a request hold their sockets for
 /// ever, and enough of them starve the server of file descriptors.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// CORS for the configured origins: preflights get 204 with what may be
+/// sent, other responses name the origin they may be read by.
+async fn cors(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let origins = &state.opts.cors_origins;
+    let Some(origin) = req.headers().get(header::ORIGIN).cloned() else { return next.run(req).await };
+    let allowed = origins.iter().any(|o| o == "*" || o.as_bytes() == origin.as_bytes());
+    if !allowed {
+        return next.run(req).await;
+    }
+    let preflight = req.method() == axum::http::Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut resp = if preflight {
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        let h = r.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type"));
+        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        r
+    } else {
+        next.run(req).await
+    };
+    let h = resp.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.append(header::VARY, HeaderValue::from_static("origin"));
+    resp
+}
 
 /// How long a request body may take to arrive after its headers.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
