@@ -133,6 +133,35 @@ describe('HTTP server', () => {
     assert.equal(lp.choices[0].logprobs.token_logprobs.length, 3);
   });
 
+  test('n choices: each its own sequence, seeded apart, streamed with their index', async () => {
+    const ask = { model: 'default', messages: [{ role: 'user', content: 'Name a colour.' }], max_tokens: 8, temperature: 1, seed: 7, n: 2 };
+    const first = await (await post(`${base}/v1/chat/completions`, ask)).json();
+    assert.deepEqual(first.choices.map((c: { index: number }) => c.index), [0, 1]);
+    const texts = first.choices.map((c: { message: { content: string } }) => c.message.content);
+    // Seeds 7 and 8: reproducible, and the first is what n = 1 with seed 7 gives.
+    const again = await (await post(`${base}/v1/chat/completions`, ask)).json();
+    assert.deepEqual(again.choices.map((c: { message: { content: string } }) => c.message.content), texts);
+    const one = await (await post(`${base}/v1/chat/completions`, { ...ask, n: 1 })).json();
+    assert.equal(one.choices[0].message.content, texts[0]);
+    assert.equal(first.usage.prompt_tokens, one.usage.prompt_tokens);
+    // Completion tokens add up over the choices (choice 0's are n = 1's).
+    assert.ok(first.usage.completion_tokens > one.usage.completion_tokens && first.usage.completion_tokens <= 16, JSON.stringify(first.usage));
+    // Streaming: both indexes, a finish per choice, usage and [DONE] once.
+    const res = await post(`${base}/v1/completions`, { model: 'default', prompt: 'Once upon a time', max_tokens: 6, n: 2, stream: true, stream_options: { include_usage: true }, temperature: 0, ignore_eos: true });
+    const events = await sse(res);
+    assert.equal(events.at(-1), '[DONE]');
+    const chunks = events.slice(0, -1).map((e) => JSON.parse(e));
+    const byChoice = [0, 1].map((i) => chunks.filter((c) => c.choices[0]?.index === i));
+    for (const cs of byChoice) assert.equal(cs.filter((c) => c.choices[0].finish_reason === 'length').length, 1);
+    // Greedy: both choices say the same.
+    const said = byChoice.map((cs) => cs.map((c) => c.choices[0].text).join(''));
+    assert.equal(said[0], said[1]);
+    assert.equal(chunks.at(-1).usage.completion_tokens, 12);
+    // More choices than the server runs at once, or than allowed: 400.
+    assert.equal((await post(`${base}/v1/completions`, { model: 'default', prompt: 'x', n: 3 })).status, 400);
+    assert.equal((await post(`${base}/v1/completions`, { model: 'default', prompt: 'x', n: 17 })).status, 400);
+  });
+
   test('logprobs carry each token\'s own bytes, also for pieces of a character', async () => {
     const emoji = { model: 'default', messages: [{ role: 'user', content: 'Reply with three emoji only: 😀😀😀' }], max_tokens: 6, temperature: 0 };
     const chat = await (await post(`${base}/v1/chat/completions`, { ...emoji, logprobs: true, top_logprobs: 3 })).json();

@@ -9,9 +9,8 @@
 
 mod metrics;
 pub mod openai;
+mod run;
 
-use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,15 +20,13 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::stream::{self, Stream};
-use mlx_serving_engine::engine::{Event, FinishReason, RequestHandle, Stats};
 use mlx_serving_engine::{Engine, EngineError};
 use serde_json::{json, Value};
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 
 pub use metrics::{Metrics, Snapshot};
 use openai::Parsed;
@@ -398,7 +395,12 @@ async fn generate(state: Arc<AppState>, parsed: Result<Parsed, String>, api: Api
         let msg = format!("model '{}' is not loaded (available: {})", parsed.req.model, known.join(", "));
         return error_response(StatusCode::NOT_FOUND, "ModelNotLoaded", msg);
     }
-    let Ok(permit) = state.permits.clone().try_acquire_owned() else {
+    if parsed.n > state.opts.max_concurrent {
+        state.metrics.bad_request();
+        let msg = format!("n = {} is more than the {} generations this server runs at once", parsed.n, state.opts.max_concurrent);
+        return error_with_param(StatusCode::BAD_REQUEST, "InvalidParams", msg, Some("n"));
+    }
+    let Ok(permit) = state.permits.clone().try_acquire_many_owned(parsed.n as u32) else {
         state.metrics.rejected();
         let mut r = error_response(
             StatusCode::TOO_MANY_REQUESTS,
@@ -410,9 +412,21 @@ async fn generate(state: Arc<AppState>, parsed: Result<Parsed, String>, api: Api
     };
     let model = parsed.req.model.clone();
     let engine = state.engine.clone();
-    let req = parsed.req;
-    // Templating and tokenization can take a moment on long prompts.
-    let handle = match tokio::task::spawn_blocking(move || engine.submit(req)).await {
+    let (req, n) = (parsed.req, parsed.n);
+    // Templating and tokenization can take a moment on long prompts. Each
+    // choice is its own sequence (its prompt blocks found in the prefix
+    // cache after the first); with a seed, choice i samples with seed + i.
+    let submitted = tokio::task::spawn_blocking(move || {
+        (0..n)
+            .map(|i| {
+                let mut r = req.clone();
+                r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i as u64));
+                engine.submit(r)
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await;
+    let handles = match submitted {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
             if matches!(e, EngineError::InvalidParams(_) | EngineError::Tokenizer(_)) {
@@ -423,260 +437,12 @@ async fn generate(state: Arc<AppState>, parsed: Result<Parsed, String>, api: Api
         Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e.to_string()),
     };
     let id = format!("{}-{}{:x}", if api == Api::Chat { "chatcmpl" } else { "cmpl" }, state.id_prefix, state.next_id.fetch_add(1, Ordering::Relaxed));
-    let run = Run {
-        state: state.clone(),
-        handle,
-        _permit: permit,
-        id,
-        model,
-        api,
-        created: unix_now(),
-        logprobs: parsed.logprobs,
-        include_usage: parsed.include_usage,
-        finished: false,
-        text_chars: 0,
-    };
+    let shape = run::Shape { id, model, api, created: unix_now(), logprobs: parsed.logprobs, include_usage: parsed.include_usage };
+    let run = run::Run::new(state.clone(), handles, permit, shape);
     if parsed.stream {
         Sse::new(run.into_sse()).keep_alive(KeepAlive::default()).into_response()
     } else {
         run.collect().await
-    }
-}
-
-/// One generation being served. Dropping it (client gone) drops the engine
-/// handle, which cancels the sequence.
-struct Run {
-    state: Arc<AppState>,
-    handle: RequestHandle,
-    _permit: OwnedSemaphorePermit,
-    id: String,
-    model: String,
-    api: Api,
-    created: u64,
-    logprobs: bool,
-    include_usage: bool,
-    finished: bool,
-    /// Characters of output sent so far (legacy logprobs' `text_offset`).
-    text_chars: usize,
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        // The client left first; dropping the handle cancels the sequence.
-        if !self.finished {
-            self.state.metrics.request_aborted();
-        }
-    }
-}
-
-impl Run {
-    /// A token as logprobs show it: its text, or where its bytes are only
-    /// part of a character, OpenAI's `bytes:\xNN...` form (so two such
-    /// tokens never share a key); and the bytes themselves.
-    fn token_repr(&self, id: u32) -> (String, Vec<u8>) {
-        let bytes = self.state.engine.token_bytes(&self.model, id).unwrap_or_default();
-        let text = match std::str::from_utf8(&bytes) {
-            Ok(s) => s.to_owned(),
-            Err(_) => "bytes:".to_owned() + &bytes.iter().map(|b| format!("\\x{b:02x}")).collect::<String>(),
-        };
-        (text, bytes)
-    }
-
-    fn logprob_entry(&self, token_id: u32, logprob: f32, top: &[(u32, f32)]) -> Value {
-        let (text, bytes) = self.token_repr(token_id);
-        match self.api {
-            Api::Chat => json!({
-                "token": text, "logprob": logprob, "bytes": bytes,
-                "top_logprobs": top.iter().map(|&(t, lp)| {
-                    let (s, b) = self.token_repr(t);
-                    json!({ "token": s, "logprob": lp, "bytes": b })
-                }).collect::<Vec<_>>(),
-            }),
-            Api::Completion => json!({
-                "token": text, "logprob": logprob,
-                "top": top.iter().map(|&(t, lp)| (self.token_repr(t).0, Value::from(lp))).collect::<serde_json::Map<_, _>>(),
-            }),
-        }
-    }
-
-    fn usage(stats: &Stats) -> Value {
-        json!({
-            "prompt_tokens": stats.n_prompt_tokens,
-            "completion_tokens": stats.n_generated_tokens,
-            "total_tokens": stats.n_prompt_tokens + stats.n_generated_tokens,
-        })
-    }
-
-    fn record(&mut self, stats: &Stats) {
-        self.finished = true;
-        self.state.metrics.request_done(
-            stats.n_prompt_tokens,
-            stats.n_generated_tokens,
-            stats.t_first_token_ms / 1e3,
-            stats.finish_reason == FinishReason::Stop,
-        );
-    }
-
-    fn record_failure(&mut self) {
-        self.finished = true;
-        self.state.metrics.request_failed();
-    }
-
-    /// A streaming chunk carrying `text` (and its logprob entry).
-    fn delta_chunk(&mut self, text: &str, logprob: Option<Value>, finish: Option<&str>, first: bool) -> Value {
-        let mut chunk = self.delta_body(text, logprob, finish, first);
-        // OpenAI: with include_usage, every chunk but the last has usage null.
-        if self.include_usage {
-            chunk["usage"] = Value::Null;
-        }
-        chunk
-    }
-
-    fn delta_body(&mut self, text: &str, logprob: Option<Value>, finish: Option<&str>, first: bool) -> Value {
-        let offset = self.text_chars;
-        self.text_chars += text.chars().count();
-        match self.api {
-            Api::Chat => {
-                let mut delta = serde_json::Map::new();
-                if first {
-                    delta.insert("role".into(), "assistant".into());
-                }
-                if !text.is_empty() || (first && finish.is_none()) {
-                    delta.insert("content".into(), text.into());
-                }
-                json!({
-                    "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                    "choices": [{ "index": 0, "delta": delta,
-                        "logprobs": logprob.map(|l| json!({ "content": [l] })), "finish_reason": finish }],
-                })
-            }
-            Api::Completion => {
-                let lp = logprob.map(|l| {
-                    json!({ "tokens": [l["token"]], "token_logprobs": [l["logprob"]], "top_logprobs": [l["top"]], "text_offset": [offset] })
-                });
-                json!({
-                    "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                    "choices": [{ "index": 0, "text": text, "logprobs": lp, "finish_reason": finish }],
-                })
-            }
-        }
-    }
-
-    fn into_sse(self) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-        struct St {
-            run: Run,
-            out: VecDeque<SseEvent>,
-            first: bool,
-            done: bool,
-        }
-        let data = |v: &Value| SseEvent::default().data(v.to_string());
-        stream::unfold(St { run: self, out: VecDeque::new(), first: true, done: false }, move |mut st| async move {
-            loop {
-                if let Some(ev) = st.out.pop_front() {
-                    return Some((Ok(ev), st));
-                }
-                if st.done {
-                    return None;
-                }
-                match st.run.handle.recv().await {
-                    Some(Event::Token { text, token_id, logprob, top_logprobs }) => {
-                        let lp = match (st.run.logprobs, logprob) {
-                            (true, Some(l)) => Some(st.run.logprob_entry(token_id, l, &top_logprobs)),
-                            _ => None,
-                        };
-                        // Tokens that release no text (held back) send nothing yet.
-                        if !text.is_empty() || lp.is_some() || st.first {
-                            let chunk = st.run.delta_chunk(&text, lp, None, st.first);
-                            st.first = false;
-                            st.out.push_back(data(&chunk));
-                        }
-                    }
-                    Some(Event::Done(stats)) => {
-                        st.run.record(&stats);
-                        let reason = stats.finish_reason.as_str();
-                        let last = st.run.delta_chunk("", None, Some(reason), st.first);
-                        st.out.push_back(data(&last));
-                        if st.run.include_usage {
-                            let obj = if st.run.api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
-                            let usage = json!({ "id": st.run.id, "object": obj, "created": st.run.created,
-                                "model": st.run.model, "choices": [], "usage": Run::usage(&stats) });
-                            st.out.push_back(data(&usage));
-                        }
-                        st.out.push_back(SseEvent::default().data("[DONE]"));
-                        st.done = true;
-                    }
-                    Some(Event::Error(e)) => {
-                        st.run.record_failure();
-                        let err = json!({ "error": { "message": e.to_string(), "type": "server_error", "code": e.code() } });
-                        st.out.push_back(data(&err));
-                        st.out.push_back(SseEvent::default().data("[DONE]"));
-                        st.done = true;
-                    }
-                    None => {
-                        // The engine dropped the request (model unloaded, shutdown).
-                        st.run.record_failure();
-                        let err = json!({ "error": { "message": "generation ended unexpectedly", "type": "server_error", "code": "Cancelled" } });
-                        st.out.push_back(data(&err));
-                        st.done = true;
-                    }
-                }
-            }
-        })
-    }
-
-    async fn collect(mut self) -> Response {
-        let mut text = String::new();
-        let mut entries = Vec::new();
-        loop {
-            match self.handle.recv().await {
-                Some(Event::Token { text: t, token_id, logprob, top_logprobs }) => {
-                    if let (true, Some(l)) = (self.logprobs, logprob) {
-                        let mut e = self.logprob_entry(token_id, l, &top_logprobs);
-                        if self.api == Api::Completion {
-                            e["offset"] = text.chars().count().into();
-                        }
-                        entries.push(e);
-                    }
-                    text.push_str(&t);
-                }
-                Some(Event::Done(stats)) => {
-                    self.record(&stats);
-                    let reason = stats.finish_reason.as_str();
-                    let body = match self.api {
-                        Api::Chat => json!({
-                            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                            "choices": [{ "index": 0, "message": { "role": "assistant", "content": text },
-                                "logprobs": self.logprobs.then(|| json!({ "content": entries })), "finish_reason": reason }],
-                            "usage": Run::usage(&stats),
-                        }),
-                        Api::Completion => {
-                            let lp = self.logprobs.then(|| {
-                                json!({
-                                    "tokens": entries.iter().map(|e| e["token"].clone()).collect::<Vec<_>>(),
-                                    "token_logprobs": entries.iter().map(|e| e["logprob"].clone()).collect::<Vec<_>>(),
-                                    "top_logprobs": entries.iter().map(|e| e["top"].clone()).collect::<Vec<_>>(),
-                                    "text_offset": entries.iter().map(|e| e["offset"].clone()).collect::<Vec<_>>(),
-                                })
-                            });
-                            json!({
-                                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                                "choices": [{ "index": 0, "text": text, "logprobs": lp, "finish_reason": reason }],
-                                "usage": Run::usage(&stats),
-                            })
-                        }
-                    };
-                    return Json(body).into_response();
-                }
-                Some(Event::Error(e)) => {
-                    self.record_failure();
-                    return engine_error_response(&e);
-                }
-                None => {
-                    self.record_failure();
-                    return engine_error_response(&EngineError::Cancelled);
-                }
-            }
-        }
     }
 }
 

@@ -13,6 +13,8 @@ use serde_json::{Map, Value};
 const COMPLETIONS_DEFAULT_MAX_TOKENS: i64 = 16;
 /// Most stop sequences a request may carry (OpenAI's limit).
 const MAX_STOP_SEQUENCES: usize = 4;
+/// Most choices (`n`) per request; each is a sequence of its own.
+pub const MAX_CHOICES: i64 = 16;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -120,6 +122,8 @@ pub struct CompletionRequest {
 /// What a parsed request asks of the engine and of the response shape.
 pub struct Parsed {
     pub req: GenerateRequest,
+    /// Choices to generate (`n`), each its own sequence.
+    pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
     pub logprobs: bool,
@@ -129,11 +133,11 @@ fn bad<T>(msg: impl Into<String>) -> Result<T, String> {
     Err(msg.into())
 }
 
-fn common_to_request(c: Common, input: Input, default_max: Option<i64>) -> Result<(GenerateRequest, bool, bool), String> {
-    if let Some(n) = c.n {
-        if n != 1 {
-            return bad(format!("n must be 1 (got {n}); several choices per request are not supported"));
-        }
+/// The engine request, and `n`, `stream`, `include_usage`.
+fn common_to_request(c: Common, input: Input, default_max: Option<i64>) -> Result<(GenerateRequest, usize, bool, bool), String> {
+    let n = c.n.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&n) {
+        return bad(format!("n must be from 1 to {MAX_CHOICES}, got {n}"));
     }
     let stop = match c.stop {
         None => vec![],
@@ -189,6 +193,7 @@ fn common_to_request(c: Common, input: Input, default_max: Option<i64>) -> Resul
             request_id: c.user,
             pin_prefix: false,
         },
+        n as usize,
         c.stream,
         include_usage,
     ))
@@ -231,9 +236,9 @@ pub fn parse_chat(body: &[u8]) -> Result<Parsed, String> {
         (false, Some(n)) if n > 0 => return bad("top_logprobs requires logprobs: true"),
         (_, n) => n.unwrap_or(0) as usize,
     };
-    let (mut req, stream, include_usage) = common_to_request(r.common, Input::Messages(messages), None)?;
+    let (mut req, n, stream, include_usage) = common_to_request(r.common, Input::Messages(messages), None)?;
     req.top_logprobs = top;
-    Ok(Parsed { req, stream, include_usage, logprobs: r.logprobs })
+    Ok(Parsed { req, n, stream, include_usage, logprobs: r.logprobs })
 }
 
 pub fn parse_completion(body: &[u8]) -> Result<Parsed, String> {
@@ -256,9 +261,9 @@ pub fn parse_completion(body: &[u8]) -> Result<Parsed, String> {
         Some(n) if (0..=5).contains(&n) => Some(n as usize),
         Some(n) => return bad(format!("logprobs must be in [0, 5], got {n}")),
     };
-    let (mut req, stream, include_usage) = common_to_request(r.common, input, Some(COMPLETIONS_DEFAULT_MAX_TOKENS))?;
+    let (mut req, n, stream, include_usage) = common_to_request(r.common, input, Some(COMPLETIONS_DEFAULT_MAX_TOKENS))?;
     req.top_logprobs = top.unwrap_or(0);
-    Ok(Parsed { req, stream, include_usage, logprobs: top.is_some() })
+    Ok(Parsed { req, n, stream, include_usage, logprobs: top.is_some() })
 }
 
 #[cfg(test)]
@@ -293,7 +298,8 @@ mod tests {
     #[test]
     fn rejects_what_cannot_be_honoured() {
         for body in [
-            &br#"{"model":"m","messages":[],"n":2}"#[..],
+            &br#"{"model":"m","messages":[],"n":17}"#[..],
+            br#"{"model":"m","messages":[],"n":0}"#,
             br#"{"model":"m","messages":[],"top_logprobs":3}"#,
             br#"{"model":"m","messages":[],"stop":["a","b","c","d","e"]}"#,
             br#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
