@@ -115,7 +115,7 @@ pub struct NativeGenerateParams {
 
 fn whole(name: &str, v: f64, min: f64) -> Result<f64> {
     if !v.is_finite() || v.fract() != 0.0 || v < min || v > 9_007_199_254_740_991.0 {
-        return Err(invalid(format!("{name} must be an integer >= {min}, got {v}")));
+        return Err(invalid(format!("{name} must be an integer from {min} to 2^53 - 1, got {v}")));
     }
     Ok(v)
 }
@@ -482,7 +482,8 @@ pub struct NativeCanaryStatus {
 fn ms_option(name: &str, v: Option<f64>) -> Result<Option<u64>> {
     match v {
         None => Ok(None),
-        Some(x) if x.is_finite() && x >= 0.0 => Ok(Some(x as u64)),
+        // Up, so a fraction of a millisecond is not 0 (no limit, or refused).
+        Some(x) if x.is_finite() && x >= 0.0 => Ok(Some(x.ceil() as u64)),
         Some(x) => Err(invalid(format!("{name} must be a non-negative number of milliseconds, got {x}"))),
     }
 }

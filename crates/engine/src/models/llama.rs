@@ -294,6 +294,7 @@ pub(crate) mod tests {
             (vec![("llama.rope.scaling.type", MetaValue::Str("yarn".into())), ("llama.rope.scaling.factor", MetaValue::F32(4.0))], "original_context_length"),
             (vec![("llama.rope.scaling.type", MetaValue::Str("linear".into()))], "rope.scaling.factor"),
             (vec![("llama.rope.dimension_count", MetaValue::U32(8))], "partial rotary embeddings (8 of 16 dimensions)"),
+            (vec![("llama.rope.scaling.type", MetaValue::Str("longrope".into()))], "needs the rope_factors_long"),
         ];
         for (md, want) in cases {
             let f = tempfile::NamedTempFile::new().unwrap();

@@ -274,7 +274,9 @@ impl<'a> GgufSource<'a> {
         let attn_factor = f("rope.scaling.attn_factor");
         // Phi-3's LongRoPE: the long factors when the context exceeds the
         // trained one (llama.cpp's rule; it is static, so the cache stays valid).
-        if let (Some(long), Some(short)) = (pairs("rope_factors_long.weight")?, pairs("rope_factors_short.weight")?) {
+        let longrope = (pairs("rope_factors_long.weight")?, pairs("rope_factors_short.weight")?);
+        let has_longrope = matches!(longrope, (Some(_), Some(_)));
+        if let (Some(long), Some(short)) = longrope {
             let original = original()?;
             let ctx = hp.context_length as f32;
             apply(if ctx > original { &long } else { &short });
@@ -292,7 +294,8 @@ impl<'a> GgufSource<'a> {
                 apply(&by);
                 hp.rope_mscale = Some(mscale * attn_factor.unwrap_or(1.0));
             }
-            Some("longrope") => {} // the tensors above
+            Some("longrope") if has_longrope => {} // the tensors above
+            Some("longrope") => return Err(err("rope scaling 'longrope' needs the rope_factors_long and rope_factors_short tensors".into())),
             Some(other) => return Err(err(format!("rope scaling '{other}' is not supported (linear, yarn, longrope and Llama 3's rope_freqs are)"))),
         }
         if scaled {
