@@ -157,6 +157,11 @@ describe('HTTP server', () => {
     const said = byChoice.map((cs) => cs.map((c) => c.choices[0].text).join(''));
     assert.equal(said[0], said[1]);
     assert.equal(chunks.at(-1).usage.completion_tokens, 12);
+    // Choice 1 starts once choice 0's prompt is cached, and reuses it.
+    const hits = engine.getMetrics().prefixCache.hits;
+    const long = { model: 'default', prompt: [7, ...Array.from({ length: 300 }, (_, k) => 100 + (k % 97))], max_tokens: 1, n: 2 };
+    assert.equal((await post(`${base}/v1/completions`, long)).status, 200);
+    assert.ok(engine.getMetrics().prefixCache.hits - hits >= 256, `${engine.getMetrics().prefixCache.hits - hits} prompt tokens found cached`);
     // More choices than the server runs at once, or than allowed: 400.
     assert.equal((await post(`${base}/v1/completions`, { model: 'default', prompt: 'x', n: 3 })).status, 400);
     assert.equal((await post(`${base}/v1/completions`, { model: 'default', prompt: 'x', n: 17 })).status, 400);
@@ -175,6 +180,11 @@ describe('HTTP server', () => {
     const legacy = (await (await post(`${base}/v1/completions`, { model: 'default', prompt, max_tokens: 6, temperature: 0, logprobs: 5 })).json()).choices[0];
     for (const top of legacy.logprobs.top_logprobs) assert.equal(Object.keys(top).length, 5, JSON.stringify(top));
     assert.equal(legacy.logprobs.text_offset.length, 6);
+    // Offsets belong to the tokens, even where a stop sequence held text back.
+    const list = { model: 'default', prompt: 'List:\n1. apple\n2.', max_tokens: 8, temperature: 0, logprobs: 0 };
+    const plain = (await (await post(`${base}/v1/completions`, list)).json()).choices[0].logprobs.text_offset;
+    const held = (await (await post(`${base}/v1/completions`, { ...list, stop: [' grape juice', '\n9.'] })).json()).choices[0].logprobs.text_offset;
+    assert.deepEqual(held, plain.slice(0, held.length));
     assert.equal(legacy.logprobs.text_offset[0], 0);
     assert.ok(legacy.logprobs.text_offset.every((o: number, i: number, a: number[]) => i === 0 || o >= a[i - 1]));
   });
@@ -201,7 +211,9 @@ describe('HTTP server', () => {
     assert.equal((await big.json()).error.code, 'InvalidParams');
     const tools = await post(`${base}/v1/chat/completions`, { model: 'default', messages: [{ role: 'user', content: 'x' }], tools: [{ type: 'function', function: { name: 'f' } }] });
     assert.equal(tools.status, 400);
-    assert.match((await tools.json()).error.message, /tools is not supported/);
+    const toolsError = (await tools.json()).error;
+    assert.match(toolsError.message, /tools is not supported/);
+    assert.equal(toolsError.param, 'tools');
     const wrongMethod = await fetch(`${base}/v1/chat/completions`);
     assert.equal(wrongMethod.status, 405);
     assert.equal((await wrongMethod.json()).error.code, 'InvalidParams');
@@ -301,6 +313,11 @@ test('API key: /v1 needs the bearer token, /health does not; CORS only for the o
     assert.equal(pre.status, 204);
     assert.equal(pre.headers.get('access-control-allow-origin'), 'http://app.example');
     assert.match(pre.headers.get('access-control-allow-headers') ?? '', /authorization/);
+    const sdk = await fetch(`${server.url}/v1/chat/completions`, {
+      method: 'OPTIONS',
+      headers: { Origin: 'http://app.example', 'Access-Control-Request-Method': 'POST', 'Access-Control-Request-Headers': 'authorization, x-stainless-os' },
+    });
+    assert.match(sdk.headers.get('access-control-allow-headers') ?? '', /x-stainless-os/);
     const read = await fetch(`${server.url}/v1/models`, { headers: { Origin: 'http://app.example', Authorization: 'Bearer sekret' } });
     assert.equal(read.headers.get('access-control-allow-origin'), 'http://app.example');
     const other = await fetch(`${server.url}/v1/models`, { headers: { Origin: 'http://evil.example', Authorization: 'Bearer sekret' } });

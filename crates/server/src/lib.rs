@@ -24,6 +24,7 @@ use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use mlx_serving_engine::engine::GenerateRequest;
 use mlx_serving_engine::{Engine, EngineError};
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, Semaphore};
@@ -154,24 +155,31 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// sent, other responses name the origin they may be read by.
 async fn cors(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let origins = &state.opts.cors_origins;
-    let Some(origin) = req.headers().get(header::ORIGIN).cloned() else { return next.run(req).await };
-    let allowed = origins.iter().any(|o| o == "*" || o.as_bytes() == origin.as_bytes());
-    if !allowed {
+    if origins.is_empty() {
         return next.run(req).await;
     }
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let allowed = origin.as_ref().filter(|o| origins.iter().any(|a| a == "*" || a.as_bytes() == o.as_bytes()));
     let preflight = req.method() == axum::http::Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    let mut resp = if preflight {
-        let mut r = StatusCode::NO_CONTENT.into_response();
-        let h = r.headers_mut();
-        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
-        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type"));
-        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
-        r
-    } else {
-        next.run(req).await
+    let mut resp = match allowed {
+        Some(_) if preflight => {
+            let mut r = StatusCode::NO_CONTENT.into_response();
+            let h = r.headers_mut();
+            h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+            // Whatever the page's client sends (the OpenAI SDK adds its own
+            // x-stainless-* headers); the API key still decides access.
+            let asked = req.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS).cloned();
+            h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.unwrap_or(HeaderValue::from_static("authorization, content-type")));
+            h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+            r
+        }
+        _ => next.run(req).await,
     };
     let h = resp.headers_mut();
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    if let Some(o) = allowed {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o.clone());
+    }
+    // Caches must not hand one origin's answer to another.
     h.append(header::VARY, HeaderValue::from_static("origin"));
     resp
 }
@@ -282,7 +290,17 @@ fn openai_names(msg: &str) -> (String, Option<&'static str>) {
     (msg, param)
 }
 
+/// 429 with `Retry-After`, whether the server or the engine is full.
+fn overloaded(message: String) -> Response {
+    let mut r = error_response(StatusCode::TOO_MANY_REQUESTS, "Overloaded", message);
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
 fn engine_error_response(e: &EngineError) -> Response {
+    if let EngineError::Overloaded(_) = e {
+        return overloaded(e.to_string());
+    }
     if let EngineError::InvalidParams(msg) = e {
         let (msg, param) = openai_names(msg);
         return error_with_param(StatusCode::BAD_REQUEST, e.code(), msg, param);
@@ -386,7 +404,8 @@ async fn generate(state: Arc<AppState>, parsed: Result<Parsed, String>, api: Api
         Ok(p) => p,
         Err(msg) => {
             state.metrics.bad_request();
-            return error_response(StatusCode::BAD_REQUEST, "InvalidParams", msg);
+            let param = openai::param_of(&msg);
+            return error_with_param(StatusCode::BAD_REQUEST, "InvalidParams", msg, param.as_deref());
         }
     };
     if state.engine.model_info(&parsed.req.model).is_none() {
@@ -402,35 +421,32 @@ async fn generate(state: Arc<AppState>, parsed: Result<Parsed, String>, api: Api
     }
     let Ok(permit) = state.permits.clone().try_acquire_many_owned(parsed.n as u32) else {
         state.metrics.rejected();
-        let mut r = error_response(
-            StatusCode::TOO_MANY_REQUESTS,
-            "Overloaded",
-            format!("{} generations are already running; retry shortly", state.opts.max_concurrent),
-        );
-        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return r;
+        let free = state.permits.available_permits();
+        let why = format!("this request needs {} of the {} generation slots and {free} are free; retry shortly", parsed.n, state.opts.max_concurrent);
+        return overloaded(why);
     };
     let model = parsed.req.model.clone();
     let engine = state.engine.clone();
     let (req, n) = (parsed.req, parsed.n);
-    // Templating and tokenization can take a moment on long prompts. Each
-    // choice is its own sequence (its prompt blocks found in the prefix
-    // cache after the first); with a seed, choice i samples with seed + i.
-    let submitted = tokio::task::spawn_blocking(move || {
-        (0..n)
-            .map(|i| {
-                let mut r = req.clone();
-                r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i as u64));
-                engine.submit(r)
-            })
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await;
-    let handles = match submitted {
+    // Choices past the first differ only in their seed (choice i samples
+    // with seed + i); the run submits them once choice 0's prompt is cached.
+    let rest: Vec<GenerateRequest> = (1..n)
+        .map(|i| {
+            let mut r = req.clone();
+            r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i as u64));
+            r
+        })
+        .collect();
+    // Templating and tokenization can take a moment on long prompts.
+    let handle = match tokio::task::spawn_blocking(move || engine.submit(req)).await {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
-            if matches!(e, EngineError::InvalidParams(_) | EngineError::Tokenizer(_)) {
-                state.metrics.bad_request();
+            match e {
+                EngineError::InvalidParams(_) | EngineError::Tokenizer(_) => state.metrics.bad_request(),
+                // The engine's own limit (a cancelled sequence not yet
+                // released, streaming.maxConcurrentStreams).
+                EngineError::Overloaded(_) => state.metrics.rejected(),
+                _ => {}
             }
             return engine_error_response(&e);
         }
@@ -438,7 +454,7 @@ async fn generate(state: Arc<AppState>, parsed: Result<Parsed, String>, api: Api
     };
     let id = format!("{}-{}{:x}", if api == Api::Chat { "chatcmpl" } else { "cmpl" }, state.id_prefix, state.next_id.fetch_add(1, Ordering::Relaxed));
     let shape = run::Shape { id, model, api, created: unix_now(), logprobs: parsed.logprobs, include_usage: parsed.include_usage };
-    let run = run::Run::new(state.clone(), handles, permit, shape);
+    let run = run::Run::new(state.clone(), handle, rest, permit, shape);
     if parsed.stream {
         Sse::new(run.into_sse()).keep_alive(KeepAlive::default()).into_response()
     } else {

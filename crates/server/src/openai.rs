@@ -34,19 +34,51 @@ fn nullable<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> R
 /// bookkeeping (`metadata`, `store`, ...). `tools` or a JSON
 /// `response_format` silently dropped would hand a client plain text it
 /// cannot use.
-fn refuse_unsupported(fields: &Map<String, Value>, what: &str) -> Result<(), String> {
+fn refuse_unsupported(fields: &Map<String, Value>) -> Result<(), String> {
     for (k, v) in fields {
         let empty = v.as_array().is_some_and(|a| a.is_empty()) || v.as_object().is_some_and(|o| o.is_empty());
         let harmless = v.is_null()
-            || matches!(k.as_str(), "metadata" | "store" | "service_tier" | "parallel_tool_calls" | "name")
-            || (matches!(k.as_str(), "tools" | "functions" | "logit_bias" | "tool_calls") && empty)
+            || matches!(k.as_str(), "metadata" | "store" | "service_tier" | "parallel_tool_calls")
+            || (matches!(k.as_str(), "tools" | "functions" | "logit_bias") && empty)
             || (matches!(k.as_str(), "tool_choice" | "function_call") && v == "none")
+            || (k == "best_of" && v == 1)
             || (k == "response_format" && v.get("type").and_then(Value::as_str) == Some("text"));
         if !harmless {
-            return bad(format!("{what}{k} is not supported"));
+            return bad(format!("{k} is not supported"));
         }
     }
     Ok(())
+}
+
+/// A message's fields beyond role and content: a name changes nothing here.
+fn refuse_unsupported_in_message(fields: &Map<String, Value>, role: &str) -> Result<(), String> {
+    for (k, v) in fields {
+        let empty = v.as_array().is_some_and(|a| a.is_empty());
+        if !(v.is_null() || k == "name" || (k == "tool_calls" && empty)) {
+            return bad(format!("{role} message: {k} is not supported"));
+        }
+    }
+    Ok(())
+}
+
+/// Request fields an error message may start with.
+const FIELDS: &[&str] = &[
+    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+    "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop", "stream", "stream_options", "n",
+    "logprobs", "top_logprobs", "echo", "priority", "cache_salt", "user", "ignore_eos",
+];
+
+/// OpenAI's `param` for one of our parse errors: the field it names first,
+/// `messages` for a message's, the field refused as unsupported.
+pub fn param_of(msg: &str) -> Option<String> {
+    if msg.contains(" message: ") {
+        return Some("messages".into());
+    }
+    if let Some(field) = msg.strip_suffix(" is not supported") {
+        return Some(field.to_owned());
+    }
+    let first = msg.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next()?;
+    FIELDS.contains(&first).then(|| first.to_owned())
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,12 +254,12 @@ fn content_text(role: &str, v: Option<Value>) -> Result<String, String> {
 
 pub fn parse_chat(body: &[u8]) -> Result<Parsed, String> {
     let r: ChatRequest = serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))?;
-    refuse_unsupported(&r.other, "")?;
+    refuse_unsupported(&r.other)?;
     let messages = r
         .messages
         .into_iter()
         .map(|m| {
-            refuse_unsupported(&m.other, &format!("{} message: ", m.role))?;
+            refuse_unsupported_in_message(&m.other, &m.role)?;
             Ok(ChatMessage { content: content_text(&m.role, m.content)?, role: m.role })
         })
         .collect::<Result<Vec<_>, String>>()?;
@@ -243,7 +275,7 @@ pub fn parse_chat(body: &[u8]) -> Result<Parsed, String> {
 
 pub fn parse_completion(body: &[u8]) -> Result<Parsed, String> {
     let r: CompletionRequest = serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))?;
-    refuse_unsupported(&r.other, "")?;
+    refuse_unsupported(&r.other)?;
     if r.echo {
         return bad("echo is not supported");
     }
@@ -324,6 +356,8 @@ mod tests {
             (r#","logit_bias":{"50256":-100}"#, "logit_bias is not supported"),
             (r#","foo_bar":1"#, "foo_bar is not supported"),
             (r#","tool_choice":"auto""#, "tool_choice is not supported"),
+            (r#","name":"x""#, "name is not supported"),
+            (r#","tool_calls":[]"#, "tool_calls is not supported"),
         ] {
             assert_eq!(chat(extra).unwrap_err(), named, "{extra}");
         }
@@ -337,7 +371,18 @@ mod tests {
         let tool_call = br#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"1"}]}]}"#;
         assert_eq!(parse_chat(tool_call).map(|_| ()).unwrap_err(), "assistant message: tool_calls is not supported");
         assert!(parse_completion(br#"{"model":"m","prompt":"a","suffix":"z"}"#).map(|_| ()).unwrap_err().contains("suffix"));
-        assert!(parse_completion(br#"{"model":"m","prompt":"a","echo":null,"stream":null}"#).is_ok());
+        assert!(parse_completion(br#"{"model":"m","prompt":"a","echo":null,"stream":null,"best_of":1}"#).is_ok());
+        let named = br#"{"model":"m","messages":[{"role":"user","content":"hi","name":"ann","tool_calls":[]}]}"#;
+        assert!(parse_chat(named).is_ok());
+        for (msg, param) in [
+            ("foo is not supported", Some("foo")),
+            ("assistant message: tool_calls is not supported", Some("messages")),
+            ("top_k must be -1, 0 or positive, got -5", Some("top_k")),
+            ("n must be from 1 to 16, got 17", Some("n")),
+            ("invalid request body: expected value at line 1 column 1", None),
+        ] {
+            assert_eq!(param_of(msg).as_deref(), param, "{msg}");
+        }
         let part = br#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#;
         assert_eq!(parse_chat(part).map(|_| ()).unwrap_err(), "user message: content part type 'image_url' is not supported (text only)");
     }

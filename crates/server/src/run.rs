@@ -10,7 +10,7 @@ use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream};
-use mlx_serving_engine::engine::{Event, RequestHandle, Stats};
+use mlx_serving_engine::engine::{Event, FinishReason, GenerateRequest, RequestHandle, Stats};
 use mlx_serving_engine::EngineError;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -20,11 +20,43 @@ use crate::{engine_error_response, Api, AppState};
 /// One choice's progress.
 #[derive(Default)]
 struct Choice {
-    /// Characters of output so far (legacy logprobs' `text_offset`).
-    text_chars: usize,
+    /// Characters of the tokens so far (legacy logprobs' `text_offset`),
+    /// counted from the tokens themselves: text held back for a possible
+    /// stop sequence is released later but still sits at its own token.
+    chars: CharCount,
     /// Whether a chunk went out (the first one carries the role).
     started: bool,
     done: bool,
+}
+
+/// Characters in a byte stream, each counted once its bytes are all in (an
+/// invalid sequence counts as the one replacement character it shows as).
+#[derive(Default)]
+struct CharCount {
+    chars: usize,
+    pending: Vec<u8>,
+}
+
+impl CharCount {
+    fn push(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+        loop {
+            let (valid, skip) = match std::str::from_utf8(&self.pending) {
+                Ok(_) => (self.pending.len(), None),
+                Err(e) => (e.valid_up_to(), Some(e.error_len())),
+            };
+            self.chars += std::str::from_utf8(&self.pending[..valid]).unwrap_or_default().chars().count();
+            match skip {
+                None => return self.pending.clear(),
+                // Incomplete: wait for the rest.
+                Some(None) => return drop(self.pending.drain(..valid)),
+                Some(Some(n)) => {
+                    self.chars += 1;
+                    self.pending.drain(..valid + n);
+                }
+            }
+        }
+    }
 }
 
 /// What the response looks like, beside its choices' events.
@@ -48,7 +80,31 @@ pub(crate) struct Run {
     /// Over the finished choices: the prompt (counted once) and the output.
     prompt_tokens: usize,
     generated: usize,
+    /// First token of choice 0, seconds; choice 0's finish.
+    ttft_s: f64,
+    stopped: bool,
     finished: bool,
+}
+
+/// Sends choice `i`'s events on until its last one, or until the run is
+/// gone (then dropping `h` cancels the sequence, even while queued). `then`
+/// runs at its first token or its end, once its prompt has been prefilled.
+async fn forward(i: usize, mut h: RequestHandle, tx: mpsc::Sender<(usize, Option<Event>)>, mut then: Option<Box<dyn FnOnce() + Send>>) {
+    loop {
+        let ev = tokio::select! {
+            ev = h.recv() => ev,
+            _ = tx.closed() => return,
+        };
+        if matches!(ev, Some(Event::Token { .. } | Event::Done(_))) {
+            if let Some(f) = then.take() {
+                f();
+            }
+        }
+        let last = !matches!(ev, Some(Event::Token { .. }));
+        if tx.send((i, ev)).await.is_err() || last {
+            return;
+        }
+    }
 }
 
 impl Drop for Run {
@@ -62,27 +118,30 @@ impl Drop for Run {
 }
 
 impl Run {
-    pub fn new(state: Arc<AppState>, handles: Vec<RequestHandle>, permit: OwnedSemaphorePermit, shape: Shape) -> Run {
-        let (tx, events) = mpsc::channel(16 * handles.len());
-        let n = handles.len();
-        for (i, mut h) in handles.into_iter().enumerate() {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                loop {
-                    let ev = tokio::select! {
-                        ev = h.recv() => ev,
-                        // The run is gone: stop at once, even while queued.
-                        _ = tx.closed() => return,
-                    };
-                    let last = !matches!(ev, Some(Event::Token { .. }));
-                    if tx.send((i, ev)).await.is_err() || last {
-                        return;
+    /// Serves `first` (choice 0) and, once its prompt is in the prefix
+    /// cache (its first token), submits `rest` (choices 1..), so they share
+    /// those blocks instead of each prefilling the prompt again.
+    pub fn new(state: Arc<AppState>, first: RequestHandle, rest: Vec<GenerateRequest>, permit: OwnedSemaphorePermit, shape: Shape) -> Run {
+        let n = 1 + rest.len();
+        let (tx, events) = mpsc::channel(16 * n);
+        let then: Option<Box<dyn FnOnce() + Send>> = (!rest.is_empty()).then(|| {
+            let (engine, tx) = (state.engine.clone(), tx.clone());
+            Box::new(move || {
+                tokio::spawn(async move {
+                    let submitted = tokio::task::spawn_blocking(move || rest.into_iter().map(|r| engine.submit(r)).collect::<Vec<_>>()).await;
+                    let submitted = submitted.unwrap_or_else(|e| vec![Err(EngineError::Internal(e.to_string()))]);
+                    for (k, r) in submitted.into_iter().enumerate() {
+                        match r {
+                            Ok(h) => drop(tokio::spawn(forward(k + 1, h, tx.clone(), None))),
+                            Err(e) => return drop(tx.send((k + 1, Some(Event::Error(e)))).await),
+                        }
                     }
-                }
-            });
-        }
+                });
+            }) as Box<dyn FnOnce() + Send>
+        });
+        tokio::spawn(forward(0, first, tx, then));
         let choices = (0..n).map(|_| Choice::default()).collect();
-        Run { state, events, _permit: permit, shape, choices, prompt_tokens: 0, generated: 0, finished: false }
+        Run { state, events, _permit: permit, shape, choices, prompt_tokens: 0, generated: 0, ttft_s: 0.0, stopped: false, finished: false }
     }
 
     /// A token as logprobs show it: its text, or where its bytes are only
@@ -97,8 +156,12 @@ impl Run {
         (text, bytes)
     }
 
-    fn logprob_entry(&self, token_id: u32, logprob: f32, top: &[(u32, f32)]) -> Value {
+    /// Choice `i`'s logprob entry for a token (legacy: with its `offset`).
+    fn logprob_entry(&mut self, i: usize, token_id: u32, logprob: f32, top: &[(u32, f32)]) -> Value {
         let (text, bytes) = self.token_repr(token_id);
+        let chars = &mut self.choices[i].chars;
+        let offset = chars.chars;
+        chars.push(&bytes);
         match self.shape.api {
             Api::Chat => json!({
                 "token": text, "logprob": logprob, "bytes": bytes,
@@ -108,7 +171,7 @@ impl Run {
                 }).collect::<Vec<_>>(),
             }),
             Api::Completion => json!({
-                "token": text, "logprob": logprob,
+                "token": text, "logprob": logprob, "offset": offset,
                 "top": top.iter().map(|&(t, lp)| (self.token_repr(t).0, Value::from(lp))).collect::<Map<_, _>>(),
             }),
         }
@@ -122,18 +185,20 @@ impl Run {
         })
     }
 
-    /// A choice's final event; returns whether every choice is done.
+    /// A choice's final event; returns whether every choice is done (the
+    /// request then counts once in the metrics, as vLLM counts it).
     fn choice_done(&mut self, i: usize, stats: &Stats) -> bool {
-        self.state.metrics.request_done(
-            stats.n_prompt_tokens,
-            stats.n_generated_tokens,
-            stats.t_first_token_ms / 1e3,
-            stats.finish_reason == mlx_serving_engine::engine::FinishReason::Stop,
-        );
         self.prompt_tokens = stats.n_prompt_tokens;
         self.generated += stats.n_generated_tokens;
+        if i == 0 {
+            self.ttft_s = stats.t_first_token_ms / 1e3;
+            self.stopped = stats.finish_reason == FinishReason::Stop;
+        }
         self.choices[i].done = true;
         self.finished = self.choices.iter().all(|c| c.done);
+        if self.finished {
+            self.state.metrics.request_done(self.prompt_tokens, self.generated, self.ttft_s, self.stopped);
+        }
         self.finished
     }
 
@@ -144,10 +209,8 @@ impl Run {
 
     /// A streaming chunk of choice `i` carrying `text` (and its logprob entry).
     fn delta_chunk(&mut self, i: usize, text: &str, logprob: Option<Value>, finish: Option<&str>) -> Value {
-        let c = &mut self.choices[i];
-        let (offset, first) = (c.text_chars, !c.started);
-        c.text_chars += text.chars().count();
-        c.started = true;
+        let first = !self.choices[i].started;
+        self.choices[i].started = true;
         let s = &self.shape;
         let mut chunk = match s.api {
             Api::Chat => {
@@ -166,7 +229,7 @@ impl Run {
             }
             Api::Completion => {
                 let lp = logprob.map(|l| {
-                    json!({ "tokens": [l["token"]], "token_logprobs": [l["logprob"]], "top_logprobs": [l["top"]], "text_offset": [offset] })
+                    json!({ "tokens": [l["token"]], "token_logprobs": [l["logprob"]], "top_logprobs": [l["top"]], "text_offset": [l["offset"]] })
                 });
                 json!({
                     "id": s.id, "object": "text_completion", "created": s.created, "model": s.model,
@@ -199,7 +262,7 @@ impl Run {
                 match st.run.events.recv().await {
                     Some((i, Some(Event::Token { text, token_id, logprob, top_logprobs }))) => {
                         let lp = match (st.run.shape.logprobs, logprob) {
-                            (true, Some(l)) => Some(st.run.logprob_entry(token_id, l, &top_logprobs)),
+                            (true, Some(l)) => Some(st.run.logprob_entry(i, token_id, l, &top_logprobs)),
                             _ => None,
                         };
                         // Tokens that release no text (held back) send nothing yet.
@@ -252,10 +315,7 @@ impl Run {
             match self.events.recv().await {
                 Some((i, Some(Event::Token { text, token_id, logprob, top_logprobs }))) => {
                     if let (true, Some(l)) = (self.shape.logprobs, logprob) {
-                        let mut e = self.logprob_entry(token_id, l, &top_logprobs);
-                        if self.shape.api == Api::Completion {
-                            e["offset"] = texts[i].chars().count().into();
-                        }
+                        let e = self.logprob_entry(i, token_id, l, &top_logprobs);
                         entries[i].push(e);
                     }
                     texts[i].push_str(&text);
@@ -298,5 +358,22 @@ impl Run {
         let object = if s.api == Api::Chat { "chat.completion" } else { "text_completion" };
         Json(json!({ "id": s.id, "object": object, "created": s.created, "model": s.model, "choices": choices, "usage": self.usage() }))
             .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CharCount;
+
+    #[test]
+    fn characters_count_once_complete() {
+        let mut c = CharCount::default();
+        let smile = "😀".as_bytes();
+        c.push(b"ab");
+        c.push(&smile[..2]);
+        assert_eq!(c.chars, 2, "half a character is not one yet");
+        c.push(&smile[2..]);
+        c.push(b"\xffz");
+        assert_eq!(c.chars, 5, "a, b, the emoji, one replacement, z");
     }
 }
