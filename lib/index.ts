@@ -13,68 +13,17 @@ import type {
   NativeChunk,
   NativeControlEvent,
   NativeEngine as NativeEngineT,
-  NativeGenerateParams,
   NativeModelInfo,
   NativeStream,
 } from '../index.js';
 
+import { call, callSync, EngineClientError, fromNative, type ErrorCode } from './errors';
+import { abortError, refuseUnknownKeys, toNativeParams, tokenIds, whole } from './params';
+
+export { ERROR_CODES, EngineClientError, type ErrorCode } from './errors';
+
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 const native: typeof import('../index.js') = require('../index.js');
-
-export const ERROR_CODES = [
-  'InvalidParams',
-  'ModelLoadError',
-  'ModelNotLoaded',
-  'GenerationError',
-  'TokenizerError',
-  'Timeout',
-  'Cancelled',
-  'Overloaded',
-  'InternalError',
-] as const;
-export type ErrorCode = (typeof ERROR_CODES)[number];
-
-export class EngineClientError extends Error {
-  readonly code: ErrorCode;
-  constructor(code: ErrorCode, message: string) {
-    super(message);
-    this.name = 'EngineClientError';
-    this.code = code;
-  }
-}
-
-/** Native errors carry their code as a message prefix (`Code: message`). */
-function fromNative(err: unknown): EngineClientError {
-  if (err instanceof EngineClientError) return err;
-  const message = err instanceof Error ? err.message : String(err);
-  const m = /^([A-Za-z]+): ([\s\S]*)$/.exec(message);
-  if (m && (ERROR_CODES as readonly string[]).includes(m[1])) {
-    return new EngineClientError(m[1] as ErrorCode, m[2]);
-  }
-  // napi's own argument conversion errors (`InvalidArg`, `NumberExpected`,
-  // `StringExpected`, ...) are the caller's input problem.
-  const code = err instanceof Error ? (err as { code?: unknown }).code : undefined;
-  if (typeof code === 'string' && (code === 'InvalidArg' || code.endsWith('Expected'))) {
-    return new EngineClientError('InvalidParams', message);
-  }
-  return new EngineClientError('InternalError', message);
-}
-
-async function call<T>(f: () => Promise<T> | T): Promise<T> {
-  try {
-    return await f();
-  } catch (e) {
-    throw fromNative(e);
-  }
-}
-
-function callSync<T>(f: () => T): T {
-  try {
-    return f();
-  } catch (e) {
-    throw fromNative(e);
-  }
-}
 
 /** The default model's file name, as setup unpacks it into `models/`. */
 export const DEFAULT_MODEL_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf';
@@ -449,99 +398,6 @@ function toHandle(m: NativeModelInfo): ModelHandle {
 
 function pairModel(m: NativeModelInfo): DraftPairModel {
   return { id: m.id, architecture: m.architecture, vocabSize: m.vocabSize, contextLength: m.contextLength, weightBytes: m.weightBytes };
-}
-
-/**
- * A whole number in `[min, max]`, or undefined. napi would otherwise wrap or
- * truncate it on the way to Rust (-1 as 4294967295, 1.5 as 1).
- */
-function whole(name: string, v: unknown, min: number, max: number): number | undefined {
-  if (v === undefined) return undefined;
-  if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) {
-    throw new EngineClientError('InvalidParams', `${name} must be an integer from ${min} to ${max}, got ${typeof v === 'number' ? v : typeof v}`);
-  }
-  return v;
-}
-
-/** Token ids as napi passes them (u32); the engine checks them against the vocabulary. */
-function tokenIds(name: string, v: unknown): number[] | undefined {
-  if (v === undefined) return undefined;
-  if (!Array.isArray(v)) throw new EngineClientError('InvalidParams', `${name} must be an array of token ids`);
-  return v.map((t, i) => whole(`${name}[${i}]`, t, 0, 2 ** 32 - 1)!);
-}
-
-/** How an aborted signal ends a stream: `AbortSignal.timeout()` is a timeout. */
-function abortError(signal: AbortSignal): { code: ErrorCode; message: string } {
-  const reason = signal.reason as { name?: unknown } | undefined;
-  return reason?.name === 'TimeoutError'
-    ? { code: 'Timeout', message: 'request timed out (its AbortSignal)' }
-    : { code: 'Cancelled', message: 'request cancelled' };
-}
-
-const PARAM_KEYS = new Set([
-  'model', 'prompt', 'messages', 'maxTokens', 'temperature', 'topP', 'topK', 'minP', 'repetitionPenalty',
-  'presencePenalty', 'frequencyPenalty', 'seed', 'stopSequences', 'stopTokenIds', 'ignoreEos',
-]);
-const OPTION_KEYS = new Set(['signal', 'timeoutMs', 'priority', 'cacheSalt', 'requestId', 'onToken']);
-
-/**
- * Refuses keys that would be ignored (`max_tokens`, a `timeoutMs` among the
- * params): from JavaScript nothing else catches the typo, and the request
- * would run without the limit its caller meant.
- */
-function refuseUnknownKeys(what: 'params' | 'options', o: object): void {
-  const [known, other] = what === 'params' ? [PARAM_KEYS, OPTION_KEYS] : [OPTION_KEYS, PARAM_KEYS];
-  for (const key of Object.keys(o)) {
-    if (known.has(key)) continue;
-    const camel = key.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase());
-    const hint = other.has(key)
-      ? ` (it belongs in the ${what === 'params' ? 'options' : 'params'} argument)`
-      : key === 'stop' ? " (did you mean 'stopSequences'?)"
-      : camel !== key && known.has(camel) ? ` (did you mean '${camel}'?)` : '';
-    throw new EngineClientError('InvalidParams', `unknown ${what === 'params' ? 'parameter' : 'option'} '${key}'${hint}`);
-  }
-}
-
-function toNativeParams(p: GeneratorParams): NativeGenerateParams {
-  if (p === null || typeof p !== 'object') {
-    throw new EngineClientError('InvalidParams', 'params must be an object');
-  }
-  refuseUnknownKeys('params', p);
-  if (typeof p.model !== 'string') {
-    throw new EngineClientError('InvalidParams', 'model must be a string');
-  }
-  if (p.prompt !== undefined && p.messages !== undefined) {
-    throw new EngineClientError('InvalidParams', 'give either prompt or messages, not both');
-  }
-  const out: NativeGenerateParams = {
-    model: p.model,
-    maxTokens: p.maxTokens,
-    temperature: p.temperature,
-    topP: p.topP,
-    topK: p.topK,
-    minP: p.minP,
-    repetitionPenalty: p.repetitionPenalty,
-    presencePenalty: p.presencePenalty,
-    frequencyPenalty: p.frequencyPenalty,
-    seed: p.seed,
-    stopSequences: p.stopSequences,
-    stopTokenIds: tokenIds('stopTokenIds', p.stopTokenIds),
-    ignoreEos: p.ignoreEos,
-  };
-  if (typeof p.prompt === 'string') out.prompt = p.prompt;
-  else if (p.prompt !== undefined) {
-    if (!p.prompt || !Array.isArray(p.prompt.tokens)) {
-      throw new EngineClientError('InvalidParams', 'prompt must be a string or {tokens: number[]}');
-    }
-    out.promptTokens = tokenIds('prompt.tokens', p.prompt.tokens);
-  }
-  if (p.messages !== undefined) {
-    if (!Array.isArray(p.messages) || p.messages.some((m) => typeof m?.role !== 'string' || typeof m?.content !== 'string')) {
-      throw new EngineClientError('InvalidParams', 'messages must be an array of {role: string, content: string}');
-    }
-    out.messages = p.messages.map((m) => ({ role: m.role, content: m.content }));
-  }
-  return out;
 }
 
 function toControlEvent(e: NativeControlEvent): ControlEvent {

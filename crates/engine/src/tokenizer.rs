@@ -356,8 +356,17 @@ impl Tokenizer {
 
     /// Decodes a whole sequence (lossy for invalid UTF-8).
     pub fn decode(&self, ids: &[u32]) -> String {
-        let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.piece(i).iter().copied()).collect();
-        String::from_utf8_lossy(&bytes).into_owned()
+        self.decode_by(ids, Self::piece)
+    }
+
+    /// `decode` with control tokens as their text (`bytes_with_specials`).
+    pub fn decode_with_specials(&self, ids: &[u32]) -> String {
+        self.decode_by(ids, Self::bytes_with_specials)
+    }
+
+    fn decode_by<'a>(&'a self, ids: &[u32], bytes: impl Fn(&'a Self, u32) -> &'a [u8]) -> String {
+        let all: Vec<u8> = ids.iter().flat_map(|&i| bytes(self, i).iter().copied()).collect();
+        String::from_utf8_lossy(&all).into_owned()
     }
 }
 

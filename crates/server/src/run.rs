@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream};
 use mlx_serving_engine::engine::{Event, FinishReason, GenerateRequest, RequestHandle, Stats};
+use mlx_serving_engine::tokenizer::StreamDecoder;
 use mlx_serving_engine::EngineError;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -29,33 +30,17 @@ struct Choice {
     done: bool,
 }
 
-/// Characters in a byte stream, each counted once its bytes are all in (an
-/// invalid sequence counts as the one replacement character it shows as).
+/// Characters of a token stream, each counted once its bytes are all in:
+/// the characters the stream's text has so far.
 #[derive(Default)]
 struct CharCount {
     chars: usize,
-    pending: Vec<u8>,
+    text: StreamDecoder,
 }
 
 impl CharCount {
     fn push(&mut self, bytes: &[u8]) {
-        self.pending.extend_from_slice(bytes);
-        loop {
-            let (valid, skip) = match std::str::from_utf8(&self.pending) {
-                Ok(_) => (self.pending.len(), None),
-                Err(e) => (e.valid_up_to(), Some(e.error_len())),
-            };
-            self.chars += std::str::from_utf8(&self.pending[..valid]).unwrap_or_default().chars().count();
-            match skip {
-                None => return self.pending.clear(),
-                // Incomplete: wait for the rest.
-                Some(None) => return drop(self.pending.drain(..valid)),
-                Some(Some(n)) => {
-                    self.chars += 1;
-                    self.pending.drain(..valid + n);
-                }
-            }
-        }
+        self.chars += self.text.push(bytes).chars().count();
     }
 }
 

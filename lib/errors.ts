@@ -1,0 +1,56 @@
+/** Errors of the public API: one class, a stable `code` each. */
+
+export const ERROR_CODES = [
+  'InvalidParams',
+  'ModelLoadError',
+  'ModelNotLoaded',
+  'GenerationError',
+  'TokenizerError',
+  'Timeout',
+  'Cancelled',
+  'Overloaded',
+  'InternalError',
+] as const;
+export type ErrorCode = (typeof ERROR_CODES)[number];
+
+export class EngineClientError extends Error {
+  readonly code: ErrorCode;
+  constructor(code: ErrorCode, message: string) {
+    super(message);
+    this.name = 'EngineClientError';
+    this.code = code;
+  }
+}
+
+/** Native errors carry their code as a message prefix (`Code: message`). */
+export function fromNative(err: unknown): EngineClientError {
+  if (err instanceof EngineClientError) return err;
+  const message = err instanceof Error ? err.message : String(err);
+  const m = /^([A-Za-z]+): ([\s\S]*)$/.exec(message);
+  if (m && (ERROR_CODES as readonly string[]).includes(m[1])) {
+    return new EngineClientError(m[1] as ErrorCode, m[2]);
+  }
+  // napi's own argument conversion errors (`InvalidArg`, `NumberExpected`,
+  // `StringExpected`, ...) are the caller's input problem.
+  const code = err instanceof Error ? (err as { code?: unknown }).code : undefined;
+  if (typeof code === 'string' && (code === 'InvalidArg' || code.endsWith('Expected'))) {
+    return new EngineClientError('InvalidParams', message);
+  }
+  return new EngineClientError('InternalError', message);
+}
+
+export async function call<T>(f: () => Promise<T> | T): Promise<T> {
+  try {
+    return await f();
+  } catch (e) {
+    throw fromNative(e);
+  }
+}
+
+export function callSync<T>(f: () => T): T {
+  try {
+    return f();
+  } catch (e) {
+    throw fromNative(e);
+  }
+}
