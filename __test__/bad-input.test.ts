@@ -171,6 +171,9 @@ describe('bad input', () => {
       await assert.rejects(engine.startServer({ port }), isCode('InvalidParams', 'port'), String(port));
     }
     await assert.rejects(engine.startServer({ port: 0, bodyLimitBytes: -1 }), isCode('InvalidParams', 'bodyLimitBytes'));
+    for (const corsOrigins of ['http://a.test', [''], [5]]) {
+      await assert.rejects(engine.startServer({ port: 0, corsOrigins: corsOrigins as any }), isCode('InvalidParams', 'corsOrigins'));
+    }
     await assert.rejects(createEngine({ maxConcurrentStreams: -1 }), isCode('InvalidParams', 'maxConcurrentStreams'));
     // Types napi refuses come out as InvalidParams too, not InternalError.
     await assert.rejects(engine.generate({ ...base, maxTokens: '4' as any }), isCode('InvalidParams'));
