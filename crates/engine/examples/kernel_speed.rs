@@ -5,14 +5,15 @@
 //!   (the ceiling for decode, which reads every weight byte once per step).
 //! - GEMV (one token, decode) on 2048 x 2048 weights, from cache (the matrix
 //!   fits in L3) and from memory (cycling through copies that do not), in
-//!   microseconds and GB/s of weight bytes.
+//!   microseconds and GB/s of weight bytes, each path on the layout it
+//!   gets at load.
 //! - GEMM of 64 tokens (prefill) on the same weights, in GFLOP/s.
 //! - The worker pool's cost per parallel split, which every matmul and
 //!   attention call of a forward pass pays once.
 
 use std::time::Instant;
 
-use mlx_serving_engine::cpu::{matmul_with, Bytes, Isa, QMatrix};
+use mlx_serving_engine::cpu::{matmul_with, Bytes, Isa, Layout, QMatrix};
 use mlx_serving_engine::quant::{quantize_row, QType, QuantizedActs};
 use rayon::prelude::*;
 
@@ -74,12 +75,13 @@ fn main() {
                 .collect(),
             _ => w.chunks(cols).flat_map(|r| quantize_row(qtype, r)).collect(),
         };
-        // Enough copies to overflow the last-level cache (32 MiB here) several times.
-        let copies = (160usize << 20).div_ceil(data.len());
-        // In the layout models get at load (8-row panels where a kernel takes them).
-        let mats: Vec<QMatrix> = (0..copies).map(|_| QMatrix::new(qtype, rows, cols, Bytes::Owned(data.clone())).into_panels()).collect();
-        let m = &mats[0];
+        // Enough copies to overflow a server's last-level cache (up to 260 MiB) twice.
+        let copies = (512usize << 20).div_ceil(data.len());
         for isa in Isa::available() {
+            // In the layout a model gets at load on this path.
+            let layout = Layout::for_kernels(isa, qtype);
+            let mats: Vec<QMatrix> = (0..copies).map(|_| QMatrix::new(qtype, rows, cols, Bytes::Owned(data.clone())).into_layout(layout)).collect();
+            let m = &mats[0];
             let mut out = vec![0.0; 64 * rows];
             let mut xq = QuantizedActs::default();
             let x1 = &x[..cols];

@@ -127,7 +127,7 @@ mod tests {
 
     #[test]
     fn q8_0_and_its_a8_twin_multiply_identically() {
-        use crate::cpu::{matmul_with, Bytes, Isa, QMatrix};
+        use crate::cpu::{matmul_with, Bytes, Isa, Layout, QMatrix};
         use crate::quant::QuantizedActs;
         let (rows, cols) = (40, 96);
         let w = rand_vec(rows * cols, 3);
@@ -139,18 +139,17 @@ mod tests {
                 affine_to_blocks(bits, 32, &words, &s, &b, cols).unwrap().1
             })
             .collect();
-        // Plain rows, then the 8-row kernels' layout (where this machine has it).
-        for panels in [false, true] {
-            let layout = |m: QMatrix| if panels { m.into_panels() } else { m };
-            let m8 = layout(QMatrix::new(QType::Q8_0, rows, cols, Bytes::Owned(q8.clone())));
-            let ma = layout(QMatrix::new(QType::A8, rows, cols, Bytes::Owned(a8.clone())));
+        // In every layout the kernels read.
+        for layout in Layout::ALL {
+            let m8 = QMatrix::new(QType::Q8_0, rows, cols, Bytes::Owned(q8.clone())).into_layout(layout);
+            let ma = QMatrix::new(QType::A8, rows, cols, Bytes::Owned(a8.clone())).into_layout(layout);
             for isa in Isa::available() {
                 for n in 1..=9 {
                     let x = rand_vec(n * cols, n as u64);
                     let (mut o8, mut oa) = (vec![0.0; n * rows], vec![0.0; n * rows]);
                     matmul_with(isa, &m8, &x, &mut QuantizedActs::default(), &mut o8);
                     matmul_with(isa, &ma, &x, &mut QuantizedActs::default(), &mut oa);
-                    assert_eq!(o8, oa, "{isa:?} n={n} panels={panels}");
+                    assert_eq!(o8, oa, "{isa:?} n={n} {layout:?}");
                 }
             }
         }

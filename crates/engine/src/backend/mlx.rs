@@ -498,7 +498,7 @@ mod tests {
                 _ => quantize_row(qtype, &rand_vec(cols, r as u64 + 11)),
             };
             let data: Vec<u8> = (0..rows).flat_map(row_of).collect();
-            let w = QMatrix { panels: false, qtype, rows, cols, data: Bytes::Owned(data) };
+            let w = QMatrix { layout: crate::cpu::Layout::Rows, qtype, rows, cols, data: Bytes::Owned(data) };
             let m = MlxMatrix::from_qmatrix(&w).unwrap();
             let exact = !matches!(qtype, QType::Q4_K | QType::Q6_K);
             assert_eq!(matches!(m, MlxMatrix::Quantized(_)), matches!(qtype, QType::Q4_0 | QType::Q4_1 | QType::Q8_0 | QType::A8));
@@ -551,7 +551,7 @@ mod tests {
                 blocks.extend(b);
             }
             let qtype = if bits == 4 { QType::Q4_1 } else { QType::A8 };
-            let mut m = QMatrix { panels: false, qtype, rows, cols, data: Bytes::Owned(blocks) };
+            let mut m = QMatrix { layout: crate::cpu::Layout::Rows, qtype, rows, cols, data: Bytes::Owned(blocks) };
             let MlxMatrix::Quantized(got) = MlxMatrix::from_qmatrix(&m).unwrap() else { panic!("{bits}-bit stays quantized") };
             assert_eq!(got.group_size, group, "{bits}-bit groups of {group}");
             let want = q.matmul(&x).unwrap().to_vec_f32().unwrap();

@@ -319,14 +319,14 @@ impl WeightSource for MlxFolder {
                     qtype = qt;
                     data.extend_from_slice(&bytes);
                 }
-                return Ok(QMatrix { panels: false, qtype, rows, cols, data: Bytes::Owned(data) });
+                return Ok(QMatrix { layout: crate::cpu::Layout::Rows, qtype, rows, cols, data: Bytes::Owned(data) });
             }
             other => return Err(load_err(s.path(), format!("tensor '{full}' has dtype {other:?}, expected f32, f16, bf16 or MLX-quantized uint32"))),
         };
         if last != cols {
             return Err(shape_err(format!("{rows} x {cols}")));
         }
-        Ok(QMatrix { panels: false, qtype, rows, cols, data: Bytes::File { file: s.buffer().clone(), offset: t.offset, len: t.len } })
+        Ok(QMatrix { layout: crate::cpu::Layout::Rows, qtype, rows, cols, data: Bytes::File { file: s.buffer().clone(), offset: t.offset, len: t.len } })
     }
 
     fn vector(&self, name: &Name, suffix: &str, len: usize) -> Result<Vec<f32>, EngineError> {

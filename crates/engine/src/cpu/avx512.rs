@@ -1,0 +1,79 @@
+//! The 512-bit VNNI kernels over `Layout::Vnni16` panels. Callers must
+//! have checked the CPU features (see `Isa::detect`).
+//!
+//! A panel block is 16 rows' f16 scales (and mins), then 64-byte vectors
+//! whose 32-bit lane r holds 4 consecutive weights of row r: each load is a
+//! `vpdpbusd` operand as it stands, a broadcast group of 4 activation bytes
+//! multiplies all 16 rows at once, and results land one row per lane, so a
+//! batch of one spends a few instructions per 64 weight bytes and no
+//! shuffles or horizontal sums.
+
+use std::arch::x86_64::*;
+
+use crate::quant::{ActRow, QK};
+
+/// The formats `vnni16` reads (its `F` parameter).
+pub const Q4_0: u8 = 0;
+pub const Q4_1: u8 = 1;
+pub const Q8_0: u8 = 2;
+pub const A8: u8 = 3;
+
+/// Every format here is, per block, `d * Σ q a + m * Σ a` with unsigned
+/// `q`: Q4_0 (`m = -8 d`), Q4_1 (`m` stored), Q8_0 (stored + 128, so
+/// `m = -128 d`), MLX 8-bit (stored + 128 is its own unsigned value; `m`
+/// its bias). Per block and token: the integer sum in 16 lanes, then
+/// `acc = fma(isum, d * da, acc)` and `acc = fma(m, s, acc)`, row by row.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn vnni16<const F: u8, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32; 16]; NT] {
+    let nibbles = F == Q4_0 || F == Q4_1;
+    let has_min = F == Q4_1 || F == A8;
+    let head = if has_min { 4 } else { 2 };
+    let bb = head + if nibbles { QK / 2 } else { QK };
+    let nb = a[0].d.len();
+    debug_assert_eq!(w.len(), 16 * nb * bb);
+    let wp = w.as_ptr();
+    let low = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); NT];
+    for b in 0..nb {
+        let blk = wp.add(b * 16 * bb);
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+        let m = match F {
+            Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
+            Q8_0 => _mm512_mul_ps(d, _mm512_set1_ps(-128.0)),
+            _ => _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i)),
+        };
+        // q[j], lane r: row r's weights 4j..4j+4.
+        let qp = blk.add(16 * head);
+        let mut q = [_mm512_setzero_si512(); 8];
+        if nibbles {
+            // Byte k of a Q4 block holds weights k (low nibble) and k + 16.
+            for j in 0..4 {
+                let v = _mm512_loadu_si512(qp.add(64 * j) as *const _);
+                q[j] = _mm512_and_si512(v, low);
+                q[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            }
+        } else {
+            for (j, q) in q.iter_mut().enumerate() {
+                *q = _mm512_loadu_si512(qp.add(64 * j) as *const _);
+            }
+        }
+        for (acc, a) in acc.iter_mut().zip(a) {
+            let ap = a.qs.as_ptr().add(b * QK) as *const i32;
+            let x = |j: usize| _mm512_set1_epi32(ap.add(j).read_unaligned());
+            // Two chains, so a batch of one is not bound by vpdpbusd's latency.
+            let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+            for j in (0..8).step_by(2) {
+                s0 = _mm512_dpbusd_epi32(s0, q[j], x(j));
+                s1 = _mm512_dpbusd_epi32(s1, q[j + 1], x(j + 1));
+            }
+            let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+            *acc = _mm512_fmadd_ps(isum, _mm512_mul_ps(d, _mm512_set1_ps(*a.d.get_unchecked(b))), *acc);
+            *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(*a.s.get_unchecked(b)), *acc);
+        }
+    }
+    std::array::from_fn(|t| {
+        let mut out = [0.0f32; 16];
+        _mm512_storeu_ps(out.as_mut_ptr(), acc[t]);
+        out
+    })
+}

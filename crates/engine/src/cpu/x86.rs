@@ -1,0 +1,463 @@
+//! The 256-bit kernels (AVX2, and AVX-512 VNNI on 256-bit registers).
+//! Callers must have checked the CPU features (see `Isa::detect`).
+
+use super::*;
+use std::arch::x86_64::*;
+
+#[inline(always)]
+unsafe fn f16_to_f32(p: *const u8) -> f32 {
+    let bits = u16::from_le_bytes([*p, *p.add(1)]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// The 32 nibbles of a Q4 block as bytes: low nibbles are elements 0..16,
+/// high nibbles 16..32.
+#[inline(always)]
+unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
+    let raw = _mm_loadu_si128(p as *const __m128i);
+    let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn f16_to_f32_slice(src: &[f16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    while i + 8 <= n {
+        let v = _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().add(i) as *const __m128i));
+        _mm256_storeu_ps(dst.as_mut_ptr().add(i), v);
+        i += 8;
+    }
+    for j in i..n {
+        dst[j] = src[j].to_f32();
+    }
+}
+
+/// Q4_0/Q4_1 and Q8_0 tile kernels for one instruction set: each weight
+/// block is unpacked once and multiplied with `NT` activation rows.
+/// `$mul(w, a)` is the unsigned-by-signed int8 dot product into 8 i32 lanes.
+macro_rules! kernels {
+    ($q4:ident, $q8:ident, $features:literal, $mul:expr) => {
+        #[target_feature(enable = $features)]
+        pub unsafe fn $q4<const Q4_1: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
+            let bb = if Q4_1 { 20 } else { 18 };
+            let head = bb - 16;
+            let mut acc = [_mm256_setzero_ps(); NT];
+            let mut corr = [0.0f32; NT];
+            let nb = a[0].d.len();
+            let wp = w.as_ptr();
+            for b in 0..nb {
+                let blk = wp.add(b * bb);
+                let wv = unpack_nibbles(blk.add(head));
+                let d = f16_to_f32(blk);
+                let m = if Q4_1 { f16_to_f32(blk.add(2)) } else { -8.0 * d };
+                for t in 0..NT {
+                    let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
+                    let p = $mul(wv, av);
+                    let scale = _mm256_set1_ps(d * *a[t].d.get_unchecked(b));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
+                    corr[t] += m * *a[t].s.get_unchecked(b);
+                }
+            }
+            std::array::from_fn(|t| hsum(acc[t]) + corr[t])
+        }
+
+        /// Q8_0, or with `A8` the MLX 8-bit block (a bias after the scale,
+        /// and `m + 128 d` times the activation sum per block).
+        #[target_feature(enable = $features)]
+        pub unsafe fn $q8<const A8: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
+            let (bb, head) = if A8 { (36, 4) } else { (34, 2) };
+            let mut acc = [_mm256_setzero_ps(); NT];
+            let mut corr = [0.0f32; NT];
+            let nb = a[0].d.len();
+            let wp = w.as_ptr();
+            for b in 0..nb {
+                let blk = wp.add(b * bb);
+                let wv = _mm256_loadu_si256(blk.add(head) as *const __m256i);
+                // The int8 products need one unsigned operand: move w's sign onto a.
+                let wabs = _mm256_sign_epi8(wv, wv);
+                let d = f16_to_f32(blk);
+                let m = if A8 { f16_to_f32(blk.add(2)) + 128.0 * d } else { 0.0 };
+                for t in 0..NT {
+                    let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
+                    let p = $mul(wabs, _mm256_sign_epi8(av, wv));
+                    let scale = _mm256_set1_ps(d * *a[t].d.get_unchecked(b));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
+                    if A8 {
+                        corr[t] += m * *a[t].s.get_unchecked(b);
+                    }
+                }
+            }
+            std::array::from_fn(|t| hsum(acc[t]) + corr[t])
+        }
+    };
+}
+
+/// Q4_0/Q4_1 for a panel of 8 weight rows (`QMatrix::panels`) times
+/// `NT` tokens. Each block of the 8 rows is unpacked and
+/// transposed so that 32-bit lane r of register j holds row r's weights
+/// 4j..4j+4; a broadcast group of 4 activation bytes then multiplies all
+/// 8 rows in one instruction, results land one row per lane (no
+/// horizontal sums), and one scale product per block and token covers
+/// the 8 rows. Faster than the one-row tile even for a single token
+/// (decode 83-85 -> 92-101 tok/s on the default model), and every batch
+/// size takes it, so a token's result never depends on its batch.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q4x8_avx2<const Q4_1: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32; 8]; NT] {
+    let bb = if Q4_1 { 20 } else { 18 };
+    let nb = a[0].d.len();
+    debug_assert_eq!(w.len(), 8 * nb * bb);
+    let wp = w.as_ptr();
+    let mut acc = [_mm256_setzero_ps(); NT];
+    for b in 0..nb {
+        // A panel: block b of the 8 rows, one after the other.
+        let blk = wp.add(b * 8 * bb);
+        let mut u = [_mm256_setzero_si256(); 8];
+        for (r, u) in u.iter_mut().enumerate() {
+            *u = unpack_nibbles(blk.add(r * bb + bb - 16));
+        }
+        let t = transpose_8x8_epi32(u);
+        let d = f16_x8(blk, bb);
+        let m = if Q4_1 { f16_x8(blk.add(2), bb) } else { _mm256_mul_ps(d, _mm256_set1_ps(-8.0)) };
+        for (acc, a) in acc.iter_mut().zip(a) {
+            let ap = a.qs.as_ptr().add(b * QK) as *const i32;
+            // Pair sums of u4 x i8 are at most 3810 in size: eight fit in i16.
+            let mut s16 = _mm256_setzero_si256();
+            for (j, tj) in t.iter().enumerate() {
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*tj, _mm256_set1_epi32(ap.add(j).read_unaligned())));
+            }
+            let s32 = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+            let scale = _mm256_mul_ps(d, _mm256_set1_ps(*a.d.get_unchecked(b)));
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), scale, *acc);
+            *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(*a.s.get_unchecked(b)), *acc);
+        }
+    }
+    std::array::from_fn(|t| {
+        let mut out = [0.0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), acc[t]);
+        out
+    })
+}
+
+/// Q8_0 (or with `A8` the MLX 8-bit block) for a panel of 8 rows, as
+/// `q4x8_avx2`: lane r of transposed register k holds row r's values
+/// 4k..4k+4. Signed values move their sign onto the activations; a pair
+/// sum of 127 x 127 products nearly fills an i16, so each is widened.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q8x8_avx2<const A8: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32; 8]; NT] {
+    let (bb, head) = if A8 { (36, 4) } else { (34, 2) };
+    let nb = a[0].d.len();
+    debug_assert_eq!(w.len(), 8 * nb * bb);
+    let wp = w.as_ptr();
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); NT];
+    for b in 0..nb {
+        let blk = wp.add(b * 8 * bb);
+        let t = transpose_8x8_epi32(std::array::from_fn(|r| _mm256_loadu_si256(blk.add(r * bb + head) as *const __m256i)));
+        let tabs = t.map(|v| _mm256_sign_epi8(v, v));
+        let d = f16_x8(blk, bb);
+        // A8: `d * (q + 128) + m`, the offset and bias against the activation sum.
+        let m = if A8 { _mm256_fmadd_ps(d, _mm256_set1_ps(128.0), f16_x8(blk.add(2), bb)) } else { _mm256_setzero_ps() };
+        for (acc, a) in acc.iter_mut().zip(a) {
+            let ap = a.qs.as_ptr().add(b * QK) as *const i32;
+            let mut s32 = _mm256_setzero_si256();
+            for k in 0..8 {
+                let av = _mm256_sign_epi8(_mm256_set1_epi32(ap.add(k).read_unaligned()), t[k]);
+                s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(_mm256_maddubs_epi16(tabs[k], av), ones));
+            }
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(d, _mm256_set1_ps(*a.d.get_unchecked(b))), *acc);
+            if A8 {
+                *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(*a.s.get_unchecked(b)), *acc);
+            }
+        }
+    }
+    std::array::from_fn(|t| {
+        let mut out = [0.0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), acc[t]);
+        out
+    })
+}
+
+/// The f16 at `p`, `p + stride`, ... `p + 7 stride`, widened.
+#[inline(always)]
+unsafe fn f16_x8(p: *const u8, stride: usize) -> __m256 {
+    let h = |r: usize| (p.add(r * stride) as *const i16).read_unaligned();
+    _mm256_cvtph_ps(_mm_set_epi16(h(7), h(6), h(5), h(4), h(3), h(2), h(1), h(0)))
+}
+
+/// Register j of the result holds 32-bit element j of each input, input
+/// r in lane r.
+#[inline(always)]
+unsafe fn transpose_8x8_epi32(u: [__m256i; 8]) -> [__m256i; 8] {
+    let (t0, t1) = (_mm256_unpacklo_epi32(u[0], u[1]), _mm256_unpackhi_epi32(u[0], u[1]));
+    let (t2, t3) = (_mm256_unpacklo_epi32(u[2], u[3]), _mm256_unpackhi_epi32(u[2], u[3]));
+    let (t4, t5) = (_mm256_unpacklo_epi32(u[4], u[5]), _mm256_unpackhi_epi32(u[4], u[5]));
+    let (t6, t7) = (_mm256_unpacklo_epi32(u[6], u[7]), _mm256_unpackhi_epi32(u[6], u[7]));
+    let (s0, s1) = (_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2));
+    let (s2, s3) = (_mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3));
+    let (s4, s5) = (_mm256_unpacklo_epi64(t4, t6), _mm256_unpackhi_epi64(t4, t6));
+    let (s6, s7) = (_mm256_unpacklo_epi64(t5, t7), _mm256_unpackhi_epi64(t5, t7));
+    [
+        _mm256_permute2x128_si256::<0x20>(s0, s4),
+        _mm256_permute2x128_si256::<0x20>(s1, s5),
+        _mm256_permute2x128_si256::<0x20>(s2, s6),
+        _mm256_permute2x128_si256::<0x20>(s3, s7),
+        _mm256_permute2x128_si256::<0x31>(s0, s4),
+        _mm256_permute2x128_si256::<0x31>(s1, s5),
+        _mm256_permute2x128_si256::<0x31>(s2, s6),
+        _mm256_permute2x128_si256::<0x31>(s3, s7),
+    ]
+}
+
+kernels!(q4_avx2, q8_avx2, "avx2,fma,f16c", |w, a| _mm256_madd_epi16(
+    _mm256_maddubs_epi16(w, a),
+    _mm256_set1_epi16(1)
+));
+kernels!(q4_vnni, q8_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", |w, a| _mm256_dpbusd_epi32(
+    _mm256_setzero_si256(),
+    w,
+    a
+));
+
+/// Q5_0/Q5_1 tile: each block is unpacked in registers once for all
+/// `NT` tokens (its nibbles as a Q4 block's, bit j of the 32-bit `qh`
+/// the fifth bit of element j), then one int8 product per token.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q5_avx2<const Q5_1: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
+    let qtype = if Q5_1 { QType::Q5_1 } else { QType::Q5_0 };
+    let at = if Q5_1 { 4 } else { 2 };
+    let mut acc = [_mm256_setzero_ps(); NT];
+    let mut corr = [0.0f32; NT];
+    let ones = _mm256_set1_epi16(1);
+    // Byte i of the block's 32 values takes byte i / 8 of qh, then its bit i % 8.
+    let spread = _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0);
+    let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    for (b, blk) in w.chunks_exact(qtype.block_bytes()).enumerate() {
+        let p = blk.as_ptr();
+        // Q5_0 stores its values + 16: the offset becomes a min of -16 d.
+        let d = f16_to_f32(p);
+        let m = if Q5_1 { f16_to_f32(p.add(2)) } else { -16.0 * d };
+        let qh = _mm256_shuffle_epi8(_mm256_set1_epi32((p.add(at) as *const i32).read_unaligned()), spread);
+        let fifth = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bits), bits), _mm256_set1_epi8(0x10));
+        let qv = _mm256_or_si256(unpack_nibbles(p.add(at + 4)), fifth);
+        for t in 0..NT {
+            let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qv, av), ones);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * *a[t].d.get_unchecked(b)), acc[t]);
+            corr[t] += m * *a[t].s.get_unchecked(b);
+        }
+    }
+    std::array::from_fn(|t| hsum(acc[t]) + corr[t])
+}
+
+pub const K4: u8 = 0;
+pub const K5: u8 = 1;
+pub const K6: u8 = 2;
+
+/// The K-quant format of a kernel's `K` parameter.
+const fn k_type(k: u8) -> QType {
+    match k {
+        K4 => QType::Q4_K,
+        K5 => QType::Q5_K,
+        _ => QType::Q6_K,
+    }
+}
+
+/// The scales of the super-block at `p`: per sub-block of 32, `d * sc`
+/// and `dmin * m` (Q4_K, Q5_K); per 16, `d * sc` (Q6_K, 16 of them).
+#[inline(always)]
+unsafe fn k_scales<const K: u8>(p: *const u8, scale: &mut [f32; 16], min: &mut [f32; 8]) {
+    if K == K6 {
+        let d = f16_to_f32(p.add(208));
+        for (j, s) in scale.iter_mut().enumerate() {
+            *s = d * *p.add(192 + j) as i8 as f32;
+        }
+        return;
+    }
+    let (d, dmin) = (f16_to_f32(p), f16_to_f32(p.add(2)));
+    let sc = std::slice::from_raw_parts(p.add(4), 12);
+    for j in 0..8 {
+        let (s, m) = crate::quant::k4_scale_min(sc, j);
+        scale[j] = d * s as f32;
+        min[j] = dmin * m as f32;
+    }
+}
+
+/// The 32 values of sub-block `j` of the super-block at `p`, as bytes:
+/// unsigned for Q4_K / Q5_K, signed for Q6_K. The formats keep a
+/// sub-block in 32 consecutive bytes or nibbles, so no shuffles:
+/// - Q4_K / Q5_K: 4 x 32 bytes whose low nibbles are sub-block 2c and
+///   high nibbles 2c + 1 (after d, dmin, 12 scale bytes and, for Q5_K,
+///   32 bytes whose bit j is sub-block j's fifth bit);
+/// - Q6_K: each half of 128 takes the low / high nibbles of two 32-byte
+///   `ql` rows, the top two bits from successive bit pairs of 32 `qh`
+///   bytes; values are stored + 32.
+#[inline(always)]
+unsafe fn k_sub<const K: u8>(p: *const u8, j: usize) -> __m256i {
+    let load = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
+    let nibble = _mm256_set1_epi8(0x0F);
+    let low_or_high = |v: __m256i, high: bool| _mm256_and_si256(if high { _mm256_srli_epi16(v, 4) } else { v }, nibble);
+    if K == K6 {
+        let (half, run) = (j / 4, j % 4);
+        let ql = load(p.add(half * 64 + 32 * (run % 2)));
+        let qh = load(p.add(128 + half * 32));
+        let top = match run {
+            0 => _mm256_slli_epi16(qh, 4),
+            1 => _mm256_slli_epi16(qh, 2),
+            2 => qh,
+            _ => _mm256_srli_epi16(qh, 2),
+        };
+        let v = _mm256_or_si256(low_or_high(ql, run >= 2), _mm256_and_si256(top, _mm256_set1_epi8(0x30)));
+        return _mm256_sub_epi8(v, _mm256_set1_epi8(32));
+    }
+    let qs = p.add(if K == K5 { 48 } else { 16 });
+    let v = low_or_high(load(qs.add(32 * (j / 2))), j % 2 == 1);
+    if K != K5 {
+        return v;
+    }
+    let bit = _mm256_set1_epi8((1u8 << j) as i8);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(load(p.add(16)), bit), bit);
+    _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
+}
+
+/// K-quant tile: each super-block of 256 weights is unpacked in
+/// registers once for all `NT` tokens, then every 32 weights times 32
+/// activations is one int8 product scaled per sub-block of 32 (Q4_K,
+/// Q5_K, with the min term) or 16 (Q6_K).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn kquant_avx2<const K: u8, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
+    use crate::quant::QK_K;
+    let mut acc = [_mm256_setzero_ps(); NT];
+    let mut corr = [_mm256_setzero_ps(); NT];
+    let ones = _mm256_set1_epi16(1);
+    let (mut scale, mut min) = ([0f32; 16], [0f32; 8]);
+    for (sb, blk) in w.chunks_exact(k_type(K).block_bytes()).enumerate() {
+        let p = blk.as_ptr();
+        k_scales::<K>(p, &mut scale, &mut min);
+        for j in 0..QK_K / QK {
+            let b = sb * (QK_K / QK) + j;
+            let qv = k_sub::<K>(p, j);
+            // Unsigned values multiply the signed activations directly;
+            // Q6_K's signed ones move their sign onto the activations.
+            let qabs = if K == K6 { _mm256_sign_epi8(qv, qv) } else { qv };
+            let (s_lo, s_hi) = if K == K6 { (scale[2 * j], scale[2 * j + 1]) } else { (scale[j], scale[j]) };
+            for t in 0..NT {
+                let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
+                let av = if K == K6 { _mm256_sign_epi8(av, qv) } else { av };
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qabs, av), ones);
+                let da = *a[t].d.get_unchecked(b);
+                let scale = _mm256_set_m128(_mm_set1_ps(s_hi * da), _mm_set1_ps(s_lo * da));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
+            }
+        }
+        if K != K6 {
+            // The mins of the 8 sub-blocks against their activation sums:
+            // one vector product per super-block, off the scalar chain.
+            let m = _mm256_loadu_ps(min.as_ptr());
+            for t in 0..NT {
+                let s = _mm256_loadu_ps(a[t].s.as_ptr().add(sb * (QK_K / QK)));
+                corr[t] = _mm256_fnmadd_ps(m, s, corr[t]);
+            }
+        }
+    }
+    std::array::from_fn(|t| hsum(_mm256_add_ps(acc[t], corr[t])))
+}
+
+/// Q4_K tile for a panel of 8 rows (`QMatrix::panels`), as `q4x8_avx2`:
+/// each sub-block of the 8 rows is unpacked and transposed in registers
+/// (lane r of register k = row r's values 4k..4k+4), so a broadcast
+/// group of 4 activation bytes multiplies all 8 rows and results land
+/// one row per lane; a sub-block's scales and mins are one vector over
+/// the rows, computed once for all `NT` tokens. (The same tile for Q5_K
+/// and Q6_K was faster for prompts too but 8-15% slower than their
+/// one-row tiles for a token from DRAM, docs/performance.md.)
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q4k_x8_avx2<const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32; 8]; NT] {
+    use crate::quant::QK_K;
+    let bb = QType::Q4_K.block_bytes();
+    let wp = w.as_ptr();
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); NT];
+    // Per row, then per sub-block (lanes = rows).
+    let (mut scale, mut min) = ([[0f32; 16]; 8], [[0f32; 8]; 8]);
+    let (mut scale_t, mut min_t) = ([[0f32; 8]; 8], [[0f32; 8]; 8]);
+    for sb in 0..w.len() / (8 * bb) {
+        let p = |r: usize| wp.add((sb * 8 + r) * bb);
+        for r in 0..8 {
+            k_scales::<K4>(p(r), &mut scale[r], &mut min[r]);
+            for j in 0..8 {
+                scale_t[j][r] = scale[r][j];
+                min_t[j][r] = min[r][j];
+            }
+        }
+        for j in 0..QK_K / QK {
+            let b = sb * (QK_K / QK) + j;
+            let t = transpose_8x8_epi32(std::array::from_fn(|r| k_sub::<K4>(p(r), j)));
+            let (sc, mn) = (_mm256_loadu_ps(scale_t[j].as_ptr()), _mm256_loadu_ps(min_t[j].as_ptr()));
+            for (acc, a) in acc.iter_mut().zip(a) {
+                let ap = a.qs.as_ptr().add(b * QK) as *const i32;
+                // Pair sums of u4 x i8 are at most 3810 in size: eight fit in i16.
+                let mut s16 = _mm256_setzero_si256();
+                for (k, tk) in t.iter().enumerate() {
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*tk, _mm256_set1_epi32(ap.add(k).read_unaligned())));
+                }
+                let s32 = _mm256_madd_epi16(s16, ones);
+                let da = _mm256_set1_ps(*a.d.get_unchecked(b));
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(sc, da), *acc);
+                *acc = _mm256_fnmadd_ps(mn, _mm256_set1_ps(*a.s.get_unchecked(b)), *acc);
+            }
+        }
+    }
+    std::array::from_fn(|t| {
+        let mut out = [0.0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), acc[t]);
+        out
+    })
+}
+
+/// Q4 tile on 512-bit registers: two blocks per multiply (their
+/// activations are contiguous), half the instructions of the 256-bit path.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn q4_avx512<const Q4_1: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
+    let bb = if Q4_1 { 20 } else { 18 };
+    let head = bb - 16;
+    let nb = a[0].d.len();
+    let wp = w.as_ptr();
+    let mut acc = [_mm512_setzero_ps(); NT];
+    let mut corr = [0.0f32; NT];
+    let mut b = 0;
+    while b + 2 <= nb {
+        let (blk0, blk1) = (wp.add(b * bb), wp.add((b + 1) * bb));
+        let wv = _mm512_inserti64x4(_mm512_castsi256_si512(unpack_nibbles(blk0.add(head))), unpack_nibbles(blk1.add(head)), 1);
+        let (d0, d1) = (f16_to_f32(blk0), f16_to_f32(blk1));
+        let (m0, m1) = if Q4_1 { (f16_to_f32(blk0.add(2)), f16_to_f32(blk1.add(2))) } else { (-8.0 * d0, -8.0 * d1) };
+        for t in 0..NT {
+            let av = _mm512_loadu_si512(a[t].qs.as_ptr().add(b * QK) as *const _);
+            let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, av);
+            let (ad, as_) = (a[t].d.as_ptr().add(b), a[t].s.as_ptr().add(b));
+            let scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0 * *ad), _mm512_set1_ps(d1 * *ad.add(1)));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[t]);
+            corr[t] += m0 * *as_ + m1 * *as_.add(1);
+        }
+        b += 2;
+    }
+    let mut out: [f32; NT] = std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]) + corr[t]);
+    if b < nb {
+        // Odd block count: the last block on the 256-bit path.
+        let tail_w = &w[b * bb..];
+        let tail_a: [ActRow; NT] = std::array::from_fn(|t| ActRow { qs: &a[t].qs[b * QK..], d: &a[t].d[b..], s: &a[t].s[b..] });
+        let tail = q4_vnni::<Q4_1, NT>(tail_w, &tail_a);
+        for t in 0..NT {
+            out[t] += tail[t];
+        }
+    }
+    out
+}
