@@ -302,6 +302,10 @@ export interface NativeModelInfo {
   contextLength: number
   vocabSize: number
   weightBytes: number
+  /** Weight bytes one decode step reads. */
+  decodeWeightBytes: number
+  /** Bytes of keys and values one cached position takes. */
+  kvBytesPerPosition: number
   fileType: string
   warmupMs: number
   requestTimeoutMs?: number
@@ -351,5 +355,11 @@ export interface NativeStats {
   /** Gated Phase 5 features that were on for the request. */
   features: Array<string>
 }
+
+/**
+ * GB/s of reading `mib` MiB with the kernels' worker threads (best of
+ * five), the ceiling for decode: benchmarks report the fraction reached.
+ */
+export declare function readBandwidth(mib: number): Promise<number>
 
 export declare function runtimeInfo(): NativeRuntimeInfo

@@ -7,13 +7,22 @@
  *
  * TTFT: prompt tokens in, first output token out (prefill of the whole
  * prompt). Decode: output tokens per second after the first, greedy, with
- * end-of-generation ignored so both engines produce the same count.
+ * end-of-generation ignored so both engines produce the same count. Decode
+ * rows also give the fraction of the machine's read bandwidth each engine
+ * reached: the bytes a step reads (every weight matrix once, one embedding
+ * row, the f16 keys and values it attends over, at the mean context of the
+ * run) times tok/s, over a read probe on the same threads in the same run
+ * (the best of one before and one after).
+ *
+ * Models of real sizes: `python3 scripts/make_synthetic.py` writes them to
+ * models/synthetic/ (e.g. `--model models/synthetic/llama-1b-q4_0.gguf`).
  */
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { cpus } from 'node:os';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 
+import { readBandwidth } from '../index.js';
 import { createEngine, defaultModelPath } from '../lib/index';
 import { printPeerTable, singleStreamRows, type SingleStream } from './utils';
 
@@ -78,16 +87,26 @@ async function main(): Promise<void> {
   await ours(corpus.slice(0, 32), 8);
   await theirs(corpus.slice(0, 32), 8);
 
+  const probeMiB = 1024;
+  const bwBefore = await readBandwidth(probeMiB);
   const rows = await singleStreamRows(PROMPT_LENGTHS, RUNS, N_DECODE, corpus, ours, theirs);
+  const bandwidthGBs = Math.max(bwBefore, await readBandwidth(probeMiB));
+  rows.forEach((r, i) => {
+    if (!r.metric.startsWith('decode')) return;
+    const context = PROMPT_LENGTHS[i >> 1] + N_DECODE / 2;
+    const stepGB = (model.decodeWeightBytes + model.kvBytesPerPosition * context) / 1e9;
+    r.bandwidth = { ours: (r.ours * stepGB) / bandwidthGBs, peer: (r.peer * stepGB) / bandwidthGBs };
+  });
 
-  console.log(`\nmodel ${path.basename(args.model!)} (${model.quantization}), ${THREADS} threads, ${rt.isa}, median of ${RUNS}, ${N_DECODE} decoded tokens`);
+  console.log(`\nmodel ${path.basename(args.model!)} (${model.quantization}, ${(model.decodeWeightBytes / 1e6).toFixed(0)} MB read per step), ${THREADS} threads, ${rt.isa}, median of ${RUNS}, ${N_DECODE} decoded tokens`);
+  console.log(`host: ${cpus()[0]?.model ?? '?'}; read bandwidth ${bandwidthGBs.toFixed(1)} GB/s (${THREADS} threads, ${probeMiB} MiB)`);
   printPeerTable(rows, 'mlx-serving', 'node-llama-cpp');
 
   const out = path.join(__dirname, 'results', 'decode-vs-llama-cpp.json');
   mkdirSync(path.dirname(out), { recursive: true });
   writeFileSync(
     out,
-    JSON.stringify({ date: new Date().toISOString(), model: args.model, threads: THREADS, isa: rt.isa, runs: RUNS, nDecode: N_DECODE, rows }, null, 2),
+    JSON.stringify({ date: new Date().toISOString(), model: args.model, host: cpus()[0]?.model, threads: THREADS, isa: rt.isa, bandwidthGBs, runs: RUNS, nDecode: N_DECODE, rows }, null, 2),
   );
   console.log(`\nwritten to ${path.relative(process.cwd(), out)}`);
 

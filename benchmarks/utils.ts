@@ -146,6 +146,8 @@ export interface PeerRow {
   ours: number;
   peer: number;
   ratio: number;
+  /** Decode rows: the fraction of the measured read bandwidth each side reached. */
+  bandwidth?: { ours: number; peer: number };
 }
 
 /**
@@ -181,7 +183,12 @@ export async function singleStreamRows(
 
 /** Prints rows as a markdown table with the peer's name in the header. */
 export function printPeerTable(rows: PeerRow[], oursName: string, peerName: string): void {
-  console.log(`| metric | ${oursName} | ${peerName} | speed ratio (>1: we are faster) |`);
-  console.log('| --- | ---: | ---: | ---: |');
-  for (const r of rows) console.log(`| ${r.metric} | ${r.ours.toFixed(1)} | ${r.peer.toFixed(1)} | ${r.ratio.toFixed(2)}x |`);
+  const bw = rows.some((r) => r.bandwidth);
+  const pct = (x: number) => `${(100 * x).toFixed(0)}%`;
+  console.log(`| metric | ${oursName} | ${peerName} | speed ratio (>1: we are faster) |${bw ? ' read bandwidth reached, ours / peer |' : ''}`);
+  console.log(`| --- | ---: | ---: | ---: |${bw ? ' ---: |' : ''}`);
+  for (const r of rows) {
+    const b = bw ? ` ${r.bandwidth ? `${pct(r.bandwidth.ours)} / ${pct(r.bandwidth.peer)}` : ''} |` : '';
+    console.log(`| ${r.metric} | ${r.ours.toFixed(1)} | ${r.peer.toFixed(1)} | ${r.ratio.toFixed(2)}x |${b}`);
+  }
 }

@@ -197,6 +197,10 @@ export interface ModelHandle {
   contextLength: number;
   vocabSize: number;
   weightBytes: number;
+  /** Weight bytes one decode step reads (every matrix once, one embedding row). */
+  decodeWeightBytes: number;
+  /** Bytes of keys and values one cached position takes (a step at context n also reads n of them). */
+  kvBytesPerPosition: number;
   quantization: string;
   backend: 'cpu' | 'mlx';
   state: 'ready';
@@ -388,6 +392,8 @@ function toHandle(m: NativeModelInfo): ModelHandle {
     contextLength: m.contextLength,
     vocabSize: m.vocabSize,
     weightBytes: m.weightBytes,
+    decodeWeightBytes: m.decodeWeightBytes,
+    kvBytesPerPosition: m.kvBytesPerPosition,
     quantization: m.fileType,
     backend: m.backend as ModelHandle['backend'],
     state: 'ready',

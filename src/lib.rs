@@ -38,6 +38,10 @@ pub struct NativeModelInfo {
     pub context_length: u32,
     pub vocab_size: u32,
     pub weight_bytes: f64,
+    /// Weight bytes one decode step reads.
+    pub decode_weight_bytes: f64,
+    /// Bytes of keys and values one cached position takes.
+    pub kv_bytes_per_position: f64,
     pub file_type: String,
     pub warmup_ms: f64,
     pub request_timeout_ms: Option<f64>,
@@ -58,6 +62,8 @@ impl From<ModelInfo> for NativeModelInfo {
             context_length: m.context_length as u32,
             vocab_size: m.vocab_size as u32,
             weight_bytes: m.weight_bytes as f64,
+            decode_weight_bytes: m.decode_weight_bytes as f64,
+            kv_bytes_per_position: m.kv_bytes_per_position as f64,
             file_type: m.file_type,
             warmup_ms: m.warmup_ms,
             request_timeout_ms: m.request_timeout_ms.map(|t| t as f64),
@@ -914,6 +920,16 @@ pub fn runtime_info() -> NativeRuntimeInfo {
             reason: mlx_serving_mlx::unavailable_reason().map(str::to_owned),
         },
     }
+}
+
+/// GB/s of reading `mib` MiB with the kernels' worker threads (best of
+/// five), the ceiling for decode: benchmarks report the fraction reached.
+#[napi]
+pub async fn read_bandwidth(mib: u32) -> Result<f64> {
+    if !(1..=16384).contains(&mib) {
+        return Err(invalid("mib must be 1 to 16384".into()));
+    }
+    blocking(move || Ok(mlx_serving_engine::cpu::read_bandwidth(mib as usize))).await
 }
 
 #[napi(object)]

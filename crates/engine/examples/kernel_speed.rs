@@ -1,5 +1,5 @@
 //! Speed of each weight format on each instruction-set path, beside what the
-//! machine can do: `cargo run --release --example kernel_speed`.
+//! machine can do: `cargo run --release --example kernel_speed [FORMAT ...]`.
 //!
 //! - The machine's read bandwidth: summing a 512 MiB buffer on every core
 //!   (the ceiling for decode, which reads every weight byte once per step).
@@ -13,22 +13,9 @@
 
 use std::time::Instant;
 
-use mlx_serving_engine::cpu::{matmul_with, Bytes, Isa, Layout, QMatrix};
+use mlx_serving_engine::cpu::{matmul_with, read_bandwidth, Bytes, Isa, Layout, QMatrix};
 use mlx_serving_engine::quant::{quantize_row, QType, QuantizedActs};
 use rayon::prelude::*;
-
-/// GB/s of reading `bytes` with all cores (best of 5).
-fn read_bandwidth() -> f64 {
-    let buf: Vec<u64> = (0..(512usize << 20) / 8).map(|i| i as u64).collect();
-    (0..5)
-        .map(|_| {
-            let t = Instant::now();
-            let s: u64 = buf.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v))).sum();
-            std::hint::black_box(s);
-            (buf.len() * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
-        })
-        .fold(0.0, f64::max)
-}
 
 /// Microseconds one parallel split costs beyond its work when made from
 /// inside the pool, as the forward pass makes them: four tasks per thread,
@@ -59,10 +46,13 @@ fn main() {
     };
     let w: Vec<f32> = (0..rows * cols).map(|_| rnd() * 0.05).collect();
     let x: Vec<f32> = (0..64 * cols).map(|_| rnd()).collect();
-    println!("machine: {} threads, read bandwidth {:.1} GB/s (all cores, 512 MiB)", rayon::current_num_threads(), read_bandwidth());
+    println!("machine: {} threads, read bandwidth {:.1} GB/s (all cores, 512 MiB)", rayon::current_num_threads(), read_bandwidth(512));
     println!("pool: {:.1} us per parallel split beyond its work (a decode step of a 30-layer model makes about 250)", split_overhead());
     println!("{:<7} {:<12} {:>12} {:>9} {:>12} {:>9} {:>14}", "format", "path", "GEMV cache", "GB/s", "GEMV memory", "GB/s", "GEMM 64 GFLOP/s");
-    for qtype in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q5_K, QType::Q6_K] {
+    // Formats named on the command line (`Q4_0 Q6_K`), or all of them.
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let formats = [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q5_K, QType::Q6_K];
+    for qtype in formats.into_iter().filter(|q| only.is_empty() || only.iter().any(|o| o == q.name())) {
         let data: Vec<u8> = match qtype {
             // Formats only read from files: random bytes with small f16 scales.
             QType::Q4_K | QType::Q5_K | QType::Q6_K | QType::Q5_0 | QType::Q5_1 => (0..rows * qtype.row_bytes(cols))

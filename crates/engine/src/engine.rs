@@ -48,6 +48,10 @@ pub struct ModelInfo {
     pub context_length: usize,
     pub vocab_size: usize,
     pub weight_bytes: usize,
+    /// Weight bytes one decode step reads; with `kv_bytes_per_position`
+    /// times the context, what a step streams from memory.
+    pub decode_weight_bytes: usize,
+    pub kv_bytes_per_position: usize,
     pub file_type: String,
     /// Time the load-time warmup took (0 when it was off).
     pub warmup_ms: f64,
@@ -448,6 +452,8 @@ fn open_model(canonical: PathBuf, id: String, request_timeout_ms: Option<u64>, b
         context_length: cfg.context_length,
         vocab_size: cfg.vocab_size,
         weight_bytes: model.weight_bytes(),
+        decode_weight_bytes: model.decode_weight_bytes(),
+        kv_bytes_per_position: model.kv_bytes_per_position(),
         warmup_ms: 0.0,
         request_timeout_ms,
         file_type: weight_format,

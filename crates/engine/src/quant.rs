@@ -269,6 +269,8 @@ pub struct QuantizedActs {
     pub qs: Vec<i8>,
     pub d: Vec<f32>,
     pub s: Vec<f32>,
+    /// The integer sum of each 16 quantized values (Q6_K's sub-blocks).
+    pub sum16: Vec<i32>,
 }
 
 impl QuantizedActs {
@@ -283,17 +285,19 @@ impl QuantizedActs {
         self.qs.resize(x.len(), 0);
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
+        self.sum16.resize(2 * nb, 0);
         let nbr = n_cols / QK;
         let rows = x
             .chunks_exact(n_cols)
             .zip(self.qs.chunks_exact_mut(n_cols))
-            .zip(self.d.chunks_exact_mut(nbr).zip(self.s.chunks_exact_mut(nbr)));
+            .zip(self.d.chunks_exact_mut(nbr).zip(self.s.chunks_exact_mut(nbr)))
+            .zip(self.sum16.chunks_exact_mut(2 * nbr));
         // Prompt batches are large enough to be worth splitting across cores.
         if n_rows >= 8 {
             use rayon::prelude::*;
-            rows.collect::<Vec<_>>().into_par_iter().for_each(|((x, q), (d, s))| quantize_row_q8(x, q, d, s));
+            rows.collect::<Vec<_>>().into_par_iter().for_each(|(((x, q), (d, s)), s16)| quantize_row_q8(x, q, d, s, s16));
         } else {
-            rows.for_each(|((x, q), (d, s))| quantize_row_q8(x, q, d, s));
+            rows.for_each(|(((x, q), (d, s)), s16)| quantize_row_q8(x, q, d, s, s16));
         }
     }
 
@@ -303,6 +307,7 @@ impl QuantizedActs {
             qs: &self.qs[r * self.n_cols..(r + 1) * self.n_cols],
             d: &self.d[r * nb..(r + 1) * nb],
             s: &self.s[r * nb..(r + 1) * nb],
+            sum16: &self.sum16[2 * r * nb..2 * (r + 1) * nb],
         }
     }
 }
@@ -314,19 +319,19 @@ const ROUND_MAGIC: f32 = 12_582_912.0;
 
 /// One row to int8 blocks. Rounds half to even, as llama.cpp's SIMD
 /// quantizer does.
-fn quantize_row_q8(x: &[f32], qs: &mut [i8], d_out: &mut [f32], s_out: &mut [f32]) {
+fn quantize_row_q8(x: &[f32], qs: &mut [i8], d_out: &mut [f32], s_out: &mut [f32], sum16: &mut [i32]) {
     for (b, blk) in x.chunks_exact(QK).enumerate() {
         let amax = blk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, v) in qs[b * QK..(b + 1) * QK].iter_mut().zip(blk) {
-            let qi = ((v * id + ROUND_MAGIC) - ROUND_MAGIC) as i32;
-            *q = qi as i8;
-            sum += qi;
+        let q = &mut qs[b * QK..(b + 1) * QK];
+        for (q, v) in q.iter_mut().zip(blk) {
+            *q = ((v * id + ROUND_MAGIC) - ROUND_MAGIC) as i32 as i8;
         }
+        let sum = |h: &[i8]| h.iter().map(|&v| v as i32).sum::<i32>();
+        (sum16[2 * b], sum16[2 * b + 1]) = (sum(&q[..QK / 2]), sum(&q[QK / 2..]));
         d_out[b] = d;
-        s_out[b] = d * sum as f32;
+        s_out[b] = d * (sum16[2 * b] + sum16[2 * b + 1]) as f32;
     }
 }
 
@@ -335,6 +340,7 @@ pub struct ActRow<'a> {
     pub qs: &'a [i8],
     pub d: &'a [f32],
     pub s: &'a [f32],
+    pub sum16: &'a [i32],
 }
 
 /// Scalar reference: dot product of one quantized weight row with one

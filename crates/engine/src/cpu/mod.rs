@@ -9,6 +9,7 @@
 use std::sync::OnceLock;
 
 use half::f16;
+use crate::error::EngineError;
 use crate::filebuf::FileBuf;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -27,19 +28,30 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The path the kernels take: the best this CPU supports, or a lower one
-    /// named by `MLX_SERVING_ISA` (`scalar`, `avx2`, `avx512vnni`) to compare
-    /// paths or work around a CPU problem.
+    /// The path the kernels take: the best this CPU supports, or the one
+    /// `MLX_SERVING_ISA` names (`scalar`, `avx2`, `avx512-vnni`) to compare
+    /// paths or work around a CPU problem. A name that is unknown or above
+    /// this CPU is refused by `Isa::check_env` at load; here it falls back.
     pub fn detect() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| {
-            let best = Self::best();
-            let wanted = std::env::var("MLX_SERVING_ISA").ok();
-            match wanted.as_deref().and_then(|w| Isa::all().into_iter().find(|i| i.name() == w)) {
-                Some(i) if i as u8 <= best as u8 => i,
-                _ => best,
-            }
-        })
+        *ISA.get_or_init(|| Isa::from_env().unwrap_or_else(|_| Self::best()))
+    }
+
+    /// Refuses a `MLX_SERVING_ISA` that names no path this CPU can run.
+    pub fn check_env() -> Result<(), EngineError> {
+        Isa::from_env().map(drop)
+    }
+
+    fn from_env() -> Result<Isa, EngineError> {
+        let Ok(wanted) = std::env::var("MLX_SERVING_ISA") else { return Ok(Self::best()) };
+        let known = Isa::all().map(Isa::name).join(", ");
+        // `avx512vnni` too: the spelling earlier docs used.
+        let isa = Isa::all().into_iter().find(|i| i.name() == wanted || i.name().replace('-', "") == wanted);
+        match isa {
+            Some(i) if i as u8 <= Self::best() as u8 => Ok(i),
+            Some(i) => Err(EngineError::InvalidParams(format!("MLX_SERVING_ISA={wanted}: this cpu has no {} (its best path is {})", i.name(), Self::best().name()))),
+            None => Err(EngineError::InvalidParams(format!("MLX_SERVING_ISA={wanted:?} names no kernel path; known: {known}"))),
+        }
     }
 
     fn all() -> [Isa; 3] {
@@ -89,6 +101,22 @@ impl Isa {
 /// Worker threads the kernels split work across.
 pub fn n_threads() -> usize {
     rayon::current_num_threads()
+}
+
+/// GB/s of reading a buffer of `mib` MiB with the kernels' worker threads,
+/// each summing its contiguous share (best of 5): the ceiling for decode,
+/// which reads every weight byte once per step.
+pub fn read_bandwidth(mib: usize) -> f64 {
+    let buf: Vec<u64> = (0..(mib << 20) / 8).map(|i| i as u64).collect();
+    let share = buf.len().div_ceil(n_threads());
+    (0..5)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            let s: u64 = buf.par_chunks(share).map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v))).sum();
+            std::hint::black_box(s);
+            (buf.len() * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max)
 }
 
 /// Weight bytes: a range of the model file read at load, or owned.
@@ -312,6 +340,7 @@ fn panel_fn(isa: Isa, qtype: QType, layout: Layout) -> Option<PanelFn> {
         (Isa::Avx512Vnni, Layout::Vnni16, QType::Q4_1) => return Some(|w, a, o| tile!(avx512::vnni16 [{ avx512::Q4_1 }], w, a, o)),
         (Isa::Avx512Vnni, Layout::Vnni16, QType::Q8_0) => return Some(|w, a, o| tile!(avx512::vnni16 [{ avx512::Q8_0 }], w, a, o)),
         (Isa::Avx512Vnni, Layout::Vnni16, QType::A8) => return Some(|w, a, o| tile!(avx512::vnni16 [{ avx512::A8 }], w, a, o)),
+        (Isa::Avx512Vnni, Layout::Vnni16, QType::Q6_K) => return Some(|w, a, o| tile!(avx512::q6k_vnni16 [], w, a, o)),
         _ => {}
     }
     let _ = (isa, qtype, layout);
@@ -513,6 +542,29 @@ mod tests {
                     assert_paths_agree(&QMatrix::new(qtype, rows, cols, Bytes::Owned(data.clone())).into_layout(layout), n);
                 }
             }
+        }
+    }
+
+    /// The override takes the documented names (and the older spelling) and
+    /// refuses the rest. Only values that leave `detect` at the best path
+    /// are set, since tests share the process.
+    #[test]
+    fn the_isa_override_refuses_unknown_names() {
+        let best = Isa::available().pop().unwrap();
+        for (value, ok) in [(best.name().to_owned(), true), (best.name().replace('-', ""), true), ("avx512vnnii".into(), false), ("".into(), false)] {
+            std::env::set_var("MLX_SERVING_ISA", &value);
+            let got = Isa::from_env();
+            std::env::remove_var("MLX_SERVING_ISA");
+            match got {
+                Ok(isa) => assert!(ok && isa == best, "{value:?} gave {isa:?}"),
+                Err(e) => assert!(!ok && e.to_string().contains("known: scalar, avx2, avx512-vnni"), "{value:?}: {e}"),
+            }
+        }
+        if best != Isa::Avx512Vnni {
+            std::env::set_var("MLX_SERVING_ISA", "avx512-vnni");
+            let got = Isa::check_env();
+            std::env::remove_var("MLX_SERVING_ISA");
+            assert!(got.unwrap_err().to_string().contains("this cpu has no avx512-vnni"));
         }
     }
 

@@ -453,7 +453,7 @@ pub unsafe fn q4_avx512<const Q4_1: bool, const NT: usize>(w: &[u8], a: &[ActRow
     if b < nb {
         // Odd block count: the last block on the 256-bit path.
         let tail_w = &w[b * bb..];
-        let tail_a: [ActRow; NT] = std::array::from_fn(|t| ActRow { qs: &a[t].qs[b * QK..], d: &a[t].d[b..], s: &a[t].s[b..] });
+        let tail_a: [ActRow; NT] = std::array::from_fn(|t| ActRow { qs: &a[t].qs[b * QK..], d: &a[t].d[b..], s: &a[t].s[b..], sum16: &a[t].sum16[2 * b..] });
         let tail = q4_vnni::<Q4_1, NT>(tail_w, &tail_a);
         for t in 0..NT {
             out[t] += tail[t];

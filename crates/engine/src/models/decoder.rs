@@ -395,6 +395,27 @@ impl<B: Backend> Decoder<B> {
     }
 }
 
+impl<B: Backend> Decoder<B> {
+    /// Bytes of every layer's matrices; with `active`, of those one token
+    /// reads (a mixture's router and `top_k` of its experts).
+    fn layer_bytes(&self, active: bool) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                let a = &l.attn;
+                let ffn = match &l.ffn {
+                    Ffn::Dense(m) => mlp_bytes(m),
+                    Ffn::Moe(m) => {
+                        let experts = m.experts.iter().map(mlp_bytes).sum::<usize>();
+                        B::matrix_bytes(&m.router) + if active { experts / m.experts.len().max(1) * m.top_k } else { experts }
+                    }
+                };
+                [&a.wq, &a.wk, &a.wv, &a.wo].into_iter().map(B::matrix_bytes).sum::<usize>() + ffn
+            })
+            .sum()
+    }
+}
+
 fn mlp_bytes<B: Backend>(m: &Mlp<B>) -> usize {
     B::matrix_bytes(&m.gate) + B::matrix_bytes(&m.up) + B::matrix_bytes(&m.down)
 }
@@ -405,19 +426,13 @@ impl<B: Backend> Model for Decoder<B> {
     }
 
     fn weight_bytes(&self) -> usize {
-        let l: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                let a = &l.attn;
-                let ffn = match &l.ffn {
-                    Ffn::Dense(m) => mlp_bytes(m),
-                    Ffn::Moe(m) => B::matrix_bytes(&m.router) + m.experts.iter().map(mlp_bytes).sum::<usize>(),
-                };
-                [&a.wq, &a.wk, &a.wv, &a.wo].into_iter().map(B::matrix_bytes).sum::<usize>() + ffn
-            })
-            .sum();
-        l + B::matrix_bytes(&self.embed) + self.output.as_ref().map_or(0, B::matrix_bytes)
+        self.layer_bytes(false) + B::matrix_bytes(&self.embed) + self.output.as_ref().map_or(0, B::matrix_bytes)
+    }
+
+    fn decode_weight_bytes(&self) -> usize {
+        // The output matrix (the embedding when tied) and one embedding row.
+        let output = B::matrix_bytes(self.output.as_ref().unwrap_or(&self.embed));
+        self.layer_bytes(true) + output + B::matrix_bytes(&self.embed) / self.cfg.vocab_size.max(1)
     }
 
     fn new_kv_store(&self, block_size: usize, n_blocks: usize) -> KvStore {

@@ -50,6 +50,9 @@ pub trait Model: Send + Sync {
     fn config(&self) -> &ModelConfig;
     /// Bytes of weights this model holds.
     fn weight_bytes(&self) -> usize;
+    /// Bytes of weights one decode step reads (every matrix once, one
+    /// embedding row; of a mixture, the experts one token uses).
+    fn decode_weight_bytes(&self) -> usize;
     /// Runs the batch, writing every token's keys and values into its
     /// sequence's blocks (`tables[bt.seq]` must cover `bt.pos`); returns
     /// `vocab_size` logits per token that asked.
@@ -145,6 +148,7 @@ pub fn open(path: &Path) -> Result<Opened, EngineError> {
 /// Opens a GGUF file or an MLX model folder on `backend`.
 pub fn open_on(path: &Path, backend: BackendKind) -> Result<Opened, EngineError> {
     let tok_err = |e: EngineError| EngineError::ModelLoad { path: path.display().to_string(), reason: e.to_string() };
+    crate::cpu::Isa::check_env()?;
     if mlx_folder::is_mlx_folder(path) {
         let folder = mlx_folder::MlxFolder::open(path)?;
         let model = load(&folder, backend)?;
