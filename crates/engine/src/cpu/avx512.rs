@@ -147,3 +147,60 @@ pub unsafe fn q6k_vnni16<const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32; 
         out
     })
 }
+
+/// Q4_K over `Vnni16` panels: per sub-block of 32, the 16 rows' 6-bit
+/// scale and min decoded in vector lanes once for every token, 8 nibble
+/// vectors multiplied unsigned, then `d * scale` against the integer sum
+/// and `dmin * min` against the activations' block sum.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn q4k_vnni16<const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32; 16]; NT] {
+    const BB: usize = 144;
+    let wp = w.as_ptr();
+    let low = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); NT];
+    for sb in 0..w.len() / (16 * BB) {
+        let blk = wp.add(sb * 16 * BB);
+        prefetch(blk, 16 * BB);
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i));
+        // Scale byte k of the 16 rows, one row per 32-bit lane.
+        let byte = |k: usize| _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(64 + 16 * k) as *const __m128i));
+        let qs = blk.add(256);
+        for j in 0..QK_K / QK {
+            // quant::k4_scale_min, 16 rows at once.
+            let (sc, mn) = if j < 4 {
+                let six = _mm512_set1_epi32(63);
+                (_mm512_and_si512(byte(j), six), _mm512_and_si512(byte(j + 4), six))
+            } else {
+                let (hi, nib) = (byte(j + 4), _mm512_set1_epi32(0x0F));
+                let top = |k: usize| _mm512_slli_epi32(_mm512_srli_epi32(byte(k), 6), 4);
+                (_mm512_or_si512(_mm512_and_si512(hi, nib), top(j - 4)), _mm512_or_si512(_mm512_srli_epi32(hi, 4), top(j)))
+            };
+            let scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+            let min = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn));
+            // Sub-blocks 2c and 2c + 1 are the low and high nibbles of dwords 8c..8c+8.
+            let q: [__m512i; 8] = std::array::from_fn(|u| {
+                let v = _mm512_loadu_si512(qs.add(64 * (8 * (j / 2) + u)) as *const _);
+                _mm512_and_si512(if j % 2 == 1 { _mm512_srli_epi16(v, 4) } else { v }, low)
+            });
+            let b = sb * (QK_K / QK) + j;
+            for (acc, a) in acc.iter_mut().zip(a) {
+                let ap = a.qs.as_ptr().add(b * QK) as *const i32;
+                let x = |u: usize| _mm512_set1_epi32(ap.add(u).read_unaligned());
+                let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                for u in (0..8).step_by(2) {
+                    s0 = _mm512_dpbusd_epi32(s0, q[u], x(u));
+                    s1 = _mm512_dpbusd_epi32(s1, q[u + 1], x(u + 1));
+                }
+                let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                *acc = _mm512_fmadd_ps(isum, _mm512_mul_ps(scale, _mm512_set1_ps(*a.d.get_unchecked(b))), *acc);
+                *acc = _mm512_fnmadd_ps(min, _mm512_set1_ps(*a.s.get_unchecked(b)), *acc);
+            }
+        }
+    }
+    std::array::from_fn(|t| {
+        let mut out = [0.0f32; 16];
+        _mm512_storeu_ps(out.as_mut_ptr(), acc[t]);
+        out
+    })
+}

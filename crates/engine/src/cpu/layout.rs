@@ -14,7 +14,7 @@ pub enum Layout {
     /// 8g..8g+8, then block b + 1 (the 256-bit 8-row tiles).
     Panels8,
     /// Groups of 16 rows, block by block: the 16 rows' f16 scales (then
-    /// their mins, or for Q6_K their 16 sub-block scales), then the quant
+    /// their mins, or the K-quants' sub-block scales), then the quant
     /// bytes as 64-byte vectors whose 32-bit lane r holds 4 consecutive
     /// bytes of row r, so that one load is one VNNI multiply operand for
     /// all 16 rows (the 512-bit tiles). Signed 8-bit values are stored
@@ -26,8 +26,8 @@ impl Layout {
     /// The layout the kernels of `isa` read `qtype` in.
     pub fn for_kernels(isa: Isa, qtype: QType) -> Layout {
         match (isa, qtype) {
-            (Isa::Avx512Vnni, QType::Q4_0 | QType::Q4_1 | QType::Q8_0 | QType::A8 | QType::Q6_K) => Layout::Vnni16,
-            (Isa::Avx2 | Isa::Avx512Vnni, QType::Q4_0 | QType::Q4_1 | QType::Q4_K | QType::Q8_0 | QType::A8) => Layout::Panels8,
+            (Isa::Avx512Vnni, q) if Layout::Vnni16.fits(q) => Layout::Vnni16,
+            (Isa::Avx2, QType::Q4_0 | QType::Q4_1 | QType::Q4_K | QType::Q8_0 | QType::A8) => Layout::Panels8,
             _ => Layout::Rows,
         }
     }
@@ -36,7 +36,7 @@ impl Layout {
 
     /// Whether `qtype`'s blocks can be arranged this way.
     pub fn fits(self, qtype: QType) -> bool {
-        self != Layout::Vnni16 || matches!(qtype, QType::Q4_0 | QType::Q4_1 | QType::Q8_0 | QType::A8 | QType::Q6_K)
+        self != Layout::Vnni16 || matches!(qtype, QType::Q4_0 | QType::Q4_1 | QType::Q8_0 | QType::A8 | QType::Q4_K | QType::Q6_K)
     }
 
     /// Rows per panel (rows past the last full panel stay as in the file).
@@ -55,6 +55,19 @@ impl Layout {
         let bb = qtype.block_bytes();
         match self {
             Layout::Rows | Layout::Panels8 => f(0, r * bb, bb),
+            Layout::Vnni16 if qtype == QType::Q4_K => {
+                // A super-block: 16 f16 scales, 16 f16 mins, the 12 bytes of
+                // 6-bit sub-block scales and mins byte-major, then `qs` as
+                // vectors of dwords.
+                f(0, 2 * r, 2);
+                f(2, 32 + 2 * r, 2);
+                for k in 0..12 {
+                    f(4 + k, 64 + 16 * k + r, 1);
+                }
+                for dword in 0..32 {
+                    f(16 + 4 * dword, 256 + 64 * dword + 4 * r, 4);
+                }
+            }
             Layout::Vnni16 if qtype == QType::Q6_K => {
                 // A super-block: 16 f16 scales, 16 x 16 int8 sub-block scales
                 // (sub-block-major), then `ql` and `qh` as vectors of dwords.
@@ -143,7 +156,7 @@ mod tests {
     #[test]
     fn gather_undoes_pack() {
         for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q6_K] {
-            for layout in [Layout::Panels8, Layout::Vnni16].into_iter().filter(|l| l.fits(qtype)) {
+            for layout in [Layout::Panels8, Layout::Vnni16] {
                 let (rows, rb) = (16 * 2 + 3, qtype.row_bytes(512));
                 let plain: Vec<u8> = (0..rows * rb).map(|i| (i * 7 + i / 13) as u8).collect();
                 let mut packed = plain.clone();
