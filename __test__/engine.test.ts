@@ -222,7 +222,20 @@ describe('engine API on the default model', () => {
     const cache = await engine.getCacheStats();
     assert.equal(cache.models[0].id, MODEL);
     assert.ok(cache.totalWeightBytes > 50e6);
+    // A decode step reads every matrix (the tied embedding as the output) and one embedding row.
+    const info = engine.getModelInfo(MODEL)!;
+    assert.ok(info.decodeWeightBytes > 0.9 * info.weightBytes && info.decodeWeightBytes < 1.01 * info.weightBytes, String(info.decodeWeightBytes));
+    assert.equal(info.kvBytesPerPosition, 30 * 2 * 3 * 64 * 2);
     assert.ok(events.includes('model:loaded') && events.includes('generation:started') && events.includes('generation:completed'));
+  });
+
+  test('the read-bandwidth probe measures, and refuses sizes out of range', async () => {
+    const native = require('../index.js') as typeof import('../index.js');
+    assert.ok((await native.readBandwidth(64)) > 0.1);
+    for (const bad of [0, 16385, -1, 1.5]) {
+      await assert.rejects(native.readBandwidth(bad), (e: Error) => /InvalidParams|mib must|Expected|u32/.test(e.message), String(bad));
+    }
+    assert.equal((await engine.healthCheck()).status, 'healthy');
   });
 
   test('loading the same file twice returns the same model; unload removes it', async () => {

@@ -925,9 +925,10 @@ pub fn runtime_info() -> NativeRuntimeInfo {
 /// GB/s of reading `mib` MiB with the kernels' worker threads (best of
 /// five), the ceiling for decode: benchmarks report the fraction reached.
 #[napi]
-pub async fn read_bandwidth(mib: u32) -> Result<f64> {
-    if !(1..=16384).contains(&mib) {
-        return Err(invalid("mib must be 1 to 16384".into()));
+pub async fn read_bandwidth(mib: f64) -> Result<f64> {
+    // A float, checked here: napi would wrap -1 and truncate 1.5.
+    if !(1.0..=16384.0).contains(&mib) || mib.fract() != 0.0 {
+        return Err(invalid(format!("mib must be a whole number from 1 to 16384, got {mib}")));
     }
     blocking(move || Ok(mlx_serving_engine::cpu::read_bandwidth(mib as usize))).await
 }
