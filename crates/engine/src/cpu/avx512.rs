@@ -27,6 +27,30 @@ unsafe fn prefetch(p: *const u8, len: usize) {
     }
 }
 
+/// The integer products of 32 activation bytes at `x` with the 16 rows'
+/// 32 weights in `q` (vector u, lane r: row r's weights 4u..4u+4), in two
+/// chains so that a batch of one is not bound by `vpdpbusd`'s latency.
+#[inline(always)]
+unsafe fn dot32(q: &[__m512i; 8], x: *const i8) -> __m512i {
+    let x = |u: usize| _mm512_set1_epi32((x as *const i32).add(u).read_unaligned());
+    let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+    for u in (0..8).step_by(2) {
+        s0 = _mm512_dpbusd_epi32(s0, q[u], x(u));
+        s1 = _mm512_dpbusd_epi32(s1, q[u + 1], x(u + 1));
+    }
+    _mm512_add_epi32(s0, s1)
+}
+
+/// Each token's 16 lanes as the 16 rows' results.
+#[inline(always)]
+unsafe fn per_row<const NT: usize>(acc: [__m512; NT]) -> [[f32; 16]; NT] {
+    acc.map(|v| {
+        let mut out = [0.0f32; 16];
+        _mm512_storeu_ps(out.as_mut_ptr(), v);
+        out
+    })
+}
+
 /// The formats `vnni16` reads (its `F` parameter).
 pub const Q4_0: u8 = 0;
 pub const Q4_1: u8 = 1;
@@ -74,24 +98,12 @@ pub unsafe fn vnni16<const F: u8, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -
             }
         }
         for (acc, a) in acc.iter_mut().zip(a) {
-            let ap = a.qs.as_ptr().add(b * QK) as *const i32;
-            let x = |j: usize| _mm512_set1_epi32(ap.add(j).read_unaligned());
-            // Two chains, so a batch of one is not bound by vpdpbusd's latency.
-            let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-            for j in (0..8).step_by(2) {
-                s0 = _mm512_dpbusd_epi32(s0, q[j], x(j));
-                s1 = _mm512_dpbusd_epi32(s1, q[j + 1], x(j + 1));
-            }
-            let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+            let isum = _mm512_cvtepi32_ps(dot32(&q, a.qs.as_ptr().add(b * QK)));
             *acc = _mm512_fmadd_ps(isum, _mm512_mul_ps(d, _mm512_set1_ps(*a.d.get_unchecked(b))), *acc);
             *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(*a.s.get_unchecked(b)), *acc);
         }
     }
-    std::array::from_fn(|t| {
-        let mut out = [0.0f32; 16];
-        _mm512_storeu_ps(out.as_mut_ptr(), acc[t]);
-        out
-    })
+    per_row(acc)
 }
 
 /// Q6_K over `Vnni16` panels. Per sub-block of 16 weights: the 6-bit values
@@ -141,11 +153,7 @@ pub unsafe fn q6k_vnni16<const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32; 
             }
         }
     }
-    std::array::from_fn(|t| {
-        let mut out = [0.0f32; 16];
-        _mm512_storeu_ps(out.as_mut_ptr(), acc[t]);
-        out
-    })
+    per_row(acc)
 }
 
 /// Q4_K over `Vnni16` panels: per sub-block of 32, the 16 rows' 6-bit
@@ -185,22 +193,11 @@ pub unsafe fn q4k_vnni16<const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32; 
             });
             let b = sb * (QK_K / QK) + j;
             for (acc, a) in acc.iter_mut().zip(a) {
-                let ap = a.qs.as_ptr().add(b * QK) as *const i32;
-                let x = |u: usize| _mm512_set1_epi32(ap.add(u).read_unaligned());
-                let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-                for u in (0..8).step_by(2) {
-                    s0 = _mm512_dpbusd_epi32(s0, q[u], x(u));
-                    s1 = _mm512_dpbusd_epi32(s1, q[u + 1], x(u + 1));
-                }
-                let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                let isum = _mm512_cvtepi32_ps(dot32(&q, a.qs.as_ptr().add(b * QK)));
                 *acc = _mm512_fmadd_ps(isum, _mm512_mul_ps(scale, _mm512_set1_ps(*a.d.get_unchecked(b))), *acc);
                 *acc = _mm512_fnmadd_ps(min, _mm512_set1_ps(*a.s.get_unchecked(b)), *acc);
             }
         }
     }
-    std::array::from_fn(|t| {
-        let mut out = [0.0f32; 16];
-        _mm512_storeu_ps(out.as_mut_ptr(), acc[t]);
-        out
-    })
+    per_row(acc)
 }
