@@ -237,8 +237,9 @@ export interface NativeFlagDecision {
 }
 
 /**
- * Generation parameters as JS sends them; numbers arrive as f64 and are
- * checked here (integers, ranges) before they reach the engine.
+ * Generation parameters as JavaScript sends them. Every number stays an
+ * f64 so that the engine's checks (`RequestSpec::resolve`) see what was
+ * sent, not what napi would wrap or truncate it to (-1 as 4294967295).
  */
 export interface NativeGenerateParams {
   model: string

@@ -140,3 +140,31 @@ test('a QoS policy sheds background requests while the queue is deep, then resto
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('a canary addressed by a name that is no model id is served over HTTP, as through the API', async () => {
+  const engine = await createEngine();
+  try {
+    await engine.loadModel({ model: 'default' });
+    await engine.loadModel({ model: 'default', modelId: 'candidate' });
+    engine.startCanary({ name: 'assistant', baseline: 'default', candidate: 'candidate', stages: [50, 100] });
+    const server = await engine.startServer({ port: 0 });
+    const ask = (model: string, user: string) =>
+      fetch(`${server.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ model, user, messages: [{ role: 'user', content: 'Name a colour.' }], max_tokens: 3, temperature: 0 }),
+      });
+    for (const user of ['u-1', 'u-2', 'u-3', 'u-4']) {
+      const res = await ask('assistant', user);
+      const body = await res.json();
+      assert.equal(res.status, 200, JSON.stringify(body));
+      assert.equal(body.model, 'assistant');
+    }
+    assert.equal((await run(engine, 'assistant', 'u-1')).features?.some((f) => f.startsWith('canary.')), true);
+    const unknown = await ask('nope', 'u-1');
+    assert.equal(unknown.status, 404);
+    assert.equal((await unknown.json()).error.code, 'ModelNotLoaded');
+  } finally {
+    await engine.shutdown();
+  }
+});

@@ -1,6 +1,7 @@
 /**
- * Checks of what callers pass in, before napi converts it for Rust, and the
- * conversion of generation params to the native shape.
+ * What only JavaScript can check (types, key names napi would ignore) and
+ * the conversion of generation params to the native shape. Every rule about
+ * the values is the engine's (`crates/engine/src/request.rs`).
  */
 import type { NativeGenerateParams } from '../index.js';
 import { EngineClientError, type ErrorCode } from './errors';
@@ -65,9 +66,6 @@ export function toNativeParams(p: GeneratorParams): NativeGenerateParams {
   if (typeof p.model !== 'string') {
     throw new EngineClientError('InvalidParams', 'model must be a string');
   }
-  if (p.prompt !== undefined && p.messages !== undefined) {
-    throw new EngineClientError('InvalidParams', 'give either prompt or messages, not both');
-  }
   const out: NativeGenerateParams = {
     model: p.model,
     maxTokens: p.maxTokens,
@@ -80,7 +78,7 @@ export function toNativeParams(p: GeneratorParams): NativeGenerateParams {
     frequencyPenalty: p.frequencyPenalty,
     seed: p.seed,
     stopSequences: p.stopSequences,
-    stopTokenIds: tokenIds('stopTokenIds', p.stopTokenIds),
+    stopTokenIds: p.stopTokenIds,
     ignoreEos: p.ignoreEos,
   };
   if (typeof p.prompt === 'string') out.prompt = p.prompt;
@@ -88,7 +86,7 @@ export function toNativeParams(p: GeneratorParams): NativeGenerateParams {
     if (!p.prompt || !Array.isArray(p.prompt.tokens)) {
       throw new EngineClientError('InvalidParams', 'prompt must be a string or {tokens: number[]}');
     }
-    out.promptTokens = tokenIds('prompt.tokens', p.prompt.tokens);
+    out.promptTokens = p.prompt.tokens;
   }
   if (p.messages !== undefined) {
     if (!Array.isArray(p.messages) || p.messages.some((m) => typeof m?.role !== 'string' || typeof m?.content !== 'string')) {

@@ -10,10 +10,8 @@ use mlx_serving_engine::chat::ChatMessage;
 use mlx_serving_engine::config::RuntimeConfig;
 use mlx_serving_engine::flags::FlagStore;
 use mlx_serving_engine::cpu::Isa;
-use mlx_serving_engine::engine::{
-    Canceller, ControlEvent, Event, GenerateRequest, Input, ModelInfo, ModelOptions, Priority, RequestHandle, Stats,
-};
-use mlx_serving_engine::sampler::SamplingParams;
+use mlx_serving_engine::engine::{Canceller, ControlEvent, Event, ModelInfo, ModelOptions, RequestHandle, Stats};
+use mlx_serving_engine::request::{Number, PromptSpec, RequestDefaults, RequestSpec};
 use mlx_serving_engine::backend::BackendKind;
 use mlx_serving_engine::{Engine, EngineError};
 use napi::bindgen_prelude::*;
@@ -89,13 +87,14 @@ pub struct NativeMessage {
     pub content: String,
 }
 
-/// Generation parameters as JS sends them; numbers arrive as f64 and are
-/// checked here (integers, ranges) before they reach the engine.
+/// Generation parameters as JavaScript sends them. Every number stays an
+/// f64 so that the engine's checks (`RequestSpec::resolve`) see what was
+/// sent, not what napi would wrap or truncate it to (-1 as 4294967295).
 #[napi(object)]
 pub struct NativeGenerateParams {
     pub model: String,
     pub prompt: Option<String>,
-    pub prompt_tokens: Option<Vec<u32>>,
+    pub prompt_tokens: Option<Vec<f64>>,
     pub messages: Option<Vec<NativeMessage>>,
     pub max_tokens: Option<f64>,
     pub temperature: Option<f64>,
@@ -107,7 +106,7 @@ pub struct NativeGenerateParams {
     pub frequency_penalty: Option<f64>,
     pub seed: Option<f64>,
     pub stop_sequences: Option<Vec<String>>,
-    pub stop_token_ids: Option<Vec<u32>>,
+    pub stop_token_ids: Option<Vec<f64>>,
     pub ignore_eos: Option<bool>,
     pub timeout_ms: Option<f64>,
     /// `urgent`, `default` or `background`.
@@ -119,63 +118,37 @@ pub struct NativeGenerateParams {
     pub pin_prefix: Option<bool>,
 }
 
-fn whole(name: &str, v: f64, min: f64) -> Result<f64> {
-    if !v.is_finite() || v.fract() != 0.0 || v < min || v > 9_007_199_254_740_991.0 {
-        return Err(invalid(format!("{name} must be an integer from {min} to 2^53 - 1, got {v}")));
-    }
-    Ok(v)
-}
-
-impl TryFrom<NativeGenerateParams> for GenerateRequest {
-    type Error = Error;
-    fn try_from(p: NativeGenerateParams) -> Result<Self> {
-        let input = match (p.prompt, p.prompt_tokens, p.messages) {
-            (Some(text), None, None) => Input::Prompt(text),
-            (None, Some(ids), None) => Input::Tokens(ids),
-            (None, None, Some(msgs)) => {
-                Input::Messages(msgs.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect())
-            }
-            (None, None, None) => return Err(invalid("either prompt or messages is required".into())),
-            _ => return Err(invalid("give either prompt or messages, not both".into())),
+impl From<NativeGenerateParams> for RequestSpec {
+    fn from(p: NativeGenerateParams) -> Self {
+        let numbers = |v: Vec<f64>| v.into_iter().map(Number::from).collect();
+        let prompt = match (p.prompt, p.prompt_tokens) {
+            (Some(text), _) => Some(PromptSpec::Text(text)),
+            (None, Some(ids)) => Some(PromptSpec::Tokens { tokens: numbers(ids) }),
+            (None, None) => None,
         };
-        let max_tokens = match p.max_tokens {
-            // Zero and negatives get the engine's own message.
-            Some(v) if v.is_finite() && v.fract() == 0.0 => Some(v.clamp(i64::MIN as f64, i64::MAX as f64) as i64),
-            Some(v) => return Err(invalid(format!("maxTokens must be a positive integer, got {v}"))),
-            None => None,
-        };
-        let d = SamplingParams::default();
-        let f = |v: Option<f64>, dflt: f32| v.map(|x| x as f32).unwrap_or(dflt);
-        let sampling = SamplingParams {
-            temperature: f(p.temperature, d.temperature),
-            top_p: f(p.top_p, d.top_p),
-            top_k: p.top_k.map(|k| whole("topK", k, 0.0)).transpose()?.map_or(0, |k| k as usize),
-            min_p: f(p.min_p, d.min_p),
-            repetition_penalty: f(p.repetition_penalty, d.repetition_penalty),
-            presence_penalty: f(p.presence_penalty, d.presence_penalty),
-            frequency_penalty: f(p.frequency_penalty, d.frequency_penalty),
-            seed: p.seed.map(|s| whole("seed", s, 0.0)).transpose()?.map(|s| s as u64),
-        };
-        let timeout_ms = match p.timeout_ms {
-            Some(t) if t.is_finite() && t > 0.0 => Some(t.ceil() as u64),
-            Some(t) => return Err(invalid(format!("timeoutMs must be a positive number, got {t}"))),
-            None => None,
-        };
-        Ok(GenerateRequest {
-            model: p.model,
-            input,
-            max_tokens,
-            sampling,
-            stop_sequences: p.stop_sequences.unwrap_or_default(),
-            stop_token_ids: p.stop_token_ids.unwrap_or_default(),
-            ignore_eos: p.ignore_eos.unwrap_or(false),
-            top_logprobs: 0,
-            timeout_ms,
-            priority: p.priority.as_deref().map(Priority::parse).transpose().map_err(js_error)?.unwrap_or_default(),
+        RequestSpec {
+            model: Some(p.model),
+            prompt,
+            messages: p.messages.map(|m| m.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect()),
+            max_tokens: p.max_tokens.map(Number::from),
+            temperature: p.temperature,
+            top_p: p.top_p,
+            top_k: p.top_k.map(Number::from),
+            min_p: p.min_p,
+            repetition_penalty: p.repetition_penalty,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            seed: p.seed.map(Number::from),
+            stop_sequences: p.stop_sequences,
+            stop_token_ids: p.stop_token_ids.map(numbers),
+            ignore_eos: p.ignore_eos,
+            top_logprobs: None,
+            timeout_ms: p.timeout_ms,
+            priority: p.priority,
             cache_salt: p.cache_salt,
             request_id: p.request_id,
-            pin_prefix: p.pin_prefix.unwrap_or(false),
-        })
+            pin_prefix: p.pin_prefix,
+        }
     }
 }
 
@@ -770,7 +743,7 @@ impl NativeEngine {
     /// the request.
     #[napi]
     pub async fn generate(&self, params: NativeGenerateParams) -> Result<NativeStream> {
-        let req = GenerateRequest::try_from(params)?;
+        let req = RequestSpec::from(params).resolve(&RequestDefaults::default()).map_err(|e| js_error(e.into()))?;
         let e = self.inner.clone();
         let handle = blocking(move || e.submit(req)).await?;
         Ok(NativeStream {

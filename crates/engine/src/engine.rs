@@ -35,6 +35,7 @@ use crate::backend::BackendKind;
 use crate::kv::{BlockId, BlockPool, KvStore};
 use crate::metrics::{Histograms, LatencyMetrics};
 use crate::qos::{now_s, Knobs, Window};
+use crate::request::PromptFit;
 use crate::models::{BatchToken, Model};
 use crate::sampler::{top_logprobs, Sampled, Sampler, SamplingParams};
 use crate::stop::StopMatcher;
@@ -148,12 +149,12 @@ pub enum Priority {
 }
 
 impl Priority {
-    pub fn parse(s: &str) -> Result<Self, EngineError> {
+    pub fn parse(s: &str) -> Option<Self> {
         match s {
-            "urgent" => Ok(Priority::Urgent),
-            "default" => Ok(Priority::Default),
-            "background" => Ok(Priority::Background),
-            other => Err(EngineError::InvalidParams(format!("priority must be urgent, default or background, got '{other}'"))),
+            "urgent" => Some(Priority::Urgent),
+            "default" => Some(Priority::Default),
+            "background" => Some(Priority::Background),
+            _ => None,
         }
     }
 }
@@ -703,6 +704,12 @@ impl Engine {
         info
     }
 
+    /// Whether requests may name `model`: a loaded model's id, or the name
+    /// of the canary in force (routed to one of its arms by `submit`).
+    pub fn serves(&self, model: &str) -> bool {
+        self.model_info(model).is_some() || self.shared.control.lock().unwrap().routes(model)
+    }
+
     /// TTFT, inter-token and end-to-end latency histograms of every request so far.
     pub fn latency_histograms(&self) -> Histograms {
         self.latency.snapshot()
@@ -752,90 +759,35 @@ impl Engine {
         let w = self.worker(&req.model)?;
         let config = self.config();
         let knobs = &self.shared.knobs;
-        let bad = |m: String| Err(EngineError::InvalidParams(m));
-        req.sampling.validate()?;
-        if let Some(m) = req.max_tokens {
-            if m <= 0 {
-                return bad(format!("maxTokens must be a positive integer, got {m}"));
-            }
-        }
-        if req.top_logprobs > MAX_TOP_LOGPROBS {
-            return bad(format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {}", req.top_logprobs));
-        }
-        if req.stop_sequences.iter().any(String::is_empty) {
-            return bad("stop sequences must not be empty strings".into());
-        }
-        let lim = &config.limits;
-        let over = |what: &str, n: usize, max: usize, key: &str| -> Result<(), EngineError> {
-            if n > max {
-                return Err(EngineError::InvalidParams(format!("{what}: {n} exceeds the limit of {max} (limits.{key})")));
-            }
-            Ok(())
-        };
-        over("stop sequences", req.stop_sequences.len(), lim.max_stop_sequences, "maxStopSequences")?;
-        for s in &req.stop_sequences {
-            over("stop sequence characters", s.chars().count(), lim.max_stop_sequence_chars, "maxStopSequenceChars")?;
-        }
-        over("stop token ids", req.stop_token_ids.len(), lim.max_stop_token_ids, "maxStopTokenIds")?;
-        match &req.input {
-            Input::Prompt(text) => over("prompt characters", text.len(), lim.max_prompt_chars, "maxPromptChars")?,
-            Input::Tokens(ids) => over("prompt tokens", ids.len(), lim.max_prompt_tokens, "maxPromptTokens")?,
-            Input::Messages(msgs) => {
-                over("messages", msgs.len(), lim.max_messages, "maxMessages")?;
-                let chars = msgs.iter().map(|m| m.content.len() + m.role.len()).sum();
-                over("message characters", chars, lim.max_prompt_chars, "maxPromptChars")?;
-            }
-        }
+        req.validate()?;
+        req.check_limits(&config.limits)?;
         let tk = &w.tokenizer;
         let prompt = match &req.input {
             Input::Prompt(text) => tk.encode(text, tk.add_bos, true)?,
             Input::Tokens(ids) => {
-                if let Some(&bad_id) = ids.iter().find(|&&t| t as usize >= w.info.vocab_size) {
-                    return bad(format!("token id {bad_id} is outside the vocabulary (size {})", w.info.vocab_size));
-                }
+                PromptFit::check_vocabulary(ids, w.info.vocab_size)?;
                 ids.clone()
             }
             Input::Messages(msgs) => {
-                if msgs.is_empty() {
-                    return bad("messages must not be empty".into());
-                }
                 let text = w.template.render(msgs, true)?;
                 // Templates write BOS themselves when the model wants one.
                 tk.encode(&text, false, true)?
             }
         };
-        if prompt.is_empty() {
-            return bad("the prompt is empty".into());
+        let c = &w.counters;
+        let max_tokens = PromptFit {
+            n_prompt_tokens: prompt.len(),
+            context_length: w.info.context_length,
+            kv_positions: c.kv_blocks_total.load(Ordering::Relaxed) * config.kv_cache.block_size,
+            max_prompt_tokens: config.limits.max_prompt_tokens,
+            max_tokens_cap: config.streaming.max_tokens,
         }
-        over("prompt tokens", prompt.len(), lim.max_prompt_tokens, "maxPromptTokens")?;
-        let ctx = w.info.context_length;
-        if prompt.len() >= ctx {
-            return bad(format!("the prompt has {} tokens but the context holds {ctx}", prompt.len()));
-        }
-        let room = ctx - prompt.len();
-        let cap = config.streaming.max_tokens;
-        if let Some(m) = req.max_tokens {
-            if m as u64 > cap as u64 {
-                return bad(format!("maxTokens {m} exceeds the configured limit streaming.maxTokens = {cap}"));
-            }
-        }
-        // An explicit maxTokens the context cannot hold is refused (as OpenAI
-        // and vLLM do) rather than cut short; left out, it is what fits.
-        if let Some(m) = req.max_tokens.filter(|&m| m as u64 > room as u64) {
-            return bad(format!("the context holds {ctx} tokens: the prompt's {} and maxTokens {m} do not fit", prompt.len()));
-        }
-        let max_tokens = req.max_tokens.map(|m| m as usize).unwrap_or(cap).min(room);
+        .max_tokens(&req)?;
         let timeout_ms = [req.timeout_ms, w.info.request_timeout_ms]
             .into_iter()
             .flatten()
             .min()
             .or(Some(config.streaming.request_timeout).filter(|&t| t > 0));
-
-        let c = &w.counters;
-        let kv_positions = c.kv_blocks_total.load(Ordering::Relaxed) * config.kv_cache.block_size;
-        if prompt.len() >= kv_positions {
-            return bad(format!("the prompt has {} tokens but the KV cache holds {kv_positions} (kv_cache.memoryMiB)", prompt.len()));
-        }
 
         // Admission: a bounded number of requests in flight per model, and a
         // bounded queue of requests and prompt tokens waiting to run.

@@ -3,10 +3,15 @@
 
 use thiserror::Error;
 
+use crate::request::InvalidParam;
+
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum EngineError {
     #[error("invalid params: {0}")]
     InvalidParams(String),
+    /// A request field that breaks a rule (`request.rs`).
+    #[error("invalid params: {0}")]
+    InvalidParam(InvalidParam),
     #[error("cannot load model {path}: {reason}")]
     ModelLoad { path: String, reason: String },
     #[error("model not loaded: {0}")]
@@ -29,7 +34,7 @@ impl EngineError {
     /// The stable code of the TypeScript contract.
     pub fn code(&self) -> &'static str {
         match self {
-            EngineError::InvalidParams(_) => "InvalidParams",
+            EngineError::InvalidParams(_) | EngineError::InvalidParam(_) => "InvalidParams",
             EngineError::ModelLoad { .. } => "ModelLoadError",
             EngineError::ModelNotLoaded(_) => "ModelNotLoaded",
             EngineError::Generation(_) => "GenerationError",
@@ -39,6 +44,12 @@ impl EngineError {
             EngineError::Overloaded(_) => "Overloaded",
             EngineError::Internal(_) => "InternalError",
         }
+    }
+}
+
+impl From<InvalidParam> for EngineError {
+    fn from(e: InvalidParam) -> Self {
+        EngineError::InvalidParam(e)
     }
 }
 

@@ -21,6 +21,7 @@ pub mod models;
 pub mod qos;
 pub mod safetensors;
 pub mod quant;
+pub mod request;
 pub mod sampler;
 pub mod speculative;
 mod stop;

@@ -3,8 +3,6 @@
 
 use std::collections::HashMap;
 
-use crate::error::EngineError;
-
 /// Tokens looked back over for the repetition penalties (llama.cpp's default).
 pub const PENALTY_WINDOW: usize = 64;
 /// After temperature, logits this far below the maximum carry less than
@@ -41,30 +39,6 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             seed: None,
         }
-    }
-}
-
-impl SamplingParams {
-    pub fn validate(&self) -> Result<(), EngineError> {
-        let bad = |m: String| Err(EngineError::InvalidParams(m));
-        if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad(format!("temperature must be a finite number >= 0, got {}", self.temperature));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!("topP must be in (0, 1], got {}", self.top_p));
-        }
-        if !(0.0..=1.0).contains(&self.min_p) {
-            return bad(format!("minP must be in [0, 1], got {}", self.min_p));
-        }
-        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return bad(format!("repetitionPenalty must be a finite number > 0, got {}", self.repetition_penalty));
-        }
-        for (name, v) in [("presencePenalty", self.presence_penalty), ("frequencyPenalty", self.frequency_penalty)] {
-            if !v.is_finite() || !(-2.0..=2.0).contains(&v) {
-                return bad(format!("{name} must be in [-2, 2], got {v}"));
-            }
-        }
-        Ok(())
     }
 }
 
@@ -377,21 +351,5 @@ mod tests {
         let mut s = Sampler::new(params(|p| p.frequency_penalty = 0.4));
         assert_eq!(s.sample(&mut [3.0, 2.0], &[0, 0, 0]).token, 1);
         assert_eq!(s.sample(&mut [3.0, 2.0], &[0]).token, 0);
-    }
-
-    #[test]
-    fn validation_rejects_bad_values() {
-        for p in [
-            params(|p| p.temperature = f32::NAN),
-            params(|p| p.temperature = -1.0),
-            params(|p| p.top_p = 0.0),
-            params(|p| p.top_p = 1.5),
-            params(|p| p.min_p = 2.0),
-            params(|p| p.repetition_penalty = 0.0),
-            params(|p| p.presence_penalty = 5.0),
-        ] {
-            assert_eq!(p.validate().unwrap_err().code(), "InvalidParams", "{p:?}");
-        }
-        assert!(SamplingParams::default().validate().is_ok());
     }
 }

@@ -30,7 +30,7 @@ use serde_json::{json, Value};
 use tokio::sync::{oneshot, Semaphore};
 
 pub use metrics::{Metrics, Snapshot};
-use openai::Parsed;
+use openai::{BadRequest, Parsed};
 
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -259,37 +259,6 @@ fn error_with_param(status: StatusCode, code: &str, message: String, param: Opti
     (status, Json(body)).into_response()
 }
 
-/// The engine names request fields as the TypeScript API does; an HTTP
-/// client sent OpenAI's names, so errors speak those (and set `param`).
-const OPENAI_NAMES: [(&str, &str); 9] = [
-    ("maxTokens", "max_tokens"),
-    ("topP", "top_p"),
-    ("topK", "top_k"),
-    ("minP", "min_p"),
-    ("repetitionPenalty", "repetition_penalty"),
-    ("presencePenalty", "presence_penalty"),
-    ("frequencyPenalty", "frequency_penalty"),
-    ("stopSequences", "stop"),
-    ("temperature", "temperature"),
-];
-
-/// `msg` with OpenAI's field names, and the first field it names.
-fn openai_names(msg: &str) -> (String, Option<&'static str>) {
-    let mut msg = msg.to_owned();
-    let mut param = None;
-    for (ours, theirs) in OPENAI_NAMES {
-        // Not inside a config key (`streaming.maxTokens`).
-        while let Some(at) = msg.match_indices(ours).map(|(i, _)| i).find(|&i| !msg[..i].ends_with('.')) {
-            param.get_or_insert(theirs);
-            if ours == theirs {
-                break;
-            }
-            msg.replace_range(at..at + ours.len(), theirs);
-        }
-    }
-    (msg, param)
-}
-
 /// 429 with `Retry-After`, whether the server or the engine is full.
 fn overloaded(message: String) -> Response {
     let mut r = error_response(StatusCode::TOO_MANY_REQUESTS, "Overloaded", message);
@@ -301,12 +270,12 @@ fn engine_error_response(e: &EngineError) -> Response {
     if let EngineError::Overloaded(_) = e {
         return overloaded(e.to_string());
     }
-    if let EngineError::InvalidParams(msg) = e {
-        let (msg, param) = openai_names(msg);
-        return error_with_param(StatusCode::BAD_REQUEST, e.code(), msg, param);
+    if let EngineError::InvalidParam(p) = e {
+        let bad = BadRequest::from(p.clone());
+        return error_with_param(StatusCode::BAD_REQUEST, e.code(), bad.message, bad.param.as_deref());
     }
     let status = match e {
-        EngineError::InvalidParams(_) | EngineError::Tokenizer(_) => StatusCode::BAD_REQUEST,
+        EngineError::InvalidParams(_) | EngineError::InvalidParam(_) | EngineError::Tokenizer(_) => StatusCode::BAD_REQUEST,
         EngineError::ModelNotLoaded(_) => StatusCode::NOT_FOUND,
         EngineError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
         EngineError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -399,16 +368,16 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
     generate(state, openai::parse_completion(&body), Api::Completion).await
 }
 
-async fn generate(state: Arc<AppState>, parsed: Result<Parsed, String>, api: Api) -> Response {
+async fn generate(state: Arc<AppState>, parsed: Result<Parsed, BadRequest>, api: Api) -> Response {
     let parsed = match parsed {
         Ok(p) => p,
-        Err(msg) => {
+        Err(bad) => {
             state.metrics.bad_request();
-            let param = openai::param_of(&msg);
-            return error_with_param(StatusCode::BAD_REQUEST, "InvalidParams", msg, param.as_deref());
+            return error_with_param(StatusCode::BAD_REQUEST, "InvalidParams", bad.message, bad.param.as_deref());
         }
     };
-    if state.engine.model_info(&parsed.req.model).is_none() {
+    // A canary's name is not a model id: the engine routes it.
+    if !state.engine.serves(&parsed.req.model) {
         state.metrics.bad_request();
         let known: Vec<String> = state.engine.list_models().into_iter().map(|m| m.id).collect();
         let msg = format!("model '{}' is not loaded (available: {})", parsed.req.model, known.join(", "));
@@ -442,7 +411,7 @@ async fn generate(state: Arc<AppState>, parsed: Result<Parsed, String>, api: Api
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
             match e {
-                EngineError::InvalidParams(_) | EngineError::Tokenizer(_) => state.metrics.bad_request(),
+                EngineError::InvalidParams(_) | EngineError::InvalidParam(_) | EngineError::Tokenizer(_) => state.metrics.bad_request(),
                 // The engine's own limit (a cancelled sequence not yet
                 // released, streaming.maxConcurrentStreams).
                 EngineError::Overloaded(_) => state.metrics.rejected(),
@@ -459,18 +428,5 @@ async fn generate(state: Arc<AppState>, parsed: Result<Parsed, String>, api: Api
         Sse::new(run.into_sse()).keep_alive(KeepAlive::default()).into_response()
     } else {
         run.collect().await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::openai_names;
-
-    #[test]
-    fn errors_speak_openai_field_names() {
-        assert_eq!(openai_names("maxTokens 5000 exceeds the configured limit streaming.maxTokens = 2048"), ("max_tokens 5000 exceeds the configured limit streaming.maxTokens = 2048".into(), Some("max_tokens")));
-        assert_eq!(openai_names("topP must be in (0, 1], got 2"), ("top_p must be in (0, 1], got 2".into(), Some("top_p")));
-        assert_eq!(openai_names("temperature must be >= 0"), ("temperature must be >= 0".into(), Some("temperature")));
-        assert_eq!(openai_names("the prompt is empty"), ("the prompt is empty".into(), None));
     }
 }

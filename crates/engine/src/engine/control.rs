@@ -35,6 +35,11 @@ pub(super) struct ControlState {
 
 impl ControlState {
     /// The model a request for `model` goes to while a canary owns that name.
+    /// Whether `model` is the name of the canary in force.
+    pub(super) fn routes(&self, model: &str) -> bool {
+        self.canary.as_ref().is_some_and(|c| c.cfg.name == model)
+    }
+
     pub(super) fn route(&self, model: &str, request_id: &str) -> Option<(String, Arm)> {
         let c = self.canary.as_ref()?;
         if c.cfg.name != model {
