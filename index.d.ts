@@ -10,13 +10,6 @@
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
 export declare class NativeEngine {
-  constructor(options?: NativeEngineOptions | undefined | null)
-  /**
-   * Re-reads the runtime config file. An unreadable or invalid file
-   * changes nothing and the error names the key; a valid one applies at
-   * once, except the settings listed, which apply to models loaded later.
-   */
-  reloadConfig(): NativeConfigReload
   /**
    * Runs the QoS policies and the canary's checks now (they also run
    * every `qos.evaluationIntervalMs`).
@@ -38,11 +31,28 @@ export declare class NativeEngine {
   reloadFeatureFlags(): void
   /** Requests per gated feature, on and off, since start. */
   featureFlagCounts(): Array<NativeFlagCount>
+  constructor(options?: NativeEngineOptions | undefined | null)
+  /**
+   * Re-reads the runtime config file. An unreadable or invalid file
+   * changes nothing and the error names the key; a valid one applies at
+   * once, except the settings listed, which apply to models loaded later.
+   */
+  reloadConfig(): NativeConfigReload
+  stats(): NativeEngineStats
+  /** TTFT, inter-token and end-to-end latency histograms (vLLM's bucket edges). */
+  latencyHistograms(): NativeLatencyHistograms
+  /** Stops every model; running requests end with `Cancelled`. */
+  shutdown(): Promise<void>
+  /**
+   * Validates, templates and tokenizes (off the JS thread), then queues
+   * the request.
+   */
+  generate(params: NativeGenerateParams): Promise<NativeStream>
   /**
    * Loads a GGUF file or MLX folder (off the JS thread) on `backend`
    * (`cpu`, `mlx` or `auto`; `cpu` when absent).
    */
-  loadModel(path: string, id?: string | undefined | null, requestTimeoutMs?: number | undefined | null, backend?: string | undefined | null): Promise<NativeModelInfo>
+  loadModel(path: string, id?: string | undefined | null, requestTimeoutMs?: number | undefined | null, backend?: string | undefined | null): Promise<NativeLoaded>
   /** Loads a draft model for speculative decoding of `primary`'s requests. */
   loadDraftModel(primary: string, path: string, id?: string | undefined | null): Promise<NativeModelInfo>
   /** Detaches the draft of `model` (a primary or draft id), or every draft. */
@@ -54,17 +64,7 @@ export declare class NativeEngine {
   tokenize(model: string, text: string, addBos?: boolean | undefined | null): Promise<Array<number>>
   detokenize(model: string, tokens: Array<number>): string
   applyChatTemplate(model: string, messages: Array<NativeMessage>): string
-  /**
-   * Validates, templates and tokenizes (off the JS thread), then queues
-   * the request.
-   */
-  generate(params: NativeGenerateParams): Promise<NativeStream>
-  stats(): NativeEngineStats
-  /** TTFT, inter-token and end-to-end latency histograms (vLLM's bucket edges). */
-  latencyHistograms(): NativeLatencyHistograms
   startServer(opts: NativeServerOptions): Promise<NativeServer>
-  /** Stops every model; running requests end with `Cancelled`. */
-  shutdown(): Promise<void>
 }
 
 /** The OpenAI-compatible HTTP server, running on the addon's tokio runtime. */
@@ -282,6 +282,12 @@ export interface NativeLatencyHistograms {
   e2e: NativeHistogram
 }
 
+export interface NativeLoaded {
+  model: NativeModelInfo
+  /** Models unloaded to make room for it (`model_cache.maxModels`). */
+  evicted: Array<string>
+}
+
 export interface NativeMessage {
   role: string
   content: string
@@ -339,6 +345,7 @@ export interface NativeRuntimeInfo {
 
 export interface NativeServerOptions {
   host?: string
+  /** Numbers as sent: `ServerSpec::resolve` checks them. */
   port?: number
   apiKey?: string
   maxConcurrent?: number

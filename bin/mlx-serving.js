@@ -55,7 +55,8 @@ function intOption(name, value, min, max) {
 
 async function serve(values) {
   const model = values.model ?? process.env.MODEL_PATH ?? 'default';
-  const port = intOption('--port', values.port ?? '8080', 0, 65535);
+  // Checked with the server's other settings when it starts.
+  const port = Number(values.port ?? '8080');
   const mc = values['max-concurrent'] ?? process.env.MAX_CONCURRENT;
   const maxConcurrent = mc === undefined ? undefined : intOption('--max-concurrent', mc, 1, 100000);
   let engine;
@@ -96,7 +97,14 @@ async function serve(values) {
   }
   // Listen first so /health can say 503 while the model loads.
   const corsOrigins = values.cors?.split(',').map((o) => o.trim()).filter(Boolean);
-  const server = await engine.startServer({ host: values.host ?? '127.0.0.1', port, apiKey: values['api-key'], maxConcurrent, corsOrigins });
+  let server;
+  try {
+    server = await engine.startServer({ host: values.host ?? '127.0.0.1', port, apiKey: values['api-key'], maxConcurrent, corsOrigins });
+  } catch (e) {
+    process.stderr.write(`mlx-serving: ${e.message}\n`);
+    await engine.shutdown();
+    process.exit(2);
+  }
   let stopping = false;
   const stop = async (signal) => {
     if (stopping) return;

@@ -461,8 +461,6 @@ export class Engine extends EventEmitter {
   private readonly startedAt = Date.now();
   private closed = false;
   private nextRequest = 0;
-  /** Ids being unloaded by `unloadModel`, which reports them itself. */
-  private unloading = new Set<string>();
   /** `close` of each running HTTP server, for shutdown(). */
   private servers = new Set<(graceMs?: number) => Promise<void>>();
 
@@ -596,13 +594,9 @@ export class Engine extends EventEmitter {
     if (opts.backend !== undefined && typeof opts.backend !== 'string') {
       throw new EngineClientError('InvalidParams', `backend must be 'cpu', 'mlx' or 'auto', got ${typeof opts.backend}`);
     }
-    const before = this.native.listModels().map((m) => m.id);
-    const handle = toHandle(await call(() => this.native.loadModel(file, id, opts.requestTimeoutMs, opts.backend)));
-    // Models the load evicted (model_cache.maxModels) are unloaded too.
-    const after = new Set(this.native.listModels().map((m) => m.id));
-    for (const gone of before.filter((m) => !after.has(m) && !this.unloading.has(m))) {
-      this.emit('model:unloaded', { id: gone, reason: 'evicted' });
-    }
+    const loaded = await call(() => this.native.loadModel(file, id, opts.requestTimeoutMs, opts.backend));
+    const handle = toHandle(loaded.model);
+    for (const gone of loaded.evicted) this.emit('model:unloaded', { id: gone, reason: 'evicted' });
     if (this.closed) {
       // shutdown() ran while this model loaded: it must not outlive the engine.
       await call(() => this.native.unloadModel(handle.id)).catch(() => {});
@@ -673,12 +667,7 @@ export class Engine extends EventEmitter {
 
   async unloadModel(id: string): Promise<void> {
     this.ensureOpen();
-    this.unloading.add(id);
-    try {
-      await call(() => this.native.unloadModel(id));
-    } finally {
-      this.unloading.delete(id);
-    }
+    await call(() => this.native.unloadModel(id));
     this.emit('model:unloaded', { id });
   }
 
@@ -904,16 +893,10 @@ export class Engine extends EventEmitter {
   async startServer(options: ServerOptions = {}): Promise<HttpServer> {
     this.ensureOpen();
     if (options === null || typeof options !== 'object') throw new EngineClientError('InvalidParams', 'options must be an object');
-    const checked = {
-      ...options,
-      port: whole('port', options.port, 0, 65535),
-      maxConcurrent: whole('maxConcurrent', options.maxConcurrent, 1, 2 ** 32 - 1),
-      bodyLimitBytes: whole('bodyLimitBytes', options.bodyLimitBytes, 1, 2 ** 32 - 1),
-    };
-    if (options.corsOrigins !== undefined && (!Array.isArray(options.corsOrigins) || options.corsOrigins.some((o) => typeof o !== 'string' || o.length === 0))) {
+    if (options.corsOrigins !== undefined && (!Array.isArray(options.corsOrigins) || options.corsOrigins.some((o) => typeof o !== 'string'))) {
       throw new EngineClientError('InvalidParams', 'corsOrigins must be an array of origins (or "*")');
     }
-    const s = await call(() => this.native.startServer(checked));
+    const s = await call(() => this.native.startServer(options));
     const host = s.host.includes(':') ? `[${s.host}]` : s.host;
     // The server runs on Rust threads; like a net.Server, keep the process
     // alive while it listens.

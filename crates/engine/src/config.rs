@@ -196,6 +196,29 @@ impl Default for ModelCache {
     }
 }
 
+/// Where an engine's runtime config comes from: the defaults, or a file that
+/// `Engine::reload_config_file` re-reads, with an override the caller keeps
+/// across reloads (the CLI's `--max-concurrent`).
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    pub path: Option<std::path::PathBuf>,
+    pub max_concurrent_streams: Option<usize>,
+}
+
+impl ConfigSource {
+    pub fn read(&self) -> Result<RuntimeConfig, EngineError> {
+        let mut config = match &self.path {
+            Some(path) => RuntimeConfig::from_file(path)?,
+            None => RuntimeConfig::default(),
+        };
+        match self.max_concurrent_streams {
+            Some(0) => return Err(EngineError::InvalidParams("maxConcurrentStreams must be at least 1".into())),
+            Some(m) => config.streaming.max_concurrent_streams = m,
+            None => {}
+        }
+        Ok(config)
+    }
+}
 
 impl RuntimeConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, EngineError> {

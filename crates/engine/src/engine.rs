@@ -28,7 +28,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::breaker::{self, Admission, Breaker};
 use crate::chat::{ChatMessage, ChatTemplate};
-use crate::config::RuntimeConfig;
+use crate::config::{ConfigSource, RuntimeConfig};
 use crate::error::EngineError;
 use crate::flags::FlagStore;
 use crate::backend::BackendKind;
@@ -74,6 +74,14 @@ pub struct ModelOptions {
     pub request_timeout_ms: Option<u64>,
     /// The backend to run it on (`cpu` unless asked).
     pub backend: BackendKind,
+}
+
+/// A load's outcome.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub info: ModelInfo,
+    /// Models unloaded to make room for it (`model_cache.maxModels`).
+    pub evicted: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -415,6 +423,16 @@ pub struct Engine {
     flag_counts: Mutex<std::collections::BTreeMap<(String, bool), u64>>,
     /// The control thread (QoS evaluator, canary), started with the first model.
     control: Mutex<Option<control::ControlThread>>,
+    /// What `reload_config_file` re-reads.
+    config_source: ConfigSource,
+}
+
+/// What an engine starts from: its runtime config and, optionally, a
+/// feature-flags file that requests then consult.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    pub config: ConfigSource,
+    pub feature_flags_path: Option<PathBuf>,
 }
 
 /// What the engine shares with its control thread.
@@ -506,7 +524,28 @@ impl Engine {
             latency: Arc::default(),
             flag_counts: Mutex::default(),
             control: Mutex::default(),
+            config_source: ConfigSource::default(),
         }
+    }
+
+    /// An engine configured from files (`createEngine`, the CLI).
+    pub fn open(options: EngineOptions) -> Result<Self, EngineError> {
+        let mut engine = Engine::with_config(options.config.read()?);
+        engine.config_source = options.config;
+        if let Some(path) = &options.feature_flags_path {
+            engine = engine.with_feature_flags(FlagStore::open(path)?);
+        }
+        Ok(engine)
+    }
+
+    /// Re-reads the runtime config file, keeping the override it was opened
+    /// with. An unreadable or invalid file changes nothing and the error
+    /// names the key; see `reload_config` for what applies when.
+    pub fn reload_config_file(&self) -> Result<Vec<&'static str>, EngineError> {
+        if self.config_source.path.is_none() {
+            return Err(EngineError::InvalidParams("no config file was given (createEngine({ configPath }))".into()));
+        }
+        Ok(self.reload_config(self.config_source.read()?))
     }
 
     /// The settings in force (a snapshot: a reload replaces it).
@@ -543,14 +582,16 @@ impl Engine {
     }
 
     /// Makes room for one more model: evicts the least recently used model
-    /// with nothing in flight, or refuses when every model is busy.
-    fn evict_for_one_more(&self) -> Result<(), EngineError> {
+    /// with nothing in flight, or refuses when every model is busy. Returns
+    /// the ids it unloaded.
+    fn evict_for_one_more(&self) -> Result<Vec<String>, EngineError> {
         let max = self.config().model_cache.max_models;
+        let mut evicted = Vec::new();
         loop {
             let victim = {
                 let models = self.shared.models.lock().unwrap();
                 if models.len() < max {
-                    return Ok(());
+                    return Ok(evicted);
                 }
                 models
                     .values()
@@ -561,7 +602,9 @@ impl Engine {
             match victim {
                 Some(id) => {
                     // Another caller may have removed it meanwhile; loop and re-check.
-                    let _ = self.unload_model(&id);
+                    if self.unload_model(&id).is_ok() {
+                        evicted.push(id);
+                    }
                 }
                 None => {
                     return Err(EngineError::Overloaded(format!(
@@ -580,6 +623,11 @@ impl Engine {
 
     /// `load_model` with per-model settings.
     pub fn load_model_with(&self, path: impl AsRef<Path>, id: Option<String>, options: ModelOptions) -> Result<ModelInfo, EngineError> {
+        self.load(path, id, options).map(|l| l.info)
+    }
+
+    /// `load_model_with`, also saying which models it unloaded to make room.
+    pub fn load(&self, path: impl AsRef<Path>, id: Option<String>, options: ModelOptions) -> Result<Loaded, EngineError> {
         let path = path.as_ref();
         if options.request_timeout_ms == Some(0) {
             return Err(EngineError::InvalidParams("requestTimeoutMs must be at least 1".into()));
@@ -588,7 +636,7 @@ impl Engine {
         let _loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(w) = self.shared.models.lock().unwrap().get(&id) {
             if w.info.path == canonical && w.info.backend == options.backend {
-                return Ok(w.info.clone());
+                return Ok(Loaded { info: w.info.clone(), evicted: Vec::new() });
             }
             if w.info.path == canonical {
                 return Err(EngineError::InvalidParams(format!(
@@ -603,7 +651,7 @@ impl Engine {
             )));
         }
 
-        self.evict_for_one_more()?;
+        let evicted = self.evict_for_one_more()?;
         let (model, tokenizer, info) = open_model(canonical, id.clone(), options.request_timeout_ms, options.backend)?;
         let canonical = info.path.clone();
         let text_of = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_owned();
@@ -669,12 +717,12 @@ impl Engine {
             let existing = existing.clone();
             drop(models);
             worker.stop();
-            return Ok(existing.info.clone());
+            return Ok(Loaded { info: existing.info.clone(), evicted });
         }
         models.insert(id, worker);
         drop(models);
         self.start_control();
-        Ok(info)
+        Ok(Loaded { info, evicted })
     }
 
     /// Stops the model's worker; its running requests end with `Cancelled`.

@@ -54,6 +54,48 @@ impl Default for ServerOptions {
     }
 }
 
+/// Server settings as a frontend received them (numbers as JavaScript or a
+/// command line gave them); `resolve` checks each of them, once.
+#[derive(Debug, Clone, Default)]
+pub struct ServerSpec {
+    pub host: Option<String>,
+    pub port: Option<f64>,
+    pub api_key: Option<String>,
+    pub max_concurrent: Option<f64>,
+    pub body_limit_bytes: Option<f64>,
+    pub cors_origins: Option<Vec<String>>,
+}
+
+/// `v` as a whole number in `[min, max]`: napi and `Number()` would let
+/// through what a u16 or u32 field would wrap (-1) or truncate (1.5).
+fn whole(name: &str, v: Option<f64>, min: u32, max: u32) -> Result<Option<u32>, String> {
+    match v {
+        None => Ok(None),
+        Some(x) if x.fract() == 0.0 && x >= min as f64 && x <= max as f64 => Ok(Some(x as u32)),
+        Some(x) => Err(format!("{name} must be an integer from {min} to {max}, got {x}")),
+    }
+}
+
+impl ServerSpec {
+    /// The options, with `max_concurrent` defaulting to the engine's own
+    /// `streaming.maxConcurrentStreams`.
+    pub fn resolve(self, default_max_concurrent: usize) -> Result<ServerOptions, String> {
+        let d = ServerOptions::default();
+        let cors_origins = self.cors_origins.unwrap_or_default();
+        if cors_origins.iter().any(String::is_empty) {
+            return Err("corsOrigins must be an array of origins (or \"*\")".into());
+        }
+        Ok(ServerOptions {
+            host: self.host.unwrap_or(d.host),
+            port: whole("port", self.port, 0, u16::MAX as u32)?.map_or(d.port, |p| p as u16),
+            api_key: self.api_key.filter(|k| !k.is_empty()),
+            max_concurrent: whole("maxConcurrent", self.max_concurrent, 1, u32::MAX)?.map_or(default_max_concurrent, |m| m as usize),
+            body_limit_bytes: whole("bodyLimitBytes", self.body_limit_bytes, 1, u32::MAX)?.map_or(d.body_limit_bytes, |b| b as usize),
+            cors_origins,
+        })
+    }
+}
+
 struct AppState {
     engine: Arc<Engine>,
     opts: ServerOptions,

@@ -1,0 +1,67 @@
+//! The OpenAI-compatible HTTP server, started from JavaScript.
+
+use mlx_serving_engine::EngineError;
+use napi::bindgen_prelude::*;
+use napi::tokio;
+use napi_derive::napi;
+
+use crate::engine::NativeEngine;
+use crate::{invalid, js_error};
+
+#[napi]
+impl NativeEngine {
+    #[napi]
+    pub async fn start_server(&self, opts: NativeServerOptions) -> Result<NativeServer> {
+        let spec = mlx_serving_server::ServerSpec {
+            host: opts.host,
+            port: opts.port,
+            api_key: opts.api_key,
+            max_concurrent: opts.max_concurrent,
+            body_limit_bytes: opts.body_limit_bytes,
+            cors_origins: opts.cors_origins,
+        };
+        let o = spec.resolve(self.inner.config().streaming.max_concurrent_streams).map_err(invalid)?;
+        let s = mlx_serving_server::start(self.inner.clone(), o)
+            .await
+            .map_err(|e| js_error(EngineError::InvalidParams(format!("cannot listen: {e}"))))?;
+        Ok(NativeServer { host: s.addr.ip().to_string(), port: s.addr.port() as u32, inner: tokio::sync::Mutex::new(Some(s)) })
+    }
+}
+
+#[napi(object)]
+pub struct NativeServerOptions {
+    pub host: Option<String>,
+    /// Numbers as sent: `ServerSpec::resolve` checks them.
+    pub port: Option<f64>,
+    pub api_key: Option<String>,
+    pub max_concurrent: Option<f64>,
+    pub body_limit_bytes: Option<f64>,
+    pub cors_origins: Option<Vec<String>>,
+}
+
+/// The OpenAI-compatible HTTP server, running on the addon's tokio runtime.
+#[napi]
+pub struct NativeServer {
+    inner: tokio::sync::Mutex<Option<mlx_serving_server::RunningServer>>,
+    host: String,
+    port: u32,
+}
+
+#[napi]
+impl NativeServer {
+    #[napi(getter)]
+    pub fn host(&self) -> String {
+        self.host.clone()
+    }
+    #[napi(getter)]
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+    /// Stops accepting connections; in-flight requests get `grace_ms` to finish.
+    #[napi]
+    pub async fn close(&self, grace_ms: Option<u32>) {
+        if let Some(s) = self.inner.lock().await.take() {
+            s.stop(std::time::Duration::from_millis(grace_ms.unwrap_or(5000) as u64)).await;
+        }
+    }
+}
