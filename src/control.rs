@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use mlx_serving_engine::canary::{ArmStats, CanaryConfig, Triggers};
+use mlx_serving_engine::control::canary::{ArmStats, CanaryConfig, Triggers};
 use mlx_serving_engine::engine::ControlEvent;
-use mlx_serving_engine::flags::FlagStore;
+use mlx_serving_engine::control::flags::FlagStore;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use mlx_serving_engine::config::ConfigSource;
+use mlx_serving_engine::control::config::ConfigSource;
 use mlx_serving_engine::engine::EngineOptions;
 use mlx_serving_engine::Engine;
 use napi::bindgen_prelude::*;
@@ -66,8 +66,8 @@ pub struct NativeHistogram {
     pub count: f64,
 }
 
-impl From<&mlx_serving_engine::metrics::Histogram> for NativeHistogram {
-    fn from(h: &mlx_serving_engine::metrics::Histogram) -> Self {
+impl From<&mlx_serving_engine::control::metrics::Histogram> for NativeHistogram {
+    fn from(h: &mlx_serving_engine::control::metrics::Histogram) -> Self {
         NativeHistogram {
             edges: h.edges.to_vec(),
             counts: h.counts.iter().map(|&c| c as f64).collect(),

@@ -1,7 +1,7 @@
 //! Generation: the params as JavaScript sends them, and the stream of
 //! events a request yields.
 
-use mlx_serving_engine::chat::ChatMessage;
+use mlx_serving_engine::text::chat::ChatMessage;
 use mlx_serving_engine::engine::{Canceller, Event, RequestHandle, Stats};
 use mlx_serving_engine::request::{Number, PromptSpec, RequestDefaults, RequestSpec};
 use napi::bindgen_prelude::*;

@@ -10,7 +10,7 @@ mod models;
 mod server;
 
 use mlx_serving_engine::backend::BackendKind;
-use mlx_serving_engine::cpu::Isa;
+use mlx_serving_engine::backend::cpu::kernels::Isa;
 use mlx_serving_engine::EngineError;
 use napi::bindgen_prelude::*;
 use napi::tokio;
@@ -69,7 +69,7 @@ pub fn runtime_info() -> NativeRuntimeInfo {
         // What a load without `backend` runs on.
         backend: BackendKind::default().name().into(),
         isa: Isa::detect().name().into(),
-        threads: mlx_serving_engine::cpu::n_threads() as u32,
+        threads: mlx_serving_engine::backend::cpu::kernels::n_threads() as u32,
         mlx: NativeMlxInfo {
             available: mlx_serving_mlx::available(),
             version: mlx_serving_mlx::version(),
@@ -87,7 +87,7 @@ pub async fn read_bandwidth(mib: f64) -> Result<f64> {
     if !(1.0..=16384.0).contains(&mib) || mib.fract() != 0.0 {
         return Err(invalid(format!("mib must be a whole number from 1 to 16384, got {mib}")));
     }
-    blocking(move || Ok(mlx_serving_engine::cpu::read_bandwidth(mib as usize))).await
+    blocking(move || Ok(mlx_serving_engine::backend::cpu::kernels::read_bandwidth(mib as usize))).await
 }
 
 #[napi(object)]
@@ -101,6 +101,6 @@ pub struct NativeConvertReport {
 /// Writes an MLX model folder from a GGUF file (off the JS thread).
 #[napi]
 pub async fn convert_gguf_to_mlx(gguf: String, out_dir: String) -> Result<NativeConvertReport> {
-    let r = blocking(move || mlx_serving_engine::convert::gguf_to_mlx(gguf.as_ref(), out_dir.as_ref())).await?;
+    let r = blocking(move || mlx_serving_engine::formats::convert::gguf_to_mlx(gguf.as_ref(), out_dir.as_ref())).await?;
     Ok(NativeConvertReport { tensors: r.tensors as u32, quantized: r.quantized as u32, dequantized: r.dequantized as u32, bytes: r.bytes as f64 })
 }

@@ -1,7 +1,7 @@
 //! Loading and unloading models, draft models, and the tokenizer calls.
 
 use mlx_serving_engine::backend::BackendKind;
-use mlx_serving_engine::chat::ChatMessage;
+use mlx_serving_engine::text::chat::ChatMessage;
 use mlx_serving_engine::engine::{ModelInfo, ModelOptions};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;

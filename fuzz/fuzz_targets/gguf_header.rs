@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use mlx_serving_engine::filebuf::FileBuf;
-use mlx_serving_engine::gguf::GgufFile;
+use mlx_serving_engine::formats::filebuf::FileBuf;
+use mlx_serving_engine::formats::gguf::GgufFile;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(g) = GgufFile::from_buffer("fuzz.gguf".into(), Arc::new(FileBuf::from_bytes(data))) {

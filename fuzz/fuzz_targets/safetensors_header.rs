@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mlx_serving_engine::safetensors::parse_header;
+use mlx_serving_engine::formats::safetensors::parse_header;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok((tensors, _)) = parse_header(data) {

@@ -7,7 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (Some(s), Some(o)) => (s, o),
         _ => return Err("usage: convert <model.gguf> <out-folder>".into()),
     };
-    let r = mlx_serving_engine::convert::gguf_to_mlx(src.as_ref(), out.as_ref())?;
+    let r = mlx_serving_engine::formats::convert::gguf_to_mlx(src.as_ref(), out.as_ref())?;
     eprintln!("{r:?}");
     Ok(())
 }

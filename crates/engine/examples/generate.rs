@@ -12,7 +12,7 @@ use std::io::Write;
 use std::time::Instant;
 
 use mlx_serving_engine::backend::BackendKind;
-use mlx_serving_engine::chat::ChatMessage;
+use mlx_serving_engine::text::chat::ChatMessage;
 use mlx_serving_engine::engine::ModelOptions;
 use mlx_serving_engine::{Engine, Event, GenerateRequest, Input};
 
@@ -24,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let draft = std::env::var_os("DRAFT");
     let backend = BackendKind::parse(&std::env::var("BACKEND").unwrap_or_else(|_| "cpu".into()))?;
     let streams: usize = std::env::var("STREAMS").ok().map(|s| s.parse()).transpose()?.unwrap_or(1);
-    let mut config = mlx_serving_engine::config::RuntimeConfig::default();
+    let mut config = mlx_serving_engine::control::config::RuntimeConfig::default();
     config.speculative.enabled = draft.is_some();
     let engine = Engine::with_config(config);
     let info = engine.load_model_with(&path, Some("m".into()), ModelOptions { backend, ..Default::default() })?;

@@ -13,8 +13,8 @@
 
 use std::time::Instant;
 
-use mlx_serving_engine::cpu::{matmul_with, read_bandwidth, Bytes, Isa, Layout, QMatrix};
-use mlx_serving_engine::quant::{quantize_row, QType, QuantizedActs};
+use mlx_serving_engine::backend::cpu::kernels::{matmul_with, read_bandwidth, Bytes, Isa, Layout, QMatrix};
+use mlx_serving_engine::formats::quant::{quantize_row, QType, QuantizedActs};
 use rayon::prelude::*;
 
 /// Microseconds one parallel split costs beyond its work when made from

@@ -26,20 +26,20 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::breaker::{self, Admission, Breaker};
-use crate::chat::{ChatMessage, ChatTemplate};
-use crate::config::{ConfigSource, RuntimeConfig};
+use crate::control::breaker::{self, Admission, Breaker};
+use crate::text::chat::{ChatMessage, ChatTemplate};
+use crate::control::config::{ConfigSource, RuntimeConfig};
 use crate::error::EngineError;
-use crate::flags::FlagStore;
+use crate::control::flags::FlagStore;
 use crate::backend::BackendKind;
-use crate::kv::{BlockId, BlockPool, KvStore};
-use crate::metrics::{Histograms, LatencyMetrics};
-use crate::qos::{now_s, Knobs, Window};
+use crate::engine::kv::{BlockId, BlockPool, KvStore};
+use crate::control::metrics::{Histograms, LatencyMetrics};
+use crate::control::qos::{now_s, Knobs, Window};
 use crate::request::PromptFit;
 use crate::models::{BatchToken, Model};
 use crate::sampler::{top_logprobs, Sampled, Sampler, SamplingParams};
-use crate::stop::StopMatcher;
-use crate::tokenizer::{StreamDecoder, Tokenizer};
+use crate::text::stop::StopMatcher;
+use crate::text::tokenizer::{StreamDecoder, Tokenizer};
 
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
@@ -953,6 +953,8 @@ impl Drop for Engine {
 }
 
 mod control;
+pub mod kv;
+pub mod speculative;
 mod draft;
 mod stats;
 mod worker;

@@ -3,14 +3,14 @@
 //! allocation a model, a request or a worker makes must be freed by the time
 //! the engine is gone. Small on purpose: valgrind runs it ~50x slower.
 
-use crate::chat::ChatMessage;
-use crate::config::RuntimeConfig;
+use crate::text::chat::ChatMessage;
+use crate::control::config::RuntimeConfig;
 use crate::engine::{Engine, Event, GenerateRequest, Input, RequestHandle, Stats};
 use crate::error::EngineError;
-use crate::gguf::MetaValue;
+use crate::formats::gguf::MetaValue;
 use crate::models::llama::tests::{tiny_llama_gguf, TinyLlama};
 use crate::sampler::SamplingParams;
-use crate::tokenizer::tests::tiny_tokenizer_metadata;
+use crate::text::tokenizer::tests::tiny_tokenizer_metadata;
 
 /// Reads a stream to its end: the tokens, then `Done`, `Error`, or `None`
 /// when the worker dropped the request without a final event (abandoned).

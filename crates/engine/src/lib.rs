@@ -2,30 +2,15 @@
 //! sampler and the per-model engine thread. No napi here: the Node binding
 //! is a thin crate on top, and everything below is tested with `cargo test`.
 
-pub mod affine;
 pub mod backend;
-pub mod breaker;
-pub mod canary;
-pub mod chat;
-pub mod config;
-pub mod convert;
-pub mod cpu;
+pub mod control;
 pub mod engine;
 pub mod error;
-pub mod filebuf;
-pub mod flags;
-pub mod gguf;
-pub mod kv;
-pub mod metrics;
+pub mod formats;
 pub mod models;
-pub mod qos;
-pub mod safetensors;
-pub mod quant;
 pub mod request;
 pub mod sampler;
-pub mod speculative;
-mod stop;
-pub mod tokenizer;
+pub mod text;
 
 #[cfg(test)]
 mod leakcheck;

@@ -9,8 +9,8 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::chat::ChatMessage;
-use crate::config::Limits;
+use crate::text::chat::ChatMessage;
+use crate::control::config::Limits;
 use crate::engine::{GenerateRequest, Input, Priority, MAX_TOP_LOGPROBS};
 use crate::sampler::SamplingParams;
 

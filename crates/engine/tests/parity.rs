@@ -24,7 +24,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mlx_serving_engine::kv::{BlockId, KvStore};
+use mlx_serving_engine::engine::kv::{BlockId, KvStore};
 use mlx_serving_engine::backend::BackendKind;
 use mlx_serving_engine::models::{open_on, BatchToken, Model};
 use serde_json::Value;

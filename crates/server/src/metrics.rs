@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use mlx_serving_engine::engine::{CanaryStatus, EngineStats, QosStatus};
-use mlx_serving_engine::metrics::{Histogram, Histograms};
+use mlx_serving_engine::control::metrics::{Histogram, Histograms};
 use serde::Serialize;
 
 /// How far back the dashboard's rolling values look.

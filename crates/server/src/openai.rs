@@ -6,7 +6,7 @@
 //! cannot honour are rejected with a 400 that names them, never silently
 //! ignored.
 
-use mlx_serving_engine::chat::ChatMessage;
+use mlx_serving_engine::text::chat::ChatMessage;
 use mlx_serving_engine::engine::GenerateRequest;
 use mlx_serving_engine::request::{InvalidParam, Number, PromptSpec, RequestDefaults, RequestSpec};
 use serde::{Deserialize, Deserializer};

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream};
 use mlx_serving_engine::engine::{Event, FinishReason, GenerateRequest, RequestHandle, Stats};
-use mlx_serving_engine::tokenizer::StreamDecoder;
+use mlx_serving_engine::text::tokenizer::StreamDecoder;
 use mlx_serving_engine::EngineError;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};

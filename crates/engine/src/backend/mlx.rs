@@ -21,13 +21,13 @@ use half::f16;
 use mlx_serving_mlx::{Array, Dtype, MlxError, QuantizedWeight};
 
 use super::{AttnParams, Backend, Rope, R};
-use crate::affine::blocks_to_affine;
-use crate::cpu::QMatrix;
+use crate::formats::affine::blocks_to_affine;
+use crate::backend::cpu::kernels::QMatrix;
 use crate::error::EngineError;
-use crate::kv::{BlockId, KvStore};
+use crate::engine::kv::{BlockId, KvStore};
 use crate::models::decoder::{Activation, RopeStyle};
 use crate::models::BatchToken;
-use crate::quant::QType;
+use crate::formats::quant::QType;
 
 /// One weight matrix (rows = output features) on the MLX side.
 pub enum MlxMatrix {
@@ -471,9 +471,9 @@ fn norm_runs(x: &Array, w: &MlxVector, eps: f32) -> Result<Array, EngineError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::Bytes;
-    use crate::quant::quantize_row;
-    use crate::quant::tests::{rand_vec, random_k_row};
+    use crate::backend::cpu::kernels::Bytes;
+    use crate::formats::quant::quantize_row;
+    use crate::formats::quant::tests::{rand_vec, random_k_row};
 
     /// Whether libmlx loaded; a test run that requires it fails without it.
     fn mlx_here() -> bool {
@@ -498,7 +498,7 @@ mod tests {
                 _ => quantize_row(qtype, &rand_vec(cols, r as u64 + 11)),
             };
             let data: Vec<u8> = (0..rows).flat_map(row_of).collect();
-            let w = QMatrix { layout: crate::cpu::Layout::Rows, qtype, rows, cols, data: Bytes::Owned(data) };
+            let w = QMatrix { layout: crate::backend::cpu::kernels::Layout::Rows, qtype, rows, cols, data: Bytes::Owned(data) };
             let m = MlxMatrix::from_qmatrix(&w).unwrap();
             let exact = !matches!(qtype, QType::Q4_K | QType::Q6_K);
             assert_eq!(matches!(m, MlxMatrix::Quantized(_)), matches!(qtype, QType::Q4_0 | QType::Q4_1 | QType::Q8_0 | QType::A8));
@@ -546,12 +546,12 @@ mod tests {
             for r in 0..rows {
                 let bytes: Vec<u8> = words[r * per_words..(r + 1) * per_words].iter().flat_map(|w| w.to_le_bytes()).collect();
                 let g = r * per_groups..(r + 1) * per_groups;
-                let (qtype, b) = crate::affine::affine_to_blocks(bits as u32, group, &bytes, &scales[g.clone()], &biases[g], cols).unwrap();
+                let (qtype, b) = crate::formats::affine::affine_to_blocks(bits as u32, group, &bytes, &scales[g.clone()], &biases[g], cols).unwrap();
                 assert_eq!(qtype, if bits == 4 { QType::Q4_1 } else { QType::A8 });
                 blocks.extend(b);
             }
             let qtype = if bits == 4 { QType::Q4_1 } else { QType::A8 };
-            let mut m = QMatrix { layout: crate::cpu::Layout::Rows, qtype, rows, cols, data: Bytes::Owned(blocks) };
+            let mut m = QMatrix { layout: crate::backend::cpu::kernels::Layout::Rows, qtype, rows, cols, data: Bytes::Owned(blocks) };
             let MlxMatrix::Quantized(got) = MlxMatrix::from_qmatrix(&m).unwrap() else { panic!("{bits}-bit stays quantized") };
             assert_eq!(got.group_size, group, "{bits}-bit groups of {group}");
             let want = q.matmul(&x).unwrap().to_vec_f32().unwrap();

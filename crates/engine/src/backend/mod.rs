@@ -4,13 +4,12 @@
 //! operations; a backend chooses how weights, activations and the KV cache
 //! are held. See docs/mlx-backend.md.
 
-mod attention;
 pub mod cpu;
 pub mod mlx;
 
-use crate::cpu::QMatrix;
+use crate::backend::cpu::kernels::QMatrix;
 use crate::error::EngineError;
-use crate::kv::{BlockId, KvStore};
+use crate::engine::kv::{BlockId, KvStore};
 use crate::models::decoder::{Activation, RopeStyle};
 use crate::models::BatchToken;
 

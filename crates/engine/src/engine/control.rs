@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::canary::{Arm, ArmStats, Canary, CanaryConfig, CanaryEvent, State};
-use crate::qos::{self, Evaluator, Metric, QosEvent, WindowSummary, MAX_WINDOW_S};
+use crate::control::canary::{Arm, ArmStats, Canary, CanaryConfig, CanaryEvent, State};
+use crate::control::qos::{self, Evaluator, Metric, QosEvent, WindowSummary, MAX_WINDOW_S};
 
 /// Events kept for the binding to collect; older ones are dropped first.
 const MAX_EVENTS: usize = 1024;

@@ -1,9 +1,9 @@
 //! Engine tests on a tiny random llama written by the tests themselves.
 
 use super::*;
-use crate::gguf::MetaValue;
+use crate::formats::gguf::MetaValue;
 use crate::models::llama::tests::{tiny_llama_gguf, TinyLlama};
-use crate::tokenizer::tests::tiny_tokenizer_metadata;
+use crate::text::tokenizer::tests::tiny_tokenizer_metadata;
 
 fn tiny_engine() -> (Engine, tempfile::TempDir) {
     tiny_engine_with(RuntimeConfig::default())
@@ -478,7 +478,7 @@ fn feature_flags_gate_the_prefix_cache_per_request_id() {
     )
     .unwrap();
     let (e, _d) = tiny_engine_with(config(|c| c.kv_cache.block_size = 4));
-    let e = e.with_feature_flags(crate::flags::FlagStore::open(&path).unwrap());
+    let e = e.with_feature_flags(crate::control::flags::FlagStore::open(&path).unwrap());
     let flags = e.feature_flags().unwrap().current();
     let id_with = |on: bool| (0..).map(|i| format!("r{i}")).find(|id| flags.evaluate("ttft_pipeline.kv_prefetch", id).enabled == on).unwrap();
     let prompt = "hello world, this is a long shared prefix of several blocks";
@@ -618,7 +618,7 @@ fn a_qos_policy_acts_on_the_running_engine_and_a_reload_lifts_it() {
     drop(first);
     let events = e.drain_control_events();
     assert_eq!(events.len(), 2);
-    assert!(events.iter().all(|ev| matches!(ev, ControlEvent::Qos(q) if q.kind == crate::qos::EventKind::Fired)));
+    assert!(events.iter().all(|ev| matches!(ev, ControlEvent::Qos(q) if q.kind == crate::control::qos::EventKind::Fired)));
 
     // A reload without the policies lifts their actions at the next evaluation.
     assert!(e.reload_config(RuntimeConfig::default()).is_empty());
@@ -637,7 +637,7 @@ fn a_dry_run_policy_reports_without_acting() {
     let (e, _d) = tiny_engine_with(cfg);
     e.evaluate_control();
     let events = e.drain_control_events();
-    assert!(matches!(&events[..], [ControlEvent::Qos(q)] if q.dry_run && q.action == crate::qos::Action::ShedBackground));
+    assert!(matches!(&events[..], [ControlEvent::Qos(q)] if q.dry_run && q.action == crate::control::qos::Action::ShedBackground));
     assert!(!e.qos_status().shedding_background);
     let r = GenerateRequest { priority: Priority::Background, ..greedy("hello", 2) };
     assert!(collect(e.submit(r).unwrap()).2.is_ok());
@@ -659,7 +659,7 @@ fn reloading_reports_the_settings_that_wait_for_the_next_load() {
 fn a_canary_routes_by_request_id_and_rolls_back_when_its_candidate_fails() {
     let (e, d) = tiny_engine();
     e.load_model(d.path().join("tiny.gguf"), Some("candidate".into())).unwrap();
-    let cfg = crate::canary::CanaryConfig {
+    let cfg = crate::control::canary::CanaryConfig {
         name: "tiny".into(),
         baseline: "tiny".into(),
         candidate: "candidate".into(),
@@ -667,7 +667,7 @@ fn a_canary_routes_by_request_id_and_rolls_back_when_its_candidate_fails() {
         // Latencies of a few milliseconds on a shared machine differ by more
         // than 1.5x between arms by chance; this test is about routing and
         // the crash trigger (the latency trigger has unit tests in canary.rs).
-        triggers: crate::canary::Triggers { min_samples: 1, latency_p95_ratio: 1e9, ..Default::default() },
+        triggers: crate::control::canary::Triggers { min_samples: 1, latency_p95_ratio: 1e9, ..Default::default() },
         ..Default::default()
     };
     assert_eq!(e.start_canary(cfg.clone()).unwrap().kind, "started");
@@ -725,7 +725,7 @@ fn the_batching_flag_gates_priority_classes_per_request_id() {
     .unwrap();
     let shed = "    - {name: shed, metric: throughput_tps, op: below, threshold: 1.0e9, action: shed_background}\n";
     let (e, _d) = tiny_engine_with(qos_policies(shed));
-    let e = e.with_feature_flags(crate::flags::FlagStore::open(&path).unwrap());
+    let e = e.with_feature_flags(crate::control::flags::FlagStore::open(&path).unwrap());
     e.evaluate_control();
     assert!(e.qos_status().shedding_background);
     let flags = e.feature_flags().unwrap().current();

@@ -32,7 +32,7 @@ struct Sequence {
     draft_blocks: Vec<BlockId>,
     draft_cached: usize,
     /// How many guesses the draft model makes, and when it pauses.
-    draft_len: crate::speculative::DraftLength,
+    draft_len: crate::engine::speculative::DraftLength,
 }
 
 /// A smaller model with the same vocabulary that drafts guesses for this
@@ -133,7 +133,7 @@ pub(super) struct Settings {
     pub(super) prefill_chunk: usize,
     pub(super) prefetch_waiting: bool,
     pub(super) stream_buffer: usize,
-    pub(super) speculative: crate::config::Speculative,
+    pub(super) speculative: crate::control::config::Speculative,
 }
 
 pub(super) struct WorkerLoop {
@@ -234,7 +234,7 @@ impl WorkerLoop {
             draft_q: Vec::new(),
             draft_blocks: Vec::new(),
             draft_cached: 0,
-            draft_len: crate::speculative::DraftLength::new(self.settings.speculative.max_draft_tokens),
+            draft_len: crate::engine::speculative::DraftLength::new(self.settings.speculative.max_draft_tokens),
             job,
         };
         self.waiting[seq.job.priority as usize].push_back(seq);
@@ -534,7 +534,7 @@ impl WorkerLoop {
                 let mut d = if self.drafter.is_some() {
                     std::mem::take(&mut s.draft)
                 } else {
-                    crate::speculative::prompt_lookup(&s.tokens, spec.ngram_min, spec.ngram_max, guesses_wanted(s))
+                    crate::engine::speculative::prompt_lookup(&s.tokens, spec.ngram_min, spec.ngram_max, guesses_wanted(s))
                 };
                 while !d.is_empty() && s.blocks_short(self.pool.block_size(), pos + 1 + d.len()) > self.pool.available() {
                     d.pop();
@@ -660,7 +660,7 @@ impl WorkerLoop {
                         let raw = s.sampler.penalizes().then(|| row.to_vec());
                         let p = s.sampler.distribution(row, &s.tokens);
                         let (u_keep, u_draw) = (s.sampler.uniform(), s.sampler.uniform());
-                        let token = match crate::speculative::accept_or_replace(&p, q, draft[r], u_keep, u_draw) {
+                        let token = match crate::engine::speculative::accept_or_replace(&p, q, draft[r], u_keep, u_draw) {
                             Ok(()) => draft[r],
                             Err(t) => t,
                         };

@@ -8,9 +8,9 @@
 use super::weights::{global, layer, permute_rows, Format, Name, WeightSource};
 use super::{BatchToken, Model, ModelConfig};
 use crate::backend::{AttnParams, Backend, Cpu, Rope};
-use crate::cpu::QMatrix;
+use crate::backend::cpu::kernels::QMatrix;
 use crate::error::EngineError;
-use crate::kv::{BlockId, KvStore};
+use crate::engine::kv::{BlockId, KvStore};
 
 /// Largest head size and query heads per KV head that the attention
 /// kernel's stack buffer holds.
@@ -521,7 +521,7 @@ impl<B: Backend> Model for Decoder<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gguf::GgufFile;
+    use crate::formats::gguf::GgufFile;
     use crate::models::weights::GgufSource;
 
     /// Logits at the last position of `tokens`, every layer windowed to `window`.

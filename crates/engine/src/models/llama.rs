@@ -22,13 +22,13 @@ pub fn load(src: &dyn WeightSource) -> Result<Decoder, EngineError> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::gguf::writer::{write, TensorSpec};
-    use crate::gguf::GgufFile;
-    use crate::gguf::MetaValue;
-    use crate::kv::{BlockId, KvStore};
+    use crate::formats::gguf::writer::{write, TensorSpec};
+    use crate::formats::gguf::GgufFile;
+    use crate::formats::gguf::MetaValue;
+    use crate::engine::kv::{BlockId, KvStore};
     use crate::models::weights::GgufSource;
     use crate::models::{BatchToken, Model};
-    use crate::quant::{quantize_row, QType};
+    use crate::formats::quant::{quantize_row, QType};
 
     pub struct TinyLlama {
         pub vocab: usize,

@@ -16,11 +16,11 @@ use serde_json::Value;
 
 use super::rope_scaling;
 use super::weights::{Format, Hparams, Name, WeightSource};
-use crate::cpu::{Bytes, QMatrix};
+use crate::backend::cpu::kernels::{Bytes, QMatrix};
 use crate::error::EngineError;
-use crate::affine::affine_to_blocks;
-use crate::quant::QType;
-use crate::safetensors::{Dtype, SafeTensors};
+use crate::formats::affine::affine_to_blocks;
+use crate::formats::quant::QType;
+use crate::formats::safetensors::{Dtype, SafeTensors};
 
 /// Bits and group size of one quantized weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +130,7 @@ impl MlxFolder {
         &self.config
     }
 
-    fn find(&self, name: &str) -> Option<(&SafeTensors, &crate::safetensors::TensorEntry)> {
+    fn find(&self, name: &str) -> Option<(&SafeTensors, &crate::formats::safetensors::TensorEntry)> {
         let s = &self.shards[*self.index.get(name)?];
         Some((s, s.get(name)?))
     }
@@ -319,14 +319,14 @@ impl WeightSource for MlxFolder {
                     qtype = qt;
                     data.extend_from_slice(&bytes);
                 }
-                return Ok(QMatrix { layout: crate::cpu::Layout::Rows, qtype, rows, cols, data: Bytes::Owned(data) });
+                return Ok(QMatrix { layout: crate::backend::cpu::kernels::Layout::Rows, qtype, rows, cols, data: Bytes::Owned(data) });
             }
             other => return Err(load_err(s.path(), format!("tensor '{full}' has dtype {other:?}, expected f32, f16, bf16 or MLX-quantized uint32"))),
         };
         if last != cols {
             return Err(shape_err(format!("{rows} x {cols}")));
         }
-        Ok(QMatrix { layout: crate::cpu::Layout::Rows, qtype, rows, cols, data: Bytes::File { file: s.buffer().clone(), offset: t.offset, len: t.len } })
+        Ok(QMatrix { layout: crate::backend::cpu::kernels::Layout::Rows, qtype, rows, cols, data: Bytes::File { file: s.buffer().clone(), offset: t.offset, len: t.len } })
     }
 
     fn vector(&self, name: &Name, suffix: &str, len: usize) -> Result<Vec<f32>, EngineError> {
@@ -461,8 +461,8 @@ mod tests {
                 out.push(e);
             }
             drop(st);
-            let refs: Vec<crate::safetensors::TensorOut> = out.iter().map(|(n, d, s, b)| (n.as_str(), *d, s.as_slice(), b.as_slice())).collect();
-            crate::safetensors::write(&p, &refs, &Default::default()).unwrap();
+            let refs: Vec<crate::formats::safetensors::TensorOut> = out.iter().map(|(n, d, s, b)| (n.as_str(), *d, s.as_slice(), b.as_slice())).collect();
+            crate::formats::safetensors::write(&p, &refs, &Default::default()).unwrap();
             let err = load_error(dir.path());
             assert!(err.contains("o_proj.weight") && err.contains(want), "{what}: {err}");
         }

@@ -16,9 +16,9 @@ use crate::backend::{BackendKind, Cpu, Mlx};
 use crate::error::EngineError;
 use std::path::Path;
 
-use crate::gguf::GgufFile;
-use crate::tokenizer::Tokenizer;
-use crate::kv::{BlockId, KvStore};
+use crate::formats::gguf::GgufFile;
+use crate::text::tokenizer::Tokenizer;
+use crate::engine::kv::{BlockId, KvStore};
 use weights::{GgufSource, WeightSource};
 
 /// Shape facts the engine needs about a loaded model.
@@ -148,7 +148,7 @@ pub fn open(path: &Path) -> Result<Opened, EngineError> {
 /// Opens a GGUF file or an MLX model folder on `backend`.
 pub fn open_on(path: &Path, backend: BackendKind) -> Result<Opened, EngineError> {
     let tok_err = |e: EngineError| EngineError::ModelLoad { path: path.display().to_string(), reason: e.to_string() };
-    crate::cpu::Isa::check_env()?;
+    crate::backend::cpu::kernels::Isa::check_env()?;
     if mlx_folder::is_mlx_folder(path) {
         let folder = mlx_folder::MlxFolder::open(path)?;
         let model = load(&folder, backend)?;

@@ -7,10 +7,10 @@
 
 use std::path::Path;
 
-use crate::cpu::{Bytes, QMatrix};
+use crate::backend::cpu::kernels::{Bytes, QMatrix};
 use crate::error::EngineError;
-use crate::gguf::GgufFile;
-use crate::quant::dequantize_row;
+use crate::formats::gguf::GgufFile;
+use crate::formats::quant::dequantize_row;
 
 use super::rope_scaling;
 
@@ -171,7 +171,7 @@ pub trait WeightSource {
 
 /// Rows `start..start + n` of a matrix: shared file bytes, or a copy.
 pub fn slice_rows(m: &QMatrix, start: usize, n: usize) -> QMatrix {
-    assert!(m.layout == crate::cpu::Layout::Rows, "rows are sliced at load, before the kernels' layout");
+    assert!(m.layout == crate::backend::cpu::kernels::Layout::Rows, "rows are sliced at load, before the kernels' layout");
     let rb = m.row_bytes();
     let data = match &m.data {
         Bytes::File { file, offset, .. } => Bytes::File {
@@ -187,7 +187,7 @@ pub fn slice_rows(m: &QMatrix, start: usize, n: usize) -> QMatrix {
 /// The matrix whose row `r` is row `order[r]` of `m` (a copy).
 pub fn permute_rows(m: &QMatrix, order: &[usize]) -> QMatrix {
     let data: Vec<u8> = order.iter().flat_map(|&r| m.row(r).into_owned()).collect();
-    QMatrix { layout: crate::cpu::Layout::Rows, qtype: m.qtype, rows: order.len(), cols: m.cols, data: Bytes::Owned(data) }
+    QMatrix { layout: crate::backend::cpu::kernels::Layout::Rows, qtype: m.qtype, rows: order.len(), cols: m.cols, data: Bytes::Owned(data) }
 }
 
 /// A GGUF file as a weight source; `general.architecture` and the

@@ -15,14 +15,14 @@ use half::f16;
 use serde_json::{json, Map, Value};
 
 use crate::error::EngineError;
-use crate::gguf::{GgufFile, TensorInfo};
+use crate::formats::gguf::{GgufFile, TensorInfo};
 use crate::models::decoder::rope_row_order;
 use crate::models::weights::GgufSource;
 use crate::models::weights::WeightSource;
-use crate::affine::blocks_to_affine;
-use crate::quant::{dequantize_row, QType};
-use crate::safetensors::{self, Dtype};
-use crate::tokenizer::Tokenizer;
+use crate::formats::affine::blocks_to_affine;
+use crate::formats::quant::{dequantize_row, QType};
+use crate::formats::safetensors::{self, Dtype};
+use crate::text::tokenizer::Tokenizer;
 
 /// Architectures whose tensors map one to one onto the Hugging Face names.
 const CONVERTIBLE: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];

@@ -15,7 +15,7 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::error::EngineError;
-use crate::gguf::{GgufFile, MetaValue};
+use crate::formats::gguf::{GgufFile, MetaValue};
 
 /// GPT-2's word split, as llama.cpp writes it.
 const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
@@ -424,7 +424,7 @@ pub(crate) mod tests {
     fn sentencepiece_vocabularies_tokenize_as_sentencepiece_does() {
         // A vocabulary trained with the sentencepiece package, and its own
         // encodings of a few texts (scripts/spm_vectors.py).
-        let v: serde_json::Value = serde_json::from_str(include_str!("testdata/spm.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(include_str!("../testdata/spm.json")).unwrap();
         let strs = |k: &str| v[k].as_array().unwrap().iter().map(|x| MetaValue::Str(x.as_str().unwrap().to_owned())).collect::<Vec<_>>();
         let md = vec![
             ("tokenizer.ggml.model", MetaValue::Str("llama".into())),
@@ -435,7 +435,7 @@ pub(crate) mod tests {
             ("tokenizer.ggml.eos_token_id", MetaValue::U32(2)),
         ];
         let f = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(f.path(), crate::gguf::writer::write(&md, &[])).unwrap();
+        std::fs::write(f.path(), crate::formats::gguf::writer::write(&md, &[])).unwrap();
         let tk = Tokenizer::from_gguf(&GgufFile::open(f.path()).unwrap()).unwrap();
         assert!(tk.add_bos);
         for case in v["cases"].as_array().unwrap() {
@@ -449,7 +449,7 @@ pub(crate) mod tests {
         }
         assert_eq!(tk.encode("Hi", true, false).unwrap()[0], 1);
     }
-    use crate::gguf::writer::write;
+    use crate::formats::gguf::writer::write;
 
     /// A tiny byte-level BPE vocabulary: all 256 byte tokens, a few merges, and
     /// ChatML control tokens.

@@ -17,7 +17,7 @@
 
 use serde::Deserialize;
 
-use crate::flags;
+use crate::control::flags;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default, rename_all = "camelCase")]

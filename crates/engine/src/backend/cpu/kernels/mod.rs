@@ -10,11 +10,11 @@ use std::sync::OnceLock;
 
 use half::f16;
 use crate::error::EngineError;
-use crate::filebuf::FileBuf;
+use crate::formats::filebuf::FileBuf;
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use crate::quant::{dequantize_row, dot_scalar, ActRow, QType, QuantizedActs, QK};
+use crate::formats::quant::{dequantize_row, dot_scalar, ActRow, QType, QuantizedActs, QK};
 
 mod layout;
 pub use layout::Layout;
@@ -439,13 +439,13 @@ mod x86;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::quantize_row;
-    use crate::quant::tests::rand_vec;
+    use crate::formats::quant::quantize_row;
+    use crate::formats::quant::tests::rand_vec;
 
     /// Random weights: quantized rows, or random K-quant blocks (those are
     /// read from files, never written).
     fn matrix(qtype: QType, rows: usize, cols: usize, seed: u64) -> QMatrix {
-        use crate::quant::tests::random_k_row;
+        use crate::formats::quant::tests::random_k_row;
         let data = match qtype {
             QType::Q4_K | QType::Q5_K | QType::Q6_K => (0..rows).flat_map(|r| random_k_row(qtype, cols / qtype.block_size(), seed + r as u64)).collect(),
             _ => rand_vec(rows * cols, seed).chunks(cols).flat_map(|r| quantize_row(qtype, r)).collect(),
@@ -535,7 +535,7 @@ mod tests {
 
     #[test]
     fn k_quant_paths_match_the_scalar_reference() {
-        use crate::quant::tests::random_k_row;
+        use crate::formats::quant::tests::random_k_row;
         for qtype in [QType::Q4_K, QType::Q5_K, QType::Q6_K, QType::Q5_0, QType::Q5_1] {
             for (rows, cols, n) in [(1, 256, 1), (37, 512, 3), (20, 768, 9), (9, 256, 7)] {
                 let data: Vec<u8> = (0..rows).flat_map(|r| random_k_row(qtype, cols / qtype.block_size(), r as u64 + 1)).collect();

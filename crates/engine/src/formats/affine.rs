@@ -10,7 +10,7 @@
 
 use half::f16;
 
-use crate::quant::{QType, QK};
+use crate::formats::quant::{QType, QK};
 
 /// `v` as f16: exact, or rounded when `v` is below f16's normal range, or an
 /// error. MLX gives an all-zero group the scale 1e-7, which bfloat16 folders
@@ -101,8 +101,8 @@ pub fn blocks_to_affine(qtype: QType, row: &[u8], cols: usize) -> Result<(u32, V
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::tests::rand_vec;
-    use crate::quant::{dequantize_row, quantize_row};
+    use crate::formats::quant::tests::rand_vec;
+    use crate::formats::quant::{dequantize_row, quantize_row};
 
     fn dequant_affine(bits: u32, group: usize, words: &[u8], scales: &[f32], biases: &[f32], cols: usize) -> Vec<f32> {
         (0..cols).map(|j| scales[j / group] * unpack(words, bits, j) as f32 + biases[j / group]).collect()
@@ -127,8 +127,8 @@ mod tests {
 
     #[test]
     fn q8_0_and_its_a8_twin_multiply_identically() {
-        use crate::cpu::{matmul_with, Bytes, Isa, Layout, QMatrix};
-        use crate::quant::QuantizedActs;
+        use crate::backend::cpu::kernels::{matmul_with, Bytes, Isa, Layout, QMatrix};
+        use crate::formats::quant::QuantizedActs;
         let (rows, cols) = (40, 96);
         let w = rand_vec(rows * cols, 3);
         let q8: Vec<u8> = w.chunks(cols).flat_map(|r| quantize_row(QType::Q8_0, r)).collect();

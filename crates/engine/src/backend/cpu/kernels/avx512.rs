@@ -10,7 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::quant::{ActRow, QK, QK_K};
+use crate::formats::quant::{ActRow, QK, QK_K};
 
 /// How far ahead of the block being multiplied the panel stream is
 /// fetched. The hardware prefetchers alone leave a batch of one waiting on

@@ -556,7 +556,7 @@ pub(crate) mod tests {
     #[test]
     fn k_quants_dequantize_as_llama_cpp_does() {
         // Vectors from llama.cpp's Python package (scripts/kquant_vectors.py).
-        let v: serde_json::Value = serde_json::from_str(include_str!("testdata/kquants.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(include_str!("../testdata/kquants.json")).unwrap();
         for qt in [QType::Q4_K, QType::Q5_K, QType::Q6_K, QType::Q5_0, QType::Q5_1] {
             let case = &v[qt.name()];
             let bytes: Vec<u8> = case["bytes"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u8).collect();

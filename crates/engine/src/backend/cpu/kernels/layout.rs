@@ -4,7 +4,7 @@
 //! once, in one sequential stream, with no shuffling in registers.
 
 use super::Isa;
-use crate::quant::QType;
+use crate::formats::quant::QType;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {

@@ -16,7 +16,7 @@ use half::{bf16, f16};
 use serde_json::Value;
 
 use crate::error::EngineError;
-use crate::filebuf::FileBuf;
+use crate::formats::filebuf::FileBuf;
 
 /// Largest header accepted (real headers are a few hundred KiB).
 const MAX_HEADER: u64 = 100 << 20;

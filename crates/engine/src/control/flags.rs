@@ -247,7 +247,7 @@ impl FlagStore {
 mod tests {
     use super::*;
 
-    const FILE: &str = include_str!("../../../config/feature-flags.yaml");
+    const FILE: &str = include_str!("../../../../config/feature-flags.yaml");
 
     fn no_env(_: &str) -> Option<String> {
         None

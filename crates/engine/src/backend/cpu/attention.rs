@@ -18,9 +18,9 @@ use std::cmp::Reverse;
 use half::f16;
 use rayon::prelude::*;
 
-use super::AttnParams;
-use crate::cpu::{f16_to_f32, Isa};
-use crate::kv::{BlockId, KvStore};
+use crate::backend::AttnParams;
+use crate::backend::cpu::kernels::{f16_to_f32, Isa};
+use crate::engine::kv::{BlockId, KvStore};
 use crate::models::{ops, BatchToken};
 
 /// Tokens per tile. Each widened key is used `TILE_TOKENS * group` times;
@@ -106,7 +106,7 @@ fn tasks(a: &AttnParams, batch: &[BatchToken]) -> Vec<Task> {
     // Few tiles (decode of one or two sequences): split each group's query
     // heads apart too so every core gets work; the shared keys and values
     // are then widened once per part instead of once.
-    let split = if tiles.len() * a.n_kv_heads < 4 * crate::cpu::n_threads() { group } else { 1 };
+    let split = if tiles.len() * a.n_kv_heads < 4 * crate::backend::cpu::kernels::n_threads() { group } else { 1 };
     let gs = group / split;
     let mut tasks: Vec<Task> = tiles
         .iter()
@@ -476,7 +476,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::tests::rand_vec;
+    use crate::formats::quant::tests::rand_vec;
 
     fn paths() -> Vec<Path> {
         Isa::available().into_iter().map(|i| Path::for_isa(i, 64)).collect()

@@ -301,7 +301,7 @@ pub struct QosSettings {
     pub recover_after: u32,
     pub hysteresis: f64,
     pub policies: Vec<Policy>,
-    pub circuit_breaker: crate::config::CircuitBreakerConfig,
+    pub circuit_breaker: crate::control::config::CircuitBreakerConfig,
 }
 
 impl Default for QosSettings {

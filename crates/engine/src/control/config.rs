@@ -50,7 +50,7 @@ impl Default for Speculative {
 }
 
 /// `qos.*`: the circuit breaker and the policy engine (see `qos.rs`).
-pub type Qos = crate::qos::QosSettings;
+pub type Qos = crate::control::qos::QosSettings;
 
 /// Per model: fail fast after consecutive engine failures, then probe.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -306,7 +306,7 @@ mod tests {
 
     #[test]
     fn parses_the_committed_file() {
-        let text = include_str!("../../../config/runtime.yaml");
+        let text = include_str!("../../../../config/runtime.yaml");
         let cfg = RuntimeConfig::from_yaml(text).unwrap();
         assert!(cfg.streaming.max_concurrent_streams > 0);
         assert_eq!(cfg.model_cache.eviction_policy, EvictionPolicy::Lru);

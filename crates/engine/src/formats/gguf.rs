@@ -10,10 +10,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::filebuf::FileBuf;
+use crate::formats::filebuf::FileBuf;
 
 use crate::error::EngineError;
-use crate::quant::QType;
+use crate::formats::quant::QType;
 
 const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -359,7 +359,7 @@ fn ggml_type_name(ty: u32) -> String {
 /// Writes GGUF files; used by tests to build tiny models and malformed files.
 pub mod writer {
     use super::MetaValue;
-    use crate::quant::QType;
+    use crate::formats::quant::QType;
 
     pub struct TensorSpec {
         pub name: String,

@@ -1,14 +1,17 @@
-//! The `cpu` backend: our own kernels (`crate::cpu`) on host memory.
+//! The `cpu` backend: our own kernels (`crate::backend::cpu::kernels`) on host memory.
 //! Activations are `Vec<f32>` rows reused across layers, weights stay in
 //! their file format (`QMatrix`), and the KV cache is the host `KvStore`.
 
+mod attention;
+pub mod kernels;
+
 use super::{AttnParams, Backend, Rope, R};
-use crate::cpu::{matmul, QMatrix};
+use crate::backend::cpu::kernels::{matmul, QMatrix};
 use crate::error::EngineError;
-use crate::kv::{BlockId, KvStore};
+use crate::engine::kv::{BlockId, KvStore};
 use crate::models::decoder::{Activation, RopeStyle};
 use crate::models::{ops, BatchToken};
-use crate::quant::QuantizedActs;
+use crate::formats::quant::QuantizedActs;
 
 pub struct Cpu;
 
@@ -110,7 +113,7 @@ impl Backend for Cpu {
             kv.write(a.layer, tables[bt.seq], bt.pos, &k[t * kv_dim..(t + 1) * kv_dim], &v[t * kv_dim..(t + 1) * kv_dim]);
         }
         out.resize(q.len(), 0.0);
-        super::attention::attend(a, q, &p.batch, kv, tables, out);
+        attention::attend(a, q, &p.batch, kv, tables, out);
         Ok(())
     }
 

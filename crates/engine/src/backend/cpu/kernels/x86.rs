@@ -285,7 +285,7 @@ unsafe fn k_scales<const K: u8>(p: *const u8, scale: &mut [f32; 16], min: &mut [
     let (d, dmin) = (f16_to_f32(p), f16_to_f32(p.add(2)));
     let sc = std::slice::from_raw_parts(p.add(4), 12);
     for j in 0..8 {
-        let (s, m) = crate::quant::k4_scale_min(sc, j);
+        let (s, m) = crate::formats::quant::k4_scale_min(sc, j);
         scale[j] = d * s as f32;
         min[j] = dmin * m as f32;
     }
@@ -334,7 +334,7 @@ unsafe fn k_sub<const K: u8>(p: *const u8, j: usize) -> __m256i {
 /// Q5_K, with the min term) or 16 (Q6_K).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn kquant_avx2<const K: u8, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
-    use crate::quant::QK_K;
+    use crate::formats::quant::QK_K;
     let mut acc = [_mm256_setzero_ps(); NT];
     let mut corr = [_mm256_setzero_ps(); NT];
     let ones = _mm256_set1_epi16(1);
@@ -381,7 +381,7 @@ pub unsafe fn kquant_avx2<const K: u8, const NT: usize>(w: &[u8], a: &[ActRow; N
 /// one-row tiles for a token from DRAM, docs/performance.md.)
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q4k_x8_avx2<const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32; 8]; NT] {
-    use crate::quant::QK_K;
+    use crate::formats::quant::QK_K;
     let bb = QType::Q4_K.block_bytes();
     let wp = w.as_ptr();
     let ones = _mm256_set1_epi16(1);
