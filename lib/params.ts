@@ -5,7 +5,7 @@
  */
 import type { NativeGenerateParams } from '../index.js';
 import { EngineClientError, type ErrorCode } from './errors';
-import type { GeneratorParams } from './index';
+import type { GeneratorParams } from './types';
 
 /**
  * A whole number in `[min, max]`, or undefined. napi would otherwise wrap or

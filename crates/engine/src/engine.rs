@@ -806,98 +806,20 @@ impl Engine {
         }
         let w = self.worker(&req.model)?;
         let config = self.config();
-        let knobs = &self.shared.knobs;
-        req.validate()?;
-        req.check_limits(&config.limits)?;
-        let tk = &w.tokenizer;
-        let prompt = match &req.input {
-            Input::Prompt(text) => tk.encode(text, tk.add_bos, true)?,
-            Input::Tokens(ids) => {
-                PromptFit::check_vocabulary(ids, w.info.vocab_size)?;
-                ids.clone()
-            }
-            Input::Messages(msgs) => {
-                let text = w.template.render(msgs, true)?;
-                // Templates write BOS themselves when the model wants one.
-                tk.encode(&text, false, true)?
-            }
-        };
-        let c = &w.counters;
-        let max_tokens = PromptFit {
-            n_prompt_tokens: prompt.len(),
-            context_length: w.info.context_length,
-            kv_positions: c.kv_blocks_total.load(Ordering::Relaxed) * config.kv_cache.block_size,
-            max_prompt_tokens: config.limits.max_prompt_tokens,
-            max_tokens_cap: config.streaming.max_tokens,
-        }
-        .max_tokens(&req)?;
+        let (prompt, max_tokens) = self.tokenize_request(&w, &req, &config)?;
         let timeout_ms = [req.timeout_ms, w.info.request_timeout_ms]
             .into_iter()
             .flatten()
             .min()
             .or(Some(config.streaming.request_timeout).filter(|&t| t > 0));
-
-        // Admission: a bounded number of requests in flight per model, and a
-        // bounded queue of requests and prompt tokens waiting to run.
-        // QoS actions may have lowered the limits for now.
         // With a flags file, priority classes apply to the requests the
         // `batching.priority_scheduling` rollout includes.
         let priority = match self.feature_flags() {
             Some(f) if !f.current().evaluate("batching.priority_scheduling", &rid).enabled => Priority::Default,
             _ => req.priority,
         };
-        if priority == Priority::Background && knobs.shed_background() {
-            return Err(Knobs::shed_error());
-        }
-        let limit = knobs.max_streams(config.streaming.max_concurrent_streams);
-        if c.in_flight.fetch_add(1, Ordering::Relaxed) >= limit {
-            c.in_flight.fetch_sub(1, Ordering::Relaxed);
-            return Err(EngineError::Overloaded(format!("{limit} requests are in flight (streaming.maxConcurrentStreams)")));
-        }
-        let in_flight = InFlight(c.clone());
-        let sched = &config.scheduler;
-        let max_queued = knobs.max_queued(sched.max_queued_requests);
-        let n_queued = c.queued.fetch_add(1, Ordering::Relaxed);
-        let n_tokens = c.queued_tokens.fetch_add(prompt.len(), Ordering::Relaxed);
-        let queued = Queued(c.clone(), prompt.len());
-        if n_queued >= max_queued {
-            return Err(EngineError::Overloaded(format!("{n_queued} requests are queued (scheduler.maxQueuedRequests)")));
-        }
-        // A queue holding nothing admits any prompt the cache can hold.
-        if n_queued > 0 && n_tokens + prompt.len() > sched.max_queued_tokens {
-            return Err(EngineError::Overloaded(format!(
-                "{n_tokens} prompt tokens are queued; {} more exceed scheduler.maxQueuedTokens",
-                prompt.len()
-            )));
-        }
-        w.counters.last_used_ms.store(self.t_start.elapsed().as_millis() as u64, Ordering::Relaxed);
-
-        // Last, so a refusal above never takes the half-open probe's place.
-        let admission = w.breaker.admit(Instant::now()).map_err(|wait| {
-            EngineError::Overloaded(format!(
-                "model '{}' is failing: its circuit breaker is open after consecutive failures; next probe in {} ms",
-                req.model,
-                wait.as_millis()
-            ))
-        })?;
-        let ticket = BreakerTicket { breaker: w.breaker.clone(), admission, settled: false };
-        // Without a flags file every gated feature follows the runtime config.
-        let mut features = Vec::new();
-        let mut prefix_cache = true;
-        let mut speculative = config.speculative.enabled;
-        if let Some(store) = self.feature_flags() {
-            let flags = store.current();
-            let mut counts = self.flag_counts.lock().unwrap();
-            for &name in GATED_FEATURES {
-                let on = flags.evaluate(name, &rid).enabled;
-                *counts.entry((name.to_owned(), on)).or_default() += 1;
-                if on {
-                    features.push(name.to_owned());
-                }
-            }
-            prefix_cache = features.iter().any(|f| f == "ttft_pipeline.kv_prefetch");
-            speculative = features.iter().any(|f| f == "ttft_pipeline.speculative");
-        }
+        let (in_flight, queued, ticket) = self.admit(&w, &req.model, priority, prompt.len(), &config)?;
+        let (mut features, prefix_cache, speculative) = self.gated_features(&rid, &config);
         let (events_tx, events_rx) = unbounded_channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let unread = Arc::new(AtomicUsize::new(0));
@@ -929,6 +851,104 @@ impl Engine {
         };
         w.tx.send(Msg::Job(Box::new(job))).map_err(|_| EngineError::ModelNotLoaded(req.model.clone()))?;
         Ok(RequestHandle { id, events: events_rx, unread, cancel })
+    }
+
+    /// The checked, tokenized prompt and the tokens it may generate.
+    fn tokenize_request(&self, w: &Worker, req: &GenerateRequest, config: &RuntimeConfig) -> Result<(Vec<u32>, usize), EngineError> {
+        req.validate()?;
+        req.check_limits(&config.limits)?;
+        let tk = &w.tokenizer;
+        let prompt = match &req.input {
+            Input::Prompt(text) => tk.encode(text, tk.add_bos, true)?,
+            Input::Tokens(ids) => {
+                PromptFit::check_vocabulary(ids, w.info.vocab_size)?;
+                ids.clone()
+            }
+            Input::Messages(msgs) => {
+                let text = w.template.render(msgs, true)?;
+                // Templates write BOS themselves when the model wants one.
+                tk.encode(&text, false, true)?
+            }
+        };
+        let max_tokens = PromptFit {
+            n_prompt_tokens: prompt.len(),
+            context_length: w.info.context_length,
+            kv_positions: w.counters.kv_blocks_total.load(Ordering::Relaxed) * config.kv_cache.block_size,
+            max_prompt_tokens: config.limits.max_prompt_tokens,
+            max_tokens_cap: config.streaming.max_tokens,
+        }
+        .max_tokens(req)?;
+        Ok((prompt, max_tokens))
+    }
+
+    /// Admission: a bounded number of requests in flight per model, a
+    /// bounded queue of requests and prompt tokens waiting to run (QoS
+    /// actions may have lowered the limits for now), then the breaker. The
+    /// guards it returns give the slots back when the request ends.
+    fn admit(
+        &self,
+        w: &Worker,
+        model: &str,
+        priority: Priority,
+        n_prompt_tokens: usize,
+        config: &RuntimeConfig,
+    ) -> Result<(InFlight, Queued, BreakerTicket), EngineError> {
+        let (knobs, c) = (&self.shared.knobs, &w.counters);
+        if priority == Priority::Background && knobs.shed_background() {
+            return Err(Knobs::shed_error());
+        }
+        let limit = knobs.max_streams(config.streaming.max_concurrent_streams);
+        if c.in_flight.fetch_add(1, Ordering::Relaxed) >= limit {
+            c.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return Err(EngineError::Overloaded(format!("{limit} requests are in flight (streaming.maxConcurrentStreams)")));
+        }
+        let in_flight = InFlight(c.clone());
+        let sched = &config.scheduler;
+        let max_queued = knobs.max_queued(sched.max_queued_requests);
+        let n_queued = c.queued.fetch_add(1, Ordering::Relaxed);
+        let n_tokens = c.queued_tokens.fetch_add(n_prompt_tokens, Ordering::Relaxed);
+        let queued = Queued(c.clone(), n_prompt_tokens);
+        if n_queued >= max_queued {
+            return Err(EngineError::Overloaded(format!("{n_queued} requests are queued (scheduler.maxQueuedRequests)")));
+        }
+        // A queue holding nothing admits any prompt the cache can hold.
+        if n_queued > 0 && n_tokens + n_prompt_tokens > sched.max_queued_tokens {
+            return Err(EngineError::Overloaded(format!(
+                "{n_tokens} prompt tokens are queued; {n_prompt_tokens} more exceed scheduler.maxQueuedTokens"
+            )));
+        }
+        c.last_used_ms.store(self.t_start.elapsed().as_millis() as u64, Ordering::Relaxed);
+
+        // Last, so a refusal above never takes the half-open probe's place.
+        let admission = w.breaker.admit(Instant::now()).map_err(|wait| {
+            EngineError::Overloaded(format!(
+                "model '{model}' is failing: its circuit breaker is open after consecutive failures; next probe in {} ms",
+                wait.as_millis()
+            ))
+        })?;
+        Ok((in_flight, queued, BreakerTicket { breaker: w.breaker.clone(), admission, settled: false }))
+    }
+
+    /// The gated features on for request id `rid` (counted), and whether
+    /// they give it the prefix cache and speculative decoding. Without a
+    /// flags file every gated feature follows the runtime config.
+    fn gated_features(&self, rid: &str, config: &RuntimeConfig) -> (Vec<String>, bool, bool) {
+        let Some(store) = self.feature_flags() else {
+            return (Vec::new(), true, config.speculative.enabled);
+        };
+        let flags = store.current();
+        let mut counts = self.flag_counts.lock().unwrap();
+        let mut features = Vec::new();
+        for &name in GATED_FEATURES {
+            let on = flags.evaluate(name, rid).enabled;
+            *counts.entry((name.to_owned(), on)).or_default() += 1;
+            if on {
+                features.push(name.to_owned());
+            }
+        }
+        let on = |f: &str| features.iter().any(|x| x == f);
+        let (prefix_cache, speculative) = (on("ttft_pipeline.kv_prefetch"), on("ttft_pipeline.speculative"));
+        (features, prefix_cache, speculative)
     }
 
     /// Stops every worker; running requests end with `Cancelled`.

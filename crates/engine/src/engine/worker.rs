@@ -203,8 +203,7 @@ impl WorkerLoop {
                 .flat_map(|seq| (0..n_tokens).map(move |pos| BatchToken { token: (seq * 31 + pos * 7) as u32 % vocab, pos, seq, logits: pos + 1 == n_tokens }))
                 .collect();
             let refs: Vec<&[BlockId]> = tables.iter().map(Vec::as_slice).collect();
-            let (model, kv) = (&self.model, &mut self.kv);
-            let _ = rayon::scope(|_| std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&batch, kv, &refs))));
+            let _ = forward(self.model.as_ref(), &batch, &mut self.kv, &refs);
             for b in tables.into_iter().flatten() {
                 self.pool.release(b);
             }
@@ -408,10 +407,9 @@ impl WorkerLoop {
         let mut first = true;
         while !batch.is_empty() {
             let tables: Vec<&[BlockId]> = active.iter().map(|&(i, _, _)| self.running[i].draft_blocks.as_slice()).collect();
-            let (model, kv) = (&d.model, &mut d.kv);
-            let result = rayon::scope(|_| std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&batch, kv, &tables))));
+            let result = forward(d.model.as_ref(), &batch, &mut d.kv, &tables);
             drop(tables);
-            let Ok(Ok(mut logits)) = result else {
+            let Ok(mut logits) = result else {
                 for &(i, _, _) in &active {
                     let s = &mut self.running[i];
                     s.draft.clear();
@@ -462,9 +460,30 @@ impl WorkerLoop {
         self.waiting[s.job.priority as usize].push_front(s);
     }
 
-    /// One batched forward: the next token of every decoding sequence, then
-    /// prompt chunks up to the budget. Returns whether anything ran.
+    /// One step: plan the batch, run it, apply the results (vLLM's
+    /// schedule / execute / update split). Returns whether anything ran.
     fn step(&mut self) -> bool {
+        let plan = match self.plan() {
+            Ok(plan) => plan,
+            Err(progressed) => return progressed,
+        };
+        #[cfg(test)]
+        if self.counters.inject_failures.load(Ordering::Relaxed) > 0 {
+            self.counters.inject_failures.fetch_sub(1, Ordering::Relaxed);
+            self.apply(plan, Err(EngineError::Generation("injected failure".into())));
+            return true;
+        }
+        let result = self.execute(&plan);
+        self.apply(plan, result);
+        true
+    }
+
+    /// Chooses this step's batch: retires timed-out and abandoned sequences,
+    /// gives every decoding sequence a slot (preempting until the cache has
+    /// its blocks), then guesses, then prompt chunks, then prefetch. `Err`
+    /// says there is nothing to run, and whether the step still changed
+    /// something (a retirement or preemption).
+    fn plan(&mut self) -> Result<StepPlan, bool> {
         let now = Instant::now();
         self.retire(|s| {
             if s.job.abandoned() {
@@ -476,7 +495,7 @@ impl WorkerLoop {
             }
         });
         if self.running.is_empty() {
-            return false;
+            return Err(false);
         }
         let buffer = self.settings.stream_buffer;
         let can_run = |s: &Sequence| s.job.unread.load(Ordering::Relaxed) < buffer;
@@ -496,7 +515,7 @@ impl WorkerLoop {
             if self.running.len() == 1 {
                 // A lone sequence that fills the whole cache ends here.
                 self.retire(|_| Some(Outcome::Finished(FinishReason::Length)));
-                return true;
+                return Err(true);
             }
             let v = self.victim();
             self.preempt(v);
@@ -579,30 +598,28 @@ impl WorkerLoop {
             if self.running.iter().any(|s| s.pending() > 1 && can_run(s)) && self.running.len() > 1 {
                 let v = self.victim();
                 self.preempt(v);
-                return true;
+                return Err(true);
             }
-            return false;
+            return Err(false);
         }
+        Ok(StepPlan { batch, prefetch })
+    }
 
-        #[cfg(test)]
-        if self.counters.inject_failures.load(Ordering::Relaxed) > 0 {
-            self.counters.inject_failures.fetch_sub(1, Ordering::Relaxed);
-            self.fail_all(EngineError::Generation("injected failure".into()));
-            return true;
-        }
+    /// Runs the planned batch through the model: every running sequence's
+    /// blocks, then the prefetched ones'.
+    fn execute(&mut self, plan: &StepPlan) -> Result<Vec<f32>, EngineError> {
         let model = self.model.clone();
-        let tables: Vec<&[BlockId]> = self.running.iter().chain(&prefetch).map(|s| s.blocks.as_slice()).collect();
-        let kv = &mut self.kv;
-        // Run the forward as a rayon job: this thread then waits once per
-        // step instead of once per matmul, and the kernels' parallel loops
-        // start from inside the pool.
-        let result = rayon::scope(|_| std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&batch, kv, &tables))));
-        drop(tables);
-        let failed = match &result {
-            Ok(Ok(_)) => None,
-            Ok(Err(e)) => Some(EngineError::Generation(e.to_string())),
-            Err(_) => Some(EngineError::Internal("model forward panicked".into())),
-        };
+        let tables: Vec<&[BlockId]> = self.running.iter().chain(&plan.prefetch).map(|s| s.blocks.as_slice()).collect();
+        forward(model.as_ref(), &plan.batch, &mut self.kv, &tables)
+    }
+
+    /// Applies a step's outcome: prefetched prompts go back to their queues
+    /// (cached), a failure fails every running request, and otherwise each
+    /// sequence's rows are sampled, its guesses verified and its tokens
+    /// streamed.
+    fn apply(&mut self, plan: StepPlan, result: Result<Vec<f32>, EngineError>) {
+        let StepPlan { batch, prefetch } = plan;
+        let failed = result.as_ref().err().cloned();
         // Prefetched prompts: their full blocks go into the prefix cache and
         // the sequences back to the front of their queues, holding nothing.
         let n_running = self.running.len();
@@ -617,9 +634,9 @@ impl WorkerLoop {
         }
         if let Some(e) = failed {
             self.fail_all(e);
-            return true;
+            return;
         }
-        let Ok(Ok(mut logits)) = result else { unreachable!("failures returned above") };
+        let Ok(mut logits) = result else { unreachable!("failures returned above") };
         for bt in batch.iter().filter(|b| b.seq < n_running) {
             let s = &mut self.running[bt.seq];
             // Guessed positions count once verified (below).
@@ -697,7 +714,6 @@ impl WorkerLoop {
             Some(Outcome::Continue) | None => None,
             other => other,
         });
-        true
     }
 
     /// KV prefetch: while every batch slot is taken, puts prompt chunks of
@@ -880,6 +896,26 @@ impl WorkerLoop {
 
 /// Text held back for UTF-8 or for a possible stop sequence that never
 /// completed: it belongs to the output once the sequence ends.
+/// A step's batch: decode slots, guesses, prompt chunks, then prefetched
+/// prompts, whose sequences (off their queues meanwhile) index past the
+/// running ones.
+struct StepPlan {
+    batch: Vec<BatchToken>,
+    prefetch: Vec<Sequence>,
+}
+
+/// One forward pass, run as a rayon job (this thread then waits once per
+/// step instead of once per matmul, and the kernels' parallel loops start
+/// from inside the pool), with a panic caught: a bug in one step fails that
+/// step's requests, not the worker.
+fn forward(model: &dyn Model, batch: &[BatchToken], kv: &mut KvStore, tables: &[&[BlockId]]) -> Result<Vec<f32>, EngineError> {
+    match rayon::scope(|_| std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(batch, kv, tables)))) {
+        Ok(Ok(logits)) => Ok(logits),
+        Ok(Err(e)) => Err(EngineError::Generation(e.to_string())),
+        Err(_) => Err(EngineError::Internal("model forward panicked".into())),
+    }
+}
+
 fn held_back(s: &mut Sequence) -> String {
     let tail = s.decoder.finish();
     let (mut tail, stopped) = s.stop.push(&tail);
