@@ -220,6 +220,20 @@ describe('HTTP server', () => {
     const badPriority = await post(`${base}/v1/completions`, { model: 'default', prompt: 'x', max_tokens: 2, priority: 'highest' });
     assert.equal(badPriority.status, 400);
     assert.match((await badPriority.json()).error.message, /priority/);
+    // Numbers the engine's request rules refuse come back naming OpenAI's field.
+    for (const [body, param, mention] of [
+      [{ model: 'default', prompt: [1, -1] }, 'prompt', 'prompt[1]'],
+      [{ model: 'default', prompt: [1, 2.5] }, 'prompt', 'prompt[1]'],
+      [{ model: 'default', prompt: 'x', max_tokens: 2.5 }, 'max_tokens', 'max_tokens must be a positive integer'],
+    ] as const) {
+      const res = await post(`${base}/v1/completions`, body);
+      const err = (await res.json()).error;
+      assert.equal(res.status, 400, JSON.stringify(body));
+      assert.deepEqual([err.code, err.param], ['InvalidParams', param], JSON.stringify(err));
+      assert.ok(err.message.includes(mention), err.message);
+    }
+    const after = await post(`${base}/v1/completions`, { model: 'default', prompt: [1, 2, 3], max_tokens: 2 });
+    assert.equal(after.status, 200, 'the server still serves after refusing them');
     assert.equal((await fetch(`${base}/v2/nothing`)).status, 404);
   });
 

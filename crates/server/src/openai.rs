@@ -333,6 +333,12 @@ mod tests {
         assert!(parse_completion(br#"{"model":"m","prompt":{"x":1}}"#).is_err());
         assert!(parse_completion(br#"{"model":"m","prompt":"a","echo":true}"#).is_err());
         assert!(parse_completion(br#"{"model":"m","prompt":"a","logprobs":9}"#).is_err());
+        // Token ids the engine refuses are named by OpenAI's field, with the index.
+        for body in [&br#"{"model":"m","prompt":[1,-1]}"#[..], br#"{"model":"m","prompt":[1,2.5]}"#, br#"{"model":"m","prompt":[1,4294967296]}"#] {
+            let e = parse_completion(body).map(|_| ()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("prompt"), "{}", e.message);
+            assert!(e.message.starts_with("prompt[1] must be a token id"), "{}", e.message);
+        }
     }
 
     #[test]
