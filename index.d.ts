@@ -339,6 +339,8 @@ export interface NativeRuntimeInfo {
   version: string
   backend: string
   isa: string
+  /** Why prompts do not run on AMX tiles (absent where they do). */
+  amx?: string
   threads: number
   mlx: NativeMlxInfo
 }

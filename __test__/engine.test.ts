@@ -214,7 +214,10 @@ describe('engine API on the default model', () => {
     assert.equal(health.modelsLoaded, 1);
     const rt = await engine.getRuntimeInfo();
     assert.equal(rt.backend, 'cpu');
-    assert.ok(['avx512-vnni', 'avx2', 'scalar'].includes(rt.isa));
+    assert.ok(['amx', 'avx512-vnni', 'avx2', 'scalar'].includes(rt.isa));
+    // The default never takes AMX tiles (measured no faster), and says why.
+    assert.notEqual(rt.isa, 'amx');
+    assert.match(rt.amx ?? '', /amx/);
     // Setup fetched libmlx (mlx-cpu): the addon loads it at run time.
     assert.equal(rt.mlx.available, true, rt.mlx.reason);
     assert.match(rt.mlx.version ?? '', /^0\.\d+\.\d+/);

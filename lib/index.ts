@@ -500,7 +500,8 @@ export class Engine extends EventEmitter {
   async getRuntimeInfo(): Promise<RuntimeInfo> {
     const r = native.runtimeInfo();
     const mlx = { available: r.mlx.available, gpu: r.mlx.gpu, ...(r.mlx.version ? { version: r.mlx.version } : {}), ...(r.mlx.reason ? { reason: r.mlx.reason } : {}) };
-    return { ...r, mlx, node: process.version, platform: process.platform, arch: process.arch };
+    const { amx, ...rest } = r;
+    return { ...rest, ...(amx ? { amx } : {}), mlx, node: process.version, platform: process.platform, arch: process.arch };
   }
 
   async getCacheStats(): Promise<ModelCacheStats> {

@@ -255,7 +255,10 @@ export interface HealthStatus {
 export interface RuntimeInfo {
   version: string;
   backend: string;
+  /** The kernel path: `avx512-vnni`, `avx2`, `scalar`, or `amx` (opt-in, `MLX_SERVING_ISA=amx`). */
   isa: string;
+  /** Why prompts do not run on AMX tiles here (absent where they do): no AMX, the kernel refused the tile state, or not chosen. */
+  amx?: string;
   threads: number;
   /** MLX (libmlx from PyPI's MLX wheels, loaded at run time): whether it loads here, its version, whether it has a GPU. */
   mlx: { available: boolean; version?: string; gpu: boolean; reason?: string };

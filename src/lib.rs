@@ -48,6 +48,8 @@ pub struct NativeRuntimeInfo {
     pub version: String,
     pub backend: String,
     pub isa: String,
+    /// Why prompts do not run on AMX tiles (absent where they do).
+    pub amx: Option<String>,
     pub threads: u32,
     pub mlx: NativeMlxInfo,
 }
@@ -69,6 +71,7 @@ pub fn runtime_info() -> NativeRuntimeInfo {
         // What a load without `backend` runs on.
         backend: BackendKind::default().name().into(),
         isa: Isa::detect().name().into(),
+        amx: Isa::amx_note(),
         threads: mlx_serving_engine::backend::cpu::kernels::n_threads() as u32,
         mlx: NativeMlxInfo {
             available: mlx_serving_mlx::available(),

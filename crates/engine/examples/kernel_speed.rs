@@ -7,7 +7,7 @@
 //!   fits in L3) and from memory (cycling through copies that do not), in
 //!   microseconds and GB/s of weight bytes, each path on the layout it
 //!   gets at load.
-//! - GEMM of 64 tokens (prefill) on the same weights, in GFLOP/s.
+//! - GEMM of a 512-token prompt on the same weights, in GFLOP/s.
 //! - The worker pool's cost per parallel split, which every matmul and
 //!   attention call of a forward pass pays once.
 
@@ -37,6 +37,9 @@ fn split_overhead() -> f64 {
     })
 }
 
+/// Tokens of the GEMM (a prompt).
+const PROMPT: usize = 512;
+
 fn main() {
     let (rows, cols) = (2048, 2048);
     let mut s = 1u64;
@@ -45,10 +48,10 @@ fn main() {
         ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     };
     let w: Vec<f32> = (0..rows * cols).map(|_| rnd() * 0.05).collect();
-    let x: Vec<f32> = (0..64 * cols).map(|_| rnd()).collect();
+    let x: Vec<f32> = (0..PROMPT * cols).map(|_| rnd()).collect();
     println!("machine: {} threads, read bandwidth {:.1} GB/s (all cores, 512 MiB)", rayon::current_num_threads(), read_bandwidth(512));
     println!("pool: {:.1} us per parallel split beyond its work (a decode step of a 30-layer model makes about 250)", split_overhead());
-    println!("{:<7} {:<12} {:>12} {:>9} {:>12} {:>9} {:>14}", "format", "path", "GEMV cache", "GB/s", "GEMV memory", "GB/s", "GEMM 64 GFLOP/s");
+    println!("{:<7} {:<12} {:>12} {:>9} {:>12} {:>9} {:>14}", "format", "path", "GEMV cache", "GB/s", "GEMV memory", "GB/s", "GEMM 512 GFLOP/s");
     // Formats named on the command line (`Q4_0 Q6_K`), or all of them.
     let only: Vec<String> = std::env::args().skip(1).collect();
     let formats = [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q5_K, QType::Q6_K];
@@ -72,7 +75,7 @@ fn main() {
             let layout = Layout::for_kernels(isa, qtype);
             let mats: Vec<QMatrix> = (0..copies).map(|_| QMatrix::new(qtype, rows, cols, Bytes::Owned(data.clone())).into_layout(layout)).collect();
             let m = &mats[0];
-            let mut out = vec![0.0; 64 * rows];
+            let mut out = vec![0.0; PROMPT * rows];
             let mut xq = QuantizedActs::default();
             let x1 = &x[..cols];
             matmul_with(isa, m, x1, &mut xq, &mut out[..rows]);
@@ -84,7 +87,7 @@ fn main() {
             let cached = time(200, &mut |_| matmul_with(isa, m, x1, &mut xq, &mut out[..rows]));
             let n_mem = if isa == Isa::Scalar { copies } else { 4 * copies };
             let memory = time(n_mem, &mut |i| matmul_with(isa, &mats[i % copies], x1, &mut xq, &mut out[..rows]));
-            let gemm = time(if isa == Isa::Scalar { 2 } else { 10 }, &mut |_| matmul_with(isa, m, &x, &mut xq, &mut out));
+            let gemm = time(if isa == Isa::Scalar { 1 } else { 5 }, &mut |_| matmul_with(isa, m, &x, &mut xq, &mut out));
             let gb = |t: f64| m.n_bytes() as f64 / t / 1e9;
             println!(
                 "{:<7} {:<12} {:>9.1} us {:>9.1} {:>9.1} us {:>9.1} {:>14.1}",
@@ -94,7 +97,7 @@ fn main() {
                 gb(cached),
                 memory * 1e6,
                 gb(memory),
-                2.0 * (rows * cols * 64) as f64 / gemm / 1e9
+                2.0 * (rows * cols * PROMPT) as f64 / gemm / 1e9
             );
         }
     }

@@ -320,6 +320,15 @@ const ROUND_MAGIC: f32 = 12_582_912.0;
 /// One row to int8 blocks. Rounds half to even, as llama.cpp's SIMD
 /// quantizer does.
 fn quantize_row_q8(x: &[f32], qs: &mut [i8], d_out: &mut [f32], s_out: &mut [f32], sum16: &mut [i32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { quantize_row_q8_avx2(x, qs, d_out, s_out, sum16) };
+    }
+    quantize_row_q8_scalar(x, qs, d_out, s_out, sum16)
+}
+
+fn quantize_row_q8_scalar(x: &[f32], qs: &mut [i8], d_out: &mut [f32], s_out: &mut [f32], sum16: &mut [i32]) {
     for (b, blk) in x.chunks_exact(QK).enumerate() {
         let amax = blk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
@@ -332,6 +341,41 @@ fn quantize_row_q8(x: &[f32], qs: &mut [i8], d_out: &mut [f32], s_out: &mut [f32
         (sum16[2 * b], sum16[2 * b + 1]) = (sum(&q[..QK / 2]), sum(&q[QK / 2..]));
         d_out[b] = d;
         s_out[b] = d * (sum16[2 * b] + sum16[2 * b + 1]) as f32;
+    }
+}
+
+/// `quantize_row_q8_scalar` in 256-bit vectors, to the same bits: the
+/// block's absolute maximum is exact in any order, `d` and `1 / d` are the
+/// same operations, and `cvtps` rounds half to even as the scalar's magic
+/// constant does. A prompt's activations are quantized before every
+/// matrix; written plainly this took 13% of a 512-token GEMM.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_q8_avx2(x: &[f32], qs: &mut [i8], d_out: &mut [f32], s_out: &mut [f32], sum16: &mut [i32]) {
+    use std::arch::x86_64::*;
+    let sign = _mm256_set1_ps(-0.0);
+    let hsum = |v: __m256i| {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
+    };
+    for (b, blk) in x.chunks_exact(QK).enumerate() {
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(blk.as_ptr().add(8 * i)));
+        let m = v.iter().fold(_mm256_setzero_ps(), |m, &v| _mm256_max_ps(m, _mm256_andnot_ps(sign, v)));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let q = v.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, id)));
+        // Packing works within 128-bit lanes; the permute puts the 32 bytes back in order.
+        let q16 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        let q8 = _mm256_permutevar8x32_epi32(q16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(qs.as_mut_ptr().add(b * QK) as *mut __m256i, q8);
+        let (lo, hi) = (hsum(_mm256_add_epi32(q[0], q[1])), hsum(_mm256_add_epi32(q[2], q[3])));
+        (sum16[2 * b], sum16[2 * b + 1]) = (lo, hi);
+        d_out[b] = d;
+        s_out[b] = d * (lo + hi) as f32;
     }
 }
 
@@ -512,6 +556,22 @@ impl KBlock {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    /// The vector quantizer gives the scalar one's bits, ties and zeros too.
+    #[test]
+    fn activation_quantizers_agree() {
+        let mut x = rand_vec(32 * 7, 3);
+        x[..32].fill(0.0);
+        // Exact halves after scaling by 127 / 127.
+        x[32..64].iter_mut().enumerate().for_each(|(i, v)| *v = if i == 0 { 127.0 } else { i as f32 - 15.5 });
+        let n = x.len() / QK;
+        let run = |f: fn(&[f32], &mut [i8], &mut [f32], &mut [f32], &mut [i32])| {
+            let (mut q, mut d, mut s, mut s16) = (vec![0i8; x.len()], vec![0.0; n], vec![0.0; n], vec![0; 2 * n]);
+            f(&x, &mut q, &mut d, &mut s, &mut s16);
+            (q, d, s, s16)
+        };
+        assert_eq!(run(quantize_row_q8), run(quantize_row_q8_scalar));
+    }
+
     use super::*;
 
     /// Deterministic values in [-1, 1) for kernel tests.

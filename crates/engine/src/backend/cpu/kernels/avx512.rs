@@ -75,46 +75,60 @@ pub const Q4_1: u8 = 1;
 pub const Q8_0: u8 = 2;
 pub const A8: u8 = 3;
 
+/// Bytes of one block of 16 rows of format `F` in a `Vnni16` panel.
+pub const fn block_bytes16(f: u8) -> usize {
+    let head = if f == Q4_1 || f == A8 { 4 } else { 2 };
+    16 * (head + if f == Q4_0 || f == Q4_1 { QK / 2 } else { QK })
+}
+
+/// Block `blk` of a panel of format `F`: the 16 rows' `d` and `m`, and
+/// `q[j]`, lane r: row r's unsigned weights 4j..4j+4.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn block16<const F: u8>(blk: *const u8) -> (__m512, __m512, [__m512i; 8]) {
+    let nibbles = F == Q4_0 || F == Q4_1;
+    let head = if F == Q4_1 || F == A8 { 4 } else { 2 };
+    let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+    let m = match F {
+        Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
+        Q8_0 => _mm512_mul_ps(d, _mm512_set1_ps(-128.0)),
+        _ => _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i)),
+    };
+    let qp = blk.add(16 * head);
+    let mut q = [_mm512_setzero_si512(); 8];
+    if nibbles {
+        // Byte k of a Q4 block holds weights k (low nibble) and k + 16.
+        let low = _mm512_set1_epi8(0x0F);
+        for j in 0..4 {
+            let v = _mm512_loadu_si512(qp.add(64 * j) as *const _);
+            q[j] = _mm512_and_si512(v, low);
+            q[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        }
+    } else {
+        for (j, q) in q.iter_mut().enumerate() {
+            *q = _mm512_loadu_si512(qp.add(64 * j) as *const _);
+        }
+    }
+    (d, m, q)
+}
+
 /// Every format here is, per block, `d * Σ q a + m * Σ a` with unsigned
 /// `q`: Q4_0 (`m = -8 d`), Q4_1 (`m` stored), Q8_0 (stored + 128, so
 /// `m = -128 d`), MLX 8-bit (stored + 128 is its own unsigned value; `m`
 /// its bias). Per block and token: the integer sum in 16 lanes, then
-/// `acc = fma(isum, d * da, acc)` and `acc = fma(m, s, acc)`, row by row.
+/// `acc = fma(isum, d * da, acc)` and `acc = fma(m, s, acc)`, row by row
+/// (the AMX tiles apply the same chain, so both give the same bits).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub unsafe fn vnni16<const F: u8, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32; 16]; NT] {
-    let nibbles = F == Q4_0 || F == Q4_1;
-    let has_min = F == Q4_1 || F == A8;
-    let head = if has_min { 4 } else { 2 };
-    let bb = head + if nibbles { QK / 2 } else { QK };
+    let bb = block_bytes16(F);
     let nb = a[0].d.len();
-    debug_assert_eq!(w.len(), 16 * nb * bb);
+    debug_assert_eq!(w.len(), nb * bb);
     let wp = w.as_ptr();
-    let low = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); NT];
     for b in 0..nb {
-        let blk = wp.add(b * 16 * bb);
-        prefetch(blk, 16 * bb);
-        let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
-        let m = match F {
-            Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
-            Q8_0 => _mm512_mul_ps(d, _mm512_set1_ps(-128.0)),
-            _ => _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i)),
-        };
-        // q[j], lane r: row r's weights 4j..4j+4.
-        let qp = blk.add(16 * head);
-        let mut q = [_mm512_setzero_si512(); 8];
-        if nibbles {
-            // Byte k of a Q4 block holds weights k (low nibble) and k + 16.
-            for j in 0..4 {
-                let v = _mm512_loadu_si512(qp.add(64 * j) as *const _);
-                q[j] = _mm512_and_si512(v, low);
-                q[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-            }
-        } else {
-            for (j, q) in q.iter_mut().enumerate() {
-                *q = _mm512_loadu_si512(qp.add(64 * j) as *const _);
-            }
-        }
+        let blk = wp.add(b * bb);
+        prefetch(blk, bb);
+        let (d, m, q) = block16::<F>(blk);
         for (acc, a) in acc.iter_mut().zip(a) {
             let isum = _mm512_cvtepi32_ps(dot32(&q, a.qs.as_ptr().add(b * QK)));
             *acc = _mm512_fmadd_ps(isum, _mm512_mul_ps(d, _mm512_set1_ps(*a.d.get_unchecked(b))), *acc);
@@ -124,6 +138,39 @@ pub unsafe fn vnni16<const F: u8, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -
     per_row(acc)
 }
 
+/// Bytes of one Q6_K super-block of 16 rows in a `Vnni16` panel.
+pub const Q6K_BYTES16: usize = 16 * 210;
+
+/// Sub-block `j` (values 16j..16j+16) of the Q6_K super-block of 16 rows
+/// at `blk`: the rows' `d * scale`, and `q[u]`, lane r: row r's 6-bit
+/// values 4u..4u+4 of the sub-block, unsigned (stored + 32).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn q6k_sub16(blk: *const u8, j: usize) -> (__m512, [__m512i; 4]) {
+    let (low, top) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
+    let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+    let (scales, ql, qh) = (blk.add(32), blk.add(288), blk.add(288 + 32 * 64));
+    // Half h = j / 8 of the super-block, its quarter i (low or high
+    // nibbles of the first or second 32 `ql` bytes, the i-th bit pair of
+    // `qh`), dwords 4g..4g+4.
+    let (h, i, g) = (j / 8, j % 8 / 2, j % 2);
+    let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(scales.add(16 * j) as *const __m128i)));
+    let q = std::array::from_fn(|u| {
+        let l4 = 4 * g + u;
+        let l = _mm512_loadu_si512(ql.add(64 * (16 * h + 8 * (i % 2) + l4)) as *const _);
+        let hb = _mm512_loadu_si512(qh.add(64 * (8 * h + l4)) as *const _);
+        let l = if i >= 2 { _mm512_srli_epi16(l, 4) } else { l };
+        let hb = match i {
+            0 => _mm512_slli_epi16(hb, 4),
+            1 => _mm512_slli_epi16(hb, 2),
+            2 => hb,
+            _ => _mm512_srli_epi16(hb, 2),
+        };
+        _mm512_or_si512(_mm512_and_si512(l, low), _mm512_and_si512(hb, top))
+    });
+    (_mm512_mul_ps(d, sc), q)
+}
+
 /// Q6_K over `Vnni16` panels. Per sub-block of 16 weights: the 6-bit values
 /// (a nibble of `ql`, two bits of `qh`; stored + 32) rebuilt for 16 rows in
 /// a few vector operations, multiplied unsigned, the + 32 taken off by
@@ -131,35 +178,13 @@ pub unsafe fn vnni16<const F: u8, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -
 /// by the rows' `d * scale` and the activation block's scale.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub unsafe fn q6k_vnni16<const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32; 16]; NT] {
-    const BB: usize = 210;
     let wp = w.as_ptr();
-    let (low, top) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
     let mut acc = [_mm512_setzero_ps(); NT];
-    for sb in 0..w.len() / (16 * BB) {
-        let blk = wp.add(sb * 16 * BB);
-        let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
-        let (scales, ql, qh) = (blk.add(32), blk.add(288), blk.add(288 + 32 * 64));
-        // Sub-block j holds values 16j..16j+16: half h = j / 8 of the
-        // super-block, its quarter i (low or high nibbles of the first or
-        // second 32 `ql` bytes, the i-th bit pair of `qh`), dwords 4g..4g+4.
+    for sb in 0..w.len() / Q6K_BYTES16 {
+        let blk = wp.add(sb * Q6K_BYTES16);
         for j in 0..QK_K / 16 {
-            prefetch_part(blk, 16 * BB, KQ_AHEAD * 16 * BB, j, QK_K / 16);
-            let (h, i, g) = (j / 8, j % 8 / 2, j % 2);
-            let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(scales.add(16 * j) as *const __m128i)));
-            let scale = _mm512_mul_ps(d, sc);
-            let q: [__m512i; 4] = std::array::from_fn(|u| {
-                let l4 = 4 * g + u;
-                let l = _mm512_loadu_si512(ql.add(64 * (16 * h + 8 * (i % 2) + l4)) as *const _);
-                let hb = _mm512_loadu_si512(qh.add(64 * (8 * h + l4)) as *const _);
-                let l = if i >= 2 { _mm512_srli_epi16(l, 4) } else { l };
-                let hb = match i {
-                    0 => _mm512_slli_epi16(hb, 4),
-                    1 => _mm512_slli_epi16(hb, 2),
-                    2 => hb,
-                    _ => _mm512_srli_epi16(hb, 2),
-                };
-                _mm512_or_si512(_mm512_and_si512(l, low), _mm512_and_si512(hb, top))
-            });
+            prefetch_part(blk, Q6K_BYTES16, KQ_AHEAD * Q6K_BYTES16, j, QK_K / 16);
+            let (scale, q) = q6k_sub16(blk, j);
             let v = sb * QK_K + 16 * j;
             for (acc, a) in acc.iter_mut().zip(a) {
                 let ap = a.qs.as_ptr().add(v) as *const i32;
@@ -174,41 +199,50 @@ pub unsafe fn q6k_vnni16<const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32; 
     per_row(acc)
 }
 
+/// Bytes of one Q4_K super-block of 16 rows in a `Vnni16` panel.
+pub const Q4K_BYTES16: usize = 16 * 144;
+
+/// Sub-block `j` (values 32j..32j+32) of the Q4_K super-block of 16 rows
+/// at `blk`: the rows' `d * scale` and `dmin * min`, and `q[u]`, lane r:
+/// row r's nibbles 4u..4u+4 of the sub-block.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn q4k_sub16(blk: *const u8, j: usize) -> (__m512, __m512, [__m512i; 8]) {
+    let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+    let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i));
+    // Scale byte k of the 16 rows, one row per 32-bit lane.
+    let byte = |k: usize| _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(64 + 16 * k) as *const __m128i));
+    // quant::k4_scale_min, 16 rows at once.
+    let (sc, mn) = if j < 4 {
+        let six = _mm512_set1_epi32(63);
+        (_mm512_and_si512(byte(j), six), _mm512_and_si512(byte(j + 4), six))
+    } else {
+        let (hi, nib) = (byte(j + 4), _mm512_set1_epi32(0x0F));
+        let top = |k: usize| _mm512_slli_epi32(_mm512_srli_epi32(byte(k), 6), 4);
+        (_mm512_or_si512(_mm512_and_si512(hi, nib), top(j - 4)), _mm512_or_si512(_mm512_srli_epi32(hi, 4), top(j)))
+    };
+    // Sub-blocks 2c and 2c + 1 are the low and high nibbles of dwords 8c..8c+8.
+    let (qs, low) = (blk.add(256), _mm512_set1_epi8(0x0F));
+    let q = std::array::from_fn(|u| {
+        let v = _mm512_loadu_si512(qs.add(64 * (8 * (j / 2) + u)) as *const _);
+        _mm512_and_si512(if j % 2 == 1 { _mm512_srli_epi16(v, 4) } else { v }, low)
+    });
+    (_mm512_mul_ps(d, _mm512_cvtepi32_ps(sc)), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn)), q)
+}
+
 /// Q4_K over `Vnni16` panels: per sub-block of 32, the 16 rows' 6-bit
 /// scale and min decoded in vector lanes once for every token, 8 nibble
 /// vectors multiplied unsigned, then `d * scale` against the integer sum
 /// and `dmin * min` against the activations' block sum.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub unsafe fn q4k_vnni16<const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32; 16]; NT] {
-    const BB: usize = 144;
     let wp = w.as_ptr();
-    let low = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); NT];
-    for sb in 0..w.len() / (16 * BB) {
-        let blk = wp.add(sb * 16 * BB);
-        let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
-        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i));
-        // Scale byte k of the 16 rows, one row per 32-bit lane.
-        let byte = |k: usize| _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(64 + 16 * k) as *const __m128i));
-        let qs = blk.add(256);
+    for sb in 0..w.len() / Q4K_BYTES16 {
+        let blk = wp.add(sb * Q4K_BYTES16);
         for j in 0..QK_K / QK {
-            prefetch_part(blk, 16 * BB, KQ_AHEAD * 16 * BB, j, QK_K / QK);
-            // quant::k4_scale_min, 16 rows at once.
-            let (sc, mn) = if j < 4 {
-                let six = _mm512_set1_epi32(63);
-                (_mm512_and_si512(byte(j), six), _mm512_and_si512(byte(j + 4), six))
-            } else {
-                let (hi, nib) = (byte(j + 4), _mm512_set1_epi32(0x0F));
-                let top = |k: usize| _mm512_slli_epi32(_mm512_srli_epi32(byte(k), 6), 4);
-                (_mm512_or_si512(_mm512_and_si512(hi, nib), top(j - 4)), _mm512_or_si512(_mm512_srli_epi32(hi, 4), top(j)))
-            };
-            let scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
-            let min = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn));
-            // Sub-blocks 2c and 2c + 1 are the low and high nibbles of dwords 8c..8c+8.
-            let q: [__m512i; 8] = std::array::from_fn(|u| {
-                let v = _mm512_loadu_si512(qs.add(64 * (8 * (j / 2) + u)) as *const _);
-                _mm512_and_si512(if j % 2 == 1 { _mm512_srli_epi16(v, 4) } else { v }, low)
-            });
+            prefetch_part(blk, Q4K_BYTES16, KQ_AHEAD * Q4K_BYTES16, j, QK_K / QK);
+            let (scale, min, q) = q4k_sub16(blk, j);
             let b = sb * (QK_K / QK) + j;
             for (acc, a) in acc.iter_mut().zip(a) {
                 let isum = _mm512_cvtepi32_ps(dot32(&q, a.qs.as_ptr().add(b * QK)));

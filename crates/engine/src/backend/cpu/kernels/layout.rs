@@ -25,7 +25,7 @@ pub enum Layout {
 impl Layout {
     /// The layout the kernels of `isa` read `qtype` in.
     pub fn for_kernels(isa: Isa, qtype: QType) -> Layout {
-        match (isa, qtype) {
+        match (isa.vector(), qtype) {
             (Isa::Avx512Vnni, q) if Layout::Vnni16.fits(q) => Layout::Vnni16,
             (Isa::Avx2, QType::Q4_0 | QType::Q4_1 | QType::Q4_K | QType::Q8_0 | QType::A8) => Layout::Panels8,
             _ => Layout::Rows,

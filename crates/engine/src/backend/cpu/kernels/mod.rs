@@ -20,18 +20,21 @@ mod layout;
 pub use layout::Layout;
 
 /// Instruction-set path of the dot-product kernels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     Scalar,
     Avx2,
     Avx512Vnni,
+    /// AVX-512 VNNI, and AMX-INT8 tiles for prompts (16 tokens or more).
+    Amx,
 }
 
 impl Isa {
     /// The path the kernels take: the best this CPU supports, or the one
-    /// `MLX_SERVING_ISA` names (`scalar`, `avx2`, `avx512-vnni`) to compare
-    /// paths or work around a CPU problem. A name that is unknown or above
-    /// this CPU is refused by `Isa::check_env` at load; here it falls back.
+    /// `MLX_SERVING_ISA` names (`scalar`, `avx2`, `avx512-vnni`, `amx`) to
+    /// compare paths or work around a CPU problem. A name that is unknown
+    /// or above this CPU is refused by `Isa::check_env` at load; here it
+    /// falls back.
     pub fn detect() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| Isa::from_env().unwrap_or_else(|_| Self::best()))
@@ -48,45 +51,65 @@ impl Isa {
         // `avx512vnni` too: the spelling earlier docs used.
         let isa = Isa::all().into_iter().find(|i| i.name() == wanted || i.name().replace('-', "") == wanted);
         match isa {
-            Some(i) if i as u8 <= Self::best() as u8 => Ok(i),
+            Some(i) if Isa::available().contains(&i) => Ok(i),
+            Some(Isa::Amx) if Isa::best() == Isa::Avx512Vnni => Err(EngineError::InvalidParams(format!("MLX_SERVING_ISA=amx: {}", Isa::amx_note().unwrap_or_default()))),
             Some(i) => Err(EngineError::InvalidParams(format!("MLX_SERVING_ISA={wanted}: this cpu has no {} (its best path is {})", i.name(), Self::best().name()))),
             None => Err(EngineError::InvalidParams(format!("MLX_SERVING_ISA={wanted:?} names no kernel path; known: {known}"))),
         }
     }
 
-    fn all() -> [Isa; 3] {
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]
+    fn all() -> [Isa; 4] {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::Amx]
     }
 
-    /// The best path this CPU supports.
+    /// The vector kernels this path runs: AMX runs prompts on tiles and
+    /// everything else on AVX-512 VNNI.
+    pub fn vector(self) -> Isa {
+        if self == Isa::Amx { Isa::Avx512Vnni } else { self }
+    }
+
+    /// Why prompts do not run on AMX tiles here (`None` where they do).
+    pub fn amx_note() -> Option<String> {
+        if Isa::detect() == Isa::Amx {
+            return None;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if Isa::best() < Isa::Avx512Vnni {
+            return Some(format!("amx tiles need avx512-vnni too; this cpu's best path is {}", Isa::best().name()));
+        } else if let Err(why) = amx::grant() {
+            return Some(why);
+        }
+        Some(format!("{} is the default: amx measured no faster for block-quantized weights (docs/performance.md); MLX_SERVING_ISA=amx opts in", Isa::detect().name()))
+    }
+
+    /// The path a load takes by default: the fastest this CPU runs. Not
+    /// AMX even where granted: each 16 x 16 x 32 tile product of a block
+    /// format needs its 16 vectors scaled in AVX-512 (a block's own scales),
+    /// and tile instructions and vector ones did not overlap on the host
+    /// measured, so prompts ran no faster than on VNNI (docs/performance.md).
     fn best() -> Isa {
-        static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                let avx2 = is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c");
-                if avx2
-                    && is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512vl")
-                    && is_x86_feature_detected!("avx512vnni")
-                {
-                    return Isa::Avx512Vnni;
-                }
-                if avx2 {
-                    return Isa::Avx2;
-                }
-            }
-            Isa::Scalar
-        })
+        Isa::available().into_iter().filter(|&i| i != Isa::Amx).max().unwrap_or(Isa::Scalar)
     }
 
     /// Every path this CPU can run (for tests and benchmarks).
     pub fn available() -> Vec<Isa> {
-        let best = Isa::best();
-        Isa::all().into_iter().filter(|&i| i as u8 <= best as u8).collect()
+        static ISAS: OnceLock<Vec<Isa>> = OnceLock::new();
+        ISAS.get_or_init(|| {
+            let mut isas = vec![Isa::Scalar];
+            #[cfg(target_arch = "x86_64")]
+            {
+                let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+                let vnni = avx2
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni");
+                let paths = [(avx2, Isa::Avx2), (vnni, Isa::Avx512Vnni), (vnni && amx::grant().is_ok(), Isa::Amx)];
+                isas.extend(paths.iter().filter(|(ok, _)| *ok).map(|(_, i)| *i));
+            }
+            isas
+        })
+        .clone()
     }
 
     pub fn name(self) -> &'static str {
@@ -94,6 +117,7 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512-vnni",
+            Isa::Amx => "amx",
         }
     }
 }
@@ -244,30 +268,35 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
     let tile = tile_fn(isa, w.qtype);
     let rb = w.row_bytes();
     let wdata = w.data.as_slice();
-    // A batch of up to MAX_TILE tokens (a decode step, with speculative
-    // guesses) goes through in one pass; longer ones in as few tiles as
-    // that allows, balanced (15 tokens: 8 + 7). Measured against tiles of
-    // 4: prefill of 15 tokens 52 -> 44 ms, 128 tokens 452 -> 416 ms, 512
-    // tokens 2250 -> 2040 ms (each weight block unpacked once per 8 tokens).
-    let step = n.div_ceil(n.div_ceil(MAX_TILE)).max(1);
     // Full panels go through their kernel; without one on this path (the
     // scalar reference) each of their rows is gathered for the one-row tile.
     let panel = panel_fn(isa, w.qtype, w.layout);
     let (g, full) = (w.layout.group(), if panel.is_some() { w.panel_rows() } else { 0 });
-    let chunk = chunk.next_multiple_of(MAX_GROUP);
-    (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+    // Prompts: each full group of 16 tokens on AMX tiles, where granted,
+    // the rest of the tokens on the vector kernels (the same bits).
+    let n_amx = if amx_fits(isa, w) && n >= TILE_TOKENS { n / TILE_TOKENS * TILE_TOKENS } else { 0 };
+    // Up to `step` tokens share each unpacked weight block; the chunk's
+    // rows stay in cache across the token tiles.
+    let tiles = |tokens: std::ops::Range<usize>, rows_: std::ops::Range<usize>| {
+        let n = tokens.len();
+        if n == 0 || rows_.is_empty() {
+            return;
+        }
+        // A batch of up to MAX_TILE tokens (a decode step, with speculative
+        // guesses) goes through in one pass; longer ones in as few tiles as
+        // that allows, balanced (15 tokens: 8 + 7). Measured against tiles
+        // of 4: prefill of 15 tokens 52 -> 44 ms, 128 tokens 452 -> 416 ms,
+        // 512 tokens 2250 -> 2040 ms (each weight block unpacked once per 8).
+        let step = n.div_ceil(n.div_ceil(MAX_TILE));
         let mut res = [0.0f32; MAX_TILE];
-        let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(rows));
-        // Up to `step` tokens share each unpacked weight block; the chunk's
-        // rows stay in cache across the token tiles.
-        for t0 in (0..n).step_by(step) {
-            let nt = step.min(n - t0);
+        for t0 in tokens.clone().step_by(step) {
+            let nt = step.min(tokens.end - t0);
             let acts: [ActRow; MAX_TILE] = std::array::from_fn(|i| xq.row(t0 + i.min(nt - 1)));
-            let mut r = r0;
+            let mut r = rows_.start;
             if let Some(panel) = panel {
                 let mut res_g = [[0.0f32; MAX_GROUP]; MAX_TILE];
                 // Chunks start on a panel (`chunk` is a multiple of every group).
-                while r + g <= r1.min(full) {
+                while r + g <= rows_.end.min(full) {
                     panel(&wdata[r * rb..(r + g) * rb], &acts[..nt], &mut res_g[..nt]);
                     for (i, v) in res_g[..nt].iter().enumerate() {
                         // SAFETY: row ranges are disjoint across workers.
@@ -276,7 +305,7 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
                     r += g;
                 }
             }
-            for r in r..r1 {
+            for r in r..rows_.end {
                 tile(&w.row(r), &acts[..nt], &mut res[..nt]);
                 for (i, &v) in res[..nt].iter().enumerate() {
                     // SAFETY: row ranges are disjoint across workers.
@@ -284,7 +313,50 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
                 }
             }
         }
+    };
+    let chunk = chunk.next_multiple_of(MAX_GROUP);
+    #[cfg(target_arch = "x86_64")]
+    let tile_acts = amx::Acts::new(xq, n_amx);
+    (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(rows));
+        if n_amx == 0 {
+            return tiles(0..n, r0..r1);
+        }
+        // The chunk's full panels: tiles for the first `n_amx` tokens.
+        let end = r1.min(full).max(r0);
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut p = amx::Panel::default();
+            for r in (r0..end).step_by(g) {
+                // SAFETY: `amx_fits` checked the grant and the features.
+                unsafe {
+                    amx::decode(w.qtype, &wdata[r * rb..(r + g) * rb], &mut p);
+                    amx::multiply(&p, &tile_acts, |t0, res| {
+                        for (i, v) in res.iter().enumerate() {
+                            // SAFETY: row ranges are disjoint across workers.
+                            std::ptr::copy_nonoverlapping(v.as_ptr(), outp.at((t0 + i) * rows + r), g);
+                        }
+                    });
+                }
+            }
+        }
+        tiles(n_amx..n, r0..end);
+        tiles(0..n, end..r1);
     });
+}
+
+/// Tokens per AMX tile multiply (1 where there are no tiles).
+#[cfg(target_arch = "x86_64")]
+const TILE_TOKENS: usize = amx::TOKENS;
+#[cfg(not(target_arch = "x86_64"))]
+const TILE_TOKENS: usize = 1;
+
+/// Whether `w`'s prompts run on AMX tiles on path `isa`.
+fn amx_fits(isa: Isa, w: &QMatrix) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return isa == Isa::Amx && w.layout == Layout::Vnni16 && amx::supports(w.qtype);
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// The widest tile (tokens multiplied against one weight row at a time)
@@ -330,7 +402,7 @@ type PanelFn = fn(&[u8], &[ActRow], &mut [[f32; MAX_GROUP]]);
 /// matrix, never on the batch, so results stay batch-invariant.
 fn panel_fn(isa: Isa, qtype: QType, layout: Layout) -> Option<PanelFn> {
     #[cfg(target_arch = "x86_64")]
-    match (isa, layout, qtype) {
+    match (isa.vector(), layout, qtype) {
         (Isa::Avx2 | Isa::Avx512Vnni, Layout::Panels8, QType::Q4_0) => return Some(|w, a, o| tile!(x86::q4x8_avx2 [false], w, a, o)),
         (Isa::Avx2 | Isa::Avx512Vnni, Layout::Panels8, QType::Q4_1) => return Some(|w, a, o| tile!(x86::q4x8_avx2 [true], w, a, o)),
         (Isa::Avx2 | Isa::Avx512Vnni, Layout::Panels8, QType::Q4_K) => return Some(|w, a, o| tile!(x86::q4k_x8_avx2 [], w, a, o)),
@@ -352,7 +424,7 @@ fn panel_fn(isa: Isa, qtype: QType, layout: Layout) -> Option<PanelFn> {
 pub fn tile_fn(isa: Isa, qtype: QType) -> TileFn {
     #[cfg(target_arch = "x86_64")]
     {
-        match (isa, qtype) {
+        match (isa.vector(), qtype) {
             (Isa::Avx2, QType::Q4_0) => return |w, a, o| tile!(x86::q4_avx2 [false], w, a, o),
             (Isa::Avx2, QType::Q4_1) => return |w, a, o| tile!(x86::q4_avx2 [true], w, a, o),
             (Isa::Avx2, QType::Q8_0) => return |w, a, o| tile!(x86::q8_avx2 [false], w, a, o),
@@ -432,6 +504,8 @@ fn store<T: Put<V>, V, const NT: usize>(out: &mut [T], v: [V; NT]) {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -476,7 +550,8 @@ mod tests {
             // an output count that does not split evenly across workers.
             // Every tile width (1-8 tokens in one pass) and tiles of 4 beyond
             // that; from 4 tokens on, groups of 8 rows plus the rows left over.
-            for (rows, cols, n) in [(1, 32, 1), (37, 96, 3), (130, 576, 1), (65, 1536, 5), (33, 64, 6), (33, 64, 7), (33, 64, 8), (19, 64, 11), (24, 96, 4), (130, 576, 8)] {
+            // 16 tokens and more: AMX tiles where granted, the rest of them on vectors.
+            for (rows, cols, n) in [(1, 32, 1), (37, 96, 3), (130, 576, 1), (65, 1536, 5), (33, 64, 6), (33, 64, 7), (33, 64, 8), (19, 64, 11), (24, 96, 4), (130, 576, 8), (48, 96, 16), (37, 64, 37)] {
                 // In every layout (the kernels' own, or rows gathered for the one-row tile).
                 for layout in Layout::ALL {
                     assert_paths_agree(&matrix(qtype, rows, cols, rows as u64 * 7 + cols as u64).into_layout(layout), n);
@@ -491,7 +566,8 @@ mod tests {
     #[test]
     fn a_tokens_result_does_not_depend_on_its_batch() {
         for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q6_K] {
-            let (rows, cols, n) = (70, 256, 11);
+            // 37 tokens: two groups of 16 on AMX tiles where granted, 5 on vectors.
+            let (rows, cols, n) = (70, 256, 37);
             let x = rand_vec(n * cols, 5);
             let mut xq = QuantizedActs::default();
             for (isa, w) in Isa::available().into_iter().flat_map(|isa| Layout::ALL.map(|l| (isa, matrix(qtype, rows, cols, 3).into_layout(l)))) {
@@ -537,7 +613,7 @@ mod tests {
     fn k_quant_paths_match_the_scalar_reference() {
         use crate::formats::quant::tests::random_k_row;
         for qtype in [QType::Q4_K, QType::Q5_K, QType::Q6_K, QType::Q5_0, QType::Q5_1] {
-            for (rows, cols, n) in [(1, 256, 1), (37, 512, 3), (20, 768, 9), (9, 256, 7)] {
+            for (rows, cols, n) in [(1, 256, 1), (37, 512, 3), (20, 768, 9), (9, 256, 7), (33, 512, 21)] {
                 let data: Vec<u8> = (0..rows).flat_map(|r| random_k_row(qtype, cols / qtype.block_size(), r as u64 + 1)).collect();
                 for layout in Layout::ALL {
                     assert_paths_agree(&QMatrix::new(qtype, rows, cols, Bytes::Owned(data.clone())).into_layout(layout), n);
@@ -551,21 +627,23 @@ mod tests {
     /// are set, since tests share the process.
     #[test]
     fn the_isa_override_refuses_unknown_names() {
-        let best = Isa::available().pop().unwrap();
+        let best = Isa::best();
         for (value, ok) in [(best.name().to_owned(), true), (best.name().replace('-', ""), true), ("avx512vnnii".into(), false), ("".into(), false)] {
             std::env::set_var("MLX_SERVING_ISA", &value);
             let got = Isa::from_env();
             std::env::remove_var("MLX_SERVING_ISA");
             match got {
                 Ok(isa) => assert!(ok && isa == best, "{value:?} gave {isa:?}"),
-                Err(e) => assert!(!ok && e.to_string().contains("known: scalar, avx2, avx512-vnni"), "{value:?}: {e}"),
+                Err(e) => assert!(!ok && e.to_string().contains("known: scalar, avx2, avx512-vnni, amx"), "{value:?}: {e}"),
             }
         }
-        if best != Isa::Avx512Vnni {
-            std::env::set_var("MLX_SERVING_ISA", "avx512-vnni");
-            let got = Isa::check_env();
-            std::env::remove_var("MLX_SERVING_ISA");
-            assert!(got.unwrap_err().to_string().contains("this cpu has no avx512-vnni"));
+        // AMX: taken where granted, refused with the reason elsewhere.
+        std::env::set_var("MLX_SERVING_ISA", "amx");
+        let got = Isa::check_env();
+        std::env::remove_var("MLX_SERVING_ISA");
+        match Isa::available().contains(&Isa::Amx) {
+            true => assert!(got.is_ok()),
+            false => assert!(got.unwrap_err().to_string().contains("amx"), "{}", Isa::amx_note().unwrap()),
         }
     }
 
