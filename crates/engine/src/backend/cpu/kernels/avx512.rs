@@ -30,6 +30,12 @@ const PREFETCH: usize = 4096;
 /// one and three blocks ahead were about alike.
 const KQ_AHEAD: usize = 2;
 
+/// The widest tile that still prefetches: up to a few tokens (decode, with
+/// speculative guesses) stream each panel once from DRAM; a prompt's tiles
+/// of 8 read a chunk of rows from L2 once per tile, where the hardware
+/// prefetcher keeps up and the software one only takes issue slots.
+const STREAMED: usize = 4;
+
 /// Asks for the cache lines `PREFETCH` bytes past `len` bytes at `p`.
 #[inline(always)]
 unsafe fn prefetch(p: *const u8, len: usize) {
@@ -133,7 +139,9 @@ pub unsafe fn vnni16<const F: u8, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -
     let mut acc = [_mm512_setzero_ps(); NT];
     for b in 0..nb {
         let blk = wp.add(b * bb);
-        prefetch(blk, bb);
+        if NT <= STREAMED {
+            prefetch(blk, bb);
+        }
         let (d, m, q) = block16::<F>(blk);
         for (acc, a) in acc.iter_mut().zip(a) {
             let isum = _mm512_cvtepi32_ps(dot32(&q, a.qs.as_ptr().add(b * QK)));
@@ -189,7 +197,9 @@ pub unsafe fn q6k_vnni16<const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32; 
     for sb in 0..w.len() / Q6K_BYTES16 {
         let blk = wp.add(sb * Q6K_BYTES16);
         for j in 0..QK_K / 16 {
-            prefetch_part(blk, Q6K_BYTES16, KQ_AHEAD * Q6K_BYTES16, j, QK_K / 16);
+            if NT <= STREAMED {
+                prefetch_part(blk, Q6K_BYTES16, KQ_AHEAD * Q6K_BYTES16, j, QK_K / 16);
+            }
             let (scale, q) = q6k_sub16(blk, j);
             let v = sb * QK_K + 16 * j;
             for (acc, a) in acc.iter_mut().zip(a) {
@@ -247,7 +257,9 @@ pub unsafe fn q4k_vnni16<const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32; 
     for sb in 0..w.len() / Q4K_BYTES16 {
         let blk = wp.add(sb * Q4K_BYTES16);
         for j in 0..QK_K / QK {
-            prefetch_part(blk, Q4K_BYTES16, KQ_AHEAD * Q4K_BYTES16, j, QK_K / QK);
+            if NT <= STREAMED {
+                prefetch_part(blk, Q4K_BYTES16, KQ_AHEAD * Q4K_BYTES16, j, QK_K / QK);
+            }
             let (scale, min, q) = q4k_sub16(blk, j);
             let b = sb * (QK_K / QK) + j;
             for (acc, a) in acc.iter_mut().zip(a) {
