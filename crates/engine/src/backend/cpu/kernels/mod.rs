@@ -304,8 +304,10 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
             if let Some(panel) = panel {
                 let mut res_g = [[0.0f32; MAX_GROUP]; MAX_TILE];
                 // Chunks start on a panel (`chunk` is a multiple of every group).
+                // Only the first tile of tokens reads the rows from DRAM.
+                let stream = t0 == tokens.start;
                 while r + g <= rows_.end.min(full) {
-                    panel(&wdata[r * rb..(r + g) * rb], &acts[..nt], &mut res_g[..nt]);
+                    panel(&wdata[r * rb..(r + g) * rb], &acts[..nt], &mut res_g[..nt], stream);
                     for (i, v) in res_g[..nt].iter().enumerate() {
                         // SAFETY: row ranges are disjoint across workers.
                         unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), outp.at((t0 + i) * rows + r), g) };
@@ -402,8 +404,9 @@ pub type TileFn = fn(&[u8], &[ActRow], &mut [f32]);
 /// The most rows a panel kernel computes at once.
 const MAX_GROUP: usize = 16;
 
-/// `out[i][r] = w_r · acts[i]` for the rows of one panel (`Layout::group`).
-type PanelFn = fn(&[u8], &[ActRow], &mut [[f32; MAX_GROUP]]);
+/// `out[i][r] = w_r · acts[i]` for the rows of one panel (`Layout::group`);
+/// the flag says whether the panel comes from DRAM (prefetch) or cache.
+type PanelFn = fn(&[u8], &[ActRow], &mut [[f32; MAX_GROUP]], bool);
 
 /// The kernel for full panels of `layout`, where one beats a one-row tile
 /// per row. Which kernel a row gets depends only on its place in its
@@ -411,17 +414,17 @@ type PanelFn = fn(&[u8], &[ActRow], &mut [[f32; MAX_GROUP]]);
 fn panel_fn(isa: Isa, qtype: QType, layout: Layout) -> Option<PanelFn> {
     #[cfg(target_arch = "x86_64")]
     match (isa.vector(), layout, qtype) {
-        (Isa::Avx2 | Isa::Avx512Vnni, Layout::Panels8, QType::Q4_0) => return Some(|w, a, o| tile!(x86::q4x8_avx2 [false], w, a, o)),
-        (Isa::Avx2 | Isa::Avx512Vnni, Layout::Panels8, QType::Q4_1) => return Some(|w, a, o| tile!(x86::q4x8_avx2 [true], w, a, o)),
-        (Isa::Avx2 | Isa::Avx512Vnni, Layout::Panels8, QType::Q4_K) => return Some(|w, a, o| tile!(x86::q4k_x8_avx2 [], w, a, o)),
-        (Isa::Avx2 | Isa::Avx512Vnni, Layout::Panels8, QType::Q8_0) => return Some(|w, a, o| tile!(x86::q8x8_avx2 [false], w, a, o)),
-        (Isa::Avx2 | Isa::Avx512Vnni, Layout::Panels8, QType::A8) => return Some(|w, a, o| tile!(x86::q8x8_avx2 [true], w, a, o)),
-        (Isa::Avx512Vnni, Layout::Vnni16, QType::Q4_0) => return Some(|w, a, o| tile!(avx512::vnni16 [{ avx512::Q4_0 }], w, a, o)),
-        (Isa::Avx512Vnni, Layout::Vnni16, QType::Q4_1) => return Some(|w, a, o| tile!(avx512::vnni16 [{ avx512::Q4_1 }], w, a, o)),
-        (Isa::Avx512Vnni, Layout::Vnni16, QType::Q8_0) => return Some(|w, a, o| tile!(avx512::vnni16 [{ avx512::Q8_0 }], w, a, o)),
-        (Isa::Avx512Vnni, Layout::Vnni16, QType::A8) => return Some(|w, a, o| tile!(avx512::vnni16 [{ avx512::A8 }], w, a, o)),
-        (Isa::Avx512Vnni, Layout::Vnni16, QType::Q4_K) => return Some(|w, a, o| tile!(avx512::q4k_vnni16 [], w, a, o)),
-        (Isa::Avx512Vnni, Layout::Vnni16, QType::Q6_K) => return Some(|w, a, o| tile!(avx512::q6k_vnni16 [], w, a, o)),
+        (Isa::Avx2 | Isa::Avx512Vnni, Layout::Panels8, QType::Q4_0) => return Some(|w, a, o, _| tile!(x86::q4x8_avx2 [false], w, a, o)),
+        (Isa::Avx2 | Isa::Avx512Vnni, Layout::Panels8, QType::Q4_1) => return Some(|w, a, o, _| tile!(x86::q4x8_avx2 [true], w, a, o)),
+        (Isa::Avx2 | Isa::Avx512Vnni, Layout::Panels8, QType::Q4_K) => return Some(|w, a, o, _| tile!(x86::q4k_x8_avx2 [], w, a, o)),
+        (Isa::Avx2 | Isa::Avx512Vnni, Layout::Panels8, QType::Q8_0) => return Some(|w, a, o, _| tile!(x86::q8x8_avx2 [false], w, a, o)),
+        (Isa::Avx2 | Isa::Avx512Vnni, Layout::Panels8, QType::A8) => return Some(|w, a, o, _| tile!(x86::q8x8_avx2 [true], w, a, o)),
+        (Isa::Avx512Vnni, Layout::Vnni16, QType::Q4_0) => return Some(|w, a, o, s| tile!(avx512::vnni16 [{ avx512::Q4_0 }], w, a, o, s)),
+        (Isa::Avx512Vnni, Layout::Vnni16, QType::Q4_1) => return Some(|w, a, o, s| tile!(avx512::vnni16 [{ avx512::Q4_1 }], w, a, o, s)),
+        (Isa::Avx512Vnni, Layout::Vnni16, QType::Q8_0) => return Some(|w, a, o, s| tile!(avx512::vnni16 [{ avx512::Q8_0 }], w, a, o, s)),
+        (Isa::Avx512Vnni, Layout::Vnni16, QType::A8) => return Some(|w, a, o, s| tile!(avx512::vnni16 [{ avx512::A8 }], w, a, o, s)),
+        (Isa::Avx512Vnni, Layout::Vnni16, QType::Q4_K) => return Some(|w, a, o, s| tile!(avx512::q4k_vnni16 [], w, a, o, s)),
+        (Isa::Avx512Vnni, Layout::Vnni16, QType::Q6_K) => return Some(|w, a, o, s| tile!(avx512::q6k_vnni16 [], w, a, o, s)),
         _ => {}
     }
     let _ = (isa, qtype, layout);
@@ -473,18 +476,18 @@ fn scalar_tile(qtype: QType, w: &[u8], acts: &[ActRow], out: &mut [f32]) {
 /// Calls a kernel monomorphized for the tile's token count.
 #[cfg(target_arch = "x86_64")]
 macro_rules! tile {
-    ($($seg:ident)::+ [$($g:tt),*], $w:expr, $a:expr, $o:expr) => {{
+    ($($seg:ident)::+ [$($g:tt),*], $w:expr, $a:expr, $o:expr $(, $arg:expr)*) => {{
         // SAFETY: `tile_fn` hands out x86 kernels only for detected features.
         unsafe {
             match $a.len() {
-                1 => store($o, $($seg)::+::<$($g,)* 1>($w, $a.try_into().unwrap())),
-                2 => store($o, $($seg)::+::<$($g,)* 2>($w, $a.try_into().unwrap())),
-                3 => store($o, $($seg)::+::<$($g,)* 3>($w, $a.try_into().unwrap())),
-                4 => store($o, $($seg)::+::<$($g,)* 4>($w, $a.try_into().unwrap())),
-                5 => store($o, $($seg)::+::<$($g,)* 5>($w, $a.try_into().unwrap())),
-                6 => store($o, $($seg)::+::<$($g,)* 6>($w, $a.try_into().unwrap())),
-                7 => store($o, $($seg)::+::<$($g,)* 7>($w, $a.try_into().unwrap())),
-                _ => store($o, $($seg)::+::<$($g,)* 8>($w, $a.try_into().unwrap())),
+                1 => store($o, $($seg)::+::<$($g,)* 1>($w, $a.try_into().unwrap() $(, $arg)*)),
+                2 => store($o, $($seg)::+::<$($g,)* 2>($w, $a.try_into().unwrap() $(, $arg)*)),
+                3 => store($o, $($seg)::+::<$($g,)* 3>($w, $a.try_into().unwrap() $(, $arg)*)),
+                4 => store($o, $($seg)::+::<$($g,)* 4>($w, $a.try_into().unwrap() $(, $arg)*)),
+                5 => store($o, $($seg)::+::<$($g,)* 5>($w, $a.try_into().unwrap() $(, $arg)*)),
+                6 => store($o, $($seg)::+::<$($g,)* 6>($w, $a.try_into().unwrap() $(, $arg)*)),
+                7 => store($o, $($seg)::+::<$($g,)* 7>($w, $a.try_into().unwrap() $(, $arg)*)),
+                _ => store($o, $($seg)::+::<$($g,)* 8>($w, $a.try_into().unwrap() $(, $arg)*)),
             }
         }
     }};
