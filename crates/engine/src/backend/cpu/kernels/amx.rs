@@ -148,9 +148,9 @@ impl TileConfig {
 #[repr(C, align(64))]
 struct Sums([[i32; 16]; TOKENS]);
 
-/// `out[t][r]`: row r of the decoded panel `p` times tokens `t0..t0 + 16`
-/// of `xq`, for every group of 16 tokens below `n`. `sub` is the panel
-/// format's sub-block size (32, or 16 for Q6_K).
+/// Calls `out(t0, res)` for every group of 16 tokens in `acts`, with
+/// `res[t][r]` row r of the decoded panel `p` times token `t0 + t`. The
+/// sub-block size (32, or 16 for Q6_K, which has no `min`) sets the tiles.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub unsafe fn multiply(p: &Panel, acts: &Acts, mut out: impl FnMut(usize, &[[f32; 16]; TOKENS])) {
     let sub = if p.min.is_empty() { 16 } else { QK };

@@ -304,7 +304,8 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
             if let Some(panel) = panel {
                 let mut res_g = [[0.0f32; MAX_GROUP]; MAX_TILE];
                 // Chunks start on a panel (`chunk` is a multiple of every group).
-                // Only the first tile of tokens reads the rows from DRAM.
+                // Only the first tile of tokens reads the rows from DRAM
+                // (after AMX tiles it reads them from L2, a harmless hint).
                 let stream = t0 == tokens.start;
                 while r + g <= rows_.end.min(full) {
                     panel(&wdata[r * rb..(r + g) * rb], &acts[..nt], &mut res_g[..nt], stream);
