@@ -54,7 +54,7 @@ impl From<NativeGenerateParams> for RequestSpec {
         RequestSpec {
             model: Some(p.model),
             prompt,
-            messages: p.messages.map(|m| m.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect()),
+            messages: p.messages.map(|m| m.into_iter().map(|m| ChatMessage::new(m.role, m.content)).collect()),
             max_tokens: p.max_tokens.map(Number::from),
             temperature: p.temperature,
             top_p: p.top_p,

@@ -143,7 +143,7 @@ impl NativeEngine {
 
     #[napi]
     pub fn apply_chat_template(&self, model: String, messages: Vec<NativeMessage>) -> Result<String> {
-        let msgs: Vec<ChatMessage> = messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect();
+        let msgs: Vec<ChatMessage> = messages.into_iter().map(|m| ChatMessage::new(m.role, m.content)).collect();
         self.inner.apply_chat_template(&model, &msgs).map_err(js_error)
     }
 }

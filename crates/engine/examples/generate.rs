@@ -36,7 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let request = |content: String| GenerateRequest {
         max_tokens: Some(max_tokens),
         ignore_eos: streams > 1,
-        ..GenerateRequest::new("m", Input::Messages(vec![ChatMessage { role: "user".into(), content }]))
+        ..GenerateRequest::new("m", Input::Messages(vec![ChatMessage::new("user", content)]))
     };
     if streams > 1 {
         // A warm-up reply first, so the timed streams do not pay for first use.

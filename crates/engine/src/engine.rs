@@ -35,11 +35,14 @@ use crate::backend::BackendKind;
 use crate::engine::kv::{BlockId, BlockPool, KvStore};
 use crate::control::metrics::{Histograms, LatencyMetrics};
 use crate::control::qos::{now_s, Knobs, Window};
-use crate::request::PromptFit;
+use crate::request::{Field, InvalidParam, PromptFit};
+use crate::text::tools;
 use crate::models::{BatchToken, Model};
 use crate::sampler::{top_logprobs, Sampled, Sampler, SamplingParams};
 use crate::text::stop::StopMatcher;
+use crate::text::grammar::{Grammars, Guide};
 use crate::text::tokenizer::{StreamDecoder, Tokenizer};
+use crate::text::tools::{CallParser, ToolChoice};
 
 /// Counters shared between a worker and the engine.
 #[derive(Default, Debug)]
@@ -106,6 +109,10 @@ struct Job {
     queued: Option<Queued>,
     /// Tells the model's circuit breaker how the request ended (when dropped).
     ticket: BreakerTicket,
+    /// The grammar its output follows.
+    guide: Option<Guide>,
+    /// Parses tool calls out of its output (when tools are offered).
+    calls: Option<CallParser>,
 }
 
 /// A request's place in its model's circuit breaker: settled by the worker
@@ -169,6 +176,9 @@ struct Worker {
     /// The attached draft model's description and tokenizer.
     draft: Mutex<Option<(ModelInfo, Arc<Tokenizer>)>>,
     template: ChatTemplate,
+    /// The grammar compiler over this model's vocabulary, built by the
+    /// first constrained request (the token trie takes tens of ms).
+    grammars: std::sync::OnceLock<Result<Arc<Grammars>, String>>,
     tx: mpsc::Sender<Msg>,
     counters: Arc<Counters>,
     breaker: Arc<Breaker>,
@@ -380,6 +390,8 @@ impl Engine {
         let w = self.worker(&req.model)?;
         let config = self.config();
         let (prompt, max_tokens) = self.tokenize_request(&w, &req, &config)?;
+        let guide = self.guide(&w, &req)?;
+        let offers_tools = !req.tools.is_empty() && req.tool_choice != ToolChoice::None;
         let timeout_ms = [req.timeout_ms, w.info.request_timeout_ms]
             .into_iter()
             .flatten()
@@ -421,6 +433,8 @@ impl Engine {
             in_flight: Some(in_flight),
             queued: Some(queued),
             ticket,
+            guide,
+            calls: offers_tools.then(CallParser::default),
         };
         w.tx.send(Msg::Job(Box::new(job))).map_err(|_| EngineError::ModelNotLoaded(req.model.clone()))?;
         Ok(RequestHandle { id, events: events_rx, unread, cancel })
@@ -438,7 +452,8 @@ impl Engine {
                 ids.clone()
             }
             Input::Messages(msgs) => {
-                let text = w.template.render(msgs, true)?;
+                let tools: &[_] = if req.tool_choice == ToolChoice::None { &[] } else { &req.tools };
+                let text = w.template.render_with_tools(msgs, tools, true)?;
                 // Templates write BOS themselves when the model wants one.
                 tk.encode(&text, false, true)?
             }
@@ -452,6 +467,23 @@ impl Engine {
         }
         .max_tokens(req)?;
         Ok((prompt, max_tokens))
+    }
+
+    /// The compiled grammar of the request's constraint (or of the tool
+    /// call it requires), on the caller's thread.
+    fn guide(&self, w: &Worker, req: &GenerateRequest) -> Result<Option<Guide>, EngineError> {
+        let (field, constraint) = match (&req.constraint, tools::call_grammar(&req.tools, &req.tool_choice, req.parallel_tool_calls)) {
+            (Some(c), _) => (req.constraint_field(), c.clone()),
+            (None, Some(c)) => (Field::ToolChoice, c),
+            (None, None) => return Ok(None),
+        };
+        let grammars = w
+            .grammars
+            .get_or_init(|| Grammars::new(w.tokenizer.clone(), w.info.vocab_size).map(Arc::new))
+            .as_ref()
+            .map_err(|e| EngineError::Internal(format!("cannot build the grammar compiler for this model: {e}")))?;
+        let guide = grammars.compile(&constraint).map_err(|e| InvalidParam::new(field, format!("cannot be used: {e}")))?;
+        Ok(Some(guide))
     }
 
     /// Admission: a bounded number of requests in flight per model, a
@@ -563,3 +595,5 @@ use worker::{Settings, WorkerLoop};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod structured_tests;

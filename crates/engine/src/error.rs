@@ -18,6 +18,9 @@ pub enum EngineError {
     ModelNotLoaded(String),
     #[error("generation failed: {0}")]
     Generation(String),
+    /// The output reached a point its grammar cannot continue from.
+    #[error("grammar error: {0}")]
+    Grammar(String),
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
     #[error("request timed out after {0} ms")]
@@ -38,6 +41,7 @@ impl EngineError {
             EngineError::ModelLoad { .. } => "ModelLoadError",
             EngineError::ModelNotLoaded(_) => "ModelNotLoaded",
             EngineError::Generation(_) => "GenerationError",
+            EngineError::Grammar(_) => "GrammarError",
             EngineError::Tokenizer(_) => "TokenizerError",
             EngineError::Timeout(_) => "Timeout",
             EngineError::Cancelled => "Cancelled",

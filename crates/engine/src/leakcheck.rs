@@ -19,6 +19,7 @@ fn drain(h: &mut RequestHandle) -> (usize, Option<Result<Stats, EngineError>>) {
     while let Some(ev) = h.blocking_recv() {
         match ev {
             Event::Token { .. } => n += 1,
+            Event::ToolCall(_) => {}
             Event::Done(s) => return (n, Some(Ok(s))),
             Event::Error(e) => return (n, Some(Err(e))),
         }
@@ -75,7 +76,7 @@ fn leak_cycle() {
         r.stop_sequences = vec!["lo w".into()];
         generate(&e, r);
     }
-    let chat = vec![ChatMessage { role: "user".into(), content: "hello".into() }];
+    let chat = vec![ChatMessage::new("user", "hello")];
     generate(&e, req(Input::Messages(chat), 8));
 
     // Cancelled mid-stream.

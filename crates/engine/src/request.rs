@@ -8,11 +8,20 @@
 use std::fmt;
 
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::text::chat::ChatMessage;
 use crate::control::config::Limits;
 use crate::engine::{GenerateRequest, Input, Priority, MAX_TOP_LOGPROBS};
 use crate::sampler::SamplingParams;
+use crate::text::grammar::Constraint;
+use crate::text::tools::{self, Tool, ToolChoice};
+
+/// Most entries of `logitBias` (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
+/// Most bytes of a schema, regex or grammar; llguidance's own limits bound
+/// what compiling it may cost.
+pub const MAX_CONSTRAINT_BYTES: usize = 1 << 20;
 
 /// The request fields an error can be about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +44,12 @@ pub enum Field {
     TopLogprobs,
     TimeoutMs,
     Priority,
+    ResponseFormat,
+    Regex,
+    Grammar,
+    Tools,
+    ToolChoice,
+    LogitBias,
 }
 
 impl Field {
@@ -59,6 +74,12 @@ impl Field {
             Field::TopLogprobs => "topLogprobs",
             Field::TimeoutMs => "timeoutMs",
             Field::Priority => "priority",
+            Field::ResponseFormat => "responseFormat",
+            Field::Regex => "regex",
+            Field::Grammar => "grammar",
+            Field::Tools => "tools",
+            Field::ToolChoice => "toolChoice",
+            Field::LogitBias => "logitBias",
         }
     }
 
@@ -77,6 +98,9 @@ impl Field {
             Field::StopTokenIds => "stop_token_ids",
             Field::TopLogprobs => "top_logprobs",
             Field::TimeoutMs => "timeout_ms",
+            Field::ResponseFormat => "response_format",
+            Field::ToolChoice => "tool_choice",
+            Field::LogitBias => "logit_bias",
             other => other.name(),
         }
     }
@@ -233,6 +257,35 @@ pub struct RequestSpec {
     pub cache_salt: Option<String>,
     pub request_id: Option<String>,
     pub pin_prefix: Option<bool>,
+    /// `{type: "json_object"}` or `{type: "json_schema", schema, strict?}`
+    /// (`text`: no constraint).
+    pub response_format: Option<ResponseFormat>,
+    /// The whole output matches this regex.
+    pub regex: Option<String>,
+    /// The output follows this Lark grammar (llguidance's dialect).
+    pub grammar: Option<String>,
+    /// Functions the model may call (OpenAI's shape).
+    pub tools: Option<Vec<Tool>>,
+    /// `auto`, `none`, `required` or `{type: "function", function: {name}}`.
+    pub tool_choice: Option<Value>,
+    /// Several calls in one reply (default true).
+    pub parallel_tool_calls: Option<bool>,
+    /// Token id (as a string, JSON's only key type) to a bias in [-100, 100].
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+}
+
+/// What the output's text must be.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema {
+        schema: Value,
+        /// Accepted for OpenAI's sake: the output always follows the schema.
+        #[serde(default)]
+        strict: Option<bool>,
+    },
 }
 
 /// What a field left out means, where frontends differ (OpenAI's
@@ -280,6 +333,7 @@ impl RequestSpec {
                 Some(s) => Some(s.whole(Field::Seed, 0..=u64::MAX as i128, "an integer from 0 to 2^64 - 1")? as u64),
                 None => None,
             },
+            logit_bias: Vec::new(),
         };
         let top_logprobs = match self.top_logprobs {
             Some(n) => n.whole(Field::TopLogprobs, 0..=MAX_TOP_LOGPROBS as i128, &format!("an integer from 0 to {MAX_TOP_LOGPROBS}"))?
@@ -296,6 +350,8 @@ impl RequestSpec {
             Some(p) => Priority::parse(p)
                 .ok_or_else(|| InvalidParam::new(Field::Priority, format!("must be urgent, default or background, got '{p}'")))?,
         };
+        let (constraint, tools, tool_choice) = constraint_and_tools(self.response_format, self.regex, self.grammar, self.tools, self.tool_choice)?;
+        let sampling = SamplingParams { logit_bias: logit_bias(self.logit_bias.unwrap_or_default())?, ..sampling };
         let req = GenerateRequest {
             model,
             input,
@@ -310,10 +366,83 @@ impl RequestSpec {
             cache_salt: self.cache_salt,
             request_id: self.request_id,
             pin_prefix: self.pin_prefix.unwrap_or(false),
+            constraint,
+            tools,
+            tool_choice,
+            parallel_tool_calls: self.parallel_tool_calls.unwrap_or(true),
         };
         req.validate()?;
         Ok(req)
     }
+}
+
+/// The one constraint a request's output follows, and the tools it offers.
+fn constraint_and_tools(
+    format: Option<ResponseFormat>,
+    regex: Option<String>,
+    grammar: Option<String>,
+    tools: Option<Vec<Tool>>,
+    choice: Option<Value>,
+) -> Result<(Option<Constraint>, Vec<Tool>, ToolChoice), InvalidParam> {
+    let mut given: Vec<(Field, Constraint)> = Vec::new();
+    match format {
+        None | Some(ResponseFormat::Text) => {}
+        Some(ResponseFormat::JsonObject) => given.push((Field::ResponseFormat, Constraint::JsonObject)),
+        Some(ResponseFormat::JsonSchema { schema, .. }) => {
+            if !schema.is_object() && !schema.is_boolean() {
+                return Err(InvalidParam::new(Field::ResponseFormat, format!("schema must be a JSON schema object, got {schema}")));
+            }
+            given.push((Field::ResponseFormat, Constraint::JsonSchema(schema)));
+        }
+    }
+    given.extend(regex.map(|r| (Field::Regex, Constraint::Regex(r))));
+    given.extend(grammar.map(|g| (Field::Grammar, Constraint::Lark(g))));
+    if given.len() > 1 {
+        return Err(InvalidParam::sentence(given[1].0, "give at most one of a JSON response format, a regex and a grammar"));
+    }
+    for (field, c) in &given {
+        let size = match c {
+            Constraint::JsonObject => 0,
+            Constraint::JsonSchema(s) => s.to_string().len(),
+            Constraint::Regex(t) | Constraint::Lark(t) => t.len(),
+        };
+        if size > MAX_CONSTRAINT_BYTES {
+            return Err(InvalidParam::new(*field, format!("is {size} bytes, over the limit of {MAX_CONSTRAINT_BYTES}")));
+        }
+    }
+    let tools = tools.unwrap_or_default();
+    let choice = match choice {
+        None => ToolChoice::Auto,
+        Some(v) => ToolChoice::parse(&v).map_err(|e| InvalidParam::new(Field::ToolChoice, e))?,
+    };
+    tools::check_tools(&tools, &choice).map_err(|(on_tools, e)| {
+        if on_tools {
+            InvalidParam::sentence(Field::Tools, format!("{{name}}{e}"))
+        } else {
+            InvalidParam::new(Field::ToolChoice, e)
+        }
+    })?;
+    let forced = matches!(choice, ToolChoice::Required | ToolChoice::Named(_));
+    if forced && !given.is_empty() {
+        return Err(InvalidParam::sentence(Field::ToolChoice, "a required tool call cannot be combined with a JSON response format, a regex or a grammar"));
+    }
+    Ok((given.pop().map(|g| g.1), tools, choice))
+}
+
+/// `logitBias` as (token, bias) pairs.
+fn logit_bias(map: std::collections::BTreeMap<String, f64>) -> Result<Vec<(u32, f32)>, InvalidParam> {
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(InvalidParam::new(Field::LogitBias, format!("has {} entries, over the limit of {MAX_LOGIT_BIAS}", map.len())));
+    }
+    map.into_iter()
+        .map(|(k, v)| {
+            let id = k.parse::<u32>().map_err(|_| InvalidParam::new(Field::LogitBias, format!("keys must be token ids, got '{k}'")))?;
+            if !(-100.0..=100.0).contains(&v) {
+                return Err(InvalidParam::new(Field::LogitBias, format!("values must be in [-100, 100], got {v} for token {id}")));
+            }
+            Ok((id, v as f32))
+        })
+        .collect()
 }
 
 impl SamplingParams {
@@ -360,6 +489,15 @@ impl GenerateRequest {
             }
         }
         Ok(())
+    }
+
+    /// The field the output constraint came in.
+    pub fn constraint_field(&self) -> Field {
+        match self.constraint {
+            Some(Constraint::Regex(_)) => Field::Regex,
+            Some(Constraint::Lark(_)) => Field::Grammar,
+            _ => Field::ResponseFormat,
+        }
     }
 
     /// The field the prompt came in.

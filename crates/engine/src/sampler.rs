@@ -25,6 +25,8 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
     pub seed: Option<u64>,
+    /// Added to a token's logit before anything else (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -38,6 +40,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -145,7 +148,7 @@ impl Sampler {
     /// ones for reporting log-probabilities).
     pub fn penalizes(&self) -> bool {
         let p = &self.params;
-        p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
+        p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 || !p.logit_bias.is_empty()
     }
 
     fn penalize(&self, logits: &mut [f32], history: &[u32]) {
@@ -153,6 +156,11 @@ impl Sampler {
             return;
         }
         let p = &self.params;
+        for &(t, b) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
         let window = &history[history.len().saturating_sub(PENALTY_WINDOW)..];
         let mut counts: HashMap<u32, u32> = HashMap::new();
         for &t in window {
@@ -351,5 +359,13 @@ mod tests {
         let mut s = Sampler::new(params(|p| p.frequency_penalty = 0.4));
         assert_eq!(s.sample(&mut [3.0, 2.0], &[0, 0, 0]).token, 1);
         assert_eq!(s.sample(&mut [3.0, 2.0], &[0]).token, 0);
+    }
+
+    #[test]
+    fn logit_bias_moves_tokens_and_logprobs_stay_the_models() {
+        let mut s = Sampler::new(params(|p| p.logit_bias = vec![(1, 2.0), (0, -100.0), (9, 5.0)]));
+        let picked = s.sample(&mut [3.0, 2.0], &[]);
+        assert_eq!(picked.token, 1);
+        assert!((picked.logprob - logprob(&[3.0, 2.0], 1)).abs() < 1e-6);
     }
 }

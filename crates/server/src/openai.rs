@@ -241,7 +241,7 @@ pub fn parse_chat(body: &[u8]) -> Result<Parsed, BadRequest> {
         .into_iter()
         .map(|m| {
             refuse_unsupported_in_message(&m.other, &m.role)?;
-            Ok(ChatMessage { content: content_text(&m.role, m.content)?, role: m.role })
+            Ok(ChatMessage::new(m.role.clone(), content_text(&m.role, m.content)?))
         })
         .collect::<Result<Vec<_>, BadRequest>>()?;
     let (mut spec, n, stream, include_usage) = common_to_spec(r.common)?;

@@ -3,6 +3,8 @@
 //! handle whose events stream a request's tokens.
 
 use super::*;
+use crate::text::grammar::Constraint;
+use crate::text::tools::{Tool, ToolCall, ToolChoice};
 
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
@@ -78,6 +80,13 @@ pub struct GenerateRequest {
     /// Keep the prompt's full KV blocks in the prefix cache for as long as
     /// the model is loaded (a known system prompt), never evicted.
     pub pin_prefix: bool,
+    /// What the output must follow (a JSON schema, regex or grammar).
+    pub constraint: Option<Constraint>,
+    /// Functions offered to the model; its calls arrive as `Event::ToolCall`.
+    pub tools: Vec<Tool>,
+    pub tool_choice: ToolChoice,
+    /// Several calls in one reply.
+    pub parallel_tool_calls: bool,
 }
 
 impl GenerateRequest {
@@ -97,6 +106,10 @@ impl GenerateRequest {
             cache_salt: None,
             request_id: None,
             pin_prefix: false,
+            constraint: None,
+            tools: Vec::new(),
+            tool_choice: ToolChoice::Auto,
+            parallel_tool_calls: true,
         }
     }
 }
@@ -139,6 +152,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the end of the context.
     Length,
+    /// The model called tools (it stopped after its calls).
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -146,6 +161,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
         }
     }
 }
@@ -169,6 +185,8 @@ pub enum Event {
     /// for UTF-8 or a possible stop sequence). At the end, text held back
     /// for a stop sequence that never completed arrives with `logprob: None`.
     Token { text: String, token_id: u32, logprob: Option<f32>, top_logprobs: Vec<(u32, f32)> },
+    /// A whole tool call the model made (its text is not in any `Token`).
+    ToolCall(ToolCall),
     Done(Stats),
     Error(EngineError),
 }

@@ -178,6 +178,7 @@ impl Engine {
             tokenizer,
             draft: Mutex::new(None),
             template,
+            grammars: std::sync::OnceLock::new(),
             tx,
             counters,
             breaker,

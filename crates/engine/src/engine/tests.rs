@@ -5,11 +5,11 @@ use crate::formats::gguf::MetaValue;
 use crate::models::llama::tests::{tiny_llama_gguf, TinyLlama};
 use crate::text::tokenizer::tests::tiny_tokenizer_metadata;
 
-fn tiny_engine() -> (Engine, tempfile::TempDir) {
+pub(super) fn tiny_engine() -> (Engine, tempfile::TempDir) {
     tiny_engine_with(RuntimeConfig::default())
 }
 
-fn tiny_engine_with(config: RuntimeConfig) -> (Engine, tempfile::TempDir) {
+pub(super) fn tiny_engine_with(config: RuntimeConfig) -> (Engine, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let md: Vec<(&'static str, MetaValue)> = tiny_tokenizer_metadata();
     let n_vocab = md.iter().find(|(k, _)| *k == "tokenizer.ggml.tokens").unwrap().1.as_array().unwrap().len();
@@ -20,11 +20,11 @@ fn tiny_engine_with(config: RuntimeConfig) -> (Engine, tempfile::TempDir) {
     (e, dir)
 }
 
-fn req(input: Input) -> GenerateRequest {
+pub(super) fn req(input: Input) -> GenerateRequest {
     GenerateRequest { max_tokens: Some(8), ..GenerateRequest::new("tiny", input) }
 }
 
-fn collect(mut h: RequestHandle) -> (Vec<u32>, String, Result<Stats, EngineError>) {
+pub(super) fn collect(mut h: RequestHandle) -> (Vec<u32>, String, Result<Stats, EngineError>) {
     collect_from(&mut h)
 }
 
@@ -36,6 +36,7 @@ fn collect_from(h: &mut RequestHandle) -> (Vec<u32>, String, Result<Stats, Engin
                 ids.push(token_id);
                 text.push_str(&t);
             }
+            Event::ToolCall(_) => {}
             Event::Done(s) => return (ids, text, Ok(s)),
             Event::Error(e) => return (ids, text, Err(e)),
         }
@@ -274,7 +275,7 @@ fn model_cache_holds_under_concurrent_loads_evictions_and_generation() {
 #[test]
 fn chat_messages_use_the_template_and_unload_stops_the_model() {
     let (e, _d) = tiny_engine();
-    let msgs = vec![ChatMessage { role: "user".into(), content: "hi".into() }];
+    let msgs = vec![ChatMessage::new("user", "hi")];
     assert!(e.apply_chat_template("tiny", &msgs).unwrap().ends_with("<|im_start|>assistant\n"));
     assert!(collect(e.submit(req(Input::Messages(msgs))).unwrap()).2.is_ok());
     assert_eq!(e.submit(req(Input::Messages(vec![]))).err().unwrap().code(), "InvalidParams");
@@ -548,7 +549,7 @@ fn per_request_limits_give_invalid_params_naming_the_limit() {
         c.limits.max_stop_sequence_chars = 5;
         c.limits.max_stop_token_ids = 1;
     }));
-    let msg = |role: &str| ChatMessage { role: role.into(), content: "hi".into() };
+    let msg = |role: &str| ChatMessage::new(role, "hi");
     let cases: Vec<(GenerateRequest, &str)> = vec![
         (req(Input::Tokens(vec![1; 21])), "limits.maxPromptTokens"),
         (req(Input::Prompt("word ".repeat(30))), "limits.maxPromptTokens"),
@@ -790,7 +791,7 @@ fn tiny_draft(dir: &std::path::Path, name: &str, dim: usize, n_layers: usize, ed
     path
 }
 
-fn speculative_on() -> RuntimeConfig {
+pub(super) fn speculative_on() -> RuntimeConfig {
     config(|c| c.speculative.enabled = true)
 }
 

@@ -7,6 +7,8 @@ mod sequence;
 pub(super) use sequence::Drafter;
 use sequence::Sequence;
 
+use crate::text::tools::ToolCall;
+
 enum Outcome {
     Continue,
     Finished(FinishReason),
@@ -442,6 +444,11 @@ impl WorkerLoop {
                 } else {
                     crate::engine::speculative::prompt_lookup(&s.tokens, spec.ngram_min, spec.ngram_max, guesses_wanted(s))
                 };
+                // Guesses the grammar would refuse after the next token cannot be kept.
+                if let Some(g) = s.job.guide.as_mut() {
+                    let n = g.accepted_prefix(&d);
+                    d.truncate(n);
+                }
                 while !d.is_empty() && s.blocks_short(self.pool.block_size(), pos + 1 + d.len()) > self.pool.available() {
                     d.pop();
                 }
@@ -494,10 +501,25 @@ impl WorkerLoop {
 
     /// Runs the planned batch through the model: every running sequence's
     /// blocks, then the prefetched ones'.
+    /// The masks of constrained sequences that sample this step are computed
+    /// beside it, on another pool thread (llguidance: tens to hundreds of
+    /// microseconds per sequence).
     fn execute(&mut self, plan: &StepPlan) -> Result<Vec<f32>, EngineError> {
         let model = self.model.clone();
-        let tables: Vec<&[BlockId]> = self.running.iter().chain(&plan.prefetch).map(|s| s.blocks.as_slice()).collect();
-        forward(model.as_ref(), &plan.batch, &mut self.kv, &tables)
+        let mut guides: Vec<&mut Guide> = Vec::new();
+        let mut tables: Vec<&[BlockId]> = Vec::with_capacity(self.running.len() + plan.prefetch.len());
+        for (i, s) in self.running.iter_mut().enumerate() {
+            tables.push(s.blocks.as_slice());
+            if let Some(g) = s.job.guide.as_mut().filter(|_| plan.batch.iter().any(|b| b.seq == i && b.logits)) {
+                guides.push(g);
+            }
+        }
+        tables.extend(plan.prefetch.iter().map(|s| s.blocks.as_slice()));
+        if guides.is_empty() {
+            return forward(model.as_ref(), &plan.batch, &mut self.kv, &tables);
+        }
+        let kv = &mut self.kv;
+        rayon::join(|| forward(model.as_ref(), &plan.batch, kv, &tables), || guides.into_iter().for_each(Guide::prepare)).0
     }
 
     /// Applies a step's outcome: prefetched prompts go back to their queues
@@ -558,7 +580,20 @@ impl WorkerLoop {
                 used += 1;
                 // Alternatives come from the model's own distribution, before sampling edits the row.
                 let top = top_logprobs(row, s.job.top_logprobs);
-                let sampled = match draft_q.get(r) {
+                // A grammar leaves only the tokens it allows; the logprob
+                // reported stays the model's own.
+                let raw = match s.job.guide.as_mut() {
+                    Some(g) => {
+                        let raw = row.to_vec();
+                        if let Err(e) = g.apply(row) {
+                            out = Outcome::Failed(EngineError::Grammar(format!("the output cannot continue: {e}")));
+                            break;
+                        }
+                        Some(raw)
+                    }
+                    None => None,
+                };
+                let mut sampled = match draft_q.get(r) {
                     // A draft model's guess: speculative sampling's rejection rule.
                     Some(q) => {
                         let raw = s.sampler.penalizes().then(|| row.to_vec());
@@ -572,10 +607,15 @@ impl WorkerLoop {
                     }
                     None => s.sampler.sample(row, &s.tokens),
                 };
+                if let Some(raw) = raw {
+                    sampled.logprob = crate::sampler::logprob(&raw, sampled.token);
+                }
                 out = Self::emit(&self.tokenizer, &self.counters, &self.latency, s, sampled, top);
                 // A guess counts when the token chosen before it equals it:
-                // its keys and values were then computed from the right token.
-                if !(matches!(out, Outcome::Continue) && r < draft.len() && s.tokens.last() == Some(&draft[r])) {
+                // its keys and values were then computed from the right token
+                // (and no tokens the grammar forced came in between).
+                let in_place = s.tokens.len() == first_guess_pos + r + 1;
+                if !(matches!(out, Outcome::Continue) && r < draft.len() && in_place && s.tokens.last() == Some(&draft[r])) {
                     break;
                 }
                 s.n_cached += 1;
@@ -645,8 +685,9 @@ impl WorkerLoop {
         out
     }
 
-    /// Samples the next token of `s` and sends what it releases.
-    /// Sends the chosen token, with the alternatives `top` (OpenAI's `top_logprobs`).
+    /// Takes the sampled next token of `s` and sends what it releases, with
+    /// the alternatives `top` (OpenAI's `top_logprobs`); then the tokens its
+    /// grammar forces, if any, which the next step computes like a prompt.
     fn emit(tk: &Tokenizer, counters: &Counters, latency: &LatencyMetrics, s: &mut Sequence, sampled: Sampled, top: Vec<(u32, f32)>) -> Outcome {
         let tok = sampled.token;
         let now = Instant::now();
@@ -663,31 +704,73 @@ impl WorkerLoop {
         if (tk.is_eog(tok) && !s.job.ignore_eos) || s.job.stop_token_ids.contains(&tok) {
             return Outcome::Finished(FinishReason::Stop);
         }
+        let mut outcome = Self::append(tk, counters, s, tok, Some(sampled.logprob), top);
+        let forced = match (&outcome, s.job.guide.as_mut()) {
+            (Outcome::Continue, Some(g)) => g.forced(),
+            _ => Vec::new(),
+        };
+        for t in forced {
+            outcome = Self::append(tk, counters, s, t, None, Vec::new());
+            if !matches!(outcome, Outcome::Continue) {
+                break;
+            }
+        }
+        outcome
+    }
+
+    /// Appends one output token: advances the grammar, detokenizes, matches
+    /// stop sequences, parses tool calls, and sends the token's event.
+    fn append(tk: &Tokenizer, counters: &Counters, s: &mut Sequence, tok: u32, logprob: Option<f32>, top: Vec<(u32, f32)>) -> Outcome {
         s.tokens.push(tok);
         s.n_generated += 1;
         counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
         counters.window.lock().unwrap().tokens(now_s(), 1);
+        let mut complete = false;
+        if let Some(g) = s.job.guide.as_mut() {
+            if let Err(e) = g.commit(tok) {
+                return Outcome::Failed(EngineError::Grammar(format!("the output cannot continue: {e}")));
+            }
+            complete = g.finished();
+        }
         let text = s.decoder.push(tk.piece(tok));
-        let (mut text, stopped) = s.stop.push(&text);
-        let outcome = if stopped {
+        let (text, stopped) = s.stop.push(&text);
+        let outcome = if stopped || complete {
             Outcome::Finished(FinishReason::Stop)
         } else if s.n_generated >= s.job.max_tokens {
             Outcome::Finished(FinishReason::Length)
         } else {
             Outcome::Continue
         };
+        let (mut text, mut calls) = match s.job.calls.as_mut() {
+            Some(p) => p.push(&text),
+            None => (text, Vec::new()),
+        };
         match outcome {
+            // Bytes after a stop sequence are not output.
+            _ if stopped => {
+                drop(s.decoder.finish());
+                if let Some(p) = s.job.calls.as_mut() {
+                    let (rest, more) = p.finish();
+                    text.push_str(&rest);
+                    calls.extend(more);
+                }
+            }
             // The last token carries what was held back, so a stream has
             // one token event per generated token.
-            Outcome::Finished(FinishReason::Length) => text.push_str(&held_back(s)),
-            // Bytes after a stop sequence are not output.
-            Outcome::Finished(FinishReason::Stop) => drop(s.decoder.finish()),
+            Outcome::Finished(_) => {
+                let (tail, more) = held_back(s);
+                text.push_str(&tail);
+                calls.extend(more);
+            }
             _ => {}
         }
-        let ev = Event::Token { text, token_id: tok, logprob: Some(sampled.logprob), top_logprobs: top };
+        let ev = Event::Token { text, token_id: tok, logprob, top_logprobs: top };
         s.job.unread.fetch_add(1, Ordering::Relaxed);
         if s.job.events.send(ev).is_err() {
             return Outcome::Abandoned;
+        }
+        for c in calls {
+            let _ = s.job.events.send(Event::ToolCall(c));
         }
         outcome
     }
@@ -750,13 +833,21 @@ impl WorkerLoop {
     fn finish(&self, mut s: Sequence, reason: FinishReason) {
         // Ended by an end-of-generation token, which has no event of its
         // own: what was held back comes as one more event.
-        let tail = held_back(&mut s);
+        let (tail, calls) = held_back(&mut s);
         if !tail.is_empty() {
             let last = *s.tokens.last().unwrap();
             let ev = Event::Token { text: tail, token_id: last, logprob: None, top_logprobs: Vec::new() };
             s.job.unread.fetch_add(1, Ordering::Relaxed);
             let _ = s.job.events.send(ev);
         }
+        for c in calls {
+            let _ = s.job.events.send(Event::ToolCall(c));
+        }
+        // A reply that called tools ends with OpenAI's `tool_calls`.
+        let reason = match s.job.calls.as_ref() {
+            Some(p) if p.n_calls() > 0 && reason == FinishReason::Stop => FinishReason::ToolCalls,
+            _ => reason,
+        };
         let now = Instant::now();
         let t_first = s.t_first_token.unwrap_or(now);
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -803,11 +894,20 @@ fn forward(model: &dyn Model, batch: &[BatchToken], kv: &mut KvStore, tables: &[
     }
 }
 
-fn held_back(s: &mut Sequence) -> String {
+fn held_back(s: &mut Sequence) -> (String, Vec<ToolCall>) {
     let tail = s.decoder.finish();
     let (mut tail, stopped) = s.stop.push(&tail);
     if !stopped {
         tail.push_str(&s.stop.flush());
     }
-    tail
+    match s.job.calls.as_mut() {
+        Some(p) => {
+            let (mut content, mut calls) = p.push(&tail);
+            let (rest, more) = p.finish();
+            content.push_str(&rest);
+            calls.extend(more);
+            (content, calls)
+        }
+        None => (tail, Vec::new()),
+    }
 }

@@ -5,11 +5,42 @@ use minijinja::{context, Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
+use crate::text::tools::{self, Tool};
 
+/// A message as templates read it: calls' `arguments` as objects.
+fn template_message(m: &ChatMessage) -> serde_json::Value {
+    let mut v = serde_json::to_value(m).expect("messages serialize");
+    if let Some(calls) = v.get_mut("tool_calls").and_then(serde_json::Value::as_array_mut) {
+        for c in calls {
+            if let Some(args) = c.pointer_mut("/function/arguments") {
+                *args = tools::arguments_value(args);
+            }
+        }
+    }
+    v
+}
+
+/// A conversation turn, in OpenAI's shape (what templates read).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ChatMessage {
     pub role: String,
+    #[serde(default)]
     pub content: String,
+    /// An assistant turn's calls, OpenAI's shape (`{id, type, function:
+    /// {name, arguments}}`); templates see `arguments` as an object.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<serde_json::Value>,
+    /// A `tool` turn: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage { role: role.into(), content: content.into(), tool_calls: Vec::new(), tool_call_id: None, name: None }
+    }
 }
 
 /// ChatML, for models whose file carries no template.
@@ -18,6 +49,9 @@ const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.cont
 
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// Whether the template reads a `tools` variable (otherwise tools are
+    /// described in the system turn, `tools::messages_without_tool_support`).
+    pub supports_tools: bool,
     bos_token: String,
     eos_token: String,
 }
@@ -32,10 +66,17 @@ impl ChatTemplate {
         });
         env.add_template_owned("chat", source.unwrap_or(CHATML).to_owned())
             .map_err(|e| EngineError::Tokenizer(format!("invalid chat template: {e}")))?;
-        Ok(ChatTemplate { env, bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned() })
+        let supports_tools = source.is_some_and(|s| s.contains("tools"));
+        Ok(ChatTemplate { env, supports_tools, bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned() })
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, EngineError> {
+        self.render_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// Renders the conversation offering `tools`: through the template's own
+    /// `tools` variable when it has one, else described in the system turn.
+    pub fn render_with_tools(&self, messages: &[ChatMessage], tools: &[Tool], add_generation_prompt: bool) -> Result<String, EngineError> {
         if messages.is_empty() {
             return Err(EngineError::InvalidParams("messages must not be empty".into()));
         }
@@ -46,8 +87,15 @@ impl ChatTemplate {
             return Err(EngineError::InvalidParams(format!("message role {:?} is not a role name (letters, digits, '_' and '-', at most 32)", m.role)));
         }
         let tmpl = self.env.get_template("chat").expect("template was added at construction");
+        let uses_tools = !tools.is_empty() || messages.iter().any(|m| m.role == "tool" || !m.tool_calls.is_empty());
+        let messages: Vec<serde_json::Value> = if uses_tools && !self.supports_tools {
+            tools::messages_without_tool_support(messages, tools).iter().map(template_message).collect()
+        } else {
+            messages.iter().map(template_message).collect()
+        };
         tmpl.render(context! {
             messages => messages,
+            tools => (!tools.is_empty() && self.supports_tools).then_some(tools),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
@@ -63,7 +111,7 @@ mod tests {
     use super::*;
 
     fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage::new(role, content)
     }
 
     #[test]

@@ -1,0 +1,115 @@
+//! Constrained decoding and tool calls through the engine, on the tiny
+//! random llama: whatever the weights prefer, the grammar decides what may
+//! come out.
+
+use serde_json::{json, Value};
+
+use super::tests::{collect, req, speculative_on, tiny_engine, tiny_engine_with};
+use super::*;
+use crate::request::Field;
+use crate::text::grammar::Constraint;
+use crate::text::tools::{Function, Tool, ToolCall};
+
+fn constrained(c: Constraint, max_tokens: i64) -> GenerateRequest {
+    GenerateRequest { max_tokens: Some(max_tokens), constraint: Some(c), ..req(Input::Prompt("hello world".into())) }
+}
+
+/// Every event of a request: its text, its tool calls, and how it ended.
+fn run(e: &Engine, r: GenerateRequest) -> (String, Vec<ToolCall>, Result<Stats, EngineError>) {
+    let mut h = e.submit(r).unwrap();
+    let (mut text, mut calls) = (String::new(), Vec::new());
+    while let Some(ev) = h.blocking_recv() {
+        match ev {
+            Event::Token { text: t, .. } => text.push_str(&t),
+            Event::ToolCall(c) => calls.push(c),
+            Event::Done(s) => return (text, calls, Ok(s)),
+            Event::Error(err) => return (text, calls, Err(err)),
+        }
+    }
+    panic!("stream ended without Done or Error");
+}
+
+const SCHEMA: &str = r#"{"type": "object", "properties": {
+    "kind": {"enum": ["cat", "dog"]}, "ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 1, "maximum": 9}
+}, "required": ["kind", "ok", "n"], "additionalProperties": false}"#;
+
+#[test]
+fn outputs_follow_their_regex_and_schema_alone_and_batched() {
+    let (e, _d) = tiny_engine();
+    let regex = || constrained(Constraint::Regex("(yes|no)!".into()), 16);
+    let schema = || constrained(Constraint::JsonSchema(serde_json::from_str(SCHEMA).unwrap()), 48);
+    let (yes, _, stats) = run(&e, regex());
+    assert!(yes == "yes!" || yes == "no!", "{yes:?}");
+    assert_eq!(stats.unwrap().finish_reason, FinishReason::Stop);
+    let (obj, _, stats) = run(&e, schema());
+    let v: Value = serde_json::from_str(&obj).unwrap_or_else(|err| panic!("{obj:?}: {err}"));
+    assert!(["cat", "dog"].contains(&v["kind"].as_str().unwrap()) && v["ok"].is_boolean(), "{v}");
+    assert!((1..=9).contains(&v["n"].as_i64().unwrap()), "{v}");
+    // Grammar-forced text ("{\"kind\": \"") counts as generated tokens.
+    assert_eq!(stats.unwrap().finish_reason, FinishReason::Stop);
+    // Batched with each other and with an unconstrained request: the same outputs.
+    let free = collect(e.submit(req(Input::Prompt("hello world".into()))).unwrap()).1;
+    let handles: Vec<_> = (0..2).flat_map(|_| [regex(), schema(), req(Input::Prompt("hello world".into()))]).map(|r| e.submit(r).unwrap()).collect();
+    let outs: Vec<String> = handles.into_iter().map(|h| collect(h).1).collect();
+    assert_eq!(outs, [yes.clone(), obj.clone(), free.clone(), yes, obj, free]);
+}
+
+#[test]
+fn guesses_are_checked_against_the_grammar() {
+    let (plain, _a) = tiny_engine();
+    let (spec, _b) = tiny_engine_with(speculative_on());
+    for c in [Constraint::JsonObject, Constraint::Regex("(ab|cd)+ end".into())] {
+        for seed in [None, Some(3u64)] {
+            let mut r = constrained(c.clone(), 24);
+            r.sampling.seed = seed;
+            r.sampling.temperature = if seed.is_some() { 1.0 } else { 0.0 };
+            assert_eq!(run(&plain, r.clone()).0, run(&spec, r).0, "{c:?} {seed:?}");
+        }
+    }
+}
+
+#[test]
+fn bad_constraints_are_refused_by_field_and_the_engine_serves_on() {
+    let (e, _d) = tiny_engine();
+    for (c, field) in [
+        (Constraint::Regex("(".into()), Field::Regex),
+        (Constraint::Lark("start: nothing_defined".into()), Field::Grammar),
+        (Constraint::JsonSchema(json!({"type": "string", "minLength": 5, "maxLength": 2})), Field::ResponseFormat),
+    ] {
+        match e.submit(constrained(c.clone(), 8)) {
+            Err(EngineError::InvalidParam(p)) => assert_eq!(p.field, field, "{c:?}: {p}"),
+            other => panic!("{c:?}: {:?}", other.map(|_| ())),
+        }
+    }
+    assert!(run(&e, constrained(Constraint::Regex("[a-z]{3}".into()), 8)).2.is_ok());
+}
+
+fn weather() -> Tool {
+    let params = json!({"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]});
+    Tool { kind: "function".into(), function: Function { name: "get_weather".into(), description: Some("Weather in a city".into()), parameters: Some(params), strict: None } }
+}
+
+#[test]
+fn a_required_tool_call_comes_out_as_a_call_with_valid_arguments() {
+    let (e, _d) = tiny_engine();
+    let r = GenerateRequest {
+        max_tokens: Some(128),
+        tools: vec![weather()],
+        tool_choice: ToolChoice::Required,
+        parallel_tool_calls: false,
+        // A prompt, not messages: the fallback's description of the tools
+        // would not fit the tiny model's context.
+        ..req(Input::Prompt("Weather in Paris?".into()))
+    };
+    let (text, calls, stats) = run(&e, r);
+    assert_eq!(stats.unwrap().finish_reason, FinishReason::ToolCalls, "{text:?}");
+    assert_eq!(text, "");
+    assert_eq!(calls.len(), 1);
+    assert_eq!((calls[0].index, calls[0].name.as_str()), (0, "get_weather"));
+    let args: Value = serde_json::from_str(&calls[0].arguments).unwrap();
+    assert!(args["city"].as_str().is_some_and(|c| c.chars().count() <= 12), "{args}");
+    // `none` offers no tools: plain text, no parsing.
+    let r = GenerateRequest { tools: vec![weather()], tool_choice: ToolChoice::None, ..req(Input::Messages(vec![ChatMessage::new("user", "hi")])) };
+    let (_, calls, stats) = run(&e, r);
+    assert!(calls.is_empty() && stats.is_ok());
+}
