@@ -132,9 +132,10 @@ export interface NativeCanaryTriggers {
   minSamples?: number
 }
 
-/** One stream event: `kind` is `token`, `done` or `error`. */
+/** One stream event: `kind` is `token`, `toolCall`, `done` or `error`. */
 export interface NativeChunk {
   kind: string
+  toolCall?: NativeToolCall
   text?: string
   tokenId?: number
   logprob?: number
@@ -266,6 +267,18 @@ export interface NativeGenerateParams {
   requestId?: string
   /** Keep the prompt's KV blocks cached while the model is loaded. */
   pinPrefix?: boolean
+  /** `{type: 'json_object'}` or `{type: 'json_schema', schema, strict?}`. */
+  responseFormat?: any
+  regex?: string
+  /** A Lark grammar. */
+  grammar?: string
+  /** OpenAI-shaped function tools. */
+  tools?: any
+  /** `auto`, `none`, `required` or `{type: 'function', function: {name}}`. */
+  toolChoice?: any
+  parallelToolCalls?: boolean
+  /** Token id to a bias in [-100, 100]. */
+  logitBias?: Record<string, number>
 }
 
 /** A cumulative histogram: `counts[i]` values were `<= edges[i]` seconds. */
@@ -291,6 +304,11 @@ export interface NativeLoaded {
 export interface NativeMessage {
   role: string
   content: string
+  /** An assistant turn's calls, OpenAI's shape. */
+  toolCalls?: Array<any>
+  /** A `tool` turn: the call it answers. */
+  toolCallId?: string
+  name?: string
 }
 
 /** Whether MLX (libmlx through our shim) loads in this process. */
@@ -364,6 +382,15 @@ export interface NativeStats {
   finishReason: string
   /** Gated Phase 5 features that were on for the request. */
   features: Array<string>
+}
+
+/** A tool call the model made. */
+export interface NativeToolCall {
+  index: number
+  id: string
+  name: string
+  /** The arguments object as JSON text. */
+  arguments: string
 }
 
 /**

@@ -5,6 +5,7 @@ export const ERROR_CODES = [
   'ModelLoadError',
   'ModelNotLoaded',
   'GenerationError',
+  'GrammarError',
   'TokenizerError',
   'Timeout',
   'Cancelled',

@@ -29,6 +29,7 @@ import type {
   CompatibilityReport,
   ChatMessage,
   GeneratorParams,
+  ToolCallRecord,
   GeneratorChunk,
   GenerateOptions,
   HealthStatus,
@@ -377,12 +378,16 @@ export class Engine extends EventEmitter {
       // Aborted while the request was being submitted.
       if (signal?.aborted) onAbort();
       this.emit('generation:started', { requestId, model: params.model });
+      const calls: ToolCallRecord[] = [];
       for (;;) {
         const chunks = await stream.next();
         if (chunks.length === 0) break;
         for (const c of chunks) {
           const chunk = fromChunk(c);
-          if (chunk.type === 'metadata') {
+          if (chunk.type === 'toolCall') {
+            calls.push({ id: chunk.id, type: 'function', function: { name: chunk.name, arguments: chunk.argumentsDelta } });
+          } else if (chunk.type === 'metadata') {
+            if (calls.length) chunk.toolCalls = calls;
             finished = true;
             this.emit('generation:completed', { requestId, model: params.model, stats: chunk.stats });
           } else if (chunk.type === 'error') {

@@ -5,7 +5,7 @@
 import type { NativeChunk, NativeControlEvent, NativeModelInfo } from '../index.js';
 
 import type { ErrorCode } from './errors';
-import type { ControlEvent, DraftPairModel, GeneratorChunk, ModelHandle } from './types';
+import type { ControlEvent, DraftPairModel, GenerationStats, GeneratorChunk, ModelHandle } from './types';
 
 export function toHandle(m: NativeModelInfo): ModelHandle {
   return {
@@ -51,6 +51,10 @@ export function fromChunk(c: NativeChunk): GeneratorChunk {
   switch (c.kind) {
     case 'token':
       return { type: 'token', token: c.text ?? '', tokenId: c.tokenId ?? 0, logprob: c.logprob };
+    case 'toolCall': {
+      const t = c.toolCall!;
+      return { type: 'toolCall', index: t.index, id: t.id, name: t.name, argumentsDelta: t.arguments };
+    }
     case 'done': {
       const s = c.stats!;
       return {
@@ -61,7 +65,7 @@ export function fromChunk(c: NativeChunk): GeneratorChunk {
           timeToFirstToken: s.timeToFirstToken,
           tokensPerSecond: s.tokensPerSecond,
           totalTime: s.totalTime,
-          finishReason: s.finishReason as 'stop' | 'length',
+          finishReason: s.finishReason as GenerationStats['finishReason'],
           features: s.features,
         },
       };

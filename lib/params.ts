@@ -5,7 +5,7 @@
  */
 import type { NativeGenerateParams } from '../index.js';
 import { EngineClientError, type ErrorCode } from './errors';
-import type { GeneratorParams } from './types';
+import type { ChatMessage, GeneratorParams } from './types';
 
 /**
  * A whole number in `[min, max]`, or undefined. napi would otherwise wrap or
@@ -37,6 +37,7 @@ export function abortError(signal: AbortSignal): { code: ErrorCode; message: str
 const PARAM_KEYS = new Set([
   'model', 'prompt', 'messages', 'maxTokens', 'temperature', 'topP', 'topK', 'minP', 'repetitionPenalty',
   'presencePenalty', 'frequencyPenalty', 'seed', 'stopSequences', 'stopTokenIds', 'ignoreEos',
+  'responseFormat', 'regex', 'grammar', 'tools', 'toolChoice', 'parallelToolCalls', 'logitBias',
 ]);
 const OPTION_KEYS = new Set(['signal', 'timeoutMs', 'priority', 'cacheSalt', 'requestId', 'onToken']);
 
@@ -80,6 +81,13 @@ export function toNativeParams(p: GeneratorParams): NativeGenerateParams {
     stopSequences: p.stopSequences,
     stopTokenIds: p.stopTokenIds,
     ignoreEos: p.ignoreEos,
+    responseFormat: p.responseFormat,
+    regex: p.regex,
+    grammar: p.grammar,
+    tools: p.tools,
+    toolChoice: p.toolChoice,
+    parallelToolCalls: p.parallelToolCalls,
+    logitBias: p.logitBias,
   };
   if (typeof p.prompt === 'string') out.prompt = p.prompt;
   else if (p.prompt !== undefined) {
@@ -89,10 +97,17 @@ export function toNativeParams(p: GeneratorParams): NativeGenerateParams {
     out.promptTokens = p.prompt.tokens;
   }
   if (p.messages !== undefined) {
-    if (!Array.isArray(p.messages) || p.messages.some((m) => typeof m?.role !== 'string' || typeof m?.content !== 'string')) {
+    const ok = (m: ChatMessage) => typeof m?.role === 'string' && (typeof m.content === 'string' || (m.content == null && Array.isArray(m.toolCalls)));
+    if (!Array.isArray(p.messages) || !p.messages.every(ok)) {
       throw new EngineClientError('InvalidParams', 'messages must be an array of {role: string, content: string}');
     }
-    out.messages = p.messages.map((m) => ({ role: m.role, content: m.content }));
+    out.messages = p.messages.map((m) => ({
+      role: m.role,
+      content: m.content ?? '',
+      toolCalls: m.toolCalls,
+      toolCallId: m.toolCallId,
+      name: m.name,
+    }));
   }
   return out;
 }

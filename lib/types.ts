@@ -191,7 +191,52 @@ export interface DraftPairModel {
 
 export interface ChatMessage {
   role: string;
+  /** Text; may be empty for an assistant turn that only called tools. */
   content: string;
+  /** An assistant turn's tool calls (OpenAI's shape: arguments as JSON text). */
+  toolCalls?: ToolCallRecord[];
+  /** A `tool` turn: the id of the call it answers. */
+  toolCallId?: string;
+  name?: string;
+}
+
+/** A function the model may call, in OpenAI's shape. */
+export interface ToolDefinition {
+  type: 'function';
+  function: {
+    name: string;
+    description?: string;
+    /** A JSON schema of the arguments object. */
+    parameters?: Record<string, unknown>;
+    strict?: boolean;
+  };
+}
+
+/** A call as a conversation records it (OpenAI's `tool_calls` entries). */
+export interface ToolCallRecord {
+  id: string;
+  type: 'function';
+  function: { name: string; arguments: string };
+}
+
+/** `auto` lets the model decide; `required` and a named function constrain the output to a call. */
+export type ToolChoice = 'auto' | 'none' | 'required' | { type: 'function'; function: { name: string } };
+
+/** What the output must be: any JSON object, or a value valid against a JSON schema. */
+export type ResponseFormat =
+  | { type: 'text' }
+  | { type: 'json_object' }
+  | { type: 'json_schema'; schema: Record<string, unknown> | boolean; strict?: boolean };
+
+/** A tool call the model made (whole: `argumentsDelta` carries all of its arguments). */
+export interface ToolCallChunk {
+  type: 'toolCall';
+  /** Its place among this generation's calls, from 0. */
+  index: number;
+  id: string;
+  name: string;
+  /** The arguments object as JSON text. */
+  argumentsDelta: string;
 }
 
 export interface GeneratorParams {
@@ -211,6 +256,19 @@ export interface GeneratorParams {
   stopTokenIds?: number[];
   /** Generate past end-of-generation tokens (benchmarks). */
   ignoreEos?: boolean;
+  /** Constrain the output to JSON (any object, or a schema). */
+  responseFormat?: ResponseFormat;
+  /** Constrain the output to match this regex, whole. */
+  regex?: string;
+  /** Constrain the output to this Lark grammar (llguidance's dialect). */
+  grammar?: string;
+  /** Functions the model may call; calls arrive as `toolCall` chunks. */
+  tools?: ToolDefinition[];
+  toolChoice?: ToolChoice;
+  /** Several calls in one reply (default true). */
+  parallelToolCalls?: boolean;
+  /** Token id to a bias in [-100, 100], added to its logit. */
+  logitBias?: Record<string, number>;
 }
 
 export interface GenerationStats {
@@ -222,14 +280,15 @@ export interface GenerationStats {
   tokensPerSecond: number;
   /** Milliseconds from submission to the end. */
   totalTime: number;
-  finishReason: 'stop' | 'length';
+  finishReason: 'stop' | 'length' | 'tool_calls';
   /** Gated Phase 5 features that were on for this request (empty without a flags file), and `canary.baseline` / `canary.candidate` when a canary routed it. */
   features: string[];
 }
 
 export type GeneratorChunk =
   | { type: 'token'; token: string; tokenId: number; logprob?: number; isFinal?: boolean }
-  | { type: 'metadata'; stats: GenerationStats }
+  | ToolCallChunk
+  | { type: 'metadata'; stats: GenerationStats; toolCalls?: ToolCallRecord[] }
   | { type: 'error'; error: { code: ErrorCode; message: string } };
 
 export interface GenerateOptions {

@@ -3,7 +3,7 @@
 
 use mlx_serving_engine::text::chat::ChatMessage;
 use mlx_serving_engine::engine::{Canceller, Event, RequestHandle, Stats};
-use mlx_serving_engine::request::{Number, PromptSpec, RequestDefaults, RequestSpec};
+use mlx_serving_engine::request::{Field, InvalidParam, Number, PromptSpec, RequestDefaults, RequestSpec};
 use napi::bindgen_prelude::*;
 use napi::tokio;
 use napi_derive::napi;
@@ -41,20 +41,34 @@ pub struct NativeGenerateParams {
     pub request_id: Option<String>,
     /// Keep the prompt's KV blocks cached while the model is loaded.
     pub pin_prefix: Option<bool>,
+    /// `{type: 'json_object'}` or `{type: 'json_schema', schema, strict?}`.
+    pub response_format: Option<serde_json::Value>,
+    pub regex: Option<String>,
+    /// A Lark grammar.
+    pub grammar: Option<String>,
+    /// OpenAI-shaped function tools.
+    pub tools: Option<serde_json::Value>,
+    /// `auto`, `none`, `required` or `{type: 'function', function: {name}}`.
+    pub tool_choice: Option<serde_json::Value>,
+    pub parallel_tool_calls: Option<bool>,
+    /// Token id to a bias in [-100, 100].
+    pub logit_bias: Option<std::collections::HashMap<String, f64>>,
 }
 
-impl From<NativeGenerateParams> for RequestSpec {
-    fn from(p: NativeGenerateParams) -> Self {
+
+impl TryFrom<NativeGenerateParams> for RequestSpec {
+    type Error = InvalidParam;
+    fn try_from(p: NativeGenerateParams) -> std::result::Result<Self, InvalidParam> {
         let numbers = |v: Vec<f64>| v.into_iter().map(Number::from).collect();
         let prompt = match (p.prompt, p.prompt_tokens) {
             (Some(text), _) => Some(PromptSpec::Text(text)),
             (None, Some(ids)) => Some(PromptSpec::Tokens { tokens: numbers(ids) }),
             (None, None) => None,
         };
-        RequestSpec {
+        Ok(RequestSpec {
             model: Some(p.model),
             prompt,
-            messages: p.messages.map(|m| m.into_iter().map(|m| ChatMessage::new(m.role, m.content)).collect()),
+            messages: p.messages.map(|m| m.into_iter().map(ChatMessage::from).collect()),
             max_tokens: p.max_tokens.map(Number::from),
             temperature: p.temperature,
             top_p: p.top_p,
@@ -73,7 +87,14 @@ impl From<NativeGenerateParams> for RequestSpec {
             cache_salt: p.cache_salt,
             request_id: p.request_id,
             pin_prefix: p.pin_prefix,
-        }
+            response_format: p.response_format.map(|v| Field::ResponseFormat.parse(v)).transpose()?,
+            regex: p.regex,
+            grammar: p.grammar,
+            tools: p.tools.map(|v| Field::Tools.parse(v)).transpose()?,
+            tool_choice: p.tool_choice,
+            parallel_tool_calls: p.parallel_tool_calls,
+            logit_bias: p.logit_bias.map(|m| m.into_iter().collect()),
+        })
     }
 }
 
@@ -103,10 +124,21 @@ impl From<Stats> for NativeStats {
     }
 }
 
-/// One stream event: `kind` is `token`, `done` or `error`.
+/// A tool call the model made.
+#[napi(object)]
+pub struct NativeToolCall {
+    pub index: u32,
+    pub id: String,
+    pub name: String,
+    /// The arguments object as JSON text.
+    pub arguments: String,
+}
+
+/// One stream event: `kind` is `token`, `toolCall`, `done` or `error`.
 #[napi(object)]
 pub struct NativeChunk {
     pub kind: String,
+    pub tool_call: Option<NativeToolCall>,
     pub text: Option<String>,
     pub token_id: Option<u32>,
     pub logprob: Option<f64>,
@@ -119,6 +151,7 @@ impl From<Event> for NativeChunk {
     fn from(e: Event) -> Self {
         let mut c = NativeChunk {
             kind: String::new(),
+            tool_call: None,
             text: None,
             token_id: None,
             logprob: None,
@@ -132,6 +165,10 @@ impl From<Event> for NativeChunk {
                 c.text = Some(text);
                 c.token_id = Some(token_id);
                 c.logprob = logprob.map(f64::from);
+            }
+            Event::ToolCall(t) => {
+                c.kind = "toolCall".into();
+                c.tool_call = Some(NativeToolCall { index: t.index as u32, id: t.id, name: t.name, arguments: t.arguments });
             }
             Event::Done(s) => {
                 c.kind = "done".into();
@@ -193,7 +230,7 @@ impl NativeEngine {
     /// the request.
     #[napi]
     pub async fn generate(&self, params: NativeGenerateParams) -> Result<NativeStream> {
-        let req = RequestSpec::from(params).resolve(&RequestDefaults::default()).map_err(|e| js_error(e.into()))?;
+        let req = RequestSpec::try_from(params).and_then(|s| s.resolve(&RequestDefaults::default())).map_err(|e| js_error(e.into()))?;
         let e = self.inner.clone();
         let handle = blocking(move || e.submit(req)).await?;
         Ok(NativeStream {

@@ -73,6 +73,17 @@ pub struct NativeDraftCompatibility {
 pub struct NativeMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's calls, OpenAI's shape.
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` turn: the call it answers.
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
+}
+
+impl From<NativeMessage> for ChatMessage {
+    fn from(m: NativeMessage) -> Self {
+        ChatMessage { tool_calls: m.tool_calls.unwrap_or_default(), tool_call_id: m.tool_call_id, name: m.name, ..ChatMessage::new(m.role, m.content) }
+    }
 }
 
 #[napi]
@@ -143,7 +154,7 @@ impl NativeEngine {
 
     #[napi]
     pub fn apply_chat_template(&self, model: String, messages: Vec<NativeMessage>) -> Result<String> {
-        let msgs: Vec<ChatMessage> = messages.into_iter().map(|m| ChatMessage::new(m.role, m.content)).collect();
+        let msgs: Vec<ChatMessage> = messages.into_iter().map(ChatMessage::from).collect();
         self.inner.apply_chat_template(&model, &msgs).map_err(js_error)
     }
 }

@@ -83,6 +83,12 @@ impl Field {
         }
     }
 
+    /// A JSON value of this field as its type (for frontends that receive
+    /// it untyped), or the field refused by name.
+    pub fn parse<T: serde::de::DeserializeOwned>(self, v: Value) -> Result<T, InvalidParam> {
+        serde_json::from_value(v).map_err(|e| InvalidParam::new(self, format!("is malformed: {e}")))
+    }
+
     /// OpenAI's name on the wire (vLLM's for its extensions).
     pub fn openai_name(self) -> &'static str {
         match self {

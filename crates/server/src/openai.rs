@@ -8,7 +8,7 @@
 
 use mlx_serving_engine::text::chat::ChatMessage;
 use mlx_serving_engine::engine::GenerateRequest;
-use mlx_serving_engine::request::{InvalidParam, Number, PromptSpec, RequestDefaults, RequestSpec};
+use mlx_serving_engine::request::{InvalidParam, Number, PromptSpec, RequestDefaults, RequestSpec, ResponseFormat};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
@@ -35,19 +35,16 @@ fn nullable<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> R
 }
 
 /// Refuses fields outside our request types unless they change nothing:
-/// null, an empty `tools` / `logit_bias`, `response_format` text, or
-/// bookkeeping (`metadata`, `store`, ...). `tools` or a JSON
-/// `response_format` silently dropped would hand a client plain text it
-/// cannot use.
+/// null, an empty `functions`, or bookkeeping (`metadata`, `store`, ...).
+/// A field silently dropped would hand a client output it did not ask for.
 fn refuse_unsupported(fields: &Map<String, Value>) -> Result<(), BadRequest> {
     for (k, v) in fields {
         let empty = v.as_array().is_some_and(|a| a.is_empty()) || v.as_object().is_some_and(|o| o.is_empty());
         let harmless = v.is_null()
-            || matches!(k.as_str(), "metadata" | "store" | "service_tier" | "parallel_tool_calls")
-            || (matches!(k.as_str(), "tools" | "functions" | "logit_bias") && empty)
-            || (matches!(k.as_str(), "tool_choice" | "function_call") && v == "none")
-            || (k == "best_of" && v == 1)
-            || (k == "response_format" && v.get("type").and_then(Value::as_str) == Some("text"));
+            || matches!(k.as_str(), "metadata" | "store" | "service_tier")
+            || (k == "functions" && empty)
+            || (k == "function_call" && v == "none")
+            || (k == "best_of" && v == 1);
         if !harmless {
             return bad(k, format!("{k} is not supported"));
         }
@@ -55,17 +52,30 @@ fn refuse_unsupported(fields: &Map<String, Value>) -> Result<(), BadRequest> {
     Ok(())
 }
 
-/// A message's fields beyond role and content: a name changes nothing here.
-fn refuse_unsupported_in_message(fields: &Map<String, Value>, role: &str) -> Result<(), BadRequest> {
-    for (k, v) in fields {
-        let empty = v.as_array().is_some_and(|a| a.is_empty());
-        if !(v.is_null() || k == "name" || (k == "tool_calls" && empty)) {
-            return bad("messages", format!("{role} message: {k} is not supported"));
+/// A message's fields beyond role and content: a name, an assistant's
+/// `tool_calls`, a tool result's `tool_call_id`.
+fn message_from(m: ChatMessageIn) -> Result<ChatMessage, BadRequest> {
+    let mut msg = ChatMessage::new(m.role.clone(), content_text(&m.role, m.content)?);
+    for (k, v) in m.other {
+        match (k.as_str(), v) {
+            (_, Value::Null) => {}
+            ("name", Value::String(n)) => msg.name = Some(n),
+            ("tool_call_id", Value::String(id)) if m.role == "tool" => msg.tool_call_id = Some(id),
+            ("tool_calls", Value::Array(calls)) if m.role == "assistant" || calls.is_empty() => {
+                for (i, c) in calls.iter().enumerate() {
+                    let name = c.pointer("/function/name").and_then(Value::as_str);
+                    let args = c.pointer("/function/arguments");
+                    if name.is_none() || !args.is_none_or(|a| a.is_string() || a.is_object()) {
+                        return bad("messages", format!("assistant message: tool_calls[{i}] needs function.name and function.arguments (a JSON string)"));
+                    }
+                }
+                msg.tool_calls = calls;
+            }
+            (k, _) => return bad("messages", format!("{} message: {k} is not supported", m.role)),
         }
     }
-    Ok(())
+    Ok(msg)
 }
-
 /// A request refused, with OpenAI's `param` when one field is at fault.
 #[derive(Debug, PartialEq)]
 pub struct BadRequest {
@@ -124,6 +134,20 @@ pub struct Common {
     /// OpenAI's end-user id: feature-flag rollouts hash it, so a user sees
     /// the same variant on every request.
     pub user: Option<String>,
+    /// Token id (a string) to a bias in [-100, 100].
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    /// vLLM's constraints: `{json | regex | grammar | choice}`.
+    pub structured_outputs: Option<StructuredOutputs>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StructuredOutputs {
+    pub json: Option<Value>,
+    pub regex: Option<String>,
+    pub grammar: Option<String>,
+    /// The output is one of these strings.
+    pub choice: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,6 +158,10 @@ pub struct ChatRequest {
     #[serde(default, deserialize_with = "nullable")]
     pub logprobs: bool,
     pub top_logprobs: Option<Number>,
+    pub response_format: Option<Value>,
+    pub tools: Option<Vec<mlx_serving_engine::text::tools::Tool>>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     /// Every other field (checked by `refuse_unsupported`).
     #[serde(flatten)]
     pub other: Map<String, Value>,
@@ -207,9 +235,59 @@ fn common_to_spec(c: Common) -> Result<(RequestSpec, usize, bool, bool), BadRequ
         priority: c.priority,
         cache_salt: c.cache_salt,
         request_id: c.user,
+        logit_bias: c.logit_bias,
         ..RequestSpec::default()
     };
+    let spec = match c.structured_outputs {
+        None => spec,
+        Some(so) => structured_outputs(spec, so)?,
+    };
     Ok((spec, n as usize, c.stream, include_usage))
+}
+
+/// vLLM's `structured_outputs` as the engine's constraint fields.
+fn structured_outputs(mut spec: RequestSpec, so: StructuredOutputs) -> Result<RequestSpec, BadRequest> {
+    let given = [so.json.is_some(), so.regex.is_some(), so.grammar.is_some(), so.choice.is_some()].iter().filter(|&&g| g).count();
+    if given != 1 {
+        return bad("structured_outputs", "structured_outputs takes exactly one of json, regex, grammar and choice");
+    }
+    spec.response_format = so.json.map(|schema| ResponseFormat::JsonSchema { schema, strict: None });
+    spec.grammar = so.grammar;
+    spec.regex = match so.choice {
+        Some(c) if c.is_empty() => return bad("structured_outputs", "structured_outputs.choice must not be empty"),
+        Some(c) => Some(c.iter().map(|s| regex_escape(s)).collect::<Vec<_>>().join("|")),
+        None => so.regex,
+    };
+    Ok(spec)
+}
+
+/// `s` as a regex matching exactly it.
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('(');
+    for ch in s.chars() {
+        if "\\.+*?()|[]{}^$#&-~/\"".contains(ch) {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out.push(')');
+    out
+}
+
+/// OpenAI's `response_format`: `text`, `json_object`, or `json_schema`
+/// with `{name, schema, strict, description}`.
+fn response_format(v: Value) -> Result<Option<ResponseFormat>, BadRequest> {
+    let kind = v.get("type").and_then(Value::as_str);
+    match kind {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(ResponseFormat::JsonObject)),
+        Some("json_schema") => match v.pointer("/json_schema/schema") {
+            Some(schema) => Ok(Some(ResponseFormat::JsonSchema { schema: schema.clone(), strict: v.pointer("/json_schema/strict").and_then(Value::as_bool) })),
+            None => bad("response_format", "response_format json_schema needs json_schema.schema"),
+        },
+        _ => bad("response_format", format!("response_format.type must be text, json_object or json_schema, got {}", v.get("type").unwrap_or(&Value::Null))),
+    }
 }
 
 /// Message content as a string: plain text, or the text parts of an array.
@@ -236,16 +314,18 @@ fn content_text(role: &str, v: Option<Value>) -> Result<String, BadRequest> {
 pub fn parse_chat(body: &[u8]) -> Result<Parsed, BadRequest> {
     let r: ChatRequest = serde_json::from_slice(body).map_err(unreadable)?;
     refuse_unsupported(&r.other)?;
-    let messages = r
-        .messages
-        .into_iter()
-        .map(|m| {
-            refuse_unsupported_in_message(&m.other, &m.role)?;
-            Ok(ChatMessage::new(m.role.clone(), content_text(&m.role, m.content)?))
-        })
-        .collect::<Result<Vec<_>, BadRequest>>()?;
+    let messages = r.messages.into_iter().map(message_from).collect::<Result<Vec<_>, BadRequest>>()?;
     let (mut spec, n, stream, include_usage) = common_to_spec(r.common)?;
     spec.messages = Some(messages);
+    if let Some(f) = r.response_format.filter(|v| !v.is_null()) {
+        if spec.response_format.is_some() || spec.regex.is_some() || spec.grammar.is_some() {
+            return bad("response_format", "give either response_format or structured_outputs, not both");
+        }
+        spec.response_format = response_format(f)?;
+    }
+    spec.tools = r.tools;
+    spec.tool_choice = r.tool_choice.filter(|v| !v.is_null());
+    spec.parallel_tool_calls = r.parallel_tool_calls;
     spec.top_logprobs = r.top_logprobs;
     let req = spec.resolve(&RequestDefaults { temperature: OPENAI_DEFAULT_TEMPERATURE, max_tokens: None })?;
     if !r.logprobs && req.top_logprobs > 0 {
@@ -346,13 +426,19 @@ mod tests {
         let chat = |extra: &str| parse_chat(format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}]{extra}}}"#).as_bytes()).map(|_| ());
         let param = |body: &[u8]| parse_chat(body).map(|_| ()).unwrap_err().param;
         for (extra, named) in [
-            (r#","tools":[{"type":"function","function":{"name":"f"}}]"#, "tools is not supported"),
-            (r#","response_format":{"type":"json_object"}"#, "response_format is not supported"),
-            (r#","logit_bias":{"50256":-100}"#, "logit_bias is not supported"),
+            (r#","tools":[{"type":"function","function":{"name":"bad name"}}]"#, "tools[0].function.name must be 1 to 64 letters, digits, '_' or '-', got \"bad name\""),
+            (r#","response_format":{"type":"yaml"}"#, "response_format.type must be text, json_object or json_schema, got \"yaml\""),
+            (r#","response_format":{"type":"json_schema","json_schema":{"name":"x"}}"#, "response_format json_schema needs json_schema.schema"),
+            (r#","logit_bias":{"x":1}"#, "logit_bias keys must be token ids, got 'x'"),
+            (r#","logit_bias":{"5":101}"#, "logit_bias values must be in [-100, 100], got 101 for token 5"),
             (r#","foo_bar":1"#, "foo_bar is not supported"),
-            (r#","tool_choice":"auto""#, "tool_choice is not supported"),
+            (r#","tool_choice":"sometimes""#, "tool_choice must be auto, none, required or a named function, got 'sometimes'"),
+            (r#","tool_choice":"required""#, "tool_choice requires tools"),
+            (r#","tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":{"type":"function","function":{"name":"g"}}"#, "tool_choice names 'g', which is not among the tools"),
             (r#","name":"x""#, "name is not supported"),
-            (r#","tool_calls":[]"#, "tool_calls is not supported"),
+            (r#","regex":"a""#, "regex is not supported"),
+            (r#","structured_outputs":{"regex":"a","grammar":"start: \"a\""}"#, "structured_outputs takes exactly one of json, regex, grammar and choice"),
+            (r#","structured_outputs":{"regex":"a"},"response_format":{"type":"json_object"}"#, "give either response_format or structured_outputs, not both"),
         ] {
             assert_eq!(chat(extra).unwrap_err().message, named, "{extra}");
         }
@@ -360,11 +446,18 @@ mod tests {
             r#","tools":[],"logit_bias":{},"tool_choice":"none","response_format":{"type":"text"}"#,
             r#","metadata":{"a":"b"},"store":false,"parallel_tool_calls":true,"suffix":null"#,
             r#","stream":null,"logprobs":null,"ignore_eos":null"#,
+            r#","response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"object"},"strict":true}}"#,
+            r#","structured_outputs":{"choice":["a.b","c|d"]},"logit_bias":{"5":-100}"#,
         ] {
             assert_eq!(chat(extra), Ok(()), "{extra}");
         }
         let tool_call = br#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"1"}]}]}"#;
-        assert_eq!(parse_chat(tool_call).map(|_| ()).unwrap_err().message, "assistant message: tool_calls is not supported");
+        assert_eq!(parse_chat(tool_call).map(|_| ()).unwrap_err().message, "assistant message: tool_calls[0] needs function.name and function.arguments (a JSON string)");
+        let history = br#"{"model":"m","messages":[{"role":"user","content":"hi"},{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{\"x\":1}"}}]},{"role":"tool","tool_call_id":"c1","content":"42"}]}"#;
+        match parse_chat(history).unwrap().req.input {
+            Input::Messages(m) => assert_eq!((m[1].tool_calls.len(), m[2].tool_call_id.as_deref()), (1, Some("c1"))),
+            _ => panic!(),
+        }
         assert!(parse_completion(br#"{"model":"m","prompt":"a","suffix":"z"}"#).map(|_| ()).unwrap_err().message.contains("suffix"));
         assert!(parse_completion(br#"{"model":"m","prompt":"a","echo":null,"stream":null,"best_of":1}"#).is_ok());
         let named = br#"{"model":"m","messages":[{"role":"user","content":"hi","name":"ann","tool_calls":[]}]}"#;
@@ -374,11 +467,25 @@ mod tests {
             (tool_call, Some("messages")),
             (br#"{"model":"m","messages":[],"top_k":-5}"#, Some("top_k")),
             (br#"{"model":"m","messages":[],"n":17}"#, Some("n")),
+            (br#"{"model":"m","messages":[{"role":"user","content":"x"}],"tool_choice":"required"}"#, Some("tool_choice")),
+            (br#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f","parameters":[]}}]}"#, Some("tools")),
+            (br#"{"model":"m","messages":[{"role":"user","content":"x"}],"logit_bias":{"a":1}}"#, Some("logit_bias")),
             (br#"not json"#, None),
         ] {
             assert_eq!(param(body).as_deref(), want, "{}", String::from_utf8_lossy(body));
         }
         let part = br#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#;
         assert_eq!(parse_chat(part).map(|_| ()).unwrap_err().message, "user message: content part type 'image_url' is not supported (text only)");
+    }
+
+    #[test]
+    fn constraints_map_to_the_engines() {
+        use mlx_serving_engine::text::grammar::Constraint;
+        let chat = |extra: &str| parse_chat(format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}]{extra}}}"#).as_bytes()).unwrap().req;
+        assert_eq!(chat(r#","response_format":{"type":"json_object"}"#).constraint, Some(Constraint::JsonObject));
+        assert_eq!(chat(r#","structured_outputs":{"choice":["a.b","c"]}"#).constraint, Some(Constraint::Regex(r"(a\.b)|(c)".into())));
+        assert_eq!(chat(r#","logit_bias":{"7":-100}"#).sampling.logit_bias, vec![(7, -100.0)]);
+        let r = chat(r#","tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"required","parallel_tool_calls":false"#);
+        assert_eq!((r.tools.len(), r.tool_choice, r.parallel_tool_calls), (1, mlx_serving_engine::text::tools::ToolChoice::Required, false));
     }
 }

@@ -12,6 +12,7 @@ use axum::Json;
 use futures_util::stream::{self, Stream};
 use mlx_serving_engine::engine::{Event, FinishReason, GenerateRequest, RequestHandle, Stats};
 use mlx_serving_engine::text::tokenizer::StreamDecoder;
+use mlx_serving_engine::text::tools::ToolCall;
 use mlx_serving_engine::EngineError;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -85,7 +86,7 @@ async fn forward(i: usize, mut h: RequestHandle, tx: mpsc::Sender<(usize, Option
                 f();
             }
         }
-        let last = !matches!(ev, Some(Event::Token { .. }));
+        let last = !matches!(ev, Some(Event::Token { .. } | Event::ToolCall(_)));
         if tx.send((i, ev)).await.is_err() || last {
             return;
         }
@@ -177,7 +178,7 @@ impl Run {
         self.generated += stats.n_generated_tokens;
         if i == 0 {
             self.ttft_s = stats.t_first_token_ms / 1e3;
-            self.stopped = stats.finish_reason == FinishReason::Stop;
+            self.stopped = stats.finish_reason != FinishReason::Length;
         }
         self.choices[i].done = true;
         self.finished = self.choices.iter().all(|c| c.done);
@@ -229,6 +230,31 @@ impl Run {
         chunk
     }
 
+    /// The streaming chunks of one tool call: its header (index, id, name,
+    /// empty arguments), then its arguments.
+    fn tool_call_chunks(&mut self, i: usize, c: &ToolCall) -> [Value; 2] {
+        let first = !self.choices[i].started;
+        self.choices[i].started = true;
+        let s = &self.shape;
+        let chunk = |delta: Value| {
+            let mut v = json!({
+                "id": s.id, "object": "chat.completion.chunk", "created": s.created, "model": s.model,
+                "choices": [{ "index": i, "delta": delta, "logprobs": null, "finish_reason": null }],
+            });
+            if s.include_usage {
+                v["usage"] = Value::Null;
+            }
+            v
+        };
+        let mut head = json!({ "tool_calls": [{ "index": c.index, "id": c.id, "type": "function",
+            "function": { "name": c.name, "arguments": "" } }] });
+        if first {
+            head["role"] = "assistant".into();
+            head["content"] = Value::Null;
+        }
+        [chunk(head), chunk(json!({ "tool_calls": [{ "index": c.index, "function": { "arguments": c.arguments } }] }))]
+    }
+
     pub fn into_sse(self) -> impl Stream<Item = Result<SseEvent, Infallible>> {
         struct St {
             run: Run,
@@ -253,6 +279,11 @@ impl Run {
                         // Tokens that release no text (held back) send nothing yet.
                         if !text.is_empty() || lp.is_some() || !st.run.choices[i].started {
                             let chunk = st.run.delta_chunk(i, &text, lp, None);
+                            st.out.push_back(data(&chunk));
+                        }
+                    }
+                    Some((i, Some(Event::ToolCall(c)))) => {
+                        for chunk in st.run.tool_call_chunks(i, &c) {
                             st.out.push_back(data(&chunk));
                         }
                     }
@@ -296,6 +327,7 @@ impl Run {
         let mut texts = vec![String::new(); n];
         let mut entries: Vec<Vec<Value>> = vec![Vec::new(); n];
         let mut reasons = vec![""; n];
+        let mut calls: Vec<Vec<Value>> = vec![Vec::new(); n];
         loop {
             match self.events.recv().await {
                 Some((i, Some(Event::Token { text, token_id, logprob, top_logprobs }))) => {
@@ -304,6 +336,9 @@ impl Run {
                         entries[i].push(e);
                     }
                     texts[i].push_str(&text);
+                }
+                Some((i, Some(Event::ToolCall(c)))) => {
+                    calls[i].push(json!({ "id": c.id, "type": "function", "function": { "name": c.name, "arguments": c.arguments } }));
                 }
                 Some((i, Some(Event::Done(stats)))) => {
                     reasons[i] = stats.finish_reason.as_str();
@@ -327,8 +362,19 @@ impl Run {
             .map(|i| {
                 let (text, entries, reason) = (std::mem::take(&mut texts[i]), &entries[i], reasons[i]);
                 match s.api {
-                    Api::Chat => json!({ "index": i, "message": { "role": "assistant", "content": text },
-                        "logprobs": logprobs.then(|| json!({ "content": entries })), "finish_reason": reason }),
+                    Api::Chat => {
+                        let calls = std::mem::take(&mut calls[i]);
+                        let mut message = json!({ "role": "assistant", "content": text });
+                        if !calls.is_empty() {
+                            // OpenAI: a reply of calls alone has null content.
+                            if text.is_empty() {
+                                message["content"] = Value::Null;
+                            }
+                            message["tool_calls"] = calls.into();
+                        }
+                        json!({ "index": i, "message": message,
+                            "logprobs": logprobs.then(|| json!({ "content": entries })), "finish_reason": reason })
+                    }
                     Api::Completion => {
                         let field = |k: &str| entries.iter().map(|e| e[k].clone()).collect::<Vec<_>>();
                         let lp = logprobs.then(|| {
