@@ -444,6 +444,9 @@ impl Engine {
     fn tokenize_request(&self, w: &Worker, req: &GenerateRequest, config: &RuntimeConfig) -> Result<(Vec<u32>, usize), EngineError> {
         req.validate()?;
         req.check_limits(&config.limits)?;
+        if let Some(&(t, _)) = req.sampling.logit_bias.iter().find(|&&(t, _)| t as usize >= w.info.vocab_size) {
+            return Err(InvalidParam::new(Field::LogitBias, format!("names token {t}, outside the vocabulary (size {})", w.info.vocab_size)).into());
+        }
         let tk = &w.tokenizer;
         let prompt = match &req.input {
             Input::Prompt(text) => tk.encode(text, tk.add_bos, true)?,
