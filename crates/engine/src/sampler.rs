@@ -95,7 +95,7 @@ pub struct Sampled {
 }
 
 /// `log Σ exp(l)`, computed stably.
-fn log_sum_exp(logits: &[f32]) -> f32 {
+pub fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln()
 }
@@ -134,14 +134,20 @@ impl Sampler {
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> Sampled {
         // The reported log-probability is of the unpenalized distribution.
         let raw = self.penalizes().then(|| logits.to_vec());
+        let token = self.pick(logits, history);
+        Sampled { token, logprob: logprob(raw.as_deref().unwrap_or(logits), token) }
+    }
+
+    /// `sample` without the log-probability (a caller that computes it
+    /// from logits of its own).
+    pub fn pick(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         self.penalize(logits, history);
-        let token = if self.params.temperature == 0.0 {
+        if self.params.temperature == 0.0 {
             argmax(logits)
         } else {
             self.fill_candidates(logits);
             self.draw(None)
-        };
-        Sampled { token, logprob: logprob(raw.as_deref().unwrap_or(logits), token) }
+        }
     }
 
     /// Whether `penalize` changes logits (callers keep a copy of the raw

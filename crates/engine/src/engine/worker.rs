@@ -581,21 +581,22 @@ impl WorkerLoop {
                 // Alternatives come from the model's own distribution, before sampling edits the row.
                 let top = top_logprobs(row, s.job.top_logprobs);
                 // A grammar leaves only the tokens it allows; the logprob
-                // reported stays the model's own.
-                let raw = match s.job.guide.as_mut() {
-                    Some(g) => {
-                        let raw = row.to_vec();
-                        if let Err(e) = g.apply(row) {
-                            out = Outcome::Failed(EngineError::Grammar(format!("the output cannot continue: {e}")));
-                            break;
-                        }
-                        Some(raw)
+                // reported stays the model's own (the chosen token's logit
+                // is not masked, so only the normaliser is kept, and the
+                // logit itself where penalties will change it).
+                let mut unmasked = None;
+                if let Some(g) = s.job.guide.as_mut() {
+                    let lse = crate::sampler::log_sum_exp(row);
+                    let raw = s.sampler.penalizes().then(|| row.to_vec());
+                    if let Err(e) = g.apply(row) {
+                        out = Outcome::Failed(EngineError::Grammar(format!("the output cannot continue: {e}")));
+                        break;
                     }
-                    None => None,
-                };
-                let mut sampled = match draft_q.get(r) {
+                    unmasked = Some((lse, raw));
+                }
+                let sampled = match (draft_q.get(r), unmasked) {
                     // A draft model's guess: speculative sampling's rejection rule.
-                    Some(q) => {
+                    (Some(q), _) => {
                         let raw = s.sampler.penalizes().then(|| row.to_vec());
                         let p = s.sampler.distribution(row, &s.tokens);
                         let (u_keep, u_draw) = (s.sampler.uniform(), s.sampler.uniform());
@@ -605,11 +606,12 @@ impl WorkerLoop {
                         };
                         Sampled { token, logprob: crate::sampler::logprob(raw.as_deref().unwrap_or(row), token) }
                     }
-                    None => s.sampler.sample(row, &s.tokens),
+                    (None, Some((lse, raw))) => {
+                        let token = s.sampler.pick(row, &s.tokens);
+                        Sampled { token, logprob: raw.as_deref().unwrap_or(row)[token as usize] - lse }
+                    }
+                    (None, None) => s.sampler.sample(row, &s.tokens),
                 };
-                if let Some(raw) = raw {
-                    sampled.logprob = crate::sampler::logprob(&raw, sampled.token);
-                }
                 out = Self::emit(&self.tokenizer, &self.counters, &self.latency, s, sampled, top);
                 // A guess counts when the token chosen before it equals it:
                 // its keys and values were then computed from the right token

@@ -194,9 +194,18 @@ impl Guide {
         if mask.is_zero() {
             return Err("the grammar allows no token here".into());
         }
-        for (id, l) in logits.iter_mut().enumerate() {
-            if !mask.is_allowed(id as u32) {
-                *l = f32::NEG_INFINITY;
+        // A word of the mask at a time: most words of a narrow grammar's
+        // mask are all zeros (a fill), a wide one's all ones (skipped).
+        let words = mask.as_slice();
+        for (w, chunk) in logits.chunks_mut(32).enumerate() {
+            match words.get(w).copied().unwrap_or(0) {
+                u32::MAX if chunk.len() == 32 => {}
+                0 => chunk.fill(f32::NEG_INFINITY),
+                bits => {
+                    for (b, l) in chunk.iter_mut().enumerate() {
+                        *l = if bits >> b & 1 == 0 { f32::NEG_INFINITY } else { *l };
+                    }
+                }
             }
         }
         Ok(())
