@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use super::tests::{collect, req, speculative_on, tiny_engine, tiny_engine_with};
+use super::tests::{collect, config, idle, req, speculative_on, tiny_engine, tiny_engine_with, wait_for};
 use super::*;
 use crate::request::Field;
 use crate::text::grammar::Constraint;
@@ -66,6 +66,8 @@ fn guesses_are_checked_against_the_grammar() {
             assert_eq!(run(&plain, r.clone()).0, run(&spec, r).0, "{c:?} {seed:?}");
         }
     }
+    let s = wait_for(&spec, idle);
+    assert!(s.n_spec_drafted > 0 && s.n_spec_accepted > 0, "{s:?}");
 }
 
 #[test]
@@ -112,4 +114,43 @@ fn a_required_tool_call_comes_out_as_a_call_with_valid_arguments() {
     let r = GenerateRequest { tools: vec![weather()], tool_choice: ToolChoice::None, ..req(Input::Messages(vec![ChatMessage::new("user", "hi")])) };
     let (_, calls, stats) = run(&e, r);
     assert!(calls.is_empty() && stats.is_ok());
+}
+
+/// Constrained sequences preempted when blocks run out keep their grammar
+/// state (only their cache is recomputed) and give their solo outputs.
+#[test]
+fn preempted_constrained_sequences_resume_where_their_grammar_was() {
+    let cs = [Constraint::JsonObject, Constraint::Regex("([a-z]+ ){20}".into()), Constraint::JsonSchema(serde_json::from_str(SCHEMA).unwrap()), Constraint::Regex("[0-9, ]{60}".into())];
+    let (solo_e, _a) = tiny_engine();
+    let solo: Vec<String> = cs.iter().map(|c| run(&solo_e, constrained(c.clone(), 60)).0).collect();
+    let (e, _b) = tiny_engine_with(config(|c| {
+        c.kv_cache.block_size = 16;
+        c.kv_cache.memory_mib = (12 * 16 * 256) as f64 / 1048576.0;
+    }));
+    let handles: Vec<_> = cs.iter().map(|c| e.submit(constrained(c.clone(), 60)).unwrap()).collect();
+    for (h, want) in handles.into_iter().zip(&solo) {
+        assert_eq!(&collect(h).1, want);
+    }
+    let s = wait_for(&e, idle);
+    assert!(s.n_preemptions > 0, "{s:?}");
+}
+
+/// The grammar runs in the worker, above the backend: the `mlx` backend
+/// gives the `cpu` backend's constrained outputs' shape (valid, complete).
+#[test]
+fn constraints_hold_on_the_mlx_backend() {
+    if !mlx_serving_mlx::available() {
+        assert!(std::env::var_os("MLX_REQUIRED").is_none(), "MLX_REQUIRED: {:?}", mlx_serving_mlx::unavailable_reason());
+        return;
+    }
+    let (_cpu, d) = tiny_engine();
+    let e = Engine::with_config(RuntimeConfig::default());
+    let options = ModelOptions { backend: crate::backend::BackendKind::Mlx, ..Default::default() };
+    e.load_model_with(d.path().join("tiny.gguf"), None, options).unwrap();
+    let (yes, _, stats) = run(&e, constrained(Constraint::Regex("(yes|no)!".into()), 16));
+    assert!(yes == "yes!" || yes == "no!", "{yes:?}");
+    assert_eq!(stats.unwrap().finish_reason, FinishReason::Stop);
+    let (obj, _, _) = run(&e, constrained(Constraint::JsonSchema(serde_json::from_str(SCHEMA).unwrap()), 48));
+    let v: Value = serde_json::from_str(&obj).unwrap_or_else(|err| panic!("{obj:?}: {err}"));
+    assert!(v["ok"].is_boolean(), "{v}");
 }

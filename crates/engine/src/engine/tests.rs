@@ -121,7 +121,7 @@ fn stop_sequences_are_not_emitted() {
     assert_eq!(text2, chars[..k].iter().collect::<String>());
 }
 
-fn config(f: impl FnOnce(&mut RuntimeConfig)) -> RuntimeConfig {
+pub(super) fn config(f: impl FnOnce(&mut RuntimeConfig)) -> RuntimeConfig {
     let mut c = RuntimeConfig::default();
     f(&mut c);
     c
@@ -285,7 +285,7 @@ fn chat_messages_use_the_template_and_unload_stops_the_model() {
 }
 
 /// Waits (briefly) until the worker has published a state that satisfies `ok`.
-fn wait_for(e: &Engine, ok: impl Fn(&EngineStats) -> bool) -> EngineStats {
+pub(super) fn wait_for(e: &Engine, ok: impl Fn(&EngineStats) -> bool) -> EngineStats {
     for _ in 0..500 {
         let s = e.stats();
         if ok(&s) {
@@ -296,7 +296,7 @@ fn wait_for(e: &Engine, ok: impl Fn(&EngineStats) -> bool) -> EngineStats {
     e.stats()
 }
 
-fn idle(s: &EngineStats) -> bool {
+pub(super) fn idle(s: &EngineStats) -> bool {
     s.n_running == 0 && s.n_waiting == 0 && s.kv_blocks_used == 0
 }
 
