@@ -35,15 +35,17 @@ fn nullable<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> R
 }
 
 /// Refuses fields outside our request types unless they change nothing:
-/// null, an empty `functions`, or bookkeeping (`metadata`, `store`, ...).
+/// null, an empty `functions` or `tools` (completions), a `text` response
+/// format, or bookkeeping (`metadata`, `store`, ...).
 /// A field silently dropped would hand a client output it did not ask for.
 fn refuse_unsupported(fields: &Map<String, Value>) -> Result<(), BadRequest> {
     for (k, v) in fields {
         let empty = v.as_array().is_some_and(|a| a.is_empty()) || v.as_object().is_some_and(|o| o.is_empty());
         let harmless = v.is_null()
             || matches!(k.as_str(), "metadata" | "store" | "service_tier")
-            || (k == "functions" && empty)
-            || (k == "function_call" && v == "none")
+            || (matches!(k.as_str(), "functions" | "tools") && empty)
+            || (matches!(k.as_str(), "function_call" | "tool_choice") && v == "none")
+            || (k == "response_format" && v.get("type").and_then(Value::as_str) == Some("text"))
             || (k == "best_of" && v == 1);
         if !harmless {
             return bad(k, format!("{k} is not supported"));
@@ -460,6 +462,9 @@ mod tests {
         }
         assert!(parse_completion(br#"{"model":"m","prompt":"a","suffix":"z"}"#).map(|_| ()).unwrap_err().message.contains("suffix"));
         assert!(parse_completion(br#"{"model":"m","prompt":"a","echo":null,"stream":null,"best_of":1}"#).is_ok());
+        // Completions take no tools or JSON formats, but their empty forms change nothing.
+        assert!(parse_completion(br#"{"model":"m","prompt":"a","tools":[],"tool_choice":"none","response_format":{"type":"text"}}"#).is_ok());
+        assert!(parse_completion(br#"{"model":"m","prompt":"a","response_format":{"type":"json_object"}}"#).is_err());
         let named = br#"{"model":"m","messages":[{"role":"user","content":"hi","name":"ann","tool_calls":[]}]}"#;
         assert!(parse_chat(named).is_ok());
         for (body, want) in [
