@@ -136,6 +136,8 @@ export interface NativeCanaryTriggers {
 export interface NativeChunk {
   kind: string
   toolCall?: NativeToolCall
+  /** Text of the model's reasoning this token released (`<think>` blocks). */
+  reasoning?: string
   text?: string
   tokenId?: number
   logprob?: number
@@ -279,6 +281,8 @@ export interface NativeGenerateParams {
   parallelToolCalls?: boolean
   /** Token id to a bias in [-100, 100]. */
   logitBias?: Record<string, number>
+  /** `auto`, `parsed` or `inline`: whether `<think>` blocks are split out. */
+  reasoningFormat?: string
 }
 
 /** A cumulative histogram: `counts[i]` values were `<= edges[i]` seconds. */

@@ -153,6 +153,25 @@ describe('structured output and tool calls', () => {
     assert.match(date.body.choices[0].message.content, /^\d{4}-\d{2}-\d{2}$/);
     const lark = await post({ structured_outputs: { grammar: 'start: "The answer is " ANSWER "."\nANSWER: "yes" | "no"' } });
     assert.match(lark.body.choices[0].message.content, /^The answer is (yes|no)\.$/);
+    // A <think> block (forced here: the default model does not reason) goes
+    // to reasoning_content, streamed and not, unless kept inline.
+    const think = { structured_outputs: { grammar: 'start: "<think>" /[a-z ]{5,20}/ "</think>" /[A-Za-z ]{3,20}/' }, max_tokens: 40 };
+    const parsed = (await post({ ...think, reasoning_format: 'parsed' })).body.choices[0].message;
+    assert.match(parsed.reasoning_content, /^[a-z ]{5,20}$/);
+    assert.match(parsed.content, /^[A-Za-z ]{3,20}$/);
+    const inline = (await post({ ...think, reasoning_format: 'inline' })).body.choices[0].message;
+    assert.equal(inline.content, `<think>${parsed.reasoning_content}</think>${parsed.content}`);
+    assert.equal(inline.reasoning_content, undefined);
+    const streamed = await fetch(`${server.url}/v1/chat/completions`, {
+      method: 'POST', headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'default', messages: [{ role: 'user', content: 'Is the sky blue?' }], temperature: 0, stream: true, reasoning_format: 'parsed', ...think }),
+    }).then((r) => r.text());
+    const deltas = streamed.split('\n\n').filter((e) => e.startsWith('data: {')).map((e) => JSON.parse(e.slice(6)).choices[0]?.delta ?? {});
+    assert.equal(deltas.map((d) => d.reasoning_content ?? '').join(''), parsed.reasoning_content);
+    assert.equal(deltas.map((d) => d.content ?? '').join(''), parsed.content);
+    const bad = await post({ reasoning_format: 'sometimes' });
+    assert.equal(bad.status, 400);
+    assert.equal(bad.body.error.param, 'reasoning_format');
   });
 
   test('logit_bias bans and forces tokens', async () => {

@@ -50,7 +50,7 @@ export function toControlEvent(e: NativeControlEvent): ControlEvent {
 export function fromChunk(c: NativeChunk): GeneratorChunk {
   switch (c.kind) {
     case 'token':
-      return { type: 'token', token: c.text ?? '', tokenId: c.tokenId ?? 0, logprob: c.logprob };
+      return { type: 'token', token: c.text ?? '', tokenId: c.tokenId ?? 0, logprob: c.logprob, ...(c.reasoning ? { reasoning: c.reasoning } : {}) };
     case 'toolCall': {
       const t = c.toolCall!;
       return { type: 'toolCall', index: t.index, id: t.id, name: t.name, argumentsDelta: t.arguments };

@@ -37,7 +37,7 @@ export function abortError(signal: AbortSignal): { code: ErrorCode; message: str
 const PARAM_KEYS = new Set([
   'model', 'prompt', 'messages', 'maxTokens', 'temperature', 'topP', 'topK', 'minP', 'repetitionPenalty',
   'presencePenalty', 'frequencyPenalty', 'seed', 'stopSequences', 'stopTokenIds', 'ignoreEos',
-  'responseFormat', 'regex', 'grammar', 'tools', 'toolChoice', 'parallelToolCalls', 'logitBias',
+  'responseFormat', 'regex', 'grammar', 'tools', 'toolChoice', 'parallelToolCalls', 'logitBias', 'reasoningFormat',
 ]);
 const OPTION_KEYS = new Set(['signal', 'timeoutMs', 'priority', 'cacheSalt', 'requestId', 'onToken']);
 
@@ -88,6 +88,7 @@ export function toNativeParams(p: GeneratorParams): NativeGenerateParams {
     toolChoice: p.toolChoice,
     parallelToolCalls: p.parallelToolCalls,
     logitBias: p.logitBias,
+    reasoningFormat: p.reasoningFormat,
   };
   if (typeof p.prompt === 'string') out.prompt = p.prompt;
   else if (p.prompt !== undefined) {

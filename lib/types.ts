@@ -269,6 +269,12 @@ export interface GeneratorParams {
   parallelToolCalls?: boolean;
   /** Token id to a bias in [-100, 100], added to its logit. */
   logitBias?: Record<string, number>;
+  /**
+   * Where the model's `<think>` blocks go: `auto` (the default) splits them
+   * into the token chunks' `reasoning` when the model's template writes them,
+   * `parsed` always does, `inline` leaves them in the text.
+   */
+  reasoningFormat?: 'auto' | 'parsed' | 'inline';
 }
 
 export interface GenerationStats {
@@ -286,7 +292,7 @@ export interface GenerationStats {
 }
 
 export type GeneratorChunk =
-  | { type: 'token'; token: string; tokenId: number; logprob?: number; isFinal?: boolean }
+  | { type: 'token'; token: string; tokenId: number; logprob?: number; isFinal?: boolean; reasoning?: string }
   | ToolCallChunk
   | { type: 'metadata'; stats: GenerationStats; toolCalls?: ToolCallRecord[] }
   | { type: 'error'; error: { code: ErrorCode; message: string } };

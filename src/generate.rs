@@ -53,6 +53,8 @@ pub struct NativeGenerateParams {
     pub parallel_tool_calls: Option<bool>,
     /// Token id to a bias in [-100, 100].
     pub logit_bias: Option<std::collections::HashMap<String, f64>>,
+    /// `auto`, `parsed` or `inline`: whether `<think>` blocks are split out.
+    pub reasoning_format: Option<String>,
 }
 
 
@@ -94,6 +96,7 @@ impl TryFrom<NativeGenerateParams> for RequestSpec {
             tool_choice: p.tool_choice,
             parallel_tool_calls: p.parallel_tool_calls,
             logit_bias: p.logit_bias.map(|m| m.into_iter().collect()),
+            reasoning_format: p.reasoning_format,
         })
     }
 }
@@ -139,6 +142,8 @@ pub struct NativeToolCall {
 pub struct NativeChunk {
     pub kind: String,
     pub tool_call: Option<NativeToolCall>,
+    /// Text of the model's reasoning this token released (`<think>` blocks).
+    pub reasoning: Option<String>,
     pub text: Option<String>,
     pub token_id: Option<u32>,
     pub logprob: Option<f64>,
@@ -152,6 +157,7 @@ impl From<Event> for NativeChunk {
         let mut c = NativeChunk {
             kind: String::new(),
             tool_call: None,
+            reasoning: None,
             text: None,
             token_id: None,
             logprob: None,
@@ -160,9 +166,10 @@ impl From<Event> for NativeChunk {
             error_message: None,
         };
         match e {
-            Event::Token { text, token_id, logprob, .. } => {
+            Event::Token { text, reasoning, token_id, logprob, .. } => {
                 c.kind = "token".into();
                 c.text = Some(text);
+                c.reasoning = (!reasoning.is_empty()).then_some(reasoning);
                 c.token_id = Some(token_id);
                 c.logprob = logprob.map(f64::from);
             }

@@ -50,7 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 match ev {
                     Event::Done(s) => tokens += s.n_generated_tokens,
                     Event::Error(e) => return Err(e.into()),
-                    Event::Token { .. } => {}
+                    Event::Token { .. } | Event::ToolCall(_) => {}
                 }
             }
         }
@@ -61,10 +61,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut h = engine.submit(request(prompt))?;
     while let Some(ev) = h.blocking_recv() {
         match ev {
-            Event::Token { text, .. } => {
-                print!("{text}");
+            Event::Token { text, reasoning, .. } => {
+                print!("{reasoning}{text}");
                 std::io::stdout().flush()?;
             }
+            Event::ToolCall(c) => println!("\n[tool call {}: {}({})]", c.index, c.name, c.arguments),
             Event::Done(s) => {
                 eprintln!(
                     "\n{} prompt tokens, {} generated, TTFT {:.1} ms, decode {:.1} tok/s ({:?})",

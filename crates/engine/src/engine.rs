@@ -42,7 +42,8 @@ use crate::sampler::{top_logprobs, Sampled, Sampler, SamplingParams};
 use crate::text::stop::StopMatcher;
 use crate::text::grammar::{Grammars, Guide};
 use crate::text::tokenizer::{StreamDecoder, Tokenizer};
-use crate::text::tools::{CallParser, ToolChoice};
+use crate::text::output::{OutputParser, ReasoningFormat};
+use crate::text::tools::ToolChoice;
 
 /// Counters shared between a worker and the engine.
 #[derive(Default, Debug)]
@@ -111,8 +112,8 @@ struct Job {
     ticket: BreakerTicket,
     /// The grammar its output follows.
     guide: Option<Guide>,
-    /// Parses tool calls out of its output (when tools are offered).
-    calls: Option<CallParser>,
+    /// Splits its output into content, reasoning and tool calls.
+    output: OutputParser,
 }
 
 /// A request's place in its model's circuit breaker: settled by the worker
@@ -389,9 +390,15 @@ impl Engine {
         }
         let w = self.worker(&req.model)?;
         let config = self.config();
-        let (prompt, max_tokens) = self.tokenize_request(&w, &req, &config)?;
+        let (prompt, max_tokens, opened_think) = self.tokenize_request(&w, &req, &config)?;
         let guide = self.guide(&w, &req)?;
         let offers_tools = !req.tools.is_empty() && req.tool_choice != ToolChoice::None;
+        let reasoning = match req.reasoning_format {
+            ReasoningFormat::Inline => false,
+            ReasoningFormat::Parsed => true,
+            // A chat with a model that thinks, or a prompt that opened a block.
+            ReasoningFormat::Auto => opened_think || (w.template.thinks && matches!(req.input, Input::Messages(_))),
+        };
         let timeout_ms = [req.timeout_ms, w.info.request_timeout_ms]
             .into_iter()
             .flatten()
@@ -434,22 +441,27 @@ impl Engine {
             queued: Some(queued),
             ticket,
             guide,
-            calls: offers_tools.then(CallParser::default),
+            output: OutputParser::new(reasoning, opened_think, offers_tools),
         };
         w.tx.send(Msg::Job(Box::new(job))).map_err(|_| EngineError::ModelNotLoaded(req.model.clone()))?;
         Ok(RequestHandle { id, events: events_rx, unread, cancel })
     }
 
-    /// The checked, tokenized prompt and the tokens it may generate.
-    fn tokenize_request(&self, w: &Worker, req: &GenerateRequest, config: &RuntimeConfig) -> Result<(Vec<u32>, usize), EngineError> {
+    /// The checked, tokenized prompt, the tokens it may generate, and
+    /// whether the prompt ends inside an opened `<think>` block.
+    fn tokenize_request(&self, w: &Worker, req: &GenerateRequest, config: &RuntimeConfig) -> Result<(Vec<u32>, usize, bool), EngineError> {
         req.validate()?;
         req.check_limits(&config.limits)?;
         if let Some(&(t, _)) = req.sampling.logit_bias.iter().find(|&&(t, _)| t as usize >= w.info.vocab_size) {
             return Err(InvalidParam::new(Field::LogitBias, format!("names token {t}, outside the vocabulary (size {})", w.info.vocab_size)).into());
         }
         let tk = &w.tokenizer;
+        let mut opened_think = false;
         let prompt = match &req.input {
-            Input::Prompt(text) => tk.encode(text, tk.add_bos, true)?,
+            Input::Prompt(text) => {
+                opened_think = crate::text::output::thinking(None, text).1;
+                tk.encode(text, tk.add_bos, true)?
+            }
             Input::Tokens(ids) => {
                 PromptFit::check_vocabulary(ids, w.info.vocab_size)?;
                 ids.clone()
@@ -457,6 +469,7 @@ impl Engine {
             Input::Messages(msgs) => {
                 let tools: &[_] = if req.tool_choice == ToolChoice::None { &[] } else { &req.tools };
                 let text = w.template.render_with_tools(msgs, tools, true)?;
+                opened_think = crate::text::output::thinking(None, &text).1;
                 // Templates write BOS themselves when the model wants one.
                 tk.encode(&text, false, true)?
             }
@@ -469,7 +482,7 @@ impl Engine {
             max_tokens_cap: config.streaming.max_tokens,
         }
         .max_tokens(req)?;
-        Ok((prompt, max_tokens))
+        Ok((prompt, max_tokens, opened_think))
     }
 
     /// The compiled grammar of the request's constraint (or of the tool

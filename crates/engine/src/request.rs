@@ -15,6 +15,7 @@ use crate::control::config::Limits;
 use crate::engine::{GenerateRequest, Input, Priority, MAX_TOP_LOGPROBS};
 use crate::sampler::SamplingParams;
 use crate::text::grammar::Constraint;
+use crate::text::output::ReasoningFormat;
 use crate::text::tools::{self, Tool, ToolChoice};
 
 /// Most entries of `logitBias` (OpenAI's limit).
@@ -50,6 +51,7 @@ pub enum Field {
     Tools,
     ToolChoice,
     LogitBias,
+    ReasoningFormat,
 }
 
 impl Field {
@@ -80,6 +82,7 @@ impl Field {
             Field::Tools => "tools",
             Field::ToolChoice => "toolChoice",
             Field::LogitBias => "logitBias",
+            Field::ReasoningFormat => "reasoningFormat",
         }
     }
 
@@ -107,6 +110,7 @@ impl Field {
             Field::ResponseFormat => "response_format",
             Field::ToolChoice => "tool_choice",
             Field::LogitBias => "logit_bias",
+            Field::ReasoningFormat => "reasoning_format",
             other => other.name(),
         }
     }
@@ -278,6 +282,9 @@ pub struct RequestSpec {
     pub parallel_tool_calls: Option<bool>,
     /// Token id (as a string, JSON's only key type) to a bias in [-100, 100].
     pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    /// `auto` (split `<think>` blocks out when the model writes them),
+    /// `parsed` (always) or `inline` (never).
+    pub reasoning_format: Option<String>,
 }
 
 /// What the output's text must be.
@@ -376,6 +383,11 @@ impl RequestSpec {
             tools,
             tool_choice,
             parallel_tool_calls: self.parallel_tool_calls.unwrap_or(true),
+            reasoning_format: match self.reasoning_format.as_deref() {
+                None => ReasoningFormat::Auto,
+                Some(f) => ReasoningFormat::parse(f)
+                    .ok_or_else(|| InvalidParam::new(Field::ReasoningFormat, format!("must be auto, parsed or inline, got '{f}'")))?,
+            },
         };
         req.validate()?;
         Ok(req)

@@ -34,6 +34,7 @@ fn unloading_an_mlx_model_gives_its_memory_back() {
         while let Some(ev) = h.blocking_recv() {
             match ev {
                 Event::Token { .. } => n += 1,
+                Event::ToolCall(c) => panic!("no tools were offered: {c:?}"),
                 Event::Done(_) => break,
                 Event::Error(err) => panic!("{err}"),
             }

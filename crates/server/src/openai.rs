@@ -140,6 +140,9 @@ pub struct Common {
     pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
     /// vLLM's constraints: `{json | regex | grammar | choice}`.
     pub structured_outputs: Option<StructuredOutputs>,
+    /// `auto`, `parsed` or `inline`: where `<think>` blocks go (chat:
+    /// `reasoning_content`, or inline in the content).
+    pub reasoning_format: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -238,6 +241,7 @@ fn common_to_spec(c: Common) -> Result<(RequestSpec, usize, bool, bool), BadRequ
         cache_salt: c.cache_salt,
         request_id: c.user,
         logit_bias: c.logit_bias,
+        reasoning_format: c.reasoning_format,
         ..RequestSpec::default()
     };
     let spec = match c.structured_outputs {
@@ -363,6 +367,11 @@ pub fn parse_completion(body: &[u8]) -> Result<Parsed, BadRequest> {
     let (mut spec, n, stream, include_usage) = common_to_spec(r.common)?;
     spec.prompt = Some(prompt);
     spec.top_logprobs = top.map(Number::from);
+    // Legacy completions have no reasoning field: the text is whole.
+    if spec.reasoning_format.as_deref().is_some_and(|f| f != "inline") {
+        return bad("reasoning_format", "completions keep reasoning inline: reasoning_format must be inline here");
+    }
+    spec.reasoning_format = Some("inline".into());
     let defaults = RequestDefaults { temperature: OPENAI_DEFAULT_TEMPERATURE, max_tokens: Some(COMPLETIONS_DEFAULT_MAX_TOKENS) };
     Ok(Parsed { req: spec.resolve(&defaults)?, n, stream, include_usage, logprobs: top.is_some() })
 }

@@ -193,8 +193,9 @@ impl Run {
         self.state.metrics.request_failed();
     }
 
-    /// A streaming chunk of choice `i` carrying `text` (and its logprob entry).
-    fn delta_chunk(&mut self, i: usize, text: &str, logprob: Option<Value>, finish: Option<&str>) -> Value {
+    /// A streaming chunk of choice `i` carrying `text` and `reasoning` (and
+    /// its logprob entry).
+    fn delta_chunk(&mut self, i: usize, text: &str, reasoning: &str, logprob: Option<Value>, finish: Option<&str>) -> Value {
         let first = !self.choices[i].started;
         self.choices[i].started = true;
         let s = &self.shape;
@@ -204,7 +205,10 @@ impl Run {
                 if first {
                     delta.insert("role".into(), "assistant".into());
                 }
-                if !text.is_empty() || (first && finish.is_none()) {
+                if !reasoning.is_empty() {
+                    delta.insert("reasoning_content".into(), reasoning.into());
+                }
+                if !text.is_empty() || (first && finish.is_none() && reasoning.is_empty()) {
                     delta.insert("content".into(), text.into());
                 }
                 json!({
@@ -271,14 +275,14 @@ impl Run {
                     return None;
                 }
                 match st.run.events.recv().await {
-                    Some((i, Some(Event::Token { text, token_id, logprob, top_logprobs }))) => {
+                    Some((i, Some(Event::Token { text, reasoning, token_id, logprob, top_logprobs }))) => {
                         let lp = match (st.run.shape.logprobs, logprob) {
                             (true, Some(l)) => Some(st.run.logprob_entry(i, token_id, l, &top_logprobs)),
                             _ => None,
                         };
                         // Tokens that release no text (held back) send nothing yet.
-                        if !text.is_empty() || lp.is_some() || !st.run.choices[i].started {
-                            let chunk = st.run.delta_chunk(i, &text, lp, None);
+                        if !text.is_empty() || !reasoning.is_empty() || lp.is_some() || !st.run.choices[i].started {
+                            let chunk = st.run.delta_chunk(i, &text, &reasoning, lp, None);
                             st.out.push_back(data(&chunk));
                         }
                     }
@@ -288,7 +292,7 @@ impl Run {
                         }
                     }
                     Some((i, Some(Event::Done(stats)))) => {
-                        let last = st.run.delta_chunk(i, "", None, Some(stats.finish_reason.as_str()));
+                        let last = st.run.delta_chunk(i, "", "", None, Some(stats.finish_reason.as_str()));
                         st.out.push_back(data(&last));
                         if st.run.choice_done(i, &stats) {
                             if st.run.shape.include_usage {
@@ -328,9 +332,11 @@ impl Run {
         let mut entries: Vec<Vec<Value>> = vec![Vec::new(); n];
         let mut reasons = vec![""; n];
         let mut calls: Vec<Vec<Value>> = vec![Vec::new(); n];
+        let mut reasonings = vec![String::new(); n];
         loop {
             match self.events.recv().await {
-                Some((i, Some(Event::Token { text, token_id, logprob, top_logprobs }))) => {
+                Some((i, Some(Event::Token { text, reasoning, token_id, logprob, top_logprobs }))) => {
+                    reasonings[i].push_str(&reasoning);
                     if let (true, Some(l)) = (self.shape.logprobs, logprob) {
                         let e = self.logprob_entry(i, token_id, l, &top_logprobs);
                         entries[i].push(e);
@@ -365,6 +371,10 @@ impl Run {
                     Api::Chat => {
                         let calls = std::mem::take(&mut calls[i]);
                         let mut message = json!({ "role": "assistant", "content": text });
+                        let reasoning = std::mem::take(&mut reasonings[i]);
+                        if !reasoning.is_empty() {
+                            message["reasoning_content"] = reasoning.into();
+                        }
                         if !calls.is_empty() {
                             // OpenAI: a reply of calls alone has null content.
                             if text.is_empty() {

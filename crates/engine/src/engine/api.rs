@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::text::grammar::Constraint;
+use crate::text::output::ReasoningFormat;
 use crate::text::tools::{Tool, ToolCall, ToolChoice};
 
 #[derive(Debug, Clone)]
@@ -87,6 +88,8 @@ pub struct GenerateRequest {
     pub tool_choice: ToolChoice,
     /// Several calls in one reply.
     pub parallel_tool_calls: bool,
+    /// Whether `<think>` blocks go to `Event::Token::reasoning`.
+    pub reasoning_format: ReasoningFormat,
 }
 
 impl GenerateRequest {
@@ -110,6 +113,7 @@ impl GenerateRequest {
             tools: Vec::new(),
             tool_choice: ToolChoice::Auto,
             parallel_tool_calls: true,
+            reasoning_format: ReasoningFormat::Auto,
         }
     }
 }
@@ -184,7 +188,9 @@ pub enum Event {
     /// One sampled token and the text it released (possibly empty: held back
     /// for UTF-8 or a possible stop sequence). At the end, text held back
     /// for a stop sequence that never completed arrives with `logprob: None`.
-    Token { text: String, token_id: u32, logprob: Option<f32>, top_logprobs: Vec<(u32, f32)> },
+    /// `reasoning`: text of the model's `<think>` blocks, split out of `text`
+    /// (see `ReasoningFormat`).
+    Token { text: String, reasoning: String, token_id: u32, logprob: Option<f32>, top_logprobs: Vec<(u32, f32)> },
     /// A whole tool call the model made (its text is not in any `Token`).
     ToolCall(ToolCall),
     Done(Stats),

@@ -8,6 +8,7 @@ use super::tests::{collect, config, idle, req, speculative_on, tiny_engine, tiny
 use super::*;
 use crate::request::Field;
 use crate::text::grammar::Constraint;
+use crate::text::output::ReasoningFormat;
 use crate::text::tools::{Function, Tool, ToolCall};
 
 fn constrained(c: Constraint, max_tokens: i64) -> GenerateRequest {
@@ -153,4 +154,35 @@ fn constraints_hold_on_the_mlx_backend() {
     let (obj, _, _) = run(&e, constrained(Constraint::JsonSchema(serde_json::from_str(SCHEMA).unwrap()), 48));
     let v: Value = serde_json::from_str(&obj).unwrap_or_else(|err| panic!("{obj:?}: {err}"));
     assert!(v["ok"].is_boolean(), "{v}");
+}
+
+/// `<think>` blocks go to the events' `reasoning` (a grammar makes the tiny
+/// model write one), or stay in the text when asked.
+#[test]
+fn think_blocks_go_to_reasoning_unless_kept_inline() {
+    let (e, _d) = tiny_engine();
+    let write = |format| {
+        let g = Constraint::Lark("start: \"<think>\" /[a-z]{4}/ \"</think>\" /[a-z]{4}/".into());
+        let r = GenerateRequest { reasoning_format: format, ..constrained(g, 40) };
+        let mut h = e.submit(r).unwrap();
+        let (mut text, mut reasoning) = (String::new(), String::new());
+        while let Some(ev) = h.blocking_recv() {
+            match ev {
+                Event::Token { text: t, reasoning: r, .. } => {
+                    text.push_str(&t);
+                    reasoning.push_str(&r);
+                }
+                Event::Done(_) => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        (text, reasoning)
+    };
+    let (text, reasoning) = write(ReasoningFormat::Parsed);
+    assert_eq!((text.len(), reasoning.len()), (4, 4), "{text:?} {reasoning:?}");
+    let (inline, none) = write(ReasoningFormat::Inline);
+    assert_eq!(inline, format!("<think>{reasoning}</think>{text}"));
+    assert_eq!(none, "");
+    // Auto: a raw prompt that opened no block is left alone.
+    assert_eq!(write(ReasoningFormat::Auto).0, inline);
 }

@@ -7,7 +7,7 @@ mod sequence;
 pub(super) use sequence::Drafter;
 use sequence::Sequence;
 
-use crate::text::tools::ToolCall;
+use crate::text::output::Parsed;
 
 enum Outcome {
     Continue,
@@ -743,38 +743,33 @@ impl WorkerLoop {
         } else {
             Outcome::Continue
         };
-        let (mut text, mut calls) = match s.job.calls.as_mut() {
-            Some(p) => p.push(&text),
-            None => (text, Vec::new()),
-        };
+        let mut out = s.job.output.push(&text);
         match outcome {
             // Bytes after a stop sequence are not output.
             _ if stopped => {
                 drop(s.decoder.finish());
-                if let Some(p) = s.job.calls.as_mut() {
-                    let (rest, more) = p.finish();
-                    text.push_str(&rest);
-                    calls.extend(more);
-                }
+                out.extend(s.job.output.finish());
             }
             // The last token carries what was held back, so a stream has
             // one token event per generated token.
-            Outcome::Finished(_) => {
-                let (tail, more) = held_back(s);
-                text.push_str(&tail);
-                calls.extend(more);
-            }
+            Outcome::Finished(_) => out.extend(held_back(s)),
             _ => {}
         }
-        let ev = Event::Token { text, token_id: tok, logprob, top_logprobs: top };
-        s.job.unread.fetch_add(1, Ordering::Relaxed);
-        if s.job.events.send(ev).is_err() {
+        if Self::send(s, tok, logprob, top, out).is_err() {
             return Outcome::Abandoned;
         }
-        for c in calls {
-            let _ = s.job.events.send(Event::ToolCall(c));
-        }
         outcome
+    }
+
+    /// Sends a token's event (its parsed text), then the calls it completed.
+    fn send(s: &mut Sequence, tok: u32, logprob: Option<f32>, top: Vec<(u32, f32)>, out: Parsed) -> Result<(), ()> {
+        let ev = Event::Token { text: out.content, reasoning: out.reasoning, token_id: tok, logprob, top_logprobs: top };
+        s.job.unread.fetch_add(1, Ordering::Relaxed);
+        s.job.events.send(ev).map_err(drop)?;
+        for c in out.calls {
+            s.job.events.send(Event::ToolCall(c)).map_err(drop)?;
+        }
+        Ok(())
     }
 
     /// Removes the sequences for which `decide` gives an outcome, frees
@@ -835,20 +830,15 @@ impl WorkerLoop {
     fn finish(&self, mut s: Sequence, reason: FinishReason) {
         // Ended by an end-of-generation token, which has no event of its
         // own: what was held back comes as one more event.
-        let (tail, calls) = held_back(&mut s);
-        if !tail.is_empty() {
+        let tail = held_back(&mut s);
+        if tail != Parsed::default() {
             let last = *s.tokens.last().unwrap();
-            let ev = Event::Token { text: tail, token_id: last, logprob: None, top_logprobs: Vec::new() };
-            s.job.unread.fetch_add(1, Ordering::Relaxed);
-            let _ = s.job.events.send(ev);
-        }
-        for c in calls {
-            let _ = s.job.events.send(Event::ToolCall(c));
+            let _ = Self::send(&mut s, last, None, Vec::new(), tail);
         }
         // A reply that called tools ends with OpenAI's `tool_calls`.
-        let reason = match s.job.calls.as_ref() {
-            Some(p) if p.n_calls() > 0 && reason == FinishReason::Stop => FinishReason::ToolCalls,
-            _ => reason,
+        let reason = match reason {
+            FinishReason::Stop if s.job.output.n_calls() > 0 => FinishReason::ToolCalls,
+            other => other,
         };
         let now = Instant::now();
         let t_first = s.t_first_token.unwrap_or(now);
@@ -896,20 +886,13 @@ fn forward(model: &dyn Model, batch: &[BatchToken], kv: &mut KvStore, tables: &[
     }
 }
 
-fn held_back(s: &mut Sequence) -> (String, Vec<ToolCall>) {
+fn held_back(s: &mut Sequence) -> Parsed {
     let tail = s.decoder.finish();
     let (mut tail, stopped) = s.stop.push(&tail);
     if !stopped {
         tail.push_str(&s.stop.flush());
     }
-    match s.job.calls.as_mut() {
-        Some(p) => {
-            let (mut content, mut calls) = p.push(&tail);
-            let (rest, more) = p.finish();
-            content.push_str(&rest);
-            calls.extend(more);
-            (content, calls)
-        }
-        None => (tail, Vec::new()),
-    }
+    let mut out = s.job.output.push(&tail);
+    out.extend(s.job.output.finish());
+    out
 }

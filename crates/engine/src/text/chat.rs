@@ -52,6 +52,8 @@ pub struct ChatTemplate {
     /// Whether the template reads a `tools` variable (otherwise tools are
     /// described in the system turn, `tools::messages_without_tool_support`).
     pub supports_tools: bool,
+    /// Whether the template writes `<think>` blocks (the model reasons in them).
+    pub thinks: bool,
     bos_token: String,
     eos_token: String,
 }
@@ -67,7 +69,8 @@ impl ChatTemplate {
         env.add_template_owned("chat", source.unwrap_or(CHATML).to_owned())
             .map_err(|e| EngineError::Tokenizer(format!("invalid chat template: {e}")))?;
         let supports_tools = source.is_some_and(|s| s.contains("tools"));
-        Ok(ChatTemplate { env, supports_tools, bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned() })
+        let thinks = crate::text::output::thinking(source, "").0;
+        Ok(ChatTemplate { env, supports_tools, thinks, bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned() })
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, EngineError> {

@@ -2,6 +2,7 @@
 
 pub mod chat;
 pub mod grammar;
+pub mod output;
 pub(crate) mod stop;
 pub mod tokenizer;
 pub mod tools;

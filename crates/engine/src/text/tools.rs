@@ -282,7 +282,7 @@ impl CallParser {
 }
 
 /// Length of the longest end of `s` that begins `tag` (and so may be its start).
-fn partial_suffix(s: &str, tag: &str) -> usize {
+pub(crate) fn partial_suffix(s: &str, tag: &str) -> usize {
     (1..tag.len().min(s.len() + 1)).rev().find(|&n| s.is_char_boundary(s.len() - n) && tag.starts_with(&s[s.len() - n..])).unwrap_or(0)
 }
 
