@@ -35,15 +35,12 @@ use crate::backend::BackendKind;
 use crate::engine::kv::{BlockId, BlockPool, KvStore};
 use crate::control::metrics::{Histograms, LatencyMetrics};
 use crate::control::qos::{now_s, Knobs, Window};
-use crate::request::{Field, InvalidParam, PromptFit};
-use crate::text::tools;
 use crate::models::{BatchToken, Model};
 use crate::sampler::{top_logprobs, Sampled, Sampler, SamplingParams};
 use crate::text::stop::StopMatcher;
 use crate::text::grammar::{Grammars, Guide};
 use crate::text::tokenizer::{StreamDecoder, Tokenizer};
-use crate::text::output::{OutputParser, ReasoningFormat};
-use crate::text::tools::ToolChoice;
+use crate::text::output::OutputParser;
 
 /// Counters shared between a worker and the engine.
 #[derive(Default, Debug)]
@@ -112,6 +109,9 @@ struct Job {
     ticket: BreakerTicket,
     /// The grammar its output follows.
     guide: Option<Guide>,
+    /// The grammar a tool call the model opens follows, attached when the
+    /// tag appears (`tool_choice: auto`).
+    lazy_guide: Option<Guide>,
     /// Splits its output into content, reasoning and tool calls.
     output: OutputParser,
 }
@@ -377,201 +377,6 @@ impl Engine {
         self.worker(model)?.template.render(messages, true)
     }
 
-    /// Validates and queues a request; its tokens arrive on the handle.
-    pub fn submit(&self, mut req: GenerateRequest) -> Result<RequestHandle, EngineError> {
-        let t_submit = Instant::now();
-        let id = self.next_request.fetch_add(1, Ordering::Relaxed) + 1;
-        let rid = req.request_id.clone().unwrap_or_else(|| id.to_string());
-        // A canary's name routes to one of its arms by the request id.
-        let mut arm = None;
-        if let Some((model, a)) = self.shared.control.lock().unwrap().route(&req.model, &rid) {
-            req.model = model;
-            arm = Some(a);
-        }
-        let w = self.worker(&req.model)?;
-        let config = self.config();
-        let (prompt, max_tokens, opened_think) = self.tokenize_request(&w, &req, &config)?;
-        let guide = self.guide(&w, &req)?;
-        let offers_tools = !req.tools.is_empty() && req.tool_choice != ToolChoice::None;
-        let reasoning = match req.reasoning_format {
-            ReasoningFormat::Inline => false,
-            ReasoningFormat::Parsed => true,
-            // A chat with a model that thinks, or a prompt that opened a block.
-            ReasoningFormat::Auto => opened_think || (w.template.thinks && matches!(req.input, Input::Messages(_))),
-        };
-        let timeout_ms = [req.timeout_ms, w.info.request_timeout_ms]
-            .into_iter()
-            .flatten()
-            .min()
-            .or(Some(config.streaming.request_timeout).filter(|&t| t > 0));
-        // With a flags file, priority classes apply to the requests the
-        // `batching.priority_scheduling` rollout includes.
-        let priority = match self.feature_flags() {
-            Some(f) if !f.current().evaluate("batching.priority_scheduling", &rid).enabled => Priority::Default,
-            _ => req.priority,
-        };
-        let (in_flight, queued, ticket) = self.admit(&w, &req.model, priority, prompt.len(), &config)?;
-        let (mut features, prefix_cache, speculative) = self.gated_features(&rid, &config);
-        let (events_tx, events_rx) = unbounded_channel();
-        let cancel = Arc::new(AtomicBool::new(false));
-        let unread = Arc::new(AtomicUsize::new(0));
-        if let Some(a) = arm {
-            features.push(format!("canary.{}", a.as_str()));
-        }
-        let job = Job {
-            prompt,
-            max_tokens,
-            sampling: req.sampling,
-            stop_sequences: req.stop_sequences,
-            stop_token_ids: req.stop_token_ids,
-            ignore_eos: req.ignore_eos,
-            top_logprobs: req.top_logprobs,
-            priority,
-            cache_salt: req.cache_salt,
-            prefix_cache,
-            speculative,
-            pin_prefix: req.pin_prefix,
-            features,
-            deadline: timeout_ms.map(|ms| (t_submit + Duration::from_millis(ms), ms)),
-            t_submit,
-            cancel: cancel.clone(),
-            unread: unread.clone(),
-            events: events_tx,
-            in_flight: Some(in_flight),
-            queued: Some(queued),
-            ticket,
-            guide,
-            output: OutputParser::new(reasoning, opened_think, offers_tools),
-        };
-        w.tx.send(Msg::Job(Box::new(job))).map_err(|_| EngineError::ModelNotLoaded(req.model.clone()))?;
-        Ok(RequestHandle { id, events: events_rx, unread, cancel })
-    }
-
-    /// The checked, tokenized prompt, the tokens it may generate, and
-    /// whether the prompt ends inside an opened `<think>` block.
-    fn tokenize_request(&self, w: &Worker, req: &GenerateRequest, config: &RuntimeConfig) -> Result<(Vec<u32>, usize, bool), EngineError> {
-        req.validate()?;
-        req.check_limits(&config.limits)?;
-        if let Some(&(t, _)) = req.sampling.logit_bias.iter().find(|&&(t, _)| t as usize >= w.info.vocab_size) {
-            return Err(InvalidParam::new(Field::LogitBias, format!("names token {t}, outside the vocabulary (size {})", w.info.vocab_size)).into());
-        }
-        let tk = &w.tokenizer;
-        let mut opened_think = false;
-        let prompt = match &req.input {
-            Input::Prompt(text) => {
-                opened_think = crate::text::output::thinking(None, text).1;
-                tk.encode(text, tk.add_bos, true)?
-            }
-            Input::Tokens(ids) => {
-                PromptFit::check_vocabulary(ids, w.info.vocab_size)?;
-                ids.clone()
-            }
-            Input::Messages(msgs) => {
-                let tools: &[_] = if req.tool_choice == ToolChoice::None { &[] } else { &req.tools };
-                let text = w.template.render_with_tools(msgs, tools, true)?;
-                opened_think = crate::text::output::thinking(None, &text).1;
-                // Templates write BOS themselves when the model wants one.
-                tk.encode(&text, false, true)?
-            }
-        };
-        let max_tokens = PromptFit {
-            n_prompt_tokens: prompt.len(),
-            context_length: w.info.context_length,
-            kv_positions: w.counters.kv_blocks_total.load(Ordering::Relaxed) * config.kv_cache.block_size,
-            max_prompt_tokens: config.limits.max_prompt_tokens,
-            max_tokens_cap: config.streaming.max_tokens,
-        }
-        .max_tokens(req)?;
-        Ok((prompt, max_tokens, opened_think))
-    }
-
-    /// The compiled grammar of the request's constraint (or of the tool
-    /// call it requires), on the caller's thread.
-    fn guide(&self, w: &Worker, req: &GenerateRequest) -> Result<Option<Guide>, EngineError> {
-        let (field, constraint) = match (&req.constraint, tools::call_grammar(&req.tools, &req.tool_choice, req.parallel_tool_calls)) {
-            (Some(c), _) => (req.constraint_field(), c.clone()),
-            (None, Some(c)) => (Field::ToolChoice, c),
-            (None, None) => return Ok(None),
-        };
-        let grammars = w
-            .grammars
-            .get_or_init(|| Grammars::new(w.tokenizer.clone(), w.info.vocab_size).map(Arc::new))
-            .as_ref()
-            .map_err(|e| EngineError::Internal(format!("cannot build the grammar compiler for this model: {e}")))?;
-        let guide = grammars.compile(&constraint).map_err(|e| InvalidParam::new(field, format!("cannot be used: {e}")))?;
-        Ok(Some(guide))
-    }
-
-    /// Admission: a bounded number of requests in flight per model, a
-    /// bounded queue of requests and prompt tokens waiting to run (QoS
-    /// actions may have lowered the limits for now), then the breaker. The
-    /// guards it returns give the slots back when the request ends.
-    fn admit(
-        &self,
-        w: &Worker,
-        model: &str,
-        priority: Priority,
-        n_prompt_tokens: usize,
-        config: &RuntimeConfig,
-    ) -> Result<(InFlight, Queued, BreakerTicket), EngineError> {
-        let (knobs, c) = (&self.shared.knobs, &w.counters);
-        if priority == Priority::Background && knobs.shed_background() {
-            return Err(Knobs::shed_error());
-        }
-        let limit = knobs.max_streams(config.streaming.max_concurrent_streams);
-        if c.in_flight.fetch_add(1, Ordering::Relaxed) >= limit {
-            c.in_flight.fetch_sub(1, Ordering::Relaxed);
-            return Err(EngineError::Overloaded(format!("{limit} requests are in flight (streaming.maxConcurrentStreams)")));
-        }
-        let in_flight = InFlight(c.clone());
-        let sched = &config.scheduler;
-        let max_queued = knobs.max_queued(sched.max_queued_requests);
-        let n_queued = c.queued.fetch_add(1, Ordering::Relaxed);
-        let n_tokens = c.queued_tokens.fetch_add(n_prompt_tokens, Ordering::Relaxed);
-        let queued = Queued(c.clone(), n_prompt_tokens);
-        if n_queued >= max_queued {
-            return Err(EngineError::Overloaded(format!("{n_queued} requests are queued (scheduler.maxQueuedRequests)")));
-        }
-        // A queue holding nothing admits any prompt the cache can hold.
-        if n_queued > 0 && n_tokens + n_prompt_tokens > sched.max_queued_tokens {
-            return Err(EngineError::Overloaded(format!(
-                "{n_tokens} prompt tokens are queued; {n_prompt_tokens} more exceed scheduler.maxQueuedTokens"
-            )));
-        }
-        c.last_used_ms.store(self.t_start.elapsed().as_millis() as u64, Ordering::Relaxed);
-
-        // Last, so a refusal above never takes the half-open probe's place.
-        let admission = w.breaker.admit(Instant::now()).map_err(|wait| {
-            EngineError::Overloaded(format!(
-                "model '{model}' is failing: its circuit breaker is open after consecutive failures; next probe in {} ms",
-                wait.as_millis()
-            ))
-        })?;
-        Ok((in_flight, queued, BreakerTicket { breaker: w.breaker.clone(), admission, settled: false }))
-    }
-
-    /// The gated features on for request id `rid` (counted), and whether
-    /// they give it the prefix cache and speculative decoding. Without a
-    /// flags file every gated feature follows the runtime config.
-    fn gated_features(&self, rid: &str, config: &RuntimeConfig) -> (Vec<String>, bool, bool) {
-        let Some(store) = self.feature_flags() else {
-            return (Vec::new(), true, config.speculative.enabled);
-        };
-        let flags = store.current();
-        let mut counts = self.flag_counts.lock().unwrap();
-        let mut features = Vec::new();
-        for &name in GATED_FEATURES {
-            let on = flags.evaluate(name, rid).enabled;
-            *counts.entry((name.to_owned(), on)).or_default() += 1;
-            if on {
-                features.push(name.to_owned());
-            }
-        }
-        let on = |f: &str| features.iter().any(|x| x == f);
-        let (prefix_cache, speculative) = (on("ttft_pipeline.kv_prefetch"), on("ttft_pipeline.speculative"));
-        (features, prefix_cache, speculative)
-    }
-
     /// Stops every worker; running requests end with `Cancelled`.
     pub fn shutdown(&self) {
         if let Some(t) = self.control.lock().unwrap().take() {
@@ -600,6 +405,7 @@ pub mod speculative;
 mod draft;
 mod load;
 mod stats;
+mod submit;
 mod worker;
 pub use control::{CanaryStatus, ControlEvent, QosStatus};
 pub use draft::DraftCompatibility;

@@ -9,6 +9,7 @@ use super::*;
 use crate::request::Field;
 use crate::text::grammar::Constraint;
 use crate::text::output::ReasoningFormat;
+use crate::text::tools::ToolChoice;
 use crate::text::tools::{Function, Tool, ToolCall};
 
 fn constrained(c: Constraint, max_tokens: i64) -> GenerateRequest {
@@ -121,7 +122,14 @@ fn a_required_tool_call_comes_out_as_a_call_with_valid_arguments() {
 /// state (only their cache is recomputed) and give their solo outputs.
 #[test]
 fn preempted_constrained_sequences_resume_where_their_grammar_was() {
-    let cs = [Constraint::JsonObject, Constraint::Regex("([a-z]+ ){20}".into()), Constraint::JsonSchema(serde_json::from_str(SCHEMA).unwrap()), Constraint::Regex("[0-9, ]{60}".into())];
+    // Each runs to max_tokens (none can end sooner), so together they need
+    // more blocks than the cache has.
+    let cs = [
+        Constraint::JsonSchema(json!({"type": "array", "items": {"type": "integer"}, "minItems": 60})),
+        Constraint::Regex("([a-z]+ ){60}".into()),
+        Constraint::JsonSchema(json!({"type": "array", "items": {"enum": ["ab", "cd"]}, "minItems": 60})),
+        Constraint::Regex("[0-9, ]{100}".into()),
+    ];
     let (solo_e, _a) = tiny_engine();
     let solo: Vec<String> = cs.iter().map(|c| run(&solo_e, constrained(c.clone(), 60)).0).collect();
     let (e, _b) = tiny_engine_with(config(|c| {
@@ -130,7 +138,8 @@ fn preempted_constrained_sequences_resume_where_their_grammar_was() {
     }));
     let handles: Vec<_> = cs.iter().map(|c| e.submit(constrained(c.clone(), 60)).unwrap()).collect();
     for (h, want) in handles.into_iter().zip(&solo) {
-        assert_eq!(&collect(h).1, want);
+        let (ids, text, stats) = collect(h);
+        assert_eq!((&text, ids.len(), stats.unwrap().finish_reason), (want, 60, FinishReason::Length));
     }
     let s = wait_for(&e, idle);
     assert!(s.n_preemptions > 0, "{s:?}");

@@ -229,6 +229,12 @@ impl Guide {
         self.matcher.compute_ff_tokens()
     }
 
+    /// Commits `tokens` if the grammar accepts all of them from here.
+    pub fn accept_all(&mut self, tokens: &[u32]) -> bool {
+        self.mask = None;
+        self.accepted_prefix(tokens) == tokens.len() && self.matcher.consume_tokens(tokens).is_ok()
+    }
+
     /// How many of `tokens` the grammar accepts in a row from here.
     pub fn accepted_prefix(&mut self, tokens: &[u32]) -> usize {
         self.matcher.validate_tokens(tokens).unwrap_or(0)

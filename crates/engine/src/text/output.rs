@@ -103,6 +103,11 @@ impl OutputParser {
         self.calls.as_ref().map_or(0, CallParser::n_calls)
     }
 
+    /// Inside a tool call block: the text after its opening tag so far.
+    pub fn open_call(&self) -> Option<&str> {
+        self.calls.as_ref().and_then(CallParser::open_call)
+    }
+
     pub fn push(&mut self, text: &str) -> Parsed {
         let (content, reasoning) = match self.think.as_mut() {
             Some(t) => t.push(text),

@@ -118,17 +118,34 @@ pub fn call_grammar(tools: &[Tool], choice: &ToolChoice, parallel: bool) -> Opti
         ToolChoice::Required => tools.iter().collect(),
         ToolChoice::Named(n) => tools.iter().filter(|t| &t.function.name == n).collect(),
     };
-    let schema = match allowed.as_slice() {
+    Some(calls_grammar(&allowed, parallel, "call"))
+}
+
+/// With `tool_choice: auto`, the grammar of what follows a `<tool_call>`
+/// the model opened on its own (llama.cpp's lazy grammar): the rest of
+/// that call, then more calls or the end. The worker attaches it when the
+/// tag appears, so a call the model starts is always a valid one.
+pub fn rest_of_call_grammar(tools: &[Tool], choice: &ToolChoice, parallel: bool) -> Option<Constraint> {
+    match choice {
+        ToolChoice::Auto if !tools.is_empty() => Some(calls_grammar(&tools.iter().collect::<Vec<_>>(), parallel, "rest")),
+        _ => None,
+    }
+}
+
+/// Call blocks of `allowed`; `first` is `call` (a whole block) or `rest`
+/// (a block whose opening tag is already written).
+fn calls_grammar(allowed: &[&Tool], parallel: bool, first: &str) -> Constraint {
+    let schema = match allowed {
         [one] => call_schema(one),
         many => json!({"anyOf": many.iter().map(|t| call_schema(t)).collect::<Vec<_>>()}),
     };
     let schema = json!({"x-guidance": {"whitespace_flexible": false, "key_separator": ": ", "item_separator": ", "}, "allOf": [schema]});
     let more = if parallel { "(\"\\n\" call)*" } else { "" };
-    Some(Constraint::Lark(format!(
-        "start: call {more}\ncall: {open:?} \"\\n\" body \"\\n\" {close:?}\nbody: %json {schema}\n",
+    Constraint::Lark(format!(
+        "start: {first} {more}\ncall: {open:?} rest\nrest: \"\\n\" body \"\\n\" {close:?}\nbody: %json {schema}\n",
         open = CALL_OPEN,
         close = CALL_CLOSE,
-    )))
+    ))
 }
 
 /// The system turn that offers `tools` to a model whose template cannot.
@@ -226,6 +243,11 @@ pub struct CallParser {
 impl CallParser {
     pub fn n_calls(&self) -> usize {
         self.n_calls
+    }
+
+    /// Inside a call block: the text after its opening tag so far.
+    pub fn open_call(&self) -> Option<&str> {
+        self.in_call.then_some(self.buf.as_str())
     }
 
     /// Content released by `text`, and the calls it completed.

@@ -1,5 +1,4 @@
-//! A request's state inside the worker (tokens, blocks, sampler, guesses)
-//! and the draft model that guesses for it.
+//! A request's state inside the worker: tokens, blocks, sampler, guesses.
 
 use super::super::*;
 
@@ -33,24 +32,6 @@ pub(super) struct Sequence {
     pub(super) draft_cached: usize,
     /// How many guesses the draft model makes, and when it pauses.
     pub(super) draft_len: crate::engine::speculative::DraftLength,
-}
-
-/// A smaller model with the same vocabulary that drafts guesses for this
-/// worker's sequences, with its own paged cache (no prefix sharing: its
-/// blocks live as long as their sequence runs).
-pub(in crate::engine) struct Drafter {
-    pub(in crate::engine) model: Arc<dyn Model>,
-    pub(in crate::engine) kv: KvStore,
-    pub(in crate::engine) pool: BlockPool,
-}
-
-impl Drafter {
-    pub(super) fn release(&mut self, s: &mut Sequence) {
-        for b in s.draft_blocks.drain(..) {
-            self.pool.release(b);
-        }
-        s.draft_cached = 0;
-    }
 }
 
 impl Sequence {
