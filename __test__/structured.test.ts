@@ -267,6 +267,20 @@ describe('structured output and tool calls', () => {
     let text = '';
     for await (const part of s.textStream) text += part;
     assert.ok(text.length > 0);
+    // Streamed tool calls: the SDK assembles our deltas into a call it runs.
+    const calls: unknown[] = [];
+    const st = streamText({
+      model,
+      prompt: 'What is the weather in Oslo?',
+      tools: { get_weather: tool({ inputSchema: jsonSchema<{ city: string; unit: string }>(weatherTool.function.parameters as never), execute: async (input) => (calls.push(input), { temperature: 3 }) }) },
+      toolChoice: 'required',
+      maxOutputTokens: 80,
+      temperature: 0,
+    });
+    const streamedCalls = await st.toolCalls;
+    assert.equal(streamedCalls.length, calls.length);
+    assert.ok(streamedCalls.length >= 1 && streamedCalls[0].toolName === 'get_weather');
+    assert.equal(await st.finishReason, 'tool-calls');
   });
 
   test('LangChain: bindTools and invoke', async () => {
