@@ -75,7 +75,9 @@ impl Engine {
             ticket,
             guide,
             lazy_guide,
-            output: OutputParser::new(reasoning, opened_think, offers_tools),
+            // Under a JSON, regex or grammar constraint the output is what
+            // it says, never a call.
+            output: OutputParser::new(reasoning, opened_think, (offers_tools && req.constraint.is_none()).then_some(req.tools.as_slice())),
         };
         w.tx.send(Msg::Job(Box::new(job))).map_err(|_| EngineError::ModelNotLoaded(req.model.clone()))?;
         Ok(RequestHandle { id, events: events_rx, unread, cancel })

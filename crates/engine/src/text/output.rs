@@ -4,7 +4,7 @@
 //! `OutputParser`; reasoning is split off first, so a call written while
 //! thinking stays part of the reasoning.
 
-use crate::text::tools::{CallParser, ToolCall};
+use crate::text::tools::{CallParser, Tool, ToolCall};
 
 pub const THINK_OPEN: &str = "<think>";
 pub const THINK_CLOSE: &str = "</think>";
@@ -91,11 +91,12 @@ pub struct OutputParser {
 
 impl OutputParser {
     /// `reasoning`: split `<think>` blocks out, starting inside one when the
-    /// prompt opened it; `tools`: parse tool calls out of the content.
-    pub fn new(reasoning: bool, starts_thinking: bool, tools: bool) -> Self {
+    /// prompt opened it; `tools`: the tools whose calls are parsed out of
+    /// the content (none: no parsing).
+    pub fn new(reasoning: bool, starts_thinking: bool, tools: Option<&[Tool]>) -> Self {
         OutputParser {
             think: reasoning.then(|| ThinkSplit { buf: String::new(), thinking: starts_thinking }),
-            calls: tools.then(CallParser::default),
+            calls: tools.map(CallParser::new),
         }
     }
 
@@ -164,7 +165,7 @@ mod tests {
     fn reasoning_is_split_out_under_any_chunking_and_calls_inside_it_stay_reasoning() {
         let text = "<think>\nI should call <tool_call>{\"name\": \"x\", \"arguments\": {}}</tool_call> maybe\n</think>\n\nHello <tool_call>{\"name\": \"f\", \"arguments\": {\"a\": 1}}</tool_call>";
         for chunk in [1, 2, 5, 9, text.len()] {
-            let out = run(&mut OutputParser::new(true, false, true), text, chunk);
+            let out = run(&mut OutputParser::new(true, false, Some(&[])), text, chunk);
             assert_eq!(out.reasoning, "\nI should call <tool_call>{\"name\": \"x\", \"arguments\": {}}</tool_call> maybe\n", "chunk {chunk}");
             assert_eq!(out.content, "\n\nHello ");
             assert_eq!(out.calls.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["f"]);
@@ -173,14 +174,14 @@ mod tests {
 
     #[test]
     fn a_prompt_that_opened_the_block_starts_inside_it_and_inline_keeps_everything() {
-        let out = run(&mut OutputParser::new(true, true, false), "plan</think>answer", 3);
+        let out = run(&mut OutputParser::new(true, true, None), "plan</think>answer", 3);
         assert_eq!((out.reasoning.as_str(), out.content.as_str()), ("plan", "answer"));
         // Unterminated reasoning stays reasoning; a lone "<thi" at the end is content.
-        let out = run(&mut OutputParser::new(true, false, false), "a <thi", 1);
+        let out = run(&mut OutputParser::new(true, false, None), "a <thi", 1);
         assert_eq!((out.reasoning.as_str(), out.content.as_str()), ("", "a <thi"));
-        let out = run(&mut OutputParser::new(true, false, false), "<think>still going", 4);
+        let out = run(&mut OutputParser::new(true, false, None), "<think>still going", 4);
         assert_eq!((out.reasoning.as_str(), out.content.as_str()), ("still going", ""));
-        let out = run(&mut OutputParser::new(false, false, false), "<think>x</think>y", 2);
+        let out = run(&mut OutputParser::new(false, false, None), "<think>x</think>y", 2);
         assert_eq!(out.content, "<think>x</think>y");
         assert_eq!(thinking(Some("{% if x %}<think>{% endif %}"), "hi"), (true, false));
         assert_eq!(thinking(None, "<|im_start|>assistant\n<think>\n"), (true, true));

@@ -233,14 +233,25 @@ fn call_id() -> String {
 
 /// Splits streamed output into content text and tool calls. Text that may
 /// be the start of `<tool_call>` is held back until it is known not to be.
+/// An output that is one bare JSON object naming an offered tool (Llama
+/// 3.x's format: `{"name": ..., "parameters": ...}`) is a call too; such an
+/// output is held back whole until it ends, so it is known to be one.
 #[derive(Debug, Default)]
 pub struct CallParser {
     buf: String,
     in_call: bool,
     n_calls: usize,
+    /// The tools a bare JSON call may name.
+    names: Vec<String>,
+    /// Whether the output began with `{` (`None`: only whitespace so far).
+    bare: Option<bool>,
 }
 
 impl CallParser {
+    pub fn new(tools: &[Tool]) -> Self {
+        CallParser { names: tools.iter().map(|t| t.function.name.clone()).collect(), ..Default::default() }
+    }
+
     pub fn n_calls(&self) -> usize {
         self.n_calls
     }
@@ -253,6 +264,12 @@ impl CallParser {
     /// Content released by `text`, and the calls it completed.
     pub fn push(&mut self, text: &str) -> (String, Vec<ToolCall>) {
         self.buf.push_str(text);
+        if self.bare.is_none() {
+            self.bare = self.buf.trim_start().chars().next().map(|c| c == '{');
+        }
+        if self.bare != Some(false) {
+            return (String::new(), Vec::new());
+        }
         let (mut content, mut calls) = (String::new(), Vec::new());
         loop {
             if !self.in_call {
@@ -282,6 +299,13 @@ impl CallParser {
     /// if its JSON is whole; anything else is content.
     pub fn finish(&mut self) -> (String, Vec<ToolCall>) {
         let rest = std::mem::take(&mut self.buf);
+        if self.bare == Some(true) {
+            let named = |v: &Value| v.get("name").and_then(Value::as_str).is_some_and(|n| self.names.iter().any(|t| t == n));
+            return match serde_json::from_str::<Value>(rest.trim()) {
+                Ok(v) if named(&v) => (String::new(), self.call(rest.trim()).into_iter().collect()),
+                _ => (rest, Vec::new()),
+            };
+        }
         if !self.in_call {
             return (rest, Vec::new());
         }
@@ -320,7 +344,7 @@ mod tests {
     fn parser_splits_content_and_calls_across_any_chunking() {
         let out = "Let me check.<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>{\"name\":\"f\",\"arguments\":\"{}\"}</tool_call>";
         for chunk in [1, 2, 3, 7, out.len()] {
-            let mut p = CallParser::default();
+            let mut p = CallParser::new(&[]);
             let (mut content, mut calls) = (String::new(), Vec::new());
             let bytes: Vec<char> = out.chars().collect();
             for piece in bytes.chunks(chunk) {
@@ -341,14 +365,38 @@ mod tests {
 
     #[test]
     fn malformed_calls_stay_content_and_an_unclosed_whole_call_counts() {
-        let mut p = CallParser::default();
+        let mut p = CallParser::new(&[]);
         let (c, k) = p.push("a <tool_call>not json</tool_call> b <tool");
         assert_eq!((c.as_str(), k.len()), ("a <tool_call>not json</tool_call> b ", 0));
         assert_eq!(p.finish(), ("<tool".into(), vec![]));
-        let mut p = CallParser::default();
+        let mut p = CallParser::new(&[]);
         p.push("<tool_call>{\"name\": \"f\", \"arguments\": {}}");
         let (c, k) = p.finish();
         assert_eq!((c.as_str(), k.len()), ("", 1));
+    }
+
+    #[test]
+    fn a_bare_json_output_naming_a_tool_is_a_call_and_other_json_is_content() {
+        let tools = [tool("get_weather", json!({"type": "object"}))];
+        let run = |text: &str| {
+            let mut p = CallParser::new(&tools);
+            let (mut content, mut calls) = (String::new(), Vec::new());
+            for ch in text.chars() {
+                let (c, k) = p.push(&ch.to_string());
+                content.push_str(&c);
+                calls.extend(k);
+            }
+            let (c, k) = p.finish();
+            content.push_str(&c);
+            calls.extend(k);
+            (content, calls)
+        };
+        let (content, calls) = run(" {\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}");
+        assert_eq!((content.as_str(), calls.len()), ("", 1));
+        assert_eq!((calls[0].name.as_str(), calls[0].arguments.as_str()), ("get_weather", r#"{"city":"Oslo"}"#));
+        for other in ["{\"name\": \"unknown\", \"parameters\": {}}", "{\"answer\": 42}", "{not json", "plain {\"name\": \"get_weather\"}"] {
+            assert_eq!(run(other), (other.to_owned(), vec![]), "{other}");
+        }
     }
 
     #[test]
