@@ -132,13 +132,20 @@ fn preempted_constrained_sequences_resume_where_their_grammar_was() {
     ];
     let (solo_e, _a) = tiny_engine();
     let solo: Vec<String> = cs.iter().map(|c| run(&solo_e, constrained(c.clone(), 60)).0).collect();
+    // A stream buffer of 2: no sequence gets ahead while the others are
+    // still being submitted (each compiles its grammar first); read at once,
+    // they then run side by side.
     let (e, _b) = tiny_engine_with(config(|c| {
         c.kv_cache.block_size = 16;
         c.kv_cache.memory_mib = (12 * 16 * 256) as f64 / 1048576.0;
+        c.scheduler.stream_buffer = 2;
     }));
     let handles: Vec<_> = cs.iter().map(|c| e.submit(constrained(c.clone(), 60)).unwrap()).collect();
-    for (h, want) in handles.into_iter().zip(&solo) {
-        let (ids, text, stats) = collect(h);
+    let outs: Vec<_> = std::thread::scope(|scope| {
+        let readers: Vec<_> = handles.into_iter().map(|h| scope.spawn(move || collect(h))).collect();
+        readers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for ((ids, text, stats), want) in outs.into_iter().zip(&solo) {
         assert_eq!((&text, ids.len(), stats.unwrap().finish_reason), (want, 60, FinishReason::Length));
     }
     let s = wait_for(&e, idle);
