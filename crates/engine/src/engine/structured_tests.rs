@@ -122,8 +122,9 @@ fn a_required_tool_call_comes_out_as_a_call_with_valid_arguments() {
 /// state (only their cache is recomputed) and give their solo outputs.
 #[test]
 fn preempted_constrained_sequences_resume_where_their_grammar_was() {
-    // Each runs to max_tokens (none can end sooner), so together they need
-    // more blocks than the cache has.
+    // Each runs to max_tokens (none can end sooner): ~65 positions, 5 blocks
+    // of 16. The cache has 7, so one sequence growing while the other three
+    // hold their first block must preempt, however the readers are timed.
     let cs = [
         Constraint::JsonSchema(json!({"type": "array", "items": {"type": "integer"}, "minItems": 60})),
         Constraint::Regex("([a-z]+ ){60}".into()),
@@ -133,13 +134,14 @@ fn preempted_constrained_sequences_resume_where_their_grammar_was() {
     let (solo_e, _a) = tiny_engine();
     let solo: Vec<String> = cs.iter().map(|c| run(&solo_e, constrained(c.clone(), 60)).0).collect();
     // A stream buffer of 2: no sequence gets ahead while the others are
-    // still being submitted (each compiles its grammar first); read at once,
-    // they then run side by side.
+    // still being submitted (each compiles its grammar first), so all four
+    // are admitted before any grows past its first block.
     let (e, _b) = tiny_engine_with(config(|c| {
         c.kv_cache.block_size = 16;
-        c.kv_cache.memory_mib = (12 * 16 * 256) as f64 / 1048576.0;
+        c.kv_cache.memory_mib = (7 * 16 * 256) as f64 / 1048576.0;
         c.scheduler.stream_buffer = 2;
     }));
+    assert_eq!(e.stats().kv_blocks_total, 7);
     let handles: Vec<_> = cs.iter().map(|c| e.submit(constrained(c.clone(), 60)).unwrap()).collect();
     let outs: Vec<_> = std::thread::scope(|scope| {
         let readers: Vec<_> = handles.into_iter().map(|h| scope.spawn(move || collect(h))).collect();
