@@ -223,7 +223,7 @@ impl ConfigSource {
 impl RuntimeConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, EngineError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
+        let text = crate::formats::filebuf::read_text(path, crate::formats::filebuf::MAX_CONFIG_TEXT)
             .map_err(|e| EngineError::InvalidParams(format!("cannot read config {}: {e}", path.display())))?;
         Self::from_yaml(&text).map_err(|e| EngineError::InvalidParams(format!("config {}: {e}", path.display())))
     }

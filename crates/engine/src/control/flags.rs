@@ -138,7 +138,7 @@ impl FeatureFlags {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, EngineError> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::formats::filebuf::read_text(path, crate::formats::filebuf::MAX_CONFIG_TEXT)
             .map_err(|e| EngineError::InvalidParams(format!("cannot read feature flags {}: {e}", path.display())))?;
         Self::from_yaml(&text, &|k| std::env::var(k).ok())
             .map_err(|e| EngineError::InvalidParams(format!("feature flags {}: {e}", path.display())))

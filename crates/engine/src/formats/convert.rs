@@ -79,7 +79,6 @@ pub fn gguf_to_mlx(gguf: &Path, out_dir: &Path) -> Result<ConvertReport, EngineE
     let g = GgufFile::open(gguf)?;
     let src = GgufSource::new(&g)?;
     let hp = src.hparams().clone();
-    hp.validate(&src)?;
     if !CONVERTIBLE.contains(&hp.model_type.as_str()) {
         return Err(src.err(format!("convert supports {} (this file is '{}')", CONVERTIBLE.join(", "), hp.model_type)));
     }

@@ -10,9 +10,10 @@
 //! touching the loaded model.
 
 use std::alloc::{alloc, dealloc, Layout};
-use std::fs::File;
-use std::io::Read;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek};
 use std::ops::Deref;
+use std::path::Path;
 use std::ptr::NonNull;
 
 /// Tensor data is 32-byte aligned inside a GGUF file; aligning the buffer
@@ -96,7 +97,64 @@ impl FileBuf {
     }
 }
 
+/// Opens `path` for reading if it is a regular file, with its length.
+/// A FIFO, socket or device named as a model or config file would block
+/// the open (or the read) until a writer appears, holding up the load or
+/// the JavaScript thread that asked; the open is non-blocking so that the
+/// check after it can refuse such a file at once.
+pub fn open_regular(path: &Path) -> io::Result<(File, u64)> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = options.open(path)?;
+    let meta = file.metadata()?;
+    if meta.is_dir() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "is a directory"));
+    }
+    if !meta.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    Ok((file, meta.len()))
+}
+
+/// The most a model folder's JSON or template file may hold (the largest
+/// real `tokenizer.json` files are about 35 MB).
+pub const MAX_MODEL_TEXT: u64 = 128 << 20;
+/// The most a YAML config file may hold.
+pub const MAX_CONFIG_TEXT: u64 = 8 << 20;
+
+/// A whole text file (a config, a template, a tokenizer), refused past
+/// `limit` bytes before any of it is read.
+pub fn read_text(path: &Path, limit: u64) -> io::Result<String> {
+    let (file, len) = open_regular(path)?;
+    if len > limit {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{len} bytes, more than the {limit} allowed")));
+    }
+    let mut text = String::with_capacity(len as usize);
+    // `take`: a file that grows while it is read stops at the limit too.
+    file.take(limit + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > limit {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("more than the {limit} bytes allowed")));
+    }
+    Ok(text)
+}
+
 impl FileBuf {
+    /// Reads a whole model file once `check` has accepted its first `head`
+    /// bytes (fewer if the file is shorter) and its length: a 1 GB file
+    /// that is not a model is refused without reading it. Errors say which
+    /// step failed (`cannot open: ...`).
+    pub fn open(path: &Path, head: usize, check: impl FnOnce(&[u8], u64) -> Result<(), String>) -> Result<FileBuf, String> {
+        let (mut file, len) = open_regular(path).map_err(|e| format!("cannot open: {e}"))?;
+        let len = usize::try_from(len).map_err(|_| "file too large".to_string())?;
+        let mut first = vec![0u8; head.min(len)];
+        file.read_exact(&mut first).map_err(|e| format!("cannot read: {e}"))?;
+        check(&first, len as u64)?;
+        file.rewind().map_err(|e| format!("cannot read: {e}"))?;
+        FileBuf::read(&mut file, len).map_err(|e| format!("cannot read: {e}"))
+    }
+
     /// Bytes `offset..offset + len`, to rearrange in place (weights put into
     /// the kernels' layout at load, without a second copy).
     ///
@@ -146,5 +204,26 @@ mod tests {
         let err = FileBuf::read(&mut f, data.len() + 1).err().unwrap();
         assert!(err.to_string().contains("shrank"), "{err}");
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_fifo_or_an_oversized_text_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("model.gguf");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string naming a path in a fresh directory.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // No writer ever opens it: a blocking open would hang this test.
+        assert_eq!(open_regular(&fifo).err().unwrap().to_string(), "not a regular file");
+        assert_eq!(read_text(&fifo, 10).err().unwrap().to_string(), "not a regular file");
+        assert_eq!(FileBuf::open(&fifo, 4, |_, _| Ok(())).err().unwrap(), "cannot open: not a regular file");
+        assert_eq!(open_regular(dir.path()).err().unwrap().to_string(), "is a directory");
+        let text = dir.path().join("config.json");
+        std::fs::write(&text, "0123456789").unwrap();
+        assert_eq!(read_text(&text, 10).unwrap(), "0123456789");
+        assert!(read_text(&text, 9).err().unwrap().to_string().contains("10 bytes, more than the 9 allowed"));
+        // The check sees the head before the rest is read.
+        let err = FileBuf::open(&text, 4, |head, len| Err(format!("{:?} of {len}", std::str::from_utf8(head).unwrap()))).err().unwrap();
+        assert_eq!(err, "\"0123\" of 10");
     }
 }

@@ -6,7 +6,6 @@
 //! an out-of-bounds read.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -18,6 +17,11 @@ use crate::formats::quant::QType;
 const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
 const MAX_DIMS: u32 = 4;
+const BAD_MAGIC: &str = "not a GGUF file (bad magic)";
+/// Collections are sized by what parsed, not by counts the file states: a
+/// count is checked only against the bytes left, and a metadata entry in
+/// memory is larger than its bytes in the file.
+const MAX_RESERVE: usize = 1024;
 
 /// A metadata value. Arrays keep their element values (token lists are large
 /// but only read once, at load).
@@ -36,6 +40,22 @@ pub enum MetaValue {
     Bool(bool),
     Str(String),
     Array(Vec<MetaValue>),
+    /// An array of numbers or booleans, kept as the file's little-endian
+    /// bytes with the elements' type: as `MetaValue`s (32 bytes each) an
+    /// 8 MB array of bytes would take 256 MB.
+    Packed(u32, Vec<u8>),
+}
+
+/// Bytes per element of a GGUF number or boolean type; `None` for strings
+/// and arrays.
+fn packed_size(ty: u32) -> Option<usize> {
+    match ty {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    }
 }
 
 impl MetaValue {
@@ -74,6 +94,19 @@ impl MetaValue {
     pub fn as_array(&self) -> Option<&[MetaValue]> {
         match self {
             MetaValue::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+    /// An array of numbers as f64 (exact for every integer a vocabulary
+    /// holds); `None` if it is not an array or holds something else.
+    pub fn numbers(&self) -> Option<Vec<f64>> {
+        match self {
+            MetaValue::Array(a) => a.iter().map(MetaValue::as_f64).collect(),
+            MetaValue::Packed(ty, bytes) => {
+                let mut r = Reader { buf: bytes, pos: 0 };
+                let n = bytes.len() / packed_size(*ty)?;
+                (0..n).map(|_| r.value(*ty, 0).ok().and_then(|v| v.as_f64())).collect()
+            }
             _ => None,
         }
     }
@@ -181,7 +214,11 @@ impl<'a> Reader<'a> {
                 if len > self.remaining() as u64 {
                     return Err(format!("array length {len} at byte {} exceeds the file", self.pos));
                 }
-                let mut items = Vec::with_capacity(len as usize);
+                if let Some(size) = packed_size(elem_ty) {
+                    let n = (len as usize).checked_mul(size).ok_or("array size overflows")?;
+                    return Ok(MetaValue::Packed(elem_ty, self.take(n)?.to_vec()));
+                }
+                let mut items = Vec::with_capacity((len as usize).min(MAX_RESERVE));
                 for _ in 0..len {
                     items.push(self.value(elem_ty, depth + 1)?);
                 }
@@ -199,13 +236,8 @@ impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, EngineError> {
         let path = path.as_ref().to_path_buf();
         let fail = |reason: String| EngineError::ModelLoad { path: path.display().to_string(), reason };
-        let mut file = File::open(&path).map_err(|e| fail(format!("cannot open: {e}")))?;
-        let meta = file.metadata().map_err(|e| fail(format!("cannot stat: {e}")))?;
-        if meta.is_dir() {
-            return Err(fail("is a directory, not a GGUF file".into()));
-        }
-        let len = usize::try_from(meta.len()).map_err(|_| fail("file too large".into()))?;
-        let bytes = FileBuf::read(&mut file, len).map_err(|e| fail(format!("cannot read: {e}")))?;
+        let check = |head: &[u8], _len: u64| if head == GGUF_MAGIC { Ok(()) } else { Err(BAD_MAGIC.to_string()) };
+        let bytes = FileBuf::open(&path, GGUF_MAGIC.len(), check).map_err(fail)?;
         Self::parse(path.clone(), Arc::new(bytes)).map_err(fail)
     }
 
@@ -218,7 +250,7 @@ impl GgufFile {
     fn parse(path: PathBuf, bytes: Arc<FileBuf>) -> Result<Self, String> {
         let buf: &[u8] = &bytes;
         if buf.len() < 4 || &buf[..4] != GGUF_MAGIC {
-            return Err("not a GGUF file (bad magic)".into());
+            return Err(BAD_MAGIC.into());
         }
         let mut r = Reader { buf, pos: 4 };
         let version = r.u32()?;
@@ -230,7 +262,7 @@ impl GgufFile {
         if n_tensors > r.remaining() as u64 || n_kv > r.remaining() as u64 {
             return Err(format!("header counts ({n_tensors} tensors, {n_kv} metadata) exceed the file"));
         }
-        let mut metadata = HashMap::with_capacity(n_kv as usize);
+        let mut metadata = HashMap::with_capacity((n_kv as usize).min(MAX_RESERVE));
         for _ in 0..n_kv {
             let key = r.string()?;
             let ty = r.u32()?;
@@ -251,7 +283,7 @@ impl GgufFile {
             ty: u32,
             rel_offset: u64,
         }
-        let mut raws = Vec::with_capacity(n_tensors as usize);
+        let mut raws = Vec::with_capacity((n_tensors as usize).min(MAX_RESERVE));
         for _ in 0..n_tensors {
             let name = r.string()?;
             let n_dims = r.u32()?;
@@ -384,7 +416,7 @@ pub mod writer {
             MetaValue::F32(_) => 6,
             MetaValue::Bool(_) => 7,
             MetaValue::Str(_) => 8,
-            MetaValue::Array(_) => 9,
+            MetaValue::Array(_) | MetaValue::Packed(..) => 9,
             MetaValue::U64(_) => 10,
             MetaValue::I64(_) => 11,
             MetaValue::F64(_) => 12,
@@ -405,6 +437,11 @@ pub mod writer {
             MetaValue::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
             MetaValue::Bool(x) => out.push(*x as u8),
             MetaValue::Str(s) => put_str(out, s),
+            MetaValue::Packed(ty, bytes) => {
+                out.extend_from_slice(&ty.to_le_bytes());
+                out.extend_from_slice(&((bytes.len() / super::packed_size(*ty).unwrap_or(1)) as u64).to_le_bytes());
+                out.extend_from_slice(bytes);
+            }
             MetaValue::Array(items) => {
                 let elem = items.first().map(type_id).unwrap_or(8);
                 out.extend_from_slice(&elem.to_le_bytes());

@@ -8,7 +8,6 @@
 //! tensor and the field, never a panic.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -90,9 +89,13 @@ impl std::fmt::Debug for SafeTensors {
 impl SafeTensors {
     pub fn open(path: &Path) -> Result<SafeTensors, EngineError> {
         let err = |reason: String| EngineError::ModelLoad { path: path.display().to_string(), reason };
-        let mut f = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
-        let len = f.metadata().map_err(|e| err(format!("cannot stat: {e}")))?.len();
-        let buf = FileBuf::read(&mut f, len as usize).map_err(|e| err(format!("cannot read: {e}")))?;
+        // The header's length comes first: one longer than the file is
+        // refused before the file is read.
+        let check = |head: &[u8], len: u64| match header_len(head, len)? {
+            n if n >= 2 && head.get(8) == Some(&b'{') => Ok(()),
+            _ => Err("not a safetensors file (its header is not a JSON object)".to_string()),
+        };
+        let buf = FileBuf::open(path, 9, check).map_err(err)?;
         Self::parse(path.to_owned(), Arc::new(buf))
     }
 
@@ -138,15 +141,20 @@ impl SafeTensors {
     }
 }
 
+/// The header's length, from the file's first 8 bytes and its length.
+fn header_len(head: &[u8], file_len: u64) -> Result<usize, String> {
+    let n = u64::from_le_bytes(head.get(..8).ok_or("shorter than the 8-byte header length")?.try_into().unwrap());
+    if n > MAX_HEADER || n > file_len - 8 {
+        return Err(format!("header length {n} exceeds the file ({file_len} bytes) or the 100 MiB limit"));
+    }
+    Ok(n as usize)
+}
+
 type Header = (BTreeMap<String, TensorEntry>, BTreeMap<String, String>);
 
 /// Checks and indexes the header of a whole file.
 pub fn parse_header(file: &[u8]) -> Result<Header, String> {
-    let n = u64::from_le_bytes(file.get(..8).ok_or("shorter than the 8-byte header length")?.try_into().unwrap());
-    if n > MAX_HEADER || n > file.len() as u64 - 8 {
-        return Err(format!("header length {n} exceeds the file ({} bytes) or the 100 MiB limit", file.len()));
-    }
-    let data_start = 8 + n as usize;
+    let data_start = 8 + header_len(file, file.len() as u64)?;
     let data_len = file.len() - data_start;
     let header: Value = serde_json::from_slice(&file[8..data_start]).map_err(|e| format!("header is not valid JSON: {e}"))?;
     let obj = header.as_object().ok_or("header is not a JSON object")?;

@@ -13,7 +13,6 @@ use crate::error::EngineError;
 
 pub fn load(src: &dyn WeightSource) -> Result<Decoder, EngineError> {
     let hp = src.hparams();
-    hp.validate(src)?;
     let mut opts = default_options(src, false);
     opts.activation = Activation::GeluTanh;
     opts.embed_scale = Some((hp.dim as f32).sqrt());

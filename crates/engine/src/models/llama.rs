@@ -11,7 +11,6 @@ use crate::error::EngineError;
 
 pub fn load(src: &dyn WeightSource) -> Result<Decoder, EngineError> {
     let hp = src.hparams();
-    hp.validate(src)?;
     let opts = default_options(src, true);
     let layers = (0..hp.n_layers)
         .map(|i| standard_layer(src, i, false, &opts))

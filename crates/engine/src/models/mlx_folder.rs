@@ -19,6 +19,7 @@ use super::weights::{Format, Hparams, Name, WeightSource};
 use crate::backend::cpu::kernels::{Bytes, QMatrix};
 use crate::error::EngineError;
 use crate::formats::affine::affine_to_blocks;
+use crate::formats::filebuf::{read_text, MAX_MODEL_TEXT};
 use crate::formats::quant::QType;
 use crate::formats::safetensors::{Dtype, SafeTensors};
 
@@ -67,7 +68,7 @@ fn parse_quant(v: &Value, field: &str, cfg_path: &Path) -> Result<Quant, EngineE
 impl MlxFolder {
     pub fn open(dir: &Path) -> Result<MlxFolder, EngineError> {
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| load_err(&cfg_path, format!("cannot read: {e}")))?;
+        let text = read_text(&cfg_path, MAX_MODEL_TEXT).map_err(|e| load_err(&cfg_path, format!("cannot read: {e}")))?;
         let config: Value = serde_json::from_str(&text).map_err(|e| load_err(&cfg_path, format!("not valid JSON: {e}")))?;
         if !config.is_object() {
             return Err(load_err(&cfg_path, "is not a JSON object".into()));
@@ -81,7 +82,7 @@ impl MlxFolder {
         // Shards: those the index names, or every *.safetensors file.
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| load_err(&index_path, format!("cannot read: {e}")))?;
+            let text = read_text(&index_path, MAX_MODEL_TEXT).map_err(|e| load_err(&index_path, format!("cannot read: {e}")))?;
             let idx: Value = serde_json::from_str(&text).map_err(|e| load_err(&index_path, format!("not valid JSON: {e}")))?;
             let map = idx["weight_map"].as_object().ok_or_else(|| load_err(&index_path, "weight_map is missing".into()))?;
             let mut names: Vec<&str> = map.values().filter_map(Value::as_str).collect();
@@ -195,7 +196,31 @@ fn hparams(c: &Value, cfg_path: &Path) -> Result<Hparams, EngineError> {
         (Value::Null, _) => scaling_number(c, "original_max_position_embeddings", None),
         _ => scaling_number(scaling, "original_max_position_embeddings", None),
     };
-    let (rope_factors, rope_mscale) = match scaling_kind {
+    let mut hp = Hparams {
+        rope_factors: None,
+        rope_mscale: None,
+        n_layers: req("num_hidden_layers")?,
+        dim,
+        ffn_dim: uint("intermediate_size")?.unwrap_or(0),
+        n_heads,
+        n_kv_heads: uint("num_key_value_heads")?.unwrap_or(n_heads),
+        head_dim,
+        rope_theta,
+        eps: float("rms_norm_eps")?.ok_or_else(|| err("rms_norm_eps is missing".into()))?,
+        context_length,
+        sliding_window: uint("sliding_window")?.filter(|&w| w > 0),
+        attn_softcap: float("attn_logit_softcapping")?.filter(|&v| v > 0.0),
+        final_softcap: float("final_logit_softcapping")?.filter(|&v| v > 0.0),
+        query_pre_attn_scalar: float("query_pre_attn_scalar")?,
+        n_experts: uint("num_experts")?.unwrap_or(0),
+        n_experts_used: uint("num_experts_per_tok")?.unwrap_or(0),
+        moe_ffn_dim: uint("moe_intermediate_size")?.unwrap_or(0),
+        norm_topk_prob: c["norm_topk_prob"].as_bool().unwrap_or(false),
+        model_type,
+    };
+    // Bounded before the rope scaling sizes anything by them.
+    hp.check().map_err(err)?;
+    (hp.rope_factors, hp.rope_mscale) = match scaling_kind {
         // Dynamic NTK changes only past max_position_embeddings, our limit.
         "default" | "dynamic" => (None, None),
         "linear" => (Some(vec![scaling_number(scaling, "factor", None).map_err(err)?; head_dim / 2]), None),
@@ -225,28 +250,8 @@ fn hparams(c: &Value, cfg_path: &Path) -> Result<Hparams, EngineError> {
         }
         other => return Err(err(format!("rope scaling '{other}' is not supported (linear, dynamic, llama3, yarn and longrope are)"))),
     };
-    Ok(Hparams {
-        rope_factors,
-        rope_mscale,
-        n_layers: req("num_hidden_layers")?,
-        dim,
-        ffn_dim: uint("intermediate_size")?.unwrap_or(0),
-        n_heads,
-        n_kv_heads: uint("num_key_value_heads")?.unwrap_or(n_heads),
-        head_dim,
-        rope_theta,
-        eps: float("rms_norm_eps")?.ok_or_else(|| err("rms_norm_eps is missing".into()))?,
-        context_length,
-        sliding_window: uint("sliding_window")?.filter(|&w| w > 0),
-        attn_softcap: float("attn_logit_softcapping")?.filter(|&v| v > 0.0),
-        final_softcap: float("final_logit_softcapping")?.filter(|&v| v > 0.0),
-        query_pre_attn_scalar: float("query_pre_attn_scalar")?,
-        n_experts: uint("num_experts")?.unwrap_or(0),
-        n_experts_used: uint("num_experts_per_tok")?.unwrap_or(0),
-        moe_ffn_dim: uint("moe_intermediate_size")?.unwrap_or(0),
-        norm_topk_prob: c["norm_topk_prob"].as_bool().unwrap_or(false),
-        model_type,
-    })
+    hp.check().map_err(err)?;
+    Ok(hp)
 }
 
 fn scaling_number(scaling: &Value, key: &str, default: Option<f64>) -> Result<f32, String> {

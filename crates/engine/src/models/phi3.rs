@@ -10,7 +10,6 @@ use crate::error::EngineError;
 
 pub fn load(src: &dyn WeightSource) -> Result<Decoder, EngineError> {
     let hp = src.hparams();
-    hp.validate(src)?;
     let opts = default_options(src, false);
     let (q_dim, kv_dim, ff) = (
         hp.n_heads * hp.head_dim,

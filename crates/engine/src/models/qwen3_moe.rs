@@ -11,7 +11,6 @@ use crate::error::EngineError;
 
 pub fn load(src: &dyn WeightSource) -> Result<Decoder, EngineError> {
     let hp = src.hparams();
-    hp.validate(src)?;
     if hp.n_experts == 0 {
         return Err(src.err("qwen3_moe needs num_experts / expert_count".into()));
     }

@@ -50,66 +50,57 @@ pub struct Hparams {
     pub rope_mscale: Option<f32>,
 }
 
+/// The largest value each shape hyperparameter may take. Real models stay
+/// far below (Llama 3.1 405B: 126 layers, hidden 16384, ffn 53248, 128
+/// heads; 10M-token contexts), and a file may not ask for more: the loader
+/// and the KV cache size buffers by these numbers.
+pub const MAX_LAYERS: usize = 1 << 12;
+pub const MAX_DIM: usize = 1 << 17;
+pub const MAX_HEADS: usize = 1 << 12;
+pub const MAX_CONTEXT: usize = 1 << 24;
+pub const MAX_EXPERTS: usize = 1 << 12;
+
 impl Hparams {
-    /// Checks the shape facts the model code relies on.
-    pub fn validate(&self, src: &dyn WeightSource) -> Result<(), EngineError> {
-        let bad = |field: &str, why: String| Err(src.err(format!("{field}: {why}")));
-        for (field, v) in [
-            ("layers", self.n_layers),
-            ("hidden size", self.dim),
-            ("attention heads", self.n_heads),
-            ("head size", self.head_dim),
-        ] {
-            if v == 0 || v >= 1 << 24 {
-                return bad(field, format!("{v} is out of range"));
+    /// Checks every number the model code relies on against the bounds
+    /// above and against each other. The sources call it as soon as the
+    /// numbers are read, before anything is sized by them (a GGUF claiming
+    /// a hidden size of 2^40 once aborted the process on its first
+    /// allocation), and again once the rope scaling is known.
+    pub fn check(&self) -> Result<(), String> {
+        let range = |field: &str, v: usize, lo: usize, hi: usize| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("{field}: {v} is out of range ({lo} to {hi})"))
             }
-        }
+        };
+        range("layers", self.n_layers, 1, MAX_LAYERS)?;
+        range("hidden size", self.dim, 1, MAX_DIM)?;
+        range("feed-forward size", self.ffn_dim, 0, 8 * MAX_DIM)?;
+        range("attention heads", self.n_heads, 1, MAX_HEADS)?;
+        range("head size", self.head_dim, 1, MAX_DIM)?;
+        range("context length", self.context_length, 1, MAX_CONTEXT)?;
+        range("sliding window", self.sliding_window.unwrap_or(1), 1, MAX_CONTEXT)?;
+        range("experts", self.n_experts, 0, MAX_EXPERTS)?;
+        range("expert feed-forward size", self.moe_ffn_dim, 0, 8 * MAX_DIM)?;
         if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
-            return bad(
-                "key/value heads",
-                format!(
-                    "{} does not divide {} attention heads",
-                    self.n_kv_heads, self.n_heads
-                ),
-            );
+            return Err(format!("key/value heads: {} does not divide {} attention heads", self.n_kv_heads, self.n_heads));
         }
         if self.n_heads / self.n_kv_heads > super::decoder::MAX_GROUP
             || self.head_dim > super::decoder::MAX_HEAD_DIM
             || self.head_dim % 2 != 0
         {
-            return bad(
-                "head size",
-                format!(
-                    "{} (group {}) is not supported",
-                    self.head_dim,
-                    self.n_heads / self.n_kv_heads
-                ),
-            );
+            return Err(format!("head size: {} (group {}) is not supported", self.head_dim, self.n_heads / self.n_kv_heads));
         }
-        if !(self.eps > 0.0 && self.eps < 1.0)
-            || !(self.rope_theta > 0.0 && self.rope_theta.is_finite())
-        {
-            return bad(
-                "norm epsilon / rope theta",
-                format!("{} / {} out of range", self.eps, self.rope_theta),
-            );
+        if !(self.eps > 0.0 && self.eps < 1.0) || !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
+            return Err(format!("norm epsilon / rope theta: {} / {} out of range", self.eps, self.rope_theta));
         }
         let positive = |x: &f32| *x > 0.0 && x.is_finite();
         if !self.rope_factors.iter().flatten().chain(&self.rope_mscale).all(positive) {
-            return bad("rope scaling", "factors must be positive numbers".into());
+            return Err("rope scaling: factors must be positive numbers".into());
         }
-        if self.n_experts > 0
-            && (self.n_experts_used == 0
-                || self.n_experts_used > self.n_experts
-                || self.moe_ffn_dim == 0)
-        {
-            return bad(
-                "experts",
-                format!(
-                    "{} used of {} with width {}",
-                    self.n_experts_used, self.n_experts, self.moe_ffn_dim
-                ),
-            );
+        if self.n_experts > 0 && (self.n_experts_used == 0 || self.n_experts_used > self.n_experts || self.moe_ffn_dim == 0) {
+            return Err(format!("experts: {} used of {} with width {}", self.n_experts_used, self.n_experts, self.moe_ffn_dim));
         }
         Ok(())
     }
@@ -247,6 +238,7 @@ impl<'a> GgufSource<'a> {
             rope_mscale: None,
         };
         let mut hp = hp;
+        hp.check().map_err(&err)?;
         if get("rope.dimension_count").is_some_and(|d| d != hp.head_dim) {
             return Err(err(format!("partial rotary embeddings ({} of {} dimensions) are not supported", req("rope.dimension_count")?, hp.head_dim)));
         }
@@ -301,6 +293,7 @@ impl<'a> GgufSource<'a> {
         if scaled {
             hp.rope_factors = Some(factors);
         }
+        hp.check().map_err(err)?;
         Ok(GgufSource { g, hp })
     }
 }

@@ -15,6 +15,7 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::error::EngineError;
+use crate::formats::filebuf::{read_text, MAX_MODEL_TEXT};
 use crate::formats::gguf::{GgufFile, MetaValue};
 
 /// GPT-2's word split, as llama.cpp writes it.
@@ -121,13 +122,20 @@ fn gpt2_base(g: &GgufFile, tokens: &[String]) -> Result<tokenizers::Tokenizer, E
 /// ranked by the whole piece's score.
 fn spm_base(g: &GgufFile, tokens: &[String]) -> Result<tokenizers::Tokenizer, EngineError> {
     use tokenizers::normalizers::{Prepend, Replace, Sequence as NormSeq};
-    let scores: Vec<f64> = match g.get("tokenizer.ggml.scores").and_then(MetaValue::as_array) {
-        Some(a) if a.len() == tokens.len() => a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
+    let scores: Vec<f64> = match g.get("tokenizer.ggml.scores").and_then(MetaValue::numbers) {
+        Some(a) if a.len() == tokens.len() => a,
         _ => return Err(EngineError::Tokenizer("SentencePiece vocabulary without one score per token".into())),
     };
     let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let mut ranked: Vec<(f64, u32, String, String)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
+        // Splitting costs the square of a piece's length; SentencePiece
+        // learns pieces of at most 16 characters by default, so a longer one
+        // is a user-defined symbol (matched whole, never merged into) or a
+        // hostile file (one 300k-character token took 9.6 s here).
+        if piece.len() > MAX_MERGED_PIECE {
+            continue;
+        }
         for (at, _) in piece.char_indices().skip(1) {
             let (a, b) = piece.split_at(at);
             if vocab.contains_key(a) && vocab.contains_key(b) {
@@ -153,6 +161,9 @@ fn spm_base(g: &GgufFile, tokens: &[String]) -> Result<tokenizers::Tokenizer, En
     Ok(base)
 }
 
+/// The longest SentencePiece piece, in bytes, that merges can build.
+const MAX_MERGED_PIECE: usize = 256;
+
 /// The bytes a SentencePiece token stands for.
 fn spm_piece(t: &str, ty: i64) -> Vec<u8> {
     const TOKEN_BYTE: i64 = 6;
@@ -173,8 +184,8 @@ impl Tokenizer {
             )));
         }
         let tokens = strings(g, "tokenizer.ggml.tokens")?;
-        let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(MetaValue::as_array) {
-            Some(a) => a.iter().map(|v| v.as_u64().map(|x| x as i64).unwrap_or(1)).collect(),
+        let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
+            Some(v) => v.numbers().ok_or_else(|| EngineError::Tokenizer("token_type is not an array of numbers".into()))?.into_iter().map(|x| x as i64).collect(),
             None => vec![1; tokens.len()],
         };
         if types.len() != tokens.len() {
@@ -231,7 +242,7 @@ impl Tokenizer {
     /// `generation_config.json` and `config.json`.
     pub fn from_hf_dir(dir: &std::path::Path) -> Result<Self, EngineError> {
         let read_json = |name: &str| -> Result<Option<serde_json::Value>, EngineError> {
-            match std::fs::read_to_string(dir.join(name)) {
+            match read_text(&dir.join(name), MAX_MODEL_TEXT) {
                 Ok(text) => serde_json::from_str(&text)
                     .map(Some)
                     .map_err(|e| EngineError::Tokenizer(format!("{name}: {e}"))),
@@ -299,7 +310,7 @@ impl Tokenizer {
                 .find(|t| t["name"] == "default")
                 .and_then(|t| t["template"].as_str())
                 .map(str::to_owned),
-            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+            _ => read_text(&dir.join("chat_template.jinja"), MAX_MODEL_TEXT).ok(),
         };
         let with_special = base.clone();
         let mut plain = base;
@@ -419,6 +430,29 @@ impl StreamDecoder {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn a_sentencepiece_piece_of_300k_characters_loads_in_linear_time() {
+        // Every split of every piece is looked up: quadratic in a piece's
+        // length, 9.6 s for this one before pieces past 256 bytes were left
+        // out of the merges.
+        let pieces = ["<unk>", "<s>", "</s>", "\u{2581}", "a", "aa"].map(String::from).into_iter().chain(["a".repeat(300_000)]);
+        let pieces: Vec<MetaValue> = pieces.map(MetaValue::Str).collect();
+        let n = pieces.len();
+        let md = vec![
+            ("tokenizer.ggml.model", MetaValue::Str("llama".into())),
+            ("tokenizer.ggml.tokens", MetaValue::Array(pieces)),
+            ("tokenizer.ggml.scores", MetaValue::Array(vec![MetaValue::F32(-1.0); n])),
+            ("tokenizer.ggml.token_type", MetaValue::Array([2, 3, 3].into_iter().chain([1; 4]).map(MetaValue::I32).collect())),
+        ];
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), crate::formats::gguf::writer::write(&md, &[])).unwrap();
+        let g = GgufFile::open(f.path()).unwrap();
+        let t = std::time::Instant::now();
+        let tk = Tokenizer::from_gguf(&g).unwrap();
+        assert!(t.elapsed() < std::time::Duration::from_secs(2), "{:?}", t.elapsed());
+        assert_eq!(tk.encode("aaaa", false, false).unwrap(), [3, 5, 5]);
+    }
 
     #[test]
     fn sentencepiece_vocabularies_tokenize_as_sentencepiece_does() {
