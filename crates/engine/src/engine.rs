@@ -15,7 +15,7 @@
 //! preempted: its blocks are released (full ones stay in the prefix cache)
 //! and it is recomputed later from its tokens.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -197,10 +197,10 @@ impl Worker {
 
 pub struct Engine {
     shared: Arc<Shared>,
-    /// Held while a model loads: concurrent loads of one id then share the
-    /// first one's result instead of each reading the weights (and its KV
-    /// pool) before all but one are thrown away.
-    loading: Mutex<()>,
+    /// Loads in progress: a second load of an id waits for the first and
+    /// then shares its result, instead of reading the weights again; loads
+    /// of other ids run side by side, so a slow file holds up no other load.
+    loading: load::Loading,
     next_request: AtomicU64,
     t_start: Instant,
     /// `t_start` as Unix epoch milliseconds.
@@ -255,7 +255,7 @@ impl Engine {
                 knobs: Arc::default(),
                 control: Mutex::default(),
             }),
-            loading: Mutex::default(),
+            loading: load::Loading::default(),
             next_request: AtomicU64::new(0),
             t_start: Instant::now(),
             unix_start_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),

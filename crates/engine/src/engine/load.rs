@@ -43,7 +43,62 @@ pub(super) fn resolve(path: &Path, id: Option<String>) -> Result<(PathBuf, Strin
     if id.is_empty() {
         return Err(EngineError::InvalidParams("model id must not be empty".into()));
     }
+    // An id names the worker's thread, metrics labels and URLs: no control
+    // characters (a NUL once made naming the thread panic).
+    if id.len() > MAX_MODEL_ID || id.chars().any(char::is_control) {
+        return Err(EngineError::InvalidParams(format!("model id must be at most {MAX_MODEL_ID} bytes without control characters")));
+    }
     Ok((canonical, id))
+}
+
+const MAX_MODEL_ID: usize = 256;
+
+/// The ids being loaded and how many loads hold a place under
+/// `model_cache.maxModels`.
+#[derive(Default)]
+pub(super) struct Loading {
+    ids: Mutex<(HashSet<String>, usize)>,
+    done: std::sync::Condvar,
+}
+
+/// An id being loaded, until dropped.
+pub(super) struct LoadingId<'a> {
+    loading: &'a Loading,
+    id: String,
+    holds_place: bool,
+}
+
+impl Loading {
+    /// Waits for any load of `id` in progress to end, then claims it.
+    pub(super) fn claim(&self, id: &str) -> LoadingId<'_> {
+        let mut g = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        while g.0.contains(id) {
+            g = self.done.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        g.0.insert(id.to_owned());
+        LoadingId { loading: self, id: id.to_owned(), holds_place: false }
+    }
+    /// Waits for a load holding a place to end; false if none does.
+    fn wait_for_a_place(&self) -> bool {
+        let g = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        if g.1 == 0 {
+            return false;
+        }
+        drop(self.done.wait(g).unwrap_or_else(|p| p.into_inner()));
+        true
+    }
+}
+
+impl Drop for LoadingId<'_> {
+    fn drop(&mut self) {
+        let mut g = self.loading.ids.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.remove(&self.id);
+        if self.holds_place {
+            g.1 -= 1;
+        }
+        drop(g);
+        self.loading.done.notify_all();
+    }
 }
 
 fn model_id_for(path: &Path) -> String {
@@ -57,15 +112,20 @@ impl Engine {
     /// Makes room for one more model: evicts the least recently used model
     /// with nothing in flight, or refuses when every model is busy. Returns
     /// the ids it unloaded.
-    fn evict_for_one_more(&self) -> Result<Vec<String>, EngineError> {
+    fn evict_for_one_more(&self, claim: &mut LoadingId) -> Result<Vec<String>, EngineError> {
         let max = self.config().model_cache.max_models;
         let mut evicted = Vec::new();
         loop {
             let victim = {
                 let models = self.shared.models.lock().unwrap();
-                if models.len() < max {
+                // Loads of other ids in progress count: each will add a model.
+                let mut g = self.loading.ids.lock().unwrap_or_else(|p| p.into_inner());
+                if models.len() + g.1 < max {
+                    g.1 += 1;
+                    claim.holds_place = true;
                     return Ok(evicted);
                 }
+                drop(g);
                 models
                     .values()
                     .filter(|w| w.counters.in_flight.load(Ordering::Relaxed) == 0)
@@ -79,6 +139,9 @@ impl Engine {
                         evicted.push(id);
                     }
                 }
+                // A model being loaded holds the place: once it is in, it
+                // may be the one to evict.
+                None if self.loading.wait_for_a_place() => {}
                 None => {
                     return Err(EngineError::Overloaded(format!(
                         "model_cache.maxModels ({max}) models are loaded and all are serving requests"
@@ -106,7 +169,7 @@ impl Engine {
             return Err(EngineError::InvalidParams("requestTimeoutMs must be at least 1".into()));
         }
         let (canonical, id) = resolve(path, id)?;
-        let _loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        let mut claim = self.loading.claim(&id);
         if let Some(w) = self.shared.models.lock().unwrap().get(&id) {
             if w.info.path == canonical && w.info.backend == options.backend {
                 return Ok(Loaded { info: w.info.clone(), evicted: Vec::new() });
@@ -124,7 +187,7 @@ impl Engine {
             )));
         }
 
-        let evicted = self.evict_for_one_more()?;
+        let evicted = self.evict_for_one_more(&mut claim)?;
         let (model, tokenizer, info) = open_model(canonical, id.clone(), options.request_timeout_ms, options.backend)?;
         let canonical = info.path.clone();
         let text_of = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_owned();

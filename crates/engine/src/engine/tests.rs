@@ -218,6 +218,41 @@ fn model_cache_evicts_the_least_recently_used_idle_model() {
 }
 
 #[test]
+fn a_load_in_progress_holds_up_only_loads_of_its_own_id() {
+    let (e, d) = tiny_engine_with(config(|c| c.model_cache.max_models = 2));
+    let e = Arc::new(e);
+    let path = d.path().join("tiny.gguf");
+    // A load of "slow" that does not end (a file on a stalled disk).
+    let stalled = e.loading.claim("slow");
+    let other = {
+        let (e, path) = (e.clone(), path.clone());
+        std::thread::spawn(move || e.load_model(&path, Some("other".into())))
+    };
+    let same = {
+        let (e, path) = (e.clone(), path.clone());
+        std::thread::spawn(move || e.load_model(&path, Some("slow".into())))
+    };
+    let t = Instant::now();
+    while !other.is_finished() {
+        assert!(t.elapsed() < Duration::from_secs(30), "a load of another id waited for the stalled one");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(other.join().unwrap().unwrap().id, "other");
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!same.is_finished(), "a second load of one id waits for the first");
+    drop(stalled);
+    // maxModels 2: "tiny" (idle, least recent) made room for it.
+    assert_eq!(same.join().unwrap().unwrap().id, "slow");
+    let mut ids: Vec<String> = e.list_models().into_iter().map(|m| m.id).collect();
+    ids.sort();
+    assert_eq!(ids, ["other", "slow"]);
+    // Ids with control characters are refused, not a thread-name panic.
+    for bad in ["nul\0id", "line\nbreak", &"x".repeat(300)] {
+        assert_eq!(e.load_model(&path, Some(bad.into())).unwrap_err().code(), "InvalidParams", "{bad:?}");
+    }
+}
+
+#[test]
 fn model_cache_holds_under_concurrent_loads_evictions_and_generation() {
     let (e, d) = tiny_engine_with(config(|c| c.model_cache.max_models = 2));
     let e = Arc::new(e);
