@@ -29,6 +29,9 @@ use mlx_serving_engine::{Engine, EngineError};
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, Semaphore};
 
+/// How long a request waits for a generation slot before a 429.
+const SLOT_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+
 pub use metrics::{Metrics, Snapshot};
 use openai::{BadRequest, Parsed};
 
@@ -430,7 +433,11 @@ async fn generate(state: Arc<AppState>, parsed: Result<Parsed, BadRequest>, api:
         let msg = format!("n = {} is more than the {} generations this server runs at once", parsed.n, state.opts.max_concurrent);
         return error_with_param(StatusCode::BAD_REQUEST, "InvalidParams", msg, Some("n"));
     }
-    let Ok(permit) = state.permits.clone().try_acquire_many_owned(parsed.n as u32) else {
+    // A short grace: a client that aborts a request and sends the next one
+    // at once is faster than the server noticing the first connection
+    // closed, and would otherwise see a 429 for a slot it no longer uses.
+    let acquire = state.permits.clone().acquire_many_owned(parsed.n as u32);
+    let Ok(Ok(permit)) = tokio::time::timeout(SLOT_GRACE, acquire).await else {
         state.metrics.rejected();
         let free = state.permits.available_permits();
         let why = format!("this request needs {} of the {} generation slots and {free} are free; retry shortly", parsed.n, state.opts.max_concurrent);
@@ -448,10 +455,12 @@ async fn generate(state: Arc<AppState>, parsed: Result<Parsed, BadRequest>, api:
             r
         })
         .collect();
-    // Templating and tokenization can take a moment on long prompts.
-    let handle = match tokio::task::spawn_blocking(move || engine.submit(req)).await {
-        Ok(Ok(h)) => h,
-        Ok(Err(e)) => {
+    // Templating and tokenization can take a moment on long prompts. The
+    // slots go with the work: a client that leaves meanwhile does not free
+    // them for others while its prompt is still being tokenized.
+    let (handle, permit) = match tokio::task::spawn_blocking(move || (engine.submit(req), permit)).await {
+        Ok((Ok(h), permit)) => (h, permit),
+        Ok((Err(e), _)) => {
             match e {
                 EngineError::InvalidParams(_) | EngineError::InvalidParam(_) | EngineError::Tokenizer(_) => state.metrics.bad_request(),
                 // The engine's own limit (a cancelled sequence not yet

@@ -23,7 +23,10 @@ impl Engine {
         }
         let w = self.worker(&req.model)?;
         let config = self.config();
-        let (prompt, max_tokens, opened_think) = self.tokenize_request(&w, &req, &config)?;
+        let (prompt, max_tokens, opened_think) = {
+            let _turn = self.prepare_turn();
+            self.tokenize_request(&w, &req, &config)?
+        };
         let (guide, lazy_guide) = self.guides(&w, &req)?;
         let offers_tools = !req.tools.is_empty() && req.tool_choice != ToolChoice::None;
         let reasoning = match req.reasoning_format {
@@ -83,6 +86,26 @@ impl Engine {
         Ok(RequestHandle { id, events: events_rx, unread, cancel })
     }
 
+    /// Waits for a turn to template and tokenize (one per core); the turn
+    /// ends when the guard is dropped.
+    fn prepare_turn(&self) -> impl Drop + '_ {
+        struct Turn<'a>(&'a (Mutex<usize>, std::sync::Condvar));
+        impl Drop for Turn<'_> {
+            fn drop(&mut self) {
+                *self.0 .0.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+                self.0 .1.notify_one();
+            }
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (count, free) = &self.preparing;
+        let mut n = count.lock().unwrap_or_else(|p| p.into_inner());
+        while *n >= cores {
+            n = free.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+        *n += 1;
+        Turn(&self.preparing)
+    }
+
     /// The checked, tokenized prompt, the tokens it may generate, and
     /// whether the prompt ends inside an opened `<think>` block.
     fn tokenize_request(&self, w: &Worker, req: &GenerateRequest, config: &RuntimeConfig) -> Result<(Vec<u32>, usize, bool), EngineError> {
@@ -92,11 +115,14 @@ impl Engine {
             return Err(InvalidParam::new(Field::LogitBias, format!("names token {t}, outside the vocabulary (size {})", w.info.vocab_size)).into());
         }
         let tk = &w.tokenizer;
+        let max_prompt = config.limits.max_prompt_tokens;
+        // A prompt found over the limit from its first part alone.
+        let over = |n: usize| InvalidParam::sentence(req.prompt_field(), format!("prompt tokens: more than {n} exceeds the limit of {max_prompt} (limits.maxPromptTokens)"));
         let mut opened_think = false;
         let prompt = match &req.input {
             Input::Prompt(text) => {
                 opened_think = crate::text::output::thinking(None, text).1;
-                tk.encode(text, tk.add_bos, true)?
+                tk.encode_within(text, tk.add_bos, true, max_prompt)?.map_err(over)?
             }
             Input::Tokens(ids) => {
                 PromptFit::check_vocabulary(ids, w.info.vocab_size)?;
@@ -104,10 +130,10 @@ impl Engine {
             }
             Input::Messages(msgs) => {
                 let tools: &[_] = if req.tool_choice == ToolChoice::None { &[] } else { &req.tools };
-                let text = w.template.render_with_tools(msgs, tools, true)?;
+                let text = w.template.render_with_tools(msgs, tools, true, config.limits.max_prompt_chars, None)?;
                 opened_think = crate::text::output::thinking(None, &text).1;
                 // Templates write BOS themselves when the model wants one.
-                tk.encode(&text, false, true)?
+                tk.encode_within(&text, false, true, max_prompt)?.map_err(over)?
             }
         };
         let max_tokens = PromptFit {

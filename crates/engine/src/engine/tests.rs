@@ -604,6 +604,22 @@ fn per_request_limits_give_invalid_params_naming_the_limit() {
 }
 
 #[test]
+fn a_prompt_far_over_the_token_limit_is_refused_from_its_first_part() {
+    let (e, _d) = tiny_engine_with(config(|c| c.limits.max_prompt_tokens = 20));
+    // 20 tokens of 8 bytes and a margin: past twice that, the first part
+    // decides. Each "word " is about three tokens of the tiny vocabulary.
+    let err = e.submit(req(Input::Prompt("word ".repeat(1000)))).err().unwrap().to_string();
+    assert!(err.contains("prompt tokens: more than") && err.contains("limits.maxPromptTokens"), "{err}");
+    // The same through the chat template, and through a template that
+    // would render more than the prompt limit.
+    let err = e.submit(req(Input::Messages(vec![ChatMessage::new("user", &"word ".repeat(1000))]))).err().unwrap().to_string();
+    assert!(err.contains("prompt tokens: more than"), "{err}");
+    // Just over: tokenized whole, and the count is exact.
+    let err = e.submit(req(Input::Prompt("word ".repeat(11)))).err().unwrap().to_string();
+    assert!(err.contains("prompt tokens: 34 exceeds the limit of 20"), "{err}");
+}
+
+#[test]
 fn the_circuit_breaker_opens_on_consecutive_failures_then_a_probe_closes_it() {
     let (e, _d) = tiny_engine_with(config(|c| {
         c.qos.circuit_breaker.failure_threshold = 3;
