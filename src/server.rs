@@ -21,9 +21,13 @@ impl NativeEngine {
             cors_origins: opts.cors_origins,
         };
         let o = spec.resolve(self.inner.config().streaming.max_concurrent_streams).map_err(invalid)?;
+        let at = format!("{}:{}", o.host, o.port);
         let s = mlx_serving_server::start(self.inner.clone(), o)
             .await
-            .map_err(|e| js_error(EngineError::InvalidParams(format!("cannot listen: {e}"))))?;
+            .map_err(|e| {
+                let why = if e.kind() == std::io::ErrorKind::AddrInUse { "the port is already in use".to_string() } else { e.to_string() };
+                js_error(EngineError::InvalidParams(format!("cannot listen on {at}: {why}")))
+            })?;
         Ok(NativeServer { host: s.addr.ip().to_string(), port: s.addr.port() as u32, inner: tokio::sync::Mutex::new(Some(s)) })
     }
 }

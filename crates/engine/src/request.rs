@@ -333,18 +333,23 @@ impl RequestSpec {
             None => defaults.max_tokens,
         };
         let d = SamplingParams::default();
-        let float = |v: Option<f64>, dflt: f32| v.map_or(dflt, |x| x as f32);
+        // A finite number past f32's range would turn into `inf` on the way.
+        let float = |field: Field, v: Option<f64>, dflt: f32| match v {
+            Some(x) if x.is_finite() && (x as f32).is_infinite() => Err(InvalidParam::new(field, format!("must be a finite number, got {x:e}"))),
+            Some(x) => Ok(x as f32),
+            None => Ok(dflt),
+        };
         let sampling = SamplingParams {
-            temperature: float(self.temperature, defaults.temperature),
+            temperature: float(Field::Temperature, self.temperature, defaults.temperature)?,
             top_k: match self.top_k {
                 Some(k) => k.whole(Field::TopK, 0..=(1 << 53) - 1, "an integer from 0 to 2^53 - 1")? as usize,
                 None => 0,
             },
-            top_p: float(self.top_p, d.top_p),
-            min_p: float(self.min_p, d.min_p),
-            repetition_penalty: float(self.repetition_penalty, d.repetition_penalty),
-            presence_penalty: float(self.presence_penalty, d.presence_penalty),
-            frequency_penalty: float(self.frequency_penalty, d.frequency_penalty),
+            top_p: float(Field::TopP, self.top_p, d.top_p)?,
+            min_p: float(Field::MinP, self.min_p, d.min_p)?,
+            repetition_penalty: float(Field::RepetitionPenalty, self.repetition_penalty, d.repetition_penalty)?,
+            presence_penalty: float(Field::PresencePenalty, self.presence_penalty, d.presence_penalty)?,
+            frequency_penalty: float(Field::FrequencyPenalty, self.frequency_penalty, d.frequency_penalty)?,
             seed: match self.seed {
                 Some(s) => Some(s.whole(Field::Seed, 0..=u64::MAX as i128, "an integer from 0 to 2^64 - 1")? as u64),
                 None => None,

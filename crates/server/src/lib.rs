@@ -88,10 +88,15 @@ impl ServerSpec {
         if cors_origins.iter().any(String::is_empty) {
             return Err("corsOrigins must be an array of origins (or \"*\")".into());
         }
+        // An unset `$API_KEY` expanded into `--api-key ''` must not start a
+        // server without authentication: leaving the key out does that.
+        if self.api_key.as_ref().is_some_and(|k| k.trim().is_empty()) {
+            return Err("apiKey must not be empty (leave it out to serve without authentication)".into());
+        }
         Ok(ServerOptions {
             host: self.host.unwrap_or(d.host),
             port: whole("port", self.port, 0, u16::MAX as u32)?.map_or(d.port, |p| p as u16),
-            api_key: self.api_key.filter(|k| !k.is_empty()),
+            api_key: self.api_key,
             max_concurrent: whole("maxConcurrent", self.max_concurrent, 1, u32::MAX)?.map_or(default_max_concurrent, |m| m as usize),
             body_limit_bytes: whole("bodyLimitBytes", self.body_limit_bytes, 1, u32::MAX)?.map_or(d.body_limit_bytes, |b| b as usize),
             cors_origins,
@@ -238,12 +243,32 @@ const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 async fn read_body(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
     let limit = state.opts.body_limit_bytes;
+    let too_large = || error_response(StatusCode::PAYLOAD_TOO_LARGE, "InvalidParams", format!("the request body is over {limit} bytes"));
+    // A stated length over the limit is refused before any of it is read.
+    let stated = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if stated.is_some_and(|n| n > limit as u64) {
+        return too_large();
+    }
     match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit)).await {
         Err(_) => error_response(StatusCode::REQUEST_TIMEOUT, "Timeout", format!("the request body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs())),
-        // Over the limit, or the connection broke (then no one reads this).
-        Ok(Err(_)) => error_response(StatusCode::PAYLOAD_TOO_LARGE, "InvalidParams", format!("the request body is over {limit} bytes")),
+        Ok(Err(e)) if is_length_limit(&e) => too_large(),
+        // A malformed chunked body, or the connection broke (then no one
+        // reads this).
+        Ok(Err(e)) => error_response(StatusCode::BAD_REQUEST, "InvalidParams", format!("the request body could not be read: {e}")),
         Ok(Ok(bytes)) => next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await,
     }
+}
+
+/// Whether reading a body failed on the size limit (not on its framing).
+fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Accepts connections until `shutdown`, then lets each finish its current

@@ -183,6 +183,9 @@ impl Metrics {
         metric("mlx_serving_bad_requests_total", "counter", "Requests refused with 4xx for bad input.", &[("", m.bad_requests as f64)]);
         metric("mlx_serving_models_loaded", "gauge", "Models loaded in the engine.", &[("", stats.n_models as f64)]);
         metric("mlx_serving_kv_cache_bytes", "gauge", "Bytes of KV cache blocks held by sequences.", &[("", stats.kv_bytes as f64)]);
+        // The pools are allocated lazily and keep what they touched (the
+        // prefix cache): resident memory grows with this, which is not a leak.
+        metric("mlx_serving_kv_cache_touched_bytes", "gauge", "Bytes of KV cache pool memory written so far (resident).", &[("", stats.kv_bytes_touched as f64)]);
         metric("vllm:kv_cache_usage_perc", "gauge", "Fraction of KV cache blocks in use (0-1).", &[("", stats.kv_usage())]);
         metric("vllm:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.", &[("", stats.prefix_cache_queries as f64)]);
         metric("vllm:prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.", &[("", stats.prefix_cache_hits as f64)]);
@@ -234,7 +237,7 @@ mod tests {
         m.request_done(10, 7, 0.3, false);
         m.request_failed();
         m.request_aborted();
-        let stats = EngineStats { n_models: 1, n_generated_tokens: 12, kv_blocks_total: 4, kv_blocks_used: 1, ..Default::default() };
+        let stats = EngineStats { n_models: 1, n_generated_tokens: 12, kv_blocks_total: 4, kv_blocks_used: 1, kv_bytes_touched: 49152, ..Default::default() };
         let mut hist = Histograms::default();
         hist.ttft.observe(0.03);
         hist.ttft.observe(0.3);
@@ -244,6 +247,7 @@ mod tests {
         assert!(text.contains("mlx_serving_qos_events_total{model_name=\"default\",policy=\"slow\",kind=\"fired\"} 2"));
         assert!(text.contains("mlx_serving_feature_flag_requests_total{model_name=\"default\",feature=\"ttft_pipeline.kv_prefetch\",enabled=\"true\"} 3"));
         assert!(text.contains("vllm:kv_cache_usage_perc{model_name=\"default\"} 0.25"));
+        assert!(text.contains("mlx_serving_kv_cache_touched_bytes{model_name=\"default\"} 49152"));
         assert!(text.contains("vllm:generation_tokens_total{model_name=\"default\"} 12"));
         assert!(text.contains("vllm:time_to_first_token_seconds_bucket{model_name=\"default\",le=\"0.04\"} 1"));
         assert!(text.contains("vllm:time_to_first_token_seconds_count{model_name=\"default\"} 2"));

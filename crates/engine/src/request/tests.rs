@@ -32,6 +32,7 @@ fn each_bad_field_is_named_in_the_frontends_words() {
         (r#"{"model":"m","prompt":"a","messages":[]}"#, Field::Prompt, "give either prompt or messages, not both", "give either prompt or messages, not both"),
         (r#"{"model":"m","messages":[]}"#, Field::Messages, "messages must not be empty", "messages must not be empty"),
         (r#"{"model":"m","prompt":"a","priority":"high"}"#, Field::Priority, "priority must be urgent, default or background, got 'high'", "priority must be urgent, default or background, got 'high'"),
+        (r#"{"model":"m","prompt":"a","temperature":1e39}"#, Field::Temperature, "temperature must be a finite number, got 1e39", "temperature must be a finite number, got 1e39"),
         (r#"{"model":"m","prompt":"a","seed":-1}"#, Field::Seed, "seed must be an integer from 0 to 2^64 - 1, got -1", "seed must be an integer from 0 to 2^64 - 1, got -1"),
     ] {
         let e = spec(json).unwrap_err();

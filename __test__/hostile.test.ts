@@ -1,0 +1,183 @@
+/**
+ * What a hostile client or file could do to the process, on the real model
+ * over real HTTP: prompts built to be expensive to refuse, clients that
+ * leave mid-work, bodies that lie about their length, special files as
+ * model or config paths, settings that would quietly weaken the server.
+ * Each must cost a clear error for the one request at fault, and nothing
+ * else.
+ */
+import assert from 'node:assert/strict';
+import { spawn, execFileSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import * as net from 'node:net';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+
+import { createEngine, EngineClientError, type Engine, type HttpServer } from '../lib/index';
+
+const rssMiB = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync('/proc/self/status', 'utf8'))![1]) / 1024;
+const threads = () => Number(/Threads:\s+(\d+)/.exec(readFileSync('/proc/self/status', 'utf8'))![1]);
+
+/** Sends raw bytes and resolves with the status line of the reply and how long it took. */
+function raw(url: string, bytes: string): Promise<{ status: string; ms: number }> {
+  const { hostname, port } = new URL(url);
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    const s = net.connect(Number(port), hostname, () => s.write(bytes));
+    let got = '';
+    s.on('data', (d) => {
+      got += d;
+      if (got.includes('\r\n')) {
+        resolve({ status: got.split('\r\n')[0], ms: performance.now() - t0 });
+        s.destroy();
+      }
+    });
+    s.on('error', reject);
+    setTimeout(() => reject(new Error(`no reply within 5 s: ${JSON.stringify(got)}`)), 5000).unref();
+  });
+}
+
+describe('hostile clients', () => {
+  let engine: Engine;
+  let server: HttpServer;
+
+  before(async () => {
+    engine = await createEngine();
+    await engine.loadModel('default');
+    server = await engine.startServer({ port: 0, maxConcurrent: 16 });
+  });
+
+  after(async () => {
+    await server.close(1000);
+    await engine.shutdown();
+  });
+
+  const post = (body: unknown, signal?: AbortSignal) =>
+    fetch(`${server.url}/v1/completions`, { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body), signal });
+
+  test('32 prompts of 1 MiB over the token limit at once: each a 400, memory and threads stay bounded', async () => {
+    // ~174k tokens each, under maxPromptChars (1 MiB) and over maxPromptTokens (32,768).
+    const prompt = 'hello world '.repeat(87_000);
+    // Slots for all 32: what bounds the work is the engine, not the server's semaphore.
+    const wide = await engine.startServer({ port: 0, maxConcurrent: 64 });
+    const before = rssMiB();
+    const t0 = performance.now();
+    const replies = await Promise.all(
+      Array.from({ length: 32 }, () =>
+        fetch(`${wide.url}/v1/completions`, { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ model: 'default', prompt, max_tokens: 4 }) }),
+      ),
+    );
+    const bodies = await Promise.all(replies.map((r) => r.json()));
+    const grew = rssMiB() - before;
+    for (const [i, r] of replies.entries()) {
+      assert.equal(r.status, 400);
+      assert.match(bodies[i].error.message, /prompt tokens: more than \d+ exceeds the limit of 32768 \(limits\.maxPromptTokens\)/);
+    }
+    // Before the fix: +2.6 GB and 17.8 s on 2 cores; after, +0.5 GB (the 32 bodies
+    // parsed and waiting their turn, and this process is the client too) and 1.2 s.
+    assert.ok(grew < 1200, `RSS grew by ${grew.toFixed(0)} MiB`);
+    console.log(`32 over-limit 1 MiB prompts: ${(performance.now() - t0).toFixed(0)} ms, RSS +${grew.toFixed(0)} MiB`);
+    await wide.close(1000);
+  });
+
+  test('40 clients that leave during tokenization: slots stay taken until the work ends, threads stay bounded', async () => {
+    const prompt = 'hello world '.repeat(87_000);
+    const t0 = threads();
+    await Promise.all(
+      Array.from({ length: 40 }, async () => {
+        const ac = new AbortController();
+        setTimeout(() => ac.abort(), 150);
+        await post({ model: 'default', prompt, max_tokens: 4 }, ac.signal).then((r) => r.text()).catch(() => {});
+      }),
+    );
+    const peak = threads();
+    // Every request the server admitted was tokenized before its slot came back, so
+    // at most maxConcurrent (16) tokenizations were ever queued or running.
+    assert.ok(peak - t0 <= 24, `threads ${t0} -> ${peak}`);
+    const ok = await post({ model: 'default', prompt: 'Hi', max_tokens: 2 });
+    assert.equal(ok.status, 200);
+  });
+
+  test('16 requests aborted, then 16 more at once against 16 slots: no 429', async () => {
+    const body = { model: 'default', prompt: 'Tell a long story:', max_tokens: 200, ignore_eos: true, stream: true };
+    for (let round = 0; round < 3; round++) {
+      const acs = Array.from({ length: 16 }, () => new AbortController());
+      const streams = await Promise.all(acs.map((ac) => post(body, ac.signal)));
+      for (const s of streams) assert.equal(s.status, 200);
+      await Promise.all(streams.map((s) => s.body!.getReader().read()));
+      acs.forEach((ac) => ac.abort());
+      const next = await Promise.all(Array.from({ length: 16 }, () => post({ ...body, stream: false, max_tokens: 2 })));
+      assert.deepEqual(next.map((r) => r.status), Array(16).fill(200));
+      await Promise.all(next.map((r) => r.text()));
+    }
+  });
+
+  test('a body that claims 5 GB is refused at its headers; a malformed chunked body is a 400', async () => {
+    const claim = await raw(server.url, 'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000000000\r\n\r\n');
+    assert.equal(claim.status, 'HTTP/1.1 413 Payload Too Large');
+    assert.ok(claim.ms < 2000, `${claim.ms} ms`);
+    const chunked = await raw(server.url, 'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n');
+    assert.equal(chunked.status, 'HTTP/1.1 400 Bad Request');
+  });
+
+  test('an empty API key is refused, not a server without authentication', async () => {
+    await assert.rejects(engine.startServer({ port: 0, apiKey: '' }), (e: EngineClientError) => e.code === 'InvalidParams' && /apiKey must not be empty/.test(e.message));
+  });
+
+  test('a NUL in a model id is InvalidParams, and the engine goes on', async () => {
+    await assert.rejects(engine.loadModel({ model: 'default', modelId: 'a\0b' }), (e: EngineClientError) => e.code === 'InvalidParams');
+    assert.equal((await post({ model: 'default', prompt: 'Hi', max_tokens: 2 })).status, 200);
+  });
+});
+
+describe('special files and the command line', () => {
+  let dir: string;
+  before(() => {
+    dir = mkdtempSync(path.join(os.tmpdir(), 'mlx-hostile-'));
+  });
+  after(() => rmSync(dir, { recursive: true, force: true }));
+
+  test('a FIFO as the model or the config is refused at once, without blocking the event loop', async () => {
+    const fifo = path.join(dir, 'fifo');
+    execFileSync('mkfifo', [fifo]);
+    const t0 = performance.now();
+    await assert.rejects(createEngine({ configPath: fifo }), (e: EngineClientError) => /not a regular file/.test(e.message));
+    const engine = await createEngine();
+    try {
+      await assert.rejects(engine.loadModel({ model: fifo }), (e: EngineClientError) => e.code === 'ModelLoadError' && /not a regular file/.test(e.message));
+    } finally {
+      await engine.shutdown();
+    }
+    assert.ok(performance.now() - t0 < 5000);
+  });
+
+  test('a port already in use: one line naming it, a non-zero exit', async () => {
+    const blocker = net.createServer().listen(0, '127.0.0.1');
+    await new Promise((r) => blocker.once('listening', r));
+    const port = (blocker.address() as net.AddressInfo).port;
+    try {
+      const bin = path.join(__dirname, '..', 'bin', 'mlx-serving.js');
+      const child = spawn(process.execPath, [bin, 'serve', '--port', String(port)], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let err = '';
+      child.stderr!.on('data', (d) => (err += d));
+      const code = await new Promise<number | null>((r) => child.on('exit', r));
+      assert.notEqual(code, 0);
+      const lines = err.trim().split('\n');
+      assert.equal(lines.length, 1, err);
+      assert.match(lines[0], new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port}: the port is already in use`));
+    } finally {
+      blocker.close();
+    }
+  });
+
+  test('--api-key with an empty value exits with a clear message', async () => {
+    const bin = path.join(__dirname, '..', 'bin', 'mlx-serving.js');
+    const child = spawn(process.execPath, [bin, 'serve', '--port', '0', '--api-key', ''], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let err = '';
+    child.stderr!.on('data', (d) => (err += d));
+    const code = await new Promise<number | null>((r) => child.on('exit', r));
+    assert.notEqual(code, 0);
+    assert.match(err, /apiKey must not be empty/);
+  });
+});
