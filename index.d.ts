@@ -49,6 +49,12 @@ export declare class NativeEngine {
    */
   generate(params: NativeGenerateParams): Promise<NativeStream>
   /**
+   * Cancels the requests with this id still being templated or
+   * tokenized (their `generate` rejects with `Cancelled`): an abort
+   * before `generate` has returned a stream to cancel.
+   */
+  cancelPending(requestId: string): void
+  /**
    * Loads a GGUF file or MLX folder (off the JS thread) on `backend`
    * (`cpu`, `mlx` or `auto`; `cpu` when absent).
    */

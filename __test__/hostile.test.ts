@@ -125,6 +125,27 @@ describe('hostile clients', () => {
     await assert.rejects(engine.startServer({ port: 0, apiKey: '' }), (e: EngineClientError) => e.code === 'InvalidParams' && /apiKey must not be empty/.test(e.message));
   });
 
+  test('an abort while the prompt waits to be tokenized ends the generator at once', async () => {
+    // Long prompts queue for the turns to tokenize (one per core); each is
+    // tokenized whole (under twice the early-refusal size) and then refused
+    // for the context.
+    const long = 'hello world '.repeat(40_000);
+    const t0 = performance.now();
+    const busy = Array.from({ length: 8 }, () => engine.generate({ model: 'default', prompt: long, maxTokens: 4 }).catch((e: EngineClientError) => e.code));
+    const ac = new AbortController();
+    setTimeout(() => ac.abort(), 5);
+    const chunks = [];
+    for await (const c of engine.createGenerator({ model: 'default', prompt: long, maxTokens: 4 }, { signal: ac.signal })) chunks.push(c);
+    const aborted = performance.now() - t0;
+    const codes = await Promise.all(busy);
+    const all = performance.now() - t0;
+    assert.deepEqual(chunks.map((c) => c.type), ['error']);
+    assert.equal((chunks[0] as { error: { code: string } }).error.code, 'Cancelled');
+    assert.deepEqual(new Set(codes), new Set(['InvalidParams']));
+    // It did not wait for the eight ahead of it.
+    assert.ok(aborted < all / 2, `aborted after ${aborted.toFixed(0)} ms, the others took ${all.toFixed(0)} ms`);
+  });
+
   test('a NUL in a model id is InvalidParams, and the engine goes on', async () => {
     await assert.rejects(engine.loadModel({ model: 'default', modelId: 'a\0b' }), (e: EngineClientError) => e.code === 'InvalidParams');
     assert.equal((await post({ model: 'default', prompt: 'Hi', max_tokens: 2 })).status, 200);

@@ -359,11 +359,20 @@ export class Engine extends EventEmitter {
     if (options.cacheSalt !== undefined) nativeParams.cacheSalt = options.cacheSalt;
     nativeParams.requestId = requestId;
     let stream: NativeStream;
+    // Aborted while templating and tokenizing: the engine stops them.
+    const early = () => this.native.cancelPending(requestId);
+    signal?.addEventListener('abort', early, { once: true });
     try {
       stream = await call(() => this.native.generate(nativeParams));
     } catch (e) {
+      if (signal?.aborted) {
+        yield { type: 'error', error: abortError(signal) };
+        return;
+      }
       this.reportError(e as EngineClientError, requestId);
       throw e;
+    } finally {
+      signal?.removeEventListener('abort', early);
     }
     let aborted = false;
     const onAbort = () => {

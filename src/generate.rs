@@ -247,4 +247,12 @@ impl NativeEngine {
             batch_size: self.inner.config().streaming.batch_size,
         })
     }
+
+    /// Cancels the requests with this id still being templated or
+    /// tokenized (their `generate` rejects with `Cancelled`): an abort
+    /// before `generate` has returned a stream to cancel.
+    #[napi]
+    pub fn cancel_pending(&self, request_id: String) {
+        self.inner.cancel_pending(&request_id);
+    }
 }

@@ -205,6 +205,10 @@ pub struct Engine {
     /// a burst of long prompts queues here instead of each tokenizing at
     /// once (32 prompts of 1 MiB at once took a server to 2.8 GB).
     preparing: (Mutex<usize>, std::sync::Condvar),
+    /// Requests in `submit` by the caller's request id, with their cancel
+    /// flags: a caller that gives up before it has a handle (a JavaScript
+    /// `AbortSignal`) stops the templating and the wait for a turn.
+    pending: Mutex<submit::Pending>,
     next_request: AtomicU64,
     t_start: Instant,
     /// `t_start` as Unix epoch milliseconds.
@@ -261,6 +265,7 @@ impl Engine {
             }),
             loading: load::Loading::default(),
             preparing: Default::default(),
+            pending: Mutex::default(),
             next_request: AtomicU64::new(0),
             t_start: Instant::now(),
             unix_start_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),

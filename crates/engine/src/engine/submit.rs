@@ -4,6 +4,17 @@
 //! breaker limits) and its feature flags.
 
 use super::*;
+
+/// Requests in `submit` under their caller's id, and cancels that came
+/// before their `submit` did.
+#[derive(Default)]
+pub(super) struct Pending {
+    pub(super) listed: Vec<(String, Arc<AtomicBool>)>,
+    early: Vec<(String, Instant)>,
+}
+
+/// How long a cancel waits for its request's `submit` to begin.
+const EARLY_CANCEL_KEPT: Duration = Duration::from_secs(10);
 use crate::request::{Field, InvalidParam, PromptFit};
 use crate::text::output::{OutputParser, ReasoningFormat};
 use crate::text::grammar::Constraint;
@@ -23,10 +34,15 @@ impl Engine {
         }
         let w = self.worker(&req.model)?;
         let config = self.config();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let _pending = self.pending(req.request_id.as_deref(), &cancel);
         let (prompt, max_tokens, opened_think) = {
-            let _turn = self.prepare_turn();
-            self.tokenize_request(&w, &req, &config)?
+            let _turn = self.prepare_turn(&cancel)?;
+            self.tokenize_request(&w, &req, &config, &cancel)?
         };
+        if cancel.load(Ordering::Relaxed) {
+            return Err(EngineError::Cancelled);
+        }
         let (guide, lazy_guide) = self.guides(&w, &req)?;
         let offers_tools = !req.tools.is_empty() && req.tool_choice != ToolChoice::None;
         let reasoning = match req.reasoning_format {
@@ -49,7 +65,6 @@ impl Engine {
         let (in_flight, queued, ticket) = self.admit(&w, &req.model, priority, prompt.len(), &config)?;
         let (mut features, prefix_cache, speculative) = self.gated_features(&rid, &config);
         let (events_tx, events_rx) = unbounded_channel();
-        let cancel = Arc::new(AtomicBool::new(false));
         let unread = Arc::new(AtomicUsize::new(0));
         if let Some(a) = arm {
             features.push(format!("canary.{}", a.as_str()));
@@ -88,7 +103,7 @@ impl Engine {
 
     /// Waits for a turn to template and tokenize (one per core); the turn
     /// ends when the guard is dropped.
-    fn prepare_turn(&self) -> impl Drop + '_ {
+    pub(super) fn prepare_turn(&self, cancel: &AtomicBool) -> Result<impl Drop + '_, EngineError> {
         struct Turn<'a>(&'a (Mutex<usize>, std::sync::Condvar));
         impl Drop for Turn<'_> {
             fn drop(&mut self) {
@@ -100,15 +115,62 @@ impl Engine {
         let (count, free) = &self.preparing;
         let mut n = count.lock().unwrap_or_else(|p| p.into_inner());
         while *n >= cores {
-            n = free.wait(n).unwrap_or_else(|p| p.into_inner());
+            if cancel.load(Ordering::Relaxed) {
+                return Err(EngineError::Cancelled);
+            }
+            n = free.wait_timeout(n, Duration::from_millis(20)).unwrap_or_else(|p| p.into_inner()).0;
         }
         *n += 1;
-        Turn(&self.preparing)
+        Ok(Turn(&self.preparing))
+    }
+
+    /// Lists a request being prepared under its caller's id until the guard
+    /// is dropped (`cancel_pending`).
+    fn pending<'a>(&'a self, request_id: Option<&str>, cancel: &Arc<AtomicBool>) -> impl Drop + 'a {
+        struct Listed<'a>(&'a Mutex<Pending>, Option<Arc<AtomicBool>>);
+        impl Drop for Listed<'_> {
+            fn drop(&mut self) {
+                if let Some(c) = self.1.take() {
+                    self.0.lock().unwrap_or_else(|p| p.into_inner()).listed.retain(|(_, f)| !Arc::ptr_eq(f, &c));
+                }
+            }
+        }
+        let listed = request_id.map(|id| {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = p.early.iter().position(|(e, _)| e == id) {
+                p.early.remove(i);
+                cancel.store(true, Ordering::Relaxed);
+            }
+            p.listed.push((id.to_owned(), cancel.clone()));
+            cancel.clone()
+        });
+        Listed(&self.pending, listed)
+    }
+
+    /// Cancels the requests with this caller's id that are still being
+    /// templated, tokenized or waiting for their turn; their `submit`
+    /// returns `Cancelled`. (A submitted request stops by its handle.) A
+    /// cancel that arrives before its `submit` has begun (the JavaScript
+    /// call is still on its way to a thread) waits a few seconds for it.
+    pub fn cancel_pending(&self, request_id: &str) {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut found = false;
+        for (_, c) in p.listed.iter().filter(|(id, _)| id == request_id) {
+            c.store(true, Ordering::Relaxed);
+            found = true;
+        }
+        if !found {
+            let now = Instant::now();
+            p.early.retain(|(_, at)| now.duration_since(*at) < EARLY_CANCEL_KEPT);
+            if p.early.len() < 1024 {
+                p.early.push((request_id.to_owned(), now));
+            }
+        }
     }
 
     /// The checked, tokenized prompt, the tokens it may generate, and
     /// whether the prompt ends inside an opened `<think>` block.
-    fn tokenize_request(&self, w: &Worker, req: &GenerateRequest, config: &RuntimeConfig) -> Result<(Vec<u32>, usize, bool), EngineError> {
+    fn tokenize_request(&self, w: &Worker, req: &GenerateRequest, config: &RuntimeConfig, cancel: &AtomicBool) -> Result<(Vec<u32>, usize, bool), EngineError> {
         req.validate()?;
         req.check_limits(&config.limits)?;
         if let Some(&(t, _)) = req.sampling.logit_bias.iter().find(|&&(t, _)| t as usize >= w.info.vocab_size) {
@@ -130,7 +192,7 @@ impl Engine {
             }
             Input::Messages(msgs) => {
                 let tools: &[_] = if req.tool_choice == ToolChoice::None { &[] } else { &req.tools };
-                let text = w.template.render_with_tools(msgs, tools, true, config.limits.max_prompt_chars, None)?;
+                let text = w.template.render_with_tools(msgs, tools, true, config.limits.max_prompt_chars, Some(cancel))?;
                 opened_think = crate::text::output::thinking(None, &text).1;
                 // Templates write BOS themselves when the model wants one.
                 tk.encode_within(&text, false, true, max_prompt)?.map_err(over)?

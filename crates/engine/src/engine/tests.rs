@@ -620,6 +620,35 @@ fn a_prompt_far_over_the_token_limit_is_refused_from_its_first_part() {
 }
 
 #[test]
+fn a_request_cancelled_before_submit_returns_stops_waiting_for_its_turn() {
+    let (e, _d) = tiny_engine();
+    let e = Arc::new(e);
+    // Every turn taken, as by long prompts being tokenized.
+    let never = AtomicBool::new(false);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let turns: Vec<_> = (0..cores).map(|_| e.prepare_turn(&never).ok().unwrap()).collect();
+    let waiting = {
+        let e = e.clone();
+        std::thread::spawn(move || e.submit(GenerateRequest { request_id: Some("r1".into()), ..req(Input::Prompt("hello".into())) }).map(|_| ()))
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!waiting.is_finished());
+    e.cancel_pending("other");
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!waiting.is_finished(), "only the named request is cancelled");
+    e.cancel_pending("r1");
+    assert_eq!(waiting.join().unwrap().unwrap_err().code(), "Cancelled");
+    drop(turns);
+    assert!(e.pending.lock().unwrap().listed.is_empty());
+    // A cancel that came first ("other", above) is waiting for its request.
+    let early = GenerateRequest { request_id: Some("other".into()), ..req(Input::Prompt("hello".into())) };
+    assert_eq!(e.submit(early.clone()).err().unwrap().code(), "Cancelled");
+    // Once only.
+    assert!(collect(e.submit(early).unwrap()).2.is_ok());
+    assert!(collect(e.submit(req(Input::Prompt("hello".into()))).unwrap()).2.is_ok());
+}
+
+#[test]
 fn the_circuit_breaker_opens_on_consecutive_failures_then_a_probe_closes_it() {
     let (e, _d) = tiny_engine_with(config(|c| {
         c.qos.circuit_breaker.failure_threshold = 3;
