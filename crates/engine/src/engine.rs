@@ -429,3 +429,5 @@ use worker::{Settings, WorkerLoop};
 mod tests;
 #[cfg(test)]
 mod structured_tests;
+#[cfg(test)]
+mod bounds_tests;

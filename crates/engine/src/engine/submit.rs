@@ -111,7 +111,9 @@ impl Engine {
                 self.0 .1.notify_one();
             }
         }
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Once: on Linux the answer reads cgroup files.
+        static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let (count, free) = &self.preparing;
         let mut n = count.lock().unwrap_or_else(|p| p.into_inner());
         while *n >= cores {
