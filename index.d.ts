@@ -96,6 +96,13 @@ export declare class NativeStream {
 /** Writes an MLX model folder from a GGUF file (off the JS thread). */
 export declare function convertGgufToMlx(gguf: string, outDir: string): Promise<NativeConvertReport>
 
+/**
+ * The package-root `evaluateFeature`: the decision under the flags in
+ * `path`, re-read when the file changed since the last call (one `stat`
+ * otherwise), so services that never create an engine decide the same way.
+ */
+export declare function evaluateFeatureInFile(path: string, name: string, requestId: string): NativeFlagDecision
+
 export interface NativeArmStats {
   requests: number
   errors: number
@@ -243,6 +250,11 @@ export interface NativeFlagDecision {
   reason: string
   /** The request's bucket (0-9999) in the rollout that decided, if one did. */
   bucket?: number
+  /**
+   * A reload of an edited file that failed (reported once per edit); the
+   * flags in force decided.
+   */
+  reloadError?: string
 }
 
 /**

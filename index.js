@@ -839,5 +839,6 @@ module.exports.NativeEngine = nativeBinding.NativeEngine
 module.exports.NativeServer = nativeBinding.NativeServer
 module.exports.NativeStream = nativeBinding.NativeStream
 module.exports.convertGgufToMlx = nativeBinding.convertGgufToMlx
+module.exports.evaluateFeatureInFile = nativeBinding.evaluateFeatureInFile
 module.exports.readBandwidth = nativeBinding.readBandwidth
 module.exports.runtimeInfo = nativeBinding.runtimeInfo

@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
-import { createEngine, defaultFeatureFlagsPath, EngineClientError, type Engine } from '../lib/index';
+import { createEngine, defaultFeatureFlagsPath, EngineClientError, evaluateFeature, isFeatureEnabled, type Engine } from '../lib/index';
 
 /** The rule as another service would write it. */
 function bucket(requestId: string, seed: string): number {
@@ -119,4 +119,53 @@ test('environment overrides beat the file; the committed file loads', async () =
     delete process.env.PHASE5_ENABLED;
   }
   assert.match(readFileSync(defaultFeatureFlagsPath(), 'utf8'), /kill_switch/);
+});
+
+test("the guide's calls: isFeatureEnabled('phase5', id) from the package root, and createEngine() with the shipped flags", async (t) => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'mlx-serving-flags-root-'));
+  const file = path.join(dir, 'flags.yaml');
+  writeFileSync(file, FLAGS(30).replace('rollout_percentage: 100, hash_seed: "p5"', 'rollout_percentage: 40, hash_seed: "p5"'));
+  process.env.FEATURE_FLAGS_PATH = file;
+  const warnings: string[] = [];
+  const onWarning = (w: Error) => warnings.push(w.message);
+  process.on('warning', onWarning);
+  t.after(() => {
+    delete process.env.FEATURE_FLAGS_PATH;
+    process.off('warning', onWarning);
+    rmSync(dir, { recursive: true, force: true });
+  });
+  // The global rollout decides `phase5`, by the documented rule.
+  let on = 0;
+  for (let i = 0; i < 1000; i++) {
+    const id = `req-${i}`;
+    assert.equal(isFeatureEnabled('phase5', id), bucket(id, 'p5') < 4000, id);
+    on += Number(isFeatureEnabled('phase5', id));
+  }
+  assert.ok(on > 330 && on < 470, `${on} of 1000 at 40%`);
+  const inside = Array.from({ length: 100 }, (_, i) => `u${i}`).find((id) => bucket(id, 'p5') < 4000 && bucket(id, 'ttft') < 3000)!;
+  assert.deepEqual(evaluateFeature('ttft_pipeline', inside), { enabled: true, reason: 'enabled', bucket: bucket(inside, 'ttft') });
+  // An engine on the same file decides the same way.
+  const engine = await createEngine({ featureFlagsPath: file });
+  for (const id of ['a', 'b', 'c', inside]) assert.deepEqual(engine.evaluateFeature('phase5', id), evaluateFeature('phase5', id));
+  await engine.shutdown();
+  // An edit applies on the next call; a bad one warns once and keeps the flags in force.
+  writeFileSync(file, FLAGS(30).replace('enabled: true, rollout_percentage: 100', 'enabled: false, rollout_percentage: 100'));
+  assert.equal(evaluateFeature('phase5', inside).reason, 'phase5_disabled');
+  writeFileSync(file, 'phase5: [not yaml');
+  assert.equal(evaluateFeature('phase5', inside).reason, 'phase5_disabled');
+  assert.equal(evaluateFeature('phase5', inside).reason, 'phase5_disabled');
+  await new Promise((r) => setImmediate(r));
+  assert.equal(warnings.filter((w) => /flags\.yaml: phase5: invalid type.*\(the flags in force stay\)/.test(w)).length, 1, warnings.join('\n'));
+  assert.throws(() => isFeatureEnabled('phase5', 42 as unknown as string), (e: unknown) => e instanceof EngineClientError && e.code === 'InvalidParams');
+
+  // Without options an engine reads the shipped file, as the CLI does; `false` asks for none.
+  delete process.env.FEATURE_FLAGS_PATH;
+  const plain = await createEngine();
+  assert.equal(plain.isFeatureEnabled('phase5', 'anyone'), true);
+  assert.equal(plain.evaluateFeature('qos_policy', 'anyone').reason, 'feature_disabled');
+  await plain.shutdown();
+  const none = await createEngine({ featureFlagsPath: false });
+  assert.throws(() => none.isFeatureEnabled('phase5', 'x'), /no feature flags file/);
+  await none.shutdown();
+  await assert.rejects(createEngine({ featureFlagsPath: path.join(dir, 'missing.yaml') }), (e: unknown) => e instanceof EngineClientError && e.code === 'InvalidParams');
 });

@@ -4,7 +4,7 @@
 'use strict';
 
 const { parseArgs } = require('node:util');
-const { createEngine, convertModel, defaultConfigPath, defaultFeatureFlagsPath } = require('../dist/index.js');
+const { createEngine, convertModel, defaultConfigPath, featureFlagsFile } = require('../dist/index.js');
 
 const HELP = `Usage: mlx-serving serve [options]
        mlx-serving convert <model.gguf|default> <out-folder>
@@ -28,7 +28,8 @@ Options:
   --port <n>              port (default 8080; 0 picks a free one)
   --config <file>         runtime settings (default: the package's config/runtime.yaml)
   --feature-flags <file>  Phase 5 feature flags, re-read when the file changes
-                          (default: the package's config/feature-flags.yaml)
+                          (default: FEATURE_FLAGS_PATH, else the package's
+                          config/feature-flags.yaml)
   --api-key <key>         require 'Authorization: Bearer <key>' on /v1/*
   --cors <origins>        let browser pages from these origins call the API
                           (comma-separated, or '*'; default none)
@@ -64,7 +65,7 @@ async function serve(values) {
     engine = await createEngine({
       configPath: values.config ?? defaultConfigPath(),
       maxConcurrentStreams: maxConcurrent,
-      featureFlagsPath: values['feature-flags'] ?? defaultFeatureFlagsPath(),
+      featureFlagsPath: values['feature-flags'] ?? featureFlagsFile(),
       watchFeatureFlags: true,
       watchConfig: true,
     });

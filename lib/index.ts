@@ -67,6 +67,36 @@ export function defaultFeatureFlagsPath(): string {
   return path.join(__dirname, '..', 'config', 'feature-flags.yaml');
 }
 
+/** The flags file used when none is named: `FEATURE_FLAGS_PATH`, else the package's own. */
+export function featureFlagsFile(): string {
+  return process.env.FEATURE_FLAGS_PATH || defaultFeatureFlagsPath();
+}
+
+function toDecision(d: { enabled: boolean; reason: string; bucket?: number | null }): FeatureDecision {
+  return { enabled: d.enabled, reason: d.reason as FeatureDecision['reason'], bucket: d.bucket ?? undefined };
+}
+
+/**
+ * Why a Phase 5 feature (`phase5`, `ttft_pipeline`, `ttft_pipeline.kv_prefetch`, ...) is on or
+ * off for a request id, under `featureFlagsFile()` with the `PHASE5_*` environment overrides:
+ * the decision an engine with that file makes, for services that never create one. The file is
+ * re-read when it changes; a bad edit is reported once as a process warning and the flags in
+ * force stay.
+ */
+export function evaluateFeature(name: string, requestId: string): FeatureDecision {
+  const file = featureFlagsFile();
+  const d = callSync(() => native.evaluateFeatureInFile(file, name, requestId));
+  if (d.reloadError) {
+    process.emitWarning(`${d.reloadError} (the flags in force stay)`, { code: 'MLX_SERVING_FLAGS' });
+  }
+  return toDecision(d);
+}
+
+/** Whether a Phase 5 feature is on for a request id (see `evaluateFeature`). */
+export function isFeatureEnabled(name: string, requestId: string): boolean {
+  return evaluateFeature(name, requestId).enabled;
+}
+
 /** The package's own `config/runtime.yaml`. */
 export function defaultConfigPath(): string {
   return path.join(__dirname, '..', 'config', 'runtime.yaml');
@@ -96,16 +126,17 @@ export class Engine extends EventEmitter {
   constructor(options: EngineOptions = {}) {
     super();
     if (options === null || typeof options !== 'object') throw new EngineClientError('InvalidParams', 'options must be an object');
+    // The shipped flags unless a file is named, or `false` asks for none.
+    const flagsPath = options.featureFlagsPath === false ? undefined : (options.featureFlagsPath ?? featureFlagsFile());
     try {
       this.native = new native.NativeEngine({
         configPath: options.configPath,
         maxConcurrentStreams: whole('maxConcurrentStreams', options.maxConcurrentStreams, 1, 2 ** 32 - 1),
-        featureFlagsPath: options.featureFlagsPath,
+        featureFlagsPath: flagsPath,
       });
     } catch (e) {
       throw fromNative(e);
     }
-    const flagsPath = options.featureFlagsPath;
     if (options.watchFeatureFlags && flagsPath) {
       // Polling (not fs.watch): editors replace files by rename, which inotify watches lose.
       const onChange = () => {
@@ -197,8 +228,7 @@ export class Engine extends EventEmitter {
   }
 
   evaluateFeature(name: string, requestId: string): FeatureDecision {
-    const d = callSync(() => this.native.evaluateFeature(name, requestId));
-    return { enabled: d.enabled, reason: d.reason as FeatureDecision['reason'], bucket: d.bucket ?? undefined };
+    return toDecision(callSync(() => this.native.evaluateFeature(name, requestId)));
   }
 
   /** Re-reads the flags file; throws `InvalidParams` (and keeps the flags in force) when it is bad. */

@@ -12,10 +12,11 @@ export interface EngineOptions {
   maxConcurrentStreams?: number;
   /**
    * A `feature-flags.yaml` (see `config/feature-flags.yaml`): each request's
-   * Phase 5 features are then decided by its `requestId`. Without one, every
-   * feature follows the runtime config.
+   * Phase 5 features are decided by its `requestId`. Default: `FEATURE_FLAGS_PATH`,
+   * else the package's own file. `false`: no flags, every feature follows the
+   * runtime config.
    */
-  featureFlagsPath?: string;
+  featureFlagsPath?: string | false;
   /** Re-read the flags file when it changes (a bad file keeps the flags in force and emits `flags:error`). */
   watchFeatureFlags?: boolean;
   /** Re-read `configPath` when it changes (`config:reloaded`; a bad file keeps the config in force and emits `config:error`). */

@@ -1,9 +1,11 @@
 //! The control plane: QoS status, canary rollout, feature flags.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use mlx_serving_engine::control::canary::{ArmStats, CanaryConfig, Triggers};
 use mlx_serving_engine::engine::ControlEvent;
+use mlx_serving_engine::EngineError;
 use mlx_serving_engine::control::flags::FlagStore;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
@@ -183,6 +185,41 @@ pub struct NativeFlagDecision {
     pub reason: String,
     /// The request's bucket (0-9999) in the rollout that decided, if one did.
     pub bucket: Option<u32>,
+    /// A reload of an edited file that failed (reported once per edit); the
+    /// flags in force decided.
+    pub reload_error: Option<String>,
+}
+
+impl NativeFlagDecision {
+    fn of(d: mlx_serving_engine::control::flags::Decision, reload_error: Option<String>) -> Self {
+        NativeFlagDecision { enabled: d.enabled, reason: d.reason.as_str().to_owned(), bucket: d.bucket, reload_error }
+    }
+}
+
+/// Flags files read without an engine, one store per path as given.
+static FLAG_FILES: LazyLock<Mutex<HashMap<String, Arc<FlagStore>>>> = LazyLock::new(Default::default);
+
+/// The package-root `evaluateFeature`: the decision under the flags in
+/// `path`, re-read when the file changed since the last call (one `stat`
+/// otherwise), so services that never create an engine decide the same way.
+#[napi]
+pub fn evaluate_feature_in_file(path: String, name: String, request_id: String) -> Result<NativeFlagDecision> {
+    let known = FLAG_FILES.lock().unwrap().get(&path).cloned();
+    let (store, reload_error) = match known {
+        Some(store) => {
+            let err = store.refresh().err().map(|e| match e {
+                EngineError::InvalidParams(m) => m,
+                e => e.to_string(),
+            });
+            (store, err)
+        }
+        None => {
+            // Read outside the lock: a slow file must not hold up other paths.
+            let store = Arc::new(FlagStore::open(&path).map_err(js_error)?);
+            (FLAG_FILES.lock().unwrap().entry(path).or_insert(store).clone(), None)
+        }
+    };
+    Ok(NativeFlagDecision::of(store.current().evaluate(&name, &request_id), reload_error))
 }
 
 #[napi(object)]
@@ -264,8 +301,7 @@ impl NativeEngine {
     /// Why `name` is on or off for a request id under the flags in force.
     #[napi]
     pub fn evaluate_feature(&self, name: String, request_id: String) -> Result<NativeFlagDecision> {
-        let d = self.flags()?.current().evaluate(&name, &request_id);
-        Ok(NativeFlagDecision { enabled: d.enabled, reason: d.reason.as_str().to_owned(), bucket: d.bucket })
+        Ok(NativeFlagDecision::of(self.flags()?.current().evaluate(&name, &request_id), None))
     }
 
     /// Re-reads the flags file; when it is unreadable or invalid the flags

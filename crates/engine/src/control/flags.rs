@@ -21,7 +21,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
 
 use md5::{Digest, Md5};
 use serde::Deserialize;
@@ -130,7 +131,8 @@ impl FeatureFlags {
         let mut f: FeatureFlags = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
-            if path == "." { inner } else { format!("{path}: {inner}") }
+            // serde_yaml's own messages may already start with the path.
+            if path == "." || inner.starts_with(&format!("{path}: ")) { inner } else { format!("{path}: {inner}") }
         })?;
         f.apply_env(env)?;
         f.validate()?;
@@ -177,7 +179,7 @@ impl FeatureFlags {
         Ok(())
     }
 
-    /// Whether `name` (`feature` or `feature.sub_feature`) is on for this request, and why.
+    /// Whether `name` (`phase5`, `feature` or `feature.sub_feature`) is on for this request, and why.
     pub fn evaluate(&self, name: &str, request_id: &str) -> Decision {
         let off = |reason, bucket| Decision { enabled: false, reason, bucket };
         if self.emergency.kill_switch {
@@ -189,6 +191,10 @@ impl FeatureFlags {
         let (inside, b) = includes(self.phase5.rollout_percentage, &self.phase5.hash_seed, request_id);
         if !inside {
             return off(Reason::Phase5RolloutExcluded, Some(b));
+        }
+        // `phase5` itself is the global rollout: the guide's canonical check.
+        if name == "phase5" {
+            return Decision { enabled: true, reason: Reason::Enabled, bucket: Some(b) };
         }
         let (feature, sub) = match name.split_once('.') {
             Some((f, s)) => (f, Some(s)),
@@ -223,13 +229,31 @@ impl FeatureFlags {
 pub struct FlagStore {
     path: PathBuf,
     current: RwLock<Arc<FeatureFlags>>,
+    /// The file as last read (or last found bad), for `refresh`.
+    seen: Mutex<Option<Stamp>>,
+}
+
+/// What tells an edited file from the one read: editors replace files by
+/// rename (a new inode) or rewrite them (a new mtime or length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    inode: u64,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp { inode: m.ino(), len: m.len(), modified: m.modified().ok() })
 }
 
 impl FlagStore {
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, EngineError> {
         let path = path.into();
+        let seen = stamp(&path);
         let flags = FeatureFlags::from_file(&path)?;
-        Ok(FlagStore { path, current: RwLock::new(Arc::new(flags)) })
+        Ok(FlagStore { path, current: RwLock::new(Arc::new(flags)), seen: Mutex::new(seen) })
     }
 
     pub fn current(&self) -> Arc<FeatureFlags> {
@@ -237,9 +261,22 @@ impl FlagStore {
     }
 
     pub fn reload(&self) -> Result<(), EngineError> {
+        let seen = stamp(&self.path);
+        *self.seen.lock().unwrap() = seen;
         let flags = FeatureFlags::from_file(&self.path)?;
         *self.current.write().unwrap() = Arc::new(flags);
         Ok(())
+    }
+
+    /// Reloads when the file changed since it was last read (one `stat`
+    /// otherwise). A bad edit is reported once, and the flags in force stay
+    /// until the file changes again.
+    pub fn refresh(&self) -> Result<(), EngineError> {
+        let now = stamp(&self.path);
+        if now == *self.seen.lock().unwrap() {
+            return Ok(());
+        }
+        self.reload()
     }
 }
 
@@ -355,5 +392,43 @@ mod tests {
         std::fs::write(&path, SMALL.replace("rollout_percentage: 50", "rollout_percentage: 0")).unwrap();
         store.reload().unwrap();
         assert!(!store.current().evaluate("ttft_pipeline", "x").enabled);
+    }
+
+    #[test]
+    fn phase5_is_the_global_rollout() {
+        let f = flags(&SMALL.replace("rollout_percentage: 100, hash_seed: p", "rollout_percentage: 40, hash_seed: p"));
+        for i in 0..500 {
+            let id = format!("u{i}");
+            let d = f.evaluate("phase5", &id);
+            assert_eq!(d.enabled, bucket(&id, "p") < 4000, "{id}");
+            assert_eq!(d.bucket, Some(bucket(&id, "p")));
+            assert_eq!(d.reason, if d.enabled { Reason::Enabled } else { Reason::Phase5RolloutExcluded });
+        }
+        let killed = flags(&format!("{SMALL}emergency: {{kill_switch: true}}\n"));
+        assert_eq!(killed.evaluate("phase5", "u1").reason, Reason::KillSwitch);
+        let inside = (0..).map(|i| format!("u{i}")).find(|id| f.evaluate("phase5", id).enabled).unwrap();
+        assert_eq!(f.evaluate("phase5.anything", &inside).reason, Reason::UnknownFeature);
+    }
+
+    #[test]
+    fn refresh_reloads_only_an_edited_file_and_reports_a_bad_edit_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flags.yaml");
+        std::fs::write(&path, SMALL).unwrap();
+        let store = FlagStore::open(&path).unwrap();
+        store.refresh().unwrap();
+        let first = store.current();
+        store.refresh().unwrap();
+        assert!(Arc::ptr_eq(&first, &store.current()), "an unchanged file is not read again");
+        // A replacement by rename, as editors save: a new inode.
+        let tmp = dir.path().join("flags.yaml.new");
+        std::fs::write(&tmp, SMALL.replace("rollout_percentage: 50", "rollout_percentage: 0")).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        store.refresh().unwrap();
+        assert!(!store.current().evaluate("ttft_pipeline", "x").enabled);
+        std::fs::write(&path, "phase5: [garbage").unwrap();
+        assert_eq!(store.refresh().unwrap_err().code(), "InvalidParams");
+        store.refresh().unwrap();
+        assert!(!store.current().evaluate("ttft_pipeline", "x").enabled, "the flags in force stay");
     }
 }

@@ -287,7 +287,8 @@ impl Engine {
 
     /// The gated features on for request id `rid` (counted), and whether
     /// they give it the prefix cache and speculative decoding. Without a
-    /// flags file every gated feature follows the runtime config.
+    /// flags file every gated feature follows the runtime config; with one,
+    /// speculation needs both `speculative.enabled` and the flag.
     fn gated_features(&self, rid: &str, config: &RuntimeConfig) -> (Vec<String>, bool, bool) {
         let Some(store) = self.feature_flags() else {
             return (Vec::new(), true, config.speculative.enabled);
@@ -296,7 +297,9 @@ impl Engine {
         let mut counts = self.flag_counts.lock().unwrap();
         let mut features = Vec::new();
         for &name in GATED_FEATURES {
-            let on = flags.evaluate(name, rid).enabled;
+            // The config says whether speculation runs at all; the flag, for whom.
+            let runs = name != "ttft_pipeline.speculative" || config.speculative.enabled;
+            let on = runs && flags.evaluate(name, rid).enabled;
             *counts.entry((name.to_owned(), on)).or_default() += 1;
             if on {
                 features.push(name.to_owned());
