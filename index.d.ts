@@ -268,6 +268,7 @@ export interface NativeGenerateParams {
   promptTokens?: Array<number>
   messages?: Array<NativeMessage>
   maxTokens?: number
+  minTokens?: number
   temperature?: number
   topP?: number
   topK?: number

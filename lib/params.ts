@@ -35,7 +35,7 @@ export function abortError(signal: AbortSignal): { code: ErrorCode; message: str
 }
 
 const PARAM_KEYS = new Set([
-  'model', 'prompt', 'messages', 'maxTokens', 'temperature', 'topP', 'topK', 'minP', 'repetitionPenalty',
+  'model', 'prompt', 'messages', 'maxTokens', 'minTokens', 'temperature', 'topP', 'topK', 'minP', 'repetitionPenalty',
   'presencePenalty', 'frequencyPenalty', 'seed', 'stopSequences', 'stopTokenIds', 'ignoreEos',
   'responseFormat', 'regex', 'grammar', 'tools', 'toolChoice', 'parallelToolCalls', 'logitBias', 'reasoningFormat',
 ]);
@@ -70,6 +70,7 @@ export function toNativeParams(p: GeneratorParams): NativeGenerateParams {
   const out: NativeGenerateParams = {
     model: p.model,
     maxTokens: p.maxTokens,
+    minTokens: p.minTokens,
     temperature: p.temperature,
     topP: p.topP,
     topK: p.topK,

@@ -244,7 +244,10 @@ export interface GeneratorParams {
   model: string;
   prompt?: string | { tokens: number[] };
   messages?: ChatMessage[];
+  /** Default: what the context leaves after the prompt (or the config's `streaming.maxTokens`). */
   maxTokens?: number;
+  /** Tokens generated before end-of-generation tokens, stop token ids or stop sequences may end the output. */
+  minTokens?: number;
   temperature?: number;
   topP?: number;
   topK?: number;

@@ -83,6 +83,8 @@ struct Counters {
 struct Job {
     prompt: Vec<u32>,
     max_tokens: usize,
+    /// Until this many tokens are out, nothing but `max_tokens` ends it.
+    min_tokens: usize,
     sampling: SamplingParams,
     stop_sequences: Vec<String>,
     stop_token_ids: Vec<u32>,

@@ -35,6 +35,7 @@ pub enum Field {
     PromptTokens,
     Messages,
     MaxTokens,
+    MinTokens,
     Temperature,
     TopP,
     TopK,
@@ -66,6 +67,7 @@ impl Field {
             Field::PromptTokens => "prompt.tokens",
             Field::Messages => "messages",
             Field::MaxTokens => "maxTokens",
+            Field::MinTokens => "minTokens",
             Field::Temperature => "temperature",
             Field::TopP => "topP",
             Field::TopK => "topK",
@@ -100,6 +102,7 @@ impl Field {
         match self {
             Field::PromptTokens => "prompt",
             Field::MaxTokens => "max_tokens",
+            Field::MinTokens => "min_tokens",
             Field::TopP => "top_p",
             Field::TopK => "top_k",
             Field::MinP => "min_p",
@@ -251,6 +254,9 @@ pub struct RequestSpec {
     pub prompt: Option<PromptSpec>,
     pub messages: Option<Vec<ChatMessage>>,
     pub max_tokens: Option<Number>,
+    /// Tokens generated before an end-of-generation token, a stop token id
+    /// or a stop sequence may end the output (vLLM's `min_tokens`).
+    pub min_tokens: Option<Number>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub top_k: Option<Number>,
@@ -332,6 +338,10 @@ impl RequestSpec {
             Some(m) => Some(m.whole(Field::MaxTokens, 1..=i64::MAX as i128, "a positive integer")? as i64),
             None => defaults.max_tokens,
         };
+        let min_tokens = match self.min_tokens {
+            Some(m) => m.whole(Field::MinTokens, 0..=u32::MAX as i128, "an integer from 0 to 2^32 - 1")? as usize,
+            None => 0,
+        };
         let d = SamplingParams::default();
         // A finite number past f32's range would turn into `inf` on the way.
         let float = |field: Field, v: Option<f64>, dflt: f32| match v {
@@ -377,6 +387,7 @@ impl RequestSpec {
             model,
             input,
             max_tokens,
+            min_tokens,
             sampling,
             stop_sequences: self.stop_sequences.unwrap_or_default(),
             stop_token_ids: token_ids(Field::StopTokenIds, self.stop_token_ids.unwrap_or_default())?,
@@ -433,6 +444,9 @@ impl GenerateRequest {
         self.sampling.validate()?;
         if let Some(m) = self.max_tokens.filter(|&m| m <= 0) {
             return Err(InvalidParam::new(Field::MaxTokens, format!("must be a positive integer, got {m}")));
+        }
+        if let Some(m) = self.max_tokens.filter(|&m| (self.min_tokens as i64) > m) {
+            return Err(InvalidParam::new(Field::MinTokens, format!("must be at most max_tokens ({m}), got {}", self.min_tokens)));
         }
         if self.top_logprobs > MAX_TOP_LOGPROBS {
             return Err(InvalidParam::new(Field::TopLogprobs, format!("must be at most {MAX_TOP_LOGPROBS}, got {}", self.top_logprobs)));
@@ -500,8 +514,8 @@ pub struct PromptFit {
     /// Positions the KV cache holds.
     pub kv_positions: usize,
     pub max_prompt_tokens: usize,
-    /// `streaming.maxTokens`.
-    pub max_tokens_cap: usize,
+    /// `streaming.maxTokens`; `None`: what the context holds.
+    pub max_tokens_cap: Option<usize>,
 }
 
 impl PromptFit {
@@ -521,11 +535,13 @@ impl PromptFit {
             return Err(InvalidParam::sentence(field, format!("the prompt has {n} tokens but the context holds {ctx}")));
         }
         let room = ctx - n;
-        let cap = self.max_tokens_cap;
-        if let Some(m) = req.max_tokens {
+        let cap = self.max_tokens_cap.unwrap_or(room);
+        if let (Some(m), Some(cap)) = (req.max_tokens, self.max_tokens_cap) {
             if m as u64 > cap as u64 {
                 return Err(InvalidParam::new(Field::MaxTokens, format!("{m} exceeds the configured limit streaming.maxTokens = {cap}")));
             }
+        }
+        if let Some(m) = req.max_tokens {
             if m as u64 > room as u64 {
                 return Err(InvalidParam::sentence(
                     Field::MaxTokens,

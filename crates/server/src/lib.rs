@@ -175,6 +175,7 @@ pub async fn start(engine: Arc<Engine>, opts: ServerOptions) -> std::io::Result<
         .layer(DefaultBodyLimit::max(state.opts.body_limit_bytes))
         // Outermost, so a preflight is answered before the API key check.
         .layer(middleware::from_fn_with_state(state.clone(), cors))
+        .layer(middleware::from_fn_with_state(state.clone(), request_id))
         .with_state(state.clone());
 
     // Sample the engine's counters once a second for rolling rates.
@@ -228,9 +229,27 @@ async fn cors(State(state): State<Arc<AppState>>, req: Request, next: Next) -> R
     let h = resp.headers_mut();
     if let Some(o) = allowed {
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o.clone());
+        // Pages may read these beside the few headers CORS always lets through.
+        h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("x-request-id, retry-after"));
     }
     // Caches must not hand one origin's answer to another.
     h.append(header::VARY, HeaderValue::from_static("origin"));
+    resp
+}
+
+/// Longest client `x-request-id` echoed back; a longer one gets one of ours.
+const MAX_REQUEST_ID_BYTES: usize = 200;
+
+/// `x-request-id` on every response: the client's own, so its logs and
+/// ours meet, or one of ours.
+async fn request_id(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let given = req.headers().get("x-request-id").filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID_BYTES).cloned();
+    let mut resp = next.run(req).await;
+    let id = given.unwrap_or_else(|| {
+        let n = state.next_id.fetch_add(1, Ordering::Relaxed);
+        HeaderValue::from_str(&format!("req-{}{n:x}", state.id_prefix)).expect("hex digits and dashes")
+    });
+    resp.headers_mut().insert("x-request-id", id);
     resp
 }
 
@@ -323,22 +342,42 @@ fn error_response(status: StatusCode, code: &str, message: String) -> Response {
     error_with_param(status, code, message, None)
 }
 
+/// OpenAI's error `type` for a status (its SDKs pick the exception class by
+/// status; the type is what logs and dashboards group by). `code` stays ours.
+fn error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        s if s < 500 => "invalid_request_error",
+        _ => "server_error",
+    }
+}
+
 fn error_with_param(status: StatusCode, code: &str, message: String, param: Option<&str>) -> Response {
-    let kind = if status.is_client_error() { "invalid_request_error" } else { "server_error" };
-    let body = json!({ "error": { "message": message, "type": kind, "param": param, "code": code } });
+    let body = json!({ "error": { "message": message, "type": error_type(status), "param": param, "code": code } });
     (status, Json(body)).into_response()
 }
 
-/// 429 with `Retry-After`, whether the server or the engine is full.
-fn overloaded(message: String) -> Response {
+/// Longest wait a 429 suggests: the SDKs give up on longer ones.
+const MAX_RETRY_AFTER_S: f64 = 60.0;
+
+/// 429 with `Retry-After`: about when `slots` generations will have ended,
+/// from the mean request duration so far and how many run at once (1 s
+/// before any request has finished).
+fn overloaded(state: &AppState, slots: usize, message: String) -> Response {
+    let e2e = state.engine.latency_histograms().e2e;
+    let mean_s = if e2e.count == 0 { 1.0 } else { e2e.sum / e2e.count as f64 };
+    let wait = (mean_s * slots as f64 / state.opts.max_concurrent.max(1) as f64).clamp(1.0, MAX_RETRY_AFTER_S).ceil();
     let mut r = error_response(StatusCode::TOO_MANY_REQUESTS, "Overloaded", message);
-    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait as u64));
     r
 }
 
-fn engine_error_response(e: &EngineError) -> Response {
+fn engine_error_response(state: &AppState, e: &EngineError) -> Response {
     if let EngineError::Overloaded(_) = e {
-        return overloaded(e.to_string());
+        return overloaded(state, 1, e.to_string());
     }
     if let EngineError::InvalidParam(p) = e {
         let bad = BadRequest::from(p.clone());
@@ -399,7 +438,7 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
 async fn get_model(State(state): State<Arc<AppState>>, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
     match state.engine.model_info(&id) {
         Some(m) => Json(model_object(&state, &m)).into_response(),
-        None => engine_error_response(&EngineError::ModelNotLoaded(id)),
+        None => engine_error_response(&state, &EngineError::ModelNotLoaded(id)),
     }
 }
 
@@ -446,46 +485,68 @@ async fn generate(state: Arc<AppState>, parsed: Result<Parsed, BadRequest>, api:
             return error_with_param(StatusCode::BAD_REQUEST, "InvalidParams", bad.message, bad.param.as_deref());
         }
     };
+    let model = parsed.reqs[0].model.clone();
     // A canary's name is not a model id: the engine routes it.
-    if !state.engine.serves(&parsed.req.model) {
+    if !state.engine.serves(&model) {
         state.metrics.bad_request();
         let known: Vec<String> = state.engine.list_models().into_iter().map(|m| m.id).collect();
-        let msg = format!("model '{}' is not loaded (available: {})", parsed.req.model, known.join(", "));
+        let msg = format!("model '{model}' is not loaded (available: {})", known.join(", "));
         return error_response(StatusCode::NOT_FOUND, "ModelNotLoaded", msg);
     }
-    if parsed.n > state.opts.max_concurrent {
+    let (n, prompts) = (parsed.n, parsed.reqs.len());
+    let slots = n * prompts;
+    if slots > state.opts.max_concurrent {
         state.metrics.bad_request();
-        let msg = format!("n = {} is more than the {} generations this server runs at once", parsed.n, state.opts.max_concurrent);
-        return error_with_param(StatusCode::BAD_REQUEST, "InvalidParams", msg, Some("n"));
+        let (msg, param) = if prompts > 1 {
+            (format!("{prompts} prompts x n = {n} is {slots} generations, more than the {} this server runs at once", state.opts.max_concurrent), "prompt")
+        } else {
+            (format!("n = {n} is more than the {} generations this server runs at once", state.opts.max_concurrent), "n")
+        };
+        return error_with_param(StatusCode::BAD_REQUEST, "InvalidParams", msg, Some(param));
     }
     // A short grace: a client that aborts a request and sends the next one
     // at once is faster than the server noticing the first connection
     // closed, and would otherwise see a 429 for a slot it no longer uses.
-    let acquire = state.permits.clone().acquire_many_owned(parsed.n as u32);
+    let acquire = state.permits.clone().acquire_many_owned(slots as u32);
     let Ok(Ok(permit)) = tokio::time::timeout(SLOT_GRACE, acquire).await else {
         state.metrics.rejected();
         let free = state.permits.available_permits();
-        let why = format!("this request needs {} of the {} generation slots and {free} are free; retry shortly", parsed.n, state.opts.max_concurrent);
-        return overloaded(why);
+        let why = format!("this request needs {slots} of the {} generation slots and {free} are free; retry shortly", state.opts.max_concurrent);
+        return overloaded(&state, slots, why);
     };
-    let model = parsed.req.model.clone();
     let engine = state.engine.clone();
-    let (req, n) = (parsed.req, parsed.n);
-    // Choices past the first differ only in their seed (choice i samples
-    // with seed + i); the run submits them once choice 0's prompt is cached.
-    let rest: Vec<GenerateRequest> = (1..n)
-        .map(|i| {
-            let mut r = req.clone();
-            r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i as u64));
-            r
+    // Each prompt's choices past the first differ only in their seed (choice
+    // i samples with seed + i); the run submits them once the first one's
+    // prompt is cached.
+    let groups: Vec<(GenerateRequest, Vec<GenerateRequest>)> = parsed
+        .reqs
+        .into_iter()
+        .map(|req| {
+            let rest = (1..n)
+                .map(|i| {
+                    let mut r = req.clone();
+                    r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i as u64));
+                    r
+                })
+                .collect();
+            (req, rest)
         })
         .collect();
     // Templating and tokenization can take a moment on long prompts. The
     // slots go with the work: a client that leaves meanwhile does not free
     // them for others while its prompt is still being tokenized.
-    let (handle, permit) = match tokio::task::spawn_blocking(move || (engine.submit(req), permit)).await {
-        Ok((Ok(h), permit)) => (h, permit),
-        Ok((Err(e), _)) => {
+    let submitted = tokio::task::spawn_blocking(move || {
+        let mut started = Vec::with_capacity(groups.len());
+        for (first, rest) in groups {
+            // A prompt refused ends the request; those started are dropped, which cancels them.
+            started.push((engine.submit(first)?, rest));
+        }
+        Ok::<_, EngineError>((started, permit))
+    })
+    .await;
+    let (started, permit) = match submitted {
+        Ok(Ok(ok)) => ok,
+        Ok(Err(e)) => {
             match e {
                 EngineError::InvalidParams(_) | EngineError::InvalidParam(_) | EngineError::Tokenizer(_) => state.metrics.bad_request(),
                 // The engine's own limit (a cancelled sequence not yet
@@ -493,16 +554,33 @@ async fn generate(state: Arc<AppState>, parsed: Result<Parsed, BadRequest>, api:
                 EngineError::Overloaded(_) => state.metrics.rejected(),
                 _ => {}
             }
-            return engine_error_response(&e);
+            return engine_error_response(&state, &e);
         }
         Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e.to_string()),
     };
     let id = format!("{}-{}{:x}", if api == Api::Chat { "chatcmpl" } else { "cmpl" }, state.id_prefix, state.next_id.fetch_add(1, Ordering::Relaxed));
-    let shape = run::Shape { id, model, api, created: unix_now(), logprobs: parsed.logprobs, include_usage: parsed.include_usage };
-    let run = run::Run::new(state.clone(), handle, rest, permit, shape);
-    if parsed.stream {
+    let fingerprint = fingerprint(&state.engine, &model);
+    let shape = run::Shape { id, model, api, created: unix_now(), fingerprint, n, wire: parsed.shape };
+    let stream = parsed.shape.stream;
+    let run = run::Run::new(state.clone(), started, permit, shape);
+    if stream {
         Sse::new(run.into_sse()).keep_alive(KeepAlive::default()).into_response()
     } else {
         run.collect().await
     }
+}
+
+/// OpenAI's `system_fingerprint`: what, beside the request, decides the
+/// output (this build, the model file, the backend), so a client can tell
+/// when the same request may start giving other answers.
+fn fingerprint(engine: &Engine, model: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same inputs give the same value in every run of this build.
+    let mut h = std::hash::DefaultHasher::new();
+    env!("CARGO_PKG_VERSION").hash(&mut h);
+    model.hash(&mut h);
+    if let Some(m) = engine.model_info(model) {
+        (m.path, m.file_type, m.backend.name(), m.weight_bytes).hash(&mut h);
+    }
+    format!("fp_{:012x}", h.finish() & 0xffff_ffff_ffff)
 }

@@ -1,10 +1,16 @@
 //! OpenAI request bodies and their translation to the engine's request spec,
 //! which checks the fields. What is left here is the wire format's own:
-//! `n`, streaming, the logprobs shapes, OpenAI's conventions (`top_k: -1`,
-//! negative seeds, at most 4 stops). Fields clients commonly send but that
-//! do not change our output (`user`, `n: 1`, ...) are accepted; fields we
-//! cannot honour are rejected with a 400 that names them, never silently
-//! ignored.
+//! `n`, lists of prompts, streaming, the logprobs shapes, OpenAI's
+//! conventions (`top_k: -1`, negative seeds, at most 4 stops, temperature
+//! 0-2, the `developer` role).
+//!
+//! Unknown fields (the policy, also in docs/http.md): a field that would
+//! change the output and that we cannot honour is refused with a 400 naming
+//! it, never silently dropped. Fields that only carry metadata (`user`,
+//! `metadata`, `store`, `service_tier`, `prompt_cache_key`,
+//! `safety_identifier`) are accepted, and so are the peers' cheap
+//! extensions, implemented: vLLM's `min_tokens`, `return_token_ids`,
+//! `stream_options.continuous_usage_stats`; llama.cpp's `cache_prompt`.
 
 use mlx_serving_engine::text::chat::ChatMessage;
 use mlx_serving_engine::engine::GenerateRequest;
@@ -20,6 +26,10 @@ const COMPLETIONS_DEFAULT_MAX_TOKENS: i64 = 16;
 const MAX_STOP_SEQUENCES: usize = 4;
 /// Most choices (`n`) per request; each is a sequence of its own.
 pub const MAX_CHOICES: i64 = 16;
+/// OpenAI's temperature range is 0 to 2.
+const MAX_TEMPERATURE: f64 = 2.0;
+/// Fields that only carry metadata for the caller's own bookkeeping.
+const METADATA_FIELDS: &[&str] = &["metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"];
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -42,7 +52,8 @@ fn refuse_unsupported(fields: &Map<String, Value>) -> Result<(), BadRequest> {
     for (k, v) in fields {
         let empty = v.as_array().is_some_and(|a| a.is_empty()) || v.as_object().is_some_and(|o| o.is_empty());
         let harmless = v.is_null()
-            || matches!(k.as_str(), "metadata" | "store" | "service_tier")
+            || METADATA_FIELDS.contains(&k.as_str())
+            || (k == "modalities" && v.as_array().is_some_and(|m| m.iter().all(|x| x == "text")))
             || (matches!(k.as_str(), "functions" | "tools") && empty)
             || (matches!(k.as_str(), "function_call" | "tool_choice") && v == "none")
             || (k == "response_format" && v.get("type").and_then(Value::as_str) == Some("text"))
@@ -57,7 +68,9 @@ fn refuse_unsupported(fields: &Map<String, Value>) -> Result<(), BadRequest> {
 /// A message's fields beyond role and content: a name, an assistant's
 /// `tool_calls`, a tool result's `tool_call_id`.
 fn message_from(m: ChatMessageIn) -> Result<ChatMessage, BadRequest> {
-    let mut msg = ChatMessage::new(m.role.clone(), content_text(&m.role, m.content)?);
+    // OpenAI's `developer` role is the system role for models that predate it.
+    let role = if m.role == "developer" { "system".to_owned() } else { m.role.clone() };
+    let mut msg = ChatMessage::new(role, content_text(&m.role, m.content)?);
     for (k, v) in m.other {
         match (k.as_str(), v) {
             (_, Value::Null) => {}
@@ -101,9 +114,17 @@ fn unreadable(e: serde_json::Error) -> BadRequest {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     #[serde(default, deserialize_with = "nullable")]
     pub include_usage: bool,
+    /// vLLM: every chunk carries the usage so far.
+    #[serde(default, deserialize_with = "nullable")]
+    pub continuous_usage_stats: bool,
+    /// OpenAI pads chunks against length side channels on its own network;
+    /// nothing to pad here, so either value gives the same output.
+    #[serde(default, deserialize_with = "nullable")]
+    pub include_obfuscation: bool,
 }
 
 /// Sampling fields shared by both endpoints.
@@ -112,6 +133,8 @@ pub struct Common {
     pub model: String,
     pub max_tokens: Option<Number>,
     pub max_completion_tokens: Option<Number>,
+    /// vLLM: no end before this many tokens.
+    pub min_tokens: Option<Number>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     /// -1 (vLLM) or 0: off.
@@ -138,6 +161,11 @@ pub struct Common {
     pub user: Option<String>,
     /// Token id (a string) to a bias in [-100, 100].
     pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    /// vLLM: the prompt's and each choice's token ids in the response.
+    #[serde(default, deserialize_with = "nullable")]
+    pub return_token_ids: bool,
+    /// llama.cpp: `false` keeps the request out of the prefix cache.
+    pub cache_prompt: Option<bool>,
     /// vLLM's constraints: `{json | regex | grammar | choice}`.
     pub structured_outputs: Option<StructuredOutputs>,
     /// `auto`, `parsed` or `inline`: where `<think>` blocks go (chat:
@@ -195,19 +223,32 @@ pub struct CompletionRequest {
 
 /// What a parsed request asks of the engine and of the response shape.
 pub struct Parsed {
-    pub req: GenerateRequest,
-    /// Choices to generate (`n`), each its own sequence.
+    /// One request per prompt (chat: one).
+    pub reqs: Vec<GenerateRequest>,
+    /// Choices to generate per prompt (`n`), each its own sequence.
     pub n: usize,
-    pub stream: bool,
-    pub include_usage: bool,
-    pub logprobs: bool,
+    pub shape: Shape,
 }
 
-/// The spec of what the endpoints share, and `n`, `stream`, `include_usage`.
-fn common_to_spec(c: Common) -> Result<(RequestSpec, usize, bool, bool), BadRequest> {
+/// What the response carries beside the text.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shape {
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Usage on every chunk (vLLM's `continuous_usage_stats`).
+    pub continuous_usage: bool,
+    pub logprobs: bool,
+    pub return_token_ids: bool,
+}
+
+/// The spec of what the endpoints share, `n`, and the response's shape.
+fn common_to_spec(c: Common) -> Result<(RequestSpec, usize, Shape), BadRequest> {
     let n = c.n.unwrap_or(1);
     if !(1..=MAX_CHOICES).contains(&n) {
         return bad("n", format!("n must be from 1 to {MAX_CHOICES}, got {n}"));
+    }
+    if let Some(t) = c.temperature.filter(|t| *t > MAX_TEMPERATURE) {
+        return bad("temperature", format!("temperature must be from 0 to {MAX_TEMPERATURE}, got {t}"));
     }
     let stop = match c.stop {
         None => vec![],
@@ -217,13 +258,26 @@ fn common_to_spec(c: Common) -> Result<(RequestSpec, usize, bool, bool), BadRequ
     if stop.len() > MAX_STOP_SEQUENCES {
         return bad("stop", format!("stop takes at most {MAX_STOP_SEQUENCES} sequences, got {}", stop.len()));
     }
-    let include_usage = c.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    if c.stream_options.is_some() && !c.stream {
+    let opts = c.stream_options.as_ref();
+    if opts.is_some() && !c.stream {
         return bad("stream_options", "stream_options is only allowed when stream is true");
     }
+    let shape = Shape {
+        stream: c.stream,
+        include_usage: opts.is_some_and(|o| o.include_usage),
+        continuous_usage: opts.is_some_and(|o| o.continuous_usage_stats),
+        logprobs: false,
+        return_token_ids: c.return_token_ids,
+    };
+    // A salt this server gives no other request: its blocks are shared with no one.
+    let cache_salt = match c.cache_prompt {
+        Some(false) => Some(format!("{}\0uncached-{}", c.cache_salt.unwrap_or_default(), uncached_count())),
+        _ => c.cache_salt,
+    };
     let spec = RequestSpec {
         model: Some(c.model),
         max_tokens: c.max_completion_tokens.or(c.max_tokens),
+        min_tokens: c.min_tokens,
         temperature: c.temperature,
         top_p: c.top_p,
         top_k: c.top_k.filter(|&k| k != Number::Int(-1)),
@@ -238,7 +292,7 @@ fn common_to_spec(c: Common) -> Result<(RequestSpec, usize, bool, bool), BadRequ
         stop_sequences: Some(stop),
         ignore_eos: Some(c.ignore_eos),
         priority: c.priority,
-        cache_salt: c.cache_salt,
+        cache_salt,
         request_id: c.user,
         logit_bias: c.logit_bias,
         reasoning_format: c.reasoning_format,
@@ -248,7 +302,13 @@ fn common_to_spec(c: Common) -> Result<(RequestSpec, usize, bool, bool), BadRequ
         None => spec,
         Some(so) => structured_outputs(spec, so)?,
     };
-    Ok((spec, n as usize, c.stream, include_usage))
+    Ok((spec, n as usize, shape))
+}
+
+/// Requests sent with `cache_prompt: false` so far.
+fn uncached_count() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// vLLM's `structured_outputs` as the engine's constraint fields.
@@ -321,7 +381,7 @@ pub fn parse_chat(body: &[u8]) -> Result<Parsed, BadRequest> {
     let r: ChatRequest = serde_json::from_slice(body).map_err(unreadable)?;
     refuse_unsupported(&r.other)?;
     let messages = r.messages.into_iter().map(message_from).collect::<Result<Vec<_>, BadRequest>>()?;
-    let (mut spec, n, stream, include_usage) = common_to_spec(r.common)?;
+    let (mut spec, n, mut shape) = common_to_spec(r.common)?;
     spec.messages = Some(messages);
     if let Some(f) = r.response_format.filter(|v| !v.is_null()) {
         if spec.response_format.is_some() || spec.regex.is_some() || spec.grammar.is_some() {
@@ -337,7 +397,27 @@ pub fn parse_chat(body: &[u8]) -> Result<Parsed, BadRequest> {
     if !r.logprobs && req.top_logprobs > 0 {
         return bad("top_logprobs", "top_logprobs requires logprobs: true");
     }
-    Ok(Parsed { req, n, stream, include_usage, logprobs: r.logprobs })
+    shape.logprobs = r.logprobs;
+    Ok(Parsed { reqs: vec![req], n, shape })
+}
+
+/// Legacy `prompt`: a string, token ids, or a list of either (one choice
+/// per prompt, times `n`).
+fn prompts(v: Value) -> Result<Vec<PromptSpec>, BadRequest> {
+    let one = |v: Value| match v {
+        Value::String(s) => Ok(PromptSpec::Text(s)),
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => {
+            Ok(PromptSpec::Tokens { tokens: items.into_iter().map(serde_json::from_value).collect::<Result<_, _>>().map_err(unreadable)? })
+        }
+        other => bad("prompt", format!("each prompt must be a string or a non-empty array of token ids, got {other}")),
+    };
+    match v {
+        Value::String(_) => Ok(vec![one(v)?]),
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => Ok(vec![one(Value::Array(items))?]),
+        Value::Array(items) if items.is_empty() => bad("prompt", "prompt must not be an empty list"),
+        Value::Array(items) => items.into_iter().map(one).collect(),
+        other => bad("prompt", format!("prompt must be a string, token ids, or a list of either, got {other}")),
+    }
 }
 
 pub fn parse_completion(body: &[u8]) -> Result<Parsed, BadRequest> {
@@ -346,34 +426,27 @@ pub fn parse_completion(body: &[u8]) -> Result<Parsed, BadRequest> {
     if r.echo {
         return bad("echo", "echo is not supported");
     }
-    let prompt = match r.prompt {
-        Value::String(s) => PromptSpec::Text(s),
-        Value::Array(items) if items.iter().all(Value::is_number) => {
-            PromptSpec::Tokens { tokens: items.into_iter().map(serde_json::from_value).collect::<Result<_, _>>().map_err(unreadable)? }
-        }
-        Value::Array(mut items) if items.len() == 1 && items[0].is_string() => {
-            let Some(Value::String(s)) = items.pop() else { unreachable!() };
-            PromptSpec::Text(s)
-        }
-        Value::Array(_) => return bad("prompt", "prompt must be a string, one string in an array, or an array of token ids"),
-        other => return bad("prompt", format!("prompt must be a string or token ids, got {other}")),
-    };
+    let prompts = prompts(r.prompt)?;
     // The legacy API's alternatives per token: 0 to 5.
     let top = match r.logprobs {
         None => None,
         Some(n) if (0..=5).contains(&n) => Some(n as u64),
         Some(n) => return bad("logprobs", format!("logprobs must be in [0, 5], got {n}")),
     };
-    let (mut spec, n, stream, include_usage) = common_to_spec(r.common)?;
-    spec.prompt = Some(prompt);
+    let (mut spec, n, mut shape) = common_to_spec(r.common)?;
     spec.top_logprobs = top.map(Number::from);
     // Legacy completions have no reasoning field: the text is whole.
     if spec.reasoning_format.as_deref().is_some_and(|f| f != "inline") {
         return bad("reasoning_format", "completions keep reasoning inline: reasoning_format must be inline here");
     }
     spec.reasoning_format = Some("inline".into());
+    shape.logprobs = top.is_some();
     let defaults = RequestDefaults { temperature: OPENAI_DEFAULT_TEMPERATURE, max_tokens: Some(COMPLETIONS_DEFAULT_MAX_TOKENS) };
-    Ok(Parsed { req: spec.resolve(&defaults)?, n, stream, include_usage, logprobs: top.is_some() })
+    let reqs = prompts
+        .into_iter()
+        .map(|p| RequestSpec { prompt: Some(p), ..spec.clone() }.resolve(&defaults))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Parsed { reqs, n, shape })
 }
 
 #[cfg(test)]
@@ -389,11 +462,12 @@ mod tests {
                 "logprobs":true,"top_logprobs":3,"user":"ignored"}"#,
         )
         .unwrap();
-        assert!(p.stream && p.include_usage && p.logprobs);
-        assert_eq!(p.req.max_tokens, Some(5));
-        assert_eq!(p.req.top_logprobs, 3);
-        assert_eq!(p.req.stop_sequences, vec!["x"]);
-        match p.req.input {
+        assert!(p.shape.stream && p.shape.include_usage && p.shape.logprobs);
+        let req = &p.reqs[0];
+        assert_eq!(req.max_tokens, Some(5));
+        assert_eq!(req.top_logprobs, 3);
+        assert_eq!(req.stop_sequences, vec!["x"]);
+        match &req.input {
             Input::Messages(m) => assert_eq!(m[1].content, "hi"),
             _ => panic!(),
         }
@@ -401,9 +475,38 @@ mod tests {
 
     #[test]
     fn completion_prompt_forms() {
-        assert!(matches!(parse_completion(br#"{"model":"m","prompt":"a"}"#).unwrap().req.input, Input::Prompt(_)));
-        assert!(matches!(parse_completion(br#"{"model":"m","prompt":[1,2]}"#).unwrap().req.input, Input::Tokens(_)));
-        assert_eq!(parse_completion(br#"{"model":"m","prompt":"a"}"#).unwrap().req.max_tokens, Some(16));
+        let inputs = |body: &[u8]| parse_completion(body).unwrap().reqs.into_iter().map(|r| r.input).collect::<Vec<_>>();
+        assert!(matches!(&inputs(br#"{"model":"m","prompt":"a"}"#)[..], [Input::Prompt(_)]));
+        assert!(matches!(&inputs(br#"{"model":"m","prompt":[1,2]}"#)[..], [Input::Tokens(_)]));
+        assert!(matches!(&inputs(br#"{"model":"m","prompt":["a"]}"#)[..], [Input::Prompt(_)]));
+        assert!(matches!(&inputs(br#"{"model":"m","prompt":["a","b",[3,4]]}"#)[..], [Input::Prompt(_), Input::Prompt(_), Input::Tokens(_)]));
+        assert!(matches!(&inputs(br#"{"model":"m","prompt":[[1],[2,3]]}"#)[..], [Input::Tokens(_), Input::Tokens(_)]));
+        assert_eq!(parse_completion(br#"{"model":"m","prompt":"a"}"#).unwrap().reqs[0].max_tokens, Some(16));
+        for body in [&br#"{"model":"m","prompt":[]}"#[..], br#"{"model":"m","prompt":[[]]}"#, br#"{"model":"m","prompt":["a",{"x":1}]}"#, br#"{"model":"m","prompt":[["a"]]}"#] {
+            assert_eq!(parse_completion(body).map(|_| ()).unwrap_err().param.as_deref(), Some("prompt"), "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn developer_is_system_and_peer_extensions_parse() {
+        let p = parse_chat(br#"{"model":"m","messages":[{"role":"developer","content":"d"},{"role":"user","content":"u"}],"min_tokens":3,"return_token_ids":true,"cache_prompt":false,"stream":true,"stream_options":{"include_usage":true,"continuous_usage_stats":true},"prompt_cache_key":"k","safety_identifier":"s","modalities":["text"]}"#).unwrap();
+        match &p.reqs[0].input {
+            Input::Messages(m) => assert_eq!(m[0].role, "system"),
+            _ => panic!(),
+        }
+        assert_eq!(p.reqs[0].min_tokens, 3);
+        assert!(p.shape.return_token_ids && p.shape.continuous_usage && p.shape.include_usage);
+        let salt = p.reqs[0].cache_salt.clone().unwrap();
+        let again = parse_chat(br#"{"model":"m","messages":[{"role":"user","content":"u"}],"cache_prompt":false}"#).unwrap();
+        assert_ne!(again.reqs[0].cache_salt.as_deref(), Some(salt.as_str()), "each uncached request has a salt of its own");
+        assert_eq!(parse_chat(br#"{"model":"m","messages":[{"role":"user","content":"u"}],"cache_prompt":true}"#).unwrap().reqs[0].cache_salt, None);
+        let refused = |extra: &str| parse_chat(format!(r#"{{"model":"m","messages":[{{"role":"user","content":"u"}}]{extra}}}"#).as_bytes()).map(|_| ()).unwrap_err();
+        let e = refused(r#","stream":true,"stream_options":{"include_usage":true,"sometimes":1}"#);
+        assert!(e.message.contains("unknown field `sometimes`"), "{}", e.message);
+        let e = refused(r#","temperature":2.5"#);
+        assert_eq!((e.message.as_str(), e.param.as_deref()), ("temperature must be from 0 to 2, got 2.5", Some("temperature")));
+        assert_eq!(refused(r#","min_tokens":9,"max_tokens":4"#).param.as_deref(), Some("min_tokens"));
+        assert_eq!(refused(r#","modalities":["text","audio"]"#).param.as_deref(), Some("modalities"));
     }
 
     #[test]
@@ -465,7 +568,7 @@ mod tests {
         let tool_call = br#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"1"}]}]}"#;
         assert_eq!(parse_chat(tool_call).map(|_| ()).unwrap_err().message, "assistant message: tool_calls[0] needs function.name and function.arguments (a JSON string)");
         let history = br#"{"model":"m","messages":[{"role":"user","content":"hi"},{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{\"x\":1}"}}]},{"role":"tool","tool_call_id":"c1","content":"42"}]}"#;
-        match parse_chat(history).unwrap().req.input {
+        match parse_chat(history).unwrap().reqs.remove(0).input {
             Input::Messages(m) => assert_eq!((m[1].tool_calls.len(), m[2].tool_call_id.as_deref()), (1, Some("c1"))),
             _ => panic!(),
         }
@@ -495,7 +598,7 @@ mod tests {
     #[test]
     fn constraints_map_to_the_engines() {
         use mlx_serving_engine::text::grammar::Constraint;
-        let chat = |extra: &str| parse_chat(format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}]{extra}}}"#).as_bytes()).unwrap().req;
+        let chat = |extra: &str| parse_chat(format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}]{extra}}}"#).as_bytes()).unwrap().reqs.remove(0);
         assert_eq!(chat(r#","response_format":{"type":"json_object"}"#).constraint, Some(Constraint::JsonObject));
         assert_eq!(chat(r#","structured_outputs":{"choice":["a.b","c"]}"#).constraint, Some(Constraint::Regex(r"(a\.b)|(c)".into())));
         assert_eq!(chat(r#","logit_bias":{"7":-100}"#).sampling.logit_bias, vec![(7, -100.0)]);

@@ -22,12 +22,19 @@ use crate::{engine_error_response, Api, AppState};
 /// One choice's progress.
 #[derive(Default)]
 struct Choice {
+    /// The prompt it continues (an index into `Run::prompts`).
+    prompt: usize,
     /// Characters of the tokens so far (legacy logprobs' `text_offset`),
     /// counted from the tokens themselves: text held back for a possible
     /// stop sequence is released later but still sits at its own token.
     chars: CharCount,
-    /// Whether a chunk went out (the first one carries the role).
-    started: bool,
+    /// Tokens out so far.
+    generated: usize,
+    /// Token ids not yet sent (`return_token_ids`): a token whose text is
+    /// held back goes out with the next chunk.
+    unsent_ids: Vec<u32>,
+    /// Every token id (`return_token_ids`, whole responses).
+    ids: Vec<u32>,
     done: bool,
 }
 
@@ -51,8 +58,10 @@ pub(crate) struct Shape {
     pub model: String,
     pub api: Api,
     pub created: u64,
-    pub logprobs: bool,
-    pub include_usage: bool,
+    pub fingerprint: String,
+    /// Choices per prompt.
+    pub n: usize,
+    pub wire: crate::openai::Shape,
 }
 
 pub(crate) struct Run {
@@ -62,10 +71,10 @@ pub(crate) struct Run {
     events: mpsc::Receiver<(usize, Option<Event>)>,
     _permit: OwnedSemaphorePermit,
     shape: Shape,
+    /// Choice `p * n + k` is prompt `p`'s `k`-th.
     choices: Vec<Choice>,
-    /// Over the finished choices: the prompt (counted once) and the output.
-    prompt_tokens: usize,
-    generated: usize,
+    /// Each prompt's tokens as the model read them.
+    prompts: Vec<Vec<u32>>,
     /// First token of choice 0, seconds; choice 0's finish.
     ttft_s: f64,
     stopped: bool,
@@ -104,30 +113,35 @@ impl Drop for Run {
 }
 
 impl Run {
-    /// Serves `first` (choice 0) and, once its prompt is in the prefix
-    /// cache (its first token), submits `rest` (choices 1..), so they share
-    /// those blocks instead of each prefilling the prompt again.
-    pub fn new(state: Arc<AppState>, first: RequestHandle, rest: Vec<GenerateRequest>, permit: OwnedSemaphorePermit, shape: Shape) -> Run {
-        let n = 1 + rest.len();
-        let (tx, events) = mpsc::channel(16 * n);
-        let then: Option<Box<dyn FnOnce() + Send>> = (!rest.is_empty()).then(|| {
-            let (engine, tx) = (state.engine.clone(), tx.clone());
-            Box::new(move || {
-                tokio::spawn(async move {
-                    let submitted = tokio::task::spawn_blocking(move || rest.into_iter().map(|r| engine.submit(r)).collect::<Vec<_>>()).await;
-                    let submitted = submitted.unwrap_or_else(|e| vec![Err(EngineError::Internal(e.to_string()))]);
-                    for (k, r) in submitted.into_iter().enumerate() {
-                        match r {
-                            Ok(h) => drop(tokio::spawn(forward(k + 1, h, tx.clone(), None))),
-                            Err(e) => return drop(tx.send((k + 1, Some(Event::Error(e)))).await),
+    /// Serves each prompt's first choice and, once that prompt is in the
+    /// prefix cache (its first token), submits the prompt's other choices,
+    /// so they share those blocks instead of each prefilling it again.
+    pub fn new(state: Arc<AppState>, started: Vec<(RequestHandle, Vec<GenerateRequest>)>, permit: OwnedSemaphorePermit, shape: Shape) -> Run {
+        let n = shape.n;
+        let (tx, events) = mpsc::channel(16 * n * started.len());
+        let mut prompts = Vec::with_capacity(started.len());
+        for (p, (first, rest)) in started.into_iter().enumerate() {
+            prompts.push(first.prompt_tokens.clone());
+            let then: Option<Box<dyn FnOnce() + Send>> = (!rest.is_empty()).then(|| {
+                let (engine, tx) = (state.engine.clone(), tx.clone());
+                Box::new(move || {
+                    tokio::spawn(async move {
+                        let submitted = tokio::task::spawn_blocking(move || rest.into_iter().map(|r| engine.submit(r)).collect::<Vec<_>>()).await;
+                        let submitted = submitted.unwrap_or_else(|e| vec![Err(EngineError::Internal(e.to_string()))]);
+                        for (k, r) in submitted.into_iter().enumerate() {
+                            let i = p * n + k + 1;
+                            match r {
+                                Ok(h) => drop(tokio::spawn(forward(i, h, tx.clone(), None))),
+                                Err(e) => return drop(tx.send((i, Some(Event::Error(e)))).await),
+                            }
                         }
-                    }
-                });
-            }) as Box<dyn FnOnce() + Send>
-        });
-        tokio::spawn(forward(0, first, tx, then));
-        let choices = (0..n).map(|_| Choice::default()).collect();
-        Run { state, events, _permit: permit, shape, choices, prompt_tokens: 0, generated: 0, ttft_s: 0.0, stopped: false, finished: false }
+                    });
+                }) as Box<dyn FnOnce() + Send>
+            });
+            tokio::spawn(forward(p * n, first, tx.clone(), then));
+        }
+        let choices = (0..n * prompts.len()).map(|i| Choice { prompt: i / n, ..Choice::default() }).collect();
+        Run { state, events, _permit: permit, shape, choices, prompts, ttft_s: 0.0, stopped: false, finished: false }
     }
 
     /// A token as logprobs show it: its text, or where its bytes are only
@@ -163,19 +177,32 @@ impl Run {
         }
     }
 
+    /// Over the choices: each prompt counted once, and every output token.
     fn usage(&self) -> Value {
-        json!({
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.generated,
-            "total_tokens": self.prompt_tokens + self.generated,
-        })
+        let prompt: usize = self.prompts.iter().map(Vec::len).sum();
+        let generated: usize = self.choices.iter().map(|c| c.generated).sum();
+        json!({ "prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated })
+    }
+
+    /// Choice `i`'s usage so far (vLLM's `continuous_usage_stats`).
+    fn choice_usage(&self, i: usize) -> Value {
+        let (prompt, generated) = (self.prompts[self.choices[i].prompt].len(), self.choices[i].generated);
+        json!({ "prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated })
+    }
+
+    /// A choice's token: counted, and its id kept where the client asked for ids.
+    fn token_out(&mut self, i: usize, token_id: u32) {
+        let c = &mut self.choices[i];
+        c.generated += 1;
+        if self.shape.wire.return_token_ids {
+            c.unsent_ids.push(token_id);
+            c.ids.push(token_id);
+        }
     }
 
     /// A choice's final event; returns whether every choice is done (the
     /// request then counts once in the metrics, as vLLM counts it).
     fn choice_done(&mut self, i: usize, stats: &Stats) -> bool {
-        self.prompt_tokens = stats.n_prompt_tokens;
-        self.generated += stats.n_generated_tokens;
         if i == 0 {
             self.ttft_s = stats.t_first_token_ms / 1e3;
             self.stopped = stats.finish_reason != FinishReason::Length;
@@ -183,7 +210,9 @@ impl Run {
         self.choices[i].done = true;
         self.finished = self.choices.iter().all(|c| c.done);
         if self.finished {
-            self.state.metrics.request_done(self.prompt_tokens, self.generated, self.ttft_s, self.stopped);
+            let prompt: usize = self.prompts.iter().map(Vec::len).sum();
+            let generated: usize = self.choices.iter().map(|c| c.generated).sum();
+            self.state.metrics.request_done(prompt, generated, self.ttft_s, self.stopped);
         }
         self.finished
     }
@@ -193,70 +222,79 @@ impl Run {
         self.state.metrics.request_failed();
     }
 
+    /// A streaming chunk with `choice` as its one choice.
+    fn chunk(&self, i: usize, mut choice: Value) -> Value {
+        let s = &self.shape;
+        if s.wire.return_token_ids {
+            choice["token_ids"] = json!(self.choices[i].unsent_ids);
+            if s.api == Api::Completion && self.choices[i].generated == self.choices[i].unsent_ids.len() {
+                // A choice's first chunk names the prompt it continues.
+                choice["prompt_token_ids"] = json!(self.prompts[self.choices[i].prompt]);
+            }
+        }
+        let object = if s.api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let mut chunk = json!({
+            "id": s.id, "object": object, "created": s.created, "model": s.model,
+            "system_fingerprint": s.fingerprint, "choices": [choice],
+        });
+        // OpenAI: with include_usage, every chunk but the last has usage
+        // null; vLLM's continuous_usage_stats puts the usage so far there.
+        if s.wire.include_usage {
+            chunk["usage"] = if s.wire.continuous_usage { self.choice_usage(i) } else { Value::Null };
+        }
+        chunk
+    }
+
+    /// The chunks that open a chat stream: each choice's role, with empty
+    /// content, before any token (as OpenAI and vLLM send them).
+    fn role_chunks(&self) -> Vec<Value> {
+        let lp = self.shape.wire.logprobs.then(|| json!({ "content": [] }));
+        let mut out: Vec<Value> = (0..self.choices.len())
+            .map(|i| self.chunk(i, json!({ "index": i, "delta": { "role": "assistant", "content": "" }, "logprobs": lp, "finish_reason": null })))
+            .collect();
+        if self.shape.wire.return_token_ids {
+            if let Some(first) = out.first_mut() {
+                first["prompt_token_ids"] = json!(self.prompts[0]);
+            }
+        }
+        out
+    }
+
     /// A streaming chunk of choice `i` carrying `text` and `reasoning` (and
     /// its logprob entry).
     fn delta_chunk(&mut self, i: usize, text: &str, reasoning: &str, logprob: Option<Value>, finish: Option<&str>) -> Value {
-        let first = !self.choices[i].started;
-        self.choices[i].started = true;
-        let s = &self.shape;
-        let mut chunk = match s.api {
+        let choice = match self.shape.api {
             Api::Chat => {
                 let mut delta = Map::new();
-                if first {
-                    delta.insert("role".into(), "assistant".into());
-                }
                 if !reasoning.is_empty() {
                     delta.insert("reasoning_content".into(), reasoning.into());
                 }
-                if !text.is_empty() || (first && finish.is_none() && reasoning.is_empty()) {
+                if !text.is_empty() || (finish.is_none() && reasoning.is_empty()) {
                     delta.insert("content".into(), text.into());
                 }
-                json!({
-                    "id": s.id, "object": "chat.completion.chunk", "created": s.created, "model": s.model,
-                    "choices": [{ "index": i, "delta": delta,
-                        "logprobs": logprob.map(|l| json!({ "content": [l] })), "finish_reason": finish }],
-                })
+                json!({ "index": i, "delta": delta, "logprobs": logprob.map(|l| json!({ "content": [l] })), "finish_reason": finish })
             }
             Api::Completion => {
                 let lp = logprob.map(|l| {
                     json!({ "tokens": [l["token"]], "token_logprobs": [l["logprob"]], "top_logprobs": [l["top"]], "text_offset": [l["offset"]] })
                 });
-                json!({
-                    "id": s.id, "object": "text_completion", "created": s.created, "model": s.model,
-                    "choices": [{ "index": i, "text": text, "logprobs": lp, "finish_reason": finish }],
-                })
+                json!({ "index": i, "text": text, "logprobs": lp, "finish_reason": finish })
             }
         };
-        // OpenAI: with include_usage, every chunk but the last has usage null.
-        if s.include_usage {
-            chunk["usage"] = Value::Null;
-        }
+        let chunk = self.chunk(i, choice);
+        self.choices[i].unsent_ids.clear();
         chunk
     }
 
     /// The streaming chunks of one tool call: its header (index, id, name,
     /// empty arguments), then its arguments.
     fn tool_call_chunks(&mut self, i: usize, c: &ToolCall) -> [Value; 2] {
-        let first = !self.choices[i].started;
-        self.choices[i].started = true;
-        let s = &self.shape;
-        let chunk = |delta: Value| {
-            let mut v = json!({
-                "id": s.id, "object": "chat.completion.chunk", "created": s.created, "model": s.model,
-                "choices": [{ "index": i, "delta": delta, "logprobs": null, "finish_reason": null }],
-            });
-            if s.include_usage {
-                v["usage"] = Value::Null;
-            }
-            v
-        };
-        let mut head = json!({ "tool_calls": [{ "index": c.index, "id": c.id, "type": "function",
-            "function": { "name": c.name, "arguments": "" } }] });
-        if first {
-            head["role"] = "assistant".into();
-            head["content"] = Value::Null;
-        }
-        [chunk(head), chunk(json!({ "tool_calls": [{ "index": c.index, "function": { "arguments": c.arguments } }] }))]
+        let delta = |delta: Value| json!({ "index": i, "delta": delta, "logprobs": null, "finish_reason": null });
+        let head = json!({ "tool_calls": [{ "index": c.index, "id": c.id, "type": "function", "function": { "name": c.name, "arguments": "" } }] });
+        let args = json!({ "tool_calls": [{ "index": c.index, "function": { "arguments": c.arguments } }] });
+        let first = self.chunk(i, delta(head));
+        self.choices[i].unsent_ids.clear();
+        [first, self.chunk(i, delta(args))]
     }
 
     pub fn into_sse(self) -> impl Stream<Item = Result<SseEvent, Infallible>> {
@@ -266,7 +304,11 @@ impl Run {
             done: bool,
         }
         let data = |v: &Value| SseEvent::default().data(v.to_string());
-        stream::unfold(St { run: self, out: VecDeque::new(), done: false }, move |mut st| async move {
+        let out: VecDeque<SseEvent> = match self.shape.api {
+            Api::Chat => self.role_chunks().iter().map(data).collect(),
+            Api::Completion => VecDeque::new(),
+        };
+        stream::unfold(St { run: self, out, done: false }, move |mut st| async move {
             loop {
                 if let Some(ev) = st.out.pop_front() {
                     return Some((Ok(ev), st));
@@ -276,12 +318,15 @@ impl Run {
                 }
                 match st.run.events.recv().await {
                     Some((i, Some(Event::Token { text, reasoning, token_id, logprob, top_logprobs }))) => {
-                        let lp = match (st.run.shape.logprobs, logprob) {
+                        st.run.token_out(i, token_id);
+                        let lp = match (st.run.shape.wire.logprobs, logprob) {
                             (true, Some(l)) => Some(st.run.logprob_entry(i, token_id, l, &top_logprobs)),
                             _ => None,
                         };
-                        // Tokens that release no text (held back) send nothing yet.
-                        if !text.is_empty() || !reasoning.is_empty() || lp.is_some() || !st.run.choices[i].started {
+                        // Tokens that release no text (held back) send nothing yet,
+                        // unless the client counts every token.
+                        let counted = st.run.shape.wire.include_usage && st.run.shape.wire.continuous_usage;
+                        if !text.is_empty() || !reasoning.is_empty() || lp.is_some() || counted {
                             let chunk = st.run.delta_chunk(i, &text, &reasoning, lp, None);
                             st.out.push_back(data(&chunk));
                         }
@@ -295,11 +340,11 @@ impl Run {
                         let last = st.run.delta_chunk(i, "", "", None, Some(stats.finish_reason.as_str()));
                         st.out.push_back(data(&last));
                         if st.run.choice_done(i, &stats) {
-                            if st.run.shape.include_usage {
+                            if st.run.shape.wire.include_usage {
                                 let s = &st.run.shape;
                                 let obj = if s.api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
-                                let usage = json!({ "id": s.id, "object": obj, "created": s.created,
-                                    "model": s.model, "choices": [], "usage": st.run.usage() });
+                                let usage = json!({ "id": s.id, "object": obj, "created": s.created, "model": s.model,
+                                    "system_fingerprint": s.fingerprint, "choices": [], "usage": st.run.usage() });
                                 st.out.push_back(data(&usage));
                             }
                             st.out.push_back(SseEvent::default().data("[DONE]"));
@@ -336,8 +381,9 @@ impl Run {
         loop {
             match self.events.recv().await {
                 Some((i, Some(Event::Token { text, reasoning, token_id, logprob, top_logprobs }))) => {
+                    self.token_out(i, token_id);
                     reasonings[i].push_str(&reasoning);
-                    if let (true, Some(l)) = (self.shape.logprobs, logprob) {
+                    if let (true, Some(l)) = (self.shape.wire.logprobs, logprob) {
                         let e = self.logprob_entry(i, token_id, l, &top_logprobs);
                         entries[i].push(e);
                     }
@@ -354,20 +400,20 @@ impl Run {
                 }
                 Some((_, Some(Event::Error(e)))) => {
                     self.failed();
-                    return engine_error_response(&e);
+                    return engine_error_response(&self.state, &e);
                 }
                 Some((_, None)) | None => {
                     self.failed();
-                    return engine_error_response(&EngineError::Cancelled);
+                    return engine_error_response(&self.state, &EngineError::Cancelled);
                 }
             }
         }
         let s = &self.shape;
-        let logprobs = s.logprobs;
+        let (logprobs, ids) = (s.wire.logprobs, s.wire.return_token_ids);
         let choices: Vec<Value> = (0..n)
             .map(|i| {
                 let (text, entries, reason) = (std::mem::take(&mut texts[i]), &entries[i], reasons[i]);
-                match s.api {
+                let mut choice = match s.api {
                     Api::Chat => {
                         let calls = std::mem::take(&mut calls[i]);
                         let mut message = json!({ "role": "assistant", "content": text });
@@ -391,14 +437,26 @@ impl Run {
                             json!({ "tokens": field("token"), "token_logprobs": field("logprob"),
                                 "top_logprobs": field("top"), "text_offset": field("offset") })
                         });
-                        json!({ "index": i, "text": text, "logprobs": lp, "finish_reason": reason })
+                        let mut c = json!({ "index": i, "text": text, "logprobs": lp, "finish_reason": reason });
+                        if ids {
+                            c["prompt_token_ids"] = json!(self.prompts[self.choices[i].prompt]);
+                        }
+                        c
                     }
+                };
+                if ids {
+                    choice["token_ids"] = json!(self.choices[i].ids);
                 }
+                choice
             })
             .collect();
         let object = if s.api == Api::Chat { "chat.completion" } else { "text_completion" };
-        Json(json!({ "id": s.id, "object": object, "created": s.created, "model": s.model, "choices": choices, "usage": self.usage() }))
-            .into_response()
+        let mut body = json!({ "id": s.id, "object": object, "created": s.created, "model": s.model,
+            "system_fingerprint": s.fingerprint, "choices": choices, "usage": self.usage() });
+        if ids && s.api == Api::Chat {
+            body["prompt_token_ids"] = json!(self.prompts[0]);
+        }
+        Json(body).into_response()
     }
 }
 

@@ -151,8 +151,10 @@ pub struct Streaming {
     pub batch_size: usize,
     /// Default per-request timeout in ms (0: none); a request's own `timeoutMs` wins.
     pub request_timeout: u64,
-    /// Output tokens of a request that names none, and the most one may ask for.
-    pub max_tokens: usize,
+    /// Output tokens of a request that names none, and the most one may ask
+    /// for. `None` (the default): what the model's context leaves after the
+    /// prompt, as vLLM and OpenAI do.
+    pub max_tokens: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -180,7 +182,7 @@ pub enum EvictionPolicy {
 
 impl Default for Streaming {
     fn default() -> Self {
-        Streaming { max_concurrent_streams: 64, batch_size: 64, request_timeout: 0, max_tokens: 2048 }
+        Streaming { max_concurrent_streams: 64, batch_size: 64, request_timeout: 0, max_tokens: None }
     }
 }
 
@@ -248,7 +250,7 @@ impl RuntimeConfig {
         let positive = [
             ("streaming.maxConcurrentStreams", self.streaming.max_concurrent_streams),
             ("streaming.batchSize", self.streaming.batch_size),
-            ("streaming.maxTokens", self.streaming.max_tokens),
+            ("streaming.maxTokens", self.streaming.max_tokens.unwrap_or(1)),
             ("batching.maxBatchSize", self.batching.max_batch_size),
             ("model_cache.maxModels", self.model_cache.max_models),
             ("scheduler.prefillChunk", self.scheduler.prefill_chunk),

@@ -63,6 +63,9 @@ pub struct GenerateRequest {
     pub input: Input,
     /// `None`: the config's `streaming.maxTokens`, bounded by the context.
     pub max_tokens: Option<i64>,
+    /// Tokens generated before end-of-generation tokens, stop token ids and
+    /// stop sequences may end the output.
+    pub min_tokens: usize,
     pub sampling: SamplingParams,
     pub stop_sequences: Vec<String>,
     pub stop_token_ids: Vec<u32>,
@@ -99,6 +102,7 @@ impl GenerateRequest {
             model: model.into(),
             input,
             max_tokens: None,
+            min_tokens: 0,
             sampling: SamplingParams::default(),
             stop_sequences: Vec::new(),
             stop_token_ids: Vec::new(),
@@ -200,6 +204,8 @@ pub enum Event {
 /// The caller's side of one request.
 pub struct RequestHandle {
     pub id: u64,
+    /// The prompt as the model reads it (template applied, tokenized).
+    pub prompt_tokens: Vec<u32>,
     pub(super) events: UnboundedReceiver<Event>,
     /// Token events sent and not yet received: the worker pauses the
     /// sequence while this is at `scheduler.streamBuffer`.

@@ -69,9 +69,11 @@ impl Engine {
         if let Some(a) = arm {
             features.push(format!("canary.{}", a.as_str()));
         }
+        let prompt_tokens = prompt.clone();
         let job = Job {
             prompt,
             max_tokens,
+            min_tokens: req.min_tokens,
             sampling: req.sampling,
             stop_sequences: req.stop_sequences,
             stop_token_ids: req.stop_token_ids,
@@ -98,7 +100,7 @@ impl Engine {
             output: OutputParser::new(reasoning, opened_think, (offers_tools && req.constraint.is_none()).then_some(req.tools.as_slice())),
         };
         w.tx.send(Msg::Job(Box::new(job))).map_err(|_| EngineError::ModelNotLoaded(req.model.clone()))?;
-        Ok(RequestHandle { id, events: events_rx, unread, cancel })
+        Ok(RequestHandle { id, prompt_tokens, events: events_rx, unread, cancel })
     }
 
     /// Waits for a turn to template and tokenize (one per core); the turn

@@ -121,6 +121,37 @@ fn stop_sequences_are_not_emitted() {
     assert_eq!(text2, chars[..k].iter().collect::<String>());
 }
 
+#[test]
+fn min_tokens_holds_off_every_ending_until_that_many_tokens() {
+    let (e, _d) = tiny_engine();
+    let greedy = |f: &dyn Fn(&mut GenerateRequest)| {
+        let mut r = req(Input::Prompt("hello".into()));
+        r.max_tokens = Some(12);
+        f(&mut r);
+        collect(e.submit(r).unwrap())
+    };
+    let (ids, text, _) = greedy(&|_| {});
+    assert!(!ids.is_empty() && !text.is_empty());
+    // The first greedy token as a stop token id ends the output at once...
+    let (none, _, res) = greedy(&|r| r.stop_token_ids = vec![ids[0]]);
+    assert_eq!((none.len(), res.unwrap().finish_reason), (0, FinishReason::Stop));
+    // ...unless min_tokens bans it: then 4 tokens come first, none of them it.
+    let (held, _, _) = greedy(&|r| {
+        r.stop_token_ids = vec![ids[0]];
+        r.min_tokens = 4;
+    });
+    assert!(held.len() >= 4 && !held[..4].contains(&ids[0]), "{held:?}");
+    // A stop sequence in the first min_tokens tokens does not end the output either.
+    let first: String = text.chars().take(1).collect();
+    let (_, cut, _) = greedy(&|r| r.stop_sequences = vec![first.clone()]);
+    assert_eq!(cut, "");
+    let (n, _, res) = greedy(&|r| {
+        r.stop_sequences = vec![first.clone()];
+        r.min_tokens = ids.len();
+    });
+    assert!(n.len() >= ids.len(), "{n:?} {res:?}");
+}
+
 pub(super) fn config(f: impl FnOnce(&mut RuntimeConfig)) -> RuntimeConfig {
     let mut c = RuntimeConfig::default();
     f(&mut c);
@@ -175,7 +206,7 @@ fn past_max_batch_size_requests_wait_then_run() {
 fn admission_refuses_past_max_concurrent_streams_and_caps_max_tokens() {
     let (e, _d) = tiny_engine_with(config(|c| {
         c.streaming.max_concurrent_streams = 2;
-        c.streaming.max_tokens = 300;
+        c.streaming.max_tokens = Some(300);
     }));
     let (a, b) = (long(&e), long(&e));
     assert_eq!(e.submit(req(Input::Prompt("x".into()))).err().unwrap().code(), "Overloaded");

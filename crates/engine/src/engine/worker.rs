@@ -345,11 +345,22 @@ impl WorkerLoop {
                 // reported stays the model's own (the chosen token's logit
                 // is not masked, so only the normaliser is kept, and the
                 // logit itself where penalties will change it).
+                // `min_tokens` bans the tokens that would end the output
+                // early, as a mask does.
+                let short = s.n_generated + r < s.job.min_tokens;
                 let mut unmasked = None;
-                if let Some(g) = s.job.guide.as_mut() {
+                if s.job.guide.is_some() || short {
                     let lse = crate::sampler::log_sum_exp(row);
                     let raw = s.sampler.penalizes().then(|| row.to_vec());
-                    if let Err(e) = g.apply(row) {
+                    if short {
+                        let ends = self.tokenizer.eog_ids.iter().filter(|_| !s.job.ignore_eos).chain(&s.job.stop_token_ids);
+                        for &t in ends {
+                            if let Some(l) = row.get_mut(t as usize) {
+                                *l = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
+                    if let Some(Err(e)) = s.job.guide.as_mut().map(|g| g.apply(row)) {
                         out = Outcome::Failed(EngineError::Grammar(format!("the output cannot continue: {e}")));
                         break;
                     }

@@ -68,7 +68,7 @@ fn validation_rejects_bad_sampling_values() {
 
 #[test]
 fn the_prompt_must_fit_the_context_the_cache_and_the_limits() {
-    let fit = |n, ctx, kv| PromptFit { n_prompt_tokens: n, context_length: ctx, kv_positions: kv, max_prompt_tokens: 1000, max_tokens_cap: 64 };
+    let fit = |n, ctx, kv| PromptFit { n_prompt_tokens: n, context_length: ctx, kv_positions: kv, max_prompt_tokens: 1000, max_tokens_cap: Some(64) };
     let mut req = GenerateRequest::new("m", Input::Prompt("a".into()));
     assert_eq!(fit(10, 100, 200).max_tokens(&req), Ok(64));
     assert_eq!(fit(90, 100, 200).max_tokens(&req), Ok(10));
@@ -82,4 +82,27 @@ fn the_prompt_must_fit_the_context_the_cache_and_the_limits() {
     let e = fit(60, 100, 200).max_tokens(&req).unwrap_err();
     assert_eq!(e.message("max_tokens"), "the context holds 100 tokens: the prompt's 60 and max_tokens 50 do not fit");
     assert_eq!(PromptFit::check_vocabulary(&[1, 7, 9], 8).unwrap_err().index, Some(2));
+    // Without a configured cap, what the context leaves is the default and the limit.
+    let open = |n| PromptFit { n_prompt_tokens: n, context_length: 8192, kv_positions: 16384, max_prompt_tokens: 8192, max_tokens_cap: None };
+    req.max_tokens = None;
+    assert_eq!(open(100).max_tokens(&req), Ok(8092));
+    req.max_tokens = Some(5000);
+    assert_eq!(open(100).max_tokens(&req), Ok(5000));
+    assert!(open(4000).max_tokens(&req).unwrap_err().message("max_tokens").contains("do not fit"));
+}
+
+#[test]
+fn min_tokens_is_a_whole_number_no_larger_than_max_tokens() {
+    let spec = |min: Number, max: Option<Number>| RequestSpec {
+        model: Some("m".into()),
+        prompt: Some(PromptSpec::Text("a".into())),
+        min_tokens: Some(min),
+        max_tokens: max,
+        ..RequestSpec::default()
+    };
+    assert_eq!(spec(Number::Int(5), Some(Number::Int(5))).resolve(&RequestDefaults::default()).unwrap().min_tokens, 5);
+    let e = spec(Number::Int(6), Some(Number::Int(5))).resolve(&RequestDefaults::default()).unwrap_err();
+    assert_eq!(e.message("min_tokens"), "min_tokens must be at most max_tokens (5), got 6");
+    let e = spec(Number::Int(-1), None).resolve(&RequestDefaults::default()).unwrap_err();
+    assert_eq!(e.field, Field::MinTokens);
 }

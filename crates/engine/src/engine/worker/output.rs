@@ -55,7 +55,8 @@ impl WorkerLoop {
             complete = g.finished();
         }
         let text = s.decoder.push(tk.piece(tok));
-        let (text, stopped) = s.stop.push(&text);
+        // Stop sequences count from the first token past `min_tokens`.
+        let (text, stopped) = if s.n_generated <= s.job.min_tokens { (text, false) } else { s.stop.push(&text) };
         let outcome = if stopped || complete {
             Outcome::Finished(FinishReason::Stop)
         } else if s.n_generated >= s.job.max_tokens {
