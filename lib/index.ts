@@ -12,6 +12,7 @@ import * as path from 'node:path';
 import type { NativeEngine as NativeEngineT, NativeStream } from '../index.js';
 
 import { call, callSync, EngineClientError, fromNative, type ErrorCode } from './errors';
+import { cacheDir, PULLABLE } from './pull';
 import { fromChunk, pairModel, toControlEvent, toHandle } from './native';
 import { abortError, refuseUnknownKeys, toNativeParams, tokenIds, whole } from './params';
 import type {
@@ -46,12 +47,19 @@ export type * from './types';
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 const native: typeof import('../index.js') = require('../index.js');
 
-/** The default model's file name, as setup unpacks it into `models/`. */
-export const DEFAULT_MODEL_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf';
+/** The default model's file name, as setup unpacks it into `models/` and `pull` into the cache. */
+export const DEFAULT_MODEL_FILE = PULLABLE.default.file;
 
-/** Where `'default'` resolves: `MLX_SERVING_DEFAULT_MODEL`, else the package's `models/`. */
+export { cacheDir, pullModel } from './pull';
+
+/**
+ * Where `'default'` resolves: `MLX_SERVING_DEFAULT_MODEL`, else the package's `models/` (a
+ * checkout after `npm run setup`), else the user cache that `npx mlx-serving pull` fills.
+ */
 export function defaultModelPath(): string {
-  return process.env.MLX_SERVING_DEFAULT_MODEL ?? path.join(__dirname, '..', 'models', DEFAULT_MODEL_FILE);
+  if (process.env.MLX_SERVING_DEFAULT_MODEL) return process.env.MLX_SERVING_DEFAULT_MODEL;
+  const inPackage = path.join(__dirname, '..', 'models', DEFAULT_MODEL_FILE);
+  return existsSync(inPackage) ? inPackage : path.join(cacheDir(), DEFAULT_MODEL_FILE);
 }
 
 /**
@@ -274,7 +282,7 @@ export class Engine extends EventEmitter {
       file = defaultModelPath();
       id ??= 'default';
       if (!existsSync(file)) {
-        throw new EngineClientError('ModelLoadError', `default model not found at ${file}; run \`npm run setup\` first`);
+        throw new EngineClientError('ModelLoadError', `default model not found at ${file}; run \`npx mlx-serving pull\` to fetch it (or \`npm run setup\` in a checkout)`);
       }
     }
     return { opts, file, id };

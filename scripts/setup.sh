@@ -29,10 +29,16 @@ fi
 #     (crates/mlx; MLX_DIR points elsewhere, MLX_WHEEL picks mlx-cuda-13 etc.).
 bash scripts/fetch-mlx.sh
 
-# 2. Native addon, release build. Cargo decides what is stale, so an
-#    unchanged tree costs a few seconds.
-log "building the native addon (release)"
-npx napi build --platform --release -p mlx-serving-node >&2
+# 2. Native addon, release build, unless the addon is newer than every file
+#    it is built from: `cargo test --workspace` (npm test) unifies features
+#    differently, so asking cargo again would rebuild most crates for nothing.
+addon=$(ls mlx-serving.*.node 2>/dev/null | head -n 1 || true)
+if [ -n "$addon" ] && [ -z "$(find Cargo.toml Cargo.lock build.rs src crates .mlx/.installed -newer "$addon" -print -quit 2>/dev/null)" ]; then
+  log "native addon is current ($addon)"
+else
+  log "building the native addon (release)"
+  npx napi build --platform --release -p mlx-serving-node >&2
+fi
 
 # 3. TypeScript build for plain-Node consumers (dist/).
 log "compiling the TypeScript API"

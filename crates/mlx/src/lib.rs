@@ -15,7 +15,7 @@ use std::ptr::NonNull;
 pub enum MlxError {
     #[error("MLX: {0}")]
     Mlx(String),
-    #[error("MLX is not available: {0} (run scripts/fetch-mlx.sh, or set MLX_DIR to an MLX wheel's mlx folder, and rebuild)")]
+    #[error("MLX is not available: {0}. The mlx backend needs an addon built against libmlx: in a checkout of mlx-serving, `npm run setup` fetches it (scripts/fetch-mlx.sh; MLX_DIR names another MLX wheel's mlx folder) and builds; the published package's addon runs the cpu backend")]
     Unavailable(String),
     #[error("{0}")]
     Invalid(String),
