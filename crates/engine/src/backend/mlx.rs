@@ -206,9 +206,9 @@ pub struct MlxPass {
     tokens: Array,
     style: RopeStyle,
     head_dim: usize,
-    /// Each token's position, and each rotary pair's period (1 / frequency).
+    /// Each token's position, and each rope's period (1 / frequency) per rotary pair.
     positions: Array,
-    periods: Array,
+    periods: Vec<Array>,
     runs: Vec<Run>,
     /// Cache row each token's keys and values go to (set at the first layer).
     write_rows: Option<(Array, usize)>,
@@ -279,9 +279,16 @@ impl Backend for Mlx {
         KvStore::on_device(n_layers, kv_dim, block_size, n_blocks, Box::new(store))
     }
 
-    fn begin(&self, batch: &[BatchToken], rope: &Rope) -> Result<MlxPass, EngineError> {
+    fn begin(&self, batch: &[BatchToken], ropes: &[Rope]) -> Result<MlxPass, EngineError> {
+        let rope = ropes.first().ok_or_else(|| EngineError::Internal("a forward pass needs a rope".into()))?;
         let lock = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let periods: Vec<f32> = rope.inv_freq.iter().map(|f| 1.0 / f).collect();
+        let periods = ropes
+            .iter()
+            .map(|r| {
+                let p: Vec<f32> = r.inv_freq.iter().map(|f| 1.0 / f).collect();
+                Array::from_slice(&p, &[p.len()])
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut runs: Vec<Run> = Vec::new();
         for (t, bt) in batch.iter().enumerate() {
             match runs.last_mut() {
@@ -298,7 +305,7 @@ impl Backend for Mlx {
             style: rope.style,
             head_dim: rope.head_dim,
             positions: i32s(batch.iter().map(|bt| bt.pos))?,
-            periods: Array::from_slice(&periods, &[periods.len()])?,
+            periods,
             runs,
             write_rows: None,
             masks: HashMap::new(),
@@ -338,10 +345,10 @@ impl Backend for Mlx {
         Ok(())
     }
 
-    fn rope(&self, p: &mut MlxPass, x: &mut Option<Array>, n_heads: usize) -> R {
+    fn rope(&self, p: &mut MlxPass, x: &mut Option<Array>, n_heads: usize, which: usize) -> R {
         let a = get(x)?;
         let (n, hd) = (a.shape()[0], p.head_dim);
-        let turned = mlx_serving_mlx::rope_at(&a.reshape(&[n, n_heads, 1, hd])?, p.style == RopeStyle::Adjacent, &p.positions, &p.periods)?;
+        let turned = mlx_serving_mlx::rope_at(&a.reshape(&[n, n_heads, 1, hd])?, p.style == RopeStyle::Adjacent, &p.positions, &p.periods[which])?;
         *x = Some(turned.reshape(&[n, n_heads * hd])?);
         Ok(())
     }

@@ -99,7 +99,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn matrix_bytes(m: &Self::Matrix) -> usize;
     fn new_kv_store(&self, n_layers: usize, kv_dim: usize, block_size: usize, n_blocks: usize) -> KvStore;
 
-    fn begin(&self, batch: &[BatchToken], rope: &Rope) -> Result<Self::Pass, EngineError>;
+    /// Starts a forward pass; `ropes` are the rotary embeddings its layers
+    /// use (Gemma 3's local and global layers differ), all of one style and size.
+    fn begin(&self, batch: &[BatchToken], ropes: &[Rope]) -> Result<Self::Pass, EngineError>;
     /// Rows of `table` for the batch's tokens, times `scale`.
     fn embed(&self, p: &mut Self::Pass, table: &Self::Matrix, scale: Option<f32>, out: &mut Self::Tensor) -> R;
     /// RMSNorm of every run of `w`'s length.
@@ -109,8 +111,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn linear(&self, p: &mut Self::Pass, w: &Self::Matrix, x: &Self::Tensor, out: &mut Self::Tensor) -> R;
     /// Adds `b` to every row.
     fn add_bias(&self, p: &mut Self::Pass, x: &mut Self::Tensor, b: &Self::Vector) -> R;
-    /// Rotates `n_heads` heads per token by the token's position.
-    fn rope(&self, p: &mut Self::Pass, x: &mut Self::Tensor, n_heads: usize) -> R;
+    /// Rotates `n_heads` heads per token by the token's position, with
+    /// rope `which` of those `begin` was given.
+    fn rope(&self, p: &mut Self::Pass, x: &mut Self::Tensor, n_heads: usize, which: usize) -> R;
     /// Writes the batch's keys and values into its sequences' blocks, then
     /// attends every query over its sequence (causally).
     #[allow(clippy::too_many_arguments)]

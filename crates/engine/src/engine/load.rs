@@ -191,7 +191,8 @@ impl Engine {
         let (model, tokenizer, info) = open_model(canonical, id.clone(), options.request_timeout_ms, options.backend)?;
         let canonical = info.path.clone();
         let text_of = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_owned();
-        let template = ChatTemplate::new(tokenizer.chat_template.as_deref(), &text_of(tokenizer.bos_id), &text_of(tokenizer.eos_id))
+        let source = tokenizer.chat_template.as_deref().unwrap_or_else(|| crate::text::chat::default_template(&model.config().architecture));
+        let template = ChatTemplate::new(Some(source), &text_of(tokenizer.bos_id), &text_of(tokenizer.eos_id))
             .map_err(|e| EngineError::ModelLoad { path: canonical.display().to_string(), reason: e.to_string() })?;
         let tokenizer = Arc::new(tokenizer);
         let (tx, rx) = mpsc::channel();

@@ -46,6 +46,9 @@ pub struct Attention<B: Backend = Cpu> {
     pub qk_norm: Option<[B::Vector; 2]>,
     /// Sliding window: a token sees only the last `window` positions.
     pub window: Option<usize>,
+    /// Which of the decoder's ropes rotates its queries and keys (0: the
+    /// model's own; 1: `Options::local_rope_theta`'s).
+    pub rope: usize,
 }
 
 pub struct Mlp<B: Backend = Cpu> {
@@ -94,6 +97,9 @@ pub struct Options {
     /// Added to every norm weight at load: Gemma's checkpoints store `w` for
     /// a norm that multiplies by `1 + w` (its GGUF files store `1 + w`).
     pub norm_offset: f32,
+    /// The base of a second, unscaled rope that layers with `rope: 1` use
+    /// (Gemma 3's sliding-window layers).
+    pub local_rope_theta: Option<f32>,
 }
 
 pub struct Decoder<B: Backend = Cpu> {
@@ -102,7 +108,8 @@ pub struct Decoder<B: Backend = Cpu> {
     dim: usize,
     n_heads: usize,
     eps: f32,
-    rope: Rope,
+    /// The model's rope, then `Options::local_rope_theta`'s if set.
+    ropes: Vec<Rope>,
     opts: Options,
     embed: B::Matrix,
     layers: Vec<Layer<B>>,
@@ -125,6 +132,7 @@ pub fn default_options(src: &dyn WeightSource, adjacent_in_gguf: bool) -> Option
         attn_softcap: None,
         final_softcap: None,
         norm_offset: 0.0,
+        local_rope_theta: None,
     }
 }
 
@@ -211,6 +219,7 @@ pub fn attention(
             false => None,
         },
         window: None,
+        rope: 0,
     })
 }
 
@@ -268,13 +277,21 @@ impl Decoder<Cpu> {
             None
         };
         let out_norm = norm(src, &global("output_norm", "model.norm"), hp.dim, &opts)?;
-        let mut inv_freq: Vec<f32> = (0..hp.head_dim / 2).map(|i| hp.rope_theta.powf(-2.0 * i as f32 / hp.head_dim as f32)).collect();
+        let freqs = |theta: f32| -> Vec<f32> { (0..hp.head_dim / 2).map(|i| theta.powf(-2.0 * i as f32 / hp.head_dim as f32)).collect() };
+        let mut inv_freq = freqs(hp.rope_theta);
         if let Some(f) = &hp.rope_factors {
             inv_freq.iter_mut().zip(f).for_each(|(v, d)| *v /= d);
         }
+        let mut ropes = vec![Rope { inv_freq, style: opts.rope_style, head_dim: hp.head_dim }];
+        if let Some(theta) = opts.local_rope_theta {
+            ropes.push(Rope { inv_freq: freqs(theta), style: opts.rope_style, head_dim: hp.head_dim });
+        }
+        if let Some(l) = layers.iter().position(|l| l.attn.rope >= ropes.len()) {
+            return Err(EngineError::Internal(format!("layer {l} names rope {} of {}", layers[l].attn.rope, ropes.len())));
+        }
         Ok(Decoder {
             backend: Cpu,
-            rope: Rope { inv_freq, style: opts.rope_style, head_dim: hp.head_dim },
+            ropes,
             cfg: ModelConfig {
                 architecture: hp.model_type.clone(),
                 n_layers: layers.len(),
@@ -318,6 +335,7 @@ impl Decoder<Cpu> {
                     None => None,
                 },
                 window: a.window,
+                rope: a.rope,
             };
             let ffn = match l.ffn {
                 Ffn::Dense(x) => Ffn::Dense(mlp(x)?),
@@ -342,7 +360,7 @@ impl Decoder<Cpu> {
             dim: self.dim,
             n_heads: self.n_heads,
             eps: self.eps,
-            rope: self.rope,
+            ropes: self.ropes,
             opts: self.opts,
             embed: m(self.embed)?,
             layers,
@@ -449,7 +467,7 @@ impl<B: Backend> Model for Decoder<B> {
         let n = batch.len();
         super::check_batch(&self.cfg, batch, kv, tables)?;
         let (b, eps) = (&self.backend, self.eps);
-        let mut pass = b.begin(batch, &self.rope)?;
+        let mut pass = b.begin(batch, &self.ropes)?;
         let p = &mut pass;
         let mut x = B::Tensor::default();
         b.embed(p, &self.embed, self.opts.embed_scale, &mut x)?;
@@ -471,8 +489,8 @@ impl<B: Backend> Model for Decoder<B> {
                 b.rms_norm_in_place(p, &mut q, qn, eps)?;
                 b.rms_norm_in_place(p, &mut k, kn, eps)?;
             }
-            b.rope(p, &mut q, self.n_heads)?;
-            b.rope(p, &mut k, self.cfg.n_kv_heads)?;
+            b.rope(p, &mut q, self.n_heads, a.rope)?;
+            b.rope(p, &mut k, self.cfg.n_kv_heads, a.rope)?;
             let params = AttnParams {
                 layer: li,
                 n_heads: self.n_heads,

@@ -172,18 +172,22 @@ fn hparams(c: &Value, cfg_path: &Path) -> Result<Hparams, EngineError> {
     if !super::SUPPORTED.contains(&model_type.as_str()) {
         return Err(err(format!("model_type '{model_type}' is not supported (supported: {})", super::SUPPORTED.join(", "))));
     }
+    if c["text_config"].is_object() {
+        return Err(err(format!("a '{model_type}' folder with a text_config is a vision-language checkpoint: convert its text model (mlx-lm's gemma3_text) to serve it")));
+    }
     // transformers 5 nests the rope settings under rope_parameters.
     let rope = &c["rope_parameters"];
     let scaling = if c["rope_scaling"].is_object() { &c["rope_scaling"] } else { rope };
     let scaling_kind = scaling["rope_type"].as_str().or_else(|| scaling["type"].as_str()).unwrap_or("default");
     // mlx-lm's per-architecture default when the config leaves it out.
-    let default_theta = if model_type == "qwen2" { 1_000_000.0 } else { 10_000.0 };
+    let default_theta = if matches!(model_type.as_str(), "qwen2" | "gemma3_text") { 1_000_000.0 } else { 10_000.0 };
     let rope_theta = match rope["rope_theta"].as_f64() {
         Some(t) => t as f32,
         None => float("rope_theta")?.unwrap_or(default_theta),
     };
     let n_heads = req("num_attention_heads")?;
     let dim = req("hidden_size")?;
+    let n_layers = req("num_hidden_layers")?;
     let head_dim = uint("head_dim")?.unwrap_or(if n_heads > 0 { dim / n_heads } else { 0 });
     if float("partial_rotary_factor")?.is_some_and(|p| p != 1.0) {
         return Err(err("partial rotary embeddings (partial_rotary_factor below 1) are not supported".into()));
@@ -199,7 +203,7 @@ fn hparams(c: &Value, cfg_path: &Path) -> Result<Hparams, EngineError> {
     let mut hp = Hparams {
         rope_factors: None,
         rope_mscale: None,
-        n_layers: req("num_hidden_layers")?,
+        n_layers,
         dim,
         ffn_dim: uint("intermediate_size")?.unwrap_or(0),
         n_heads,
@@ -209,6 +213,9 @@ fn hparams(c: &Value, cfg_path: &Path) -> Result<Hparams, EngineError> {
         eps: float("rms_norm_eps")?.ok_or_else(|| err("rms_norm_eps is missing".into()))?,
         context_length,
         sliding_window: uint("sliding_window")?.filter(|&w| w > 0),
+        // Sized by the layer count: read once that is checked.
+        sliding_layers: None,
+        rope_local_theta: float("rope_local_base_freq")?,
         attn_softcap: float("attn_logit_softcapping")?.filter(|&v| v > 0.0),
         final_softcap: float("final_logit_softcapping")?.filter(|&v| v > 0.0),
         query_pre_attn_scalar: float("query_pre_attn_scalar")?,
@@ -220,6 +227,7 @@ fn hparams(c: &Value, cfg_path: &Path) -> Result<Hparams, EngineError> {
     };
     // Bounded before the rope scaling sizes anything by them.
     hp.check().map_err(err)?;
+    hp.sliding_layers = sliding_layers(c, hp.n_layers).map_err(err)?;
     (hp.rope_factors, hp.rope_mscale) = match scaling_kind {
         // Dynamic NTK changes only past max_position_embeddings, our limit.
         "default" | "dynamic" => (None, None),
@@ -252,6 +260,34 @@ fn hparams(c: &Value, cfg_path: &Path) -> Result<Hparams, EngineError> {
     };
     hp.check().map_err(err)?;
     Ok(hp)
+}
+
+/// Which layers slide, as the config says: `layer_types` (one
+/// `sliding_attention` / `full_attention` per layer) or a
+/// `sliding_window_pattern` (every `p`-th layer is full); `None` when it
+/// says neither.
+fn sliding_layers(c: &Value, n_layers: usize) -> Result<Option<Vec<bool>>, String> {
+    if let Some(types) = c["layer_types"].as_array() {
+        if types.len() != n_layers {
+            return Err(format!("layer_types has {} entries for {n_layers} layers", types.len()));
+        }
+        return types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Ok(true),
+                Some("full_attention") => Ok(false),
+                _ => Err(format!("layer_types entries must be sliding_attention or full_attention, got {t}")),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some);
+    }
+    match &c["sliding_window_pattern"] {
+        Value::Null => Ok(None),
+        v => match v.as_u64().filter(|&p| p >= 1 && p <= n_layers.max(1) as u64) {
+            Some(p) => Ok(Some((0..n_layers).map(|i| (i + 1) % p as usize != 0).collect())),
+            None => Err(format!("sliding_window_pattern must be an integer from 1 to the layer count, got {v}")),
+        },
+    }
 }
 
 fn scaling_number(scaling: &Value, key: &str, default: Option<f64>) -> Result<f32, String> {
@@ -471,5 +507,17 @@ mod tests {
             let err = load_error(dir.path());
             assert!(err.contains("o_proj.weight") && err.contains(want), "{what}: {err}");
         }
+    }
+
+    #[test]
+    fn which_layers_slide_follows_layer_types_or_the_pattern() {
+        let cfg = |v: serde_json::Value| sliding_layers(&v, 6);
+        assert_eq!(cfg(serde_json::json!({})), Ok(None));
+        assert_eq!(cfg(serde_json::json!({"sliding_window_pattern": 3})), Ok(Some(vec![true, true, false, true, true, false])));
+        let types = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "sliding_attention", "full_attention"];
+        assert_eq!(cfg(serde_json::json!({"layer_types": types, "sliding_window_pattern": 2})), Ok(Some(vec![true, false, true, true, true, false])));
+        assert!(cfg(serde_json::json!({"layer_types": ["full_attention"]})).unwrap_err().contains("1 entries for 6 layers"));
+        assert!(cfg(serde_json::json!({"layer_types": [1, 2, 3, 4, 5, 6]})).unwrap_err().contains("sliding_attention or full_attention"));
+        assert!(cfg(serde_json::json!({"sliding_window_pattern": 0})).unwrap_err().contains("sliding_window_pattern"));
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod decoder;
 pub mod gemma2;
+pub mod gemma3;
 pub mod llama;
 pub mod mlx_folder;
 pub mod phi3;
@@ -106,6 +107,8 @@ pub const SUPPORTED: &[&str] = &[
     "qwen3",
     "qwen3_moe",
     "gemma2",
+    "gemma3",
+    "gemma3_text",
     "phi3",
 ];
 
@@ -118,6 +121,7 @@ pub fn load(src: &dyn WeightSource, backend: BackendKind) -> Result<Box<dyn Mode
         "qwen3" => qwen3::load(src)?,
         "qwen3_moe" => qwen3_moe::load(src)?,
         "gemma2" => gemma2::load(src)?,
+        "gemma3" | "gemma3_text" => gemma3::load(src)?,
         "phi3" => phi3::load(src)?,
         other => {
             return Err(src.err(format!(

@@ -32,6 +32,7 @@ pub fn load(src: &dyn WeightSource) -> Result<Decoder, EngineError> {
                 bias: None,
                 qk_norm: None,
                 window: None,
+                rope: 0,
             };
             let ffn = Ffn::Dense(Mlp {
                 gate: slice_rows(&gate_up, 0, ff),

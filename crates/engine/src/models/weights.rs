@@ -36,6 +36,13 @@ pub struct Hparams {
     pub eps: f32,
     pub context_length: usize,
     pub sliding_window: Option<usize>,
+    /// Which layers use the sliding window, where the source says (an MLX
+    /// folder's `layer_types` or `sliding_window_pattern`); the
+    /// architecture's rule otherwise.
+    pub sliding_layers: Option<Vec<bool>>,
+    /// The rope base of sliding-window layers where it differs (Gemma 3's
+    /// `rope_local_base_freq`).
+    pub rope_local_theta: Option<f32>,
     pub attn_softcap: Option<f32>,
     pub final_softcap: Option<f32>,
     pub query_pre_attn_scalar: Option<f32>,
@@ -226,6 +233,9 @@ impl<'a> GgufSource<'a> {
             eps: f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
             context_length: get("context_length").unwrap_or(4096),
             sliding_window: get("attention.sliding_window").filter(|&w| w > 0),
+            // GGUF files carry neither: the architecture's rule applies.
+            sliding_layers: None,
+            rope_local_theta: None,
             attn_softcap: f("attn_logit_softcapping").filter(|&c| c > 0.0),
             final_softcap: f("final_logit_softcapping").filter(|&c| c > 0.0),
             query_pre_attn_scalar: None,

@@ -47,6 +47,22 @@ impl ChatMessage {
 const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
 {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
+/// Gemma's turns, for Gemma files without a template: `user` and `model`
+/// turns, a system message folded into the first user turn (Gemma has no
+/// system role).
+const GEMMA_TURNS: &str = "{{ bos_token }}\
+{% if messages and messages[0].role == 'system' %}{% set prefix = messages[0].content ~ '\n\n' %}{% set turns = messages[1:] %}\
+{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}\
+{% for m in turns %}<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n\
+{{ prefix if loop.first and m.role == 'user' else '' }}{{ m.content }}<end_of_turn>\n{% endfor %}\
+{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
+
+/// The template for a model whose file carries none: its family's turn
+/// format where we know it, else ChatML.
+pub fn default_template(architecture: &str) -> &'static str {
+    if architecture.starts_with("gemma") { GEMMA_TURNS } else { CHATML }
+}
+
 /// What one render may spend: minijinja instructions (a template's loops
 /// and filters; real templates use a few thousand per message) and time.
 /// The output is bounded by the caller (`render_with_tools`' `max_bytes`).
@@ -222,5 +238,18 @@ mod tests {
     fn falls_back_to_chatml() {
         let t = ChatTemplate::new(None, "", "").unwrap();
         assert_eq!(t.render(&[msg("user", "a")], true, 1 << 20).unwrap(), "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(default_template("llama"), CHATML);
+    }
+
+    #[test]
+    fn gemma_files_without_a_template_get_gemma_turns() {
+        let t = ChatTemplate::new(Some(default_template("gemma3")), "<bos>", "<eos>").unwrap();
+        let chat = [msg("system", "Be brief."), msg("user", "Hi"), msg("assistant", "Hello!"), msg("user", "Bye")];
+        assert_eq!(
+            t.render(&chat, true, 1 << 20).unwrap(),
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n\
+             <start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+        );
+        assert_eq!(t.render(&[msg("user", "Hi")], false, 1 << 20).unwrap(), "<bos><start_of_turn>user\nHi<end_of_turn>\n");
     }
 }

@@ -20,8 +20,8 @@ pub struct CpuPass {
     xq: QuantizedActs,
     style: RopeStyle,
     head_dim: usize,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// Each rope's `(cos, sin)` per token and pair.
+    tables: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
 impl Backend for Cpu {
@@ -47,9 +47,10 @@ impl Backend for Cpu {
         KvStore::new(n_layers, kv_dim, block_size, n_blocks)
     }
 
-    fn begin(&self, batch: &[BatchToken], rope: &Rope) -> Result<CpuPass, EngineError> {
-        let (cos, sin) = rope.tables(batch);
-        Ok(CpuPass { batch: batch.to_vec(), xq: QuantizedActs::default(), style: rope.style, head_dim: rope.head_dim, cos, sin })
+    fn begin(&self, batch: &[BatchToken], ropes: &[Rope]) -> Result<CpuPass, EngineError> {
+        let first = ropes.first().ok_or_else(|| EngineError::Internal("a forward pass needs a rope".into()))?;
+        let tables = ropes.iter().map(|r| r.tables(batch)).collect();
+        Ok(CpuPass { batch: batch.to_vec(), xq: QuantizedActs::default(), style: first.style, head_dim: first.head_dim, tables })
     }
 
     fn embed(&self, p: &mut CpuPass, table: &QMatrix, scale: Option<f32>, out: &mut Vec<f32>) -> R {
@@ -86,7 +87,8 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn rope(&self, p: &mut CpuPass, x: &mut Vec<f32>, n_heads: usize) -> R {
+    fn rope(&self, p: &mut CpuPass, x: &mut Vec<f32>, n_heads: usize, which: usize) -> R {
+        let (cos_t, sin_t) = &p.tables[which];
         let hd = p.head_dim;
         let half = hd / 2;
         let (stride, pair) = match p.style {
@@ -95,7 +97,7 @@ impl Backend for Cpu {
         };
         for (t, row) in x.chunks_exact_mut(n_heads * hd).enumerate() {
             for i in 0..half {
-                let (cos, sin) = (p.cos[t * half + i], p.sin[t * half + i]);
+                let (cos, sin) = (cos_t[t * half + i], sin_t[t * half + i]);
                 for h in 0..n_heads {
                     let j = h * hd + stride * i;
                     let (a, b) = (row[j], row[j + pair]);
