@@ -290,6 +290,23 @@ fn sliding_layers(c: &Value, n_layers: usize) -> Result<Option<Vec<bool>>, Strin
     }
 }
 
+/// The quantization a packed weight of `cols` columns really has: the
+/// configured one when its `words` per row and `groups` of scales fit it,
+/// else the one they spell out (mlx-lm does the same for mixed-precision
+/// folders whose config names no per-layer entry, such as 8-bit
+/// embeddings beside 4-bit layers); `None` when no supported width fits.
+fn packed_quant(configured: Quant, cols: usize, words: usize, groups: usize) -> Option<Quant> {
+    let fits = |q: &Quant| cols % q.group_size == 0 && groups == cols / q.group_size && words * 32 == cols * q.bits as usize;
+    if fits(&configured) {
+        return Some(configured);
+    }
+    if groups == 0 || cols % groups != 0 || (words * 32) % cols != 0 {
+        return None;
+    }
+    let q = Quant { bits: (words * 32 / cols) as u32, group_size: cols / groups };
+    ([4, 8].contains(&q.bits) && [32, 64, 128].contains(&q.group_size) && fits(&q)).then_some(q)
+}
+
 fn scaling_number(scaling: &Value, key: &str, default: Option<f64>) -> Result<f32, String> {
     match (&scaling[key], default) {
         (Value::Null, Some(d)) => Ok(d as f32),
@@ -335,14 +352,13 @@ impl WeightSource for MlxFolder {
             Dtype::F16 => QType::F16,
             Dtype::BF16 => QType::BF16,
             Dtype::U32 => {
-                let q = self.quant_of(&name.hf)?.ok_or_else(|| {
+                let configured = self.quant_of(&name.hf)?.ok_or_else(|| {
                     load_err(s.path(), format!("tensor '{full}' is packed uint32 but config.json has no quantization for it"))
                 })?;
-                if cols % q.group_size != 0 || last * 32 != cols * q.bits as usize {
-                    return Err(shape_err(format!("{rows} x {} packed words ({cols} columns of {} bits)", cols * q.bits as usize / 32, q.bits)));
-                }
                 let (scales, s_shape) = self.f32_row_data(&format!("{}.scales", name.hf), "scales")?;
                 let (biases, b_shape) = self.f32_row_data(&format!("{}.biases", name.hf), "biases")?;
+                let q = packed_quant(configured, cols, last, s_shape.last().copied().unwrap_or(0))
+                    .ok_or_else(|| shape_err(format!("{rows} x {} packed words ({cols} columns of {} bits), or another supported width", cols * configured.bits as usize / 32, configured.bits)))?;
                 let groups = cols / q.group_size;
                 for (what, shape) in [("scales", &s_shape), ("biases", &b_shape)] {
                     if shape.iter().product::<usize>() != rows * groups || shape.last() != Some(&groups) {
@@ -507,6 +523,23 @@ mod tests {
             let err = load_error(dir.path());
             assert!(err.contains("o_proj.weight") && err.contains(want), "{what}: {err}");
         }
+    }
+
+    #[test]
+    fn packed_shapes_override_a_config_that_does_not_fit_them() {
+        let q = |bits, group_size| Quant { bits, group_size };
+        // 256 columns at 4 bits are 32 words per row; at 8 bits, 64.
+        assert_eq!(packed_quant(q(4, 64), 256, 32, 4), Some(q(4, 64)));
+        assert_eq!(packed_quant(q(4, 64), 256, 64, 4), Some(q(8, 64)), "8-bit embeddings beside 4-bit layers");
+        assert_eq!(packed_quant(q(8, 64), 256, 32, 8), Some(q(4, 32)));
+        for (words, groups) in [(24, 4), (32, 16), (32, 0), (48, 2)] {
+            assert_eq!(packed_quant(q(4, 64), 256, words, groups), None, "{words} words, {groups} groups: 3-bit, groups of 16, none, 6-bit/128");
+        }
+        // A whole folder whose config names another width loads as its shapes say.
+        let dir = copy_fixture("llama_q8");
+        let want = open(dir.path()).unwrap().model.weight_bytes();
+        edit_config(dir.path(), |c| c["quantization"] = serde_json::json!({"bits": 4, "group_size": 32}));
+        assert_eq!(open(dir.path()).unwrap().model.weight_bytes(), want);
     }
 
     #[test]
