@@ -84,6 +84,15 @@ FIXTURES = {
         (4, 64),
         True,
     ),
+    # Six layers: five slide over a window of 4 (with their own rope base), the
+    # sixth is global, as in the released models and in GGUF's fixed pattern.
+    "gemma3": (
+        "gemma3_text",
+        dict(num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32, sliding_window=4,
+             sliding_window_pattern=6, rope_theta=1000000.0, rope_local_base_freq=10000.0),
+        (4, 64),
+        True,
+    ),
     "phi3": ("phi3", dict(rope_theta=10000.0, tie_word_embeddings=False), (4, 32), True),
     # Long-context scalings, their trained context set to 64 so that every
     # band of the 8 rotated pairs is touched.
@@ -105,7 +114,7 @@ FIXTURES = {
 }
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-             "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "phi3": "phi3"}
+             "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
 
 
 def byte_chars():
@@ -153,7 +162,7 @@ def build(name, model_type, extra, quant):
     # norms near 1 (Gemma: near 0, as it multiplies by 1 + w).
     seed = sum(ord(c) for c in name)
     rng = np.random.default_rng(seed)
-    gemma = model_type == "gemma2"
+    gemma = model_type.startswith("gemma")
 
     def init(path, p):
         if "norm" in path:
@@ -245,7 +254,7 @@ def gguf_name(hf: str, model_type: str) -> str:
         "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
         "self_attn.o_proj": "attn_output", "self_attn.qkv_proj": "attn_qkv",
         "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-        "post_attention_layernorm": "post_attention_norm" if model_type == "gemma2" else "ffn_norm",
+        "post_attention_layernorm": "post_attention_norm" if model_type.startswith("gemma") else "ffn_norm",
         "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
         "mlp.gate_up_proj": "ffn_up", "mlp.gate": "ffn_gate_inp",
@@ -273,6 +282,7 @@ def write_gguf(path: Path, model, config, model_type, quant):
     if model_type == "gemma2":
         w.add_attn_logit_softcapping(config["attn_logit_softcapping"])
         w.add_final_logit_softcapping(config["final_logit_softcapping"])
+    if model_type.startswith("gemma"):
         w.add_sliding_window(config["sliding_window"])
     if model_type == "qwen3_moe":
         w.add_expert_count(config["num_experts"])
@@ -319,7 +329,7 @@ def write_gguf(path: Path, model, config, model_type, quant):
 
     params = dict(tree_flatten(model.parameters()))
     adjacent = model_type in ("llama", "mistral")
-    gemma = model_type == "gemma2"
+    gemma = model_type.startswith("gemma")
     bases = sorted({k.rsplit(".", 1)[0] for k in params})
     for base in bases:
         name = gguf_name(base, model_type)
