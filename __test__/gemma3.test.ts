@@ -10,6 +10,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 
 import { createEngine, pullModel, type Engine } from '../lib/index';
+import { llamaCppSteps } from './llama-cpp';
 
 const PROMPTS = ['The capital of France is', 'Once upon a time, in a small village,', 'def fibonacci(n):\n', 'Water boils at', 'The three laws of motion are'];
 /** Below this top-2 margin (nats) llama.cpp itself is unsure: either token is right. */
@@ -39,22 +40,9 @@ describe('Gemma 3 270M against llama.cpp', () => {
 
   const ours = async (text: string) => (await engine.tokenize({ model: 'gemma3', text })).tokens;
 
-  /** llama.cpp's greedy tokens after `prefix` (evaluated as given: no BOS added), each with its top-2 margin. */
-  async function llamaCpp(prefix: number[], n: number): Promise<{ token: number; margin: number }[]> {
-    const seq = lcContext.getSequence();
-    const steps: { token: number; margin: number }[] = [];
-    for await (const out of seq.evaluateWithMetadata(prefix, { probabilities: true }, { temperature: 0 })) {
-      const [p1, p2] = [...(out.probabilities as Map<number, number>).values()].sort((a, b) => b - a);
-      steps.push({ token: out.token, margin: Math.log(p1) - Math.log(p2 ?? 1e-30) });
-      if (steps.length >= n) break;
-    }
-    seq.dispose();
-    return steps;
-  }
-
   /** Where our greedy tokens part from llama.cpp's where it was sure, or null. */
   async function clearSplit(tokens: number[], n: number): Promise<string | null> {
-    const theirs = await llamaCpp(tokens, n);
+    const theirs = await llamaCppSteps(lcContext, tokens, n);
     const mine: number[] = [];
     for await (const c of engine.createGenerator({ model: 'gemma3', prompt: { tokens }, maxTokens: n })) {
       if (c.type === 'token') mine.push(c.tokenId);

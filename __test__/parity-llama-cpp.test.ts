@@ -12,6 +12,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 
 import { createEngine, defaultModelPath, type Engine } from '../lib/index';
+import { llamaCppSteps } from './llama-cpp';
 
 const TOKENIZE_CASES = [
   'Hello world',
@@ -84,25 +85,14 @@ describe('parity with llama.cpp on the default model', () => {
     }
   });
 
-  /** llama.cpp's greedy tokens for a prompt, each with its top-2 margin in nats. */
-  async function llamaCppSteps(prefix: number[]): Promise<{ token: number; margin: number }[]> {
-    const seq = lcContext.getSequence();
-    const steps: { token: number; margin: number }[] = [];
-    for await (const out of seq.evaluateWithMetadata(prefix, { probabilities: true }, { temperature: 0 })) {
-      const [p1, p2] = [...(out.probabilities as Map<number, number>).values()].sort((a, b) => b - a);
-      steps.push({ token: out.token, margin: Math.log(p1) - Math.log(p2 ?? 1e-30) });
-      if (steps.length >= MIN_MATCHING_TOKENS) break;
-    }
-    seq.dispose();
-    return steps;
-  }
+  const llamaCpp = (prefix: number[]) => llamaCppSteps(lcContext, prefix, MIN_MATCHING_TOKENS);
 
   test(`greedy continuations match llama.cpp for ${MIN_MATCHING_TOKENS} tokens or up to a near tie`, async () => {
     const mismatches: string[] = [];
     let whole = 0;
     for (const prompt of PROMPTS) {
       const tokens = Array.from(lcModel.tokenize(prompt, true) as number[]);
-      const theirs = await llamaCppSteps(tokens);
+      const theirs = await llamaCpp(tokens);
       const ours: number[] = [];
       for await (const c of engine.createGenerator({ model: 'default', prompt: { tokens }, maxTokens: MIN_MATCHING_TOKENS })) {
         if (c.type === 'token') ours.push(c.tokenId);
@@ -129,7 +119,7 @@ describe('parity with llama.cpp on the default model', () => {
     let checked = 0;
     for (const prompt of [...NEAR_TIE_PROMPTS, ...PROMPTS]) {
       const prefix = Array.from(lcModel.tokenize(prompt, true) as number[]);
-      const steps = await llamaCppSteps(prefix);
+      const steps = await llamaCpp(prefix);
       for (let i = 0; i < steps.length; i++) {
         if (steps[i].margin < CLEAR_MARGIN_NATS) continue;
         const tokens = [...prefix, ...steps.slice(0, i).map((s) => s.token)];

@@ -253,6 +253,20 @@ pub fn pre_norm_layer(src: &dyn WeightSource, i: usize, attn: Attention, ffn: Ff
     })
 }
 
+/// Layer `i` of the Gemma family around the given attention: norms before
+/// and after both attention and the gated MLP, under Gemma's names.
+pub fn sandwich_layer(src: &dyn WeightSource, i: usize, attn: Attention, opts: &Options) -> Result<Layer, EngineError> {
+    let n = |gguf: &str, hf: &str| norm(src, &layer(i, gguf, hf), src.hparams().dim, opts);
+    Ok(Layer {
+        attn_norm: n("attn_norm", "input_layernorm")?,
+        attn,
+        post_attn_norm: Some(n("post_attention_norm", "post_attention_layernorm")?),
+        ffn_norm: n("ffn_norm", "pre_feedforward_layernorm")?,
+        ffn: Ffn::Dense(mlp(src, i)?),
+        post_ffn_norm: Some(n("post_ffw_norm", "post_feedforward_layernorm")?),
+    })
+}
+
 impl Decoder<Cpu> {
     /// Builds the model from its layers; embedding, final norm and output
     /// head are read under their usual names.

@@ -7,8 +7,8 @@
 //! context on every layer; the two agree while a sequence is shorter than
 //! the window, 4096 in the released models).
 
-use super::decoder::{attention, default_options, mlp, norm, Activation, Decoder, Ffn, Layer};
-use super::weights::{layer, Format, WeightSource};
+use super::decoder::{attention, default_options, sandwich_layer, Activation, Decoder};
+use super::weights::{Format, WeightSource};
 use crate::error::EngineError;
 
 pub fn load(src: &dyn WeightSource) -> Result<Decoder, EngineError> {
@@ -35,17 +35,9 @@ pub fn load(src: &dyn WeightSource) -> Result<Decoder, EngineError> {
     };
     let layers = (0..hp.n_layers)
         .map(|i| {
-            let n = |gguf: &str, hf: &str| norm(src, &layer(i, gguf, hf), hp.dim, &opts);
             let mut attn = attention(src, i, false, &opts)?;
             attn.window = hp.sliding_window.filter(|_| i % 2 == 0);
-            Ok(Layer {
-                attn_norm: n("attn_norm", "input_layernorm")?,
-                attn,
-                post_attn_norm: Some(n("post_attention_norm", "post_attention_layernorm")?),
-                ffn_norm: n("ffn_norm", "pre_feedforward_layernorm")?,
-                ffn: Ffn::Dense(mlp(src, i)?),
-                post_ffn_norm: Some(n("post_ffw_norm", "post_feedforward_layernorm")?),
-            })
+            sandwich_layer(src, i, attn, &opts)
         })
         .collect::<Result<_, EngineError>>()?;
     Decoder::new(src, opts, layers)

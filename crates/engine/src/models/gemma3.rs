@@ -7,8 +7,8 @@
 //!
 //! Reference: mlx-lm's `models/gemma3_text.py` and llama.cpp's gemma3 graph.
 
-use super::decoder::{attention, default_options, mlp, norm, Activation, Decoder, Ffn, Layer};
-use super::weights::{layer, Format, WeightSource};
+use super::decoder::{attention, default_options, sandwich_layer, Activation, Decoder};
+use super::weights::{Format, WeightSource};
 use crate::error::EngineError;
 
 /// Every sixth layer is global, the rest slide (the released models; GGUF
@@ -39,20 +39,12 @@ pub fn load(src: &dyn WeightSource) -> Result<Decoder, EngineError> {
     };
     let layers = (0..hp.n_layers)
         .map(|i| {
-            let n = |gguf: &str, hf: &str| norm(src, &layer(i, gguf, hf), hp.dim, &opts);
             let mut attn = attention(src, i, true, &opts)?;
             if slides(i) {
                 attn.window = hp.sliding_window;
                 attn.rope = 1;
             }
-            Ok(Layer {
-                attn_norm: n("attn_norm", "input_layernorm")?,
-                attn,
-                post_attn_norm: Some(n("post_attention_norm", "post_attention_layernorm")?),
-                ffn_norm: n("ffn_norm", "pre_feedforward_layernorm")?,
-                ffn: Ffn::Dense(mlp(src, i)?),
-                post_ffn_norm: Some(n("post_ffw_norm", "post_feedforward_layernorm")?),
-            })
+            sandwich_layer(src, i, attn, &opts)
         })
         .collect::<Result<_, EngineError>>()?;
     Decoder::new(src, opts, layers)
