@@ -1,10 +1,12 @@
 /**
- * OpenAI clients unchanged against our server: the official `openai` SDK,
- * LangChain's completion model, and the wire details they rely on (lists of
+ * OpenAI clients unchanged against our server: the official `openai` SDKs
+ * for Node and Python, LangChain's completion model, and the wire details they rely on (lists of
  * prompts, a role-only first chunk, error types, Retry-After, metadata and
  * peer-extension fields, `system_fingerprint`, `x-request-id`).
  */
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
 import OpenAI from 'openai';
@@ -57,6 +59,14 @@ describe('OpenAI clients, unchanged', () => {
       client.completions.create({ model: 'default', prompt: Array(5).fill('x'), n: 2, max_tokens: 1 }),
       (e: unknown) => e instanceof OpenAI.BadRequestError && (e.error as { param?: string }).param === 'prompt',
     );
+  });
+
+  test('the official Python SDK: chat, streams, parse() with a Pydantic model, lists of prompts, extra_body, error classes', async () => {
+    const script = path.join(__dirname, 'python', 'openai_client.py');
+    const out = await new Promise<string>((resolve, reject) =>
+      execFile('python3', [script, server.url], { timeout: 120_000 }, (err, stdout, stderr) => (err ? reject(new Error(`${err.message}\n${stderr}`)) : resolve(stdout))),
+    );
+    assert.match(out, /^openai 3\.\d+\.\d+: ok$/m);
   });
 
   test("LangChain's completion model batches prompts in one request", async () => {

@@ -44,6 +44,14 @@ fi
 log "compiling the TypeScript API"
 npx tsc -p tsconfig.json
 
+# 3b. The official OpenAI Python SDK, which __test__/clients.test.ts drives
+#     against the server as Python users would.
+OPENAI_PY=3.57.0
+if ! python3 -c "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_PY')" 2>/dev/null; then
+  log "installing the openai Python SDK ($OPENAI_PY) for the client tests"
+  python3 -m pip install -q --disable-pip-version-check "openai==$OPENAI_PY"
+fi
+
 # 4. Headless Chromium for the dashboard test (Debian's package; the
 #    playwright-core npm package drives it and never downloads a browser).
 if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
