@@ -77,7 +77,12 @@ export declare class NativeEngine {
 export declare class NativeServer {
   get host(): string
   get port(): number
-  /** Stops accepting connections; in-flight requests get `grace_ms` to finish. */
+  get replicaId(): string
+  /**
+   * Drains, then stops: `/health` turns 503 `draining` and new generations
+   * get 503 while the listener stays open; in-flight requests get
+   * `grace_ms` to finish, then the listener closes.
+   */
   close(graceMs?: number | undefined | null): Promise<void>
 }
 
@@ -394,6 +399,8 @@ export interface NativeServerOptions {
   maxConcurrent?: number
   bodyLimitBytes?: number
   corsOrigins?: Array<string>
+  /** `x-mlx-serving-replica` and the metrics' `replica` label (default: host name and port). */
+  replicaId?: string
 }
 
 export interface NativeStats {

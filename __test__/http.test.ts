@@ -274,17 +274,17 @@ describe('HTTP server', () => {
   test('/metrics speaks Prometheus with vLLM names', async () => {
     const text = await (await fetch(`${base}/metrics`)).text();
     // The clients that disconnected in the test above count as aborts.
-    assert.match(text, /vllm:request_success_total\{model_name="default",finished_reason="abort"\} [1-9]/);
+    assert.match(text, /vllm:request_success_total\{model_name="default",replica="[^"]+",finished_reason="abort"\} [1-9]/);
     for (const name of [
       'vllm:num_requests_running',
       'vllm:generation_tokens_total',
       'vllm:time_to_first_token_seconds_bucket',
       'vllm:e2e_request_latency_seconds_count',
-      'mlx_serving_requests_rejected_total{model_name="default"} 1',
       'mlx_serving_kv_cache_bytes',
     ]) {
       assert.ok(text.includes(name), name);
     }
+    assert.match(text, /^mlx_serving_requests_rejected_total\{model_name="default",replica="[^"]+"\} 1$/m);
     const data = await (await fetch(`${base}/dashboard/data`)).json();
     assert.ok(data.ttft_p95_ms > 0);
     assert.equal(data.models, 1);

@@ -42,10 +42,17 @@ Options:
                           (comma-separated, or '*'; default none)
   --max-concurrent <n>    generations at once; more get 429 (env MAX_CONCURRENT;
                           default streaming.maxConcurrentStreams from the config)
+  --replica-id <id>       this replica's name in the x-mlx-serving-replica header
+                          and the metrics' replica label (env REPLICA_ID;
+                          default host name and port)
+  --drain-timeout <s>     on SIGTERM/SIGINT: /health turns 503 draining and new
+                          requests get 503 while in-flight ones finish, for up
+                          to this long (default 30)
   -h, --help              show this help
 
 Environment: PRELOAD_MODEL=true runs a warm-up generation before the server
-reports healthy. /health answers 503 until the model is loaded.
+reports healthy. /health (readiness) answers 503 until the model is loaded and
+while draining; /live (liveness) answers 200 while the process runs.
 PHASE5_ENABLED, PHASE5_TTFT_ENABLED, PHASE5_QOS_ENABLED (true/false) and
 PHASE5_ROLLOUT_PERCENT (0-100) override the feature-flags file.
 `;
@@ -105,9 +112,17 @@ async function serve(values) {
   }
   // Listen first so /health can say 503 while the model loads.
   const corsOrigins = values.cors?.split(',').map((o) => o.trim()).filter(Boolean);
+  const drainS = intOption('--drain-timeout', values['drain-timeout'] ?? '30', 0, 3600);
   let server;
   try {
-    server = await engine.startServer({ host: values.host ?? '127.0.0.1', port, apiKey: values['api-key'], maxConcurrent, corsOrigins });
+    server = await engine.startServer({
+      host: values.host ?? '127.0.0.1',
+      port,
+      apiKey: values['api-key'],
+      maxConcurrent,
+      corsOrigins,
+      replicaId: values['replica-id'] ?? process.env.REPLICA_ID,
+    });
   } catch (e) {
     process.stderr.write(`mlx-serving: ${e.message}\n`);
     await engine.shutdown();
@@ -117,8 +132,8 @@ async function serve(values) {
   const stop = async (signal) => {
     if (stopping) return;
     stopping = true;
-    process.stderr.write(`\n${signal}: finishing in-flight requests (up to 5 s)...\n`);
-    await server.close(5000);
+    process.stderr.write(`\n${signal}: draining (/health is 503, new requests get 503); finishing in-flight requests (up to ${drainS} s)...\n`);
+    await server.close(drainS * 1000);
     await engine.shutdown();
     process.exit(0);
   };
@@ -165,6 +180,8 @@ async function main() {
         config: { type: 'string' },
         'feature-flags': { type: 'string' },
         'max-concurrent': { type: 'string' },
+        'replica-id': { type: 'string' },
+        'drain-timeout': { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
     });

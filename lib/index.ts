@@ -584,7 +584,7 @@ export class Engine extends EventEmitter {
       await s.close(graceMs);
     };
     this.servers.add(close);
-    return { url: `http://${host}:${s.port}`, host: s.host, port: s.port, close };
+    return { url: `http://${host}:${s.port}`, host: s.host, port: s.port, replicaId: s.replicaId, close };
   }
 
   async shutdown(): Promise<void> {

@@ -353,13 +353,21 @@ export interface ServerOptions {
    * sites' pages cannot drive a server on this machine.
    */
   corsOrigins?: string[];
+  /** This replica's name in the `x-mlx-serving-replica` header and the metrics' `replica` label. Default: host name and port. */
+  replicaId?: string;
 }
 
 export interface HttpServer {
   url: string;
   host: string;
   port: number;
-  /** Stops accepting connections; in-flight requests get `graceMs` (default 5000) to finish. */
+  replicaId: string;
+  /**
+   * Drains, then stops: `/health` turns 503 `draining` and new generations get 503 with
+   * `Retry-After` while the listener stays open, so load balancers move traffic away; in-flight
+   * requests get `graceMs` (default 5000) to finish, then the listener closes. `/live` answers
+   * throughout.
+   */
   close(graceMs?: number): Promise<void>;
 }
 

@@ -19,6 +19,7 @@ impl NativeEngine {
             max_concurrent: opts.max_concurrent,
             body_limit_bytes: opts.body_limit_bytes,
             cors_origins: opts.cors_origins,
+            replica_id: opts.replica_id,
         };
         let o = spec.resolve(self.inner.config().streaming.max_concurrent_streams).map_err(invalid)?;
         let at = format!("{}:{}", o.host, o.port);
@@ -28,7 +29,7 @@ impl NativeEngine {
                 let why = if e.kind() == std::io::ErrorKind::AddrInUse { "the port is already in use".to_string() } else { e.to_string() };
                 js_error(EngineError::InvalidParams(format!("cannot listen on {at}: {why}")))
             })?;
-        Ok(NativeServer { host: s.addr.ip().to_string(), port: s.addr.port() as u32, inner: tokio::sync::Mutex::new(Some(s)) })
+        Ok(NativeServer { host: s.addr.ip().to_string(), port: s.addr.port() as u32, replica_id: s.replica_id(), inner: tokio::sync::Mutex::new(Some(s)) })
     }
 }
 
@@ -41,6 +42,8 @@ pub struct NativeServerOptions {
     pub max_concurrent: Option<f64>,
     pub body_limit_bytes: Option<f64>,
     pub cors_origins: Option<Vec<String>>,
+    /// `x-mlx-serving-replica` and the metrics' `replica` label (default: host name and port).
+    pub replica_id: Option<String>,
 }
 
 /// The OpenAI-compatible HTTP server, running on the addon's tokio runtime.
@@ -49,6 +52,7 @@ pub struct NativeServer {
     inner: tokio::sync::Mutex<Option<mlx_serving_server::RunningServer>>,
     host: String,
     port: u32,
+    replica_id: String,
 }
 
 #[napi]
@@ -61,7 +65,13 @@ impl NativeServer {
     pub fn port(&self) -> u32 {
         self.port
     }
-    /// Stops accepting connections; in-flight requests get `grace_ms` to finish.
+    #[napi(getter)]
+    pub fn replica_id(&self) -> String {
+        self.replica_id.clone()
+    }
+    /// Drains, then stops: `/health` turns 503 `draining` and new generations
+    /// get 503 while the listener stays open; in-flight requests get
+    /// `grace_ms` to finish, then the listener closes.
     #[napi]
     pub async fn close(&self, grace_ms: Option<u32>) {
         if let Some(s) = self.inner.lock().await.take() {

@@ -49,12 +49,28 @@ pub struct ServerOptions {
     /// Empty (the default): no CORS headers, so browsers keep other sites'
     /// pages from driving a local server.
     pub cors_origins: Vec<String>,
+    /// This replica's name in the `x-mlx-serving-replica` header and the
+    /// metrics' `replica` label; `None`: the host name and the bound port.
+    pub replica_id: Option<String>,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        ServerOptions { host: "127.0.0.1".into(), port: 8080, api_key: None, max_concurrent: 64, body_limit_bytes: 4 << 20, cors_origins: Vec::new() }
+        ServerOptions { host: "127.0.0.1".into(), port: 8080, api_key: None, max_concurrent: 64, body_limit_bytes: 4 << 20, cors_origins: Vec::new(), replica_id: None }
     }
+}
+
+/// Longest replica id: it travels in a header and a metric label.
+const MAX_REPLICA_ID: usize = 128;
+
+/// The machine's host name (`HOSTNAME`, else the kernel's), for the default replica id.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// Server settings as a frontend received them (numbers as JavaScript or a
@@ -67,6 +83,7 @@ pub struct ServerSpec {
     pub max_concurrent: Option<f64>,
     pub body_limit_bytes: Option<f64>,
     pub cors_origins: Option<Vec<String>>,
+    pub replica_id: Option<String>,
 }
 
 /// `v` as a whole number in `[min, max]`: napi and `Number()` would let
@@ -93,6 +110,11 @@ impl ServerSpec {
         if self.api_key.as_ref().is_some_and(|k| k.trim().is_empty()) {
             return Err("apiKey must not be empty (leave it out to serve without authentication)".into());
         }
+        if let Some(id) = &self.replica_id {
+            if id.is_empty() || id.len() > MAX_REPLICA_ID || !id.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
+                return Err(format!("replicaId must be 1 to {MAX_REPLICA_ID} visible ASCII characters other than quotes and backslashes, got {id:?}"));
+            }
+        }
         Ok(ServerOptions {
             host: self.host.unwrap_or(d.host),
             port: whole("port", self.port, 0, u16::MAX as u32)?.map_or(d.port, |p| p as u16),
@@ -100,6 +122,7 @@ impl ServerSpec {
             max_concurrent: whole("maxConcurrent", self.max_concurrent, 1, u32::MAX)?.map_or(default_max_concurrent, |m| m as usize),
             body_limit_bytes: whole("bodyLimitBytes", self.body_limit_bytes, 1, u32::MAX)?.map_or(d.body_limit_bytes, |b| b as usize),
             cors_origins,
+            replica_id: self.replica_id,
         })
     }
 }
@@ -114,6 +137,9 @@ struct AppState {
     id_prefix: String,
     /// `created` of /v1/models entries (stable, unlike the time of the call).
     started_unix: u64,
+    /// `x-mlx-serving-replica` on every response (checked as a header value
+    /// and a label when the options were resolved).
+    replica: HeaderValue,
 }
 
 /// A server running on the current tokio runtime.
@@ -130,23 +156,39 @@ impl RunningServer {
         self.state.metrics.snapshot(&stats, stats.n_running)
     }
 
-    /// Stops accepting connections and waits up to `grace` for in-flight
-    /// requests; streams still running then are cut.
+    /// Drains, then stops: `/health` turns 503 `draining` and new
+    /// generations get 503 at once, while the listener stays open (load
+    /// balancers see the change instead of refused connections) until the
+    /// generations in flight end or `grace` passes; then the listener
+    /// closes and streams still running are cut.
     pub async fn stop(mut self, grace: Duration) {
+        let until = tokio::time::Instant::now() + grace;
         self.state.draining.store(true, Ordering::Relaxed);
+        let all = self.state.opts.max_concurrent.max(1);
+        while self.state.permits.available_permits() < all && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        if tokio::time::timeout(grace, &mut self.task).await.is_err() {
+        if tokio::time::timeout_at(until.max(tokio::time::Instant::now() + Duration::from_millis(100)), &mut self.task).await.is_err() {
             self.task.abort();
         }
+    }
+
+    /// This replica's id (`x-mlx-serving-replica`).
+    pub fn replica_id(&self) -> String {
+        self.state.replica.to_str().unwrap_or_default().to_owned()
     }
 }
 
 pub async fn start(engine: Arc<Engine>, opts: ServerOptions) -> std::io::Result<RunningServer> {
     let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port)).await?;
     let addr = listener.local_addr()?;
+    let replica = opts.replica_id.clone().unwrap_or_else(|| format!("{}:{}", host_name(), addr.port()));
+    let replica = HeaderValue::from_str(&replica).map_err(|_| std::io::Error::other(format!("replica id {replica:?} is not a header value")))?;
     let state = Arc::new(AppState {
+        replica,
         permits: Arc::new(Semaphore::new(opts.max_concurrent.max(1))),
         engine,
         metrics: Arc::new(Metrics::default()),
@@ -166,6 +208,7 @@ pub async fn start(engine: Arc<Engine>, opts: ServerOptions) -> std::io::Result<
     let app = Router::new()
         .nest("/v1", v1)
         .route("/health", get(health))
+        .route("/live", get(live))
         .route("/metrics", get(prometheus))
         .route("/dashboard/data", get(dashboard_data))
         .route("/", get(|| async { Html(include_str!("dashboard.html")) }))
@@ -250,6 +293,7 @@ async fn request_id(State(state): State<Arc<AppState>>, req: Request, next: Next
         HeaderValue::from_str(&format!("req-{}{n:x}", state.id_prefix)).expect("hex digits and dashes")
     });
     resp.headers_mut().insert("x-request-id", id);
+    resp.headers_mut().insert("x-mlx-serving-replica", state.replica.clone());
     resp
 }
 
@@ -415,6 +459,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Liveness: the process answers, draining or not (readiness is `/health`).
+async fn live(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({ "status": "alive", "draining": state.draining.load(Ordering::Relaxed) }))
+}
+
+/// Readiness: 200 while a model is loaded and the server takes work.
 async fn health(State(state): State<Arc<AppState>>) -> Response {
     let stats = state.engine.stats();
     if state.draining.load(Ordering::Relaxed) {
@@ -447,6 +497,7 @@ async fn prometheus(State(state): State<Arc<AppState>>) -> Response {
     let model = state.engine.list_models().first().map(|m| m.id.clone()).unwrap_or_default();
     let e = &state.engine;
     let body = state.metrics.render(
+        state.replica.to_str().unwrap_or_default(),
         &stats,
         &e.latency_histograms(),
         &e.feature_flag_counts(),
@@ -485,6 +536,11 @@ async fn generate(state: Arc<AppState>, parsed: Result<Parsed, BadRequest>, api:
             return error_with_param(StatusCode::BAD_REQUEST, "InvalidParams", bad.message, bad.param.as_deref());
         }
     };
+    if state.draining.load(Ordering::Relaxed) {
+        let mut r = error_response(StatusCode::SERVICE_UNAVAILABLE, "Draining", "this replica is draining; send the request to another".into());
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    }
     let model = parsed.reqs[0].model.clone();
     // A canary's name is not a model id: the engine routes it.
     if !state.engine.serves(&model) {

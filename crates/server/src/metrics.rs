@@ -146,6 +146,7 @@ impl Metrics {
     #[allow(clippy::too_many_arguments)]
     pub fn render(
         &self,
+        replica: &str,
         stats: &EngineStats,
         hist: &Histograms,
         flags: &[(String, bool, u64)],
@@ -155,7 +156,8 @@ impl Metrics {
         running: usize,
     ) -> String {
         let m = self.inner.lock().unwrap();
-        let l = format!("model_name=\"{}\"", model.replace(['"', '\\', '\n'], "_"));
+        // Every series carries the replica, so a fleet's metrics add up by label.
+        let l = format!("model_name=\"{}\",replica=\"{replica}\"", model.replace(['"', '\\', '\n'], "_"));
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, series: &[(&str, f64)]| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -243,14 +245,14 @@ mod tests {
         hist.ttft.observe(0.3);
         let flags = [("ttft_pipeline.kv_prefetch".to_string(), true, 3)];
         let qos = QosStatus { enabled: true, event_counts: vec![("slow".into(), "fired".into(), 2)], ..Default::default() };
-        let text = m.render(&stats, &hist, &flags, &qos, None, "default", 0);
-        assert!(text.contains("mlx_serving_qos_events_total{model_name=\"default\",policy=\"slow\",kind=\"fired\"} 2"));
-        assert!(text.contains("mlx_serving_feature_flag_requests_total{model_name=\"default\",feature=\"ttft_pipeline.kv_prefetch\",enabled=\"true\"} 3"));
-        assert!(text.contains("vllm:kv_cache_usage_perc{model_name=\"default\"} 0.25"));
-        assert!(text.contains("mlx_serving_kv_cache_touched_bytes{model_name=\"default\"} 49152"));
-        assert!(text.contains("vllm:generation_tokens_total{model_name=\"default\"} 12"));
-        assert!(text.contains("vllm:time_to_first_token_seconds_bucket{model_name=\"default\",le=\"0.04\"} 1"));
-        assert!(text.contains("vllm:time_to_first_token_seconds_count{model_name=\"default\"} 2"));
+        let text = m.render("r1", &stats, &hist, &flags, &qos, None, "default", 0);
+        assert!(text.contains("mlx_serving_qos_events_total{model_name=\"default\",replica=\"r1\",policy=\"slow\",kind=\"fired\"} 2"));
+        assert!(text.contains("mlx_serving_feature_flag_requests_total{model_name=\"default\",replica=\"r1\",feature=\"ttft_pipeline.kv_prefetch\",enabled=\"true\"} 3"));
+        assert!(text.contains("vllm:kv_cache_usage_perc{model_name=\"default\",replica=\"r1\"} 0.25"));
+        assert!(text.contains("mlx_serving_kv_cache_touched_bytes{model_name=\"default\",replica=\"r1\"} 49152"));
+        assert!(text.contains("vllm:generation_tokens_total{model_name=\"default\",replica=\"r1\"} 12"));
+        assert!(text.contains("vllm:time_to_first_token_seconds_bucket{model_name=\"default\",replica=\"r1\",le=\"0.04\"} 1"));
+        assert!(text.contains("vllm:time_to_first_token_seconds_count{model_name=\"default\",replica=\"r1\"} 2"));
         assert!(text.contains("finished_reason=\"length\"} 1"));
         assert!(text.contains("finished_reason=\"abort\"} 1"));
         let s = m.snapshot(&stats, 0);
