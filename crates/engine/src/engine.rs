@@ -433,3 +433,5 @@ mod tests;
 mod structured_tests;
 #[cfg(test)]
 mod bounds_tests;
+#[cfg(test)]
+mod ending_tests;
