@@ -86,11 +86,44 @@ pub const Q4_0: u8 = 0;
 pub const Q4_1: u8 = 1;
 pub const Q8_0: u8 = 2;
 pub const A8: u8 = 3;
+pub const Q5_0: u8 = 4;
+pub const Q5_1: u8 = 5;
+
+/// Bytes of f16 fields (the scale, then a min or bias) before a block's
+/// quants in a `Vnni16` panel of format `F`.
+const fn head16(f: u8) -> usize {
+    if f == Q4_1 || f == A8 || f == Q5_1 { 4 } else { 2 }
+}
 
 /// Bytes of one block of 16 rows of format `F` in a `Vnni16` panel.
 pub const fn block_bytes16(f: u8) -> usize {
-    let head = if f == Q4_1 || f == A8 { 4 } else { 2 };
-    16 * (head + if f == Q4_0 || f == Q4_1 { QK / 2 } else { QK })
+    16 * (head16(f)
+        + match f {
+            Q4_0 | Q4_1 => QK / 2,
+            Q5_0 | Q5_1 => 4 + QK / 2,
+            _ => QK,
+        })
+}
+
+/// Sets the fifth bit of the Q5 weights in `q` (lane r of `q[u]`: row r's
+/// weights 4u..4u+4) from `qh`, lane r: row r's 32 high bits. Bits
+/// 4u..4u+4 sit in byte u / 2 of the lane: that byte is copied to the
+/// lane's 4 bytes, byte i tests its bit i (or i + 4), and the bytes whose
+/// bit is set gain 16. Three instructions per vector of 64 weights.
+#[inline(always)]
+unsafe fn q5_high_bits(qh: __m512i, q: &mut [__m512i; 8]) {
+    // Within each 128-bit lane: dword k's bytes all take byte 4k + c.
+    let base = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12));
+    let bits = [_mm512_set1_epi32(0x0804_0201), _mm512_set1_epi32(0x8040_2010u32 as i32)];
+    let sixteen = _mm512_set1_epi8(16);
+    for c in 0..4 {
+        let bytes = _mm512_shuffle_epi8(qh, _mm512_add_epi8(base, _mm512_set1_epi8(c as i8)));
+        for h in 0..2 {
+            let u = 2 * c + h;
+            let set = _mm512_test_epi8_mask(bytes, bits[h]);
+            q[u] = _mm512_mask_add_epi8(q[u], set, q[u], sixteen);
+        }
+    }
 }
 
 /// Block `blk` of a panel of format `F`: the 16 rows' `d` and `m`, and
@@ -98,15 +131,18 @@ pub const fn block_bytes16(f: u8) -> usize {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub unsafe fn block16<const F: u8>(blk: *const u8) -> (__m512, __m512, [__m512i; 8]) {
-    let nibbles = F == Q4_0 || F == Q4_1;
-    let head = if F == Q4_1 || F == A8 { 4 } else { 2 };
+    let five = F == Q5_0 || F == Q5_1;
+    let nibbles = F == Q4_0 || F == Q4_1 || five;
     let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
     let m = match F {
         Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
+        Q5_0 => _mm512_mul_ps(d, _mm512_set1_ps(-16.0)),
         Q8_0 => _mm512_mul_ps(d, _mm512_set1_ps(-128.0)),
         _ => _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i)),
     };
-    let qp = blk.add(16 * head);
+    // Q5 blocks: the 16 rows' high bits (one dword per row), then the
+    // nibbles as Q4's.
+    let qp = blk.add(16 * head16(F) + if five { 64 } else { 0 });
     let mut q = [_mm512_setzero_si512(); 8];
     if nibbles {
         // Byte k of a Q4 block holds weights k (low nibble) and k + 16.
@@ -121,11 +157,15 @@ pub unsafe fn block16<const F: u8>(blk: *const u8) -> (__m512, __m512, [__m512i;
             *q = _mm512_loadu_si512(qp.add(64 * j) as *const _);
         }
     }
+    if five {
+        q5_high_bits(_mm512_loadu_si512(blk.add(16 * head16(F)) as *const _), &mut q);
+    }
     (d, m, q)
 }
 
 /// Every format here is, per block, `d * Σ q a + m * Σ a` with unsigned
-/// `q`: Q4_0 (`m = -8 d`), Q4_1 (`m` stored), Q8_0 (stored + 128, so
+/// `q`: Q4_0 (`m = -8 d`), Q4_1 (`m` stored), Q5_0 (`m = -16 d`), Q5_1
+/// (`m` stored), Q8_0 (stored + 128, so
 /// `m = -128 d`), MLX 8-bit (stored + 128 is its own unsigned value; `m`
 /// its bias). Per block and token: the integer sum in 16 lanes, then
 /// `acc = fma(isum, d * da, acc)` and `acc = fma(m, s, acc)`, row by row

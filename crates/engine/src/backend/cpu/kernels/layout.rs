@@ -36,7 +36,7 @@ impl Layout {
 
     /// Whether `qtype`'s blocks can be arranged this way.
     pub fn fits(self, qtype: QType) -> bool {
-        self != Layout::Vnni16 || matches!(qtype, QType::Q4_0 | QType::Q4_1 | QType::Q8_0 | QType::A8 | QType::Q4_K | QType::Q6_K)
+        self != Layout::Vnni16 || matches!(qtype, QType::Q4_0 | QType::Q4_1 | QType::Q5_0 | QType::Q5_1 | QType::Q8_0 | QType::A8 | QType::Q4_K | QType::Q6_K)
     }
 
     /// Rows per panel (rows past the last full panel stay as in the file).
@@ -140,10 +140,12 @@ impl Layout {
 }
 
 /// Bytes of f16 scale fields before a block's quants in `Vnni16`: the
-/// scale, then for Q4_1 and MLX's 8-bit blocks the min (bias).
+/// scale, then for Q4_1, Q5_1 and MLX's 8-bit blocks the min (bias). Q5
+/// blocks' 4 bytes of high bits then come first among the dwords, so they
+/// form one vector of the 16 rows' high bits.
 fn vnni16_head(qtype: QType) -> usize {
     match qtype {
-        QType::Q4_1 | QType::A8 => 4,
+        QType::Q4_1 | QType::Q5_1 | QType::A8 => 4,
         _ => 2,
     }
 }
@@ -155,7 +157,7 @@ mod tests {
     /// Every layout is a permutation of the bytes that `gather` undoes.
     #[test]
     fn gather_undoes_pack() {
-        for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q6_K] {
+        for qtype in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q6_K] {
             for layout in [Layout::Panels8, Layout::Vnni16] {
                 let (rows, rb) = (16 * 2 + 3, qtype.row_bytes(512));
                 let plain: Vec<u8> = (0..rows * rb).map(|i| (i * 7 + i / 13) as u8).collect();

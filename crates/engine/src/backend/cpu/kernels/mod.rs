@@ -422,6 +422,8 @@ fn panel_fn(isa: Isa, qtype: QType, layout: Layout) -> Option<PanelFn> {
         (Isa::Avx2 | Isa::Avx512Vnni, Layout::Panels8, QType::A8) => return Some(|w, a, o, _| tile!(x86::q8x8_avx2 [true], w, a, o)),
         (Isa::Avx512Vnni, Layout::Vnni16, QType::Q4_0) => return Some(|w, a, o, s| tile!(avx512::vnni16 [{ avx512::Q4_0 }], w, a, o, s)),
         (Isa::Avx512Vnni, Layout::Vnni16, QType::Q4_1) => return Some(|w, a, o, s| tile!(avx512::vnni16 [{ avx512::Q4_1 }], w, a, o, s)),
+        (Isa::Avx512Vnni, Layout::Vnni16, QType::Q5_0) => return Some(|w, a, o, s| tile!(avx512::vnni16 [{ avx512::Q5_0 }], w, a, o, s)),
+        (Isa::Avx512Vnni, Layout::Vnni16, QType::Q5_1) => return Some(|w, a, o, s| tile!(avx512::vnni16 [{ avx512::Q5_1 }], w, a, o, s)),
         (Isa::Avx512Vnni, Layout::Vnni16, QType::Q8_0) => return Some(|w, a, o, s| tile!(avx512::vnni16 [{ avx512::Q8_0 }], w, a, o, s)),
         (Isa::Avx512Vnni, Layout::Vnni16, QType::A8) => return Some(|w, a, o, s| tile!(avx512::vnni16 [{ avx512::A8 }], w, a, o, s)),
         (Isa::Avx512Vnni, Layout::Vnni16, QType::Q4_K) => return Some(|w, a, o, s| tile!(avx512::q4k_vnni16 [], w, a, o, s)),
@@ -528,12 +530,12 @@ mod tests {
     use crate::formats::quant::quantize_row;
     use crate::formats::quant::tests::rand_vec;
 
-    /// Random weights: quantized rows, or random K-quant blocks (those are
+    /// Random weights: quantized rows, or random K-quant and Q5 blocks (those are
     /// read from files, never written).
     fn matrix(qtype: QType, rows: usize, cols: usize, seed: u64) -> QMatrix {
         use crate::formats::quant::tests::random_k_row;
         let data = match qtype {
-            QType::Q4_K | QType::Q5_K | QType::Q6_K => (0..rows).flat_map(|r| random_k_row(qtype, cols / qtype.block_size(), seed + r as u64)).collect(),
+            QType::Q4_K | QType::Q5_K | QType::Q6_K | QType::Q5_0 | QType::Q5_1 => (0..rows).flat_map(|r| random_k_row(qtype, cols / qtype.block_size(), seed + r as u64)).collect(),
             _ => rand_vec(rows * cols, seed).chunks(cols).flat_map(|r| quantize_row(qtype, r)).collect(),
         };
         QMatrix::new(qtype, rows, cols, Bytes::Owned(data))
@@ -577,7 +579,7 @@ mod tests {
     /// batch, on every path.
     #[test]
     fn a_tokens_result_does_not_depend_on_its_batch() {
-        for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q6_K] {
+        for qtype in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q6_K] {
             // 37 tokens: two groups of 16 on AMX tiles where granted, 5 on vectors.
             let (rows, cols, n) = (70, 256, 37);
             let x = rand_vec(n * cols, 5);
