@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
+import { NativeEngine, readBandwidth } from '../index.js';
 import { createEngine, defaultModelPath, EngineClientError, type Engine, type GeneratorParams } from '../lib/index';
 
 const MODEL = 'default';
@@ -52,6 +53,22 @@ describe('bad input', () => {
   after(async () => {
     await engine.shutdown();
     rmSync(dir, { recursive: true, force: true });
+  });
+
+  test('the addon itself throws and rejects with the stable code in error.code', async () => {
+    // What the TypeScript layer builds on, and what a caller of the addon sees.
+    const native = new NativeEngine();
+    const coded = (code: string, mention: string) => (e: unknown) => {
+      assert.ok(e instanceof Error, `expected an Error, got ${e}`);
+      assert.equal((e as { code?: string }).code, code, e.message);
+      assert.ok(e.message.includes(mention) && !e.message.startsWith(`${code}:`), e.message);
+      return true;
+    };
+    assert.throws(() => native.detokenize('nope', [1]), coded('ModelNotLoaded', 'nope'));
+    await assert.rejects(native.tokenize('nope', 'hello', null), coded('ModelNotLoaded', 'nope'));
+    await assert.rejects(native.loadModel(path.join(dir, 'missing.gguf'), null, null, null), coded('ModelLoadError', 'missing.gguf'));
+    await assert.rejects(readBandwidth(0), coded('InvalidParams', 'mib'));
+    await native.shutdown();
   });
 
   test('model files that cannot load give ModelLoadError naming the file and the reason', async () => {

@@ -23,17 +23,19 @@ export class EngineClientError extends Error {
   }
 }
 
-/** Native errors carry their code as a message prefix (`Code: message`). */
+/**
+ * Errors from the addon carry the engine's stable code in `error.code`;
+ * napi's own argument conversion errors carry napi's (`InvalidArg`,
+ * `NumberExpected`, `StringExpected`, ...), which are the caller's input
+ * problem. Anything else is ours.
+ */
 export function fromNative(err: unknown): EngineClientError {
   if (err instanceof EngineClientError) return err;
   const message = err instanceof Error ? err.message : String(err);
-  const m = /^([A-Za-z]+): ([\s\S]*)$/.exec(message);
-  if (m && (ERROR_CODES as readonly string[]).includes(m[1])) {
-    return new EngineClientError(m[1] as ErrorCode, m[2]);
-  }
-  // napi's own argument conversion errors (`InvalidArg`, `NumberExpected`,
-  // `StringExpected`, ...) are the caller's input problem.
   const code = err instanceof Error ? (err as { code?: unknown }).code : undefined;
+  if (typeof code === 'string' && (ERROR_CODES as readonly string[]).includes(code)) {
+    return new EngineClientError(code as ErrorCode, message);
+  }
   if (typeof code === 'string' && (code === 'InvalidArg' || code.endsWith('Expected'))) {
     return new EngineClientError('InvalidParams', message);
   }

@@ -7,11 +7,10 @@ use mlx_serving_engine::control::canary::{ArmStats, CanaryConfig, Triggers};
 use mlx_serving_engine::engine::ControlEvent;
 use mlx_serving_engine::EngineError;
 use mlx_serving_engine::control::flags::FlagStore;
-use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
 use crate::engine::NativeEngine;
-use crate::{invalid, js_error, ms_option};
+use crate::{invalid, js_error, ms_option, Result};
 
 #[napi(object)]
 pub struct NativeQosStatus {
@@ -142,7 +141,7 @@ pub struct NativeCanaryStatus {
 }
 
 impl TryFrom<NativeCanaryOptions> for CanaryConfig {
-    type Error = napi::Error;
+    type Error = napi::Error<crate::Code>;
     fn try_from(o: NativeCanaryOptions) -> Result<Self> {
         let d = CanaryConfig::default();
         let t = o.triggers.unwrap_or(NativeCanaryTriggers {

@@ -6,10 +6,9 @@ use std::sync::Arc;
 use mlx_serving_engine::control::config::ConfigSource;
 use mlx_serving_engine::engine::EngineOptions;
 use mlx_serving_engine::Engine;
-use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
-use crate::{blocking, js_error};
+use crate::{blocking, js_error, Coded, Result};
 
 #[napi]
 pub struct NativeEngine {
@@ -141,12 +140,12 @@ impl NativeEngine {
 
     /// Stops every model; running requests end with `Cancelled`.
     #[napi]
-    pub async fn shutdown(&self) -> Result<()> {
+    pub async fn shutdown(&self) -> Coded<()> {
         let e = self.inner.clone();
-        blocking(move || {
+        Coded::of(blocking(move || {
             e.shutdown();
             Ok(())
-        })
+        }))
         .await
     }
 }

@@ -4,13 +4,12 @@
 use mlx_serving_engine::text::chat::ChatMessage;
 use mlx_serving_engine::engine::{Canceller, Event, RequestHandle, Stats};
 use mlx_serving_engine::request::{Field, InvalidParam, Number, PromptSpec, RequestDefaults, RequestSpec};
-use napi::bindgen_prelude::*;
 use napi::tokio;
 use napi_derive::napi;
 
 use crate::engine::NativeEngine;
 use crate::models::NativeMessage;
-use crate::{blocking, js_error};
+use crate::{blocking, js_error, Coded};
 
 /// Generation parameters as JavaScript sends them. Every number stays an
 /// f64 so that the engine's checks (`RequestSpec::resolve`) see what was
@@ -238,16 +237,19 @@ impl NativeEngine {
     /// Validates, templates and tokenizes (off the JS thread), then queues
     /// the request.
     #[napi]
-    pub async fn generate(&self, params: NativeGenerateParams) -> Result<NativeStream> {
-        let req = RequestSpec::try_from(params).and_then(|s| s.resolve(&RequestDefaults::default())).map_err(|e| js_error(e.into()))?;
-        let e = self.inner.clone();
-        let handle = blocking(move || e.submit(req)).await?;
-        Ok(NativeStream {
-            canceller: handle.canceller(),
-            request_id: handle.id as f64,
-            handle: tokio::sync::Mutex::new(handle),
-            batch_size: self.inner.config().streaming.batch_size,
+    pub async fn generate(&self, params: NativeGenerateParams) -> Coded<NativeStream> {
+        Coded::of(async {
+            let req = RequestSpec::try_from(params).and_then(|s| s.resolve(&RequestDefaults::default())).map_err(|e| js_error(e.into()))?;
+            let e = self.inner.clone();
+            let handle = blocking(move || e.submit(req)).await?;
+            Ok(NativeStream {
+                canceller: handle.canceller(),
+                request_id: handle.id as f64,
+                handle: tokio::sync::Mutex::new(handle),
+                batch_size: self.inner.config().streaming.batch_size,
+            })
         })
+        .await
     }
 
     /// Cancels the requests with this id still being templated or

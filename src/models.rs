@@ -3,11 +3,10 @@
 use mlx_serving_engine::backend::BackendKind;
 use mlx_serving_engine::text::chat::ChatMessage;
 use mlx_serving_engine::engine::{ModelInfo, ModelOptions};
-use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
 use crate::engine::NativeEngine;
-use crate::{blocking, js_error, ms_option};
+use crate::{blocking, js_error, ms_option, Coded, Result};
 
 #[napi(object)]
 pub struct NativeModelInfo {
@@ -91,26 +90,29 @@ impl NativeEngine {
     /// Loads a GGUF file or MLX folder (off the JS thread) on `backend`
     /// (`cpu`, `mlx` or `auto`; `cpu` when absent).
     #[napi]
-    pub async fn load_model(&self, path: String, id: Option<String>, request_timeout_ms: Option<f64>, backend: Option<String>) -> Result<NativeLoaded> {
-        let backend = backend.as_deref().map(BackendKind::parse).transpose().map_err(js_error)?.unwrap_or_default();
-        let options = ModelOptions { request_timeout_ms: ms_option("requestTimeoutMs", request_timeout_ms)?, backend };
-        let e = self.inner.clone();
-        let loaded = blocking(move || e.load(&path, id, options)).await?;
-        Ok(NativeLoaded { model: loaded.info.into(), evicted: loaded.evicted })
+    pub async fn load_model(&self, path: String, id: Option<String>, request_timeout_ms: Option<f64>, backend: Option<String>) -> Coded<NativeLoaded> {
+        Coded::of(async {
+            let backend = backend.as_deref().map(BackendKind::parse).transpose().map_err(js_error)?.unwrap_or_default();
+            let options = ModelOptions { request_timeout_ms: ms_option("requestTimeoutMs", request_timeout_ms)?, backend };
+            let e = self.inner.clone();
+            let loaded = blocking(move || e.load(&path, id, options)).await?;
+            Ok(NativeLoaded { model: loaded.info.into(), evicted: loaded.evicted })
+        })
+        .await
     }
 
     /// Loads a draft model for speculative decoding of `primary`'s requests.
     #[napi]
-    pub async fn load_draft_model(&self, primary: String, path: String, id: Option<String>) -> Result<NativeModelInfo> {
+    pub async fn load_draft_model(&self, primary: String, path: String, id: Option<String>) -> Coded<NativeModelInfo> {
         let e = self.inner.clone();
-        blocking(move || e.load_draft_model(&primary, &path, id)).await.map(Into::into)
+        Coded::of(async { blocking(move || e.load_draft_model(&primary, &path, id)).await.map(Into::into) }).await
     }
 
     /// Detaches the draft of `model` (a primary or draft id), or every draft.
     #[napi]
-    pub async fn unload_draft_model(&self, model: Option<String>) -> Result<Vec<String>> {
+    pub async fn unload_draft_model(&self, model: Option<String>) -> Coded<Vec<String>> {
         let e = self.inner.clone();
-        blocking(move || e.unload_draft_model(model.as_deref())).await
+        Coded::of(blocking(move || e.unload_draft_model(model.as_deref()))).await
     }
 
     #[napi]
@@ -126,9 +128,9 @@ impl NativeEngine {
     }
 
     #[napi]
-    pub async fn unload_model(&self, id: String) -> Result<()> {
+    pub async fn unload_model(&self, id: String) -> Coded<()> {
         let e = self.inner.clone();
-        blocking(move || e.unload_model(&id)).await
+        Coded::of(blocking(move || e.unload_model(&id))).await
     }
 
     #[napi]
@@ -142,9 +144,9 @@ impl NativeEngine {
     }
 
     #[napi]
-    pub async fn tokenize(&self, model: String, text: String, add_bos: Option<bool>) -> Result<Vec<u32>> {
+    pub async fn tokenize(&self, model: String, text: String, add_bos: Option<bool>) -> Coded<Vec<u32>> {
         let e = self.inner.clone();
-        blocking(move || e.tokenize(&model, &text, add_bos)).await
+        Coded::of(blocking(move || e.tokenize(&model, &text, add_bos))).await
     }
 
     #[napi]

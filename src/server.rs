@@ -1,17 +1,22 @@
 //! The OpenAI-compatible HTTP server, started from JavaScript.
 
 use mlx_serving_engine::EngineError;
-use napi::bindgen_prelude::*;
 use napi::tokio;
 use napi_derive::napi;
 
 use crate::engine::NativeEngine;
-use crate::{invalid, js_error};
+use crate::{invalid, js_error, Coded, Result};
 
 #[napi]
 impl NativeEngine {
     #[napi]
-    pub async fn start_server(&self, opts: NativeServerOptions) -> Result<NativeServer> {
+    pub async fn start_server(&self, opts: NativeServerOptions) -> Coded<NativeServer> {
+        Coded::of(self.start(opts)).await
+    }
+}
+
+impl NativeEngine {
+    async fn start(&self, opts: NativeServerOptions) -> Result<NativeServer> {
         let spec = mlx_serving_server::ServerSpec {
             host: opts.host,
             port: opts.port,
