@@ -12,6 +12,7 @@ import * as path from 'node:path';
 import type { NativeEngine as NativeEngineT, NativeStream } from '../index.js';
 
 import { call, callSync, EngineClientError, fromNative, type ErrorCode } from './errors';
+import { featureFlagsFile, toDecision } from './flags';
 import { cacheDir, PULLABLE } from './pull';
 import { fromChunk, pairModel, toControlEvent, toHandle } from './native';
 import { abortError, refuseUnknownKeys, toNativeParams, tokenIds, whole } from './params';
@@ -51,6 +52,7 @@ const native: typeof import('../index.js') = require('../index.js');
 export const DEFAULT_MODEL_FILE = PULLABLE.default.file;
 
 export { cacheDir, pullModel } from './pull';
+export { defaultFeatureFlagsPath, evaluateFeature, featureFlagsFile, isFeatureEnabled } from './flags';
 
 /**
  * Where `'default'` resolves: `MLX_SERVING_DEFAULT_MODEL`, else the package's `models/` (a
@@ -71,40 +73,6 @@ export async function convertModel(gguf: string, outDir: string): Promise<Conver
 }
 
 /** The package's own `config/feature-flags.yaml`. */
-export function defaultFeatureFlagsPath(): string {
-  return path.join(__dirname, '..', 'config', 'feature-flags.yaml');
-}
-
-/** The flags file used when none is named: `FEATURE_FLAGS_PATH`, else the package's own. */
-export function featureFlagsFile(): string {
-  return process.env.FEATURE_FLAGS_PATH || defaultFeatureFlagsPath();
-}
-
-function toDecision(d: { enabled: boolean; reason: string; bucket?: number | null }): FeatureDecision {
-  return { enabled: d.enabled, reason: d.reason as FeatureDecision['reason'], bucket: d.bucket ?? undefined };
-}
-
-/**
- * Why a Phase 5 feature (`phase5`, `ttft_pipeline`, `ttft_pipeline.kv_prefetch`, ...) is on or
- * off for a request id, under `featureFlagsFile()` with the `PHASE5_*` environment overrides:
- * the decision an engine with that file makes, for services that never create one. The file is
- * re-read when it changes; a bad edit is reported once as a process warning and the flags in
- * force stay.
- */
-export function evaluateFeature(name: string, requestId: string): FeatureDecision {
-  const file = featureFlagsFile();
-  const d = callSync(() => native.evaluateFeatureInFile(file, name, requestId));
-  if (d.reloadError) {
-    process.emitWarning(`${d.reloadError} (the flags in force stay)`, { code: 'MLX_SERVING_FLAGS' });
-  }
-  return toDecision(d);
-}
-
-/** Whether a Phase 5 feature is on for a request id (see `evaluateFeature`). */
-export function isFeatureEnabled(name: string, requestId: string): boolean {
-  return evaluateFeature(name, requestId).enabled;
-}
-
 /** The package's own `config/runtime.yaml`. */
 export function defaultConfigPath(): string {
   return path.join(__dirname, '..', 'config', 'runtime.yaml');
