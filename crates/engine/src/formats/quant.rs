@@ -388,10 +388,25 @@ pub struct ActRow<'a> {
 }
 
 /// Scalar reference: dot product of one quantized weight row with one
-/// quantized activation row.
+/// quantized activation row, in the order every kernel path follows so
+/// that all give the same bits (a greedy reply must not depend on the
+/// host's instruction set): per block (per K-quant sub-block) the exact
+/// integer sum of weights times activation bytes, then
+/// `acc = fma(isum, w_scale * a_scale, acc)`, then for formats with an
+/// offset `acc = fma(w_offset, a_sum, acc)`. Q4 and Q5 weights enter the
+/// integer sum unsigned (their centre goes into the offset: `-8 d`,
+/// `-16 d`), Q8_0, MLX 8-bit and Q6_K ones signed.
 pub fn dot_scalar(qtype: QType, w: &[u8], a: ActRow) -> f32 {
     let nb = a.d.len();
     let mut acc = 0.0f32;
+    // One block's (or sub-block's) terms.
+    let mut step = |isum: i32, scale: f32, da: f32, offset: Option<(f32, f32)>| {
+        acc = (isum as f32).mul_add(scale * da, acc);
+        if let Some((m, s)) = offset {
+            acc = m.mul_add(s, acc);
+        }
+    };
+    let sum32 = |b: usize| a.sum16[2 * b] + a.sum16[2 * b + 1];
     match qtype {
         QType::Q4_0 | QType::Q4_1 => {
             let bb = qtype.block_bytes();
@@ -405,16 +420,20 @@ pub fn dot_scalar(qtype: QType, w: &[u8], a: ActRow) -> f32 {
                     isum += (q & 0x0F) as i32 * qa[j] as i32 + (q >> 4) as i32 * qa[j + QK / 2] as i32;
                 }
                 let d = f16_at(blk, 0);
-                acc += d * a.d[b] * isum as f32;
-                acc += if qtype == QType::Q4_1 { f16_at(blk, 2) * a.s[b] } else { -8.0 * d * a.s[b] };
+                let m = if qtype == QType::Q4_1 { f16_at(blk, 2) } else { d * -8.0 };
+                step(isum, d, a.d[b], Some((m, a.s[b])));
             }
         }
-        QType::Q8_0 => {
+        QType::Q8_0 | QType::A8 => {
+            let (bb, head) = if qtype == QType::A8 { (36, 4) } else { (34, 2) };
             for b in 0..nb {
-                let blk = &w[b * 34..(b + 1) * 34];
+                let blk = &w[b * bb..(b + 1) * bb];
                 let qa = &a.qs[b * QK..(b + 1) * QK];
-                let isum: i32 = (0..QK).map(|j| blk[2 + j] as i8 as i32 * qa[j] as i32).sum();
-                acc += f16_at(blk, 0) * a.d[b] * isum as f32;
+                let isum: i32 = (0..QK).map(|j| blk[head + j] as i8 as i32 * qa[j] as i32).sum();
+                let d = f16_at(blk, 0);
+                // MLX's unsigned q is stored q - 128: its bias gains 128 d.
+                let offset = (qtype == QType::A8).then(|| (d.mul_add(128.0, f16_at(blk, 2)), a.s[b]));
+                step(isum, d, a.d[b], offset);
             }
         }
         QType::Q5_0 | QType::Q5_1 => {
@@ -422,7 +441,9 @@ pub fn dot_scalar(qtype: QType, w: &[u8], a: ActRow) -> f32 {
             for (b, blk) in w.chunks_exact(qtype.block_bytes()).enumerate() {
                 let (d, m) = q5_unpack(qtype, blk, &mut q);
                 let isum: i32 = q.iter().zip(&a.qs[b * QK..(b + 1) * QK]).map(|(&x, &y)| x as i32 * y as i32).sum();
-                acc += d * a.d[b] * isum as f32 + m * a.s[b];
+                // Q5_0's values unsigned (q + 16), its centre in the offset.
+                let (isum, m) = if qtype == QType::Q5_0 { (isum + 16 * sum32(b), d * -16.0) } else { (isum, m) };
+                step(isum, d, a.d[b], Some((m, a.s[b])));
             }
         }
         QType::Q4_K | QType::Q5_K | QType::Q6_K => {
@@ -436,21 +457,10 @@ pub fn dot_scalar(qtype: QType, w: &[u8], a: ActRow) -> f32 {
                     for (h, part) in (j * QK..(j + 1) * QK).step_by(k.sub.min(QK)).enumerate() {
                         let n = k.sub.min(QK);
                         let isum: i32 = (0..n).map(|l| k.q[part + l] as i32 * qa[h * n + l] as i32).sum();
-                        acc += k.scale[part / k.sub] * a.d[b] * isum as f32;
-                        if n == QK {
-                            acc -= k.min[part / k.sub] * a.s[b];
-                        }
+                        let offset = (n == QK).then(|| (-k.min[part / k.sub], a.s[b]));
+                        step(isum, k.scale[part / k.sub], a.d[b], offset);
                     }
                 }
-            }
-        }
-        QType::A8 => {
-            for b in 0..nb {
-                let blk = &w[b * 36..(b + 1) * 36];
-                let qa = &a.qs[b * QK..(b + 1) * QK];
-                let isum: i32 = (0..QK).map(|j| blk[4 + j] as i8 as i32 * qa[j] as i32).sum();
-                let d = f16_at(blk, 0);
-                acc += d * a.d[b] * isum as f32 + (f16_at(blk, 2) + 128.0 * d) * a.s[b];
             }
         }
         QType::F32 | QType::F16 | QType::BF16 => unreachable!("float weights use the f32 path"),

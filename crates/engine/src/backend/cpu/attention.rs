@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use crate::backend::AttnParams;
 use crate::backend::cpu::kernels::{f16_to_f32, Isa};
 use crate::engine::kv::{BlockId, KvStore};
-use crate::models::{ops, BatchToken};
+use crate::models::BatchToken;
 
 /// Tokens per tile. Each widened key is used `TILE_TOKENS * group` times;
 /// the tile's scores (rows x context) must stay small enough for L2.
@@ -247,9 +247,16 @@ impl Path {
     fn softmax_to_f16(self, x: &mut [f32], scale: f32) {
         match self {
             Path::Scalar => {
-                x.iter_mut().for_each(|v| *v *= scale);
-                ops::softmax(x);
-                self.round_to_f16(x);
+                // `x86::softmax_to_f16`'s operations in its order: sums in 8
+                // lanes (element i in lane i % 8), then the lanes in order.
+                let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut lanes = [0.0f32; 8];
+                for (i, v) in x.iter_mut().enumerate() {
+                    *v = exp((*v - max) * scale);
+                    lanes[i % 8] += *v;
+                }
+                let inv = 1.0 / lanes.iter().sum::<f32>();
+                x.iter_mut().for_each(|v| *v = f16::from_f32(*v * inv).to_f32());
             }
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
@@ -291,7 +298,7 @@ fn scores_scalar(q: &[f32], hd: usize, keys: &[f32], s: &mut [f32], stride: usiz
             let panel = &keys[(k / KEYS) * hd * KEYS..];
             let mut acc = 0.0f32;
             for (d, &qv) in qr.iter().enumerate() {
-                acc += qv * panel[d * KEYS + k % KEYS];
+                acc = qv.mul_add(panel[d * KEYS + k % KEYS], acc);
             }
             s[r * stride + k] = acc;
         }
@@ -304,9 +311,28 @@ fn weighted_values_scalar(w: &[f32], stride: usize, ends: &[usize], v: &[f32], h
         or.fill(0.0);
         for k in 0..end {
             let wk = w[r * stride + k];
-            or.iter_mut().zip(&v[k * hd..(k + 1) * hd]).for_each(|(a, &x)| *a += wk * x);
+            or.iter_mut().zip(&v[k * hd..(k + 1) * hd]).for_each(|(a, &x)| *a = wk.mul_add(x, *a));
         }
     }
+}
+
+/// `e^x` to about one ulp for x in [-87, 88]; below that, 0 (a NaN gives
+/// e^-87). e^x = 2^n e^r with n = round(x / ln 2) and |r| <= ln 2 / 2,
+/// where a degree-6 Taylor polynomial errs by under r^7 / 7! = 1.3e-7.
+/// `x86::exp8` is the same operations in vector lanes: the paths agree bit
+/// for bit (libm's `exp` would not).
+fn exp(x: f32) -> f32 {
+    let underflow = x < -87.0;
+    let x = x.max(-87.0).min(88.0);
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    // ln 2 in two parts (Cody and Waite), so n * ln2_hi is exact.
+    let r = (-n).mul_add(0.693_359_4, x);
+    let r = (-n).mul_add(-2.121_944_4e-4, r);
+    let mut p = 1.0f32 / 720.0;
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p.mul_add(r, c);
+    }
+    if underflow { 0.0 } else { p * f32::from_bits(((n as i32 + 127) << 23) as u32) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -336,9 +362,7 @@ mod x86 {
         tail.copy_from_slice(&buf[..n]);
     }
 
-    /// `e^x` to about one ulp for x in [-87, 88]; below that, 0.
-    /// e^x = 2^n e^r with n = round(x / ln 2) and |r| <= ln 2 / 2, where a
-    /// degree-6 Taylor polynomial errs by under r^7 / 7! = 1.3e-7.
+    /// `super::exp` in 8 lanes.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     pub(super) unsafe fn exp8(x: __m256) -> __m256 {

@@ -5,6 +5,13 @@ fn paths() -> Vec<Path> {
     Isa::available().into_iter().map(|i| Path::for_isa(i, 64)).collect()
 }
 
+/// The same bits: every path keeps the scalar code's order of operations.
+fn same(a: &[f32], b: &[f32]) {
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(x.to_bits() == y.to_bits(), "element {i}: {x} vs {y}");
+    }
+}
+
 fn close(a: &[f32], b: &[f32], tol: f32) {
     let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -35,9 +42,9 @@ fn every_kernel_path_matches_the_plain_code() {
                 path.scores(&q, hd, &keys, &mut s, stride, &ends);
                 path.weighted_values(&w, stride, &ends, &v, hd, &mut o);
                 for (r, &e) in ends.iter().enumerate() {
-                    close(&s[r * stride..r * stride + e], &s0[r * stride..r * stride + e], 1e-5);
+                    same(&s[r * stride..r * stride + e], &s0[r * stride..r * stride + e]);
                 }
-                close(&o, &o0, 1e-5);
+                same(&o, &o0);
             }
         }
     }
@@ -53,15 +60,14 @@ fn softmax_paths_agree() {
         for path in paths() {
             let mut got = x.clone();
             path.softmax_to_f16(&mut got, 0.7);
-            // One f16 rounding step apart at most.
-            close(&got, &want, 1e-3);
+            same(&got, &want);
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn the_vector_exp_is_within_two_ulp() {
+fn the_exp_is_within_two_ulp_and_alike_on_both_paths() {
     use std::arch::x86_64::*;
     if !Isa::available().contains(&Isa::Avx2) {
         return;
@@ -74,6 +80,7 @@ fn the_vector_exp_is_within_two_ulp() {
             _mm256_storeu_ps(out.as_mut_ptr(), x86::exp8(_mm256_set1_ps(x)));
             out[0]
         };
+        assert_eq!(got.to_bits(), exp(x).to_bits(), "e^{x}: the vector and scalar paths");
         let want = x.exp();
         if x < -87.0 {
             assert_eq!(got, 0.0, "e^{x}");
@@ -106,7 +113,7 @@ fn reference(a: &AttnParams, q: &[f32], batch: &[BatchToken], kv: &KvStore, tabl
                     a.softcap.map_or(s, |c| c * (s / c).tanh())
                 })
                 .collect();
-            ops::softmax(&mut w);
+            crate::models::ops::softmax(&mut w);
             let o = &mut out[(t * a.n_heads + h) * hd..][..hd];
             for (p, wp) in (first..=bt.pos).zip(&w) {
                 o.iter_mut().zip(read(bt.seq, p, h / group, true)).for_each(|(o, v)| *o += round(*wp) * v);
@@ -158,10 +165,13 @@ fn tiled_attention_matches_the_reference_with_blocks_of(bs: usize) {
     for (window, softcap) in [(None, None), (Some(7), None), (None, Some(3.0))] {
         let a = AttnParams { layer: 0, n_heads, n_kv_heads: n_kv, head_dim: hd, scale: 0.3, softcap, window };
         let want = reference(&a, &q, &batch, &kv, &tables);
+        let mut scalar = vec![f32::NAN; q.len()];
+        attend_with(Isa::Scalar, &a, &q, &batch, &kv, &tables, &mut scalar);
+        close(&scalar, &want, 2e-3);
         for isa in Isa::available() {
             let mut out = vec![f32::NAN; q.len()];
             attend_with(isa, &a, &q, &batch, &kv, &tables, &mut out);
-            close(&out, &want, 2e-3);
+            same(&out, &scalar);
         }
     }
 }

@@ -65,12 +65,18 @@ pub fn supports(qtype: QType) -> bool {
 /// One panel of 16 rows decoded for the tiles.
 #[derive(Default)]
 pub struct Panel {
+    /// Values per sub-block: 32, or 16 for Q6_K.
+    sub: usize,
     /// Per sub-block, its B tile: `sub / 4` rows of 64 bytes.
     q: Vec<u8>,
+    /// What the integer sums gain per unit of the activations' sum over
+    /// the sub-block: the stored weights' excess over their signed value
+    /// (Q8_0 and MLX 8-bit + 128, Q6_K + 32), negated; 0 for the rest.
+    offset: i32,
     /// Per sub-block, the 16 rows' factor on the integer sum.
     scale: Vec<[f32; 16]>,
     /// Per sub-block, the 16 rows' factor on the activations' block sum
-    /// (`s`); empty for Q6_K, whose offset is integer (see `q6k_sub16`).
+    /// (`s`); empty for formats without one (Q8_0, Q6_K).
     min: Vec<[f32; 16]>,
 }
 
@@ -80,6 +86,11 @@ pub unsafe fn decode(qtype: QType, w: &[u8], p: &mut Panel) {
     p.q.clear();
     p.scale.clear();
     p.min.clear();
+    (p.sub, p.offset) = match qtype {
+        QType::Q6_K => (16, -32),
+        QType::Q8_0 | QType::A8 => (QK, -128),
+        _ => (QK, 0),
+    };
     let store = |p: &mut Panel, scale: __m512, min: Option<__m512>, q: &[__m512i]| {
         for v in q {
             let mut b = [0u8; 64];
@@ -98,7 +109,7 @@ pub unsafe fn decode(qtype: QType, w: &[u8], p: &mut Panel) {
     unsafe fn generic<const F: u8>(w: &[u8], p: &mut Panel, store: impl Fn(&mut Panel, __m512, Option<__m512>, &[__m512i])) {
         for blk in w.chunks_exact(avx512::block_bytes16(F)) {
             let (d, m, q) = avx512::block16::<F>(blk.as_ptr());
-            store(p, d, Some(m), &q);
+            store(p, d, (F != Q8_0).then_some(m), &q);
         }
     }
     match qtype {
@@ -150,10 +161,10 @@ struct Sums([[i32; 16]; TOKENS]);
 
 /// Calls `out(t0, res)` for every group of 16 tokens in `acts`, with
 /// `res[t][r]` row r of the decoded panel `p` times token `t0 + t`. The
-/// sub-block size (32, or 16 for Q6_K, which has no `min`) sets the tiles.
+/// sub-block size (32, or 16 for Q6_K) sets the tiles.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub unsafe fn multiply(p: &Panel, acts: &Acts, mut out: impl FnMut(usize, &[[f32; 16]; TOKENS])) {
-    let sub = if p.min.is_empty() { 16 } else { QK };
+    let sub = p.sub;
     let cfg = TileConfig::new(sub);
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
     for t0 in (0..acts.tiles.len() / acts.xq.n_cols).step_by(TOKENS) {
@@ -243,18 +254,21 @@ unsafe fn tokens<const SUB: usize>(p: &Panel, acts: &Acts, t0: usize) -> [[f32; 
         ($j:expr, $c:expr) => {{
             let (j, c): (usize, &Sums) = ($j, $c);
             let scale = _mm512_loadu_ps(p.scale.get_unchecked(j).as_ptr());
-            let min = if SUB == QK { _mm512_loadu_ps(p.min.get_unchecked(j).as_ptr()) } else { scale };
+            let has_min = !p.min.is_empty();
+            let min = if has_min { _mm512_loadu_ps(p.min.get_unchecked(j).as_ptr()) } else { scale };
             macro_rules! one {
                 ($t:literal) => {{
                     let row = t0 + $t;
                     let mut isum = _mm512_loadu_si512(c.0[$t].as_ptr() as *const _);
-                    if SUB == 16 {
-                        // Q6_K's + 32, taken off as `q6k_vnni16` does.
-                        isum = _mm512_add_epi32(isum, _mm512_set1_epi32(-32 * *xq.sum16.get_unchecked(row * n16 + j)));
+                    if p.offset != 0 {
+                        // The stored weights' excess, taken off as the vector kernels do.
+                        let v = row * n16 + j * SUB / 16;
+                        let sum = if SUB == 16 { *xq.sum16.get_unchecked(v) } else { *xq.sum16.get_unchecked(v) + *xq.sum16.get_unchecked(v + 1) };
+                        isum = _mm512_add_epi32(isum, _mm512_set1_epi32(p.offset * sum));
                     }
                     let da = *xq.d.get_unchecked(row * nb + j * SUB / QK);
                     acc[$t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(scale, _mm512_set1_ps(da)), acc[$t]);
-                    if SUB == QK {
+                    if has_min {
                         acc[$t] = _mm512_fmadd_ps(min, _mm512_set1_ps(*xq.s.get_unchecked(row * nb + j)), acc[$t]);
                     }
                 }};

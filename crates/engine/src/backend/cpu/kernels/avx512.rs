@@ -89,6 +89,17 @@ pub const A8: u8 = 3;
 pub const Q5_0: u8 = 4;
 pub const Q5_1: u8 = 5;
 
+/// Whether format `F`'s weights are signed 8-bit, stored + 128.
+pub const fn signed8(f: u8) -> bool {
+    f == Q8_0 || f == A8
+}
+
+/// The sum of activation block `b`'s 32 bytes.
+#[inline(always)]
+pub unsafe fn sum32(a: &ActRow, b: usize) -> i32 {
+    *a.sum16.get_unchecked(2 * b) + *a.sum16.get_unchecked(2 * b + 1)
+}
+
 /// Bytes of f16 fields (the scale, then a min or bias) before a block's
 /// quants in a `Vnni16` panel of format `F`.
 const fn head16(f: u8) -> usize {
@@ -137,7 +148,9 @@ pub unsafe fn block16<const F: u8>(blk: *const u8) -> (__m512, __m512, [__m512i;
     let m = match F {
         Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
         Q5_0 => _mm512_mul_ps(d, _mm512_set1_ps(-16.0)),
-        Q8_0 => _mm512_mul_ps(d, _mm512_set1_ps(-128.0)),
+        Q8_0 => _mm512_setzero_ps(),
+        // MLX's unsigned q is stored q - 128: its bias gains 128 d.
+        A8 => _mm512_fmadd_ps(d, _mm512_set1_ps(128.0), _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i))),
         _ => _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i)),
     };
     // Q5 blocks: the 16 rows' high bits (one dword per row), then the
@@ -163,13 +176,14 @@ pub unsafe fn block16<const F: u8>(blk: *const u8) -> (__m512, __m512, [__m512i;
     (d, m, q)
 }
 
-/// Every format here is, per block, `d * Σ q a + m * Σ a` with unsigned
-/// `q`: Q4_0 (`m = -8 d`), Q4_1 (`m` stored), Q5_0 (`m = -16 d`), Q5_1
-/// (`m` stored), Q8_0 (stored + 128, so
-/// `m = -128 d`), MLX 8-bit (stored + 128 is its own unsigned value; `m`
-/// its bias). Per block and token: the integer sum in 16 lanes, then
-/// `acc = fma(isum, d * da, acc)` and `acc = fma(m, s, acc)`, row by row
-/// (the AMX tiles apply the same chain, so both give the same bits).
+/// Every format here is, per block, `d * Σ q a + m * Σ a`, in the order
+/// `quant::dot_scalar` sets for every path: per block and token the exact
+/// integer sum in 16 lanes (row by row), `acc = fma(isum, d * da, acc)`,
+/// then `acc = fma(m, s, acc)`. Q4_0 (`m = -8 d`), Q4_1 (`m` stored),
+/// Q5_0 (`m = -16 d`) and Q5_1 multiply unsigned weights; Q8_0 (no `m`)
+/// and MLX 8-bit (`m` its bias + 128 d) signed ones: they are stored + 128
+/// for `vpdpbusd`, and the integer sum starts at -128 times the
+/// activations' sum to take that off. (The AMX tiles apply the same chain.)
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub unsafe fn vnni16<const F: u8, const NT: usize>(w: &[u8], a: &[ActRow; NT], stream: bool) -> [[f32; 16]; NT] {
     let bb = block_bytes16(F);
@@ -184,9 +198,14 @@ pub unsafe fn vnni16<const F: u8, const NT: usize>(w: &[u8], a: &[ActRow; NT], s
         }
         let (d, m, q) = block16::<F>(blk);
         for (acc, a) in acc.iter_mut().zip(a) {
-            let isum = _mm512_cvtepi32_ps(dot32(&q, a.qs.as_ptr().add(b * QK)));
-            *acc = _mm512_fmadd_ps(isum, _mm512_mul_ps(d, _mm512_set1_ps(*a.d.get_unchecked(b))), *acc);
-            *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(*a.s.get_unchecked(b)), *acc);
+            let mut isum = dot32(&q, a.qs.as_ptr().add(b * QK));
+            if signed8(F) {
+                isum = _mm512_add_epi32(isum, _mm512_set1_epi32(-128 * sum32(a, b)));
+            }
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, _mm512_set1_ps(*a.d.get_unchecked(b))), *acc);
+            if F != Q8_0 {
+                *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(*a.s.get_unchecked(b)), *acc);
+            }
         }
     }
     per_row(acc)

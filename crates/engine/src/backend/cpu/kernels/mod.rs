@@ -439,14 +439,11 @@ pub fn tile_fn(isa: Isa, qtype: QType) -> TileFn {
     #[cfg(target_arch = "x86_64")]
     {
         match (isa.vector(), qtype) {
-            (Isa::Avx2, QType::Q4_0) => return |w, a, o| tile!(x86::q4_avx2 [false], w, a, o),
-            (Isa::Avx2, QType::Q4_1) => return |w, a, o| tile!(x86::q4_avx2 [true], w, a, o),
-            (Isa::Avx2, QType::Q8_0) => return |w, a, o| tile!(x86::q8_avx2 [false], w, a, o),
-            (Isa::Avx2, QType::A8) => return |w, a, o| tile!(x86::q8_avx2 [true], w, a, o),
-            (Isa::Avx512Vnni, QType::Q4_0) => return |w, a, o| tile!(x86::q4_avx512 [false], w, a, o),
-            (Isa::Avx512Vnni, QType::Q4_1) => return |w, a, o| tile!(x86::q4_avx512 [true], w, a, o),
-            (Isa::Avx512Vnni, QType::Q8_0) => return |w, a, o| tile!(x86::q8_vnni [false], w, a, o),
-            (Isa::Avx512Vnni, QType::A8) => return |w, a, o| tile!(x86::q8_vnni [true], w, a, o),
+            // Rows past the last panel only (every path has panels for these).
+            (Isa::Avx2 | Isa::Avx512Vnni, QType::Q4_0) => return |w, a, o| tile!(x86::q4_avx2 [false], w, a, o),
+            (Isa::Avx2 | Isa::Avx512Vnni, QType::Q4_1) => return |w, a, o| tile!(x86::q4_avx2 [true], w, a, o),
+            (Isa::Avx2 | Isa::Avx512Vnni, QType::Q8_0) => return |w, a, o| tile!(x86::q8_avx2 [false], w, a, o),
+            (Isa::Avx2 | Isa::Avx512Vnni, QType::A8) => return |w, a, o| tile!(x86::q8_avx2 [true], w, a, o),
             (Isa::Avx2 | Isa::Avx512Vnni, QType::Q5_0) => return |w, a, o| tile!(x86::q5_avx2 [false], w, a, o),
             (Isa::Avx2 | Isa::Avx512Vnni, QType::Q5_1) => return |w, a, o| tile!(x86::q5_avx2 [true], w, a, o),
             (Isa::Avx2 | Isa::Avx512Vnni, QType::Q4_K) => return |w, a, o| tile!(x86::kquant_avx2 [{ x86::K4 }], w, a, o),

@@ -10,14 +10,6 @@ unsafe fn f16_to_f32(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
-#[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s)
-}
-
 /// The 32 nibbles of a Q4 block as bytes: low nibbles are elements 0..16,
 /// high nibbles 16..32.
 #[inline(always)]
@@ -41,64 +33,78 @@ pub unsafe fn f16_to_f32_slice(src: &[f16], dst: &mut [f32]) {
     }
 }
 
-/// Q4_0/Q4_1 and Q8_0 tile kernels for one instruction set: each weight
-/// block is unpacked once and multiplied with `NT` activation rows.
-/// `$mul(w, a)` is the unsigned-by-signed int8 dot product into 8 i32 lanes.
-macro_rules! kernels {
-    ($q4:ident, $q8:ident, $features:literal, $mul:expr) => {
-        #[target_feature(enable = $features)]
-        pub unsafe fn $q4<const Q4_1: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
-            let bb = if Q4_1 { 20 } else { 18 };
-            let head = bb - 16;
-            let mut acc = [_mm256_setzero_ps(); NT];
-            let mut corr = [0.0f32; NT];
-            let nb = a[0].d.len();
-            let wp = w.as_ptr();
-            for b in 0..nb {
-                let blk = wp.add(b * bb);
-                let wv = unpack_nibbles(blk.add(head));
-                let d = f16_to_f32(blk);
-                let m = if Q4_1 { f16_to_f32(blk.add(2)) } else { -8.0 * d };
-                for t in 0..NT {
-                    let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
-                    let p = $mul(wv, av);
-                    let scale = _mm256_set1_ps(d * *a[t].d.get_unchecked(b));
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
-                    corr[t] += m * *a[t].s.get_unchecked(b);
-                }
-            }
-            std::array::from_fn(|t| hsum(acc[t]) + corr[t])
-        }
+/// The sum of the 8 lanes (exact: integers).
+#[inline(always)]
+unsafe fn hsum_i32(v: __m128i) -> i32 {
+    let s = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0b01_00_11_10));
+    _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
+}
 
-        /// Q8_0, or with `A8` the MLX 8-bit block (a bias after the scale,
-        /// and `m + 128 d` times the activation sum per block).
-        #[target_feature(enable = $features)]
-        pub unsafe fn $q8<const A8: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
-            let (bb, head) = if A8 { (36, 4) } else { (34, 2) };
-            let mut acc = [_mm256_setzero_ps(); NT];
-            let mut corr = [0.0f32; NT];
-            let nb = a[0].d.len();
-            let wp = w.as_ptr();
-            for b in 0..nb {
-                let blk = wp.add(b * bb);
-                let wv = _mm256_loadu_si256(blk.add(head) as *const __m256i);
-                // The int8 products need one unsigned operand: move w's sign onto a.
-                let wabs = _mm256_sign_epi8(wv, wv);
-                let d = f16_to_f32(blk);
-                let m = if A8 { f16_to_f32(blk.add(2)) + 128.0 * d } else { 0.0 };
-                for t in 0..NT {
-                    let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
-                    let p = $mul(wabs, _mm256_sign_epi8(av, wv));
-                    let scale = _mm256_set1_ps(d * *a[t].d.get_unchecked(b));
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
-                    if A8 {
-                        corr[t] += m * *a[t].s.get_unchecked(b);
-                    }
-                }
-            }
-            std::array::from_fn(|t| hsum(acc[t]) + corr[t])
+/// The 8 i32 lanes of a block's int8 products, summed.
+#[inline(always)]
+unsafe fn isum8(p: __m256i) -> i32 {
+    hsum_i32(_mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)))
+}
+
+/// Unsigned weight bytes times signed activation bytes: 8 i32 lanes, each
+/// the sum of 4 adjacent products.
+#[inline(always)]
+unsafe fn mul8(w: __m256i, a: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))
+}
+
+/// One row's tiles (rows past the last panel, and the formats without
+/// panels on a path) keep `quant::dot_scalar`'s order, the order of every
+/// path: per block the integer sum reduced across lanes (exact), then the
+/// block's two fused multiply-adds, so a token's logits do not depend on
+/// the host. Each token's chain is serial; several tokens interleave.
+///
+/// Q4_0/Q4_1: each weight block is unpacked once for `NT` activation rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q4_avx2<const Q4_1: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
+    let bb = if Q4_1 { 20 } else { 18 };
+    let head = bb - 16;
+    let mut acc = [0.0f32; NT];
+    let wp = w.as_ptr();
+    for b in 0..a[0].d.len() {
+        let blk = wp.add(b * bb);
+        let wv = unpack_nibbles(blk.add(head));
+        let d = f16_to_f32(blk);
+        let m = if Q4_1 { f16_to_f32(blk.add(2)) } else { d * -8.0 };
+        for t in 0..NT {
+            let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
+            let isum = isum8(mul8(wv, av)) as f32;
+            acc[t] = isum.mul_add(d * *a[t].d.get_unchecked(b), acc[t]);
+            acc[t] = m.mul_add(*a[t].s.get_unchecked(b), acc[t]);
         }
-    };
+    }
+    acc
+}
+
+/// Q8_0, or with `A8` the MLX 8-bit block (a bias after the scale, and
+/// `bias + 128 d` times the activation sum per block).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q8_avx2<const A8: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
+    let (bb, head) = if A8 { (36, 4) } else { (34, 2) };
+    let mut acc = [0.0f32; NT];
+    let wp = w.as_ptr();
+    for b in 0..a[0].d.len() {
+        let blk = wp.add(b * bb);
+        let wv = _mm256_loadu_si256(blk.add(head) as *const __m256i);
+        // The int8 products need one unsigned operand: move w's sign onto a.
+        let wabs = _mm256_sign_epi8(wv, wv);
+        let d = f16_to_f32(blk);
+        let m = if A8 { d.mul_add(128.0, f16_to_f32(blk.add(2))) } else { 0.0 };
+        for t in 0..NT {
+            let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
+            let isum = isum8(mul8(wabs, _mm256_sign_epi8(av, wv))) as f32;
+            acc[t] = isum.mul_add(d * *a[t].d.get_unchecked(b), acc[t]);
+            if A8 {
+                acc[t] = m.mul_add(*a[t].s.get_unchecked(b), acc[t]);
+            }
+        }
+    }
+    acc
 }
 
 /// Q4_0/Q4_1 for a panel of 8 weight rows (`QMatrix::panels`) times
@@ -217,26 +223,14 @@ unsafe fn transpose_8x8_epi32(u: [__m256i; 8]) -> [__m256i; 8] {
     ]
 }
 
-kernels!(q4_avx2, q8_avx2, "avx2,fma,f16c", |w, a| _mm256_madd_epi16(
-    _mm256_maddubs_epi16(w, a),
-    _mm256_set1_epi16(1)
-));
-kernels!(q4_vnni, q8_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", |w, a| _mm256_dpbusd_epi32(
-    _mm256_setzero_si256(),
-    w,
-    a
-));
-
-/// Q5_0/Q5_1 tile: each block is unpacked in registers once for all
-/// `NT` tokens (its nibbles as a Q4 block's, bit j of the 32-bit `qh`
+/// Q5_0/Q5_1 one-row tile: each block is unpacked in registers once for
+/// all `NT` tokens (its nibbles as a Q4 block's, bit j of the 32-bit `qh`
 /// the fifth bit of element j), then one int8 product per token.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q5_avx2<const Q5_1: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
     let qtype = if Q5_1 { QType::Q5_1 } else { QType::Q5_0 };
     let at = if Q5_1 { 4 } else { 2 };
-    let mut acc = [_mm256_setzero_ps(); NT];
-    let mut corr = [0.0f32; NT];
-    let ones = _mm256_set1_epi16(1);
+    let mut acc = [0.0f32; NT];
     // Byte i of the block's 32 values takes byte i / 8 of qh, then its bit i % 8.
     let spread = _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0);
     let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
@@ -244,18 +238,18 @@ pub unsafe fn q5_avx2<const Q5_1: bool, const NT: usize>(w: &[u8], a: &[ActRow; 
         let p = blk.as_ptr();
         // Q5_0 stores its values + 16: the offset becomes a min of -16 d.
         let d = f16_to_f32(p);
-        let m = if Q5_1 { f16_to_f32(p.add(2)) } else { -16.0 * d };
+        let m = if Q5_1 { f16_to_f32(p.add(2)) } else { d * -16.0 };
         let qh = _mm256_shuffle_epi8(_mm256_set1_epi32((p.add(at) as *const i32).read_unaligned()), spread);
         let fifth = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bits), bits), _mm256_set1_epi8(0x10));
         let qv = _mm256_or_si256(unpack_nibbles(p.add(at + 4)), fifth);
         for t in 0..NT {
             let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
-            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qv, av), ones);
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * *a[t].d.get_unchecked(b)), acc[t]);
-            corr[t] += m * *a[t].s.get_unchecked(b);
+            let isum = isum8(mul8(qv, av)) as f32;
+            acc[t] = isum.mul_add(d * *a[t].d.get_unchecked(b), acc[t]);
+            acc[t] = m.mul_add(*a[t].s.get_unchecked(b), acc[t]);
         }
     }
-    std::array::from_fn(|t| hsum(acc[t]) + corr[t])
+    acc
 }
 
 pub const K4: u8 = 0;
@@ -328,16 +322,14 @@ unsafe fn k_sub<const K: u8>(p: *const u8, j: usize) -> __m256i {
     _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
 }
 
-/// K-quant tile: each super-block of 256 weights is unpacked in
+/// K-quant one-row tile: each super-block of 256 weights is unpacked in
 /// registers once for all `NT` tokens, then every 32 weights times 32
-/// activations is one int8 product scaled per sub-block of 32 (Q4_K,
-/// Q5_K, with the min term) or 16 (Q6_K).
+/// activations is one int8 product, reduced per sub-block of 32 (Q4_K,
+/// Q5_K, then the min term) or 16 (Q6_K: each 128-bit half) and scaled.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn kquant_avx2<const K: u8, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
     use crate::formats::quant::QK_K;
-    let mut acc = [_mm256_setzero_ps(); NT];
-    let mut corr = [_mm256_setzero_ps(); NT];
-    let ones = _mm256_set1_epi16(1);
+    let mut acc = [0.0f32; NT];
     let (mut scale, mut min) = ([0f32; 16], [0f32; 8]);
     for (sb, blk) in w.chunks_exact(k_type(K).block_bytes()).enumerate() {
         let p = blk.as_ptr();
@@ -348,27 +340,23 @@ pub unsafe fn kquant_avx2<const K: u8, const NT: usize>(w: &[u8], a: &[ActRow; N
             // Unsigned values multiply the signed activations directly;
             // Q6_K's signed ones move their sign onto the activations.
             let qabs = if K == K6 { _mm256_sign_epi8(qv, qv) } else { qv };
-            let (s_lo, s_hi) = if K == K6 { (scale[2 * j], scale[2 * j + 1]) } else { (scale[j], scale[j]) };
             for t in 0..NT {
                 let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
                 let av = if K == K6 { _mm256_sign_epi8(av, qv) } else { av };
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qabs, av), ones);
+                let prod = mul8(qabs, av);
                 let da = *a[t].d.get_unchecked(b);
-                let scale = _mm256_set_m128(_mm_set1_ps(s_hi * da), _mm_set1_ps(s_lo * da));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
-            }
-        }
-        if K != K6 {
-            // The mins of the 8 sub-blocks against their activation sums:
-            // one vector product per super-block, off the scalar chain.
-            let m = _mm256_loadu_ps(min.as_ptr());
-            for t in 0..NT {
-                let s = _mm256_loadu_ps(a[t].s.as_ptr().add(sb * (QK_K / QK)));
-                corr[t] = _mm256_fnmadd_ps(m, s, corr[t]);
+                if K == K6 {
+                    let (lo, hi) = (_mm256_castsi256_si128(prod), _mm256_extracti128_si256(prod, 1));
+                    acc[t] = (hsum_i32(lo) as f32).mul_add(scale[2 * j] * da, acc[t]);
+                    acc[t] = (hsum_i32(hi) as f32).mul_add(scale[2 * j + 1] * da, acc[t]);
+                } else {
+                    acc[t] = (isum8(prod) as f32).mul_add(scale[j] * da, acc[t]);
+                    acc[t] = (-min[j]).mul_add(*a[t].s.get_unchecked(b), acc[t]);
+                }
             }
         }
     }
-    std::array::from_fn(|t| hsum(_mm256_add_ps(acc[t], corr[t])))
+    acc
 }
 
 /// Q4_K tile for a panel of 8 rows (`QMatrix::panels`), as `q4x8_avx2`:
@@ -421,43 +409,4 @@ pub unsafe fn q4k_x8_avx2<const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32;
         _mm256_storeu_ps(out.as_mut_ptr(), acc[t]);
         out
     })
-}
-
-/// Q4 tile on 512-bit registers: two blocks per multiply (their
-/// activations are contiguous), half the instructions of the 256-bit path.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn q4_avx512<const Q4_1: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
-    let bb = if Q4_1 { 20 } else { 18 };
-    let head = bb - 16;
-    let nb = a[0].d.len();
-    let wp = w.as_ptr();
-    let mut acc = [_mm512_setzero_ps(); NT];
-    let mut corr = [0.0f32; NT];
-    let mut b = 0;
-    while b + 2 <= nb {
-        let (blk0, blk1) = (wp.add(b * bb), wp.add((b + 1) * bb));
-        let wv = _mm512_inserti64x4(_mm512_castsi256_si512(unpack_nibbles(blk0.add(head))), unpack_nibbles(blk1.add(head)), 1);
-        let (d0, d1) = (f16_to_f32(blk0), f16_to_f32(blk1));
-        let (m0, m1) = if Q4_1 { (f16_to_f32(blk0.add(2)), f16_to_f32(blk1.add(2))) } else { (-8.0 * d0, -8.0 * d1) };
-        for t in 0..NT {
-            let av = _mm512_loadu_si512(a[t].qs.as_ptr().add(b * QK) as *const _);
-            let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, av);
-            let (ad, as_) = (a[t].d.as_ptr().add(b), a[t].s.as_ptr().add(b));
-            let scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0 * *ad), _mm512_set1_ps(d1 * *ad.add(1)));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[t]);
-            corr[t] += m0 * *as_ + m1 * *as_.add(1);
-        }
-        b += 2;
-    }
-    let mut out: [f32; NT] = std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]) + corr[t]);
-    if b < nb {
-        // Odd block count: the last block on the 256-bit path.
-        let tail_w = &w[b * bb..];
-        let tail_a: [ActRow; NT] = std::array::from_fn(|t| ActRow { qs: &a[t].qs[b * QK..], d: &a[t].d[b..], s: &a[t].s[b..], sum16: &a[t].sum16[2 * b..] });
-        let tail = q4_vnni::<Q4_1, NT>(tail_w, &tail_a);
-        for t in 0..NT {
-            out[t] += tail[t];
-        }
-    }
-    out
 }
