@@ -59,7 +59,7 @@ pub fn grant() -> Result<(), String> {
 
 /// The formats the tiles take (those with `Vnni16` panels).
 pub fn supports(qtype: QType) -> bool {
-    matches!(qtype, QType::Q4_0 | QType::Q4_1 | QType::Q8_0 | QType::A8 | QType::Q4_K | QType::Q6_K)
+    matches!(qtype, QType::Q4_0 | QType::Q4_1 | QType::Q8_0 | QType::A8 | QType::Q4_K | QType::Q5_K | QType::Q6_K)
 }
 
 /// One panel of 16 rows decoded for the tiles.
@@ -117,14 +117,18 @@ pub unsafe fn decode(qtype: QType, w: &[u8], p: &mut Panel) {
         QType::Q4_1 => generic::<Q4_1>(w, p, store),
         QType::Q8_0 => generic::<Q8_0>(w, p, store),
         QType::A8 => generic::<A8>(w, p, store),
-        QType::Q4_K => {
-            for blk in w.chunks_exact(avx512::Q4K_BYTES16) {
-                for j in 0..QK_K / QK {
-                    let (scale, min, q) = avx512::q4k_sub16(blk.as_ptr(), j);
-                    // `fnmadd(min, s, acc)` is `fma(-min, s, acc)`, bit for bit.
-                    store(p, scale, Some(_mm512_sub_ps(_mm512_setzero_ps(), min)), &q);
+        QType::Q4_K | QType::Q5_K => {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+            unsafe fn kq<const K5: bool>(w: &[u8], p: &mut Panel, store: impl Fn(&mut Panel, __m512, Option<__m512>, &[__m512i])) {
+                for blk in w.chunks_exact(avx512::kq_bytes16(K5)) {
+                    for j in 0..QK_K / QK {
+                        let (scale, min, q) = avx512::kq_sub16::<K5>(blk.as_ptr(), j);
+                        // `fnmadd(min, s, acc)` is `fma(-min, s, acc)`, bit for bit.
+                        store(p, scale, Some(_mm512_sub_ps(_mm512_setzero_ps(), min)), &q);
+                    }
                 }
             }
+            if qtype == QType::Q5_K { kq::<true>(w, p, store) } else { kq::<false>(w, p, store) }
         }
         QType::Q6_K => {
             for blk in w.chunks_exact(avx512::Q6K_BYTES16) {

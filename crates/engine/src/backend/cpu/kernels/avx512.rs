@@ -274,15 +274,19 @@ pub unsafe fn q6k_vnni16<const NT: usize>(w: &[u8], a: &[ActRow; NT], stream: bo
     per_row(acc)
 }
 
-/// Bytes of one Q4_K super-block of 16 rows in a `Vnni16` panel.
-pub const Q4K_BYTES16: usize = 16 * 144;
+/// Bytes of one Q4_K (`K5` false) or Q5_K super-block of 16 rows in a
+/// `Vnni16` panel.
+pub const fn kq_bytes16(k5: bool) -> usize {
+    16 * if k5 { 176 } else { 144 }
+}
 
-/// Sub-block `j` (values 32j..32j+32) of the Q4_K super-block of 16 rows
-/// at `blk`: the rows' `d * scale` and `dmin * min`, and `q[u]`, lane r:
-/// row r's nibbles 4u..4u+4 of the sub-block.
+/// Sub-block `j` (values 32j..32j+32) of the Q4_K or Q5_K super-block of
+/// 16 rows at `blk`: the rows' `d * scale` and `dmin * min`, and `q[u]`,
+/// lane r: row r's values 4u..4u+4 of the sub-block (nibbles, and for
+/// Q5_K bit j of the rows' `qh` bytes 4u..4u+4 as the fifth bit).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn q4k_sub16(blk: *const u8, j: usize) -> (__m512, __m512, [__m512i; 8]) {
+pub unsafe fn kq_sub16<const K5: bool>(blk: *const u8, j: usize) -> (__m512, __m512, [__m512i; 8]) {
     let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
     let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i));
     // Scale byte k of the 16 rows, one row per 32-bit lane.
@@ -297,29 +301,34 @@ pub unsafe fn q4k_sub16(blk: *const u8, j: usize) -> (__m512, __m512, [__m512i; 
         (_mm512_or_si512(_mm512_and_si512(hi, nib), top(j - 4)), _mm512_or_si512(_mm512_srli_epi32(hi, 4), top(j)))
     };
     // Sub-blocks 2c and 2c + 1 are the low and high nibbles of dwords 8c..8c+8.
-    let (qs, low) = (blk.add(256), _mm512_set1_epi8(0x0F));
+    let (qh, qs, low) = (blk.add(256), blk.add(if K5 { 768 } else { 256 }), _mm512_set1_epi8(0x0F));
     let q = std::array::from_fn(|u| {
         let v = _mm512_loadu_si512(qs.add(64 * (8 * (j / 2) + u)) as *const _);
-        _mm512_and_si512(if j % 2 == 1 { _mm512_srli_epi16(v, 4) } else { v }, low)
+        let v = _mm512_and_si512(if j % 2 == 1 { _mm512_srli_epi16(v, 4) } else { v }, low);
+        if !K5 {
+            return v;
+        }
+        let set = _mm512_test_epi8_mask(_mm512_loadu_si512(qh.add(64 * u) as *const _), _mm512_set1_epi8((1u8 << j) as i8));
+        _mm512_mask_add_epi8(v, set, v, _mm512_set1_epi8(16))
     });
     (_mm512_mul_ps(d, _mm512_cvtepi32_ps(sc)), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn)), q)
 }
 
-/// Q4_K over `Vnni16` panels: per sub-block of 32, the 16 rows' 6-bit
-/// scale and min decoded in vector lanes once for every token, 8 nibble
-/// vectors multiplied unsigned, then `d * scale` against the integer sum
-/// and `dmin * min` against the activations' block sum.
+/// Q4_K and Q5_K over `Vnni16` panels: per sub-block of 32, the 16 rows'
+/// 6-bit scale and min decoded in vector lanes once for every token, 8
+/// vectors of values multiplied unsigned, then `d * scale` against the
+/// integer sum and `dmin * min` against the activations' block sum.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn q4k_vnni16<const NT: usize>(w: &[u8], a: &[ActRow; NT], stream: bool) -> [[f32; 16]; NT] {
-    let wp = w.as_ptr();
+pub unsafe fn kq_vnni16<const K5: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT], stream: bool) -> [[f32; 16]; NT] {
+    let (wp, bytes) = (w.as_ptr(), kq_bytes16(K5));
     let mut acc = [_mm512_setzero_ps(); NT];
-    for sb in 0..w.len() / Q4K_BYTES16 {
-        let blk = wp.add(sb * Q4K_BYTES16);
+    for sb in 0..w.len() / bytes {
+        let blk = wp.add(sb * bytes);
         for j in 0..QK_K / QK {
             if stream {
-                prefetch_part(blk, Q4K_BYTES16, KQ_AHEAD * Q4K_BYTES16, j, QK_K / QK);
+                prefetch_part(blk, bytes, KQ_AHEAD * bytes, j, QK_K / QK);
             }
-            let (scale, min, q) = q4k_sub16(blk, j);
+            let (scale, min, q) = kq_sub16::<K5>(blk, j);
             let b = sb * (QK_K / QK) + j;
             for (acc, a) in acc.iter_mut().zip(a) {
                 let isum = _mm512_cvtepi32_ps(dot32(&q, a.qs.as_ptr().add(b * QK)));

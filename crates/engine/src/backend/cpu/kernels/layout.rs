@@ -36,7 +36,7 @@ impl Layout {
 
     /// Whether `qtype`'s blocks can be arranged this way.
     pub fn fits(self, qtype: QType) -> bool {
-        self != Layout::Vnni16 || matches!(qtype, QType::Q4_0 | QType::Q4_1 | QType::Q5_0 | QType::Q5_1 | QType::Q8_0 | QType::A8 | QType::Q4_K | QType::Q6_K)
+        self != Layout::Vnni16 || matches!(qtype, QType::Q4_0 | QType::Q4_1 | QType::Q5_0 | QType::Q5_1 | QType::Q8_0 | QType::A8 | QType::Q4_K | QType::Q5_K | QType::Q6_K)
     }
 
     /// Rows per panel (rows past the last full panel stay as in the file).
@@ -55,16 +55,16 @@ impl Layout {
         let bb = qtype.block_bytes();
         match self {
             Layout::Rows | Layout::Panels8 => f(0, r * bb, bb),
-            Layout::Vnni16 if qtype == QType::Q4_K => {
+            Layout::Vnni16 if matches!(qtype, QType::Q4_K | QType::Q5_K) => {
                 // A super-block: 16 f16 scales, 16 f16 mins, the 12 bytes of
-                // 6-bit sub-block scales and mins byte-major, then `qs` as
-                // vectors of dwords.
+                // 6-bit sub-block scales and mins byte-major, then (Q5_K)
+                // `qh` and `qs` as vectors of dwords.
                 f(0, 2 * r, 2);
                 f(2, 32 + 2 * r, 2);
                 for k in 0..12 {
                     f(4 + k, 64 + 16 * k + r, 1);
                 }
-                for dword in 0..32 {
+                for dword in 0..(bb - 16) / 4 {
                     f(16 + 4 * dword, 256 + 64 * dword + 4 * r, 4);
                 }
             }
@@ -157,7 +157,7 @@ mod tests {
     /// Every layout is a permutation of the bytes that `gather` undoes.
     #[test]
     fn gather_undoes_pack() {
-        for qtype in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q6_K] {
+        for qtype in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q5_K, QType::Q6_K] {
             for layout in [Layout::Panels8, Layout::Vnni16] {
                 let (rows, rb) = (16 * 2 + 3, qtype.row_bytes(512));
                 let plain: Vec<u8> = (0..rows * rb).map(|i| (i * 7 + i / 13) as u8).collect();

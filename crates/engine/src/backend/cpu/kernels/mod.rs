@@ -426,7 +426,8 @@ fn panel_fn(isa: Isa, qtype: QType, layout: Layout) -> Option<PanelFn> {
         (Isa::Avx512Vnni, Layout::Vnni16, QType::Q5_1) => return Some(|w, a, o, s| tile!(avx512::vnni16 [{ avx512::Q5_1 }], w, a, o, s)),
         (Isa::Avx512Vnni, Layout::Vnni16, QType::Q8_0) => return Some(|w, a, o, s| tile!(avx512::vnni16 [{ avx512::Q8_0 }], w, a, o, s)),
         (Isa::Avx512Vnni, Layout::Vnni16, QType::A8) => return Some(|w, a, o, s| tile!(avx512::vnni16 [{ avx512::A8 }], w, a, o, s)),
-        (Isa::Avx512Vnni, Layout::Vnni16, QType::Q4_K) => return Some(|w, a, o, s| tile!(avx512::q4k_vnni16 [], w, a, o, s)),
+        (Isa::Avx512Vnni, Layout::Vnni16, QType::Q4_K) => return Some(|w, a, o, s| tile!(avx512::kq_vnni16 [false], w, a, o, s)),
+        (Isa::Avx512Vnni, Layout::Vnni16, QType::Q5_K) => return Some(|w, a, o, s| tile!(avx512::kq_vnni16 [true], w, a, o, s)),
         (Isa::Avx512Vnni, Layout::Vnni16, QType::Q6_K) => return Some(|w, a, o, s| tile!(avx512::q6k_vnni16 [], w, a, o, s)),
         _ => {}
     }

@@ -51,7 +51,7 @@ fn every_simd_path_matches_the_scalar_reference() {
 /// batch, on every path.
 #[test]
 fn a_tokens_result_does_not_depend_on_its_batch() {
-    for qtype in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q6_K] {
+    for qtype in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q5_K, QType::Q6_K] {
         // 37 tokens: two groups of 16 on AMX tiles where granted, 5 on vectors.
         let (rows, cols, n) = (70, 256, 37);
         let x = rand_vec(n * cols, 5);
