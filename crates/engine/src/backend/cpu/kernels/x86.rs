@@ -53,6 +53,21 @@ unsafe fn mul8(w: __m256i, a: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))
 }
 
+/// Block `b`'s terms for every token, in `quant::dot_scalar`'s order:
+/// the integer sum `prod(activations)` reduced across lanes, then
+/// `fma(isum, d * da, acc)` and, with an offset `m`, `fma(m, s, acc)`.
+#[inline(always)]
+unsafe fn block_terms<const NT: usize>(acc: &mut [f32; NT], a: &[ActRow; NT], b: usize, d: f32, m: Option<f32>, prod: impl Fn(__m256i) -> __m256i) {
+    for t in 0..NT {
+        let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
+        let isum = isum8(prod(av)) as f32;
+        acc[t] = isum.mul_add(d * *a[t].d.get_unchecked(b), acc[t]);
+        if let Some(m) = m {
+            acc[t] = m.mul_add(*a[t].s.get_unchecked(b), acc[t]);
+        }
+    }
+}
+
 /// One row's tiles (rows past the last panel, and the formats without
 /// panels on a path) keep `quant::dot_scalar`'s order, the order of every
 /// path: per block the integer sum reduced across lanes (exact), then the
@@ -71,12 +86,7 @@ pub unsafe fn q4_avx2<const Q4_1: bool, const NT: usize>(w: &[u8], a: &[ActRow; 
         let wv = unpack_nibbles(blk.add(head));
         let d = f16_to_f32(blk);
         let m = if Q4_1 { f16_to_f32(blk.add(2)) } else { d * -8.0 };
-        for t in 0..NT {
-            let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
-            let isum = isum8(mul8(wv, av)) as f32;
-            acc[t] = isum.mul_add(d * *a[t].d.get_unchecked(b), acc[t]);
-            acc[t] = m.mul_add(*a[t].s.get_unchecked(b), acc[t]);
-        }
+        block_terms(&mut acc, a, b, d, Some(m), |av| mul8(wv, av));
     }
     acc
 }
@@ -94,15 +104,8 @@ pub unsafe fn q8_avx2<const A8: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT
         // The int8 products need one unsigned operand: move w's sign onto a.
         let wabs = _mm256_sign_epi8(wv, wv);
         let d = f16_to_f32(blk);
-        let m = if A8 { d.mul_add(128.0, f16_to_f32(blk.add(2))) } else { 0.0 };
-        for t in 0..NT {
-            let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
-            let isum = isum8(mul8(wabs, _mm256_sign_epi8(av, wv))) as f32;
-            acc[t] = isum.mul_add(d * *a[t].d.get_unchecked(b), acc[t]);
-            if A8 {
-                acc[t] = m.mul_add(*a[t].s.get_unchecked(b), acc[t]);
-            }
-        }
+        let m = A8.then(|| d.mul_add(128.0, f16_to_f32(blk.add(2))));
+        block_terms(&mut acc, a, b, d, m, |av| mul8(wabs, _mm256_sign_epi8(av, wv)));
     }
     acc
 }
@@ -242,12 +245,7 @@ pub unsafe fn q5_avx2<const Q5_1: bool, const NT: usize>(w: &[u8], a: &[ActRow; 
         let qh = _mm256_shuffle_epi8(_mm256_set1_epi32((p.add(at) as *const i32).read_unaligned()), spread);
         let fifth = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bits), bits), _mm256_set1_epi8(0x10));
         let qv = _mm256_or_si256(unpack_nibbles(p.add(at + 4)), fifth);
-        for t in 0..NT {
-            let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
-            let isum = isum8(mul8(qv, av)) as f32;
-            acc[t] = isum.mul_add(d * *a[t].d.get_unchecked(b), acc[t]);
-            acc[t] = m.mul_add(*a[t].s.get_unchecked(b), acc[t]);
-        }
+        block_terms(&mut acc, a, b, d, Some(m), |av| mul8(qv, av));
     }
     acc
 }
