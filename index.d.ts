@@ -81,6 +81,12 @@ export declare class NativeServer {
   get port(): number
   get replicaId(): string
   /**
+   * Turns `/health` to 503 `draining` and refuses new generations, at
+   * once (on the JavaScript thread: `close`'s own work starts on another
+   * thread, after a request sent right after it may have been taken).
+   */
+  beginDrain(): void
+  /**
    * Drains, then stops: `/health` turns 503 `draining` and new generations
    * get 503 while the listener stays open; in-flight requests get
    * `grace_ms` to finish, then the listener closes.

@@ -549,6 +549,8 @@ export class Engine extends EventEmitter {
     const close = async (graceMs?: number) => {
       clearInterval(keepAlive);
       this.servers.delete(close);
+      // At once, before the first await: a request sent right after close() sees the drain.
+      s.beginDrain();
       await s.close(graceMs);
     };
     this.servers.add(close);

@@ -34,7 +34,7 @@ impl NativeEngine {
                 let why = if e.kind() == std::io::ErrorKind::AddrInUse { "the port is already in use".to_string() } else { e.to_string() };
                 js_error(EngineError::InvalidParams(format!("cannot listen on {at}: {why}")))
             })?;
-        Ok(NativeServer { host: s.addr.ip().to_string(), port: s.addr.port() as u32, replica_id: s.replica_id(), inner: tokio::sync::Mutex::new(Some(s)) })
+        Ok(NativeServer { host: s.addr.ip().to_string(), port: s.addr.port() as u32, replica_id: s.replica_id(), drain: s.drain_switch(), inner: tokio::sync::Mutex::new(Some(s)) })
     }
 }
 
@@ -55,6 +55,7 @@ pub struct NativeServerOptions {
 #[napi]
 pub struct NativeServer {
     inner: tokio::sync::Mutex<Option<mlx_serving_server::RunningServer>>,
+    drain: mlx_serving_server::DrainSwitch,
     host: String,
     port: u32,
     replica_id: String,
@@ -73,6 +74,13 @@ impl NativeServer {
     #[napi(getter)]
     pub fn replica_id(&self) -> String {
         self.replica_id.clone()
+    }
+    /// Turns `/health` to 503 `draining` and refuses new generations, at
+    /// once (on the JavaScript thread: `close`'s own work starts on another
+    /// thread, after a request sent right after it may have been taken).
+    #[napi]
+    pub fn begin_drain(&self) {
+        self.drain.drain();
     }
     /// Drains, then stops: `/health` turns 503 `draining` and new generations
     /// get 503 while the listener stays open; in-flight requests get

@@ -132,7 +132,7 @@ struct AppState {
     opts: ServerOptions,
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
-    draining: AtomicBool,
+    draining: Arc<AtomicBool>,
     next_id: AtomicU64,
     id_prefix: String,
     /// `created` of /v1/models entries (stable, unlike the time of the call).
@@ -140,6 +140,16 @@ struct AppState {
     /// `x-mlx-serving-replica` on every response (checked as a header value
     /// and a label when the options were resolved).
     replica: HeaderValue,
+}
+
+/// Turns a running server to draining (`RunningServer::drain_switch`).
+#[derive(Clone)]
+pub struct DrainSwitch(Arc<AtomicBool>);
+
+impl DrainSwitch {
+    pub fn drain(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A server running on the current tokio runtime.
@@ -176,6 +186,13 @@ impl RunningServer {
         }
     }
 
+    /// What turns this server to draining (as `stop` does first) without
+    /// waiting: a caller on another thread flips it before it awaits `stop`,
+    /// so that a request sent right after sees the drain.
+    pub fn drain_switch(&self) -> DrainSwitch {
+        DrainSwitch(self.state.draining.clone())
+    }
+
     /// This replica's id (`x-mlx-serving-replica`).
     pub fn replica_id(&self) -> String {
         self.state.replica.to_str().unwrap_or_default().to_owned()
@@ -192,7 +209,7 @@ pub async fn start(engine: Arc<Engine>, opts: ServerOptions) -> std::io::Result<
         permits: Arc::new(Semaphore::new(opts.max_concurrent.max(1))),
         engine,
         metrics: Arc::new(Metrics::default()),
-        draining: AtomicBool::new(false),
+        draining: Arc::new(AtomicBool::new(false)),
         next_id: AtomicU64::new(1),
         started_unix: unix_now(),
         // Distinct per server start, so ids do not repeat across restarts.
