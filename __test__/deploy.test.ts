@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
-import { freePort, ROOT, sleep, startReplica, startServer, type Replica } from './fleet-helpers';
+import { freePort, ROOT, sleep, startReplicas, startServer, type Replica } from './fleet-helpers';
 
 const K8S = path.join(ROOT, 'deploy', 'k8s');
 const NGINX = ['/usr/sbin/nginx', '/usr/bin/nginx'].find((p) => existsSync(p));
@@ -129,8 +129,8 @@ describe('replicas behind nginx with deploy/nginx.conf', { skip: !NGINX && 'ngin
   let base: string;
 
   before(async () => {
-    const ports = await Promise.all([freePort(), freePort(), freePort()]);
-    replicas.push(...(await Promise.all(ports.map((p, i) => startReplica(`n${i + 1}`, p)))));
+    replicas.push(...(await startReplicas('n', 3)));
+    const ports = replicas.map((r) => r.port);
     const listen = await freePort();
     prefix = mkdtempSync(path.join(tmpdir(), 'mlx-serving-nginx-'));
     // The shipped file with this test's addresses in place of its placeholders.

@@ -40,3 +40,9 @@ export async function startServer(id: string, port: number, args: string[], env:
 export function startReplica(id: string, port: number): Promise<Replica> {
   return startServer(id, port, ['--port', String(port), '--replica-id', id, '--drain-timeout', '20']);
 }
+
+/** `n` replicas named `${prefix}1`.. on free ports, started together. */
+export async function startReplicas(prefix: string, n: number): Promise<Replica[]> {
+  const ports = await Promise.all(Array.from({ length: n }, () => freePort()));
+  return Promise.all(ports.map((p, i) => startReplica(`${prefix}${i + 1}`, p)));
+}

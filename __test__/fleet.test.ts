@@ -10,7 +10,7 @@ import { existsSync } from 'node:fs';
 import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
-import { freePort, ROOT, sleep, startReplica, type Replica } from './fleet-helpers';
+import { freePort, ROOT, sleep, startReplicas, type Replica } from './fleet-helpers';
 
 const HAPROXY = ['/usr/sbin/haproxy', '/usr/bin/haproxy'].find((p) => existsSync(p));
 
@@ -20,8 +20,8 @@ describe('a fleet of three replicas behind HAProxy', { skip: !HAPROXY && 'HAProx
   let base: string;
 
   before(async () => {
-    const ports = await Promise.all([freePort(), freePort(), freePort()]);
-    replicas.push(...(await Promise.all(ports.map((p, i) => startReplica(`r${i + 1}`, p)))));
+    replicas.push(...(await startReplicas('r', 3)));
+    const ports = replicas.map((r) => r.port);
     const listen = await freePort();
     haproxy = spawn(HAPROXY!, ['-db', '-f', path.join(ROOT, 'deploy', 'haproxy.cfg')], {
       env: { ...process.env, LISTEN: `127.0.0.1:${listen}`, ...Object.fromEntries(ports.map((p, i) => [`REPLICA_${i + 1}`, `127.0.0.1:${p}`])) },
