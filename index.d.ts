@@ -58,9 +58,10 @@ export declare class NativeEngine {
   cancelPending(requestId: string): void
   /**
    * Loads a GGUF file or MLX folder (off the JS thread) on `backend`
-   * (`cpu`, `mlx` or `auto`; `cpu` when absent).
+   * (`cpu`, `mlx` or `auto`; `cpu` when absent); `tool_call_format`
+   * (`hermes`, `mistral`) overrides the one its template implies.
    */
-  loadModel(path: string, id?: string | undefined | null, requestTimeoutMs?: number | undefined | null, backend?: string | undefined | null): Promise<Coded<NativeLoaded>>
+  loadModel(path: string, id?: string | undefined | null, requestTimeoutMs?: number | undefined | null, backend?: string | undefined | null, toolCallFormat?: string | undefined | null): Promise<Coded<NativeLoaded>>
   /** Loads a draft model for speculative decoding of `primary`'s requests. */
   loadDraftModel(primary: string, path: string, id?: string | undefined | null): Promise<Coded<NativeModelInfo>>
   /** Detaches the draft of `model` (a primary or draft id), or every draft. */
@@ -376,6 +377,8 @@ export interface NativeModelInfo {
   draftModel?: string
   /** `cpu` or `mlx`. */
   backend: string
+  /** `hermes` or `mistral`. */
+  toolCallFormat: string
 }
 
 export interface NativeQosStatus {
@@ -422,12 +425,15 @@ export interface NativeStats {
   features: Array<string>
 }
 
-/** A tool call the model made. */
+/**
+ * A piece of a tool call: a call's first piece names it, the rest carry
+ * its arguments' JSON text in order.
+ */
 export interface NativeToolCall {
   index: number
   id: string
   name: string
-  /** The arguments object as JSON text. */
+  /** This piece of the arguments' JSON text. */
   arguments: string
 }
 

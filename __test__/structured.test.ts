@@ -69,7 +69,21 @@ describe('structured output and tool calls', () => {
     const final = await stream.finalChatCompletion();
     const streamed = final.choices[0].message.tool_calls![0];
     assert.equal(final.choices[0].finish_reason, 'tool_calls');
-    assert.deepEqual(streamed.type === 'function' && JSON.parse(streamed.function.arguments), args);
+    assert.equal(streamed.type === 'function' && streamed.function.arguments, call.type === 'function' && call.function.arguments);
+
+    // On the wire, as OpenAI streams calls: the first delta names the call
+    // with empty arguments, then the arguments arrive in fragments as written.
+    const raw = await client.chat.completions.create({
+      model: 'default', messages, tools: [weatherTool], tool_choice: 'required', parallel_tool_calls: false, max_tokens: 80, temperature: 0, stream: true,
+    });
+    const deltas = [];
+    for await (const chunk of raw) deltas.push(...(chunk.choices[0]?.delta.tool_calls ?? []));
+    const { index, id, type, function: fn } = deltas[0];
+    assert.deepEqual({ index, type, fn }, { index: 0, type: 'function', fn: { name: 'get_weather', arguments: '' } });
+    assert.match(id!, /^call_[0-9a-f]{16}$/);
+    assert.ok(deltas.length > 3, `arguments in fragments: ${JSON.stringify(deltas)}`);
+    assert.ok(deltas.slice(1).every((d) => d.index === 0 && d.id === undefined && d.function?.name === undefined));
+    assert.equal(deltas.map((d) => d.function?.arguments).join(''), call.type === 'function' && call.function.arguments);
 
     // The tool's result goes back; the model answers in text.
     const answer = await client.chat.completions.create({
@@ -103,12 +117,15 @@ describe('structured output and tool calls', () => {
       model: 'default', messages: [{ role: 'user', content: 'Call the get_weather function for Paris. Reply with the <tool_call> block only.' }],
       tools, parallelToolCalls: false, maxTokens: 60,
     })) chunks.push(c);
-    const calls = chunks.filter((c) => c.type === 'toolCall');
+    const pieces = chunks.filter((c) => c.type === 'toolCall');
     const meta = chunks.at(-1);
-    assert.equal(calls.length, 1, JSON.stringify(chunks));
-    assert.ok(calls[0].type === 'toolCall' && calls[0].name === 'get_weather');
-    assert.ok(['Paris', 'Rome', 'Oslo'].includes(JSON.parse(calls[0].type === 'toolCall' ? calls[0].argumentsDelta : '').city));
     assert.ok(meta?.type === 'metadata' && meta.stats.finishReason === 'tool_calls');
+    // The call's pieces: its name first, then its arguments as written, joined in the metadata.
+    assert.equal(meta.toolCalls?.length, 1, JSON.stringify(chunks));
+    const call = meta.toolCalls![0];
+    assert.ok(pieces.length > 1 && pieces.every((p) => p.type === 'toolCall' && p.index === 0 && p.id === call.id && p.name === 'get_weather'));
+    assert.equal(pieces.map((p) => (p.type === 'toolCall' ? p.argumentsDelta : '')).join(''), call.function.arguments);
+    assert.ok(['Paris', 'Rome', 'Oslo'].includes(JSON.parse(call.function.arguments).city));
     assert.equal(chunks.filter((c) => c.type === 'token').map((c) => (c.type === 'token' ? c.token : '')).join('').trim(), '');
   });
 

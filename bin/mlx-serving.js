@@ -28,6 +28,9 @@ Options:
   --backend <name>        cpu (default: our own kernels), mlx (libmlx; Metal or
                           CUDA with the matching wheel) or auto (mlx where MLX
                           has a GPU, else cpu)
+  --tool-call-format <f>  hermes (<tool_call> blocks) or mistral ([TOOL_CALLS]
+                          and a JSON list): how the model writes tool calls
+                          (default: from its chat template)
   --draft-model <path>    a smaller model with the same vocabulary that drafts
                           tokens for speculative decoding (while speculative.enabled
                           or the ttft_pipeline.speculative flag is on)
@@ -143,7 +146,11 @@ async function serve(values) {
   process.stderr.write(`loading ${model}...\n`);
   let handle;
   try {
-    handle = await engine.loadModel({ model, ...(values.backend ? { backend: values.backend } : {}) });
+    handle = await engine.loadModel({
+      model,
+      ...(values.backend ? { backend: values.backend } : {}),
+      ...(values['tool-call-format'] ? { toolCallFormat: values['tool-call-format'] } : {}),
+    });
     if (values['draft-model']) {
       const draft = await engine.loadDraftModel({ model: values['draft-model'], primaryModel: handle.id });
       const { warnings } = await engine.isDraftModelCompatible(handle.id, draft.id);
@@ -173,6 +180,7 @@ async function main() {
         model: { type: 'string' },
         'draft-model': { type: 'string' },
         backend: { type: 'string' },
+        'tool-call-format': { type: 'string' },
         host: { type: 'string' },
         port: { type: 'string' },
         'api-key': { type: 'string' },

@@ -225,7 +225,10 @@ export class Engine extends EventEmitter {
     if (opts.backend !== undefined && typeof opts.backend !== 'string') {
       throw new EngineClientError('InvalidParams', `backend must be 'cpu', 'mlx' or 'auto', got ${typeof opts.backend}`);
     }
-    const loaded = await call(() => this.native.loadModel(file, id, opts.requestTimeoutMs, opts.backend));
+    if (opts.toolCallFormat !== undefined && typeof opts.toolCallFormat !== 'string') {
+      throw new EngineClientError('InvalidParams', `toolCallFormat must be 'hermes' or 'mistral', got ${typeof opts.toolCallFormat}`);
+    }
+    const loaded = await call(() => this.native.loadModel(file, id, opts.requestTimeoutMs, opts.backend, opts.toolCallFormat));
     const handle = toHandle(loaded.model);
     for (const gone of loaded.evicted) this.emit('model:unloaded', { id: gone, reason: 'evicted' });
     if (this.closed) {
@@ -400,7 +403,9 @@ export class Engine extends EventEmitter {
         for (const c of chunks) {
           const chunk = fromChunk(c);
           if (chunk.type === 'toolCall') {
-            calls.push({ id: chunk.id, type: 'function', function: { name: chunk.name, arguments: chunk.argumentsDelta } });
+            const call = calls[chunk.index];
+            if (call) call.function.arguments += chunk.argumentsDelta;
+            else calls.push({ id: chunk.id, type: 'function', function: { name: chunk.name, arguments: chunk.argumentsDelta } });
           } else if (chunk.type === 'metadata') {
             if (calls.length) chunk.toolCalls = calls;
             finished = true;

@@ -19,6 +19,7 @@ export function toHandle(m: NativeModelInfo): ModelHandle {
     kvBytesPerPosition: m.kvBytesPerPosition,
     quantization: m.fileType,
     backend: m.backend as ModelHandle['backend'],
+    toolCallFormat: m.toolCallFormat as ModelHandle['toolCallFormat'],
     state: 'ready',
     warmupMs: m.warmupMs,
     ...(m.draftModel ? { draftModel: m.draftModel } : {}),

@@ -143,6 +143,12 @@ export interface LoadModelOptions {
    * says whether it is available), or `'auto'` (`mlx` where MLX has a GPU, else `cpu`).
    */
   backend?: 'cpu' | 'mlx' | 'auto';
+  /**
+   * How the model writes tool calls: `'hermes'` (`<tool_call>` blocks) or `'mistral'`
+   * (`[TOOL_CALLS]` then a JSON list; needs that control token). By default, from the model's
+   * chat template and vocabulary; `ModelHandle.toolCallFormat` says which was chosen.
+   */
+  toolCallFormat?: 'hermes' | 'mistral';
 }
 
 export interface ModelHandle {
@@ -158,6 +164,7 @@ export interface ModelHandle {
   kvBytesPerPosition: number;
   quantization: string;
   backend: 'cpu' | 'mlx';
+  toolCallFormat: 'hermes' | 'mistral';
   state: 'ready';
   /** Milliseconds the load-time warmup took (0 when `ttft_pipeline.warmup` is off). */
   warmupMs: number;
@@ -229,14 +236,19 @@ export type ResponseFormat =
   | { type: 'json_object' }
   | { type: 'json_schema'; schema: Record<string, unknown> | boolean; strict?: boolean };
 
-/** A tool call the model made (whole: `argumentsDelta` carries all of its arguments). */
+/**
+ * A piece of a tool call the model is making. A call's first chunk comes as soon as its name is
+ * written (often with `argumentsDelta: ''`); later chunks of the same `index` carry the arguments
+ * as they are written. Joined, a call's `argumentsDelta`s are its arguments object as JSON text.
+ */
 export interface ToolCallChunk {
   type: 'toolCall';
-  /** Its place among this generation's calls, from 0. */
+  /** The call's place among this generation's calls, from 0. */
   index: number;
+  /** The same on every chunk of a call. */
   id: string;
   name: string;
-  /** The arguments object as JSON text. */
+  /** This chunk's part of the arguments' JSON text. */
   argumentsDelta: string;
 }
 

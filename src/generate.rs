@@ -128,13 +128,14 @@ impl From<Stats> for NativeStats {
     }
 }
 
-/// A tool call the model made.
+/// A piece of a tool call: a call's first piece names it, the rest carry
+/// its arguments' JSON text in order.
 #[napi(object)]
 pub struct NativeToolCall {
     pub index: u32,
     pub id: String,
     pub name: String,
-    /// The arguments object as JSON text.
+    /// This piece of the arguments' JSON text.
     pub arguments: String,
 }
 

@@ -29,6 +29,8 @@ pub struct NativeModelInfo {
     pub draft_model: Option<String>,
     /// `cpu` or `mlx`.
     pub backend: String,
+    /// `hermes` or `mistral`.
+    pub tool_call_format: String,
 }
 
 impl From<ModelInfo> for NativeModelInfo {
@@ -48,6 +50,7 @@ impl From<ModelInfo> for NativeModelInfo {
             last_access_ms: m.last_access_ms as f64,
             draft_model: m.draft_model,
             backend: m.backend.name().to_owned(),
+            tool_call_format: m.tool_call_format.name().to_owned(),
         }
     }
 }
@@ -88,12 +91,13 @@ impl From<NativeMessage> for ChatMessage {
 #[napi]
 impl NativeEngine {
     /// Loads a GGUF file or MLX folder (off the JS thread) on `backend`
-    /// (`cpu`, `mlx` or `auto`; `cpu` when absent).
+    /// (`cpu`, `mlx` or `auto`; `cpu` when absent); `tool_call_format`
+    /// (`hermes`, `mistral`) overrides the one its template implies.
     #[napi]
-    pub async fn load_model(&self, path: String, id: Option<String>, request_timeout_ms: Option<f64>, backend: Option<String>) -> Coded<NativeLoaded> {
+    pub async fn load_model(&self, path: String, id: Option<String>, request_timeout_ms: Option<f64>, backend: Option<String>, tool_call_format: Option<String>) -> Coded<NativeLoaded> {
         Coded::of(async {
             let backend = backend.as_deref().map(BackendKind::parse).transpose().map_err(js_error)?.unwrap_or_default();
-            let options = ModelOptions { request_timeout_ms: ms_option("requestTimeoutMs", request_timeout_ms)?, backend };
+            let options = ModelOptions { request_timeout_ms: ms_option("requestTimeoutMs", request_timeout_ms)?, backend, tool_call_format };
             let e = self.inner.clone();
             let loaded = blocking(move || e.load(&path, id, options)).await?;
             Ok(NativeLoaded { model: loaded.info.into(), evicted: loaded.evicted })

@@ -65,7 +65,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 print!("{reasoning}{text}");
                 std::io::stdout().flush()?;
             }
-            Event::ToolCall(c) => println!("\n[tool call {}: {}({})]", c.index, c.name, c.arguments),
+            Event::ToolCall(c) => {
+                if c.arguments.is_empty() {
+                    print!("\n[tool call {}: {}] ", c.index, c.name);
+                }
+                print!("{}", c.arguments);
+            }
             Event::Done(s) => {
                 eprintln!(
                     "\n{} prompt tokens, {} generated, TTFT {:.1} ms, decode {:.1} tok/s ({:?})",

@@ -12,7 +12,7 @@ use axum::Json;
 use futures_util::stream::{self, Stream};
 use mlx_serving_engine::engine::{Event, FinishReason, GenerateRequest, RequestHandle, Stats};
 use mlx_serving_engine::text::tokenizer::StreamDecoder;
-use mlx_serving_engine::text::tools::ToolCall;
+use mlx_serving_engine::text::tools::ToolCallDelta;
 use mlx_serving_engine::EngineError;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -33,6 +33,8 @@ struct Choice {
     /// Token ids not yet sent (`return_token_ids`): a token whose text is
     /// held back goes out with the next chunk.
     unsent_ids: Vec<u32>,
+    /// Tool calls whose first chunk went out.
+    calls_started: usize,
     /// Every token id (`return_token_ids`, whole responses).
     ids: Vec<u32>,
     done: bool,
@@ -286,15 +288,24 @@ impl Run {
         chunk
     }
 
-    /// The streaming chunks of one tool call: its header (index, id, name,
-    /// empty arguments), then its arguments.
-    fn tool_call_chunks(&mut self, i: usize, c: &ToolCall) -> [Value; 2] {
+    /// The streaming chunks of a piece of a tool call: a call's first
+    /// piece sends its header (index, id, name, empty arguments), as OpenAI
+    /// does; then each piece its part of the arguments.
+    fn tool_call_chunks(&mut self, i: usize, c: &ToolCallDelta) -> Vec<Value> {
         let delta = |delta: Value| json!({ "index": i, "delta": delta, "logprobs": null, "finish_reason": null });
-        let head = json!({ "tool_calls": [{ "index": c.index, "id": c.id, "type": "function", "function": { "name": c.name, "arguments": "" } }] });
-        let args = json!({ "tool_calls": [{ "index": c.index, "function": { "arguments": c.arguments } }] });
-        let first = self.chunk(i, delta(head));
-        self.choices[i].unsent_ids.clear();
-        [first, self.chunk(i, delta(args))]
+        let mut out = Vec::with_capacity(2);
+        if c.index >= self.choices[i].calls_started {
+            self.choices[i].calls_started = c.index + 1;
+            let head = json!({ "tool_calls": [{ "index": c.index, "id": c.id, "type": "function", "function": { "name": c.name, "arguments": "" } }] });
+            out.push(self.chunk(i, delta(head)));
+            self.choices[i].unsent_ids.clear();
+        }
+        if !c.arguments.is_empty() {
+            let args = json!({ "tool_calls": [{ "index": c.index, "function": { "arguments": c.arguments } }] });
+            out.push(self.chunk(i, delta(args)));
+            self.choices[i].unsent_ids.clear();
+        }
+        out
     }
 
     pub fn into_sse(self) -> impl Stream<Item = Result<SseEvent, Infallible>> {
@@ -376,7 +387,8 @@ impl Run {
         let mut texts = vec![String::new(); n];
         let mut entries: Vec<Vec<Value>> = vec![Vec::new(); n];
         let mut reasons = vec![""; n];
-        let mut calls: Vec<Vec<Value>> = vec![Vec::new(); n];
+        // Each choice's calls so far: id, name, arguments.
+        let mut calls: Vec<Vec<(String, String, String)>> = vec![Vec::new(); n];
         let mut reasonings = vec![String::new(); n];
         loop {
             match self.events.recv().await {
@@ -389,9 +401,10 @@ impl Run {
                     }
                     texts[i].push_str(&text);
                 }
-                Some((i, Some(Event::ToolCall(c)))) => {
-                    calls[i].push(json!({ "id": c.id, "type": "function", "function": { "name": c.name, "arguments": c.arguments } }));
-                }
+                Some((i, Some(Event::ToolCall(c)))) => match calls[i].get_mut(c.index) {
+                    Some(call) => call.2.push_str(&c.arguments),
+                    None => calls[i].push((c.id, c.name, c.arguments)),
+                },
                 Some((i, Some(Event::Done(stats)))) => {
                     reasons[i] = stats.finish_reason.as_str();
                     if self.choice_done(i, &stats) {
@@ -415,7 +428,10 @@ impl Run {
                 let (text, entries, reason) = (std::mem::take(&mut texts[i]), &entries[i], reasons[i]);
                 let mut choice = match s.api {
                     Api::Chat => {
-                        let calls = std::mem::take(&mut calls[i]);
+                        let calls: Vec<Value> = std::mem::take(&mut calls[i])
+                            .into_iter()
+                            .map(|(id, name, args)| json!({ "id": id, "type": "function", "function": { "name": name, "arguments": args } }))
+                            .collect();
                         let mut message = json!({ "role": "assistant", "content": text });
                         let reasoning = std::mem::take(&mut reasonings[i]);
                         if !reasoning.is_empty() {

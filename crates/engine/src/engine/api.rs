@@ -5,7 +5,7 @@
 use super::*;
 use crate::text::grammar::Constraint;
 use crate::text::output::ReasoningFormat;
-use crate::text::tools::{Tool, ToolCall, ToolChoice};
+use crate::text::tools::{CallFormat, Tool, ToolCallDelta, ToolChoice};
 
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
@@ -30,6 +30,8 @@ pub struct ModelInfo {
     pub draft_model: Option<String>,
     /// The backend it runs on.
     pub backend: BackendKind,
+    /// How its tool calls are written and parsed.
+    pub tool_call_format: CallFormat,
 }
 
 /// Per-model settings given at load (a canary's candidate may differ from
@@ -40,6 +42,9 @@ pub struct ModelOptions {
     pub request_timeout_ms: Option<u64>,
     /// The backend to run it on (`cpu` unless asked).
     pub backend: BackendKind,
+    /// `hermes` or `mistral`: how its tool calls are written (none: from
+    /// its chat template and vocabulary).
+    pub tool_call_format: Option<String>,
 }
 
 /// A load's outcome.
@@ -195,8 +200,9 @@ pub enum Event {
     /// `reasoning`: text of the model's `<think>` blocks, split out of `text`
     /// (see `ReasoningFormat`).
     Token { text: String, reasoning: String, token_id: u32, logprob: Option<f32>, top_logprobs: Vec<(u32, f32)> },
-    /// A whole tool call the model made (its text is not in any `Token`).
-    ToolCall(ToolCall),
+    /// A piece of a tool call the model is making (its text is not in any
+    /// `Token`): see `ToolCallDelta`.
+    ToolCall(ToolCallDelta),
     Done(Stats),
     Error(EngineError),
 }

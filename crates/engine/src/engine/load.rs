@@ -30,6 +30,7 @@ pub(super) fn open_model(canonical: PathBuf, id: String, request_timeout_ms: Opt
         last_access_ms: 0,
         draft_model: None,
         backend,
+        tool_call_format: CallFormat::Hermes,
     };
     Ok((model, tokenizer, info))
 }
@@ -194,6 +195,12 @@ impl Engine {
         let source = tokenizer.chat_template.as_deref().unwrap_or_else(|| crate::text::chat::default_template(&model.config().architecture));
         let template = ChatTemplate::new(Some(source), &text_of(tokenizer.bos_id), &text_of(tokenizer.eos_id))
             .map_err(|e| EngineError::ModelLoad { path: canonical.display().to_string(), reason: e.to_string() })?;
+        let calls_token = tokenizer.control_token(MISTRAL_CALLS);
+        let mut info = info;
+        info.tool_call_format = match &options.tool_call_format {
+            None => CallFormat::detect(calls_token, Some(source)),
+            Some(name) => CallFormat::parse(name, calls_token).map_err(|e| EngineError::InvalidParams(format!("toolCallFormat {e}")))?,
+        };
         let tokenizer = Arc::new(tokenizer);
         let (tx, rx) = mpsc::channel();
         let counters = Arc::new(Counters::default());

@@ -10,20 +10,27 @@ use crate::request::Field;
 use crate::text::grammar::Constraint;
 use crate::text::output::ReasoningFormat;
 use crate::text::tools::ToolChoice;
-use crate::text::tools::{Function, Tool, ToolCall};
+use crate::text::tools::{Function, Tool, ToolCallDelta};
 
 fn constrained(c: Constraint, max_tokens: i64) -> GenerateRequest {
     GenerateRequest { max_tokens: Some(max_tokens), constraint: Some(c), ..req(Input::Prompt("hello world".into())) }
 }
 
 /// Every event of a request: its text, its tool calls, and how it ended.
-fn run(e: &Engine, r: GenerateRequest) -> (String, Vec<ToolCall>, Result<Stats, EngineError>) {
+fn run(e: &Engine, r: GenerateRequest) -> (String, Vec<ToolCallDelta>, Result<Stats, EngineError>) {
     let mut h = e.submit(r).unwrap();
-    let (mut text, mut calls) = (String::new(), Vec::new());
+    let (mut text, mut calls) = (String::new(), Vec::<ToolCallDelta>::new());
     while let Some(ev) = h.blocking_recv() {
         match ev {
             Event::Token { text: t, .. } => text.push_str(&t),
-            Event::ToolCall(c) => calls.push(c),
+            // A call's pieces, joined.
+            Event::ToolCall(c) => match calls.get_mut(c.index) {
+                Some(call) => {
+                    assert_eq!((&call.id, &call.name), (&c.id, &c.name));
+                    call.arguments.push_str(&c.arguments);
+                }
+                None => calls.push(c),
+            },
             Event::Done(s) => return (text, calls, Ok(s)),
             Event::Error(err) => return (text, calls, Err(err)),
         }
@@ -203,4 +210,61 @@ fn think_blocks_go_to_reasoning_unless_kept_inline() {
     assert_eq!(none, "");
     // Auto: a raw prompt that opened no block is left alone.
     assert_eq!(write(ReasoningFormat::Auto).0, inline);
+}
+
+/// The tiny llama with Mistral's call token (`[TOOL_CALLS]`, a control token,
+/// id 1) and a template that writes it, loaded with `options`.
+fn tiny_mistral(options: ModelOptions) -> (Engine, tempfile::TempDir, ModelInfo) {
+    use crate::formats::gguf::MetaValue;
+    let mut md = crate::text::tokenizer::tests::tiny_tokenizer_metadata();
+    for (k, v) in md.iter_mut() {
+        match *k {
+            "tokenizer.ggml.tokens" => {
+                let MetaValue::Array(tokens) = v else { unreachable!() };
+                tokens[1] = MetaValue::Str("[TOOL_CALLS]".into());
+            }
+            "tokenizer.ggml.bos_token_id" => *v = MetaValue::U32(0),
+            "tokenizer.chat_template" => {
+                *v = MetaValue::Str("{% for m in messages %}{% if m.tool_calls %}[TOOL_CALLS] {{ m.tool_calls | tojson }}{% else %}{{ m.content }}{% endif %}{% endfor %}".into())
+            }
+            _ => {}
+        }
+    }
+    let n_vocab = md.iter().find(|(k, _)| *k == "tokenizer.ggml.tokens").unwrap().1.as_array().unwrap().len();
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = crate::models::llama::tests::tiny_llama_gguf(&crate::models::llama::tests::TinyLlama { vocab: n_vocab, dim: 64, n_layers: 2 }, md);
+    std::fs::write(dir.path().join("tiny.gguf"), bytes).unwrap();
+    let e = Engine::with_config(RuntimeConfig::default());
+    let info = e.load_model_with(dir.path().join("tiny.gguf"), None, options).unwrap();
+    (e, dir, info)
+}
+
+#[test]
+fn mistral_models_write_and_read_calls_in_their_own_format() {
+    use crate::text::tools::CallFormat;
+    let (e, _d, info) = tiny_mistral(ModelOptions::default());
+    assert_eq!(info.tool_call_format, CallFormat::Mistral(1));
+    let ask = |choice: ToolChoice, bias: Vec<(u32, f32)>| {
+        let mut r = GenerateRequest { max_tokens: Some(128), tools: vec![weather()], tool_choice: choice, parallel_tool_calls: false, ..req(Input::Prompt("Weather in Paris?".into())) };
+        r.sampling.logit_bias = bias;
+        run(&e, r)
+    };
+    // `required`: the control token by id, then a list of one call.
+    // `auto`: the model writes the control token (pushed by a bias here),
+    // which the parser sees as text, and the rest follows the tools' grammar.
+    for (choice, bias) in [(ToolChoice::Required, vec![]), (ToolChoice::Auto, vec![(1, 100.0)])] {
+        let (text, calls, stats) = ask(choice.clone(), bias);
+        assert_eq!(stats.unwrap().finish_reason, FinishReason::ToolCalls, "{choice:?}: {text:?}");
+        assert_eq!((text.as_str(), calls.len(), calls[0].name.as_str()), ("", 1, "get_weather"), "{choice:?}");
+        let args: Value = serde_json::from_str(&calls[0].arguments).unwrap();
+        assert!(args["city"].is_string(), "{args}");
+    }
+    // Named explicitly: the same; Hermes on request; an unknown name refused.
+    let (_, _, info) = tiny_mistral(ModelOptions { tool_call_format: Some("mistral".into()), ..Default::default() });
+    assert_eq!(info.tool_call_format, CallFormat::Mistral(1));
+    let (_, _, info) = tiny_mistral(ModelOptions { tool_call_format: Some("hermes".into()), ..Default::default() });
+    assert_eq!(info.tool_call_format, CallFormat::Hermes);
+    let (e, d) = tiny_engine();
+    let err = e.load_model_with(d.path().join("tiny.gguf"), Some("other".into()), ModelOptions { tool_call_format: Some("mistral".into()), ..Default::default() });
+    assert!(matches!(&err, Err(EngineError::InvalidParams(m)) if m.contains("no [TOOL_CALLS]")), "{err:?}");
 }

@@ -97,7 +97,7 @@ impl Engine {
             lazy_guide,
             // Under a JSON, regex or grammar constraint the output is what
             // it says, never a call.
-            output: OutputParser::new(reasoning, opened_think, (offers_tools && req.constraint.is_none()).then_some(req.tools.as_slice())),
+            output: OutputParser::new(reasoning, opened_think, (offers_tools && req.constraint.is_none()).then_some((req.tools.as_slice(), w.info.tool_call_format))),
         };
         w.tx.send(Msg::Job(Box::new(job))).map_err(|_| EngineError::ModelNotLoaded(req.model.clone()))?;
         Ok(RequestHandle { id, prompt_tokens, events: events_rx, unread, cancel })
@@ -218,11 +218,11 @@ impl Engine {
     /// call it requires), and the one a tool call the model opens on its
     /// own follows (`tool_choice: auto`).
     fn guides(&self, w: &Worker, req: &GenerateRequest) -> Result<(Option<Guide>, Option<Guide>), EngineError> {
-        let (parallel, choice) = (req.parallel_tool_calls, &req.tool_choice);
-        let (now, lazy) = match (&req.constraint, tools::call_grammar(&req.tools, choice, parallel)) {
+        let (parallel, choice, format) = (req.parallel_tool_calls, &req.tool_choice, w.info.tool_call_format);
+        let (now, lazy) = match (&req.constraint, tools::call_grammar(&req.tools, choice, parallel, format)) {
             (Some(c), _) => (Some((req.constraint_field(), c.clone())), None),
             (None, Some(c)) => (Some((Field::Tools, c)), None),
-            (None, None) => (None, tools::rest_of_call_grammar(&req.tools, choice, parallel).map(|c| (Field::Tools, c))),
+            (None, None) => (None, tools::rest_of_call_grammar(&req.tools, choice, parallel, format).map(|c| (Field::Tools, c))),
         };
         if now.is_none() && lazy.is_none() {
             return Ok((None, None));

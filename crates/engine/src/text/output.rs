@@ -4,7 +4,7 @@
 //! `OutputParser`; reasoning is split off first, so a call written while
 //! thinking stays part of the reasoning.
 
-use crate::text::tools::{CallParser, Tool, ToolCall};
+use crate::text::tools::{CallFormat, CallParser, Tool, ToolCallDelta};
 
 pub const THINK_OPEN: &str = "<think>";
 pub const THINK_CLOSE: &str = "</think>";
@@ -37,7 +37,7 @@ impl ReasoningFormat {
 pub struct Parsed {
     pub content: String,
     pub reasoning: String,
-    pub calls: Vec<ToolCall>,
+    pub calls: Vec<ToolCallDelta>,
 }
 
 impl Parsed {
@@ -92,12 +92,17 @@ pub struct OutputParser {
 impl OutputParser {
     /// `reasoning`: split `<think>` blocks out, starting inside one when the
     /// prompt opened it; `tools`: the tools whose calls are parsed out of
-    /// the content (none: no parsing).
-    pub fn new(reasoning: bool, starts_thinking: bool, tools: Option<&[Tool]>) -> Self {
+    /// the content, and how they are written (none: no parsing).
+    pub fn new(reasoning: bool, starts_thinking: bool, tools: Option<(&[Tool], CallFormat)>) -> Self {
         OutputParser {
             think: reasoning.then(|| ThinkSplit { buf: String::new(), thinking: starts_thinking }),
-            calls: tools.map(CallParser::new),
+            calls: tools.map(|(tools, format)| CallParser::new(tools, format)),
         }
+    }
+
+    /// See `CallParser::control_text`.
+    pub fn control_text(&self, token: u32) -> Option<&'static str> {
+        self.calls.as_ref().and_then(|c| c.control_text(token))
     }
 
     pub fn n_calls(&self) -> usize {
@@ -165,10 +170,11 @@ mod tests {
     fn reasoning_is_split_out_under_any_chunking_and_calls_inside_it_stay_reasoning() {
         let text = "<think>\nI should call <tool_call>{\"name\": \"x\", \"arguments\": {}}</tool_call> maybe\n</think>\n\nHello <tool_call>{\"name\": \"f\", \"arguments\": {\"a\": 1}}</tool_call>";
         for chunk in [1, 2, 5, 9, text.len()] {
-            let out = run(&mut OutputParser::new(true, false, Some(&[])), text, chunk);
+            let out = run(&mut OutputParser::new(true, false, Some((&[], CallFormat::Hermes))), text, chunk);
             assert_eq!(out.reasoning, "\nI should call <tool_call>{\"name\": \"x\", \"arguments\": {}}</tool_call> maybe\n", "chunk {chunk}");
             assert_eq!(out.content, "\n\nHello ");
-            assert_eq!(out.calls.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["f"]);
+            assert!(out.calls.iter().all(|c| (c.index, c.name.as_str()) == (0, "f")), "{:?}", out.calls);
+            assert_eq!(out.calls.iter().map(|c| c.arguments.as_str()).collect::<String>(), "{\"a\": 1}");
         }
     }
 

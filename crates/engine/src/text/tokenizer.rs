@@ -374,6 +374,11 @@ impl Tokenizer {
         self.texts.get(id as usize).map(String::as_str)
     }
 
+    /// The id of the control token whose vocabulary text is `text`.
+    pub fn control_token(&self, text: &str) -> Option<u32> {
+        self.texts.iter().position(|t| t == text).map(|i| i as u32).filter(|&id| self.piece(id).is_empty())
+    }
+
     pub fn is_eog(&self, id: u32) -> bool {
         self.eog_ids.contains(&id)
     }

@@ -5,9 +5,11 @@
 //! parser that turns `<tool_call>{json}</tool_call>` blocks in the output
 //! into calls.
 //!
-//! The call format is the Hermes one (Qwen 2.5 and 3, SmolLM3, Hermes and
-//! most templates with tool support): a JSON object with `name` and
-//! `arguments` between `<tool_call>` tags, one block per call.
+//! Two call formats (`CallFormat`), picked per model: Hermes (Qwen 2.5 and 3,
+//! SmolLM3, Hermes and most templates with tool support), a JSON object with
+//! `name` and `arguments` between `<tool_call>` tags, one block per call; and
+//! Mistral's, the `[TOOL_CALLS]` control token then a JSON array of such
+//! objects. Llama 3.x's bare JSON object is read in either.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -19,6 +21,55 @@ use crate::text::grammar::Constraint;
 
 pub const CALL_OPEN: &str = "<tool_call>";
 pub const CALL_CLOSE: &str = "</tool_call>";
+/// Mistral's control token before a list of calls.
+pub const MISTRAL_CALLS: &str = "[TOOL_CALLS]";
+
+/// How a model writes its tool calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CallFormat {
+    /// `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, a block per call.
+    #[default]
+    Hermes,
+    /// `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]` (Mistral 7B
+    /// v0.3, Mixtral 8x22B, Mistral Nemo): the control token's id.
+    Mistral(u32),
+}
+
+impl CallFormat {
+    /// A model's format: Mistral's when its vocabulary has `[TOOL_CALLS]` as
+    /// a control token and its chat template writes it; else Hermes.
+    pub fn detect(tool_calls_token: Option<u32>, template_source: Option<&str>) -> Self {
+        match tool_calls_token {
+            Some(id) if template_source.is_some_and(|t| t.contains(MISTRAL_CALLS)) => CallFormat::Mistral(id),
+            _ => CallFormat::Hermes,
+        }
+    }
+
+    /// `hermes` or `mistral` (which needs the model's `[TOOL_CALLS]` token).
+    pub fn parse(name: &str, tool_calls_token: Option<u32>) -> Result<Self, String> {
+        match (name, tool_calls_token) {
+            ("hermes", _) => Ok(CallFormat::Hermes),
+            ("mistral", Some(id)) => Ok(CallFormat::Mistral(id)),
+            ("mistral", None) => Err("is mistral, but this model's vocabulary has no [TOOL_CALLS] control token".into()),
+            (other, _) => Err(format!("must be hermes or mistral, got '{other}'")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CallFormat::Hermes => "hermes",
+            CallFormat::Mistral(_) => "mistral",
+        }
+    }
+
+    /// The text that opens calls in the output (control tokens as their text).
+    fn tag(self) -> &'static str {
+        match self {
+            CallFormat::Hermes => CALL_OPEN,
+            CallFormat::Mistral(_) => MISTRAL_CALLS,
+        }
+    }
+}
 
 /// A function the model may call (OpenAI's `{type: "function", function}`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,40 +163,49 @@ fn call_schema(t: &Tool) -> Value {
 
 /// The grammar of the output when a call is required: one call block (or
 /// several, with `parallel`), of any tool or of the named one.
-pub fn call_grammar(tools: &[Tool], choice: &ToolChoice, parallel: bool) -> Option<Constraint> {
+pub fn call_grammar(tools: &[Tool], choice: &ToolChoice, parallel: bool, format: CallFormat) -> Option<Constraint> {
     let allowed: Vec<&Tool> = match choice {
         ToolChoice::Auto | ToolChoice::None => return None,
         ToolChoice::Required => tools.iter().collect(),
         ToolChoice::Named(n) => tools.iter().filter(|t| &t.function.name == n).collect(),
     };
-    Some(calls_grammar(&allowed, parallel, "call"))
+    Some(calls_grammar(&allowed, parallel, "call", format))
 }
 
 /// With `tool_choice: auto`, the grammar of what follows a `<tool_call>`
 /// the model opened on its own (llama.cpp's lazy grammar): the rest of
 /// that call, then more calls or the end. The worker attaches it when the
 /// tag appears, so a call the model starts is always a valid one.
-pub fn rest_of_call_grammar(tools: &[Tool], choice: &ToolChoice, parallel: bool) -> Option<Constraint> {
+pub fn rest_of_call_grammar(tools: &[Tool], choice: &ToolChoice, parallel: bool, format: CallFormat) -> Option<Constraint> {
     match choice {
-        ToolChoice::Auto if !tools.is_empty() => Some(calls_grammar(&tools.iter().collect::<Vec<_>>(), parallel, "rest")),
+        ToolChoice::Auto if !tools.is_empty() => Some(calls_grammar(&tools.iter().collect::<Vec<_>>(), parallel, "rest", format)),
         _ => None,
     }
 }
 
-/// Call blocks of `allowed`; `first` is `call` (a whole block) or `rest`
-/// (a block whose opening tag is already written).
-fn calls_grammar(allowed: &[&Tool], parallel: bool, first: &str) -> Constraint {
+/// Calls of `allowed` in `format`; `first` is `call` (from the opening tag)
+/// or `rest` (after an opening tag already written).
+fn calls_grammar(allowed: &[&Tool], parallel: bool, first: &str, format: CallFormat) -> Constraint {
     let schema = match allowed {
         [one] => call_schema(one),
         many => json!({"anyOf": many.iter().map(|t| call_schema(t)).collect::<Vec<_>>()}),
     };
     let schema = json!({"x-guidance": {"whitespace_flexible": false, "key_separator": ": ", "item_separator": ", "}, "allOf": [schema]});
-    let more = if parallel { "(\"\\n\" call)*" } else { "" };
-    Constraint::Lark(format!(
-        "start: {first} {more}\ncall: {open:?} rest\nrest: \"\\n\" body \"\\n\" {close:?}\nbody: %json {schema}\n",
-        open = CALL_OPEN,
-        close = CALL_CLOSE,
-    ))
+    Constraint::Lark(match format {
+        CallFormat::Hermes => {
+            let more = if parallel { "(\"\\n\" call)*" } else { "" };
+            format!(
+                "start: {first} {more}\ncall: {open:?} rest\nrest: \"\\n\" body \"\\n\" {close:?}\nbody: %json {schema}\n",
+                open = CALL_OPEN,
+                close = CALL_CLOSE,
+            )
+        }
+        // The control token by id (llguidance's `<[id]>`), then one array.
+        CallFormat::Mistral(id) => {
+            let more = if parallel { "(\", \" body)*" } else { "" };
+            format!("start: {first}\ncall: <[{id}]> rest\nrest: \" [\" body {more} \"]\"\nbody: %json {schema}\n")
+        }
+    })
 }
 
 /// The system turn that offers `tools` to a model whose template cannot.
@@ -212,14 +272,16 @@ pub fn arguments_value(v: &Value) -> Value {
     }
 }
 
-/// A call the model made.
+/// A piece of a tool call the model is making. The first piece of each
+/// call (by `index`, in order) names it; the `arguments` of its pieces,
+/// joined, are the call's arguments as JSON text. Every piece repeats the
+/// call's `id` and `name`, so a reader can start at any of them.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ToolCall {
-    /// Its place among the request's calls, from 0.
+pub struct ToolCallDelta {
+    /// The call's place among the request's calls, from 0.
     pub index: usize,
     pub id: String,
     pub name: String,
-    /// The arguments object as JSON text.
     pub arguments: String,
 }
 
@@ -231,38 +293,126 @@ fn call_id() -> String {
     format!("call_{:016x}", t.rotate_left(17) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
+/// Where a scan of JSON text is: nesting depth, inside a string, after a
+/// backslash in one.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Scan {
+    depth: u32,
+    in_str: bool,
+    esc: bool,
+}
+
+impl Scan {
+    /// Takes the next byte; true when it closes the outermost object or array.
+    fn feed(&mut self, b: u8) -> bool {
+        if self.in_str {
+            (self.esc, self.in_str) = match (self.esc, b) {
+                (true, _) => (false, true),
+                (false, b'\\') => (true, true),
+                (false, b'"') => (false, false),
+                _ => (false, true),
+            };
+            return false;
+        }
+        match b {
+            b'"' => self.in_str = true,
+            b'{' | b'[' => self.depth += 1,
+            b'}' | b']' if self.depth > 0 => {
+                self.depth -= 1;
+                return self.depth == 0;
+            }
+            _ => {}
+        }
+        false
+    }
+}
+
+/// Where the object or array at the start of `s` ends, once it has.
+fn json_end(s: &str) -> Option<usize> {
+    let mut scan = Scan::default();
+    s.bytes().position(|b| scan.feed(b)).map(|i| i + 1)
+}
+
+/// How far an open call has been sent.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+enum Block {
+    /// Not yet known whether it starts `{"name": "...", "arguments": {`.
+    #[default]
+    Header,
+    /// It does not: it is parsed whole when it ends.
+    Whole,
+    /// Its arguments are being sent: `sent` bytes of the call's text are
+    /// out, the scan of the arguments object is at `at`.
+    Args { sent: usize, at: usize, scan: Scan },
+    /// Its arguments are out; what is left of it is not.
+    Sent,
+}
+
+/// Mistral's list of calls after `[TOOL_CALLS]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum List {
+    /// Before its `[`.
+    Start,
+    /// Before a call, a `,` or the closing `]`.
+    Between,
+}
+
 /// Splits streamed output into content text and tool calls. Text that may
-/// be the start of `<tool_call>` is held back until it is known not to be.
-/// An output that is one bare JSON object naming an offered tool (Llama
-/// 3.x's format: `{"name": ..., "parameters": ...}`) is a call too; such an
-/// output is held back whole until it ends, so it is known to be one.
+/// be the start of the format's opening tag is held back until it is known
+/// not to be.
+///
+/// A call that starts `{"name": "<tool>", "arguments": {` (the order our
+/// grammars write) is sent as it is written: its name at once, then its
+/// arguments text as it grows, as OpenAI streams calls. Any other call is
+/// parsed whole when it ends (its closing tag; in Mistral's list, its
+/// closing brace) and is a call if its JSON is one, else content. An output
+/// that is one bare JSON object naming an offered tool (Llama 3.x's format:
+/// `{"name": ..., "parameters": ...}`) is a call too; such an output is held
+/// back whole until it ends, so it is known to be one.
 #[derive(Debug, Default)]
 pub struct CallParser {
+    format: CallFormat,
+    /// Outside a call: text not yet released. Inside: the call so far.
     buf: String,
-    in_call: bool,
+    block: Option<Block>,
+    list: Option<List>,
     n_calls: usize,
-    /// The tools a bare JSON call may name.
+    /// The call being sent (its id and name).
+    current: Option<(String, String)>,
+    /// The text after an opening tag that the last push completed.
+    opened: Option<String>,
+    /// The tools a call may name (empty: any name).
     names: Vec<String>,
     /// Whether the output began with `{` (`None`: only whitespace so far).
     bare: Option<bool>,
 }
 
 impl CallParser {
-    pub fn new(tools: &[Tool]) -> Self {
-        CallParser { names: tools.iter().map(|t| t.function.name.clone()).collect(), ..Default::default() }
+    pub fn new(tools: &[Tool], format: CallFormat) -> Self {
+        CallParser { format, names: tools.iter().map(|t| t.function.name.clone()).collect(), ..Default::default() }
     }
 
     pub fn n_calls(&self) -> usize {
         self.n_calls
     }
 
-    /// Inside a call block: the text after its opening tag so far.
-    pub fn open_call(&self) -> Option<&str> {
-        self.in_call.then_some(self.buf.as_str())
+    /// The text of `token` when it is the format's control token (which
+    /// renders as nothing elsewhere): the parser must see it.
+    pub fn control_text(&self, token: u32) -> Option<&'static str> {
+        match self.format {
+            CallFormat::Mistral(id) if id == token => Some(MISTRAL_CALLS),
+            _ => None,
+        }
     }
 
-    /// Content released by `text`, and the calls it completed.
-    pub fn push(&mut self, text: &str) -> (String, Vec<ToolCall>) {
+    /// When the last push completed an opening tag: the text after it.
+    pub fn open_call(&self) -> Option<&str> {
+        self.opened.as_deref()
+    }
+
+    /// Content released by `text`, and the pieces of calls it wrote.
+    pub fn push(&mut self, text: &str) -> (String, Vec<ToolCallDelta>) {
+        self.opened = None;
         self.buf.push_str(text);
         if self.bare.is_none() {
             self.bare = self.buf.trim_start().chars().next().map(|c| c == '{');
@@ -271,60 +421,197 @@ impl CallParser {
             return (String::new(), Vec::new());
         }
         let (mut content, mut calls) = (String::new(), Vec::new());
+        let tag = self.format.tag();
         loop {
-            if !self.in_call {
-                if let Some(at) = self.buf.find(CALL_OPEN) {
-                    content.push_str(&self.buf[..at]);
-                    self.buf.drain(..at + CALL_OPEN.len());
-                    self.in_call = true;
-                    continue;
+            if let Some(block) = self.block {
+                // Where the call's text ends, and where what closes it does.
+                let end = match self.format {
+                    CallFormat::Hermes => self.buf.find(CALL_CLOSE).map(|at| (at, at + CALL_CLOSE.len())),
+                    CallFormat::Mistral(_) => json_end(&self.buf).map(|at| (at, at)),
+                };
+                self.advance(block, end.map_or(self.buf.len(), |e| e.0), &mut calls);
+                let Some((at, closed)) = end else { break };
+                match self.block {
+                    Some(Block::Header | Block::Whole) => match self.whole_call(&self.buf[..at].to_owned()) {
+                        Some(c) => calls.push(c),
+                        None if self.list.is_some() => content.push_str(&self.buf[..closed]),
+                        None => content.push_str(&format!("{tag}{}", &self.buf[..closed])),
+                    },
+                    // Closed before its arguments were: what was sent is the call.
+                    Some(Block::Args { .. }) => self.n_calls += 1,
+                    _ => {}
                 }
-                let keep = partial_suffix(&self.buf, CALL_OPEN);
-                content.push_str(&self.buf[..self.buf.len() - keep]);
-                self.buf.drain(..self.buf.len() - keep);
-                break;
+                self.buf.drain(..closed);
+                self.block = None;
+                self.current = None;
+                continue;
             }
-            let Some(at) = self.buf.find(CALL_CLOSE) else { break };
-            let body: String = self.buf.drain(..at + CALL_CLOSE.len()).collect();
-            match self.call(&body[..at]) {
-                Some(c) => calls.push(c),
-                None => content.push_str(&format!("{CALL_OPEN}{body}")),
+            if let Some(list) = self.list {
+                let skip = |c: char| c.is_whitespace() || (list == List::Between && c == ',');
+                let n = self.buf.len() - self.buf.trim_start_matches(skip).len();
+                self.buf.drain(..n);
+                match (list, self.buf.as_bytes().first()) {
+                    (_, None) => break,
+                    (List::Start, Some(b'[')) => {
+                        self.buf.drain(..1);
+                        self.list = Some(List::Between);
+                    }
+                    (List::Between, Some(b'{')) => self.block = Some(Block::Header),
+                    (List::Between, Some(b']')) => {
+                        self.buf.drain(..1);
+                        self.list = None;
+                    }
+                    // Not a list of calls: the rest is content.
+                    _ => self.list = None,
+                }
+                continue;
             }
-            self.in_call = false;
+            if let Some(at) = self.buf.find(tag) {
+                content.push_str(&self.buf[..at]);
+                self.buf.drain(..at + tag.len());
+                self.opened = Some(self.buf.clone());
+                match self.format {
+                    CallFormat::Hermes => self.block = Some(Block::Header),
+                    CallFormat::Mistral(_) => self.list = Some(List::Start),
+                }
+                continue;
+            }
+            let keep = partial_suffix(&self.buf, tag);
+            content.push_str(&self.buf[..self.buf.len() - keep]);
+            self.buf.drain(..self.buf.len() - keep);
+            break;
         }
         (content, calls)
     }
 
-    /// What is left at the end: a call whose closing tag never came counts
-    /// if its JSON is whole; anything else is content.
-    pub fn finish(&mut self) -> (String, Vec<ToolCall>) {
+    /// Sends what the open call's first `end` bytes add to it.
+    fn advance(&mut self, block: Block, end: usize, calls: &mut Vec<ToolCallDelta>) {
+        let mut block = block;
+        if block == Block::Header {
+            block = match call_header(&self.buf[..end]) {
+                Err(true) => Block::Header,
+                Ok((name, args)) if self.names.is_empty() || self.names.contains(&name) => {
+                    let id = call_id();
+                    calls.push(ToolCallDelta { index: self.n_calls, id: id.clone(), name: name.clone(), arguments: String::new() });
+                    self.current = Some((id, name));
+                    Block::Args { sent: args, at: args, scan: Scan::default() }
+                }
+                _ => Block::Whole,
+            };
+        }
+        if let Block::Args { sent, mut at, mut scan } = block {
+            let bytes = self.buf.as_bytes();
+            let mut done = false;
+            while at < end && !done {
+                done = scan.feed(bytes[at]);
+                at += 1;
+            }
+            if at > sent {
+                let (id, name) = self.current.clone().expect("a call is being sent");
+                calls.push(ToolCallDelta { index: self.n_calls, id, name, arguments: self.buf[sent..at].to_owned() });
+            }
+            if done {
+                self.n_calls += 1;
+            }
+            block = if done { Block::Sent } else { Block::Args { sent: at, at, scan } };
+        }
+        self.block = Some(block);
+    }
+
+    /// What is left at the end: a call that never closed counts if its JSON
+    /// is whole (or if its arguments were being sent: the output was cut,
+    /// which its finish reason says); anything else is content.
+    pub fn finish(&mut self) -> (String, Vec<ToolCallDelta>) {
         let rest = std::mem::take(&mut self.buf);
         if self.bare == Some(true) {
             let named = |v: &Value| v.get("name").and_then(Value::as_str).is_some_and(|n| self.names.iter().any(|t| t == n));
             return match serde_json::from_str::<Value>(rest.trim()) {
-                Ok(v) if named(&v) => (String::new(), self.call(rest.trim()).into_iter().collect()),
+                Ok(v) if named(&v) => (String::new(), self.whole_call(rest.trim()).into_iter().collect()),
                 _ => (rest, Vec::new()),
             };
         }
-        if !self.in_call {
-            return (rest, Vec::new());
-        }
-        self.in_call = false;
-        match self.call(&rest) {
-            Some(c) => (String::new(), vec![c]),
-            None => (format!("{CALL_OPEN}{rest}"), Vec::new()),
+        let in_list = self.list.take().is_some();
+        match self.block.take() {
+            None => (rest, Vec::new()),
+            Some(Block::Args { .. }) => {
+                self.n_calls += 1;
+                (String::new(), Vec::new())
+            }
+            Some(Block::Sent) => (String::new(), Vec::new()),
+            Some(Block::Header | Block::Whole) => match self.whole_call(&rest) {
+                Some(c) => (String::new(), vec![c]),
+                None if in_list => (rest, Vec::new()),
+                None => (format!("{}{rest}", self.format.tag()), Vec::new()),
+            },
         }
     }
 
-    fn call(&mut self, body: &str) -> Option<ToolCall> {
+    /// A call's whole JSON as one call, if it is one.
+    fn whole_call(&mut self, body: &str) -> Option<ToolCallDelta> {
         let v: Value = serde_json::from_str(body.trim()).ok()?;
         let name = v.get("name")?.as_str()?.to_owned();
         // Llama-style templates say "parameters".
         let args = v.get("arguments").or_else(|| v.get("parameters")).map(arguments_value).unwrap_or(json!({}));
-        let c = ToolCall { index: self.n_calls, id: call_id(), name, arguments: args.to_string() };
+        let c = ToolCallDelta { index: self.n_calls, id: call_id(), name, arguments: args.to_string() };
         self.n_calls += 1;
         Some(c)
     }
+}
+
+/// Reads `{"name": "<name>", "arguments": ` (or `"parameters"`) at the
+/// start of `s`: the name and where the arguments object begins. `Err(true)`:
+/// `s` may still become such a start; `Err(false)`: it cannot, or the
+/// arguments are not an object.
+fn call_header(s: &str) -> Result<(String, usize), bool> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    let skip = |i: &mut usize| {
+        while b.get(*i).is_some_and(u8::is_ascii_whitespace) {
+            *i += 1;
+        }
+    };
+    let byte = |i: &mut usize, c: u8| {
+        skip(i);
+        match b.get(*i) {
+            None => Err(true),
+            Some(&x) if x == c => {
+                *i += 1;
+                Ok(())
+            }
+            _ => Err(false),
+        }
+    };
+    let string = |i: &mut usize| -> Result<String, bool> {
+        byte(i, b'"')?;
+        let start = *i - 1;
+        loop {
+            match b.get(*i) {
+                None => return Err(true),
+                Some(b'\\') => *i += 2,
+                Some(b'"') => break,
+                _ => *i += 1,
+            }
+        }
+        *i += 1;
+        serde_json::from_str(&s[start..*i]).map_err(|_| false)
+    };
+    byte(&mut i, b'{')?;
+    if string(&mut i)? != "name" {
+        return Err(false);
+    }
+    byte(&mut i, b':')?;
+    let name = string(&mut i)?;
+    byte(&mut i, b',')?;
+    if !matches!(string(&mut i)?.as_str(), "arguments" | "parameters") {
+        return Err(false);
+    }
+    byte(&mut i, b':')?;
+    let at = {
+        skip(&mut i);
+        i
+    };
+    byte(&mut i, b'{')?;
+    Ok((name, at))
 }
 
 /// Length of the longest end of `s` that begins `tag` (and so may be its start).
@@ -340,37 +627,132 @@ mod tests {
         Tool { kind: "function".into(), function: Function { name: name.into(), description: Some("d".into()), parameters: Some(params), strict: None } }
     }
 
+    /// Content and calls (pieces joined) of `out` pushed `chunk` chars at a time.
+    fn parse(p: &mut CallParser, out: &str, chunk: usize) -> (String, Vec<ToolCallDelta>) {
+        let (mut content, mut calls) = (String::new(), Vec::<ToolCallDelta>::new());
+        let mut add = |c: &str, k: Vec<ToolCallDelta>| {
+            content.push_str(c);
+            for d in k {
+                match calls.get_mut(d.index) {
+                    Some(call) => {
+                        assert_eq!((&call.id, &call.name), (&d.id, &d.name));
+                        call.arguments.push_str(&d.arguments);
+                    }
+                    None => {
+                        assert_eq!(d.index, calls.len(), "calls start in order");
+                        calls.push(d);
+                    }
+                }
+            }
+        };
+        let chars: Vec<char> = out.chars().collect();
+        for piece in chars.chunks(chunk) {
+            let (c, k) = p.push(&piece.iter().collect::<String>());
+            add(&c, k);
+        }
+        let (c, k) = p.finish();
+        add(&c, k);
+        (content, calls)
+    }
+
+    const HERMES: CallFormat = CallFormat::Hermes;
+
     #[test]
     fn parser_splits_content_and_calls_across_any_chunking() {
-        let out = "Let me check.<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>{\"name\":\"f\",\"arguments\":\"{}\"}</tool_call>";
+        let out = "Let me check.<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Pa}r\\\"is\", \"n\": [1, {}]}}\n</tool_call>\n<tool_call>{\"name\":\"f\",\"arguments\":\"{}\"}</tool_call>";
         for chunk in [1, 2, 3, 7, out.len()] {
-            let mut p = CallParser::new(&[]);
-            let (mut content, mut calls) = (String::new(), Vec::new());
-            let bytes: Vec<char> = out.chars().collect();
-            for piece in bytes.chunks(chunk) {
-                let (c, k) = p.push(&piece.iter().collect::<String>());
-                content.push_str(&c);
-                calls.extend(k);
-            }
-            let (c, k) = p.finish();
-            content.push_str(&c);
-            calls.extend(k);
+            let mut p = CallParser::new(&[], HERMES);
+            let (content, calls) = parse(&mut p, out, chunk);
             assert_eq!(content, "Let me check.\n", "chunk {chunk}");
             assert_eq!(calls.len(), 2);
-            assert_eq!((calls[0].index, calls[0].name.as_str(), calls[0].arguments.as_str()), (0, "get_weather", r#"{"city":"Paris"}"#));
+            // Streamed arguments are the model's own text; whole ones are re-serialized.
+            assert_eq!((calls[0].index, calls[0].name.as_str(), calls[0].arguments.as_str()), (0, "get_weather", r#"{"city": "Pa}r\"is", "n": [1, {}]}"#));
             assert_eq!((calls[1].index, calls[1].arguments.as_str()), (1, "{}"));
             assert_ne!(calls[0].id, calls[1].id);
+            assert_eq!(p.n_calls(), 2);
         }
     }
 
     #[test]
+    fn a_call_is_named_as_soon_as_written_and_its_arguments_stream_as_they_grow() {
+        let mut p = CallParser::new(&[tool("get_weather", json!({"type": "object"}))], HERMES);
+        let (c, k) = p.push("Sure. <tool_call>\n{\"name\": \"get_weath");
+        assert_eq!((c.as_str(), k.len(), p.open_call()), ("Sure. ", 0, Some("\n{\"name\": \"get_weath")));
+        let (_, k) = p.push("er\", \"arguments\": ");
+        assert!(k.is_empty() && p.open_call().is_none(), "the arguments have not begun: {k:?}");
+        let (_, k) = p.push("{\"ci");
+        assert_eq!(k.iter().map(|d| (d.index, d.name.as_str(), d.arguments.as_str())).collect::<Vec<_>>(), [(0, "get_weather", ""), (0, "get_weather", "{\"ci")]);
+        let (_, k) = p.push("ty\": \"Oslo\"}}\n</tool");
+        assert_eq!(k.iter().map(|d| d.arguments.as_str()).collect::<Vec<_>>(), ["ty\": \"Oslo\"}"]);
+        assert_eq!(p.push("_call>\nafter"), ("\nafter".into(), vec![]));
+        assert_eq!(p.n_calls(), 1);
+        // Cut inside the arguments: what was sent stays the call (the finish reason says it was cut).
+        let mut p = CallParser::new(&[], HERMES);
+        let (_, calls) = parse(&mut p, "<tool_call>{\"name\": \"f\", \"parameters\": {\"a\": [1, 2", 4);
+        assert_eq!((calls.len(), calls[0].arguments.as_str(), p.n_calls()), (1, "{\"a\": [1, 2", 1));
+        // A name that is not offered, or another key order, waits for the whole block.
+        let mut p = CallParser::new(&[tool("g", json!({}))], HERMES);
+        assert_eq!(p.push("<tool_call>{\"name\": \"f\", \"arguments\": {\"a\": 1"), (String::new(), vec![]));
+        let mut p = CallParser::new(&[], HERMES);
+        assert_eq!(p.push("<tool_call>{\"arguments\": {\"a\": 1}, \"name\": \"f\""), (String::new(), vec![]));
+        let (_, k) = p.push("}</tool_call>");
+        assert_eq!((k.len(), k[0].arguments.as_str()), (1, "{\"a\":1}"));
+    }
+
+    #[test]
+    fn call_headers_are_read_in_any_state() {
+        let s = " { \"name\" : \"a\\u0062\" ,\n\"arguments\": {";
+        assert_eq!(call_header(s), Ok(("ab".into(), s.rfind('{').unwrap())));
+        for more in ["", "{", "{\"na", "{\"name\": \"f", "{\"name\": \"f\", \"arguments\":", "{\"name\": \"f\\"] {
+            assert_eq!(call_header(more), Err(true), "{more:?}");
+        }
+        for no in ["[", "{\"id\": 1", "{\"name\": 3", "{\"name\": \"f\", \"args\": {", "{\"name\": \"f\", \"arguments\": \"{}\""] {
+            assert_eq!(call_header(no), Err(false), "{no:?}");
+        }
+    }
+
+    #[test]
+    fn mistral_lists_of_calls_are_parsed_streamed_and_whole() {
+        let mistral = CallFormat::Mistral(5);
+        let out = "On it.[TOOL_CALLS] [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}, {\"arguments\": {\"z\": \"]\"}, \"name\": \"f\"}]";
+        for chunk in [1, 3, 8, out.len()] {
+            let mut p = CallParser::new(&[], mistral);
+            let (content, calls) = parse(&mut p, out, chunk);
+            assert_eq!(content, "On it.", "chunk {chunk}");
+            let got: Vec<_> = calls.iter().map(|c| (c.index, c.name.as_str(), c.arguments.as_str())).collect();
+            assert_eq!(got, [(0, "get_weather", "{\"city\": \"Oslo\"}"), (1, "f", "{\"z\":\"]\"}")], "chunk {chunk}");
+        }
+        // The first call is named before its arguments end.
+        let mut p = CallParser::new(&[], mistral);
+        let (_, k) = p.push("[TOOL_CALLS] [{\"name\": \"g\", \"arguments\": {\"a\"");
+        assert_eq!(k.iter().map(|d| d.arguments.as_str()).collect::<Vec<_>>(), ["", "{\"a\""]);
+        // "<tool_call>" is plain text for Mistral, and a list that is not one is content.
+        let (content, calls) = parse(&mut CallParser::new(&[], mistral), "a <tool_call>{}</tool_call>", 2);
+        assert_eq!((content.as_str(), calls.len()), ("a <tool_call>{}</tool_call>", 0));
+        let (content, calls) = parse(&mut CallParser::new(&[], mistral), "[TOOL_CALLS] sorry, [{\"x\": 1}]", 2);
+        assert_eq!((content.as_str(), calls.len()), ("sorry, [{\"x\": 1}]", 0));
+        let (content, calls) = parse(&mut CallParser::new(&[], mistral), "[TOOL_CALLS] [{\"x\": 1}] then", 2);
+        assert_eq!((content.as_str(), calls.len()), ("{\"x\": 1} then", 0));
+    }
+
+    #[test]
+    fn formats_are_detected_from_the_template_and_named_overrides_checked() {
+        assert_eq!(CallFormat::detect(Some(5), Some("{{ '[TOOL_CALLS] [' }}")), CallFormat::Mistral(5));
+        assert_eq!(CallFormat::detect(Some(5), Some("<tool_call>")), CallFormat::Hermes);
+        assert_eq!(CallFormat::detect(None, Some("[TOOL_CALLS]")), CallFormat::Hermes);
+        assert_eq!(CallFormat::parse("mistral", Some(7)), Ok(CallFormat::Mistral(7)));
+        assert!(CallFormat::parse("mistral", None).unwrap_err().contains("no [TOOL_CALLS]"));
+        assert!(CallFormat::parse("pythonic", Some(7)).unwrap_err().contains("hermes or mistral"));
+    }
+
+    #[test]
     fn malformed_calls_stay_content_and_an_unclosed_whole_call_counts() {
-        let mut p = CallParser::new(&[]);
+        let mut p = CallParser::new(&[], CallFormat::Hermes);
         let (c, k) = p.push("a <tool_call>not json</tool_call> b <tool");
         assert_eq!((c.as_str(), k.len()), ("a <tool_call>not json</tool_call> b ", 0));
         assert_eq!(p.finish(), ("<tool".into(), vec![]));
-        let mut p = CallParser::new(&[]);
-        p.push("<tool_call>{\"name\": \"f\", \"arguments\": {}}");
+        let mut p = CallParser::new(&[], CallFormat::Hermes);
+        p.push("<tool_call>{\"arguments\": {}, \"name\": \"f\"}");
         let (c, k) = p.finish();
         assert_eq!((c.as_str(), k.len()), ("", 1));
     }
@@ -378,19 +760,7 @@ mod tests {
     #[test]
     fn a_bare_json_output_naming_a_tool_is_a_call_and_other_json_is_content() {
         let tools = [tool("get_weather", json!({"type": "object"}))];
-        let run = |text: &str| {
-            let mut p = CallParser::new(&tools);
-            let (mut content, mut calls) = (String::new(), Vec::new());
-            for ch in text.chars() {
-                let (c, k) = p.push(&ch.to_string());
-                content.push_str(&c);
-                calls.extend(k);
-            }
-            let (c, k) = p.finish();
-            content.push_str(&c);
-            calls.extend(k);
-            (content, calls)
-        };
+        let run = |text: &str| parse(&mut CallParser::new(&tools, HERMES), text, 1);
         let (content, calls) = run(" {\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}");
         assert_eq!((content.as_str(), calls.len()), ("", 1));
         assert_eq!((calls[0].name.as_str(), calls[0].arguments.as_str()), ("get_weather", r#"{"city":"Oslo"}"#));

@@ -54,7 +54,11 @@ impl WorkerLoop {
             }
             complete = g.finished();
         }
-        let text = s.decoder.push(tk.piece(tok));
+        let piece = match s.job.output.control_text(tok) {
+            Some(text) => text.as_bytes(),
+            None => tk.piece(tok),
+        };
+        let text = s.decoder.push(piece);
         // Stop sequences count from the first token past `min_tokens`.
         let (text, stopped) = if s.n_generated <= s.job.min_tokens { (text, false) } else { s.stop.push(&text) };
         let outcome = if stopped || complete {
