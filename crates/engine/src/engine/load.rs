@@ -189,14 +189,13 @@ impl Engine {
         }
 
         let evicted = self.evict_for_one_more(&mut claim)?;
-        let (model, tokenizer, info) = open_model(canonical, id.clone(), options.request_timeout_ms, options.backend)?;
+        let (model, tokenizer, mut info) = open_model(canonical, id.clone(), options.request_timeout_ms, options.backend)?;
         let canonical = info.path.clone();
         let text_of = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_owned();
         let source = tokenizer.chat_template.as_deref().unwrap_or_else(|| crate::text::chat::default_template(&model.config().architecture));
         let template = ChatTemplate::new(Some(source), &text_of(tokenizer.bos_id), &text_of(tokenizer.eos_id))
             .map_err(|e| EngineError::ModelLoad { path: canonical.display().to_string(), reason: e.to_string() })?;
         let calls_token = tokenizer.control_token(MISTRAL_CALLS);
-        let mut info = info;
         info.tool_call_format = match &options.tool_call_format {
             None => CallFormat::detect(calls_token, Some(source)),
             Some(name) => CallFormat::parse(name, calls_token).map_err(|e| EngineError::InvalidParams(format!("toolCallFormat {e}")))?,
@@ -241,7 +240,6 @@ impl Engine {
                 .map_err(|e| EngineError::Internal(format!("cannot start model thread: {e}")))?
         };
         // Loading returns once the model is warm: the first request is then no slower than the tenth.
-        let mut info = info;
         info.warmup_ms = ready_rx.recv().map_err(|_| EngineError::Internal("model thread ended during warmup".into()))?.as_secs_f64() * 1e3;
         let breaker = Arc::new(Breaker::new(config.qos.circuit_breaker));
         let worker = Arc::new(Worker {

@@ -432,7 +432,7 @@ impl CallParser {
                 self.advance(block, end.map_or(self.buf.len(), |e| e.0), &mut calls);
                 let Some((at, closed)) = end else { break };
                 match self.block {
-                    Some(Block::Header | Block::Whole) => match self.whole_call(&self.buf[..at].to_owned()) {
+                    Some(Block::Header | Block::Whole) => match call_of(&self.buf[..at]).map(|c| self.emit(c)) {
                         Some(c) => calls.push(c),
                         None if self.list.is_some() => content.push_str(&self.buf[..closed]),
                         None => content.push_str(&format!("{tag}{}", &self.buf[..closed])),
@@ -526,7 +526,7 @@ impl CallParser {
         if self.bare == Some(true) {
             let named = |v: &Value| v.get("name").and_then(Value::as_str).is_some_and(|n| self.names.iter().any(|t| t == n));
             return match serde_json::from_str::<Value>(rest.trim()) {
-                Ok(v) if named(&v) => (String::new(), self.whole_call(rest.trim()).into_iter().collect()),
+                Ok(v) if named(&v) => (String::new(), call_of(&rest).map(|c| self.emit(c)).into_iter().collect()),
                 _ => (rest, Vec::new()),
             };
         }
@@ -538,7 +538,7 @@ impl CallParser {
                 (String::new(), Vec::new())
             }
             Some(Block::Sent) => (String::new(), Vec::new()),
-            Some(Block::Header | Block::Whole) => match self.whole_call(&rest) {
+            Some(Block::Header | Block::Whole) => match call_of(&rest).map(|c| self.emit(c)) {
                 Some(c) => (String::new(), vec![c]),
                 None if in_list => (rest, Vec::new()),
                 None => (format!("{}{rest}", self.format.tag()), Vec::new()),
@@ -546,16 +546,20 @@ impl CallParser {
         }
     }
 
-    /// A call's whole JSON as one call, if it is one.
-    fn whole_call(&mut self, body: &str) -> Option<ToolCallDelta> {
-        let v: Value = serde_json::from_str(body.trim()).ok()?;
-        let name = v.get("name")?.as_str()?.to_owned();
-        // Llama-style templates say "parameters".
-        let args = v.get("arguments").or_else(|| v.get("parameters")).map(arguments_value).unwrap_or(json!({}));
-        let c = ToolCallDelta { index: self.n_calls, id: call_id(), name, arguments: args.to_string() };
+    /// A whole call (name, arguments) as the next call's only piece.
+    fn emit(&mut self, (name, arguments): (String, String)) -> ToolCallDelta {
         self.n_calls += 1;
-        Some(c)
+        ToolCallDelta { index: self.n_calls - 1, id: call_id(), name, arguments }
     }
+}
+
+/// A call's whole JSON as its name and arguments, if it is a call.
+fn call_of(body: &str) -> Option<(String, String)> {
+    let v: Value = serde_json::from_str(body.trim()).ok()?;
+    let name = v.get("name")?.as_str()?.to_owned();
+    // Llama-style templates say "parameters".
+    let args = v.get("arguments").or_else(|| v.get("parameters")).map(arguments_value).unwrap_or(json!({}));
+    Some((name, args.to_string()))
 }
 
 /// Reads `{"name": "<name>", "arguments": ` (or `"parameters"`) at the
