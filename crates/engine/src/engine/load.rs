@@ -239,6 +239,16 @@ impl Engine {
                 })
                 .map_err(|e| EngineError::Internal(format!("cannot start model thread: {e}")))?
         };
+        let grammars = Arc::new(GrammarsCell::new());
+        let trie_build = {
+            let (cell, tokenizer, n_logits) = (grammars.clone(), tokenizer.clone(), info.vocab_size);
+            std::thread::Builder::new()
+                .name(format!("mlx-serving:trie:{id}"))
+                .spawn(move || {
+                    grammars_of(&cell, &tokenizer, n_logits);
+                })
+                .ok()
+        };
         // Loading returns once the model is warm: the first request is then no slower than the tenth.
         info.warmup_ms = ready_rx.recv().map_err(|_| EngineError::Internal("model thread ended during warmup".into()))?.as_secs_f64() * 1e3;
         let breaker = Arc::new(Breaker::new(config.qos.circuit_breaker));
@@ -247,7 +257,8 @@ impl Engine {
             tokenizer,
             draft: Mutex::new(None),
             template,
-            grammars: std::sync::OnceLock::new(),
+            grammars,
+            trie_build: Mutex::new(trie_build),
             tx,
             counters,
             breaker,

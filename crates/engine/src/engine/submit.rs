@@ -228,8 +228,7 @@ impl Engine {
             return Ok((None, None));
         }
         let grammars = w
-            .grammars
-            .get_or_init(|| Grammars::new(w.tokenizer.clone(), w.info.vocab_size).map(Arc::new))
+            .grammars()
             .as_ref()
             .map_err(|e| EngineError::Internal(format!("cannot build the grammar compiler for this model: {e}")))?;
         let compile = |g: Option<(Field, Constraint)>| -> Result<Option<Guide>, EngineError> {
