@@ -81,7 +81,7 @@ describe('hostile clients', () => {
     await wide.close(1000);
   });
 
-  test('40 clients that leave during tokenization: slots stay taken until the work ends, threads stay bounded', async () => {
+  test('40 clients that leave during tokenization: threads stay bounded, the slots come back', async () => {
     const prompt = 'hello world '.repeat(87_000);
     const t0 = threads();
     await Promise.all(
@@ -92,10 +92,10 @@ describe('hostile clients', () => {
       }),
     );
     const peak = threads();
-    // Every request the server admitted was tokenized before its slot came back, so
-    // at most maxConcurrent (16) tokenizations were ever queued or running.
+    // A slot comes back only when its request's work has stopped, so at most
+    // maxConcurrent (16) tokenizations were ever queued or running.
     assert.ok(peak - t0 <= 24, `threads ${t0} -> ${peak}`);
-    // The slots come back once the abandoned work ends: all 16 at once.
+    // The slots come back once the abandoned work stops: all 16 at once.
     const t1 = performance.now();
     for (;;) {
       const replies = await Promise.all(Array.from({ length: 16 }, () => post({ model: 'default', prompt: 'Hi', max_tokens: 1 })));
@@ -104,6 +104,32 @@ describe('hostile clients', () => {
       assert.ok(performance.now() - t1 < 30_000, 'the slots did not come back');
       await new Promise((r) => setTimeout(r, 200));
     }
+  });
+
+  test('16 clients that leave while their prompts wait to be tokenized free their slots without that work', async () => {
+    // Each prompt is tokenized whole, then refused for the context; one
+    // alone takes `one` ms. Sixteen queue for the two turns (one per core).
+    const prompt = 'hello world '.repeat(40_000);
+    const t0 = performance.now();
+    assert.equal((await post({ model: 'default', prompt, max_tokens: 4 })).status, 400);
+    const one = performance.now() - t0;
+    const acs = Array.from({ length: 16 }, () => new AbortController());
+    const left = acs.map((ac) => post({ model: 'default', prompt, max_tokens: 4 }, ac.signal).then((r) => r.text()).catch(() => {}));
+    await new Promise((r) => setTimeout(r, 100));
+    acs.forEach((ac) => ac.abort());
+    await Promise.all(left);
+    const t1 = performance.now();
+    for (;;) {
+      const replies = await Promise.all(Array.from({ length: 16 }, () => post({ model: 'default', prompt: 'Hi', max_tokens: 1 })));
+      await Promise.all(replies.map((r) => r.text()));
+      if (replies.every((r) => r.status === 200)) break;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const back = performance.now() - t1;
+    // Left to run, the 16 tokenizations would hold the slots for about 8 x `one`;
+    // cancelled, only the two under way finish.
+    console.log(`one prompt ${one.toFixed(0)} ms; 16 slots back ${back.toFixed(0)} ms after their clients left`);
+    assert.ok(back < 4 * one, `slots back after ${back.toFixed(0)} ms; one prompt takes ${one.toFixed(0)} ms`);
   });
 
   test('16 requests aborted, then 16 more at once against 16 slots: no 429', async () => {

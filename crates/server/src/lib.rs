@@ -302,6 +302,18 @@ const MAX_REQUEST_ID_BYTES: usize = 200;
 
 /// `x-request-id` on every response: the client's own, so its logs and
 /// ours meet, or one of ours.
+/// Sets the flags when dropped: the client left while its requests were
+/// being submitted.
+struct CancelOnDrop(Vec<Arc<AtomicBool>>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            f.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 async fn request_id(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let given = req.headers().get("x-request-id").filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID_BYTES).cloned();
     let mut resp = next.run(req).await;
@@ -607,16 +619,22 @@ async fn generate(state: Arc<AppState>, parsed: Result<Parsed, BadRequest>, api:
         .collect();
     // Templating and tokenization can take a moment on long prompts. The
     // slots go with the work: a client that leaves meanwhile does not free
-    // them for others while its prompt is still being tokenized.
+    // them for others while its prompt is still being tokenized. Leaving
+    // drops this handler, whose guard cancels that work, so the slots come
+    // back at the template's next write or the tokenizer's next turn.
+    let flags: Vec<Arc<AtomicBool>> = groups.iter().map(|_| Arc::new(AtomicBool::new(false))).collect();
+    let mut gone = CancelOnDrop(flags.clone());
     let submitted = tokio::task::spawn_blocking(move || {
         let mut started = Vec::with_capacity(groups.len());
-        for (first, rest) in groups {
+        for ((first, rest), cancel) in groups.into_iter().zip(flags) {
             // A prompt refused ends the request; those started are dropped, which cancels them.
-            started.push((engine.submit(first)?, rest));
+            started.push((engine.submit_with_cancel(first, cancel)?, rest));
         }
         Ok::<_, EngineError>((started, permit))
     })
     .await;
+    // Submitted (or refused): from here the run's handles cancel.
+    gone.0.clear();
     let (started, permit) = match submitted {
         Ok(Ok(ok)) => ok,
         Ok(Err(e)) => {

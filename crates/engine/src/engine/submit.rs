@@ -22,7 +22,16 @@ use crate::text::tools::{self, ToolChoice};
 
 impl Engine {
     /// Validates and queues a request; its tokens arrive on the handle.
-    pub fn submit(&self, mut req: GenerateRequest) -> Result<RequestHandle, EngineError> {
+    pub fn submit(&self, req: GenerateRequest) -> Result<RequestHandle, EngineError> {
+        self.submit_with_cancel(req, Arc::new(AtomicBool::new(false)))
+    }
+
+    /// `submit`, stopped by `cancel` at any point: while its prompt is
+    /// templated, waits for its turn or is tokenized (`submit` then returns
+    /// `Cancelled`), and after, as by dropping the handle. For a caller that
+    /// may leave while `submit` runs on another thread (an HTTP client that
+    /// disconnects).
+    pub fn submit_with_cancel(&self, mut req: GenerateRequest, cancel: Arc<AtomicBool>) -> Result<RequestHandle, EngineError> {
         let t_submit = Instant::now();
         let id = self.next_request.fetch_add(1, Ordering::Relaxed) + 1;
         let rid = req.request_id.clone().unwrap_or_else(|| id.to_string());
@@ -34,7 +43,6 @@ impl Engine {
         }
         let w = self.worker(&req.model)?;
         let config = self.config();
-        let cancel = Arc::new(AtomicBool::new(false));
         let _pending = self.pending(req.request_id.as_deref(), &cancel);
         let (prompt, max_tokens, opened_think) = {
             let _turn = self.prepare_turn(&cancel)?;
