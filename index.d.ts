@@ -72,7 +72,11 @@ export declare class NativeEngine {
   getModelInfo(id: string): NativeModelInfo | null
   tokenize(model: string, text: string, addBos?: boolean | undefined | null): Promise<Coded<Array<number>>>
   detokenize(model: string, tokens: Array<number>): string
-  applyChatTemplate(model: string, messages: Array<NativeMessage>): string
+  /**
+   * Off the JavaScript thread: a model's template may take up to its
+   * render bounds (`docs/reliability.md`).
+   */
+  applyChatTemplate(model: string, messages: Array<NativeMessage>): Promise<Coded<string>>
   startServer(opts: NativeServerOptions): Promise<Coded<NativeServer>>
 }
 

@@ -8,7 +8,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -130,6 +130,33 @@ describe('hostile clients', () => {
     // cancelled, only the two under way finish.
     console.log(`one prompt ${one.toFixed(0)} ms; 16 slots back ${back.toFixed(0)} ms after their clients left`);
     assert.ok(back < 4 * one, `slots back after ${back.toFixed(0)} ms; one prompt takes ${one.toFixed(0)} ms`);
+  });
+
+  test("a model's slow chat template renders off the event loop", async () => {
+    // The tiny llama's MLX folder with a template that loops ~16M times
+    // before it writes anything (within the fuel bound of 20M steps).
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'slow-template-'));
+    cpSync(path.join(__dirname, '..', 'crates', 'engine', 'tests', 'fixtures', 'llama', 'mlx'), dir, { recursive: true });
+    const cfgPath = path.join(dir, 'tokenizer_config.json');
+    const cfg = JSON.parse(readFileSync(cfgPath, 'utf8'));
+    cfg.chat_template = "{% for i in range(4000) %}{% for j in range(4000) %}{% endfor %}{% endfor %}{{ messages[0]['content'] }}";
+    writeFileSync(cfgPath, JSON.stringify(cfg));
+    try {
+      await engine.loadModel({ model: dir, modelId: 'slow-template' });
+      let ticks = 0;
+      const timer = setInterval(() => ticks++, 5);
+      const t0 = performance.now();
+      const out = await engine.applyChatTemplate({ model: 'slow-template', messages: [{ role: 'user', content: 'hi' }] }).catch((e) => e);
+      const took = performance.now() - t0;
+      clearInterval(timer);
+      console.log(`slow template: ${took.toFixed(0)} ms, ${ticks} timer ticks meanwhile`, out instanceof Error ? out.message : out);
+      assert.ok(took > 100, `the render took only ${took.toFixed(0)} ms`);
+      // Rendered on the JavaScript thread, no timer would fire until it ended.
+      assert.ok(ticks >= took / 5 / 4, `${ticks} ticks in ${took.toFixed(0)} ms`);
+    } finally {
+      await engine.unloadModel('slow-template').catch(() => {});
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   test('16 requests aborted, then 16 more at once against 16 slots: no 429', async () => {

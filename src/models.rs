@@ -158,9 +158,12 @@ impl NativeEngine {
         self.inner.detokenize(&model, &tokens).map_err(js_error)
     }
 
+    /// Off the JavaScript thread: a model's template may take up to its
+    /// render bounds (`docs/reliability.md`).
     #[napi]
-    pub fn apply_chat_template(&self, model: String, messages: Vec<NativeMessage>) -> Result<String> {
+    pub async fn apply_chat_template(&self, model: String, messages: Vec<NativeMessage>) -> Coded<String> {
         let msgs: Vec<ChatMessage> = messages.into_iter().map(ChatMessage::from).collect();
-        self.inner.apply_chat_template(&model, &msgs).map_err(js_error)
+        let e = self.inner.clone();
+        Coded::of(blocking(move || e.apply_chat_template(&model, &msgs))).await
     }
 }

@@ -404,7 +404,10 @@ impl Engine {
 
     /// The prompt a request's chat messages render to.
     pub fn apply_chat_template(&self, model: &str, messages: &[ChatMessage]) -> Result<String, EngineError> {
-        self.worker(model)?.template.render(messages, true, self.config().limits.max_prompt_chars)
+        let w = self.worker(model)?;
+        // Renders take the same turns as submits: one per core at a time.
+        let _turn = self.prepare_turn(&AtomicBool::new(false))?;
+        w.template.render(messages, true, self.config().limits.max_prompt_chars)
     }
 
     /// Stops every worker; running requests end with `Cancelled`.
