@@ -60,6 +60,22 @@ test('packed, installed into an app, pulled and served', { timeout: 600_000 }, a
   const out = await generate();
   assert.ok(typeof out.text === 'string' && out.text.length > 0, JSON.stringify(out));
   assert.equal(out.phase5, true, 'the shipped flags are found inside the installed package');
+  // The mlx backend asked for where the package has no shim (as on a user's machine, where
+  // the build's own shim path does not exist): a clear error that says what to do.
+  const mlxScript = `
+    const { createEngine } = require('mlx-serving');
+    (async () => {
+      const engine = await createEngine();
+      await engine.loadModel({ model: 'default', backend: 'mlx' }).then(
+        () => console.log('{}'),
+        (e) => console.log(JSON.stringify({ code: e.code, message: e.message })),
+      );
+      await engine.shutdown();
+    })();`;
+  const noShim = { ...env, MLX_SHIM: path.join(dir, 'no-such-shim.so') } as NodeJS.ProcessEnv;
+  const mlx = JSON.parse((await run(process.execPath, ['-e', mlxScript], { cwd: app, env: noShim })).stdout);
+  assert.equal(mlx.code, 'InvalidParams', JSON.stringify(mlx));
+  assert.match(mlx.message, /backend 'mlx' is unavailable here: cannot load .*no-such-shim\.so.*cpu backend only/);
 
   // What `npx mlx-serving serve` runs, started directly so that SIGTERM reaches the server
   // itself (npm exec does not forward it and would leave the server behind).

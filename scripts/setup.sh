@@ -57,6 +57,14 @@ if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('kubern
   python3 -m pip install -q --disable-pip-version-check "kubernetes-validate==$K8S_VALIDATE"
 fi
 
+# guidellm, a third-party load client, for a short run against the CLI
+# server (__test__/guidellm.test.ts).
+GUIDELLM=0.8.1
+if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('guidellm') != '$GUIDELLM')" 2>/dev/null; then
+  log "installing guidellm ($GUIDELLM) for the load-client test"
+  python3 -m pip install -q --disable-pip-version-check "guidellm==$GUIDELLM"
+fi
+
 if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   log "installing Debian nginx (deploy/nginx.conf's test)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null 2>&1 \

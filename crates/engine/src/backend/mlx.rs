@@ -186,7 +186,12 @@ impl Mlx {
     pub fn new() -> Result<Mlx, EngineError> {
         match mlx_serving_mlx::unavailable_reason() {
             None => Ok(Mlx),
-            Some(why) => Err(EngineError::InvalidParams(format!("backend 'mlx' is unavailable here: {why}"))),
+            // Say how to get it: an npm-installed package has no shim of its own.
+            Some(why) => Err(EngineError::InvalidParams(format!(
+                "backend 'mlx' is unavailable here: {why}. It needs libmlx and the shim built against it: \
+                 in a checkout, `bash scripts/setup.sh` builds both (MLX_WHEEL picks the wheel); an npm-installed \
+                 package runs the cpu backend only, unless MLX_SHIM names a shim built from a checkout"
+            ))),
         }
     }
 }
