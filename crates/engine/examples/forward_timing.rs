@@ -13,7 +13,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n_prompt: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(512);
     let backend = BackendKind::parse(&args.next().unwrap_or_else(|| "cpu".into()))?;
     let runs = 5;
+    let t = Instant::now();
     let m = open_on(path.as_ref(), backend)?.model;
+    println!("loaded in {:.0} ms; kernels: {}", t.elapsed().as_secs_f64() * 1e3, mlx_serving_engine::backend::cpu::kernels::Isa::detect().name());
+    if let Some(note) = mlx_serving_engine::backend::cpu::kernels::Isa::amx_note() {
+        println!("amx: {note}");
+    }
     let vocab = m.config().vocab_size as u32;
     let prompt: Vec<u32> = (0..n_prompt as u32).map(|i| (i * 7919 + 13) % vocab).collect();
     let median = |mut v: Vec<f64>| {
