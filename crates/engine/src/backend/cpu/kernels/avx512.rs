@@ -339,3 +339,81 @@ pub unsafe fn kq_vnni16<const K5: bool, const NT: usize>(w: &[u8], a: &[ActRow; 
     }
     per_row(acc)
 }
+
+/// One sub-block of a K-quant panel, unpacked: the rows' `d * scale`, and
+/// its vectors of values; Q4_K and Q5_K (`kq_sub16`): 32 values in 8
+/// vectors, and the rows' `dmin * min`; Q6_K (`q6k_sub16`): 16 values in
+/// the first 4.
+#[derive(Clone, Copy)]
+pub struct KqSub {
+    scale: __m512,
+    min: __m512,
+    q: [__m512i; 8],
+}
+
+/// Unpacks the Q6_K panel `w` into `out` (see `kq_unpack16`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn q6k_unpack16(w: &[u8], out: &mut Vec<KqSub>) {
+    let wp = w.as_ptr();
+    out.clear();
+    for sb in 0..w.len() / Q6K_BYTES16 {
+        let blk = wp.add(sb * Q6K_BYTES16);
+        for j in 0..QK_K / 16 {
+            prefetch_part(blk, Q6K_BYTES16, KQ_AHEAD * Q6K_BYTES16, j, QK_K / 16);
+            let (scale, q) = q6k_sub16(blk, j);
+            let z = _mm512_setzero_si512();
+            out.push(KqSub { scale, min: _mm512_setzero_ps(), q: [q[0], q[1], q[2], q[3], z, z, z, z] });
+        }
+    }
+}
+
+/// `q6k_vnni16` over an unpacked panel: the same operations in the same
+/// order, so the same bits.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn q6k_unpacked16<const NT: usize>(subs: &[KqSub], a: &[ActRow; NT]) -> [[f32; 16]; NT] {
+    let mut acc = [_mm512_setzero_ps(); NT];
+    for (k, sub) in subs.iter().enumerate() {
+        let v = 16 * k;
+        for (acc, a) in acc.iter_mut().zip(a) {
+            let ap = a.qs.as_ptr().add(v) as *const i32;
+            let mut s = _mm512_set1_epi32(-32 * *a.sum16.get_unchecked(k));
+            for (u, q) in sub.q[..4].iter().enumerate() {
+                s = _mm512_dpbusd_epi32(s, *q, _mm512_set1_epi32(ap.add(u).read_unaligned()));
+            }
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(sub.scale, _mm512_set1_ps(*a.d.get_unchecked(v / QK))), *acc);
+        }
+    }
+    per_row(acc)
+}
+
+/// Unpacks the Q4_K or Q5_K panel `w` into `out`, a sub-block at a time,
+/// for a prompt's tiles of tokens to share: each tile then skips the scale
+/// decoding and the nibble unpacking `kq_vnni16` does per tile.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn kq_unpack16<const K5: bool>(w: &[u8], out: &mut Vec<KqSub>) {
+    let (wp, bytes) = (w.as_ptr(), kq_bytes16(K5));
+    out.clear();
+    for sb in 0..w.len() / bytes {
+        let blk = wp.add(sb * bytes);
+        for j in 0..QK_K / QK {
+            prefetch_part(blk, bytes, KQ_AHEAD * bytes, j, QK_K / QK);
+            let (scale, min, q) = kq_sub16::<K5>(blk, j);
+            out.push(KqSub { scale, min, q });
+        }
+    }
+}
+
+/// `kq_vnni16` over an unpacked panel: the same operations in the same
+/// order, so the same bits.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn kq_unpacked16<const NT: usize>(subs: &[KqSub], a: &[ActRow; NT]) -> [[f32; 16]; NT] {
+    let mut acc = [_mm512_setzero_ps(); NT];
+    for (b, s) in subs.iter().enumerate() {
+        for (acc, a) in acc.iter_mut().zip(a) {
+            let isum = _mm512_cvtepi32_ps(dot32(&s.q, a.qs.as_ptr().add(b * QK)));
+            *acc = _mm512_fmadd_ps(isum, _mm512_mul_ps(s.scale, _mm512_set1_ps(*a.d.get_unchecked(b))), *acc);
+            *acc = _mm512_fnmadd_ps(s.min, _mm512_set1_ps(*a.s.get_unchecked(b)), *acc);
+        }
+    }
+    per_row(acc)
+}

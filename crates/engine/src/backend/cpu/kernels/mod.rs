@@ -279,6 +279,8 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
     // Full panels go through their kernel; without one on this path (the
     // scalar reference) each of their rows is gathered for the one-row tile.
     let panel = panel_fn(isa, w.qtype, w.layout);
+    #[cfg(target_arch = "x86_64")]
+    let unpacked = unpacked_fn(isa, w.qtype, w.layout);
     let (g, full) = (w.layout.group(), if panel.is_some() { w.panel_rows() } else { 0 });
     // Prompts: each full group of 16 tokens on AMX tiles, where granted,
     // the rest of the tokens on the vector kernels (the same bits).
@@ -297,10 +299,32 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
         // 512 tokens 2250 -> 2040 ms (each weight block unpacked once per 8).
         let step = n.div_ceil(n.div_ceil(MAX_TILE));
         let mut res = [0.0f32; MAX_TILE];
+        // K-quant prompts: each panel unpacked once for all the tiles of
+        // tokens (where a kernel does), not once per tile.
+        let mut r_panels = rows_.start;
+        #[cfg(target_arch = "x86_64")]
+        if let (Some((unpack, multiply)), true) = (unpacked, n > step) {
+            let mut subs = Vec::new();
+            let mut res_g = [[0.0f32; MAX_GROUP]; MAX_TILE];
+            while r_panels + g <= rows_.end.min(full) {
+                let r = r_panels;
+                unpack(&wdata[r * rb..(r + g) * rb], &mut subs);
+                for t0 in tokens.clone().step_by(step) {
+                    let nt = step.min(tokens.end - t0);
+                    let acts: [ActRow; MAX_TILE] = std::array::from_fn(|i| xq.row(t0 + i.min(nt - 1)));
+                    multiply(&subs, &acts[..nt], &mut res_g[..nt]);
+                    for (i, v) in res_g[..nt].iter().enumerate() {
+                        // SAFETY: row ranges are disjoint across workers.
+                        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), outp.at((t0 + i) * rows + r), g) };
+                    }
+                }
+                r_panels += g;
+            }
+        }
         for t0 in tokens.clone().step_by(step) {
             let nt = step.min(tokens.end - t0);
             let acts: [ActRow; MAX_TILE] = std::array::from_fn(|i| xq.row(t0 + i.min(nt - 1)));
-            let mut r = rows_.start;
+            let mut r = r_panels;
             if let Some(panel) = panel {
                 let mut res_g = [[0.0f32; MAX_GROUP]; MAX_TILE];
                 // Chunks start on a panel (`chunk` is a multiple of every group).
@@ -433,6 +457,32 @@ fn panel_fn(isa: Isa, qtype: QType, layout: Layout) -> Option<PanelFn> {
     }
     let _ = (isa, qtype, layout);
     None
+}
+
+/// A panel unpacked once for a prompt (`avx512::KqSub`), and the kernel
+/// that multiplies a tile of tokens against it.
+#[cfg(target_arch = "x86_64")]
+type UnpackedFns = (fn(&[u8], &mut Vec<avx512::KqSub>), fn(&[avx512::KqSub], &[ActRow], &mut [[f32; MAX_GROUP]]));
+
+/// The unpack-once kernels of a format on a path, where it has them.
+#[cfg(target_arch = "x86_64")]
+fn unpacked_fn(isa: Isa, qtype: QType, layout: Layout) -> Option<UnpackedFns> {
+    fn multiply(subs: &[avx512::KqSub], a: &[ActRow], o: &mut [[f32; MAX_GROUP]]) {
+        tile!(avx512::kq_unpacked16 [], subs, a, o)
+    }
+    fn multiply_q6k(subs: &[avx512::KqSub], a: &[ActRow], o: &mut [[f32; MAX_GROUP]]) {
+        tile!(avx512::q6k_unpacked16 [], subs, a, o)
+    }
+    // Where unpacking is more than a mask and a shift. Q4_K's unpacking
+    // costs less than reading the unpacked panel back: 512-token GEMM on
+    // the Intel Xeon, Q4_K 458/469/450 GFLOP/s packed against 465/452/423
+    // unpacked, Q5_K 315/303/393 against 454/471/436 (docs/performance.md).
+    // SAFETY (all): handed out only on the avx512-vnni path, whose features were detected.
+    match (isa.vector(), layout, qtype) {
+        (Isa::Avx512Vnni, Layout::Vnni16, QType::Q5_K) => Some((|w, out| unsafe { avx512::kq_unpack16::<true>(w, out) }, multiply)),
+        (Isa::Avx512Vnni, Layout::Vnni16, QType::Q6_K) => Some((|w, out| unsafe { avx512::q6k_unpack16(w, out) }, multiply_q6k)),
+        _ => None,
+    }
 }
 
 /// The tile kernel for a weight format on an instruction-set path.
