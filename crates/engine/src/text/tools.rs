@@ -341,9 +341,9 @@ enum Block {
     Header,
     /// It does not: it is parsed whole when it ends.
     Whole,
-    /// Its arguments are being sent: `sent` bytes of the call's text are
-    /// out, the scan of the arguments object is at `at`.
-    Args { sent: usize, at: usize, scan: Scan },
+    /// Its arguments are being sent: the call's text is out up to `at`,
+    /// where the scan of the arguments object stands.
+    Args { at: usize, scan: Scan },
     /// Its arguments are out; what is left of it is not.
     Sent,
 }
@@ -494,12 +494,13 @@ impl CallParser {
                     let id = call_id();
                     calls.push(ToolCallDelta { index: self.n_calls, id: id.clone(), name: name.clone(), arguments: String::new() });
                     self.current = Some((id, name));
-                    Block::Args { sent: args, at: args, scan: Scan::default() }
+                    Block::Args { at: args, scan: Scan::default() }
                 }
                 _ => Block::Whole,
             };
         }
-        if let Block::Args { sent, mut at, mut scan } = block {
+        if let Block::Args { mut at, mut scan } = block {
+            let sent = at;
             let bytes = self.buf.as_bytes();
             let mut done = false;
             while at < end && !done {
@@ -513,7 +514,7 @@ impl CallParser {
             if done {
                 self.n_calls += 1;
             }
-            block = if done { Block::Sent } else { Block::Args { sent: at, at, scan } };
+            block = if done { Block::Sent } else { Block::Args { at, scan } };
         }
         self.block = Some(block);
     }

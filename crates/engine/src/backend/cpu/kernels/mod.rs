@@ -285,6 +285,14 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
     // Prompts: each full group of 16 tokens on AMX tiles, where granted,
     // the rest of the tokens on the vector kernels (the same bits).
     let n_amx = if amx_fits(isa, w) && n >= TILE_TOKENS { n / TILE_TOKENS * TILE_TOKENS } else { 0 };
+    // A panel's results for tokens t0.. (the first `g` of each row of
+    // `res`) into rows r..r + g of the output.
+    let put_panel = |t0: usize, r: usize, res: &[[f32; MAX_GROUP]]| {
+        for (i, v) in res.iter().enumerate() {
+            // SAFETY: row ranges are disjoint across workers.
+            unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), outp.at((t0 + i) * rows + r), g) };
+        }
+    };
     // Up to `step` tokens share each unpacked weight block; the chunk's
     // rows stay in cache across the token tiles.
     let tiles = |tokens: std::ops::Range<usize>, rows_: std::ops::Range<usize>| {
@@ -313,10 +321,7 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
                     let nt = step.min(tokens.end - t0);
                     let acts: [ActRow; MAX_TILE] = std::array::from_fn(|i| xq.row(t0 + i.min(nt - 1)));
                     multiply(&subs, &acts[..nt], &mut res_g[..nt]);
-                    for (i, v) in res_g[..nt].iter().enumerate() {
-                        // SAFETY: row ranges are disjoint across workers.
-                        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), outp.at((t0 + i) * rows + r), g) };
-                    }
+                    put_panel(t0, r, &res_g[..nt]);
                 }
                 r_panels += g;
             }
@@ -333,10 +338,7 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
                 let stream = t0 == tokens.start;
                 while r + g <= rows_.end.min(full) {
                     panel(&wdata[r * rb..(r + g) * rb], &acts[..nt], &mut res_g[..nt], stream);
-                    for (i, v) in res_g[..nt].iter().enumerate() {
-                        // SAFETY: row ranges are disjoint across workers.
-                        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), outp.at((t0 + i) * rows + r), g) };
-                    }
+                    put_panel(t0, r, &res_g[..nt]);
                     r += g;
                 }
             }
@@ -366,12 +368,7 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
                 // SAFETY: `amx_fits` checked the grant and the features.
                 unsafe {
                     amx::decode(w.qtype, &wdata[r * rb..(r + g) * rb], &mut p);
-                    amx::multiply(&p, &tile_acts, |t0, res| {
-                        for (i, v) in res.iter().enumerate() {
-                            // SAFETY: row ranges are disjoint across workers.
-                            std::ptr::copy_nonoverlapping(v.as_ptr(), outp.at((t0 + i) * rows + r), g);
-                        }
-                    });
+                    amx::multiply(&p, &tile_acts, |t0, res| put_panel(t0, r, res));
                 }
             }
         }
