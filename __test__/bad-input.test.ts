@@ -114,6 +114,11 @@ describe('bad input', () => {
     for (const requestTimeoutMs of [0, -1, NaN, Infinity]) {
       await assert.rejects(engine.loadModel({ model: 'default', modelId: 'timeouts', requestTimeoutMs }), isCode('InvalidParams', 'requestTimeoutMs'));
     }
+    // A tool-call format that is unknown, of the wrong type, or needs a token the vocabulary lacks.
+    for (const [toolCallFormat, says] of [['pythonic', 'hermes or mistral'], ['', 'hermes or mistral'], [5, 'toolCallFormat'], ['mistral', 'no [TOOL_CALLS]']] as const) {
+      // @ts-expect-error: wrong values on purpose
+      await assert.rejects(engine.loadModel({ model: 'default', modelId: 'calls', toolCallFormat }), isCode('InvalidParams', says), String(toolCallFormat));
+    }
     assert.throws(() => engine.startCanary({ name: 'c', baseline: MODEL, candidate: 'nope' }), isCode('ModelNotLoaded', 'nope'));
     assert.throws(() => engine.startCanary({ name: 'c', baseline: 'nope', candidate: MODEL }), isCode('ModelNotLoaded', 'nope'));
     for (const stages of [[], [10, 5, 100], [1, 10], [0, 100], [50, 150]]) {
