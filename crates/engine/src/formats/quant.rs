@@ -1,8 +1,9 @@
 //! Weight formats (ggml block layouts) and the scalar reference math over them.
 //!
-//! Activations are quantized per block of 32 to int8 (`QuantizedActs`), so a
-//! weight block times an activation block is one integer dot product plus a
-//! couple of float multiplies. The SIMD versions live in `cpu::kernels` and are
+//! Activations are quantized to int8 per block of 32 (per super-block of 256
+//! for K-quant weights, `QType::act_group`), so a weight block times an
+//! activation block is one integer dot product plus a couple of float
+//! multiplies. The SIMD versions live in `cpu::kernels` and are
 //! tested against the scalar functions here.
 
 use half::{bf16, f16};
@@ -113,6 +114,16 @@ impl QType {
     }
     pub fn row_bytes(self, n_cols: usize) -> usize {
         n_cols / self.block_size() * self.block_bytes()
+    }
+    /// Activation values per int8 scale for a matrix of this format: the
+    /// K-quants' super-block, so that each super-block's sub-block sums
+    /// add up as exact integers (fewer float steps, and AMX tiles that
+    /// run a whole super-block), as ggml's Q8_K does; 32 for the rest.
+    pub fn act_group(self) -> usize {
+        match self {
+            QType::Q4_K | QType::Q5_K | QType::Q6_K => QK_K,
+            _ => QK,
+        }
     }
     pub fn is_quantized(self) -> bool {
         self.block_size() > 1
@@ -271,13 +282,18 @@ pub struct QuantizedActs {
     pub s: Vec<f32>,
     /// The integer sum of each 16 quantized values (Q6_K's sub-blocks).
     pub sum16: Vec<i32>,
+    /// The integer sum of each block of 32, as f32 (exact): the K-quants'
+    /// min term, summed in float FMAs that stay exact below 2^24.
+    pub bsum: Vec<f32>,
 }
 
 impl QuantizedActs {
-    /// Quantizes `x` (`n_rows * n_cols` floats, `n_cols` a multiple of 32),
-    /// reusing this buffer's allocations.
-    pub fn quantize(&mut self, x: &[f32], n_cols: usize) {
-        debug_assert_eq!(n_cols % QK, 0);
+    /// Quantizes `x` (`n_rows * n_cols` floats, `n_cols` a multiple of
+    /// `group`) with one scale per `group` values (`QType::act_group`: 32,
+    /// or 256 for the K-quants), reusing this buffer's allocations.
+    pub fn quantize(&mut self, x: &[f32], n_cols: usize, group: usize) {
+        debug_assert!(group == QK || group == QK_K);
+        debug_assert_eq!(n_cols % group, 0);
         let n_rows = x.len() / n_cols;
         let nb = x.len() / QK;
         self.n_rows = n_rows;
@@ -285,19 +301,21 @@ impl QuantizedActs {
         self.qs.resize(x.len(), 0);
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
+        self.bsum.resize(nb, 0.0);
         self.sum16.resize(2 * nb, 0);
         let nbr = n_cols / QK;
         let rows = x
             .chunks_exact(n_cols)
             .zip(self.qs.chunks_exact_mut(n_cols))
             .zip(self.d.chunks_exact_mut(nbr).zip(self.s.chunks_exact_mut(nbr)))
-            .zip(self.sum16.chunks_exact_mut(2 * nbr));
+            .zip(self.sum16.chunks_exact_mut(2 * nbr).zip(self.bsum.chunks_exact_mut(nbr)))
+            .map(|(((x, qs), (d, s)), (sum16, bsum))| ActRowMut { qs, d, s, sum16, bsum, x });
         // Prompt batches are large enough to be worth splitting across cores.
         if n_rows >= 8 {
             use rayon::prelude::*;
-            rows.collect::<Vec<_>>().into_par_iter().for_each(|(((x, q), (d, s)), s16)| quantize_row_q8(x, q, d, s, s16));
+            rows.collect::<Vec<_>>().into_par_iter().for_each(|r| quantize_row_q8(r, group));
         } else {
-            rows.for_each(|(((x, q), (d, s)), s16)| quantize_row_q8(x, q, d, s, s16));
+            rows.for_each(|r| quantize_row_q8(r, group));
         }
     }
 
@@ -308,7 +326,28 @@ impl QuantizedActs {
             d: &self.d[r * nb..(r + 1) * nb],
             s: &self.s[r * nb..(r + 1) * nb],
             sum16: &self.sum16[2 * r * nb..2 * (r + 1) * nb],
+            bsum: &self.bsum[r * nb..(r + 1) * nb],
         }
+    }
+}
+
+/// One row of `QuantizedActs` being written, and its floats.
+struct ActRowMut<'a> {
+    x: &'a [f32],
+    qs: &'a mut [i8],
+    d: &'a mut [f32],
+    s: &'a mut [f32],
+    sum16: &'a mut [i32],
+    bsum: &'a mut [f32],
+}
+
+impl ActRowMut<'_> {
+    /// Block `b`'s scale and its two sums of 16, with what follows from them.
+    fn set_block(&mut self, b: usize, d: f32, lo: i32, hi: i32) {
+        (self.sum16[2 * b], self.sum16[2 * b + 1]) = (lo, hi);
+        self.d[b] = d;
+        self.s[b] = d * (lo + hi) as f32;
+        self.bsum[b] = (lo + hi) as f32;
     }
 }
 
@@ -317,41 +356,44 @@ impl QuantizedActs {
 /// x86-64 (`round` would be a libm call per element without SSE4.1).
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
-/// One row to int8 blocks. Rounds half to even, as llama.cpp's SIMD
-/// quantizer does.
-fn quantize_row_q8(x: &[f32], qs: &mut [i8], d_out: &mut [f32], s_out: &mut [f32], sum16: &mut [i32]) {
+/// One row to int8, one scale per `group` values. Rounds half to even,
+/// as llama.cpp's SIMD quantizer does.
+fn quantize_row_q8(r: ActRowMut, group: usize) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2.
-        return unsafe { quantize_row_q8_avx2(x, qs, d_out, s_out, sum16) };
+        return unsafe { quantize_row_q8_avx2(r, group) };
     }
-    quantize_row_q8_scalar(x, qs, d_out, s_out, sum16)
+    quantize_row_q8_scalar(r, group)
 }
 
-fn quantize_row_q8_scalar(x: &[f32], qs: &mut [i8], d_out: &mut [f32], s_out: &mut [f32], sum16: &mut [i32]) {
-    for (b, blk) in x.chunks_exact(QK).enumerate() {
-        let amax = blk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+fn quantize_row_q8_scalar(mut r: ActRowMut, group: usize) {
+    for g in 0..r.x.len() / group {
+        let x = &r.x[g * group..(g + 1) * group];
+        let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let q = &mut qs[b * QK..(b + 1) * QK];
-        for (q, v) in q.iter_mut().zip(blk) {
-            *q = ((v * id + ROUND_MAGIC) - ROUND_MAGIC) as i32 as i8;
+        for (k, blk) in x.chunks_exact(QK).enumerate() {
+            let b = g * group / QK + k;
+            let q = &mut r.qs[b * QK..(b + 1) * QK];
+            for (q, v) in q.iter_mut().zip(blk) {
+                *q = ((v * id + ROUND_MAGIC) - ROUND_MAGIC) as i32 as i8;
+            }
+            let sum = |h: &[i8]| h.iter().map(|&v| v as i32).sum::<i32>();
+            let (lo, hi) = (sum(&q[..QK / 2]), sum(&q[QK / 2..]));
+            r.set_block(b, d, lo, hi);
         }
-        let sum = |h: &[i8]| h.iter().map(|&v| v as i32).sum::<i32>();
-        (sum16[2 * b], sum16[2 * b + 1]) = (sum(&q[..QK / 2]), sum(&q[QK / 2..]));
-        d_out[b] = d;
-        s_out[b] = d * (sum16[2 * b] + sum16[2 * b + 1]) as f32;
     }
 }
 
 /// `quantize_row_q8_scalar` in 256-bit vectors, to the same bits: the
-/// block's absolute maximum is exact in any order, `d` and `1 / d` are the
+/// group's absolute maximum is exact in any order, `d` and `1 / d` are the
 /// same operations, and `cvtps` rounds half to even as the scalar's magic
 /// constant does. A prompt's activations are quantized before every
 /// matrix; written plainly this took 13% of a 512-token GEMM.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn quantize_row_q8_avx2(x: &[f32], qs: &mut [i8], d_out: &mut [f32], s_out: &mut [f32], sum16: &mut [i32]) {
+unsafe fn quantize_row_q8_avx2(mut r: ActRowMut, group: usize) {
     use std::arch::x86_64::*;
     let sign = _mm256_set1_ps(-0.0);
     let hsum = |v: __m256i| {
@@ -359,23 +401,28 @@ unsafe fn quantize_row_q8_avx2(x: &[f32], qs: &mut [i8], d_out: &mut [f32], s_ou
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
         _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
     };
-    for (b, blk) in x.chunks_exact(QK).enumerate() {
-        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(blk.as_ptr().add(8 * i)));
-        let m = v.iter().fold(_mm256_setzero_ps(), |m, &v| _mm256_max_ps(m, _mm256_andnot_ps(sign, v)));
+    let x = r.x;
+    for g in 0..x.len() / group {
+        let xg = x.as_ptr().add(g * group);
+        let mut m = _mm256_setzero_ps();
+        for i in (0..group).step_by(8) {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xg.add(i))));
+        }
         let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
         let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
         let d = amax / 127.0;
         let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
-        let q = v.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, id)));
-        // Packing works within 128-bit lanes; the permute puts the 32 bytes back in order.
-        let q16 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-        let q8 = _mm256_permutevar8x32_epi32(q16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256(qs.as_mut_ptr().add(b * QK) as *mut __m256i, q8);
-        let (lo, hi) = (hsum(_mm256_add_epi32(q[0], q[1])), hsum(_mm256_add_epi32(q[2], q[3])));
-        (sum16[2 * b], sum16[2 * b + 1]) = (lo, hi);
-        d_out[b] = d;
-        s_out[b] = d * (lo + hi) as f32;
+        for k in 0..group / QK {
+            let b = g * group / QK + k;
+            let q: [__m256i; 4] = std::array::from_fn(|i| _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg.add(k * QK + 8 * i)), id)));
+            // Packing works within 128-bit lanes; the permute puts the 32 bytes back in order.
+            let q16 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            let q8 = _mm256_permutevar8x32_epi32(q16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(r.qs.as_mut_ptr().add(b * QK) as *mut __m256i, q8);
+            let (lo, hi) = (hsum(_mm256_add_epi32(q[0], q[1])), hsum(_mm256_add_epi32(q[2], q[3])));
+            r.set_block(b, d, lo, hi);
+        }
     }
 }
 
@@ -385,17 +432,18 @@ pub struct ActRow<'a> {
     pub d: &'a [f32],
     pub s: &'a [f32],
     pub sum16: &'a [i32],
+    pub bsum: &'a [f32],
 }
 
 /// Scalar reference: dot product of one quantized weight row with one
 /// quantized activation row, in the order every kernel path follows so
 /// that all give the same bits (a greedy reply must not depend on the
-/// host's instruction set): per block (per K-quant sub-block) the exact
-/// integer sum of weights times activation bytes, then
-/// `acc = fma(isum, w_scale * a_scale, acc)`, then for formats with an
-/// offset `acc = fma(w_offset, a_sum, acc)`. Q4 and Q5 weights enter the
-/// integer sum unsigned (their centre goes into the offset: `-8 d`,
-/// `-16 d`), Q8_0, MLX 8-bit and Q6_K ones signed.
+/// host's instruction set): per block the exact integer sum of weights
+/// times activation bytes, then `acc = fma(isum, w_scale * a_scale, acc)`,
+/// then for formats with an offset `acc = fma(w_offset, a_sum, acc)`. Q4
+/// and Q5 weights enter the integer sum unsigned (their centre goes into
+/// the offset: `-8 d`, `-16 d`), Q8_0 and MLX 8-bit ones signed. The
+/// K-quants take the same two steps per super-block (see below).
 pub fn dot_scalar(qtype: QType, w: &[u8], a: ActRow) -> f32 {
     let nb = a.d.len();
     let mut acc = 0.0f32;
@@ -446,20 +494,27 @@ pub fn dot_scalar(qtype: QType, w: &[u8], a: ActRow) -> f32 {
                 step(isum, d, a.d[b], Some((m, a.s[b])));
             }
         }
+        // Activations with one scale per super-block (`act_group`): the
+        // sub-blocks' integer sums times their integer scales, and the
+        // mins times the activations' block sums, are exact integers per
+        // super-block, so any path may add them up in any order; then two
+        // float steps per super-block.
         QType::Q4_K | QType::Q5_K | QType::Q6_K => {
             let mut k = KBlock::default();
             for (sb, blk) in w.chunks_exact(qtype.block_bytes()).enumerate() {
                 k.unpack(qtype, blk);
-                for j in 0..QK_K / QK {
-                    let b = sb * QK_K / QK + j;
-                    let qa = &a.qs[b * QK..(b + 1) * QK];
-                    // One or two scales per activation block (sub-blocks of 32 or 16).
-                    for (h, part) in (j * QK..(j + 1) * QK).step_by(k.sub.min(QK)).enumerate() {
-                        let n = k.sub.min(QK);
-                        let isum: i32 = (0..n).map(|l| k.q[part + l] as i32 * qa[h * n + l] as i32).sum();
-                        let offset = (n == QK).then(|| (-k.min[part / k.sub], a.s[b]));
-                        step(isum, k.scale[part / k.sub], a.d[b], offset);
-                    }
+                let (qa, da) = (&a.qs[sb * QK_K..(sb + 1) * QK_K], a.d[sb * QK_K / QK]);
+                let (mut c1, mut c2) = (0i32, 0i32);
+                for (j, part) in (0..QK_K).step_by(k.sub).enumerate() {
+                    let isum: i32 = (part..part + k.sub).map(|l| k.q[l] as i32 * qa[l] as i32).sum();
+                    c1 += k.sc[j] * isum;
+                }
+                if qtype != QType::Q6_K {
+                    c2 = (0..QK_K / QK).map(|j| k.mn[j] * a.bsum[sb * QK_K / QK + j] as i32).sum();
+                }
+                acc = (c1 as f32).mul_add(k.d * da, acc);
+                if qtype != QType::Q6_K {
+                    acc = (c2 as f32).mul_add(-(k.dmin * da), acc);
                 }
             }
         }
@@ -492,11 +547,18 @@ pub(crate) struct KBlock {
     pub scale: [f32; 16],
     pub min: [f32; 16],
     pub sub: usize,
+    /// The super-block's scales and the sub-blocks' integer ones, of which
+    /// `scale` and `min` are the products: `scale[j] = d * sc[j]`,
+    /// `min[j] = dmin * mn[j]` (Q6_K: no mins).
+    pub d: f32,
+    pub dmin: f32,
+    pub sc: [i32; 16],
+    pub mn: [i32; 16],
 }
 
 impl Default for KBlock {
     fn default() -> Self {
-        KBlock { q: [0; QK_K], scale: [0.0; 16], min: [0.0; 16], sub: 32 }
+        KBlock { q: [0; QK_K], scale: [0.0; 16], min: [0.0; 16], sub: 32, d: 0.0, dmin: 0.0, sc: [0; 16], mn: [0; 16] }
     }
 }
 
@@ -517,8 +579,10 @@ impl KBlock {
         match qtype {
             QType::Q4_K | QType::Q5_K => {
                 let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                (self.d, self.dmin) = (d, dmin);
                 for j in 0..8 {
                     let (s, m) = k4_scale_min(&b[4..16], j);
+                    (self.sc[j], self.mn[j]) = (s as i32, m as i32);
                     self.scale[j] = d * s as f32;
                     self.min[j] = dmin * m as f32;
                 }
@@ -537,7 +601,9 @@ impl KBlock {
             QType::Q6_K => {
                 let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
                 let d = f16_at(b, 208);
+                (self.d, self.dmin) = (d, 0.0);
                 for (j, &s) in sc.iter().enumerate() {
+                    (self.sc[j], self.mn[j]) = (s as i8 as i32, 0);
                     self.scale[j] = d * s as i8 as f32;
                     self.min[j] = 0.0;
                 }

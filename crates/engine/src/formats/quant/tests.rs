@@ -1,17 +1,21 @@
-/// The vector quantizer gives the scalar one's bits, ties and zeros too.
+/// The vector quantizer gives the scalar one's bits, ties and zeros too,
+/// with scales per 32 and per 256.
 #[test]
 fn activation_quantizers_agree() {
-    let mut x = rand_vec(32 * 7, 3);
+    let mut x = rand_vec(256 * 3, 3);
     x[..32].fill(0.0);
     // Exact halves after scaling by 127 / 127.
     x[32..64].iter_mut().enumerate().for_each(|(i, v)| *v = if i == 0 { 127.0 } else { i as f32 - 15.5 });
+    x[512..768].fill(0.0);
     let n = x.len() / QK;
-    let run = |f: fn(&[f32], &mut [i8], &mut [f32], &mut [f32], &mut [i32])| {
-        let (mut q, mut d, mut s, mut s16) = (vec![0i8; x.len()], vec![0.0; n], vec![0.0; n], vec![0; 2 * n]);
-        f(&x, &mut q, &mut d, &mut s, &mut s16);
-        (q, d, s, s16)
-    };
-    assert_eq!(run(quantize_row_q8), run(quantize_row_q8_scalar));
+    for group in [QK, QK_K] {
+        let run = |f: fn(ActRowMut, usize)| {
+            let (mut qs, mut d, mut s, mut sum16, mut bsum) = (vec![0i8; x.len()], vec![0.0; n], vec![0.0; n], vec![0; 2 * n], vec![0.0; n]);
+            f(ActRowMut { x: &x, qs: &mut qs, d: &mut d, s: &mut s, sum16: &mut sum16, bsum: &mut bsum }, group);
+            (qs, d, s, sum16, bsum)
+        };
+        assert_eq!(run(quantize_row_q8), run(quantize_row_q8_scalar), "groups of {group}");
+    }
 }
 
 use super::*;
@@ -73,10 +77,10 @@ fn k_quants_dequantize_as_llama_cpp_does() {
 fn k_quant_dot_matches_float_dot_of_dequantized_values() {
     let cols = 512;
     let x = rand_vec(cols, 5);
-    let mut acts = QuantizedActs::default();
-    acts.quantize(&x, cols);
-    let xd: Vec<f32> = acts.qs.iter().enumerate().map(|(i, &q)| q as f32 * acts.d[i / QK]).collect();
     for qt in [QType::Q4_K, QType::Q5_K, QType::Q6_K, QType::Q5_0, QType::Q5_1] {
+        let mut acts = QuantizedActs::default();
+        acts.quantize(&x, cols, qt.act_group());
+        let xd: Vec<f32> = acts.qs.iter().enumerate().map(|(i, &q)| q as f32 * acts.d[i / QK]).collect();
         let w = random_k_row(qt, cols / qt.block_size(), 11);
         let mut wd = vec![0.0; cols];
         dequantize_row(qt, &w, &mut wd);
@@ -96,7 +100,7 @@ fn activation_rounding_is_half_to_even() {
     x[2] = -3.5;
     x[3] = 0.49999997;
     x[4] = -1.5;
-    acts.quantize(&x, 32);
+    acts.quantize(&x, 32, QK);
     assert_eq!(&acts.qs[..5], &[127, 2, -4, 0, -2]);
 }
 
@@ -105,7 +109,7 @@ fn scalar_dot_matches_float_dot_of_dequantized_values() {
     let w = rand_vec(128, 2);
     let x = rand_vec(128, 3);
     let mut acts = QuantizedActs::default();
-    acts.quantize(&x, 128);
+    acts.quantize(&x, 128, QK);
     for qt in [QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::A8] {
         let q = quantize_row(qt, &w);
         let mut wd = vec![0.0; 128];

@@ -214,20 +214,29 @@ pub unsafe fn vnni16<const F: u8, const NT: usize>(w: &[u8], a: &[ActRow; NT], s
 /// Bytes of one Q6_K super-block of 16 rows in a `Vnni16` panel.
 pub const Q6K_BYTES16: usize = 16 * 210;
 
+/// The 16 rows' super-block scale `d` (and `dmin`) of the K-quant
+/// super-block at `blk`: Q4_K and Q5_K keep both first, Q6_K its `d`.
+#[inline(always)]
+pub unsafe fn k_head16(blk: *const u8, q6k: bool) -> (__m512, __m512) {
+    if q6k {
+        return (_mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i)), _mm512_setzero_ps());
+    }
+    (_mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i)), _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i)))
+}
+
 /// Sub-block `j` (values 16j..16j+16) of the Q6_K super-block of 16 rows
-/// at `blk`: the rows' `d * scale`, and `q[u]`, lane r: row r's 6-bit
+/// at `blk`: the rows' integer scales, and `q[u]`, lane r: row r's 6-bit
 /// values 4u..4u+4 of the sub-block, unsigned (stored + 32).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn q6k_sub16(blk: *const u8, j: usize) -> (__m512, [__m512i; 4]) {
+pub unsafe fn q6k_sub16(blk: *const u8, j: usize) -> (__m512i, [__m512i; 4]) {
     let (low, top) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
-    let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
     let (scales, ql, qh) = (blk.add(32), blk.add(288), blk.add(288 + 32 * 64));
     // Half h = j / 8 of the super-block, its quarter i (low or high
     // nibbles of the first or second 32 `ql` bytes, the i-th bit pair of
     // `qh`), dwords 4g..4g+4.
     let (h, i, g) = (j / 8, j % 8 / 2, j % 2);
-    let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(scales.add(16 * j) as *const __m128i)));
+    let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(scales.add(16 * j) as *const __m128i));
     let q = std::array::from_fn(|u| {
         let l4 = 4 * g + u;
         let l = _mm512_loadu_si512(ql.add(64 * (16 * h + 8 * (i % 2) + l4)) as *const _);
@@ -241,37 +250,68 @@ pub unsafe fn q6k_sub16(blk: *const u8, j: usize) -> (__m512, [__m512i; 4]) {
         };
         _mm512_or_si512(_mm512_and_si512(l, low), _mm512_and_si512(hb, top))
     });
-    (_mm512_mul_ps(d, sc), q)
+    (sc, q)
+}
+
+/// The activations' scale of super-block `sb` (one per 256 for K-quant
+/// weights, `QType::act_group`), times the rows' `d` (or `dmin`).
+#[inline(always)]
+unsafe fn times_act_scale(a: &ActRow, sb: usize, d: __m512) -> __m512 {
+    _mm512_mul_ps(d, _mm512_set1_ps(*a.d.get_unchecked(sb * (QK_K / QK))))
+}
+
+/// A K-quant super-block's float steps for one token, after its exact
+/// integer sums: `c1` (the sub-blocks' integer sums times their scales)
+/// and, for Q4_K and Q5_K, `c2` (their mins times the activations' block
+/// sums, exact in f32), in `quant::dot_scalar`'s order.
+#[inline(always)]
+unsafe fn k_steps(acc: __m512, a: &ActRow, sb: usize, (d, dmin): (__m512, __m512), c1: __m512i, c2: Option<__m512>) -> __m512 {
+    let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c1), times_act_scale(a, sb, d), acc);
+    match c2 {
+        Some(c2) => _mm512_fnmadd_ps(c2, times_act_scale(a, sb, dmin), acc),
+        None => acc,
+    }
 }
 
 /// Q6_K over `Vnni16` panels. Per sub-block of 16 weights: the 6-bit values
 /// (a nibble of `ql`, two bits of `qh`; stored + 32) rebuilt for 16 rows in
 /// a few vector operations, multiplied unsigned, the + 32 taken off by
-/// starting the integer sum at -32 times the activations' sum, then scaled
-/// by the rows' `d * scale` and the activation block's scale.
+/// starting the integer sum at -32 times the activations' sum, then times
+/// the rows' integer scales; per super-block, `k_steps`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub unsafe fn q6k_vnni16<const NT: usize>(w: &[u8], a: &[ActRow; NT], stream: bool) -> [[f32; 16]; NT] {
     let wp = w.as_ptr();
     let mut acc = [_mm512_setzero_ps(); NT];
     for sb in 0..w.len() / Q6K_BYTES16 {
         let blk = wp.add(sb * Q6K_BYTES16);
+        let mut c1 = [_mm512_setzero_si512(); NT];
         for j in 0..QK_K / 16 {
             if stream {
                 prefetch_part(blk, Q6K_BYTES16, KQ_AHEAD * Q6K_BYTES16, j, QK_K / 16);
             }
-            let (scale, q) = q6k_sub16(blk, j);
-            let v = sb * QK_K + 16 * j;
-            for (acc, a) in acc.iter_mut().zip(a) {
-                let ap = a.qs.as_ptr().add(v) as *const i32;
-                let mut s = _mm512_set1_epi32(-32 * *a.sum16.get_unchecked(v / 16));
-                for (u, q) in q.iter().enumerate() {
-                    s = _mm512_dpbusd_epi32(s, *q, _mm512_set1_epi32(ap.add(u).read_unaligned()));
-                }
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(scale, _mm512_set1_ps(*a.d.get_unchecked(v / QK))), *acc);
+            let (sc, q) = q6k_sub16(blk, j);
+            for (c1, a) in c1.iter_mut().zip(a) {
+                *c1 = _mm512_add_epi32(*c1, _mm512_mullo_epi32(q6k_isum(&q, a, sb * QK_K + 16 * j), sc));
             }
+        }
+        let head = k_head16(blk, true);
+        for ((acc, a), c1) in acc.iter_mut().zip(a).zip(c1) {
+            *acc = k_steps(*acc, a, sb, head, c1, None);
         }
     }
     per_row(acc)
+}
+
+/// The integer sums of Q6_K values `v..v + 16` (`q` as `q6k_sub16` gives
+/// them) times the activations there, the + 32 taken off.
+#[inline(always)]
+unsafe fn q6k_isum(q: &[__m512i; 4], a: &ActRow, v: usize) -> __m512i {
+    let ap = a.qs.as_ptr().add(v) as *const i32;
+    let mut s = _mm512_set1_epi32(-32 * *a.sum16.get_unchecked(v / 16));
+    for (u, q) in q.iter().enumerate() {
+        s = _mm512_dpbusd_epi32(s, *q, _mm512_set1_epi32(ap.add(u).read_unaligned()));
+    }
+    s
 }
 
 /// Bytes of one Q4_K (`K5` false) or Q5_K super-block of 16 rows in a
@@ -281,14 +321,12 @@ pub const fn kq_bytes16(k5: bool) -> usize {
 }
 
 /// Sub-block `j` (values 32j..32j+32) of the Q4_K or Q5_K super-block of
-/// 16 rows at `blk`: the rows' `d * scale` and `dmin * min`, and `q[u]`,
-/// lane r: row r's values 4u..4u+4 of the sub-block (nibbles, and for
-/// Q5_K bit j of the rows' `qh` bytes 4u..4u+4 as the fifth bit).
+/// 16 rows at `blk`: the rows' integer scales, their mins (as f32), and
+/// `q[u]`, lane r: row r's values 4u..4u+4 of the sub-block (nibbles, and
+/// for Q5_K bit j of the rows' `qh` bytes 4u..4u+4 as the fifth bit).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn kq_sub16<const K5: bool>(blk: *const u8, j: usize) -> (__m512, __m512, [__m512i; 8]) {
-    let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
-    let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i));
+pub unsafe fn kq_sub16<const K5: bool>(blk: *const u8, j: usize) -> (__m512i, __m512, [__m512i; 8]) {
     // Scale byte k of the 16 rows, one row per 32-bit lane.
     let byte = |k: usize| _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(64 + 16 * k) as *const __m128i));
     // quant::k4_scale_min, 16 rows at once.
@@ -311,58 +349,73 @@ pub unsafe fn kq_sub16<const K5: bool>(blk: *const u8, j: usize) -> (__m512, __m
         let set = _mm512_test_epi8_mask(_mm512_loadu_si512(qh.add(64 * u) as *const _), _mm512_set1_epi8((1u8 << j) as i8));
         _mm512_mask_add_epi8(v, set, v, _mm512_set1_epi8(16))
     });
-    (_mm512_mul_ps(d, _mm512_cvtepi32_ps(sc)), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn)), q)
+    (sc, _mm512_cvtepi32_ps(mn), q)
 }
 
 /// Q4_K and Q5_K over `Vnni16` panels: per sub-block of 32, the 16 rows'
 /// 6-bit scale and min decoded in vector lanes once for every token, 8
-/// vectors of values multiplied unsigned, then `d * scale` against the
-/// integer sum and `dmin * min` against the activations' block sum.
+/// vectors of values multiplied unsigned, the integer sum times the
+/// scale, and the min times the activations' block sum; per super-block,
+/// `k_steps`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub unsafe fn kq_vnni16<const K5: bool, const NT: usize>(w: &[u8], a: &[ActRow; NT], stream: bool) -> [[f32; 16]; NT] {
     let (wp, bytes) = (w.as_ptr(), kq_bytes16(K5));
     let mut acc = [_mm512_setzero_ps(); NT];
     for sb in 0..w.len() / bytes {
         let blk = wp.add(sb * bytes);
+        let (mut c1, mut c2) = ([_mm512_setzero_si512(); NT], [_mm512_setzero_ps(); NT]);
         for j in 0..QK_K / QK {
             if stream {
                 prefetch_part(blk, bytes, KQ_AHEAD * bytes, j, QK_K / QK);
             }
-            let (scale, min, q) = kq_sub16::<K5>(blk, j);
+            let (sc, mn, q) = kq_sub16::<K5>(blk, j);
             let b = sb * (QK_K / QK) + j;
-            for (acc, a) in acc.iter_mut().zip(a) {
-                let isum = _mm512_cvtepi32_ps(dot32(&q, a.qs.as_ptr().add(b * QK)));
-                *acc = _mm512_fmadd_ps(isum, _mm512_mul_ps(scale, _mm512_set1_ps(*a.d.get_unchecked(b))), *acc);
-                *acc = _mm512_fnmadd_ps(min, _mm512_set1_ps(*a.s.get_unchecked(b)), *acc);
+            for ((c1, c2), a) in c1.iter_mut().zip(&mut c2).zip(a) {
+                *c1 = _mm512_add_epi32(*c1, _mm512_mullo_epi32(dot32(&q, a.qs.as_ptr().add(b * QK)), sc));
+                *c2 = _mm512_fmadd_ps(mn, _mm512_set1_ps(*a.bsum.get_unchecked(b)), *c2);
             }
+        }
+        let head = k_head16(blk, false);
+        for (t, acc) in acc.iter_mut().enumerate() {
+            *acc = k_steps(*acc, &a[t], sb, head, c1[t], Some(c2[t]));
         }
     }
     per_row(acc)
 }
 
-/// One sub-block of a K-quant panel, unpacked: the rows' `d * scale`, and
-/// its vectors of values; Q4_K and Q5_K (`kq_sub16`): 32 values in 8
-/// vectors, and the rows' `dmin * min`; Q6_K (`q6k_sub16`): 16 values in
-/// the first 4.
+/// A K-quant panel unpacked once for a prompt's tiles of tokens to share:
+/// per super-block its `k_head16`, per sub-block a `KqSub`.
+#[derive(Default)]
+pub struct Unpacked {
+    heads: Vec<(__m512, __m512)>,
+    subs: Vec<KqSub>,
+}
+
+/// One sub-block of a K-quant panel, unpacked: the rows' integer scales,
+/// and its vectors of values; Q4_K and Q5_K (`kq_sub16`): 32 values in 8
+/// vectors, and the rows' mins; Q6_K (`q6k_sub16`): 16 values in the
+/// first 4.
 #[derive(Clone, Copy)]
-pub struct KqSub {
-    scale: __m512,
-    min: __m512,
+struct KqSub {
+    sc: __m512i,
+    mn: __m512,
     q: [__m512i; 8],
 }
 
 /// Unpacks the Q6_K panel `w` into `out` (see `kq_unpack16`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn q6k_unpack16(w: &[u8], out: &mut Vec<KqSub>) {
+pub unsafe fn q6k_unpack16(w: &[u8], out: &mut Unpacked) {
     let wp = w.as_ptr();
-    out.clear();
+    out.heads.clear();
+    out.subs.clear();
     for sb in 0..w.len() / Q6K_BYTES16 {
         let blk = wp.add(sb * Q6K_BYTES16);
+        out.heads.push(k_head16(blk, true));
         for j in 0..QK_K / 16 {
             prefetch_part(blk, Q6K_BYTES16, KQ_AHEAD * Q6K_BYTES16, j, QK_K / 16);
-            let (scale, q) = q6k_sub16(blk, j);
+            let (sc, q) = q6k_sub16(blk, j);
             let z = _mm512_setzero_si512();
-            out.push(KqSub { scale, min: _mm512_setzero_ps(), q: [q[0], q[1], q[2], q[3], z, z, z, z] });
+            out.subs.push(KqSub { sc, mn: _mm512_setzero_ps(), q: [q[0], q[1], q[2], q[3], z, z, z, z] });
         }
     }
 }
@@ -370,17 +423,18 @@ pub unsafe fn q6k_unpack16(w: &[u8], out: &mut Vec<KqSub>) {
 /// `q6k_vnni16` over an unpacked panel: the same operations in the same
 /// order, so the same bits.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn q6k_unpacked16<const NT: usize>(subs: &[KqSub], a: &[ActRow; NT]) -> [[f32; 16]; NT] {
+pub unsafe fn q6k_unpacked16<const NT: usize>(p: &Unpacked, a: &[ActRow; NT]) -> [[f32; 16]; NT] {
     let mut acc = [_mm512_setzero_ps(); NT];
-    for (k, sub) in subs.iter().enumerate() {
-        let v = 16 * k;
-        for (acc, a) in acc.iter_mut().zip(a) {
-            let ap = a.qs.as_ptr().add(v) as *const i32;
-            let mut s = _mm512_set1_epi32(-32 * *a.sum16.get_unchecked(k));
-            for (u, q) in sub.q[..4].iter().enumerate() {
-                s = _mm512_dpbusd_epi32(s, *q, _mm512_set1_epi32(ap.add(u).read_unaligned()));
+    for (sb, (&head, subs)) in p.heads.iter().zip(p.subs.chunks_exact(QK_K / 16)).enumerate() {
+        let mut c1 = [_mm512_setzero_si512(); NT];
+        for (j, sub) in subs.iter().enumerate() {
+            let q = [sub.q[0], sub.q[1], sub.q[2], sub.q[3]];
+            for (c1, a) in c1.iter_mut().zip(a) {
+                *c1 = _mm512_add_epi32(*c1, _mm512_mullo_epi32(q6k_isum(&q, a, sb * QK_K + 16 * j), sub.sc));
             }
-            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(sub.scale, _mm512_set1_ps(*a.d.get_unchecked(v / QK))), *acc);
+        }
+        for ((acc, a), c1) in acc.iter_mut().zip(a).zip(c1) {
+            *acc = k_steps(*acc, a, sb, head, c1, None);
         }
     }
     per_row(acc)
@@ -390,15 +444,17 @@ pub unsafe fn q6k_unpacked16<const NT: usize>(subs: &[KqSub], a: &[ActRow; NT]) 
 /// for a prompt's tiles of tokens to share: each tile then skips the scale
 /// decoding and the nibble unpacking `kq_vnni16` does per tile.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn kq_unpack16<const K5: bool>(w: &[u8], out: &mut Vec<KqSub>) {
+pub unsafe fn kq_unpack16<const K5: bool>(w: &[u8], out: &mut Unpacked) {
     let (wp, bytes) = (w.as_ptr(), kq_bytes16(K5));
-    out.clear();
+    out.heads.clear();
+    out.subs.clear();
     for sb in 0..w.len() / bytes {
         let blk = wp.add(sb * bytes);
+        out.heads.push(k_head16(blk, false));
         for j in 0..QK_K / QK {
             prefetch_part(blk, bytes, KQ_AHEAD * bytes, j, QK_K / QK);
-            let (scale, min, q) = kq_sub16::<K5>(blk, j);
-            out.push(KqSub { scale, min, q });
+            let (sc, mn, q) = kq_sub16::<K5>(blk, j);
+            out.subs.push(KqSub { sc, mn, q });
         }
     }
 }
@@ -406,13 +462,19 @@ pub unsafe fn kq_unpack16<const K5: bool>(w: &[u8], out: &mut Vec<KqSub>) {
 /// `kq_vnni16` over an unpacked panel: the same operations in the same
 /// order, so the same bits.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn kq_unpacked16<const NT: usize>(subs: &[KqSub], a: &[ActRow; NT]) -> [[f32; 16]; NT] {
+pub unsafe fn kq_unpacked16<const NT: usize>(p: &Unpacked, a: &[ActRow; NT]) -> [[f32; 16]; NT] {
     let mut acc = [_mm512_setzero_ps(); NT];
-    for (b, s) in subs.iter().enumerate() {
-        for (acc, a) in acc.iter_mut().zip(a) {
-            let isum = _mm512_cvtepi32_ps(dot32(&s.q, a.qs.as_ptr().add(b * QK)));
-            *acc = _mm512_fmadd_ps(isum, _mm512_mul_ps(s.scale, _mm512_set1_ps(*a.d.get_unchecked(b))), *acc);
-            *acc = _mm512_fnmadd_ps(s.min, _mm512_set1_ps(*a.s.get_unchecked(b)), *acc);
+    for (sb, (&head, subs)) in p.heads.iter().zip(p.subs.chunks_exact(QK_K / QK)).enumerate() {
+        let (mut c1, mut c2) = ([_mm512_setzero_si512(); NT], [_mm512_setzero_ps(); NT]);
+        for (j, sub) in subs.iter().enumerate() {
+            let b = sb * (QK_K / QK) + j;
+            for ((c1, c2), a) in c1.iter_mut().zip(&mut c2).zip(a) {
+                *c1 = _mm512_add_epi32(*c1, _mm512_mullo_epi32(dot32(&sub.q, a.qs.as_ptr().add(b * QK)), sub.sc));
+                *c2 = _mm512_fmadd_ps(sub.mn, _mm512_set1_ps(*a.bsum.get_unchecked(b)), *c2);
+            }
+        }
+        for (t, acc) in acc.iter_mut().enumerate() {
+            *acc = k_steps(*acc, &a[t], sb, head, c1[t], Some(c2[t]));
         }
     }
     per_row(acc)

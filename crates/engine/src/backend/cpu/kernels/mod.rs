@@ -271,7 +271,7 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
         return;
     }
 
-    xq.quantize(x, w.cols);
+    xq.quantize(x, w.cols, w.qtype.act_group());
     let xq = &*xq;
     let tile = tile_fn(isa, w.qtype);
     let rb = w.row_bytes();
@@ -312,7 +312,7 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
         let mut r_panels = rows_.start;
         #[cfg(target_arch = "x86_64")]
         if let (Some((unpack, multiply)), true) = (unpacked, n > step) {
-            let mut subs = Vec::new();
+            let mut subs = avx512::Unpacked::default();
             let mut res_g = [[0.0f32; MAX_GROUP]; MAX_TILE];
             while r_panels + g <= rows_.end.min(full) {
                 let r = r_panels;
@@ -353,7 +353,7 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
     };
     let chunk = chunk.next_multiple_of(MAX_GROUP);
     #[cfg(target_arch = "x86_64")]
-    let tile_acts = amx::Acts::new(xq, n_amx);
+    let tile_acts = amx::Acts::new(xq, n_amx, w.qtype);
     (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
         let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(rows));
         if n_amx == 0 {
@@ -363,7 +363,7 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
         let end = r1.min(full).max(r0);
         #[cfg(target_arch = "x86_64")]
         {
-            let mut p = amx::Panel::default();
+            let mut p = amx::Panel::take();
             for r in (r0..end).step_by(g) {
                 // SAFETY: `amx_fits` checked the grant and the features.
                 unsafe {
@@ -371,6 +371,7 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
                     amx::multiply(&p, &tile_acts, |t0, res| put_panel(t0, r, res));
                 }
             }
+            p.keep();
         }
         tiles(n_amx..n, r0..end);
         tiles(0..n, end..r1);
@@ -456,18 +457,18 @@ fn panel_fn(isa: Isa, qtype: QType, layout: Layout) -> Option<PanelFn> {
     None
 }
 
-/// A panel unpacked once for a prompt (`avx512::KqSub`), and the kernel
+/// A panel unpacked once for a prompt (`avx512::Unpacked`), and the kernel
 /// that multiplies a tile of tokens against it.
 #[cfg(target_arch = "x86_64")]
-type UnpackedFns = (fn(&[u8], &mut Vec<avx512::KqSub>), fn(&[avx512::KqSub], &[ActRow], &mut [[f32; MAX_GROUP]]));
+type UnpackedFns = (fn(&[u8], &mut avx512::Unpacked), fn(&avx512::Unpacked, &[ActRow], &mut [[f32; MAX_GROUP]]));
 
 /// The unpack-once kernels of a format on a path, where it has them.
 #[cfg(target_arch = "x86_64")]
 fn unpacked_fn(isa: Isa, qtype: QType, layout: Layout) -> Option<UnpackedFns> {
-    fn multiply(subs: &[avx512::KqSub], a: &[ActRow], o: &mut [[f32; MAX_GROUP]]) {
+    fn multiply(subs: &avx512::Unpacked, a: &[ActRow], o: &mut [[f32; MAX_GROUP]]) {
         tile!(avx512::kq_unpacked16 [], subs, a, o)
     }
-    fn multiply_q6k(subs: &[avx512::KqSub], a: &[ActRow], o: &mut [[f32; MAX_GROUP]]) {
+    fn multiply_q6k(subs: &avx512::Unpacked, a: &[ActRow], o: &mut [[f32; MAX_GROUP]]) {
         tile!(avx512::q6k_unpacked16 [], subs, a, o)
     }
     // Where unpacking is more than a mask and a shift. Q4_K's unpacking

@@ -99,7 +99,7 @@ fn panels_keep_every_row() {
 fn k_quant_paths_match_the_scalar_reference() {
     use crate::formats::quant::tests::random_k_row;
     for qtype in [QType::Q4_K, QType::Q5_K, QType::Q6_K, QType::Q5_0, QType::Q5_1] {
-        for (rows, cols, n) in [(1, 256, 1), (37, 512, 3), (20, 768, 9), (9, 256, 7), (33, 512, 21)] {
+        for (rows, cols, n) in [(1, 256, 1), (37, 512, 3), (20, 768, 9), (9, 256, 7), (33, 512, 21), (16, 768, 48)] {
             let data: Vec<u8> = (0..rows).flat_map(|r| random_k_row(qtype, cols / qtype.block_size(), r as u64 + 1)).collect();
             for layout in Layout::ALL {
                 assert_paths_agree(&QMatrix::new(qtype, rows, cols, Bytes::Owned(data.clone())).into_layout(layout), n);

@@ -263,24 +263,31 @@ const fn k_type(k: u8) -> QType {
     }
 }
 
-/// The scales of the super-block at `p`: per sub-block of 32, `d * sc`
-/// and `dmin * m` (Q4_K, Q5_K); per 16, `d * sc` (Q6_K, 16 of them).
+/// The super-block at `p`: `d` and `dmin`, and its sub-blocks' integer
+/// scales and mins (per 32: Q4_K, Q5_K; per 16, 16 of them and no mins:
+/// Q6_K).
 #[inline(always)]
-unsafe fn k_scales<const K: u8>(p: *const u8, scale: &mut [f32; 16], min: &mut [f32; 8]) {
+unsafe fn k_scales<const K: u8>(p: *const u8) -> (f32, f32, [i32; 16], [i32; 8]) {
+    let (mut sc, mut mn) = ([0i32; 16], [0i32; 8]);
     if K == K6 {
-        let d = f16_to_f32(p.add(208));
-        for (j, s) in scale.iter_mut().enumerate() {
-            *s = d * *p.add(192 + j) as i8 as f32;
+        for (j, s) in sc.iter_mut().enumerate() {
+            *s = *p.add(192 + j) as i8 as i32;
         }
-        return;
+        return (f16_to_f32(p.add(208)), 0.0, sc, mn);
     }
-    let (d, dmin) = (f16_to_f32(p), f16_to_f32(p.add(2)));
-    let sc = std::slice::from_raw_parts(p.add(4), 12);
+    let scales = std::slice::from_raw_parts(p.add(4), 12);
     for j in 0..8 {
-        let (s, m) = crate::formats::quant::k4_scale_min(sc, j);
-        scale[j] = d * s as f32;
-        min[j] = dmin * m as f32;
+        let (s, m) = crate::formats::quant::k4_scale_min(scales, j);
+        (sc[j], mn[j]) = (s as i32, m as i32);
     }
+    (f16_to_f32(p), f16_to_f32(p.add(2)), sc, mn)
+}
+
+/// A super-block's min term for one token: the mins times the
+/// activations' block sums (an exact integer).
+#[inline(always)]
+fn k_min_sum(mn: &[i32; 8], a: &ActRow, sb: usize) -> i32 {
+    (0..8).map(|j| mn[j] * *a.bsum.get(sb * 8 + j).unwrap_or(&0.0) as i32).sum()
 }
 
 /// The 32 values of sub-block `j` of the super-block at `p`, as bytes:
@@ -321,36 +328,36 @@ unsafe fn k_sub<const K: u8>(p: *const u8, j: usize) -> __m256i {
 }
 
 /// K-quant one-row tile: each super-block of 256 weights is unpacked in
-/// registers once for all `NT` tokens, then every 32 weights times 32
-/// activations is one int8 product, reduced per sub-block of 32 (Q4_K,
-/// Q5_K, then the min term) or 16 (Q6_K: each 128-bit half) and scaled.
+/// registers once for all `NT` tokens; every 32 weights times 32
+/// activations is one int8 product, times its sub-block's integer scale
+/// (per 32, or per 16 for Q6_K: each 128-bit half), summed in integer
+/// lanes over the super-block, then `quant::dot_scalar`'s two float steps.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn kquant_avx2<const K: u8, const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [f32; NT] {
     use crate::formats::quant::QK_K;
     let mut acc = [0.0f32; NT];
-    let (mut scale, mut min) = ([0f32; 16], [0f32; 8]);
     for (sb, blk) in w.chunks_exact(k_type(K).block_bytes()).enumerate() {
         let p = blk.as_ptr();
-        k_scales::<K>(p, &mut scale, &mut min);
+        let (d, dmin, sc, mn) = k_scales::<K>(p);
+        let mut c1 = [_mm256_setzero_si256(); NT];
         for j in 0..QK_K / QK {
             let b = sb * (QK_K / QK) + j;
             let qv = k_sub::<K>(p, j);
             // Unsigned values multiply the signed activations directly;
             // Q6_K's signed ones move their sign onto the activations.
             let qabs = if K == K6 { _mm256_sign_epi8(qv, qv) } else { qv };
+            let scale = if K == K6 { _mm256_setr_m128i(_mm_set1_epi32(sc[2 * j]), _mm_set1_epi32(sc[2 * j + 1])) } else { _mm256_set1_epi32(sc[j]) };
             for t in 0..NT {
                 let av = _mm256_loadu_si256(a[t].qs.as_ptr().add(b * QK) as *const __m256i);
                 let av = if K == K6 { _mm256_sign_epi8(av, qv) } else { av };
-                let prod = mul8(qabs, av);
-                let da = *a[t].d.get_unchecked(b);
-                if K == K6 {
-                    let (lo, hi) = (_mm256_castsi256_si128(prod), _mm256_extracti128_si256(prod, 1));
-                    acc[t] = (hsum_i32(lo) as f32).mul_add(scale[2 * j] * da, acc[t]);
-                    acc[t] = (hsum_i32(hi) as f32).mul_add(scale[2 * j + 1] * da, acc[t]);
-                } else {
-                    acc[t] = (isum8(prod) as f32).mul_add(scale[j] * da, acc[t]);
-                    acc[t] = (-min[j]).mul_add(*a[t].s.get_unchecked(b), acc[t]);
-                }
+                c1[t] = _mm256_add_epi32(c1[t], _mm256_mullo_epi32(mul8(qabs, av), scale));
+            }
+        }
+        for t in 0..NT {
+            let da = *a[t].d.get_unchecked(sb * (QK_K / QK));
+            acc[t] = (isum8(c1[t]) as f32).mul_add(d * da, acc[t]);
+            if K != K6 {
+                acc[t] = (k_min_sum(&mn, &a[t], sb) as f32).mul_add(-(dmin * da), acc[t]);
             }
         }
     }
@@ -370,36 +377,42 @@ pub unsafe fn q4k_x8_avx2<const NT: usize>(w: &[u8], a: &[ActRow; NT]) -> [[f32;
     use crate::formats::quant::QK_K;
     let bb = QType::Q4_K.block_bytes();
     let wp = w.as_ptr();
-    let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); NT];
-    // Per row, then per sub-block (lanes = rows).
-    let (mut scale, mut min) = ([[0f32; 16]; 8], [[0f32; 8]; 8]);
-    let (mut scale_t, mut min_t) = ([[0f32; 8]; 8], [[0f32; 8]; 8]);
+    // Per sub-block, the 8 rows' scales (lanes = rows) as i16 pairs, so
+    // that the pair sums' `madd` multiplies by them for free; per row, the
+    // mins and `d`, `dmin`.
+    let mut sc_t = [[0i32; 8]; 8];
+    let (mut mn, mut d, mut dmin) = ([[0i32; 8]; 8], [0f32; 8], [0f32; 8]);
     for sb in 0..w.len() / (8 * bb) {
         let p = |r: usize| wp.add((sb * 8 + r) * bb);
         for r in 0..8 {
-            k_scales::<K4>(p(r), &mut scale[r], &mut min[r]);
+            let (dr, dminr, sc, m) = k_scales::<K4>(p(r));
+            (d[r], dmin[r], mn[r]) = (dr, dminr, m);
             for j in 0..8 {
-                scale_t[j][r] = scale[r][j];
-                min_t[j][r] = min[r][j];
+                sc_t[j][r] = sc[j] * 0x1_0001;
             }
         }
+        let mut c1 = [_mm256_setzero_si256(); NT];
         for j in 0..QK_K / QK {
             let b = sb * (QK_K / QK) + j;
             let t = transpose_8x8_epi32(std::array::from_fn(|r| k_sub::<K4>(p(r), j)));
-            let (sc, mn) = (_mm256_loadu_ps(scale_t[j].as_ptr()), _mm256_loadu_ps(min_t[j].as_ptr()));
-            for (acc, a) in acc.iter_mut().zip(a) {
+            let sc = _mm256_loadu_si256(sc_t[j].as_ptr() as *const __m256i);
+            for (c1, a) in c1.iter_mut().zip(a) {
                 let ap = a.qs.as_ptr().add(b * QK) as *const i32;
                 // Pair sums of u4 x i8 are at most 3810 in size: eight fit in i16.
                 let mut s16 = _mm256_setzero_si256();
                 for (k, tk) in t.iter().enumerate() {
                     s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*tk, _mm256_set1_epi32(ap.add(k).read_unaligned())));
                 }
-                let s32 = _mm256_madd_epi16(s16, ones);
-                let da = _mm256_set1_ps(*a.d.get_unchecked(b));
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(sc, da), *acc);
-                *acc = _mm256_fnmadd_ps(mn, _mm256_set1_ps(*a.s.get_unchecked(b)), *acc);
+                *c1 = _mm256_add_epi32(*c1, _mm256_madd_epi16(s16, sc));
             }
+        }
+        let (dv, dminv) = (_mm256_loadu_ps(d.as_ptr()), _mm256_loadu_ps(dmin.as_ptr()));
+        for ((acc, a), c1) in acc.iter_mut().zip(a).zip(c1) {
+            let da = _mm256_set1_ps(*a.d.get_unchecked(sb * (QK_K / QK)));
+            let c2: [i32; 8] = std::array::from_fn(|r| k_min_sum(&mn[r], a, sb));
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c1), _mm256_mul_ps(dv, da), *acc);
+            *acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(c2.as_ptr() as *const __m256i)), _mm256_mul_ps(dminv, da), *acc);
         }
     }
     std::array::from_fn(|t| {
