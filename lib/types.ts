@@ -336,9 +336,9 @@ export interface HealthStatus {
 export interface RuntimeInfo {
   version: string;
   backend: string;
-  /** The kernel path: `avx512-vnni`, `avx2`, `scalar`, or `amx` (opt-in, `MLX_SERVING_ISA=amx`). */
+  /** The kernel path: `amx` (AVX-512 VNNI, and AMX-INT8 tiles for prompts), `avx512-vnni`, `avx2` or `scalar`; `MLX_SERVING_ISA` forces one. */
   isa: string;
-  /** Why prompts do not run on AMX tiles here (absent where they do): no AMX, the kernel refused the tile state, or not chosen. */
+  /** Why prompts do not run on AMX tiles here (absent where they do): no AMX, the kernel refused the tile state, or `MLX_SERVING_ISA` chose another path. */
   amx?: string;
   threads: number;
   /** MLX (libmlx from PyPI's MLX wheels, loaded at run time): whether it loads here, its version, whether it has a GPU. */
