@@ -287,7 +287,7 @@ unsafe fn k_scales<const K: u8>(p: *const u8) -> (f32, f32, [i32; 16], [i32; 8])
 /// activations' block sums (an exact integer).
 #[inline(always)]
 fn k_min_sum(mn: &[i32; 8], a: &ActRow, sb: usize) -> i32 {
-    (0..8).map(|j| mn[j] * *a.bsum.get(sb * 8 + j).unwrap_or(&0.0) as i32).sum()
+    (0..8).map(|j| mn[j] * a.bsum[sb * 8 + j] as i32).sum()
 }
 
 /// The 32 values of sub-block `j` of the super-block at `p`, as bytes:
