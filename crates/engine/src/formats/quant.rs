@@ -188,7 +188,8 @@ pub fn dequantize_row(qtype: QType, src: &[u8], dst: &mut [f32]) {
             for (out, blk) in dst.chunks_exact_mut(QK_K).zip(src.chunks_exact(qtype.block_bytes())) {
                 k.unpack(qtype, blk);
                 for (i, o) in out.iter_mut().enumerate() {
-                    *o = k.scale[i / k.sub] * k.q[i] as f32 - k.min[i / k.sub];
+                    let j = i / k.sub;
+                    *o = k.d * k.sc[j] as f32 * k.q[i] as f32 - k.dmin * k.mn[j] as f32;
                 }
             }
         }
@@ -539,17 +540,13 @@ pub(crate) fn q5_unpack(qtype: QType, blk: &[u8], q: &mut [i8; QK]) -> (f32, f32
     (d, m)
 }
 
-/// One K-quant super-block unpacked: 256 small integers and a scale (and a
-/// min, subtracted) per sub-block of `sub` elements, so that element `i` is
-/// `scale[i / sub] * q[i] - min[i / sub]`, as ggml dequantizes it.
+/// One K-quant super-block unpacked: 256 small integers, the super-block's
+/// `d` and `dmin`, and an integer scale and min per sub-block of `sub`
+/// elements, so that element `i` is `d * sc[j] * q[i] - dmin * mn[j]`
+/// (`j = i / sub`), as ggml dequantizes it. Q6_K has no mins.
 pub(crate) struct KBlock {
     pub q: [i8; QK_K],
-    pub scale: [f32; 16],
-    pub min: [f32; 16],
     pub sub: usize,
-    /// The super-block's scales and the sub-blocks' integer ones, of which
-    /// `scale` and `min` are the products: `scale[j] = d * sc[j]`,
-    /// `min[j] = dmin * mn[j]` (Q6_K: no mins).
     pub d: f32,
     pub dmin: f32,
     pub sc: [i32; 16],
@@ -558,7 +555,7 @@ pub(crate) struct KBlock {
 
 impl Default for KBlock {
     fn default() -> Self {
-        KBlock { q: [0; QK_K], scale: [0.0; 16], min: [0.0; 16], sub: 32, d: 0.0, dmin: 0.0, sc: [0; 16], mn: [0; 16] }
+        KBlock { q: [0; QK_K], sub: 32, d: 0.0, dmin: 0.0, sc: [0; 16], mn: [0; 16] }
     }
 }
 
@@ -583,8 +580,6 @@ impl KBlock {
                 for j in 0..8 {
                     let (s, m) = k4_scale_min(&b[4..16], j);
                     (self.sc[j], self.mn[j]) = (s as i32, m as i32);
-                    self.scale[j] = d * s as f32;
-                    self.min[j] = dmin * m as f32;
                 }
                 let (qh, qs) = if qtype == QType::Q5_K { (&b[16..48], &b[48..176]) } else { (&b[16..16], &b[16..144]) };
                 // Each 32 bytes of nibbles hold two sub-blocks: low nibbles
@@ -604,8 +599,6 @@ impl KBlock {
                 (self.d, self.dmin) = (d, 0.0);
                 for (j, &s) in sc.iter().enumerate() {
                     (self.sc[j], self.mn[j]) = (s as i8 as i32, 0);
-                    self.scale[j] = d * s as i8 as f32;
-                    self.min[j] = 0.0;
                 }
                 // Two halves of 128: four runs of 32 from the low/high nibbles
                 // of 64 ql bytes and successive bit pairs of 32 qh bytes.
