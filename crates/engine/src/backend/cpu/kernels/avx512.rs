@@ -34,11 +34,11 @@ const PREFETCH: usize = 4096;
 /// on an AMD EPYC (Zen 4), 2048 x 2048 GEMV from DRAM, Q6_K 290-375 ->
 /// 138-183 us and Q4_K 149-181 -> 99-121 us against one burst per block;
 /// one and three blocks ahead were about alike.
-const KQ_AHEAD: usize = 2;
+pub(super) const KQ_AHEAD: usize = 2;
 
 /// Asks for the cache lines `PREFETCH` bytes past `len` bytes at `p`.
 #[inline(always)]
-unsafe fn prefetch(p: *const u8, len: usize) {
+pub(super) unsafe fn prefetch(p: *const u8, len: usize) {
     for l in (0..len).step_by(64) {
         // A hint: past the matrix's end it reads nothing and cannot fault.
         _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(PREFETCH + l) as *const i8);
@@ -50,7 +50,7 @@ unsafe fn prefetch(p: *const u8, len: usize) {
 /// for at once, their 36-53 lines overflow the line-fill buffers and most
 /// requests are dropped, so those kernels spread them over the sub-blocks.
 #[inline(always)]
-unsafe fn prefetch_part(p: *const u8, len: usize, ahead: usize, part: usize, n: usize) {
+pub(super) unsafe fn prefetch_part(p: *const u8, len: usize, ahead: usize, part: usize, n: usize) {
     let lines = len.div_ceil(64);
     for l in lines * part / n..lines * (part + 1) / n {
         _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(ahead + 64 * l) as *const i8);

@@ -10,15 +10,13 @@ use crate::formats::quant::QType;
 pub enum Layout {
     /// Each row's blocks contiguous, as in the file.
     Rows,
-    /// Groups of 8 rows interleaved block by block: block b of rows
-    /// 8g..8g+8, then block b + 1 (the 256-bit 8-row tiles).
-    Panels8,
     /// Groups of 16 rows, block by block: the 16 rows' f16 scales (then
     /// their mins, or the K-quants' sub-block scales), then the quant
     /// bytes as 64-byte vectors whose 32-bit lane r holds 4 consecutive
     /// bytes of row r, so that one load is one VNNI multiply operand for
-    /// all 16 rows (the 512-bit tiles). Signed 8-bit values are stored
-    /// + 128: VNNI multiplies unsigned weights.
+    /// all 16 rows (the 512-bit kernels), and each 32-byte half one AVX2
+    /// operand for 8 rows (the 256-bit kernels). Signed 8-bit values are
+    /// stored + 128: VNNI multiplies unsigned weights.
     Vnni16,
 }
 
@@ -26,13 +24,12 @@ impl Layout {
     /// The layout the kernels of `isa` read `qtype` in.
     pub fn for_kernels(isa: Isa, qtype: QType) -> Layout {
         match (isa.vector(), qtype) {
-            (Isa::Avx512Vnni, q) if Layout::Vnni16.fits(q) => Layout::Vnni16,
-            (Isa::Avx2, QType::Q4_0 | QType::Q4_1 | QType::Q4_K | QType::Q8_0 | QType::A8) => Layout::Panels8,
+            (Isa::Avx512Vnni | Isa::Avx2, q) if Layout::Vnni16.fits(q) => Layout::Vnni16,
             _ => Layout::Rows,
         }
     }
 
-    pub const ALL: [Layout; 3] = [Layout::Rows, Layout::Panels8, Layout::Vnni16];
+    pub const ALL: [Layout; 2] = [Layout::Rows, Layout::Vnni16];
 
     /// Whether `qtype`'s blocks can be arranged this way.
     pub fn fits(self, qtype: QType) -> bool {
@@ -43,7 +40,6 @@ impl Layout {
     pub fn group(self) -> usize {
         match self {
             Layout::Rows => 1,
-            Layout::Panels8 => 8,
             Layout::Vnni16 => 16,
         }
     }
@@ -54,7 +50,7 @@ impl Layout {
     fn runs(self, qtype: QType, r: usize, mut f: impl FnMut(usize, usize, usize)) {
         let bb = qtype.block_bytes();
         match self {
-            Layout::Rows | Layout::Panels8 => f(0, r * bb, bb),
+            Layout::Rows => f(0, r * bb, bb),
             Layout::Vnni16 if matches!(qtype, QType::Q4_K | QType::Q5_K) => {
                 // A super-block: 16 f16 scales, 16 f16 mins, the 12 bytes of
                 // 6-bit sub-block scales and mins byte-major, then (Q5_K)
@@ -158,7 +154,7 @@ mod tests {
     #[test]
     fn gather_undoes_pack() {
         for qtype in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q5_K, QType::Q6_K] {
-            for layout in [Layout::Panels8, Layout::Vnni16] {
+            for layout in [Layout::Vnni16] {
                 let (rows, rb) = (16 * 2 + 3, qtype.row_bytes(512));
                 let plain: Vec<u8> = (0..rows * rb).map(|i| (i * 7 + i / 13) as u8).collect();
                 let mut packed = plain.clone();

@@ -443,11 +443,15 @@ type PanelFn = fn(&[u8], &[ActRow], &mut [[f32; MAX_GROUP]], bool);
 fn panel_fn(isa: Isa, qtype: QType, layout: Layout) -> Option<PanelFn> {
     #[cfg(target_arch = "x86_64")]
     match (isa.vector(), layout, qtype) {
-        (Isa::Avx2 | Isa::Avx512Vnni, Layout::Panels8, QType::Q4_0) => return Some(|w, a, o, _| tile!(x86::q4x8_avx2 [false], w, a, o)),
-        (Isa::Avx2 | Isa::Avx512Vnni, Layout::Panels8, QType::Q4_1) => return Some(|w, a, o, _| tile!(x86::q4x8_avx2 [true], w, a, o)),
-        (Isa::Avx2 | Isa::Avx512Vnni, Layout::Panels8, QType::Q4_K) => return Some(|w, a, o, _| tile!(x86::q4k_x8_avx2 [], w, a, o)),
-        (Isa::Avx2 | Isa::Avx512Vnni, Layout::Panels8, QType::Q8_0) => return Some(|w, a, o, _| tile!(x86::q8x8_avx2 [false], w, a, o)),
-        (Isa::Avx2 | Isa::Avx512Vnni, Layout::Panels8, QType::A8) => return Some(|w, a, o, _| tile!(x86::q8x8_avx2 [true], w, a, o)),
+        (Isa::Avx2, Layout::Vnni16, QType::Q4_0) => return Some(|w, a, o, s| tile!(avx2::panel16 [{ avx512::Q4_0 }], w, a, o, s)),
+        (Isa::Avx2, Layout::Vnni16, QType::Q4_1) => return Some(|w, a, o, s| tile!(avx2::panel16 [{ avx512::Q4_1 }], w, a, o, s)),
+        (Isa::Avx2, Layout::Vnni16, QType::Q5_0) => return Some(|w, a, o, s| tile!(avx2::panel16 [{ avx512::Q5_0 }], w, a, o, s)),
+        (Isa::Avx2, Layout::Vnni16, QType::Q5_1) => return Some(|w, a, o, s| tile!(avx2::panel16 [{ avx512::Q5_1 }], w, a, o, s)),
+        (Isa::Avx2, Layout::Vnni16, QType::Q8_0) => return Some(|w, a, o, s| tile!(avx2::panel16 [{ avx512::Q8_0 }], w, a, o, s)),
+        (Isa::Avx2, Layout::Vnni16, QType::A8) => return Some(|w, a, o, s| tile!(avx2::panel16 [{ avx512::A8 }], w, a, o, s)),
+        (Isa::Avx2, Layout::Vnni16, QType::Q4_K) => return Some(|w, a, o, s| tile!(avx2::kq_panel16 [false], w, a, o, s)),
+        (Isa::Avx2, Layout::Vnni16, QType::Q5_K) => return Some(|w, a, o, s| tile!(avx2::kq_panel16 [true], w, a, o, s)),
+        (Isa::Avx2, Layout::Vnni16, QType::Q6_K) => return Some(|w, a, o, s| tile!(avx2::q6k_panel16 [], w, a, o, s)),
         (Isa::Avx512Vnni, Layout::Vnni16, QType::Q4_0) => return Some(|w, a, o, s| tile!(avx512::vnni16 [{ avx512::Q4_0 }], w, a, o, s)),
         (Isa::Avx512Vnni, Layout::Vnni16, QType::Q4_1) => return Some(|w, a, o, s| tile!(avx512::vnni16 [{ avx512::Q4_1 }], w, a, o, s)),
         (Isa::Avx512Vnni, Layout::Vnni16, QType::Q5_0) => return Some(|w, a, o, s| tile!(avx512::vnni16 [{ avx512::Q5_0 }], w, a, o, s)),
@@ -494,7 +498,7 @@ pub fn tile_fn(isa: Isa, qtype: QType) -> TileFn {
     #[cfg(target_arch = "x86_64")]
     {
         match (isa.vector(), qtype) {
-            // Rows past the last panel only (every path has panels for these).
+            // Rows past the last full panel (every format has panels on these paths).
             (Isa::Avx2 | Isa::Avx512Vnni, QType::Q4_0) => return |w, a, o| tile!(x86::q4_avx2 [false], w, a, o),
             (Isa::Avx2 | Isa::Avx512Vnni, QType::Q4_1) => return |w, a, o| tile!(x86::q4_avx2 [true], w, a, o),
             (Isa::Avx2 | Isa::Avx512Vnni, QType::Q8_0) => return |w, a, o| tile!(x86::q8_avx2 [false], w, a, o),
@@ -571,6 +575,8 @@ fn store<T: Put<V>, V, const NT: usize>(out: &mut [T], v: [V; NT]) {
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
