@@ -109,6 +109,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn rms_norm_in_place(&self, p: &mut Self::Pass, x: &mut Self::Tensor, w: &Self::Vector, eps: f32) -> R;
     /// `out = x W^T`.
     fn linear(&self, p: &mut Self::Pass, w: &Self::Matrix, x: &Self::Tensor, out: &mut Self::Tensor) -> R;
+    /// `outs[i] = x W_i^T` for matrices that read the same input (q, k and
+    /// v; gate and up), which a backend may run as one operation.
+    fn linear_many<const N: usize>(&self, p: &mut Self::Pass, ws: [&Self::Matrix; N], x: &Self::Tensor, outs: [&mut Self::Tensor; N]) -> R {
+        ws.into_iter().zip(outs).try_for_each(|(w, out)| self.linear(p, w, x, out))
+    }
     /// Adds `b` to every row.
     fn add_bias(&self, p: &mut Self::Pass, x: &mut Self::Tensor, b: &Self::Vector) -> R;
     /// Rotates `n_heads` heads per token by the token's position, with

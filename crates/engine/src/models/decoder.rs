@@ -391,8 +391,7 @@ impl<B: Backend> Decoder<B> {
     fn run_mlp(&self, p: &mut B::Pass, m: &Mlp<B>, h: &B::Tensor, scratch: &mut [B::Tensor; 2], out: &mut B::Tensor) -> Result<(), EngineError> {
         let b = &self.backend;
         let [gate, up] = scratch;
-        b.linear(p, &m.gate, h, gate)?;
-        b.linear(p, &m.up, h, up)?;
+        b.linear_many(p, [&m.gate, &m.up], h, [gate, up])?;
         b.activate(p, self.opts.activation, gate, up)?;
         b.linear(p, &m.down, gate, out)
     }
@@ -491,9 +490,7 @@ impl<B: Backend> Model for Decoder<B> {
         for (li, l) in self.layers.iter().enumerate() {
             let a = &l.attn;
             b.rms_norm(p, &x, &l.attn_norm, eps, &mut h)?;
-            b.linear(p, &a.wq, &h, &mut q)?;
-            b.linear(p, &a.wk, &h, &mut k)?;
-            b.linear(p, &a.wv, &h, &mut v)?;
+            b.linear_many(p, [&a.wq, &a.wk, &a.wv], &h, [&mut q, &mut k, &mut v])?;
             if let Some([bq, bk, bv]) = &a.bias {
                 b.add_bias(p, &mut q, bq)?;
                 b.add_bias(p, &mut k, bk)?;

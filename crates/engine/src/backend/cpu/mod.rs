@@ -6,7 +6,7 @@ mod attention;
 pub mod kernels;
 
 use super::{AttnParams, Backend, Rope, R};
-use crate::backend::cpu::kernels::{matmul, QMatrix};
+use crate::backend::cpu::kernels::{matmul, matmul_many, QMatrix};
 use crate::error::EngineError;
 use crate::engine::kv::{BlockId, KvStore};
 use crate::models::decoder::{Activation, RopeStyle};
@@ -79,6 +79,16 @@ impl Backend for Cpu {
     fn linear(&self, p: &mut CpuPass, w: &QMatrix, x: &Vec<f32>, out: &mut Vec<f32>) -> R {
         out.resize(x.len() / w.cols * w.rows, 0.0);
         matmul(w, x, &mut p.xq, out);
+        Ok(())
+    }
+
+    /// One quantization of `x` and one parallel split for all of them: a
+    /// layer of a small model otherwise wakes the worker threads for each.
+    fn linear_many<const N: usize>(&self, p: &mut CpuPass, ws: [&QMatrix; N], x: &Vec<f32>, mut outs: [&mut Vec<f32>; N]) -> R {
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            out.resize(x.len() / w.cols * w.rows, 0.0);
+        }
+        matmul_many(&ws, x, &mut p.xq, &mut outs.map(|o| o.as_mut_slice()));
         Ok(())
     }
 

@@ -24,7 +24,7 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::avx512::{self, A8, Q4_0, Q4_1, Q8_0};
+use super::avx512::{self, A8, Q8_0};
 use crate::formats::quant::{QType, QuantizedActs, QK, QK_K};
 
 /// Tokens per tile: a prompt goes through the tiles 16 tokens at a time,
@@ -59,9 +59,16 @@ pub fn grant() -> Result<(), String> {
     .clone()
 }
 
-/// The formats the tiles take (those with `Vnni16` panels).
+/// The formats whose prompts the tiles take: the K-quants, whose
+/// super-blocks run as whole integer sums (on the Intel Xeon measured,
+/// 1B Q4_K_M 512-token prefill 1903 against 2361 ms on VNNI), and the
+/// 8-bit formats (2048 x 2048 GEMM 470-521 against 405-482 GFLOP/s).
+/// The 4-bit and 5-bit block formats scale every 32 values, and whole
+/// forward passes ran faster without tiles: 1B Q4_0 512-token prefill
+/// 2163-2195 against 2278-2340 ms, the default model (Q4_1) 413-416
+/// against 458-461 (docs/performance.md).
 pub fn supports(qtype: QType) -> bool {
-    matches!(qtype, QType::Q4_0 | QType::Q4_1 | QType::Q8_0 | QType::A8 | QType::Q4_K | QType::Q5_K | QType::Q6_K)
+    matches!(qtype, QType::Q8_0 | QType::A8 | QType::Q4_K | QType::Q5_K | QType::Q6_K)
 }
 
 /// One panel of 16 rows decoded for the tiles.
@@ -132,8 +139,6 @@ pub unsafe fn decode(qtype: QType, w: &[u8], p: &mut Panel) {
         }
     }
     match qtype {
-        QType::Q4_0 => generic::<Q4_0>(w, p, store),
-        QType::Q4_1 => generic::<Q4_1>(w, p, store),
         QType::Q8_0 => generic::<Q8_0>(w, p, store),
         QType::A8 => generic::<A8>(w, p, store),
         QType::Q4_K | QType::Q5_K | QType::Q6_K => decode_k(qtype, w, p),

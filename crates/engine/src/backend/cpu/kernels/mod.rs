@@ -252,60 +252,171 @@ pub fn matmul(w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out: &mut [f32]) {
 }
 
 pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out: &mut [f32]) {
-    let n = x.len() / w.cols;
-    assert_eq!(x.len(), n * w.cols);
-    assert_eq!(out.len(), n * w.rows);
-    let rows = w.rows;
-    let outp = OutPtr(out.as_mut_ptr());
-    // Enough chunks to balance two or more workers, few enough that the
-    // scheduling cost stays small next to the work.
-    let chunk = rows.div_ceil(rayon::current_num_threads() * 4).max(16);
+    matmul_many_with(isa, &[w], x, xq, &mut [out])
+}
 
-    if !w.qtype.is_quantized() {
-        (0..rows).into_par_iter().with_min_len(chunk).for_each_init(
-            || vec![0.0f32; w.cols],
-            |buf, r| {
-                w.dequantize_row_into(r, buf);
-                for t in 0..n {
-                    let xr = &x[t * w.cols..(t + 1) * w.cols];
-                    let v: f32 = dot_f32(buf, xr);
-                    // SAFETY: (t, r) pairs are distinct across workers.
-                    unsafe { *outp.at(t * rows + r) = v };
-                }
-            },
-        );
-        return;
+/// `matmul` of several matrices with the same input (q, k and v; gate
+/// and up): the input is quantized once for all of them, and their rows
+/// are one parallel split, so the worker threads are woken once. Each
+/// output is bit-identical to its `matmul` alone.
+pub fn matmul_many(ws: &[&QMatrix], x: &[f32], xq: &mut QuantizedActs, outs: &mut [&mut [f32]]) {
+    matmul_many_with(Isa::detect(), ws, x, xq, outs)
+}
+
+pub fn matmul_many_with(isa: Isa, ws: &[&QMatrix], x: &[f32], xq: &mut QuantizedActs, outs: &mut [&mut [f32]]) {
+    assert_eq!(ws.len(), outs.len());
+    let Some(first) = ws.first() else { return };
+    let (cols, group) = (first.cols, first.qtype.act_group());
+    let n = x.len() / cols;
+    assert_eq!(x.len(), n * cols);
+    for (w, out) in ws.iter().zip(outs.iter()) {
+        assert_eq!(out.len(), n * w.rows);
     }
-
-    xq.quantize(x, w.cols, w.qtype.act_group());
+    // Float matrices, or inputs quantized differently: one at a time.
+    let shared = ws.iter().all(|w| w.cols == cols && w.qtype.is_quantized() && w.qtype.act_group() == group);
+    if !shared {
+        if ws.len() > 1 {
+            return ws.iter().zip(outs.iter_mut()).for_each(|(w, out)| matmul_many_with(isa, &[w], x, xq, &mut [out]));
+        }
+        return float_matmul(first, x, outs[0]);
+    }
+    xq.quantize(x, cols, group);
     let xq = &*xq;
-    let tile = tile_fn(isa, w.qtype);
-    let rb = w.row_bytes();
-    let wdata = w.data.as_slice();
-    // Full panels go through their kernel; without one on this path (the
-    // scalar reference) each of their rows is gathered for the one-row tile.
-    let panel = panel_fn(isa, w.qtype, w.layout);
-    #[cfg(target_arch = "x86_64")]
-    let unpacked = unpacked_fn(isa, w.qtype, w.layout);
-    let (g, full) = (w.layout.group(), if panel.is_some() { w.panel_rows() } else { 0 });
+    // Tasks of one size across the matrices, as if their rows were one matrix's.
+    let chunk = chunk_rows(ws.iter().map(|w| w.rows).sum()).next_multiple_of(MAX_GROUP);
+    let jobs: Vec<Job> = ws.iter().zip(outs.iter_mut()).map(|(w, out)| Job::new(isa, w, n, OutPtr(out.as_mut_ptr()), chunk)).collect();
     // Prompts: each full group of 16 tokens on AMX tiles, where granted,
     // the rest of the tokens on the vector kernels (the same bits).
-    let n_amx = if amx_fits(isa, w) && n >= TILE_TOKENS { n / TILE_TOKENS * TILE_TOKENS } else { 0 };
-    // A panel's results for tokens t0.. (the first `g` of each row of
-    // `res`) into rows r..r + g of the output.
-    let put_panel = |t0: usize, r: usize, res: &[[f32; MAX_GROUP]]| {
-        for (i, v) in res.iter().enumerate() {
-            // SAFETY: row ranges are disjoint across workers.
-            unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), outp.at((t0 + i) * rows + r), g) };
+    #[cfg(target_arch = "x86_64")]
+    let tile_acts = amx::Acts::new(xq, jobs.iter().map(|j| j.n_amx).max().unwrap_or(0), first.qtype);
+    #[cfg(not(target_arch = "x86_64"))]
+    let tile_acts = ();
+    // Task i: chunk i - starts[j] of job j.
+    let starts: Vec<usize> = jobs.iter().scan(0, |s, j| Some(std::mem::replace(s, *s + j.n_chunks()))).collect();
+    let total = starts.last().unwrap_or(&0) + jobs.last().map_or(0, Job::n_chunks);
+    (0..total).into_par_iter().for_each(|i| {
+        let j = starts.partition_point(|&s| s <= i) - 1;
+        jobs[j].run(xq, i - starts[j], &tile_acts);
+    });
+}
+
+/// Unquantized (f32, f16, bf16) weights: each row dequantized once, then
+/// plain dot products.
+fn float_matmul(w: &QMatrix, x: &[f32], out: &mut [f32]) {
+    let (n, rows) = (x.len() / w.cols, w.rows);
+    let outp = OutPtr(out.as_mut_ptr());
+    (0..rows).into_par_iter().with_min_len(chunk_rows(rows)).for_each_init(
+        || vec![0.0f32; w.cols],
+        |buf, r| {
+            w.dequantize_row_into(r, buf);
+            for t in 0..n {
+                let v: f32 = dot_f32(buf, &x[t * w.cols..(t + 1) * w.cols]);
+                // SAFETY: (t, r) pairs are distinct across workers.
+                unsafe { *outp.at(t * rows + r) = v };
+            }
+        },
+    );
+}
+
+/// Rows per parallel task: enough tasks to balance two or more workers,
+/// few enough that the scheduling cost stays small next to the work.
+fn chunk_rows(rows: usize) -> usize {
+    rows.div_ceil(rayon::current_num_threads() * 4).max(16)
+}
+
+#[cfg(target_arch = "x86_64")]
+type TileActs<'a> = amx::Acts<'a>;
+#[cfg(not(target_arch = "x86_64"))]
+type TileActs<'a> = ();
+
+/// One matrix of a `matmul_many`: its kernels, and how its rows split
+/// into tasks.
+struct Job<'a> {
+    w: &'a QMatrix,
+    n: usize,
+    out: OutPtr,
+    tile: TileFn,
+    panel: Option<PanelFn>,
+    #[cfg(target_arch = "x86_64")]
+    unpacked: Option<UnpackedFns>,
+    /// Rows in full panels that `panel` takes (0 without a panel kernel:
+    /// the scalar reference gathers each row for the one-row tile).
+    full: usize,
+    /// Tokens on AMX tiles (a multiple of 16; 0 where tiles do not run).
+    n_amx: usize,
+    /// Rows per task (a whole number of panels).
+    chunk: usize,
+}
+
+// SAFETY: `out` is written at disjoint (token, row) places by the tasks.
+unsafe impl Sync for Job<'_> {}
+
+impl<'a> Job<'a> {
+    fn new(isa: Isa, w: &'a QMatrix, n: usize, out: OutPtr, chunk: usize) -> Job<'a> {
+        let panel = panel_fn(isa, w.qtype, w.layout);
+        Job {
+            w,
+            n,
+            out,
+            tile: tile_fn(isa, w.qtype),
+            panel,
+            #[cfg(target_arch = "x86_64")]
+            unpacked: unpacked_fn(isa, w.qtype, w.layout),
+            full: if panel.is_some() { w.panel_rows() } else { 0 },
+            n_amx: if amx_fits(isa, w) && n >= TILE_TOKENS { n / TILE_TOKENS * TILE_TOKENS } else { 0 },
+            chunk,
         }
-    };
-    // Up to `step` tokens share each unpacked weight block; the chunk's
-    // rows stay in cache across the token tiles.
-    let tiles = |tokens: std::ops::Range<usize>, rows_: std::ops::Range<usize>| {
+    }
+
+    fn n_chunks(&self) -> usize {
+        self.w.rows.div_ceil(self.chunk)
+    }
+
+    /// Rows `c * chunk..` for every token.
+    fn run(&self, xq: &QuantizedActs, c: usize, tile_acts: &TileActs) {
+        let (r0, r1) = (c * self.chunk, ((c + 1) * self.chunk).min(self.w.rows));
+        if self.n_amx == 0 {
+            return self.tiles(xq, 0..self.n, r0..r1);
+        }
+        // The chunk's full panels: tiles for the first `n_amx` tokens.
+        let end = r1.min(self.full).max(r0);
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (g, rb, wdata) = (self.w.layout.group(), self.w.row_bytes(), self.w.data.as_slice());
+            let mut p = amx::Panel::take();
+            for r in (r0..end).step_by(g) {
+                // SAFETY: `amx_fits` checked the grant and the features.
+                unsafe {
+                    amx::decode(self.w.qtype, &wdata[r * rb..(r + g) * rb], &mut p);
+                    amx::multiply(&p, tile_acts, |t0, res| self.put_panel(t0, r, res));
+                }
+            }
+            p.keep();
+        }
+        let _ = tile_acts;
+        self.tiles(xq, self.n_amx..self.n, r0..end);
+        self.tiles(xq, 0..self.n, end..r1);
+    }
+
+    /// A panel's results for tokens t0.. (the first `g` of each row of
+    /// `res`) into rows r..r + g of the output.
+    fn put_panel(&self, t0: usize, r: usize, res: &[[f32; MAX_GROUP]]) {
+        let g = self.w.layout.group();
+        for (i, v) in res.iter().enumerate() {
+            // SAFETY: row ranges are disjoint across tasks.
+            unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.out.at((t0 + i) * self.w.rows + r), g) };
+        }
+    }
+
+    /// `tokens` times `rows` on the vector kernels. Up to `step` tokens
+    /// share each unpacked weight block; the chunk's rows stay in cache
+    /// across the token tiles.
+    fn tiles(&self, xq: &QuantizedActs, tokens: std::ops::Range<usize>, rows: std::ops::Range<usize>) {
         let n = tokens.len();
-        if n == 0 || rows_.is_empty() {
+        if n == 0 || rows.is_empty() {
             return;
         }
+        let (w, g, rb, wdata) = (self.w, self.w.layout.group(), self.w.row_bytes(), self.w.data.as_slice());
         // A batch of up to MAX_TILE tokens (a decode step, with speculative
         // guesses) goes through in one pass; longer ones in as few tiles as
         // that allows, balanced (15 tokens: 8 + 7). Measured against tiles
@@ -315,19 +426,19 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
         let mut res = [0.0f32; MAX_TILE];
         // K-quant prompts: each panel unpacked once for all the tiles of
         // tokens (where a kernel does), not once per tile.
-        let mut r_panels = rows_.start;
+        let mut r_panels = rows.start;
         #[cfg(target_arch = "x86_64")]
-        if let (Some((unpack, multiply)), true) = (unpacked, n > step) {
+        if let (Some((unpack, multiply)), true) = (self.unpacked, n > step) {
             let mut subs = avx512::Unpacked::default();
             let mut res_g = [[0.0f32; MAX_GROUP]; MAX_TILE];
-            while r_panels + g <= rows_.end.min(full) {
+            while r_panels + g <= rows.end.min(self.full) {
                 let r = r_panels;
                 unpack(&wdata[r * rb..(r + g) * rb], &mut subs);
                 for t0 in tokens.clone().step_by(step) {
                     let nt = step.min(tokens.end - t0);
                     let acts: [ActRow; MAX_TILE] = std::array::from_fn(|i| xq.row(t0 + i.min(nt - 1)));
                     multiply(&subs, &acts[..nt], &mut res_g[..nt]);
-                    put_panel(t0, r, &res_g[..nt]);
+                    self.put_panel(t0, r, &res_g[..nt]);
                 }
                 r_panels += g;
             }
@@ -336,52 +447,26 @@ pub fn matmul_with(isa: Isa, w: &QMatrix, x: &[f32], xq: &mut QuantizedActs, out
             let nt = step.min(tokens.end - t0);
             let acts: [ActRow; MAX_TILE] = std::array::from_fn(|i| xq.row(t0 + i.min(nt - 1)));
             let mut r = r_panels;
-            if let Some(panel) = panel {
+            if let Some(panel) = self.panel {
                 let mut res_g = [[0.0f32; MAX_GROUP]; MAX_TILE];
-                // Chunks start on a panel (`chunk` is a multiple of every group).
                 // Only the first tile of tokens reads the rows from DRAM
                 // (after AMX tiles it reads them from L2, a harmless hint).
                 let stream = t0 == tokens.start;
-                while r + g <= rows_.end.min(full) {
+                while r + g <= rows.end.min(self.full) {
                     panel(&wdata[r * rb..(r + g) * rb], &acts[..nt], &mut res_g[..nt], stream);
-                    put_panel(t0, r, &res_g[..nt]);
+                    self.put_panel(t0, r, &res_g[..nt]);
                     r += g;
                 }
             }
-            for r in r..rows_.end {
-                tile(&w.row(r), &acts[..nt], &mut res[..nt]);
+            for r in r..rows.end {
+                (self.tile)(&w.row(r), &acts[..nt], &mut res[..nt]);
                 for (i, &v) in res[..nt].iter().enumerate() {
-                    // SAFETY: row ranges are disjoint across workers.
-                    unsafe { *outp.at((t0 + i) * rows + r) = v };
+                    // SAFETY: row ranges are disjoint across tasks.
+                    unsafe { *self.out.at((t0 + i) * w.rows + r) = v };
                 }
             }
         }
-    };
-    let chunk = chunk.next_multiple_of(MAX_GROUP);
-    #[cfg(target_arch = "x86_64")]
-    let tile_acts = amx::Acts::new(xq, n_amx, w.qtype);
-    (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
-        let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(rows));
-        if n_amx == 0 {
-            return tiles(0..n, r0..r1);
-        }
-        // The chunk's full panels: tiles for the first `n_amx` tokens.
-        let end = r1.min(full).max(r0);
-        #[cfg(target_arch = "x86_64")]
-        {
-            let mut p = amx::Panel::take();
-            for r in (r0..end).step_by(g) {
-                // SAFETY: `amx_fits` checked the grant and the features.
-                unsafe {
-                    amx::decode(w.qtype, &wdata[r * rb..(r + g) * rb], &mut p);
-                    amx::multiply(&p, &tile_acts, |t0, res| put_panel(t0, r, res));
-                }
-            }
-            p.keep();
-        }
-        tiles(n_amx..n, r0..end);
-        tiles(0..n, end..r1);
-    });
+    }
 }
 
 /// Tokens per AMX tile multiply (1 where there are no tiles).

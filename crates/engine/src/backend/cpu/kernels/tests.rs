@@ -155,3 +155,29 @@ fn float_matrices_use_an_exact_path() {
     }
 }
 
+
+/// Matrices that share an input (q, k and v) run as one: each output has
+/// the bits of its `matmul` alone, on every path, whether their formats
+/// quantize the input alike (Q4_K and Q6_K), differently (Q4_0 and Q6_K)
+/// or not at all (f16), and with AMX tiles for some tokens (37).
+#[test]
+fn matrices_sharing_an_input_match_each_alone() {
+    let cols = 512;
+    for qtypes in [[QType::Q4_K, QType::Q6_K, QType::Q6_K], [QType::Q4_0, QType::Q6_K, QType::Q8_0], [QType::Q4_1, QType::F16, QType::Q4_1]] {
+        for n in [1, 5, 37] {
+            let x = rand_vec(n * cols, 17);
+            let mut xq = QuantizedActs::default();
+            for isa in Isa::available() {
+                let ws: Vec<QMatrix> = qtypes.iter().zip([64, 35, 16]).map(|(&q, rows)| matrix(q, rows, cols, rows as u64).into_layout(Layout::for_kernels(isa, q))).collect();
+                let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0; n * w.rows]).collect();
+                let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                matmul_many_with(isa, &ws.iter().collect::<Vec<_>>(), &x, &mut xq, &mut slices);
+                for (w, got) in ws.iter().zip(&outs) {
+                    let mut alone = vec![0.0; n * w.rows];
+                    matmul_with(isa, w, &x, &mut xq, &mut alone);
+                    assert!(alone.iter().zip(got).all(|(a, b)| a.to_bits() == b.to_bits()), "{isa:?} {:?} in {qtypes:?} x {n}", w.qtype);
+                }
+            }
+        }
+    }
+}
