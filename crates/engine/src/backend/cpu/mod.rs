@@ -31,7 +31,7 @@ impl Backend for Cpu {
     type Pass = CpuPass;
 
     fn matrix(&self, m: QMatrix) -> Result<QMatrix, EngineError> {
-        // The 8-row kernels' layout, where this machine has them.
+        // The panels this machine's kernels read (`Layout::for_kernels`).
         Ok(m.into_panels())
     }
 
