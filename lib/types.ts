@@ -336,7 +336,7 @@ export interface HealthStatus {
 export interface RuntimeInfo {
   version: string;
   backend: string;
-  /** The kernel path: `amx` (AVX-512 VNNI, and AMX-INT8 tiles for prompts), `avx512-vnni`, `avx2` or `scalar`; `MLX_SERVING_ISA` forces one. */
+  /** The kernel path: `amx` (AVX-512 VNNI, and AMX-INT8 tiles for prompts through K-quant and 8-bit matrices), `avx512-vnni`, `avx2` or `scalar`; `MLX_SERVING_ISA` forces one. */
   isa: string;
   /** Why prompts do not run on AMX tiles here (absent where they do): no AMX, the kernel refused the tile state, or `MLX_SERVING_ISA` chose another path. */
   amx?: string;

@@ -25,7 +25,8 @@ pub enum Isa {
     Scalar,
     Avx2,
     Avx512Vnni,
-    /// AVX-512 VNNI, and AMX-INT8 tiles for prompts (16 tokens or more).
+    /// AVX-512 VNNI, and AMX-INT8 tiles for prompts (16 tokens or more)
+    /// through K-quant and 8-bit matrices (`amx::supports`).
     Amx,
 }
 
@@ -94,9 +95,10 @@ impl Isa {
 
     /// The path a load takes by default: the fastest this CPU runs, AMX
     /// tiles for prompts where granted. On the Intel Xeon measured (2
-    /// cores), 512-token prefill: 1B Q4_K_M 1902 ms against 2552 on
-    /// AVX-512 VNNI, 1B Q4_0 2182 against 2344, the default model 426
-    /// against 428 (docs/performance.md).
+    /// cores), 512-token prefill: 1B Q4_K_M 1822 ms against 2358 on
+    /// AVX-512 VNNI; the 4-bit block formats run VNNI on both paths (1B
+    /// Q4_0 2156 against 2163, the default model 396 against 395;
+    /// docs/performance.md).
     fn best() -> Isa {
         Isa::available().into_iter().max().unwrap_or(Isa::Scalar)
     }
