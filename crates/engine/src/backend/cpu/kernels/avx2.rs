@@ -92,12 +92,14 @@ unsafe fn f16x8(p: *const u8) -> __m256 {
 /// Each token's two halves as the 16 rows' results.
 #[inline(always)]
 unsafe fn per_row<const NT: usize>(acc: [[__m256; 2]; NT]) -> [[f32; 16]; NT] {
-    acc.map(|[lo, hi]| {
-        let mut out = [0.0f32; 16];
-        _mm256_storeu_ps(out.as_mut_ptr(), lo);
-        _mm256_storeu_ps(out.as_mut_ptr().add(8), hi);
-        out
-    })
+    // A loop, not `map`: a closure would not inherit the caller's features,
+    // and each store became a call.
+    let mut out = [[0.0f32; 16]; NT];
+    for (o, [lo, hi]) in out.iter_mut().zip(acc) {
+        _mm256_storeu_ps(o.as_mut_ptr(), lo);
+        _mm256_storeu_ps(o.as_mut_ptr().add(8), hi);
+    }
+    out
 }
 
 /// Sets the fifth bit of the Q5 weights in `q` (lane r of `q[u]`: row r's

@@ -74,11 +74,13 @@ unsafe fn dot32(q: &[__m512i; 8], x: *const i8) -> __m512i {
 /// Each token's 16 lanes as the 16 rows' results.
 #[inline(always)]
 unsafe fn per_row<const NT: usize>(acc: [__m512; NT]) -> [[f32; 16]; NT] {
-    acc.map(|v| {
-        let mut out = [0.0f32; 16];
-        _mm512_storeu_ps(out.as_mut_ptr(), v);
-        out
-    })
+    // A loop, not `map`: a closure would not inherit the caller's features,
+    // and each store would become a call.
+    let mut out = [[0.0f32; 16]; NT];
+    for (o, v) in out.iter_mut().zip(acc) {
+        _mm512_storeu_ps(o.as_mut_ptr(), v);
+    }
+    out
 }
 
 /// The formats `vnni16` reads (its `F` parameter).
