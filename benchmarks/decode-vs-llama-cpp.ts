@@ -4,6 +4,7 @@
  * machine state. Prints one table with the ratio and writes JSON.
  *
  *   npx tsx benchmarks/decode-vs-llama-cpp.ts [--model path.gguf] [--runs 3] [--decode 128]
+ *       [--llama-cpp-cpu haswell]
  *
  * TTFT: prompt tokens in, first output token out (prefill of the whole
  * prompt). Decode: output tokens per second after the first, greedy, with
@@ -13,6 +14,9 @@
  * row, the f16 keys and values it attends over, at the mean context of the
  * run) times tok/s, over a read probe on the same threads in the same run
  * (the best of one before and one after).
+ *
+ * What an AVX2-only host would see, on an AVX-512 one: MLX_SERVING_ISA=avx2
+ * with `--llama-cpp-cpu haswell` (node-llama-cpp's AVX2 build).
  *
  * Models of real sizes: `python3 scripts/make_synthetic.py` writes them to
  * models/synthetic/ (e.g. `--model models/synthetic/llama-1b-q4_0.gguf`).
@@ -24,7 +28,7 @@ import { parseArgs } from 'node:util';
 
 import { readBandwidth } from '../index.js';
 import { createEngine, defaultModelPath } from '../lib/index';
-import { printPeerTable, singleStreamRows, type SingleStream } from './utils';
+import { loadLlamaCpp, printPeerTable, singleStreamRows, type SingleStream } from './utils';
 
 const { values: args } = parseArgs({
   options: {
@@ -32,6 +36,7 @@ const { values: args } = parseArgs({
     runs: { type: 'string', default: '3' },
     decode: { type: 'string', default: '128' },
     threads: { type: 'string', default: String(Math.min(cpus().length, Number(process.env.RAYON_NUM_THREADS ?? 1e9))) },
+    'llama-cpp-cpu': { type: 'string' },
   },
 });
 const RUNS = Number(args.runs);
@@ -51,8 +56,7 @@ async function main(): Promise<void> {
   const model = await engine.loadModel({ model: args.model!, modelId: 'bench' });
   const rt = await engine.getRuntimeInfo();
 
-  const { getLlama } = await import('node-llama-cpp');
-  const llama = await getLlama({ gpu: false, build: 'never', logLevel: 'error' as never });
+  const { llama, cpu: peerCpu } = await loadLlamaCpp(args['llama-cpp-cpu']);
   const lcModel = await llama.loadModel({ modelPath: args.model! });
   const lcContext = await lcModel.createContext({ contextSize: 2048, threads: THREADS });
 
@@ -98,7 +102,7 @@ async function main(): Promise<void> {
     r.bandwidth = { ours: (r.ours * stepGB) / bandwidthGBs, peer: (r.peer * stepGB) / bandwidthGBs };
   });
 
-  console.log(`\nmodel ${path.basename(args.model!)} (${model.quantization}, ${(model.decodeWeightBytes / 1e6).toFixed(0)} MB read per step), ${THREADS} threads, ${rt.isa}, median of ${RUNS}, ${N_DECODE} decoded tokens`);
+  console.log(`\nmodel ${path.basename(args.model!)} (${model.quantization}, ${(model.decodeWeightBytes / 1e6).toFixed(0)} MB read per step), ${THREADS} threads, ours ${rt.isa}, node-llama-cpp ${peerCpu}, median of ${RUNS}, ${N_DECODE} decoded tokens`);
   console.log(`host: ${cpus()[0]?.model ?? '?'}; read bandwidth ${bandwidthGBs.toFixed(1)} GB/s (${THREADS} threads, ${probeMiB} MiB)`);
   printPeerTable(rows, 'mlx-serving', 'node-llama-cpp');
 
@@ -106,7 +110,7 @@ async function main(): Promise<void> {
   mkdirSync(path.dirname(out), { recursive: true });
   writeFileSync(
     out,
-    JSON.stringify({ date: new Date().toISOString(), model: args.model, host: cpus()[0]?.model, threads: THREADS, isa: rt.isa, bandwidthGBs, runs: RUNS, nDecode: N_DECODE, rows }, null, 2),
+    JSON.stringify({ date: new Date().toISOString(), model: args.model, host: cpus()[0]?.model, threads: THREADS, isa: rt.isa, peerCpu, bandwidthGBs, runs: RUNS, nDecode: N_DECODE, rows }, null, 2),
   );
   console.log(`\nwritten to ${path.relative(process.cwd(), out)}`);
 

@@ -13,6 +13,7 @@
  *
  *   npx tsx benchmarks/serving-vs-llama-cpp.ts [--streams 16,64] [--tokens 64]
  *       [--rate 4] [--duration 20] [--threads 2] [--skip-llama-cpp]
+ *       [--llama-cpp-cpu haswell]
  *
  * Percentiles are nearest-rank. Greedy, end-of-generation ignored, so both
  * engines produce the same number of tokens.
@@ -23,6 +24,7 @@ import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 
 import { createEngine, defaultModelPath, type Engine } from '../lib/index';
+import { loadLlamaCpp } from './utils';
 
 const { values: args } = parseArgs({
   options: {
@@ -33,6 +35,7 @@ const { values: args } = parseArgs({
     duration: { type: 'string', default: '20' },
     threads: { type: 'string', default: String(Math.min(cpus().length, Number(process.env.RAYON_NUM_THREADS ?? 1e9))) },
     'skip-llama-cpp': { type: 'boolean', default: false },
+    'llama-cpp-cpu': { type: 'string' },
   },
 });
 const LEVELS = args.streams!.split(',').map(Number);
@@ -221,9 +224,10 @@ async function main(): Promise<void> {
   await engine.warmupModel('bench');
 
   let lcModel: any;
+  let peerCpu = 'not run';
   if (!args['skip-llama-cpp']) {
-    const { getLlama } = await import('node-llama-cpp');
-    const llama = await getLlama({ gpu: false, build: 'never', logLevel: 'error' as never });
+    const { llama, cpu } = await loadLlamaCpp(args['llama-cpp-cpu']);
+    peerCpu = cpu;
     lcModel = await llama.loadModel({ modelPath: args.model! });
   }
 
@@ -258,7 +262,7 @@ async function main(): Promise<void> {
   }
   const pc = await prefixCache(engine);
 
-  console.log(`\n${N_TOKENS} output tokens per request, ${THREADS} threads, ${path.basename(args.model!)}`);
+  console.log(`\n${N_TOKENS} output tokens per request, ${THREADS} threads, ${path.basename(args.model!)}, ours ${(await engine.getRuntimeInfo()).isa}, node-llama-cpp ${peerCpu}`);
   console.log('| scenario | engine | requests | errors | aggregate tok/s | req/s | TTFT P50 ms | TTFT P95 ms | ITL P95 ms |');
   console.log('| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |');
   for (const r of rows) {

@@ -192,3 +192,43 @@ export function printPeerTable(rows: PeerRow[], oursName: string, peerName: stri
     console.log(`| ${r.metric} | ${r.ours.toFixed(1)} | ${r.peer.toFixed(1)} | ${r.ratio.toFixed(2)}x |${b}`);
   }
 }
+
+/**
+ * node-llama-cpp on the CPU. It ships one ggml CPU library per x86 level
+ * (`libggml-cpu-haswell.so` for AVX2, `-sapphirerapids` for AMX, ...) and
+ * loads the best one the host runs. `cpuVariant` makes it load that one only,
+ * so an AVX-512 host can also measure the peer an AVX2-only host would run
+ * (ours forced the same way with MLX_SERVING_ISA=avx2): the other libraries
+ * are renamed aside while the backend loads (a second or so) and renamed back
+ * at once, or at the next run if this one was killed in between.
+ */
+export async function loadLlamaCpp(cpuVariant?: string): Promise<{ llama: any; cpu: string }> {
+  const { existsSync, readdirSync, renameSync } = await import('node:fs');
+  const { createRequire } = await import('node:module');
+  const target = `${process.platform}-${process.arch}`;
+  // The package exports only dist/index.js; its bins/ sit beside dist/.
+  const bins = path.join(path.dirname(createRequire(__filename).resolve(`@node-llama-cpp/${target}`)), '..', 'bins', target);
+  const aside = '.not-loaded';
+  for (const f of readdirSync(bins)) if (f.endsWith(aside)) renameSync(path.join(bins, f), path.join(bins, f.slice(0, -aside.length)));
+  const hidden: string[] = [];
+  if (cpuVariant) {
+    if (!existsSync(path.join(bins, `libggml-cpu-${cpuVariant}.so`))) {
+      throw new Error(`no node-llama-cpp CPU variant "${cpuVariant}" in ${bins}`);
+    }
+    for (const f of readdirSync(bins)) {
+      if (!f.startsWith('libggml-cpu-') || f === `libggml-cpu-${cpuVariant}.so`) continue;
+      renameSync(path.join(bins, f), path.join(bins, f + aside));
+      hidden.push(f);
+    }
+  }
+  try {
+    const { getLlama } = await import('node-llama-cpp');
+    const llama = await getLlama({ gpu: false, build: 'never', logLevel: 'error' as never });
+    // "CPU : SSE3 = 1 | ... | AVX512 = 1 | AMX_INT8 = 1 | ..." -> the widest features it uses.
+    const on = (name: string) => new RegExp(`\\b${name} = 1`).test(llama.systemInfo);
+    const cpu = ['AMX_INT8', 'AVX512_VNNI', 'AVX512', 'AVX2'].find(on) ?? 'baseline';
+    return { llama, cpu: cpu.toLowerCase().replace('_', '-') };
+  } finally {
+    for (const f of hidden) renameSync(path.join(bins, f + aside), path.join(bins, f));
+  }
+}
