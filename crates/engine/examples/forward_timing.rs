@@ -1,6 +1,12 @@
 //! Times the model's forward pass alone (no engine, no sampling): prefill of
 //! N prompt tokens and single-token decode steps, median of several runs.
-//! `cargo run --release --example forward_timing -- model.gguf 512 [cpu|mlx]`
+//! `cargo run --release --example forward_timing -- model.gguf 512 [cpu|mlx] [cold]`
+//!
+//! `cold` reads 1 GiB before each prefill, so the weights come from DRAM
+//! as they do after other work (another process, other tenants of a shared
+//! L3) pushed them out: the case of a server's first request after a pause.
+//! (Reads, not a `fill`: large fills use streaming stores that leave the
+//! caches as they were.)
 
 use std::time::Instant;
 
@@ -12,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = args.next().unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
     let n_prompt: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(512);
     let backend = BackendKind::parse(&args.next().unwrap_or_else(|| "cpu".into()))?;
+    let evict = (args.next().as_deref() == Some("cold")).then(|| vec![1u64; 1 << 27]);
     let runs = 5;
     let t = Instant::now();
     let m = open_on(path.as_ref(), backend)?.model;
@@ -33,6 +40,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let table: Vec<u32> = (0..n_blocks as u32).collect();
         let batch: Vec<_> =
             prompt.iter().enumerate().map(|(pos, &token)| BatchToken { token, pos, seq: 0, logits: pos + 1 == n_prompt }).collect();
+        if let Some(buf) = &evict {
+            std::hint::black_box(buf.iter().fold(0u64, |a, &v| a.wrapping_add(v)));
+        }
         let t = Instant::now();
         rayon::scope(|_| m.forward(&batch, &mut kv, &[&table]))?;
         prefill.push(t.elapsed().as_secs_f64() * 1e3);
@@ -43,6 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         decode.push(32.0 / t.elapsed().as_secs_f64());
     }
-    println!("{}: prefill {n_prompt} tokens: {:.1} ms; decode after it: {:.1} tok/s (median of {runs})", backend.name(), median(prefill), median(decode));
+    let temp = if evict.is_some() { "cold " } else { "" };
+    println!("{}: {temp}prefill {n_prompt} tokens: {:.1} ms; decode after it: {:.1} tok/s (median of {runs})", backend.name(), median(prefill), median(decode));
     Ok(())
 }
