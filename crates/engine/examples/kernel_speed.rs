@@ -7,7 +7,8 @@
 //!   fits in L3) and from memory (cycling through copies that do not), in
 //!   microseconds and GB/s of weight bytes, each path on the layout it
 //!   gets at load.
-//! - GEMM of a 512-token prompt on the same weights, in GFLOP/s.
+//! - GEMM of prompts (or batches) of 16 to 512 tokens on the same weights,
+//!   in GFLOP/s: where the AMX tiles start to pay against the vectors.
 //! - The worker pool's cost per parallel split, which every matmul and
 //!   attention call of a forward pass pays once.
 
@@ -37,7 +38,8 @@ fn split_overhead() -> f64 {
     })
 }
 
-/// Tokens of the GEMM (a prompt).
+/// Tokens of the GEMMs (prompts, or batches of decode steps).
+const GEMMS: [usize; 6] = [16, 32, 48, 64, 128, 512];
 const PROMPT: usize = 512;
 
 fn main() {
@@ -51,7 +53,7 @@ fn main() {
     let x: Vec<f32> = (0..PROMPT * cols).map(|_| rnd()).collect();
     println!("machine: {} threads, read bandwidth {:.1} GB/s (all cores, 512 MiB)", rayon::current_num_threads(), read_bandwidth(512));
     println!("pool: {:.1} us per parallel split beyond its work (a decode step of a 30-layer model makes about 250)", split_overhead());
-    println!("{:<7} {:<12} {:>12} {:>9} {:>12} {:>9} {:>14}", "format", "path", "GEMV cache", "GB/s", "GEMV memory", "GB/s", "GEMM 512 GFLOP/s");
+    println!("{:<7} {:<12} {:>12} {:>9} {:>12} {:>9}   GEMM GFLOP/s at {GEMMS:?} tokens", "format", "path", "GEMV cache", "GB/s", "GEMV memory", "GB/s");
     // Formats named on the command line (`Q4_0 Q6_K`), or all of them.
     let only: Vec<String> = std::env::args().skip(1).collect();
     let formats = [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q5_K, QType::Q6_K];
@@ -87,17 +89,24 @@ fn main() {
             let cached = time(200, &mut |_| matmul_with(isa, m, x1, &mut xq, &mut out[..rows]));
             let n_mem = if isa == Isa::Scalar { copies } else { 4 * copies };
             let memory = time(n_mem, &mut |i| matmul_with(isa, &mats[i % copies], x1, &mut xq, &mut out[..rows]));
-            let gemm = time(if isa == Isa::Scalar { 1 } else { 5 }, &mut |_| matmul_with(isa, m, &x, &mut xq, &mut out));
+            let gemms: Vec<String> = GEMMS
+                .iter()
+                .map(|&n| {
+                    let reps = if isa == Isa::Scalar { 1 } else { 5 * PROMPT / n };
+                    let t = time(reps, &mut |_| matmul_with(isa, m, &x[..n * cols], &mut xq, &mut out[..n * rows]));
+                    format!("{:>6.0}", 2.0 * (rows * cols * n) as f64 / t / 1e9)
+                })
+                .collect();
             let gb = |t: f64| m.n_bytes() as f64 / t / 1e9;
             println!(
-                "{:<7} {:<12} {:>9.1} us {:>9.1} {:>9.1} us {:>9.1} {:>14.1}",
+                "{:<7} {:<12} {:>9.1} us {:>9.1} {:>9.1} us {:>9.1}   {}",
                 qtype.name(),
                 isa.name(),
                 cached * 1e6,
                 gb(cached),
                 memory * 1e6,
                 gb(memory),
-                2.0 * (rows * cols * PROMPT) as f64 / gemm / 1e9
+                gemms.join(" ")
             );
         }
     }

@@ -34,13 +34,14 @@ fn models() -> Vec<PathBuf> {
     m
 }
 
-/// Last-position logits of a 40-token prompt, then of 4 decode steps.
+/// Last-position logits of a 70-token prompt (64 tokens on AMX tiles where
+/// granted, for every format they take), then of 4 decode steps.
 fn logits(path: &Path) -> Vec<f32> {
     let m = open_on(path, BackendKind::Cpu).expect("model loads").model;
     let vocab = m.config().vocab_size as u32;
-    let prompt: Vec<u32> = (0..40u32).map(|i| (i * 7919 + 13) % vocab).collect();
-    let mut kv = m.new_kv_store(16, 4);
-    let table = [0u32, 1, 2, 3];
+    let prompt: Vec<u32> = (0..70u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let mut kv = m.new_kv_store(16, 5);
+    let table = [0u32, 1, 2, 3, 4];
     let batch: Vec<_> = prompt.iter().enumerate().map(|(pos, &token)| BatchToken { token, pos, seq: 0, logits: pos + 1 == prompt.len() }).collect();
     let mut out = m.forward(&batch, &mut kv, &[&table]).unwrap();
     for i in 0..4 {

@@ -59,16 +59,27 @@ pub fn grant() -> Result<(), String> {
     .clone()
 }
 
-/// The formats whose prompts the tiles take: the K-quants, whose
-/// super-blocks run as whole integer sums (on the Intel Xeon measured,
-/// 1B Q4_K_M 512-token prefill 1903 against 2361 ms on VNNI), and the
-/// 8-bit formats (2048 x 2048 GEMM 470-521 against 405-482 GFLOP/s).
-/// The 4-bit and 5-bit block formats scale every 32 values, and whole
-/// forward passes ran faster without tiles: 1B Q4_0 512-token prefill
+/// The fewest tokens a matrix call needs for the tiles to take its prompt
+/// (or batch), by format; `None` where they never pay. Each call decodes
+/// every panel once into B tiles (3 bytes a weight for Q4_K and Q5_K, 2
+/// for Q6_K, 1 for the 8-bit formats), a cost its groups of 16 tokens
+/// share: on the Intel Xeon measured (`kernel_speed`, 2048 x 2048, GFLOP/s
+/// on tiles against VNNI), Q4_K 270 / 465 / 614 / 712 against 525 / 588 /
+/// 658 / 674 at 16 / 32 / 48 / 64 tokens, Q5_K alike, Q6_K 242 / 412 /
+/// 601 against 313 / 428 / 464, Q8_0 443 / 588 against 448 / 539; at 512
+/// tokens the tiles run 1040-1190 against 507-668. (A 1B Q4_K_M forward
+/// pass over 16 tokens took 118 ms on tiles, 80 on VNNI.) The 4-bit and
+/// 5-bit block formats scale every 32 values, and whole forward passes ran
+/// faster without tiles at every length: 1B Q4_0 512-token prefill
 /// 2163-2195 against 2278-2340 ms, the default model (Q4_1) 413-416
 /// against 458-461 (docs/performance.md).
-pub fn supports(qtype: QType) -> bool {
-    matches!(qtype, QType::Q8_0 | QType::A8 | QType::Q4_K | QType::Q5_K | QType::Q6_K)
+pub fn min_tokens(qtype: QType) -> Option<usize> {
+    match qtype {
+        QType::Q8_0 | QType::A8 => Some(32),
+        QType::Q6_K => Some(48),
+        QType::Q4_K | QType::Q5_K => Some(64),
+        _ => None,
+    }
 }
 
 /// One panel of 16 rows decoded for the tiles.

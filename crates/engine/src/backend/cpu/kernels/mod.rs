@@ -25,8 +25,9 @@ pub enum Isa {
     Scalar,
     Avx2,
     Avx512Vnni,
-    /// AVX-512 VNNI, and AMX-INT8 tiles for prompts (16 tokens or more)
-    /// through K-quant and 8-bit matrices (`amx::supports`).
+    /// AVX-512 VNNI, and AMX-INT8 tiles for prompts (or batches) through
+    /// K-quant and 8-bit matrices, from 32-64 tokens by format
+    /// (`amx::min_tokens`).
     Amx,
 }
 
@@ -365,7 +366,7 @@ impl<'a> Job<'a> {
             #[cfg(target_arch = "x86_64")]
             unpacked: unpacked_fn(isa, w.qtype, w.layout),
             full: if panel.is_some() { w.panel_rows() } else { 0 },
-            n_amx: if amx_fits(isa, w) && n >= TILE_TOKENS { n / TILE_TOKENS * TILE_TOKENS } else { 0 },
+            n_amx: if amx_fits(isa, w, n) { n / TILE_TOKENS * TILE_TOKENS } else { 0 },
             chunk,
         }
     }
@@ -477,10 +478,10 @@ const TILE_TOKENS: usize = amx::TOKENS;
 #[cfg(not(target_arch = "x86_64"))]
 const TILE_TOKENS: usize = 1;
 
-/// Whether `w`'s prompts run on AMX tiles on path `isa`.
-fn amx_fits(isa: Isa, w: &QMatrix) -> bool {
+/// Whether `w` times `n` tokens runs on AMX tiles on path `isa`.
+fn amx_fits(isa: Isa, w: &QMatrix, n: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
-    return isa == Isa::Amx && w.layout == Layout::Vnni16 && amx::supports(w.qtype);
+    return isa == Isa::Amx && w.layout == Layout::Vnni16 && amx::min_tokens(w.qtype).is_some_and(|m| n >= m);
     #[cfg(not(target_arch = "x86_64"))]
     false
 }

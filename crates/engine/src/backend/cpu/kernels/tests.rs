@@ -36,7 +36,8 @@ fn every_simd_path_matches_the_scalar_reference() {
         // an output count that does not split evenly across workers.
         // Every tile width (1-8 tokens in one pass) and tiles of 4 beyond
         // that; from 4 tokens on, groups of 8 rows plus the rows left over.
-        // 16 tokens and more: AMX tiles where granted, the rest of them on vectors.
+        // From 32 tokens (the 8-bit formats, `amx::min_tokens`): AMX tiles
+        // where granted for each full group of 16, the rest on vectors.
         for (rows, cols, n) in [(1, 32, 1), (37, 96, 3), (130, 576, 1), (65, 1536, 5), (33, 64, 6), (33, 64, 7), (33, 64, 8), (19, 64, 11), (24, 96, 4), (130, 576, 8), (48, 96, 16), (37, 64, 37)] {
             // In every layout (the kernels' own, or rows gathered for the one-row tile).
             for layout in Layout::ALL {
@@ -52,8 +53,9 @@ fn every_simd_path_matches_the_scalar_reference() {
 #[test]
 fn a_tokens_result_does_not_depend_on_its_batch() {
     for qtype in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::A8, QType::Q4_K, QType::Q5_K, QType::Q6_K] {
-        // 37 tokens: two groups of 16 on AMX tiles where granted, 5 on vectors.
-        let (rows, cols, n) = (70, 256, 37);
+        // 70 tokens: four groups of 16 on AMX tiles where granted (every
+        // tile format's `amx::min_tokens`), 6 on vectors.
+        let (rows, cols, n) = (70, 256, 70);
         let x = rand_vec(n * cols, 5);
         let mut xq = QuantizedActs::default();
         for (isa, w) in Isa::available().into_iter().flat_map(|isa| Layout::ALL.map(|l| (isa, matrix(qtype, rows, cols, 3).into_layout(l)))) {
@@ -99,7 +101,7 @@ fn panels_keep_every_row() {
 fn k_quant_paths_match_the_scalar_reference() {
     use crate::formats::quant::tests::random_k_row;
     for qtype in [QType::Q4_K, QType::Q5_K, QType::Q6_K, QType::Q5_0, QType::Q5_1] {
-        for (rows, cols, n) in [(1, 256, 1), (37, 512, 3), (20, 768, 9), (9, 256, 7), (33, 512, 21), (16, 768, 48)] {
+        for (rows, cols, n) in [(1, 256, 1), (37, 512, 3), (20, 768, 9), (9, 256, 7), (33, 512, 21), (16, 768, 48), (16, 768, 70)] {
             let data: Vec<u8> = (0..rows).flat_map(|r| random_k_row(qtype, cols / qtype.block_size(), r as u64 + 1)).collect();
             for layout in Layout::ALL {
                 assert_paths_agree(&QMatrix::new(qtype, rows, cols, Bytes::Owned(data.clone())).into_layout(layout), n);
@@ -159,12 +161,12 @@ fn float_matrices_use_an_exact_path() {
 /// Matrices that share an input (q, k and v) run as one: each output has
 /// the bits of its `matmul` alone, on every path, whether their formats
 /// quantize the input alike (Q4_K and Q6_K), differently (Q4_0 and Q6_K)
-/// or not at all (f16), and with AMX tiles for some tokens (37).
+/// or not at all (f16), and with AMX tiles for some tokens (70).
 #[test]
 fn matrices_sharing_an_input_match_each_alone() {
     let cols = 512;
     for qtypes in [[QType::Q4_K, QType::Q6_K, QType::Q6_K], [QType::Q4_0, QType::Q6_K, QType::Q8_0], [QType::Q4_1, QType::F16, QType::Q4_1]] {
-        for n in [1, 5, 37] {
+        for n in [1, 5, 37, 70] {
             let x = rand_vec(n * cols, 17);
             let mut xq = QuantizedActs::default();
             for isa in Isa::available() {
