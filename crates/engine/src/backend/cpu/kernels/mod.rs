@@ -351,9 +351,6 @@ struct Job<'a> {
     chunk: usize,
 }
 
-// SAFETY: `out` is written at disjoint (token, row) places by the tasks.
-unsafe impl Sync for Job<'_> {}
-
 impl<'a> Job<'a> {
     fn new(isa: Isa, w: &'a QMatrix, n: usize, out: OutPtr, chunk: usize) -> Job<'a> {
         let panel = panel_fn(isa, w.qtype, w.layout);
