@@ -28,9 +28,10 @@ Options:
   --backend <name>        cpu (default: our own kernels), mlx (libmlx; Metal or
                           CUDA with the matching wheel) or auto (mlx where MLX
                           has a GPU, else cpu)
-  --tool-call-format <f>  hermes (<tool_call> blocks) or mistral ([TOOL_CALLS]
-                          and a JSON list): how the model writes tool calls
-                          (default: from its chat template)
+  --tool-call-format <f>  hermes (<tool_call> blocks), mistral ([TOOL_CALLS]
+                          and a JSON list) or mistral-v11 ([TOOL_CALLS]name[ARGS]
+                          {...} per call): how the model writes tool calls
+                          (default: from its chat template and vocabulary)
   --draft-model <path>    a smaller model with the same vocabulary that drafts
                           tokens for speculative decoding (while speculative.enabled
                           or the ttft_pipeline.speculative flag is on)

@@ -144,11 +144,12 @@ export interface LoadModelOptions {
    */
   backend?: 'cpu' | 'mlx' | 'auto';
   /**
-   * How the model writes tool calls: `'hermes'` (`<tool_call>` blocks) or `'mistral'`
-   * (`[TOOL_CALLS]` then a JSON list; needs that control token). By default, from the model's
-   * chat template and vocabulary; `ModelHandle.toolCallFormat` says which was chosen.
+   * How the model writes tool calls: `'hermes'` (`<tool_call>` blocks), `'mistral'`
+   * (`[TOOL_CALLS]` then a JSON list; needs that control token) or `'mistral-v11'`
+   * (`[TOOL_CALLS]name[ARGS]{...}` per call; needs both control tokens). By default, from the
+   * model's chat template and vocabulary; `ModelHandle.toolCallFormat` says which was chosen.
    */
-  toolCallFormat?: 'hermes' | 'mistral';
+  toolCallFormat?: ToolCallFormat;
 }
 
 export interface ModelHandle {
@@ -164,7 +165,7 @@ export interface ModelHandle {
   kvBytesPerPosition: number;
   quantization: string;
   backend: 'cpu' | 'mlx';
-  toolCallFormat: 'hermes' | 'mistral';
+  toolCallFormat: ToolCallFormat;
   state: 'ready';
   /** Milliseconds the load-time warmup took (0 when `ttft_pipeline.warmup` is off). */
   warmupMs: number;
@@ -228,6 +229,9 @@ export interface ToolCallRecord {
 }
 
 /** `auto` lets the model decide; `required` and a named function constrain the output to a call. */
+/** How a model writes tool calls (`docs/structured-output.md`). */
+export type ToolCallFormat = 'hermes' | 'mistral' | 'mistral-v11';
+
 export type ToolChoice = 'auto' | 'none' | 'required' | { type: 'function'; function: { name: string } };
 
 /** What the output must be: any JSON object, or a value valid against a JSON schema. */

@@ -41,7 +41,7 @@ use crate::text::stop::StopMatcher;
 use crate::text::grammar::{Grammars, Guide};
 use crate::text::tokenizer::{StreamDecoder, Tokenizer};
 use crate::text::output::OutputParser;
-use crate::text::tools::{CallFormat, MISTRAL_CALLS};
+use crate::text::tools::{CallFormat, CallTokens, MISTRAL_ARGS, MISTRAL_CALLS};
 
 /// Counters shared between a worker and the engine.
 #[derive(Default, Debug)]

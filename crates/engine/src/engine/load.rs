@@ -195,10 +195,10 @@ impl Engine {
         let source = tokenizer.chat_template.as_deref().unwrap_or_else(|| crate::text::chat::default_template(&model.config().architecture));
         let template = ChatTemplate::new(Some(source), &text_of(tokenizer.bos_id), &text_of(tokenizer.eos_id))
             .map_err(|e| EngineError::ModelLoad { path: canonical.display().to_string(), reason: e.to_string() })?;
-        let calls_token = tokenizer.control_token(MISTRAL_CALLS);
+        let call_tokens = CallTokens { calls: tokenizer.control_token(MISTRAL_CALLS), args: tokenizer.control_token(MISTRAL_ARGS) };
         info.tool_call_format = match &options.tool_call_format {
-            None => CallFormat::detect(calls_token, Some(source)),
-            Some(name) => CallFormat::parse(name, calls_token).map_err(|e| EngineError::InvalidParams(format!("toolCallFormat {e}")))?,
+            None => CallFormat::detect(call_tokens, Some(source)),
+            Some(name) => CallFormat::parse(name, call_tokens).map_err(|e| EngineError::InvalidParams(format!("toolCallFormat {e}")))?,
         };
         let tokenizer = Arc::new(tokenizer);
         let (tx, rx) = mpsc::channel();

@@ -5,11 +5,13 @@
 //! parser that turns `<tool_call>{json}</tool_call>` blocks in the output
 //! into calls.
 //!
-//! Two call formats (`CallFormat`), picked per model: Hermes (Qwen 2.5 and 3,
-//! SmolLM3, Hermes and most templates with tool support), a JSON object with
-//! `name` and `arguments` between `<tool_call>` tags, one block per call; and
-//! Mistral's, the `[TOOL_CALLS]` control token then a JSON array of such
-//! objects. Llama 3.x's bare JSON object is read in either.
+//! Three call formats (`CallFormat`), picked per model: Hermes (Qwen 2.5 and
+//! 3, SmolLM3, Hermes and most templates with tool support), a JSON object
+//! with `name` and `arguments` between `<tool_call>` tags, one block per
+//! call; Mistral's, the `[TOOL_CALLS]` control token then a JSON array of
+//! such objects; and Mistral's from tokenizer v11 on, `[TOOL_CALLS]` before
+//! each call's name and `[ARGS]` before its arguments object. Llama 3.x's
+//! bare JSON object is read in any of them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -21,8 +23,12 @@ use crate::text::grammar::Constraint;
 
 pub const CALL_OPEN: &str = "<tool_call>";
 pub const CALL_CLOSE: &str = "</tool_call>";
-/// Mistral's control token before a list of calls.
+/// Mistral's control token before a list of calls (before each call from
+/// tokenizer v11 on).
 pub const MISTRAL_CALLS: &str = "[TOOL_CALLS]";
+/// Mistral's control token between a call's name and its arguments
+/// (tokenizer v11 on).
+pub const MISTRAL_ARGS: &str = "[ARGS]";
 
 /// How a model writes its tool calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -33,25 +39,44 @@ pub enum CallFormat {
     /// `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]` (Mistral 7B
     /// v0.3, Mixtral 8x22B, Mistral Nemo): the control token's id.
     Mistral(u32),
+    /// `[TOOL_CALLS]name[ARGS]{...}`, again for each further call (Mistral
+    /// Small 3.2, Magistral, Devstral, Ministral 3): both control tokens' ids.
+    MistralV11 { calls: u32, args: u32 },
+}
+
+/// The control tokens of a vocabulary that call formats use.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CallTokens {
+    /// `[TOOL_CALLS]`.
+    pub calls: Option<u32>,
+    /// `[ARGS]`.
+    pub args: Option<u32>,
 }
 
 impl CallFormat {
     /// A model's format: Mistral's when its vocabulary has `[TOOL_CALLS]` as
-    /// a control token and its chat template writes it; else Hermes.
-    pub fn detect(tool_calls_token: Option<u32>, template_source: Option<&str>) -> Self {
-        match tool_calls_token {
-            Some(id) if template_source.is_some_and(|t| t.contains(MISTRAL_CALLS)) => CallFormat::Mistral(id),
+    /// a control token and its chat template writes it (v11's when it writes
+    /// an `[ARGS]` control token too); else Hermes.
+    pub fn detect(tokens: CallTokens, template_source: Option<&str>) -> Self {
+        let writes = |tag: &str| template_source.is_some_and(|t| t.contains(tag));
+        match tokens {
+            CallTokens { calls: Some(calls), args: Some(args) } if writes(MISTRAL_CALLS) && writes(MISTRAL_ARGS) => CallFormat::MistralV11 { calls, args },
+            CallTokens { calls: Some(id), .. } if writes(MISTRAL_CALLS) => CallFormat::Mistral(id),
             _ => CallFormat::Hermes,
         }
     }
 
-    /// `hermes` or `mistral` (which needs the model's `[TOOL_CALLS]` token).
-    pub fn parse(name: &str, tool_calls_token: Option<u32>) -> Result<Self, String> {
-        match (name, tool_calls_token) {
+    /// `hermes`, `mistral` or `mistral-v11` (which need the model's control
+    /// tokens).
+    pub fn parse(name: &str, tokens: CallTokens) -> Result<Self, String> {
+        let missing = |t: &str| format!("is {name}, but this model's vocabulary has no {t} control token");
+        match (name, tokens) {
             ("hermes", _) => Ok(CallFormat::Hermes),
-            ("mistral", Some(id)) => Ok(CallFormat::Mistral(id)),
-            ("mistral", None) => Err("is mistral, but this model's vocabulary has no [TOOL_CALLS] control token".into()),
-            (other, _) => Err(format!("must be hermes or mistral, got '{other}'")),
+            ("mistral" | "mistral-v11", CallTokens { calls: None, .. }) => Err(missing(MISTRAL_CALLS)),
+            ("mistral", CallTokens { calls: Some(id), .. }) => Ok(CallFormat::Mistral(id)),
+            ("mistral-v11", CallTokens { calls: Some(calls), args: Some(args) }) => Ok(CallFormat::MistralV11 { calls, args }),
+            ("mistral-v11", _) => Err(missing(MISTRAL_ARGS)),
+            (other, _) => Err(format!("must be hermes, mistral or mistral-v11, got '{other}'")),
         }
     }
 
@@ -59,6 +84,7 @@ impl CallFormat {
         match self {
             CallFormat::Hermes => "hermes",
             CallFormat::Mistral(_) => "mistral",
+            CallFormat::MistralV11 { .. } => "mistral-v11",
         }
     }
 
@@ -66,7 +92,7 @@ impl CallFormat {
     fn tag(self) -> &'static str {
         match self {
             CallFormat::Hermes => CALL_OPEN,
-            CallFormat::Mistral(_) => MISTRAL_CALLS,
+            CallFormat::Mistral(_) | CallFormat::MistralV11 { .. } => MISTRAL_CALLS,
         }
     }
 }
@@ -150,15 +176,25 @@ pub fn check_tools(tools: &[Tool], choice: &ToolChoice) -> Result<(), (bool, Str
     }
 }
 
+/// The JSON schema of `t`'s arguments (none given: an object).
+fn args_schema(t: &Tool) -> Value {
+    t.function.parameters.clone().unwrap_or_else(|| json!({"type": "object", "properties": {}}))
+}
+
 /// The JSON schema of one call of `t`: `{"name": ..., "arguments": ...}`.
 fn call_schema(t: &Tool) -> Value {
-    let args = t.function.parameters.clone().unwrap_or_else(|| json!({"type": "object", "properties": {}}));
     json!({
         "type": "object",
-        "properties": {"name": {"const": t.function.name}, "arguments": args},
+        "properties": {"name": {"const": t.function.name}, "arguments": args_schema(t)},
         "required": ["name", "arguments"],
         "additionalProperties": false,
     })
+}
+
+/// `schema` for llguidance's `%json`, written as templates' `tojson` writes
+/// JSON (`": "` and `", "`), so the model sees the spacing it was taught.
+fn json_rule(schema: Value) -> String {
+    json!({"x-guidance": {"whitespace_flexible": false, "key_separator": ": ", "item_separator": ", "}, "allOf": [schema]}).to_string()
 }
 
 /// The grammar of the output when a call is required: one call block (or
@@ -186,11 +222,10 @@ pub fn rest_of_call_grammar(tools: &[Tool], choice: &ToolChoice, parallel: bool,
 /// Calls of `allowed` in `format`; `first` is `call` (from the opening tag)
 /// or `rest` (after an opening tag already written).
 fn calls_grammar(allowed: &[&Tool], parallel: bool, first: &str, format: CallFormat) -> Constraint {
-    let schema = match allowed {
+    let schema = json_rule(match allowed {
         [one] => call_schema(one),
         many => json!({"anyOf": many.iter().map(|t| call_schema(t)).collect::<Vec<_>>()}),
-    };
-    let schema = json!({"x-guidance": {"whitespace_flexible": false, "key_separator": ": ", "item_separator": ", "}, "allOf": [schema]});
+    });
     Constraint::Lark(match format {
         CallFormat::Hermes => {
             let more = if parallel { "(\"\\n\" call)*" } else { "" };
@@ -204,6 +239,14 @@ fn calls_grammar(allowed: &[&Tool], parallel: bool, first: &str, format: CallFor
         CallFormat::Mistral(id) => {
             let more = if parallel { "(\", \" body)*" } else { "" };
             format!("start: {first}\ncall: <[{id}]> rest\nrest: \" [\" body {more} \"]\"\nbody: %json {schema}\n")
+        }
+        // Each call: the control token, the name, `[ARGS]`, the name's
+        // arguments (names are ASCII letters, digits, `_` and `-`).
+        CallFormat::MistralV11 { calls, args } => {
+            let more = if parallel { " call*" } else { "" };
+            let names: Vec<String> = allowed.iter().enumerate().map(|(i, t)| format!("{:?} <[{args}]> args{i}", t.function.name)).collect();
+            let bodies: String = allowed.iter().enumerate().map(|(i, t)| format!("args{i}: %json {}\n", json_rule(args_schema(t)))).collect();
+            format!("start: {first}{more}\ncall: <[{calls}]> rest\nrest: {}\n{bodies}", names.join(" | "))
         }
     })
 }
@@ -376,6 +419,8 @@ pub struct CallParser {
     buf: String,
     block: Option<Block>,
     list: Option<List>,
+    /// Mistral v11: after `[TOOL_CALLS]`, before the name's `[ARGS]`.
+    naming: bool,
     n_calls: usize,
     /// The call being sent (its id and name).
     current: Option<(String, String)>,
@@ -400,7 +445,8 @@ impl CallParser {
     /// renders as nothing elsewhere): the parser must see it.
     pub fn control_text(&self, token: u32) -> Option<&'static str> {
         match self.format {
-            CallFormat::Mistral(id) if id == token => Some(MISTRAL_CALLS),
+            CallFormat::Mistral(calls) | CallFormat::MistralV11 { calls, .. } if calls == token => Some(MISTRAL_CALLS),
+            CallFormat::MistralV11 { args, .. } if args == token => Some(MISTRAL_ARGS),
             _ => None,
         }
     }
@@ -427,7 +473,7 @@ impl CallParser {
                 // Where the call's text ends, and where what closes it does.
                 let end = match self.format {
                     CallFormat::Hermes => self.buf.find(CALL_CLOSE).map(|at| (at, at + CALL_CLOSE.len())),
-                    CallFormat::Mistral(_) => json_end(&self.buf).map(|at| (at, at)),
+                    CallFormat::Mistral(_) | CallFormat::MistralV11 { .. } => json_end(&self.buf).map(|at| (at, at)),
                 };
                 self.advance(block, end.map_or(self.buf.len(), |e| e.0), &mut calls);
                 let Some((at, closed)) = end else { break };
@@ -444,6 +490,31 @@ impl CallParser {
                 self.buf.drain(..closed);
                 self.block = None;
                 self.current = None;
+                continue;
+            }
+            if self.naming {
+                // `name[ARGS]`: a name the tools offer starts a call whose
+                // arguments stream from here; anything else is content.
+                let Some(at) = self.buf.find(MISTRAL_ARGS) else {
+                    let name = &self.buf[..self.buf.len() - partial_suffix(&self.buf, MISTRAL_ARGS)];
+                    if name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                        break;
+                    }
+                    content.push_str(MISTRAL_CALLS);
+                    self.naming = false;
+                    continue;
+                };
+                self.naming = false;
+                let name = self.buf[..at].to_owned();
+                if name.is_empty() || !(self.names.is_empty() || self.names.contains(&name)) {
+                    content.push_str(MISTRAL_CALLS);
+                    continue;
+                }
+                self.buf.drain(..at + MISTRAL_ARGS.len());
+                let id = call_id();
+                calls.push(ToolCallDelta { index: self.n_calls, id: id.clone(), name: name.clone(), arguments: String::new() });
+                self.current = Some((id, name));
+                self.block = Some(Block::Args { at: 0, scan: Scan::default() });
                 continue;
             }
             if let Some(list) = self.list {
@@ -473,6 +544,7 @@ impl CallParser {
                 match self.format {
                     CallFormat::Hermes => self.block = Some(Block::Header),
                     CallFormat::Mistral(_) => self.list = Some(List::Start),
+                    CallFormat::MistralV11 { .. } => self.naming = true,
                 }
                 continue;
             }
@@ -533,6 +605,7 @@ impl CallParser {
         }
         let in_list = self.list.take().is_some();
         match self.block.take() {
+            None if std::mem::take(&mut self.naming) => (format!("{MISTRAL_CALLS}{rest}"), Vec::new()),
             None => (rest, Vec::new()),
             Some(Block::Args { .. }) => {
                 self.n_calls += 1;
@@ -741,13 +814,51 @@ mod tests {
     }
 
     #[test]
+    fn mistral_v11_calls_are_named_at_args_and_their_arguments_streamed() {
+        let v11 = CallFormat::MistralV11 { calls: 5, args: 6 };
+        let tools = [tool("get_weather", json!({"type": "object"})), tool("f", json!({}))];
+        let out = "On it.[TOOL_CALLS]get_weather[ARGS]{\"city\": \"O}s\\\"lo\"}[TOOL_CALLS]f[ARGS]{}";
+        for chunk in [1, 2, 5, out.len()] {
+            let mut p = CallParser::new(&tools, v11);
+            let (content, calls) = parse(&mut p, out, chunk);
+            assert_eq!(content, "On it.", "chunk {chunk}");
+            let got: Vec<_> = calls.iter().map(|c| (c.index, c.name.as_str(), c.arguments.as_str())).collect();
+            assert_eq!(got, [(0, "get_weather", "{\"city\": \"O}s\\\"lo\"}"), (1, "f", "{}")], "chunk {chunk}");
+            assert_eq!(p.n_calls(), 2);
+        }
+        // Named at `[ARGS]`, before the arguments are written.
+        let mut p = CallParser::new(&tools, v11);
+        assert_eq!(p.push("[TOOL_CALLS]get_wea"), (String::new(), vec![]));
+        assert_eq!(p.open_call(), Some("get_wea"));
+        let (_, k) = p.push("ther[ARGS]{\"ci");
+        assert_eq!(k.iter().map(|d| (d.name.as_str(), d.arguments.as_str())).collect::<Vec<_>>(), [("get_weather", ""), ("get_weather", "{\"ci")]);
+        // The control tokens' texts come from their ids.
+        assert_eq!((p.control_text(5), p.control_text(6), p.control_text(7)), (Some(MISTRAL_CALLS), Some(MISTRAL_ARGS), None));
+        // Not a name, a tool not offered, or cut before `[ARGS]`: content.
+        for text in ["[TOOL_CALLS] sure, {\"x\": 1}", "[TOOL_CALLS]rm_rf[ARGS]{}", "[TOOL_CALLS]get_weather", "a [TOOL_CALLS]"] {
+            for chunk in [1, 3, text.len()] {
+                assert_eq!(parse(&mut CallParser::new(&tools, v11), text, chunk), (text.to_owned(), vec![]), "{text:?} by {chunk}");
+            }
+        }
+    }
+
+    #[test]
     fn formats_are_detected_from_the_template_and_named_overrides_checked() {
-        assert_eq!(CallFormat::detect(Some(5), Some("{{ '[TOOL_CALLS] [' }}")), CallFormat::Mistral(5));
-        assert_eq!(CallFormat::detect(Some(5), Some("<tool_call>")), CallFormat::Hermes);
-        assert_eq!(CallFormat::detect(None, Some("[TOOL_CALLS]")), CallFormat::Hermes);
-        assert_eq!(CallFormat::parse("mistral", Some(7)), Ok(CallFormat::Mistral(7)));
-        assert!(CallFormat::parse("mistral", None).unwrap_err().contains("no [TOOL_CALLS]"));
-        assert!(CallFormat::parse("pythonic", Some(7)).unwrap_err().contains("hermes or mistral"));
+        let (calls, both) = (CallTokens { calls: Some(5), args: None }, CallTokens { calls: Some(5), args: Some(6) });
+        assert_eq!(CallFormat::detect(calls, Some("{{ '[TOOL_CALLS] [' }}")), CallFormat::Mistral(5));
+        assert_eq!(CallFormat::detect(both, Some("{{ '[TOOL_CALLS] [' }}")), CallFormat::Mistral(5));
+        assert_eq!(CallFormat::detect(both, Some("'[TOOL_CALLS]' + name + '[ARGS]'")), CallFormat::MistralV11 { calls: 5, args: 6 });
+        assert_eq!(CallFormat::detect(calls, Some("'[TOOL_CALLS]' + name + '[ARGS]'")), CallFormat::Mistral(5));
+        assert_eq!(CallFormat::detect(calls, Some("<tool_call>")), CallFormat::Hermes);
+        assert_eq!(CallFormat::detect(CallTokens::default(), Some("[TOOL_CALLS]")), CallFormat::Hermes);
+        assert_eq!(CallFormat::parse("mistral", calls), Ok(CallFormat::Mistral(5)));
+        assert_eq!(CallFormat::parse("mistral-v11", both), Ok(CallFormat::MistralV11 { calls: 5, args: 6 }));
+        assert!(CallFormat::parse("mistral", CallTokens::default()).unwrap_err().contains("no [TOOL_CALLS]"));
+        assert!(CallFormat::parse("mistral-v11", calls).unwrap_err().contains("no [ARGS]"));
+        assert!(CallFormat::parse("pythonic", both).unwrap_err().contains("hermes, mistral or mistral-v11"));
+        for f in [CallFormat::Hermes, CallFormat::Mistral(5), CallFormat::MistralV11 { calls: 5, args: 6 }] {
+            assert_eq!(CallFormat::parse(f.name(), both), Ok(f));
+        }
     }
 
     #[test]
