@@ -434,12 +434,17 @@ fn a_consumer_that_stops_reading_pauses_only_its_own_stream() {
 
 #[test]
 fn cancelled_and_timed_out_requests_leave_no_blocks_in_use() {
-    let (e, _d) = tiny_engine();
+    // A small stream buffer: unread requests pause after 4 tokens, so the
+    // timed one is still running when its deadline passes, however fast
+    // the host (200 tokens of the tiny model can take under 20 ms).
+    let (e, _d) = tiny_engine_with(config(|c| c.scheduler.stream_buffer = 4));
     let handles: Vec<_> = (0..6).map(|_| long(&e)).collect();
     wait_for(&e, |s| s.n_running == 6 && s.kv_blocks_used > 0);
     let mut r = greedy("hello", 200);
     r.timeout_ms = Some(20);
-    assert_eq!(collect(e.submit(r).unwrap()).2.unwrap_err().code(), "Timeout");
+    let timed = e.submit(r).unwrap();
+    std::thread::sleep(Duration::from_millis(40));
+    assert_eq!(collect(timed).2.unwrap_err().code(), "Timeout");
     drop(handles);
     let s = wait_for(&e, idle);
     assert!(idle(&s), "{s:?}");
