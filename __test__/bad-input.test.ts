@@ -115,7 +115,7 @@ describe('bad input', () => {
       await assert.rejects(engine.loadModel({ model: 'default', modelId: 'timeouts', requestTimeoutMs }), isCode('InvalidParams', 'requestTimeoutMs'));
     }
     // A tool-call format that is unknown, of the wrong type, or needs a token the vocabulary lacks.
-    for (const [toolCallFormat, says] of [['pythonic', 'hermes, mistral or mistral-v11'], ['', 'hermes, mistral or mistral-v11'], [5, 'toolCallFormat'], ['mistral', 'no [TOOL_CALLS]'], ['mistral-v11', 'no [TOOL_CALLS]']] as const) {
+    for (const [toolCallFormat, says] of [['pythonic', 'hermes, mistral, mistral-v11 or llama3'], ['', 'hermes, mistral, mistral-v11 or llama3'], [5, 'toolCallFormat'], ['mistral', 'no [TOOL_CALLS]'], ['mistral-v11', 'no [TOOL_CALLS]']] as const) {
       // @ts-expect-error: wrong values on purpose
       await assert.rejects(engine.loadModel({ model: 'default', modelId: 'calls', toolCallFormat }), isCode('InvalidParams', says), String(toolCallFormat));
     }

@@ -29,9 +29,10 @@ Options:
                           CUDA with the matching wheel) or auto (mlx where MLX
                           has a GPU, else cpu)
   --tool-call-format <f>  hermes (<tool_call> blocks), mistral ([TOOL_CALLS]
-                          and a JSON list) or mistral-v11 ([TOOL_CALLS]name[ARGS]
-                          {...} per call): how the model writes tool calls
-                          (default: from its chat template and vocabulary)
+                          and a JSON list), mistral-v11 ([TOOL_CALLS]name[ARGS]
+                          {...} per call) or llama3 (one bare {"name",
+                          "parameters"} object): how the model writes tool
+                          calls (default: from its chat template and vocabulary)
   --draft-model <path>    a smaller model with the same vocabulary that drafts
                           tokens for speculative decoding (while speculative.enabled
                           or the ttft_pipeline.speculative flag is on)

@@ -226,7 +226,7 @@ export class Engine extends EventEmitter {
       throw new EngineClientError('InvalidParams', `backend must be 'cpu', 'mlx' or 'auto', got ${typeof opts.backend}`);
     }
     if (opts.toolCallFormat !== undefined && typeof opts.toolCallFormat !== 'string') {
-      throw new EngineClientError('InvalidParams', `toolCallFormat must be 'hermes', 'mistral' or 'mistral-v11', got ${typeof opts.toolCallFormat}`);
+      throw new EngineClientError('InvalidParams', `toolCallFormat must be 'hermes', 'mistral', 'mistral-v11' or 'llama3', got ${typeof opts.toolCallFormat}`);
     }
     const loaded = await call(() => this.native.loadModel(file, id, opts.requestTimeoutMs, opts.backend, opts.toolCallFormat));
     const handle = toHandle(loaded.model);

@@ -146,8 +146,9 @@ export interface LoadModelOptions {
   /**
    * How the model writes tool calls: `'hermes'` (`<tool_call>` blocks), `'mistral'`
    * (`[TOOL_CALLS]` then a JSON list; needs that control token) or `'mistral-v11'`
-   * (`[TOOL_CALLS]name[ARGS]{...}` per call; needs both control tokens). By default, from the
-   * model's chat template and vocabulary; `ModelHandle.toolCallFormat` says which was chosen.
+   * (`[TOOL_CALLS]name[ARGS]{...}` per call; needs both control tokens) or `'llama3'` (the reply
+   * is one `{"name": ..., "parameters": {...}}` object). By default, from the model's chat
+   * template and vocabulary; `ModelHandle.toolCallFormat` says which was chosen.
    */
   toolCallFormat?: ToolCallFormat;
 }
@@ -230,7 +231,7 @@ export interface ToolCallRecord {
 
 /** `auto` lets the model decide; `required` and a named function constrain the output to a call. */
 /** How a model writes tool calls (`docs/structured-output.md`). */
-export type ToolCallFormat = 'hermes' | 'mistral' | 'mistral-v11';
+export type ToolCallFormat = 'hermes' | 'mistral' | 'mistral-v11' | 'llama3';
 
 export type ToolChoice = 'auto' | 'none' | 'required' | { type: 'function'; function: { name: string } };
 

@@ -217,12 +217,12 @@ const MISTRAL_TEMPLATE: &str = "{% for m in messages %}{% if m.tool_calls %}[TOO
 /// The tiny llama with Mistral's call token (`[TOOL_CALLS]`, a control token,
 /// id 1) and a template that writes it, loaded with `options`.
 fn tiny_mistral(options: ModelOptions) -> (Engine, tempfile::TempDir, ModelInfo) {
-    tiny_mistral_with(MISTRAL_TEMPLATE, false, options)
+    tiny_with_template(MISTRAL_TEMPLATE, false, options)
 }
 
 /// `tiny_mistral` with `template`, and with `[ARGS]` as one more control
 /// token (its id the vocabulary's last) where `args`.
-fn tiny_mistral_with(template: &str, args: bool, options: ModelOptions) -> (Engine, tempfile::TempDir, ModelInfo) {
+fn tiny_with_template(template: &str, args: bool, options: ModelOptions) -> (Engine, tempfile::TempDir, ModelInfo) {
     use crate::formats::gguf::MetaValue;
     let mut md = crate::text::tokenizer::tests::tiny_tokenizer_metadata();
     for (k, v) in md.iter_mut() {
@@ -278,43 +278,66 @@ fn mistral_models_write_and_read_calls_in_their_own_format() {
     assert!(matches!(&err, Err(EngineError::InvalidParams(m)) if m.contains("no [TOOL_CALLS]")), "{err:?}");
 }
 
+/// Tools with closed argument objects, so that random weights cannot write
+/// keys until `max_tokens`.
+fn closed_tools() -> Vec<Tool> {
+    let mut city = weather();
+    city.function.parameters.as_mut().unwrap()["additionalProperties"] = json!(false);
+    let no_args = json!({"type": "object", "properties": {}, "additionalProperties": false});
+    let time = Tool { function: Function { name: "get_time".into(), parameters: Some(no_args), ..weather().function }, ..weather() };
+    vec![city, time]
+}
+
+/// One call of a closed tool, checked: its name and arguments.
+fn check_call(what: &str, (text, calls, stats): (String, Vec<ToolCallDelta>, Result<Stats, EngineError>)) -> ToolCallDelta {
+    assert_eq!(stats.unwrap().finish_reason, FinishReason::ToolCalls, "{what}: {text:?} {calls:?}");
+    assert!(text.is_empty() && calls.len() == 1, "{what}: {text:?} {calls:?}");
+    let args: Value = serde_json::from_str(&calls[0].arguments).unwrap_or_else(|e| panic!("{what}: {calls:?}: {e}"));
+    match calls[0].name.as_str() {
+        "get_weather" => assert!(args["city"].is_string(), "{args}"),
+        "get_time" => assert_eq!(args, json!({})),
+        other => panic!("{other}"),
+    }
+    calls[0].clone()
+}
+
+#[test]
+fn llama3_models_call_with_one_bare_object_naming_parameters() {
+    use crate::text::tools::CallFormat;
+    let template = "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>{{ m.content }}{% endfor %}{# tool results: ipython #}";
+    let (e, _d, info) = tiny_with_template(template, false, ModelOptions::default());
+    assert_eq!(info.tool_call_format, CallFormat::Llama3);
+    for (choice, parallel) in [(ToolChoice::Required, true), (ToolChoice::Named("get_time".into()), false)] {
+        let r = GenerateRequest { max_tokens: Some(160), tools: closed_tools(), tool_choice: choice.clone(), parallel_tool_calls: parallel, ..req(Input::Prompt("Weather in Paris?".into())) };
+        let call = check_call(&format!("{choice:?}"), run(&e, r));
+        if let ToolChoice::Named(n) = &choice {
+            assert_eq!(&call.name, n);
+        }
+    }
+}
+
 #[test]
 fn mistral_v11_models_write_a_name_then_args_for_each_call() {
     use crate::text::tools::CallFormat;
     let template = "{% for m in messages %}{% for c in m.tool_calls or [] %}[TOOL_CALLS]{{ c.function.name }}[ARGS]{{ c.function.arguments | tojson }}{% endfor %}{{ m.content }}{% endfor %}";
-    let (e, _d, info) = tiny_mistral_with(template, true, ModelOptions::default());
+    let (e, _d, info) = tiny_with_template(template, true, ModelOptions::default());
     let args = info.vocab_size as u32 - 1;
     assert_eq!(info.tool_call_format, CallFormat::MistralV11 { calls: 1, args });
-    // Closed objects, so that the random weights cannot write keys until max_tokens.
-    let mut city = weather();
-    city.function.parameters.as_mut().unwrap()["additionalProperties"] = json!(false);
-    let no_args = json!({"type": "object", "properties": {}, "additionalProperties": false});
-    let other = Tool { function: Function { name: "get_time".into(), parameters: Some(no_args), ..weather().function }, ..weather() };
     // `required` and named: the grammar writes the control tokens; `auto`:
     // the model writes `[TOOL_CALLS]` itself (a bias here), and the rest of
     // the call follows the tools' grammar.
     for (choice, bias) in [(ToolChoice::Required, vec![]), (ToolChoice::Auto, vec![(1, 100.0)]), (ToolChoice::Named("get_time".into()), vec![])] {
-        let mut r = GenerateRequest { max_tokens: Some(160), tools: vec![city.clone(), other.clone()], tool_choice: choice.clone(), parallel_tool_calls: false, ..req(Input::Prompt("Weather in Paris?".into())) };
+        let mut r = GenerateRequest { max_tokens: Some(160), tools: closed_tools(), tool_choice: choice.clone(), parallel_tool_calls: false, ..req(Input::Prompt("Weather in Paris?".into())) };
         r.sampling.logit_bias = bias;
-        let (text, calls, stats) = run(&e, r);
-        assert_eq!(stats.unwrap().finish_reason, FinishReason::ToolCalls, "{choice:?}: {text:?} {calls:?}");
-        assert!(text.is_empty() && calls.len() == 1, "{choice:?}: {text:?} {calls:?}");
-        for c in &calls {
-            let args: Value = serde_json::from_str(&c.arguments).unwrap_or_else(|e| panic!("{choice:?}: {c:?}: {e}"));
-            match c.name.as_str() {
-                "get_weather" => assert!(args["city"].is_string(), "{args}"),
-                "get_time" => assert_eq!(args, json!({})),
-                other => panic!("{other}"),
-            }
-        }
+        let call = check_call(&format!("{choice:?}"), run(&e, r));
         if let ToolChoice::Named(n) = &choice {
-            assert_eq!(&calls[0].name, n);
+            assert_eq!(&call.name, n);
         }
     }
     // The list format when the template writes no `[ARGS]`; asked for by name; refused without the token.
-    let (_, _, info) = tiny_mistral_with(MISTRAL_TEMPLATE, true, ModelOptions::default());
+    let (_, _, info) = tiny_with_template(MISTRAL_TEMPLATE, true, ModelOptions::default());
     assert_eq!(info.tool_call_format, CallFormat::Mistral(1));
-    let (_, _, info) = tiny_mistral_with(MISTRAL_TEMPLATE, true, ModelOptions { tool_call_format: Some("mistral-v11".into()), ..Default::default() });
+    let (_, _, info) = tiny_with_template(MISTRAL_TEMPLATE, true, ModelOptions { tool_call_format: Some("mistral-v11".into()), ..Default::default() });
     assert_eq!(info.tool_call_format, CallFormat::MistralV11 { calls: 1, args });
     let (e, d, _) = tiny_mistral(ModelOptions::default());
     let err = e.load_model_with(d.path().join("tiny.gguf"), Some("v11".into()), ModelOptions { tool_call_format: Some("mistral-v11".into()), ..Default::default() });

@@ -5,13 +5,14 @@
 //! parser that turns `<tool_call>{json}</tool_call>` blocks in the output
 //! into calls.
 //!
-//! Three call formats (`CallFormat`), picked per model: Hermes (Qwen 2.5 and
+//! Four call formats (`CallFormat`), picked per model: Hermes (Qwen 2.5 and
 //! 3, SmolLM3, Hermes and most templates with tool support), a JSON object
 //! with `name` and `arguments` between `<tool_call>` tags, one block per
 //! call; Mistral's, the `[TOOL_CALLS]` control token then a JSON array of
-//! such objects; and Mistral's from tokenizer v11 on, `[TOOL_CALLS]` before
-//! each call's name and `[ARGS]` before its arguments object. Llama 3.x's
-//! bare JSON object is read in any of them.
+//! such objects; Mistral's from tokenizer v11 on, `[TOOL_CALLS]` before
+//! each call's name and `[ARGS]` before its arguments object; and Llama
+//! 3.1+'s, a reply that is one bare JSON object with `name` and
+//! `parameters`. That bare object is read in any of them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -42,6 +43,9 @@ pub enum CallFormat {
     /// `[TOOL_CALLS]name[ARGS]{...}`, again for each further call (Mistral
     /// Small 3.2, Magistral, Devstral, Ministral 3): both control tokens' ids.
     MistralV11 { calls: u32, args: u32 },
+    /// `{"name": ..., "parameters": {...}}` as the whole reply, one call
+    /// (Llama 3.1, 3.2, 3.3).
+    Llama3,
 }
 
 /// The control tokens of a vocabulary that call formats use.
@@ -56,27 +60,31 @@ pub struct CallTokens {
 impl CallFormat {
     /// A model's format: Mistral's when its vocabulary has `[TOOL_CALLS]` as
     /// a control token and its chat template writes it (v11's when it writes
-    /// an `[ARGS]` control token too); else Hermes.
+    /// an `[ARGS]` control token too); Llama 3's when the template is Llama
+    /// 3's with the `ipython` role that tool results take from 3.1 on; else
+    /// Hermes.
     pub fn detect(tokens: CallTokens, template_source: Option<&str>) -> Self {
         let writes = |tag: &str| template_source.is_some_and(|t| t.contains(tag));
         match tokens {
             CallTokens { calls: Some(calls), args: Some(args) } if writes(MISTRAL_CALLS) && writes(MISTRAL_ARGS) => CallFormat::MistralV11 { calls, args },
             CallTokens { calls: Some(id), .. } if writes(MISTRAL_CALLS) => CallFormat::Mistral(id),
+            _ if writes("<|start_header_id|>") && writes("ipython") => CallFormat::Llama3,
             _ => CallFormat::Hermes,
         }
     }
 
-    /// `hermes`, `mistral` or `mistral-v11` (which need the model's control
-    /// tokens).
+    /// `hermes`, `mistral`, `mistral-v11` (which need the model's control
+    /// tokens) or `llama3`.
     pub fn parse(name: &str, tokens: CallTokens) -> Result<Self, String> {
         let missing = |t: &str| format!("is {name}, but this model's vocabulary has no {t} control token");
         match (name, tokens) {
             ("hermes", _) => Ok(CallFormat::Hermes),
+            ("llama3", _) => Ok(CallFormat::Llama3),
             ("mistral" | "mistral-v11", CallTokens { calls: None, .. }) => Err(missing(MISTRAL_CALLS)),
             ("mistral", CallTokens { calls: Some(id), .. }) => Ok(CallFormat::Mistral(id)),
             ("mistral-v11", CallTokens { calls: Some(calls), args: Some(args) }) => Ok(CallFormat::MistralV11 { calls, args }),
             ("mistral-v11", _) => Err(missing(MISTRAL_ARGS)),
-            (other, _) => Err(format!("must be hermes, mistral or mistral-v11, got '{other}'")),
+            (other, _) => Err(format!("must be hermes, mistral, mistral-v11 or llama3, got '{other}'")),
         }
     }
 
@@ -85,14 +93,17 @@ impl CallFormat {
             CallFormat::Hermes => "hermes",
             CallFormat::Mistral(_) => "mistral",
             CallFormat::MistralV11 { .. } => "mistral-v11",
+            CallFormat::Llama3 => "llama3",
         }
     }
 
-    /// The text that opens calls in the output (control tokens as their text).
-    fn tag(self) -> &'static str {
+    /// The text that opens calls in the output (control tokens as their
+    /// text); none where a call is the whole reply.
+    fn tag(self) -> Option<&'static str> {
         match self {
-            CallFormat::Hermes => CALL_OPEN,
-            CallFormat::Mistral(_) | CallFormat::MistralV11 { .. } => MISTRAL_CALLS,
+            CallFormat::Hermes => Some(CALL_OPEN),
+            CallFormat::Mistral(_) | CallFormat::MistralV11 { .. } => Some(MISTRAL_CALLS),
+            CallFormat::Llama3 => None,
         }
     }
 }
@@ -181,12 +192,12 @@ fn args_schema(t: &Tool) -> Value {
     t.function.parameters.clone().unwrap_or_else(|| json!({"type": "object", "properties": {}}))
 }
 
-/// The JSON schema of one call of `t`: `{"name": ..., "arguments": ...}`.
-fn call_schema(t: &Tool) -> Value {
+/// The JSON schema of one call of `t`: `{"name": ..., "<args>": ...}`.
+fn call_schema(t: &Tool, args: &str) -> Value {
     json!({
         "type": "object",
-        "properties": {"name": {"const": t.function.name}, "arguments": args_schema(t)},
-        "required": ["name", "arguments"],
+        "properties": {"name": {"const": t.function.name}, args: args_schema(t)},
+        "required": ["name", args],
         "additionalProperties": false,
     })
 }
@@ -211,7 +222,8 @@ pub fn call_grammar(tools: &[Tool], choice: &ToolChoice, parallel: bool, format:
 /// With `tool_choice: auto`, the grammar of what follows a `<tool_call>`
 /// the model opened on its own (llama.cpp's lazy grammar): the rest of
 /// that call, then more calls or the end. The worker attaches it when the
-/// tag appears, so a call the model starts is always a valid one.
+/// tag appears (Llama 3: when the reply opens `{"name": "`), so a call the
+/// model starts is always a valid one.
 pub fn rest_of_call_grammar(tools: &[Tool], choice: &ToolChoice, parallel: bool, format: CallFormat) -> Option<Constraint> {
     match choice {
         ToolChoice::Auto if !tools.is_empty() => Some(calls_grammar(&tools.iter().collect::<Vec<_>>(), parallel, "rest", format)),
@@ -222,9 +234,11 @@ pub fn rest_of_call_grammar(tools: &[Tool], choice: &ToolChoice, parallel: bool,
 /// Calls of `allowed` in `format`; `first` is `call` (from the opening tag)
 /// or `rest` (after an opening tag already written).
 fn calls_grammar(allowed: &[&Tool], parallel: bool, first: &str, format: CallFormat) -> Constraint {
+    // Llama 3's templates name the arguments "parameters".
+    let key = if format == CallFormat::Llama3 { "parameters" } else { "arguments" };
     let schema = json_rule(match allowed {
-        [one] => call_schema(one),
-        many => json!({"anyOf": many.iter().map(|t| call_schema(t)).collect::<Vec<_>>()}),
+        [one] => call_schema(one, key),
+        many => json!({"anyOf": many.iter().map(|t| call_schema(t, key)).collect::<Vec<_>>()}),
     });
     Constraint::Lark(match format {
         CallFormat::Hermes => {
@@ -248,6 +262,8 @@ fn calls_grammar(allowed: &[&Tool], parallel: bool, first: &str, format: CallFor
             let bodies: String = allowed.iter().enumerate().map(|(i, t)| format!("args{i}: %json {}\n", json_rule(args_schema(t)))).collect();
             format!("start: {first}{more}\ncall: <[{calls}]> rest\nrest: {}\n{bodies}", names.join(" | "))
         }
+        // The reply is the call; the format has one call per reply.
+        CallFormat::Llama3 => format!("start: %json {schema}\n"),
     })
 }
 
@@ -430,6 +446,8 @@ pub struct CallParser {
     names: Vec<String>,
     /// Whether the output began with `{` (`None`: only whitespace so far).
     bare: Option<bool>,
+    /// Llama 3: whether that `{` began `{"name": "` (`None`: not known yet).
+    named: Option<bool>,
 }
 
 impl CallParser {
@@ -463,17 +481,25 @@ impl CallParser {
         if self.bare.is_none() {
             self.bare = self.buf.trim_start().chars().next().map(|c| c == '{');
         }
+        // Llama 3's call has no tag: a reply that opens `{"name": "` opens
+        // one (as llama.cpp's trigger), other JSON stays free.
+        if self.format == CallFormat::Llama3 && self.bare == Some(true) && self.named.is_none() {
+            self.named = opens_named_object(&self.buf);
+            if self.named == Some(true) {
+                self.opened = Some(self.buf.trim_start().to_owned());
+            }
+        }
         if self.bare != Some(false) {
             return (String::new(), Vec::new());
         }
+        let Some(tag) = self.format.tag() else { return (std::mem::take(&mut self.buf), Vec::new()) };
         let (mut content, mut calls) = (String::new(), Vec::new());
-        let tag = self.format.tag();
         loop {
             if let Some(block) = self.block {
                 // Where the call's text ends, and where what closes it does.
                 let end = match self.format {
                     CallFormat::Hermes => self.buf.find(CALL_CLOSE).map(|at| (at, at + CALL_CLOSE.len())),
-                    CallFormat::Mistral(_) | CallFormat::MistralV11 { .. } => json_end(&self.buf).map(|at| (at, at)),
+                    CallFormat::Mistral(_) | CallFormat::MistralV11 { .. } | CallFormat::Llama3 => json_end(&self.buf).map(|at| (at, at)),
                 };
                 self.advance(block, end.map_or(self.buf.len(), |e| e.0), &mut calls);
                 let Some((at, closed)) = end else { break };
@@ -545,6 +571,7 @@ impl CallParser {
                     CallFormat::Hermes => self.block = Some(Block::Header),
                     CallFormat::Mistral(_) => self.list = Some(List::Start),
                     CallFormat::MistralV11 { .. } => self.naming = true,
+                    CallFormat::Llama3 => unreachable!("no tag"),
                 }
                 continue;
             }
@@ -615,7 +642,7 @@ impl CallParser {
             Some(Block::Header | Block::Whole) => match call_of(&rest).map(|c| self.emit(c)) {
                 Some(c) => (String::new(), vec![c]),
                 None if in_list => (rest, Vec::new()),
-                None => (format!("{}{rest}", self.format.tag()), Vec::new()),
+                None => (format!("{}{rest}", self.format.tag().unwrap_or_default()), Vec::new()),
             },
         }
     }
@@ -624,6 +651,18 @@ impl CallParser {
     fn emit(&mut self, (name, arguments): (String, String)) -> ToolCallDelta {
         self.n_calls += 1;
         ToolCallDelta { index: self.n_calls - 1, id: call_id(), name, arguments }
+    }
+}
+
+/// Whether `s` begins `{"name": "` (whitespace aside): `None` while it may
+/// still.
+fn opens_named_object(s: &str) -> Option<bool> {
+    const OPEN: &str = "{\"name\":\"";
+    let got: String = s.chars().filter(|c| !c.is_whitespace()).take(OPEN.len()).collect();
+    match got.len() == OPEN.len() {
+        true => Some(got == OPEN),
+        false if OPEN.starts_with(&got) => None,
+        false => Some(false),
     }
 }
 
@@ -843,6 +882,35 @@ mod tests {
     }
 
     #[test]
+    fn llama3_calls_are_the_whole_reply_and_open_at_their_name() {
+        let tools = [tool("get_weather", json!({"type": "object"}))];
+        let out = " {\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}";
+        for chunk in [1, 4, out.len()] {
+            let (content, calls) = parse(&mut CallParser::new(&tools, CallFormat::Llama3), out, chunk);
+            assert_eq!((content.as_str(), calls.len()), ("", 1), "chunk {chunk}");
+            assert_eq!((calls[0].name.as_str(), calls[0].arguments.as_str()), ("get_weather", r#"{"city":"Oslo"}"#));
+        }
+        // The call opens (for the lazy grammar) once `{"name": "` is written, and only then.
+        let mut p = CallParser::new(&tools, CallFormat::Llama3);
+        for (piece, opened) in [(" {", None), ("\"na", None), ("me\": \"g", Some("{\"name\": \"g")), ("et", None)] {
+            p.push(piece);
+            assert_eq!(p.open_call(), opened, "after {piece:?}");
+        }
+        let mut p = CallParser::new(&tools, CallFormat::Llama3);
+        for piece in ["{\"answer\"", ": 42}"] {
+            p.push(piece);
+            assert_eq!(p.open_call(), None);
+        }
+        // `required`: the reply is one object naming "parameters", even with parallel calls allowed.
+        let Some(Constraint::Lark(g)) = call_grammar(&tools, &ToolChoice::Required, true, CallFormat::Llama3) else { panic!() };
+        assert!(g.starts_with("start: %json {") && g.contains("\"parameters\"") && !g.contains("arguments") && g.lines().count() == 1, "{g}");
+        // Tags of other formats are text; other JSON is content.
+        for text in ["<tool_call>{\"name\": \"get_weather\", \"arguments\": {}}</tool_call>", "{\"answer\": 42}", "[TOOL_CALLS] [{}]"] {
+            assert_eq!(parse(&mut CallParser::new(&tools, CallFormat::Llama3), text, 3), (text.to_owned(), vec![]), "{text}");
+        }
+    }
+
+    #[test]
     fn formats_are_detected_from_the_template_and_named_overrides_checked() {
         let (calls, both) = (CallTokens { calls: Some(5), args: None }, CallTokens { calls: Some(5), args: Some(6) });
         assert_eq!(CallFormat::detect(calls, Some("{{ '[TOOL_CALLS] [' }}")), CallFormat::Mistral(5));
@@ -855,8 +923,11 @@ mod tests {
         assert_eq!(CallFormat::parse("mistral-v11", both), Ok(CallFormat::MistralV11 { calls: 5, args: 6 }));
         assert!(CallFormat::parse("mistral", CallTokens::default()).unwrap_err().contains("no [TOOL_CALLS]"));
         assert!(CallFormat::parse("mistral-v11", calls).unwrap_err().contains("no [ARGS]"));
-        assert!(CallFormat::parse("pythonic", both).unwrap_err().contains("hermes, mistral or mistral-v11"));
-        for f in [CallFormat::Hermes, CallFormat::Mistral(5), CallFormat::MistralV11 { calls: 5, args: 6 }] {
+        assert!(CallFormat::parse("pythonic", both).unwrap_err().contains("hermes, mistral, mistral-v11 or llama3"));
+        let llama = "<|start_header_id|>{{ m.role }}<|end_header_id|>{% if m.role == 'ipython' %}";
+        assert_eq!(CallFormat::detect(CallTokens::default(), Some(llama)), CallFormat::Llama3);
+        assert_eq!(CallFormat::detect(CallTokens::default(), Some("<|start_header_id|>{{ m.role }}")), CallFormat::Hermes);
+        for f in [CallFormat::Hermes, CallFormat::Mistral(5), CallFormat::MistralV11 { calls: 5, args: 6 }, CallFormat::Llama3] {
             assert_eq!(CallFormat::parse(f.name(), both), Ok(f));
         }
     }
