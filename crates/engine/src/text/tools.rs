@@ -446,7 +446,8 @@ pub struct CallParser {
     names: Vec<String>,
     /// Whether the output began with `{` (`None`: only whitespace so far).
     bare: Option<bool>,
-    /// Llama 3: whether that `{` began `{"name": "` (`None`: not known yet).
+    /// Llama 3: whether that `{` began `{"name": "` (`None`: not known yet),
+    /// which makes it a call read as a block.
     named: Option<bool>,
 }
 
@@ -481,18 +482,21 @@ impl CallParser {
         if self.bare.is_none() {
             self.bare = self.buf.trim_start().chars().next().map(|c| c == '{');
         }
-        // Llama 3's call has no tag: a reply that opens `{"name": "` opens
-        // one (as llama.cpp's trigger), other JSON stays free.
+        // Llama 3's call has no tag: a reply that opens `{"name": "` is one
+        // (llama.cpp triggers there too), read as a block from its start so
+        // that its arguments stream; other JSON stays free.
         if self.format == CallFormat::Llama3 && self.bare == Some(true) && self.named.is_none() {
             self.named = opens_named_object(&self.buf);
             if self.named == Some(true) {
                 self.opened = Some(self.buf.trim_start().to_owned());
+                self.bare = Some(false);
+                self.block = Some(Block::Header);
             }
         }
         if self.bare != Some(false) {
             return (String::new(), Vec::new());
         }
-        let Some(tag) = self.format.tag() else { return (std::mem::take(&mut self.buf), Vec::new()) };
+        let tag = self.format.tag();
         let (mut content, mut calls) = (String::new(), Vec::new());
         loop {
             if let Some(block) = self.block {
@@ -507,7 +511,7 @@ impl CallParser {
                     Some(Block::Header | Block::Whole) => match call_of(&self.buf[..at]).map(|c| self.emit(c)) {
                         Some(c) => calls.push(c),
                         None if self.list.is_some() => content.push_str(&self.buf[..closed]),
-                        None => content.push_str(&format!("{tag}{}", &self.buf[..closed])),
+                        None => content.push_str(&format!("{}{}", tag.unwrap_or_default(), &self.buf[..closed])),
                     },
                     // Closed before its arguments were: what was sent is the call.
                     Some(Block::Args { .. }) => self.n_calls += 1,
@@ -563,7 +567,7 @@ impl CallParser {
                 }
                 continue;
             }
-            if let Some(at) = self.buf.find(tag) {
+            if let Some((at, tag)) = tag.and_then(|t| Some((self.buf.find(t)?, t))) {
                 content.push_str(&self.buf[..at]);
                 self.buf.drain(..at + tag.len());
                 self.opened = Some(self.buf.clone());
@@ -575,7 +579,7 @@ impl CallParser {
                 }
                 continue;
             }
-            let keep = partial_suffix(&self.buf, tag);
+            let keep = tag.map_or(0, |t| partial_suffix(&self.buf, t));
             content.push_str(&self.buf[..self.buf.len() - keep]);
             self.buf.drain(..self.buf.len() - keep);
             break;
@@ -888,14 +892,22 @@ mod tests {
         for chunk in [1, 4, out.len()] {
             let (content, calls) = parse(&mut CallParser::new(&tools, CallFormat::Llama3), out, chunk);
             assert_eq!((content.as_str(), calls.len()), ("", 1), "chunk {chunk}");
-            assert_eq!((calls[0].name.as_str(), calls[0].arguments.as_str()), ("get_weather", r#"{"city":"Oslo"}"#));
+            assert_eq!((calls[0].name.as_str(), calls[0].arguments.as_str()), ("get_weather", r#"{"city": "Oslo"}"#));
         }
-        // The call opens (for the lazy grammar) once `{"name": "` is written, and only then.
+        // The call opens (for the lazy grammar) once `{"name": "` is written, and only then;
+        // it is named as soon as its name is written, and its arguments stream.
         let mut p = CallParser::new(&tools, CallFormat::Llama3);
-        for (piece, opened) in [(" {", None), ("\"na", None), ("me\": \"g", Some("{\"name\": \"g")), ("et", None)] {
-            p.push(piece);
+        for (piece, opened) in [(" {", None), ("\"na", None), ("me\": \"g", Some("{\"name\": \"g")), ("et_weather\", ", None)] {
+            assert_eq!(p.push(piece), (String::new(), vec![]));
             assert_eq!(p.open_call(), opened, "after {piece:?}");
         }
+        let (_, k) = p.push("\"parameters\": {\"ci");
+        assert_eq!(k.iter().map(|d| (d.name.as_str(), d.arguments.as_str())).collect::<Vec<_>>(), [("get_weather", ""), ("get_weather", "{\"ci")]);
+        let (_, k) = p.push("ty\": \"Oslo\"}}\n");
+        assert_eq!((k.len(), k[0].arguments.as_str(), p.n_calls()), (1, "ty\": \"Oslo\"}", 1));
+        // An object naming a tool in another key order is read whole at its end.
+        let (content, calls) = parse(&mut CallParser::new(&tools, CallFormat::Llama3), "{\"parameters\": {}, \"name\": \"get_weather\"}", 2);
+        assert_eq!((content.as_str(), calls.len(), calls[0].arguments.as_str()), ("", 1, "{}"));
         let mut p = CallParser::new(&tools, CallFormat::Llama3);
         for piece in ["{\"answer\"", ": 42}"] {
             p.push(piece);
