@@ -169,7 +169,7 @@ pub fn check_tools(tools: &[Tool], choice: &ToolChoice) -> Result<(), (bool, Str
             return Err((true, format!("[{i}].type must be \"function\", got '{}'", t.kind)));
         }
         let name = &t.function.name;
-        if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        if name.is_empty() || !name_chars(name) {
             return Err((true, format!("[{i}].function.name must be 1 to 64 letters, digits, '_' or '-', got {name:?}")));
         }
         if tools[..i].iter().any(|u| &u.function.name == name) {
@@ -185,6 +185,12 @@ pub fn check_tools(tools: &[Tool], choice: &ToolChoice) -> Result<(), (bool, Str
         ToolChoice::Required | ToolChoice::Named(_) if tools.is_empty() => Err((false, "requires tools".into())),
         _ => Ok(()),
     }
+}
+
+/// Whether `name` is within a tool name's limits (at most 64 of ASCII
+/// letters, digits, `_` and `-`); empty passes, for a name being written.
+fn name_chars(name: &str) -> bool {
+    name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// The JSON schema of `t`'s arguments (none given: an object).
@@ -527,7 +533,7 @@ impl CallParser {
                 // arguments stream from here; anything else is content.
                 let Some(at) = self.buf.find(MISTRAL_ARGS) else {
                     let name = &self.buf[..self.buf.len() - partial_suffix(&self.buf, MISTRAL_ARGS)];
-                    if name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                    if name_chars(name) {
                         break;
                     }
                     content.push_str(MISTRAL_CALLS);
@@ -536,14 +542,12 @@ impl CallParser {
                 };
                 self.naming = false;
                 let name = self.buf[..at].to_owned();
-                if name.is_empty() || !(self.names.is_empty() || self.names.contains(&name)) {
+                if name.is_empty() || !self.offers(&name) {
                     content.push_str(MISTRAL_CALLS);
                     continue;
                 }
                 self.buf.drain(..at + MISTRAL_ARGS.len());
-                let id = call_id();
-                calls.push(ToolCallDelta { index: self.n_calls, id: id.clone(), name: name.clone(), arguments: String::new() });
-                self.current = Some((id, name));
+                calls.push(self.start_call(name));
                 self.block = Some(Block::Args { at: 0, scan: Scan::default() });
                 continue;
             }
@@ -587,16 +591,26 @@ impl CallParser {
         (content, calls)
     }
 
+    /// Whether a call may name `name` (any name where no tools were given).
+    fn offers(&self, name: &str) -> bool {
+        self.names.is_empty() || self.names.iter().any(|n| n == name)
+    }
+
+    /// Opens a call of `name` whose arguments will stream: its first piece.
+    fn start_call(&mut self, name: String) -> ToolCallDelta {
+        let id = call_id();
+        self.current = Some((id.clone(), name.clone()));
+        ToolCallDelta { index: self.n_calls, id, name, arguments: String::new() }
+    }
+
     /// Sends what the open call's first `end` bytes add to it.
     fn advance(&mut self, block: Block, end: usize, calls: &mut Vec<ToolCallDelta>) {
         let mut block = block;
         if block == Block::Header {
             block = match call_header(&self.buf[..end]) {
                 Err(true) => Block::Header,
-                Ok((name, args)) if self.names.is_empty() || self.names.contains(&name) => {
-                    let id = call_id();
-                    calls.push(ToolCallDelta { index: self.n_calls, id: id.clone(), name: name.clone(), arguments: String::new() });
-                    self.current = Some((id, name));
+                Ok((name, args)) if self.offers(&name) => {
+                    calls.push(self.start_call(name));
                     Block::Args { at: args, scan: Scan::default() }
                 }
                 _ => Block::Whole,
